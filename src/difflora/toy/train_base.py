@@ -1,0 +1,261 @@
+"""`difflora toy train-base`: train the embedded default model from scratch.
+
+Three stages, each resumable from its last checkpoint in the work folder:
+1. the VAE on freshly rendered faces (MSE + L1 + a small KL term);
+2. latents of a fixed training set of faces (combinations held out by `faces.is_held_out`
+   never appear), cached once;
+3. the text encoder and U-Net together, with captions naming a random subset of the
+   attributes (10% empty, for classifier-free guidance), min-SNR weighting and an EMA
+   of the weights, which is what gets exported.
+Every random draw is derived from (seed, step), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..fileio import load_safetensors, save_safetensors, write_json_atomic
+from ..train.checkpoint import load_state, save_state
+from . import base_model, faces
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseTrainConfig:
+    seed: int = 0
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    n_images: int = 60_000
+    unet_steps: int = 8000
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    warmup: int = 300
+    ema_decay: float = 0.999
+    caption_keep: float = 0.8
+    caption_drop: float = 0.1
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+
+
+def _images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _random_faces(rng: np.random.Generator, n: int, held_out: bool | None = False):
+    attrs = [faces.sample_attributes(rng, held_out=held_out) for _ in range(n)]
+    seeds = rng.integers(0, 2**31 - 1, size=n)
+    return attrs, [int(s) for s in seeds]
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup)
+
+
+class BaseTrainer:
+    def __init__(self, work: Path, cfg: BaseTrainConfig):
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        cfg_path = self.work / "config.json"
+        if cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            if saved != asdict(cfg):
+                log.warning("work folder was started with a different config; continuing with the new one")
+        write_json_atomic(cfg_path, asdict(cfg))
+        self.tokenizer = base_model.build_tokenizer()
+
+    # ---------------------------------------------------------------- VAE
+    def train_vae(self):
+        from diffusers import AutoencoderKL
+
+        cfg = self.cfg
+        done = self.work / "vae_final"
+        if (done / "config.json").exists():
+            return AutoencoderKL.from_pretrained(done, local_files_only=True)
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(**base_model.VAE_CONFIG)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        start = 0
+        state_dir = self.work / "vae_state"
+        if (state_dir / "state.json").exists():
+            st = load_state(state_dir)
+            vae.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            start = st["step"]
+            log.info("resuming VAE at step %d", start)
+        vae.train()
+        bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", dynamic_ncols=True)
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 1, step])
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            attrs, seeds = _random_faces(rng, cfg.vae_batch, held_out=None)
+            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)])
+            for g in opt.param_groups:
+                lr = cfg.vae_lr * _lr_factor(step, 100)
+                if step > 0.75 * cfg.vae_steps:
+                    lr *= 0.2
+                g["lr"] = lr
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / z[0].numel()
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-5 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.vae_steps:
+                save_state(state_dir, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        vae.eval()
+        # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
+        with torch.no_grad():
+            rng = np.random.default_rng([cfg.seed, 2])
+            attrs, seeds = _random_faces(rng, 512, held_out=None)
+            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)])
+            std = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, 512, 64)]).std().item()
+        vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        vae.save_pretrained(done, safe_serialization=True)
+        log.info("VAE done: latent std %.4f, scaling_factor %.5f", std, 1.0 / std)
+        return vae
+
+    # ---------------------------------------------------------------- latents
+    def cache_latents(self, vae):
+        cfg = self.cfg
+        path = self.work / "latents.safetensors"
+        if path.exists():
+            t, meta = load_safetensors(path)
+            return t["mean"].float(), t["std"].float(), json.loads(meta["attrs"])
+        rng = np.random.default_rng([cfg.seed, 3])
+        attrs, seeds = _random_faces(rng, cfg.n_images, held_out=False)
+        means, stds = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, cfg.n_images, 256), desc="latents", dynamic_ncols=True):
+                x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs[i:i + 256], seeds[i:i + 256])])
+                d = vae.encode(x).latent_dist
+                means.append(d.mean.half())
+                stds.append(d.std.half())
+        mean, std = torch.cat(means), torch.cat(stds)
+        save_safetensors({"mean": mean, "std": std}, path, metadata={"attrs": json.dumps(attrs)})
+        return mean.float(), std.float(), attrs
+
+    # ---------------------------------------------------------------- U-Net + text encoder
+    def _captions(self, rng: np.random.Generator, attrs: list[dict]) -> list[str]:
+        out = []
+        for a in attrs:
+            if rng.random() < self.cfg.caption_drop:
+                out.append("")
+                continue
+            keep = [k for k in faces.CAPTION_ORDER if rng.random() < self.cfg.caption_keep]
+            out.append(faces.caption(a, include=keep))
+        return out
+
+    def train_unet(self, vae, mean, std, attrs):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + 11)
+        unet = UNet2DConditionModel(**base_model.UNET_CONFIG)
+        te = base_model.build_text_encoder(self.tokenizer)
+        ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
+        params = list(unet.parameters()) + list(te.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+        sched = DDPMScheduler(**{k: v for k, v in base_model.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+        alphas = sched.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        scaling = vae.config.scaling_factor
+        start = 0
+        state_dir = self.work / "unet_state"
+        if (state_dir / "state.json").exists():
+            st = load_state(state_dir)
+            unet.load_state_dict(st["unet"])
+            te.load_state_dict(st["te"])
+            ema_unet, ema_te = st["ema_unet"], st["ema_te"]
+            opt.load_state_dict(st["opt"])
+            start = st["step"]
+            log.info("resuming U-Net at step %d", start)
+        unet.train()
+        te.train()
+        n = mean.shape[0]
+        bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet", dynamic_ncols=True)
+        t0 = time.time()
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 4, step])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 * step + 1)
+            idx = rng.integers(0, n, size=cfg.unet_batch)
+            lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+            caps = self._captions(rng, [attrs[i] for i in idx])
+            ids = self.tokenizer(caps, padding="max_length", max_length=base_model.MAX_LENGTH,
+                                 truncation=True, return_tensors="pt").input_ids
+            noise = torch.randn(lat.shape, generator=gen)
+            t = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
+            noisy = sched.add_noise(lat, noise, t)
+            for g in opt.param_groups:
+                g["lr"] = cfg.unet_lr * _lr_factor(step, cfg.warmup)
+            cond = te(ids).last_hidden_state
+            pred = unet(noisy, t, cond).sample
+            w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for ema, model in ((ema_unet, unet), (ema_te, te)):
+                    for k, v in model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                        else:
+                            ema[k].copy_(v)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+                save_state(state_dir, {"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet,
+                                       "ema_te": ema_te, "opt": opt.state_dict(), "step": step + 1})
+        log.info("U-Net stage: %d steps in %.0f s", cfg.unet_steps - start, time.time() - t0)
+        unet.load_state_dict(ema_unet)
+        te.load_state_dict(ema_te)
+        return unet.eval(), te.eval()
+
+    # ---------------------------------------------------------------- export
+    def export(self, vae, unet, te, out: Path):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=self.tokenizer, unet=unet,
+            scheduler=DDIMScheduler(**base_model.SCHEDULER_CONFIG),
+            safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        )
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log.info("saved base model to %s", out)
+
+
+def train_base(out: Path, work: Path, cfg: BaseTrainConfig) -> Path:
+    trainer = BaseTrainer(work, cfg)
+    vae = trainer.train_vae()
+    vae.requires_grad_(False)
+    mean, std, attrs = trainer.cache_latents(vae)
+    unet, te = trainer.train_unet(vae, mean, std, attrs)
+    trainer.export(vae, unet, te, out)
+    return out
