@@ -1,0 +1,121 @@
+"""The interface every model family implements.
+
+A family owns loading, prompt encoding, the noise objective and its LoRA target map. The
+training loop and the methods only talk to this interface, so SDXL or FLUX can be added as
+new modules without touching them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..network.lora import LoRATarget
+from .objectives import Objective
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser needs besides the noisy latent: tensors batched along dim 0."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, index) -> "Conditioning":
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning({k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.tensors.items()})
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+
+class ModelFamily(ABC):
+    """A loaded diffusion model of one family (SD1, SD2, later SDXL, FLUX)."""
+
+    family: str  # "sd1", "sd2", ...
+    objective: Objective
+    source: str  # where it was loaded from
+    denoiser: nn.Module  # the U-Net / transformer
+    vae: nn.Module
+    text_encoders: dict[str, nn.Module]  # component name -> module ("text_encoder", ...)
+
+    # ---- identity and metadata
+    @property
+    @abstractmethod
+    def base_model_version(self) -> str:
+        """kohya's ss_base_model_version (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0, ...)."""
+
+    @property
+    @abstractmethod
+    def modelspec_architecture(self) -> str:
+        """SAI ModelSpec architecture for a LoRA of this model (stable-diffusion-v1/lora, ...)."""
+
+    @property
+    def resolution(self) -> int:
+        return 512
+
+    def lora_metadata(self) -> dict[str, str]:
+        """Model-dependent metadata of a LoRA trained on this model."""
+        return {}
+
+    # ---- LoRA
+    @abstractmethod
+    def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
+        """Modules a LoRA can attach to, with kohya names. conv=True adds the ResNet/sampler convs."""
+
+    # ---- conditioning and prediction
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning (runs the text encoders, LoRA hooks included)."""
+
+    @abstractmethod
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output (epsilon, v or flow velocity, per `objective`)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B,3,H,W) -> scaled latents."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+
+    @property
+    def latent_downscale(self) -> int:
+        return 8
+
+    # ---- generation and saving
+    @abstractmethod
+    def pipeline(self, scheduler: str = "ddim") -> Any:
+        """A diffusers pipeline over these components (LoRA hooks stay active)."""
+
+    @abstractmethod
+    def save(self, path: str, single_file: bool | None = None, dtype: torch.dtype | None = None) -> None:
+        """Save the model (diffusers folder, or original-layout single file)."""
+
+    def freeze(self) -> None:
+        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+            m.requires_grad_(False)
+            m.eval()
+
+    def to(self, device=None, dtype=None) -> "ModelFamily":
+        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device

@@ -1,0 +1,216 @@
+"""LoRA files: kohya layout on disk, kohya and peft/diffusers layouts accepted on read.
+
+Writing: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, cast to the save
+dtype (alpha too), with kohya's `ss_*` metadata, the sd-webui-additional-networks hashes
+(`sshs_model_hash`, `sshs_legacy_hash`) and SAI ModelSpec keys.
+
+Reading: kohya files as they are; peft/diffusers files (`...lora_A.weight` / `lora_B.weight`,
+optional `.default` adapter segment, `unet.` / `text_encoder.` prefixes) are renamed to kohya
+names, their alpha taken from the adapter metadata when present, else alpha = rank.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+from ..errors import UserError
+from ..fileio import atomic_path, load_safetensors
+
+SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+               "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def save_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in SAVE_DTYPES:
+        raise UserError(f"unknown precision {name!r}; use float, fp16 or bf16")
+    return SAVE_DTYPES[name]
+
+
+@dataclass
+class LoraFile:
+    tensors: dict[str, torch.Tensor]  # kohya names
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    source_format: str = "kohya"  # or "peft"
+
+    def module_names(self) -> list[str]:
+        return sorted({k.split(".", 1)[0] for k in self.tensors if k.endswith(".lora_down.weight")})
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        rank = self.tensors[f"{name}.lora_down.weight"].shape[0]
+        a = self.tensors.get(f"{name}.alpha")
+        return rank, float(a) if a is not None else float(rank)
+
+    def scale(self, name: str) -> float:
+        rank, alpha = self.rank_alpha(name)
+        return alpha / rank
+
+
+# ------------------------------------------------------------------ hashes
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-webui-additional-networks computes them.
+
+    Only the immutable `ss_*` metadata takes part, so later user metadata does not change them:
+    the model hash is the sha256 of the data section of that serialization, the legacy hash the
+    first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
+    """
+    blob = st_save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + n:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def _modelspec(metadata: dict[str, str], title: str, resolution: str | None) -> dict[str, str]:
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.title": title,
+        "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.implementation_version": "difflora/0.1.0",
+    }
+    if resolution:
+        spec["modelspec.resolution"] = resolution
+    spec.update({k: v for k, v in metadata.items() if k.startswith("modelspec.")})
+    return spec
+
+
+def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+              dtype: torch.dtype | None = None, title: str | None = None) -> dict[str, str]:
+    """Atomically write a kohya-format LoRA file; returns the metadata written."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError("LoRA files are written as .safetensors", path=path)
+    out = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
+    md = {k: str(v) for k, v in (metadata or {}).items()}
+    dims = {int(out[k].shape[0]) for k in out if k.endswith("lora_down.weight")}
+    alphas = {float(out[k].float()) for k in out if k.endswith(".alpha")}
+    md.setdefault("ss_network_module", "networks.lora")
+    md.setdefault("ss_network_dim", str(dims.pop()) if len(dims) == 1 else "Dynamic")
+    md.setdefault("ss_network_alpha", _fmt_alpha(alphas.pop()) if len(alphas) == 1 else "Dynamic")
+    md.setdefault("ss_output_name", path.stem)
+    md.update(_modelspec(md, title or md.get("ss_output_name", path.stem), md.get("modelspec.resolution")))
+    model_hash, legacy_hash = sshs_hashes(out, md)
+    md["sshs_model_hash"] = model_hash
+    md["sshs_legacy_hash"] = legacy_hash
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(st_save(out, md))
+    return md
+
+
+def _fmt_alpha(a: float) -> str:
+    return str(int(a)) if float(a).is_integer() else str(a)
+
+
+# ------------------------------------------------------------------ reading
+_PEFT_KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_DOWN_UP = re.compile(r"^(?P<name>lora_[a-z0-9]+_.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def peft_module_to_kohya(module_path: str) -> str:
+    """'unet.down_blocks.0...to_q' / 'text_encoder.encoder.layers.0.self_attn.q_proj' -> kohya name."""
+    p = module_path
+    for prefix in ("base_model.model.", "model."):
+        if p.startswith(prefix):
+            p = p[len(prefix):]
+    if p.startswith("text_encoder_2."):
+        rest, prefix = p[len("text_encoder_2."):], "lora_te2"
+    elif p.startswith("text_encoder."):
+        rest, prefix = p[len("text_encoder."):], "lora_te"
+    else:
+        rest, prefix = (p[len("unet."):] if p.startswith("unet.") else p), "lora_unet"
+    if prefix.startswith("lora_te") and not rest.startswith("text_model."):
+        rest = "text_model." + rest
+    return f"{prefix}.{rest}".replace(".", "_")
+
+
+def _from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> dict[str, torch.Tensor]:
+    alpha_cfg = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            alpha_cfg = json.loads(raw)
+        except ValueError:
+            alpha_cfg = {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        m = _PEFT_KEY.match(k)
+        if not m:
+            if k.endswith(".alpha"):
+                out[peft_module_to_kohya(k[: -len(".alpha")]) + ".alpha"] = v
+                continue
+            raise UserError(f"unrecognised key {k!r} in a peft-format LoRA", path=path)
+        name = peft_module_to_kohya(m["mod"])
+        out[f"{name}.{'lora_down' if m['ab'] == 'A' else 'lora_up'}.weight"] = v
+    for name in {k.split(".", 1)[0] for k in out}:
+        if f"{name}.alpha" not in out and f"{name}.lora_down.weight" in out:
+            rank = out[f"{name}.lora_down.weight"].shape[0]
+            alpha = float(alpha_cfg.get("lora_alpha", rank)) if isinstance(alpha_cfg, dict) else float(rank)
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def load_lora(path: str | os.PathLike) -> LoraFile:
+    """Read and check a LoRA file (kohya or peft layout) into kohya names."""
+    path = Path(path)
+    tensors, metadata = load_safetensors(path)
+    if not tensors:
+        raise UserError("file holds no tensors", path=path)
+    fmt = "kohya"
+    if any(".lora_A." in k or ".lora_B." in k or k.endswith(".lora_A.weight") for k in tensors):
+        tensors = _from_peft(tensors, metadata, str(path))
+        fmt = "peft"
+    names = set()
+    for k in tensors:
+        m = _DOWN_UP.match(k)
+        if not m:
+            if any(s in k for s in ("hada_w1", "lokr_w1", "lora_mid", "oft_")):
+                raise UserError(f"LyCORIS key {k!r}: only plain LoRA / LoCon files are supported", path=path)
+            if "dora_scale" in k:
+                raise UserError(f"DoRA key {k!r}: DoRA files are not supported", path=path)
+            raise UserError(f"unrecognised key {k!r}; not a kohya or peft LoRA file", path=path)
+        names.add(m["name"])
+    for n in sorted(names):
+        down, up = tensors.get(f"{n}.lora_down.weight"), tensors.get(f"{n}.lora_up.weight")
+        if down is None or up is None:
+            raise UserError(f"module {n} is missing its lora_{'down' if down is None else 'up'}.weight", path=path)
+        if down.shape[0] != up.shape[1] or down.dim() not in (2, 4) or up.dim() != down.dim():
+            raise UserError(f"module {n} has inconsistent shapes: down {tuple(down.shape)}, up {tuple(up.shape)}", path=path)
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            t = tensors.get(f"{n}.{part}")
+            if t is not None and not torch.isfinite(t.float()).all():
+                raise UserError(f"{n}.{part} contains NaN or Inf values; the file is damaged", path=path)
+        a = tensors.get(f"{n}.alpha")
+        if a is not None:
+            if a.numel() != 1:
+                raise UserError(f"{n}.alpha must be a scalar, has shape {tuple(a.shape)}", path=path)
+            if float(a) == 0.0:
+                # kohya: alpha 0 means alpha = rank (no scaling); say so rather than guess silently
+                tensors[f"{n}.alpha"] = torch.tensor(float(down.shape[0]))
+                import logging
+
+                logging.getLogger(__name__).warning("%s: %s has alpha 0; using alpha = rank (kohya's rule)", path, n)
+    return LoraFile({k: v for k, v in tensors.items()}, metadata, str(path), fmt)
+
+
+def read_metadata_only(path: str | os.PathLike) -> dict[str, str]:
+    from ..fileio import read_safetensors_header
+
+    _, md = read_safetensors_header(path)
+    return md
+
+
+def lora_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    buf = io.BytesIO(st_save(tensors, metadata))
+    return buf.getvalue()
