@@ -84,6 +84,17 @@ def test_predict_rejects_bad_shapes(judge):
         judge.predict(torch.zeros(2, 1, 64, 64))
     with pytest.raises(UserError):
         judge.predict([np.zeros((64, 64, 2), np.uint8)])
+    with pytest.raises(UserError, match="negative"):
+        judge.predict([np.full((64, 64, 3), -0.5, np.float32)])
+
+
+def test_predict_accepts_float_arrays_and_pil(judge):
+    from PIL import Image
+
+    _, images = _sample(4, 5)
+    expected = judge.predict(images)
+    assert judge.predict([im.astype(np.float32) / 255.0 for im in images]) == expected
+    assert judge.predict([Image.fromarray(im) for im in images]) == expected
 
 
 def test_training_is_deterministic_and_round_trips(tmp_path):

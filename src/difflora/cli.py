@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from .errors import UserError
@@ -57,13 +58,27 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+_NEGATIVE_LIST = re.compile(r"^-\d[\d.,:\-e]*$")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--sweep -1,0,1` -> `--sweep=-1,0,1`: argparse would read '-1,0,1' as an option."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.match(tok) and ("," in tok or ":" in tok):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # Never reach for a model hub: every model is a local path.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(args.verbose, args.quiet)
     try:
         code = args.func(args)

@@ -213,7 +213,8 @@ def _training_batch(seed: int, step: int, batch: int, p_jpeg: float, p_clean: fl
 # ----------------------------------------------------------------------------- the judge
 class Judge:
     """A trained judge. `predict` / `predict_proba` take a list of uint8 HxWx3 arrays (or PIL
-    images) or a float tensor Bx3xHxW in [-1, 1]; anything not 64x64 is resized."""
+    images, or float arrays in [0, 1]) or a float tensor Bx3xHxW in [-1, 1]; anything not 64x64
+    is resized (bilinear, antialiased). It runs on the CPU unless moved with `to(device)`."""
 
     def __init__(self, net: JudgeNet, attributes: dict[str, tuple[str, ...]], metadata: dict[str, str] | None = None):
         self.net = net.eval()
@@ -240,10 +241,14 @@ class Judge:
                     raise UserError(f"judge expects HxWx3 images; image {i} has shape {a.shape}")
                 a = a[..., :3]
                 if a.dtype != np.uint8:
+                    if a.size and float(a.min()) < 0:
+                        raise UserError(f"judge expects image arrays in [0, 255] (uint8) or [0, 1] (float); image {i} "
+                                        "has negative values (pass a Bx3xHxW tensor for [-1, 1])")
                     if np.issubdtype(a.dtype, np.floating) and a.size and float(a.max()) <= 1.0:
                         a = a * 255.0  # float arrays in [0, 1]
                     a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-                t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+                a = a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+                t = torch.from_numpy(a).permute(2, 0, 1).float()[None] / 127.5 - 1.0
                 arrays.append(self._resize(t))
             if not arrays:
                 return torch.zeros((0, 3, faces.SIZE, faces.SIZE))
@@ -256,14 +261,20 @@ class Judge:
             x = F.interpolate(x, size=(faces.SIZE, faces.SIZE), mode="bilinear", antialias=True, align_corners=False)
         return x
 
+    def to(self, device: str | torch.device) -> "Judge":
+        self.net.to(device)
+        return self
+
     # -- inference
     @torch.no_grad()
     def logits(self, images, batch_size: int = 256) -> list[torch.Tensor]:
+        """Per-attribute logits (B, n_values) on the CPU."""
         x = self._prepare(images)
+        device = next(self.net.parameters()).device
         outs: list[list[torch.Tensor]] = [[] for _ in self.attributes]
         for i in range(0, x.shape[0], batch_size):
-            for k, o in enumerate(self.net(x[i:i + batch_size])):
-                outs[k].append(o)
+            for k, o in enumerate(self.net(x[i:i + batch_size].to(device))):
+                outs[k].append(o.float().cpu())
         return [torch.cat(o) if o else torch.zeros((0, len(v))) for o, v in zip(outs, self.attributes.values())]
 
     def predict_proba(self, images, batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -25,9 +25,14 @@ _INTKEYS = "__intkeys__"
 
 def to_tensors_and_json(obj: Any, prefix: str = "s") -> tuple[dict[str, torch.Tensor], Any]:
     tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
+            key = (x.untyped_storage().data_ptr(), x.storage_offset()) if x.numel() else (id(x), 0)
+            if key in seen:  # safetensors refuses shared storage: store a copy
+                x = x.detach().clone()
+            seen.add(key)
             tensors[path] = x
             return {_REF: path}
         if isinstance(x, dict):

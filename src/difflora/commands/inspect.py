@@ -1,0 +1,82 @@
+"""`difflora inspect FILE`: what a LoRA file holds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+from ..network.files import load_lora
+
+_BLOCK = re.compile(r"^lora_(unet|te\d?)_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|"
+                    r"output_blocks_\d+|text_model_encoder_layers_\d+)")
+
+
+def block_of(name: str) -> str:
+    m = _BLOCK.match(name)
+    if not m:
+        return name.split("_")[1] if name.startswith("lora_") else "other"
+    return f"{m.group(1)}:{m.group(2).replace('text_model_encoder_layers_', 'layer_')}"
+
+
+def summarize(lora) -> dict:
+    blocks: dict[str, dict] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set(), "conv": 0})
+    for name in lora.module_names():
+        rank, alpha = lora.rank_alpha(name)
+        b = blocks[block_of(name)]
+        b["modules"] += 1
+        b["ranks"].add(rank)
+        b["alphas"].add(alpha)
+        down = lora.tensors[f"{name}.lora_down.weight"]
+        if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
+            b["conv"] += 1
+    comps = defaultdict(int)
+    for name in lora.module_names():
+        comps[name.split("_")[1]] += 1
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in lora.tensors.values()})
+    return {
+        "file": lora.path,
+        "format": lora.source_format,
+        "base_model_version": lora.metadata.get("ss_base_model_version", "unknown"),
+        "modules": dict(comps),
+        "total_modules": len(lora.module_names()),
+        "dtypes": dtypes,
+        "blocks": {k: {"modules": v["modules"], "conv_kxk": v["conv"], "rank": sorted(v["ranks"]),
+                       "alpha": sorted(v["alphas"])} for k, v in sorted(blocks.items())},
+        "metadata": lora.metadata,
+    }
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show a LoRA file's metadata, modules and ranks",
+                       description="Print metadata, base model version, module counts and rank/alpha per block.")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--all-metadata", action="store_true", help="print every metadata key (long values included)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    lora = load_lora(args.file)
+    info = summarize(lora)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"file:               {info['file']}")
+    print(f"format:             {info['format']}  dtypes: {', '.join(info['dtypes'])}")
+    print(f"base model version: {info['base_model_version']}")
+    print("modules:            " + ", ".join(f"{k}={v}" for k, v in sorted(info["modules"].items())) +
+          f"  (total {info['total_modules']})")
+    print("\nblock                              modules  conv3x3  rank       alpha")
+    for name, b in info["blocks"].items():
+        print(f"{name:<34} {b['modules']:>7}  {b['conv_kxk']:>7}  {','.join(map(str, b['rank'])):<10} "
+              f"{','.join(f'{a:g}' for a in b['alpha'])}")
+    md = info["metadata"]
+    if md:
+        print("\nmetadata:")
+        for k in sorted(md):
+            v = md[k]
+            if not args.all_metadata and len(v) > 100:
+                v = v[:97] + "..."
+            print(f"  {k} = {v}")
+    return 0

@@ -1,0 +1,386 @@
+"""Job configuration: one TOML file, validated with pydantic, kohya's option names and defaults.
+
+The dataset part follows kohya's layout ([general] / [[datasets]] / [[datasets.subsets]]),
+either inline or in a separate file named by `dataset_config`. Errors name the key and the
+line it is on; unknown keys are refused (a misspelt key never silently does nothing).
+Relative paths are resolved against the folder of the file that names them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------ dataset (kohya layout)
+class SubsetOptions(Strict):
+    """Options allowed at [general], [[datasets]] and [[datasets.subsets]] level."""
+
+    num_repeats: int | None = Field(None, ge=1)
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    keep_tokens_separator: str | None = None
+    caption_separator: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_extension: str | None = None
+    caption_dropout_rate: float | None = Field(None, ge=0, le=1)
+    caption_dropout_every_n_epochs: int | None = Field(None, ge=0)
+    caption_tag_dropout_rate: float | None = Field(None, ge=0, le=1)
+    flip_aug: bool | None = None
+    class_tokens: str | None = None
+    is_reg: bool | None = None
+
+
+class DatasetOptions(SubsetOptions):
+    resolution: int | tuple[int, int] | None = None
+    batch_size: int | None = Field(None, ge=1)
+    enable_bucket: bool | None = None
+    min_bucket_reso: int | None = Field(None, ge=8)
+    max_bucket_reso: int | None = Field(None, ge=8)
+    bucket_reso_steps: int | None = Field(None, ge=8)
+    bucket_no_upscale: bool | None = None
+
+
+class SubsetConfig(SubsetOptions):
+    image_dir: str
+    # Pairs for the difference methods: the "after" image of NAME.png is NAME<after_suffix>.png in
+    # the same folder, or NAME.png in `after_dir`.
+    after_dir: str | None = None
+    after_suffix: str | None = None
+
+
+class DatasetConfig(DatasetOptions):
+    subsets: list[SubsetConfig] = Field(min_length=1)
+
+
+class DatasetFile(Strict):
+    general: DatasetOptions = DatasetOptions()
+    datasets: list[DatasetConfig] = Field(min_length=1)
+
+
+# ------------------------------------------------------------------ methods
+class PresetLora(Strict):
+    path: str
+    multiplier: float = 1.0
+
+
+class CopierOptions(Strict):
+    """Copier ("copy machine"): stage 1 overfits A on "before", stage 2 trains B on "after" with A on."""
+
+    stage1_steps: int = Field(400, ge=1)
+    stage1_learning_rate: float = Field(1e-3, gt=0)
+    stage1_network_dim: int = Field(16, ge=1)
+    stage1_network_alpha: float = 16.0
+    stage2_steps: int = Field(400, ge=1)
+    stage2_learning_rate: float = Field(1e-3, gt=0)
+    stage2_network_dim: int | None = Field(None, ge=1)  # None: network_dim
+    stage2_network_alpha: float | None = None
+    save_copier: bool = False
+
+
+class AddiftOptions(Strict):
+    """ADDifT: see methods/addift.py and README. Defaults follow TrainTrain's Action preset."""
+
+    multiplier: float = Field(0.25, gt=0)  # m: +m on even steps, -m·|alt_ratio| on odd steps
+    alt_ratio: float = 1.0
+    min_timestep: int = Field(500, ge=0, le=999)
+    max_timestep: int = Field(1000, ge=1, le=1000)
+    timestep_groups: int = Field(10, ge=1)  # stratified: one uniform draw from each of k groups in turn
+    replicate_traintrain_timesteps: bool = False  # the shipped width-1 windows (bug B1), for comparison
+    captions: Literal["common", "fixed_roles", "empty"] = "common"
+    diff_mask: bool = False  # weight the loss by where the pair differs (job: diff_mask_threshold/dilate)
+    mask_floor: float = Field(0.0, ge=0, le=1)  # loss weight outside the mask
+    revert_direction: bool = False  # learn after -> before instead
+    self_reg_weight: float = Field(0.0, ge=0)  # keep the LoRA output equal to the base outside the mask
+    batch_both_directions: bool = False  # run +m and -m in one forward pass (per-sample multipliers)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError("addift.min_timestep must be smaller than addift.max_timestep")
+        return self
+
+
+class SliderOptions(Strict):
+    """Image-pair slider (Concept Sliders): +s on "after", -s on "before", both onto the true noise."""
+
+    scale: float = Field(1.0, gt=0)
+
+
+class DifferenceOptions(Strict):
+    """Differential merge: overfit LoRAs on "before" and on "after", result = B - A."""
+
+    before_steps: int = Field(400, ge=1)
+    after_steps: int = Field(400, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    rerank: int | None = Field(None, ge=1)  # SVD back to this rank; None keeps the exact (concatenated) rank
+    save_parts: bool = False  # also save A and B
+
+
+# ------------------------------------------------------------------ the job
+OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
+SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+class JobConfig(DatasetOptions):
+    # model
+    model: str | None = None  # None: the embedded toy model
+    model_family: Literal["sd1", "sd2"] | None = None
+    v_parameterization: bool = False
+    clip_skip: int | None = Field(None, ge=1)
+    allow_pickle: bool = False
+    preset_loras: list[PresetLora] = []
+    sample_without_presets: bool = False
+
+    # method
+    method: Literal["standard", "copier", "addift", "slider", "differential"] = "standard"
+    copier: CopierOptions = CopierOptions()
+    addift: AddiftOptions = AddiftOptions()
+    slider: SliderOptions = SliderOptions()
+    differential: DifferenceOptions = DifferenceOptions()
+
+    per_pair_average: bool = False  # train one LoRA per pair and average their deltas (DiffSynth-Studio)
+    average_rank: int | None = Field(None, ge=1)  # SVD the average back to this rank (None: exact)
+    diff_mask_threshold: float = Field(10.0, ge=0)  # sum of |RGB| difference (0-765) counted as changed
+    diff_mask_dilate: int = Field(2, ge=0)  # pixels
+
+    # network
+    network_dim: int = Field(4, ge=1)
+    network_alpha: float = 1.0
+    conv_dim: int | None = Field(None, ge=1)
+    conv_alpha: float | None = None
+    network_dropout: float | None = Field(None, ge=0, lt=1)
+    rank_dropout: float | None = Field(None, ge=0, lt=1)
+    module_dropout: float | None = Field(None, ge=0, lt=1)
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    network_weights: str | None = None
+
+    # optimisation
+    learning_rate: float = Field(1e-4, gt=0)
+    unet_lr: float | None = Field(None, ge=0)
+    text_encoder_lr: float | None = Field(None, ge=0)
+    optimizer_type: OptimizerName = "AdamW"
+    optimizer_args: dict[str, Any] = {}
+    lr_scheduler: SchedulerName = "constant"
+    lr_warmup_steps: int | float = Field(0, ge=0)
+    lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_scheduler_power: float = 1.0
+    max_train_steps: int = Field(1600, ge=1)
+    max_train_epochs: int | None = Field(None, ge=1)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float | None = Field(None, ge=0)
+    min_timestep: int = Field(0, ge=0, le=1000)
+    max_timestep: int = Field(1000, ge=1, le=1000)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    seed: int = 42
+    torch_compile: bool = False
+
+    # data
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    dataset_config: str | None = None
+    general: DatasetOptions = DatasetOptions()
+    datasets: list[DatasetConfig] = []
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    skip_bad_images: bool = False
+
+    # output
+    output_dir: str = "output"
+    output_name: str = "last"
+    save_precision: Literal["float", "fp16", "bf16"] | None = None
+    save_every_n_epochs: int | None = Field(None, ge=1)
+    save_every_n_steps: int | None = Field(None, ge=1)
+    save_state: bool = False
+    save_state_every_n_steps: int | None = Field(None, ge=1)
+    overwrite: bool = False
+    training_comment: str | None = None
+
+    # samples and logs
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_every_n_epochs: int | None = Field(None, ge=1)
+    sample_at_first: bool = False
+    sample_prompts: str | None = None
+    sample_sampler: str = "ddim"
+    logging_dir: str | None = None
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+
+    @field_validator("output_name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError("must be a plain file name without folders")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            raise ValueError("network_train_unet_only and network_train_text_encoder_only cannot both be true")
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError("min_timestep must be smaller than max_timestep")
+        return self
+
+
+# ------------------------------------------------------------------ loading
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set key=value` (dotted keys reach into tables: addift.multiplier=0.5)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {p} is not a table")
+        node[parts[-1]] = _toml_value(value.strip())
+    return data
+
+
+def _key_line(text: str, loc: tuple) -> int | None:
+    """Best-effort line number of the key a pydantic error points at."""
+    keys = [str(x) for x in loc if not isinstance(x, int)]
+    if not keys:
+        return None
+    target = keys[-1]
+    lines = text.splitlines()
+    tables = [k for k in keys[:-1]]
+    header = ".".join(tables)
+    in_table = not tables
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", s)
+        if m:
+            in_table = (m.group(1) == header) if tables else False
+            continue
+        if in_table and re.match(rf"^\s*{re.escape(target)}\s*=", line):
+            return i
+    for i, line in enumerate(lines, 1):  # fall back to any occurrence
+        if re.match(rf"^\s*{re.escape(target)}\s*=", line) or re.match(rf"^\s*\[\[?\s*{re.escape(target)}\s*\]\]?", line.strip()):
+            return i
+    return None
+
+
+def _model_at(model, loc: tuple):
+    """The pydantic model class a location inside the config refers to (for suggestions)."""
+    import typing
+
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if isinstance(a, type)] or [ann]
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _format_errors(e: ValidationError, text: str, path: str) -> UserError:
+    err = e.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    key = ".".join(str(x) for x in loc) or "(top level)"
+    line = _key_line(text, loc)
+    where = f"line {line}: " if line else ""
+    if err.get("type") == "extra_forbidden":
+        import difflib
+
+        model = _model_at(JobConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1) if model else []
+        hint = f"did you mean '{close[0]}'?" if close else "see `difflora train --help-keys`"
+        msg = f"{where}unknown key '{key}' ({hint})"
+    else:
+        msg = f"{where}'{key}': {err.get('msg', 'invalid value')}"
+    more = len(e.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return UserError(msg, path=path)
+
+
+def read_toml(path: Path) -> tuple[dict, str]:
+    if not path.exists():
+        raise UserError("config file not found", path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("config file is not UTF-8 text", path=path) from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"invalid TOML: {e}", path=path) from None
+
+
+_PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
+              "logging_dir", "sample_prompts")
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_dataset_paths(datasets: list[DatasetConfig], base: Path) -> None:
+    for ds in datasets:
+        for sub in ds.subsets:
+            sub.image_dir = _resolve(base, sub.image_dir)
+            if sub.after_dir:
+                sub.after_dir = _resolve(base, sub.after_dir)
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    data, text = read_toml(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        job = JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_errors(e, text, str(path)) from None
+    base = path.resolve().parent
+    for key in _PATH_KEYS:
+        setattr(job, key, _resolve(base, getattr(job, key)))
+    for preset in job.preset_loras:
+        preset.path = _resolve(base, preset.path)
+    resolve_dataset_paths(job.datasets, base)
+    if job.dataset_config:
+        if job.datasets:
+            raise UserError("give either dataset_config or inline [[datasets]], not both", path=path)
+        ds_path = Path(job.dataset_config)
+        ds_data, ds_text = read_toml(ds_path)
+        try:
+            ds = DatasetFile.model_validate(ds_data)
+        except ValidationError as e:
+            raise _format_errors(e, ds_text, str(ds_path)) from None
+        resolve_dataset_paths(ds.datasets, ds_path.resolve().parent)
+        job.general = ds.general
+        job.datasets = ds.datasets
+    if not job.datasets and not job.train_data_dir:
+        raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
+    return job

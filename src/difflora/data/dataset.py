@@ -1,0 +1,409 @@
+"""Datasets in kohya's layout, bucketed, with cached latents and deterministic batches.
+
+An epoch lists every item `num_repeats` times (regularisation subsets are repeated round-robin
+until they match the training count, as kohya does), groups items by bucket, and cuts them into
+global batches of `batch_size x world_size`; a bucket's last partial batch is completed by
+wrapping around inside the bucket, so every process always gets the same number of samples.
+Order, caption randomness and flips are derived from (seed, epoch), never from global RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import DatasetConfig, DatasetOptions, JobConfig, SubsetConfig
+from ..errors import UserError
+from .captions import CaptionRules, read_caption
+from .images import IMAGE_EXTENSIONS, is_image_file, load_image, resize_and_crop, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ buckets
+def make_bucket_resolutions(max_reso: tuple[int, int], min_size: int, max_size: int, step: int) -> list[tuple[int, int]]:
+    """kohya's bucket list: a square plus every width in [min,max] with the height that fits the area."""
+    max_w, max_h = max_reso
+    max_area = max_w * max_h
+    size = int(math.sqrt(max_area) // step * step)
+    resos = {(size, size)}
+    w = min_size
+    while w <= max_size:
+        h = min(max_size, int(max_area // w // step * step))
+        if h >= min_size:
+            resos.add((w, h))
+            resos.add((h, w))
+        w += step
+    return sorted(resos)
+
+
+def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ar = size[0] / size[1]
+    return min(buckets, key=lambda b: (abs(b[0] / b[1] - ar), -b[0] * b[1]))
+
+
+def no_upscale_bucket(size: tuple[int, int], max_area: int, step: int) -> tuple[int, int]:
+    w, h = size
+    if w * h > max_area:
+        s = math.sqrt(max_area / (w * h))
+        w, h = w * s, h * s
+    return max(step, int(w // step * step)), max(step, int(h // step * step))
+
+
+# ------------------------------------------------------------------ items
+@dataclass
+class Item:
+    """One image (or pair) of the dataset."""
+
+    path: Path
+    caption: str
+    rules: CaptionRules
+    is_reg: bool = False
+    flip_aug: bool = False
+    after_path: Path | None = None  # pairs
+    after_caption: str | None = None
+    bucket: tuple[int, int] = (0, 0)
+    dataset_index: int = 0
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)  # "x", "x_flip", "after", "after_flip", "mask", ...
+
+    @property
+    def is_pair(self) -> bool:
+        return self.after_path is not None
+
+
+def _merge(*levels: DatasetOptions | SubsetConfig | None) -> dict:
+    """Lower levels override higher ones (general < dataset < subset)."""
+    out: dict = {}
+    for level in levels:
+        if level is None:
+            continue
+        for k, v in level.model_dump().items():
+            if v is not None and k != "subsets":
+                out[k] = v
+    return out
+
+
+def _rules(opts: dict) -> CaptionRules:
+    return CaptionRules(
+        shuffle_caption=bool(opts.get("shuffle_caption", False)),
+        keep_tokens=int(opts.get("keep_tokens", 0)),
+        keep_tokens_separator=opts.get("keep_tokens_separator") or "",
+        caption_separator=opts.get("caption_separator") or ",",
+        caption_prefix=opts.get("caption_prefix") or "",
+        caption_suffix=opts.get("caption_suffix") or "",
+        caption_dropout_rate=float(opts.get("caption_dropout_rate", 0.0)),
+        caption_dropout_every_n_epochs=int(opts.get("caption_dropout_every_n_epochs", 0)),
+        caption_tag_dropout_rate=float(opts.get("caption_tag_dropout_rate", 0.0)),
+    )
+
+
+def _caption_for(image: Path, opts: dict) -> str:
+    ext = opts.get("caption_extension")
+    candidates = [ext] if ext else [".caption", ".txt"]
+    for e in candidates:
+        cap = image.with_name(image.stem + (e if e.startswith(".") else "." + e))
+        if cap.exists():
+            return read_caption(cap)
+    return opts.get("class_tokens") or ""
+
+
+def _images_in(folder: Path, exclude_suffix: str | None = None) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if exclude_suffix:
+        files = [p for p in files if not p.stem.endswith(exclude_suffix)]
+    return files
+
+
+def legacy_subsets(train_data_dir: str, reg_data_dir: str | None) -> list[SubsetConfig]:
+    """kohya's `<repeats>_<class tokens>` folder convention."""
+    subsets = []
+    for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
+        if root is None:
+            continue
+        root_p = Path(root)
+        if not root_p.is_dir():
+            raise UserError("training data folder not found" if not is_reg else "regularisation folder not found", path=root_p)
+        found = False
+        for sub in sorted(p for p in root_p.iterdir() if p.is_dir()):
+            m = re.match(r"^(\d+)_(.*)$", sub.name)
+            if not m:
+                log.warning("%s: ignored (folder names must be <repeats>_<name>, e.g. 10_face)", sub)
+                continue
+            found = True
+            subsets.append(SubsetConfig(image_dir=str(sub), num_repeats=int(m.group(1)), class_tokens=m.group(2) or None,
+                                        is_reg=is_reg))
+        if not found and not is_reg:
+            raise UserError("no data found: the folder has no <repeats>_<name> subfolders (e.g. 10_face)", path=root_p)
+    return subsets
+
+
+class TrainingData:
+    """All items of a job, bucketed; produces the global batches of each epoch."""
+
+    def __init__(self, job: JobConfig, resolution: int, bucket_step: int, pairs: bool):
+        self.job = job
+        self.pairs = pairs
+        self.items: list[Item] = []
+        self.batch_sizes: list[int] = []
+        self.skipped: list[str] = []
+        self._epoch_cache: dict = {}
+        self._sizes: dict[Path, tuple[int, int]] = {}
+        datasets = job.datasets
+        if not datasets:
+            datasets = [DatasetConfig(subsets=legacy_subsets(job.train_data_dir, job.reg_data_dir))]
+        for di, ds in enumerate(datasets):
+            ds_opts = _merge(job.general, ds)
+            res = ds_opts.get("resolution") or job.resolution or resolution
+            reso = (res, res) if isinstance(res, int) else tuple(res)
+            step = int(ds_opts.get("bucket_reso_steps") or bucket_step)
+            if step % bucket_step != 0:
+                raise UserError(f"bucket_reso_steps = {step} must be a multiple of {bucket_step} for this model")
+            if reso[0] % bucket_step or reso[1] % bucket_step:
+                raise UserError(f"resolution {reso[0]}x{reso[1]} must be a multiple of {bucket_step} for this model")
+            enable = bool(ds_opts.get("enable_bucket", job.enable_bucket or False))
+            no_up = bool(ds_opts.get("bucket_no_upscale", False))
+            min_r = int(ds_opts.get("min_bucket_reso") or min(256, min(reso)))
+            max_r = int(ds_opts.get("max_bucket_reso") or max(1024, max(reso)))
+            buckets = make_bucket_resolutions(reso, min_r, max_r, step) if enable else [reso]
+            self.batch_sizes.append(int(ds_opts.get("batch_size") or job.train_batch_size))
+            train_items, reg_items = [], []
+            for sub in ds.subsets:
+                opts = _merge(job.general, ds, sub)
+                items = self._subset_items(sub, opts, di)
+                for it in items:
+                    it.bucket = self._bucket_for(it, buckets, enable, no_up, reso, step)
+                repeats = int(opts.get("num_repeats", 1))
+                (reg_items if it_is_reg(sub, opts) else train_items).append((items, repeats))
+            self._add_with_repeats(train_items, reg_items)
+        if not self.items:
+            raise UserError("no usable training images were found (check image_dir and the file extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+
+    # -- building
+    def _subset_items(self, sub: SubsetConfig, opts: dict, di: int) -> list[Item]:
+        folder = Path(sub.image_dir)
+        if not folder.is_dir():
+            raise UserError("image folder not found", path=folder)
+        pair_mode = bool(sub.after_dir or sub.after_suffix)
+        if self.pairs and not pair_mode:
+            sub_suffix = "_after"
+            pair_mode = True
+        else:
+            sub_suffix = sub.after_suffix
+        if pair_mode and not self.pairs:
+            raise UserError("this subset defines pairs (after_dir/after_suffix) but the method trains on single images",
+                            path=folder)
+        rules = _rules(opts)
+        items = []
+        images = _images_in(folder, exclude_suffix=sub_suffix if pair_mode and not sub.after_dir else None)
+        if not images:
+            raise UserError(f"no images in folder (looked for {', '.join(IMAGE_EXTENSIONS)})", path=folder)
+        for img in images:
+            try:
+                self._check_readable(img)
+                caption = _caption_for(img, opts)
+                after = after_caption = None
+                if pair_mode:
+                    after = (Path(sub.after_dir) / img.name) if sub.after_dir else img.with_name(img.stem + sub_suffix + img.suffix)
+                    if not after.exists():
+                        alts = [after.with_suffix(e) for e in IMAGE_EXTENSIONS if after.with_suffix(e).exists()]
+                        if not alts:
+                            raise UserError(f"the pair partner of {img.name} is missing (expected {after.name})", path=after)
+                        after = alts[0]
+                    if self._check_readable(after) != self._sizes[img]:
+                        log.warning("%s: the pair's images differ in size (%s vs %s); both are resized to one bucket",
+                                    img, self._sizes[img], self._sizes[after])
+                    after_caption = _caption_for(after, opts) or caption
+                items.append(Item(path=img, caption=caption, rules=rules, is_reg=bool(opts.get("is_reg", False)),
+                                  flip_aug=bool(opts.get("flip_aug", False)), after_path=after,
+                                  after_caption=after_caption, dataset_index=di))
+            except UserError as e:
+                if not self.job.skip_bad_images:
+                    raise
+                self.skipped.append(str(e))
+                log.warning("skipped: %s", e)
+        return items
+
+    def _check_readable(self, path: Path) -> tuple[int, int]:
+        size = load_image(path).size
+        self._sizes[path] = size
+        return size
+
+    def _bucket_for(self, it: Item, buckets, enable, no_up, reso, step) -> tuple[int, int]:
+        size = self._sizes[it.path]
+        if not enable:
+            return reso
+        if no_up:
+            return no_upscale_bucket(size, reso[0] * reso[1], step)
+        return choose_bucket(size, buckets)
+
+    def _add_with_repeats(self, train_items, reg_items) -> None:
+        train = [it for items, rep in train_items for _ in range(rep) for it in items]
+        reg_base = [it for items, rep in reg_items for _ in range(rep) for it in items]
+        self.items.extend(train)
+        if reg_base:
+            if len(reg_base) > len(train):
+                log.warning("more regularisation images (%d) than training images (%d): some are unused",
+                            len(reg_base), len(train))
+            reg = [reg_base[i % len(reg_base)] for i in range(len(train))]  # round-robin up to the train count
+            self.items.extend(reg)
+
+    # -- stats
+    @property
+    def num_train_images(self) -> int:
+        return sum(1 for it in self.items if not it.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(1 for it in self.items if it.is_reg)
+
+    def unique_items(self) -> list[Item]:
+        seen, out = set(), []
+        for it in self.items:
+            if id(it) not in seen:
+                seen.add(id(it))
+                out.append(it)
+        return out
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        freq: dict[str, dict[str, int]] = {}
+        for it in self.unique_items():
+            d = freq.setdefault(str(it.path.parent.name), {})
+            for tag in (t.strip().lower() for t in it.caption.split(",")):
+                if tag:
+                    d[tag] = d.get(tag, 0) + 1
+        return freq
+
+    # -- batches
+    def epoch_batches(self, epoch: int, world_size: int = 1, allowed: set[int] | None = None) -> list[list[int]]:
+        """Global batches (lists of item indices) of one epoch, identical on every process.
+
+        `allowed` limits the epoch to some unique items (by id), e.g. one pair of a per-pair stage.
+        """
+        key = (epoch, world_size, None if allowed is None else frozenset(allowed))
+        cached = self._epoch_cache.get(key)
+        if cached is not None:
+            return cached
+        rng = np.random.default_rng([self.job.seed, 101, epoch])
+        batches: list[list[int]] = []
+        by_key: dict[tuple, list[int]] = {}
+        for i, it in enumerate(self.items):
+            if allowed is None or id(it) in allowed:
+                by_key.setdefault((it.dataset_index, it.bucket), []).append(i)
+        for (di, _), idx in sorted(by_key.items()):
+            size = self.batch_sizes[di] * world_size
+            order = [idx[j] for j in rng.permutation(len(idx))]
+            for s in range(0, len(order), size):
+                chunk = order[s:s + size]
+                k = 0
+                while len(chunk) < size:  # complete the last batch inside the bucket
+                    chunk.append(order[k % len(order)])
+                    k += 1
+                batches.append(chunk)
+        result = [batches[j] for j in rng.permutation(len(batches))]
+        if len(self._epoch_cache) > 64:
+            self._epoch_cache.clear()
+        self._epoch_cache[key] = result
+        return result
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        return len(self.epoch_batches(0, world_size))
+
+    # -- caching
+    @torch.no_grad()
+    def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16) -> None:
+        """Encode every unique image once (a fixed VAE sample, seeded per file, as kohya caches it)."""
+        from tqdm import tqdm
+
+        uniq = self.unique_items()
+        for it in tqdm(uniq, desc="caching latents", disable=len(uniq) < 8, dynamic_ncols=True):
+            keys = [("x", it.path)] + ([("after", it.after_path)] if it.is_pair else [])
+            pixels = {}
+            for key, path in keys:
+                img = resize_and_crop(load_image(path), it.bucket)
+                pixels[key] = img
+            if it.is_pair:
+                pixels = self._check_pair(it, pixels)
+            for key, img in pixels.items():
+                cached = self._from_disk(cache_dir, it, key)
+                if cached is None:
+                    t = to_tensor(img).unsqueeze(0)
+                    flips = [t, torch.flip(t, dims=[3])] if it.flip_aug else [t]
+                    gen = torch.Generator().manual_seed(_seed_of(str(it.path), key, self.job.seed))
+                    lat = torch.cat([model.encode_images(f.to(model.device), sample=True, generator=gen).float().cpu()
+                                     for f in flips])
+                    cached = {key: lat[0]}
+                    if it.flip_aug:
+                        cached[key + "_flip"] = lat[1]
+                    self._to_disk(cache_dir, it, key, cached)
+                it.latents.update(cached)
+            if it.is_pair:
+                it.latents["pixel_diff"] = pair_difference(pixels["x"], pixels["after"])
+
+    def _check_pair(self, it: Item, pixels: dict) -> dict:
+        a, b = pixels["x"], pixels["after"]
+        if np.array_equal(np.asarray(a), np.asarray(b)):
+            raise UserError(f"the pair {it.path.name} / {it.after_path.name} is two identical images: there is no "
+                            "difference to learn; fix or remove the pair", path=it.path)
+        return pixels
+
+    def _cache_name(self, cache_dir: Path, it: Item, key: str) -> Path:
+        path = it.path if key == "x" else it.after_path
+        st = path.stat()
+        h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{it.bucket}|{it.flip_aug}|{self.job.seed}"
+                           .encode()).hexdigest()[:20]
+        return cache_dir / f"{path.stem}_{key}_{h}.safetensors"
+
+    def _from_disk(self, cache_dir, it, key):
+        if cache_dir is None:
+            return None
+        p = self._cache_name(cache_dir, it, key)
+        if p.exists():
+            from ..fileio import load_safetensors
+
+            try:
+                t, _ = load_safetensors(p)
+                return t
+            except UserError:
+                return None
+        return None
+
+    def _to_disk(self, cache_dir, it, key, tensors):
+        if cache_dir is None:
+            return
+        from ..fileio import save_safetensors
+
+        save_safetensors(tensors, self._cache_name(cache_dir, it, key))
+
+
+def it_is_reg(sub: SubsetConfig, opts: dict) -> bool:
+    return bool(opts.get("is_reg", False))
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") % (2**63)
+
+
+def pair_difference(a: Image.Image, b: Image.Image) -> torch.Tensor:
+    """Per-pixel |a - b| summed over RGB (0..765), shape (H, W)."""
+    da = np.asarray(a, dtype=np.int32) - np.asarray(b, dtype=np.int32)
+    return torch.from_numpy(np.abs(da).sum(axis=2).astype(np.float32))
+
+
+def difference_mask(pixel_diff: torch.Tensor, latent_hw: tuple[int, int], threshold: float, dilate: int) -> torch.Tensor:
+    """Pixels that differ (> threshold), dilated by `dilate` px, max-pooled to latent size: (h, w) in {0, 1}."""
+    import torch.nn.functional as F
+
+    m = (pixel_diff > threshold).float()[None, None]
+    if dilate > 0:
+        m = F.max_pool2d(m, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
+    m = F.adaptive_max_pool2d(m, latent_hw)
+    return m[0, 0]

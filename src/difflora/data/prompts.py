@@ -1,0 +1,88 @@
+"""Sample prompts in kohya's syntax: `prompt --n negative --w 512 --h 512 --d seed --l cfg --s steps --ss sampler`."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    cfg: float = 7.5
+    steps: int = 30
+    sampler: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_FLAG = re.compile(r"\s--(n|w|h|d|l|s|ss|m)\s+")
+
+
+def parse_prompt_line(line: str, source: str = "prompt") -> SamplePrompt:
+    """One line of a kohya prompt file. `--m` (ai-toolkit style) sets a LoRA multiplier."""
+    parts = _FLAG.split(" " + line.strip())
+    sp = SamplePrompt(prompt=parts[0].strip())
+    for flag, value in zip(parts[1::2], parts[2::2]):
+        value = value.strip()
+        try:
+            if flag == "n":
+                sp.negative = value
+            elif flag == "w":
+                sp.width = int(value)
+            elif flag == "h":
+                sp.height = int(value)
+            elif flag == "d":
+                sp.seed = int(value)
+            elif flag == "l":
+                sp.cfg = float(value)
+            elif flag == "s":
+                sp.steps = min(max(int(value), 1), 1000)
+            elif flag == "ss":
+                sp.sampler = value
+            elif flag == "m":
+                sp.extra["multiplier"] = float(value)
+        except ValueError:
+            raise UserError(f"bad value {value!r} for --{flag} in line {line.strip()!r}", path=source) from None
+    if not sp.prompt:
+        raise UserError(f"empty prompt in line {line.strip()!r}", path=source)
+    return sp
+
+
+def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError("prompt file not found", path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("prompt file is not UTF-8 text", path=path) from None
+    if path.suffix.lower() == ".json":
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"invalid JSON ({e})", path=path) from None
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                out.append(parse_prompt_line(item, str(path)))
+            elif isinstance(item, dict) and "prompt" in item:
+                out.append(SamplePrompt(prompt=item["prompt"], negative=item.get("negative_prompt", ""),
+                                        width=item.get("width"), height=item.get("height"), seed=item.get("seed"),
+                                        cfg=float(item.get("scale", 7.5)), steps=int(item.get("sample_steps", 30)),
+                                        sampler=item.get("sample_sampler")))
+            else:
+                raise UserError("each JSON entry must be a string or an object with 'prompt'", path=path)
+        return out
+    prompts = [parse_prompt_line(line, str(path)) for line in text.splitlines()
+               if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise UserError("prompt file has no prompts", path=path)
+    return prompts

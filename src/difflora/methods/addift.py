@@ -1,0 +1,107 @@
+"""ADDifT: Alternating Direct Difference Training (TrainTrain), with its evident intent.
+
+Both images of a pair get the same noise ε and timestep t. Even steps: the LoRA at +m denoises
+the noised "after" image and is regressed onto the frozen model's prediction for the noised
+"before" image. Odd steps swap the images and use -m·|alt_ratio|. There is no ground-truth
+noise: the target is the frozen model on the other image, so the LoRA learns "the base model
+shifted by (after - before)" and nothing else about the images.
+
+Strength at inference: the LoRA is trained at multiplier m, so loading it at weight w applies
+w/m times the trained shift; `m` (default 0.25, as TrainTrain) is stored in the file's metadata
+and a file saved with `network_strength` baked in is not needed: use weight = m·k for k× the
+trained effect.
+
+Fixes over TrainTrain (reference B1-B3): timesteps are stratified random (a fresh uniform draw
+in group (step // 2) mod k of [min, max), so a +/- pair of steps shares a group); the pair's
+own captions reach the model; the difference mask is the real pixel difference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Batch, Method, Stage, StepContext, per_sample_mse
+
+
+def common_caption(a: str, b: str) -> str:
+    """The comma-separated tags two captions share, in a's order."""
+    tb = {t.strip() for t in b.split(",")}
+    return ", ".join(t.strip() for t in a.split(",") if t.strip() in tb)
+
+
+def branch_captions(batch: Batch, mode: str) -> tuple[list[str], list[str]]:
+    """Captions for the frozen branch (before image) and the LoRA branch (after image)."""
+    before, after = batch.captions["x"], batch.captions["after"]
+    if mode == "common":
+        shared = [common_caption(a, b) for a, b in zip(before, after)]
+        return shared, shared
+    if mode == "empty":
+        return [""] * len(before), [""] * len(before)
+    return before, after  # "fixed_roles": before caption to the frozen model, after caption to the LoRA
+
+
+def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
+    o = ctx.job.addift
+    obj = ctx.model.objective
+    x_o, x_t, eps, t = batch.latents["x"], batch.latents["after"], batch.noise, batch.timesteps
+    c_o, c_t = branch_captions(batch, o.captions)
+    if o.revert_direction:
+        x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
+    odd_m = -o.multiplier * abs(o.alt_ratio)
+    q = lambda x: obj.add_noise(x, eps, t)  # noqa: E731 - same ε and t for both images
+    forward = (q(x_o), q(x_t), o.multiplier)  # (frozen input, LoRA input, multiplier)
+    backward = (q(x_t), q(x_o), odd_m) if o.alt_ratio >= 0 else (eps, eps, odd_m)
+    if o.batch_both_directions:
+        directions = [forward, backward]
+    else:
+        directions = [forward if batch.step % 2 == 0 else backward]
+    n = len(batch)
+    frozen_in = torch.cat([d[0] for d in directions])
+    lora_in = torch.cat([d[1] for d in directions])
+    m = torch.cat([torch.full((n,), float(d[2])) for d in directions])
+    tt = t.repeat(len(directions))
+    target = ctx.predict_frozen(frozen_in, tt, ctx.encode(c_o * len(directions)))
+    pred = ctx.predict(lora_in, tt, ctx.encode(c_t * len(directions)), multiplier=m)
+    weight = None
+    if batch.masks is not None and (o.diff_mask or o.self_reg_weight):
+        mask = batch.masks.repeat(len(directions), 1, 1, 1)
+        if o.diff_mask:
+            weight = mask + o.mask_floor * (1 - mask)
+    loss = per_sample_mse(pred, target, weight) * ctx.min_snr(tt)
+    if o.self_reg_weight and batch.masks is not None:
+        # Where the pair does not differ, the LoRA must not change the model's prediction for its own input.
+        same = ctx.predict_frozen(lora_in, tt, ctx.encode(c_t * len(directions)))
+        loss = loss + o.self_reg_weight * per_sample_mse(pred, same, 1 - mask)
+    return loss.view(len(directions), n).mean(dim=0)
+
+
+def addift_timesteps(opts, t_min: int, t_max: int):
+    """Timestep schedule: stratified groups over [t_min, t_max), or TrainTrain's shipped sequence."""
+
+    def draw(step: int, n: int, gen: torch.Generator) -> torch.Tensor:
+        span = (t_max - t_min) / (10 if opts.replicate_traintrain_timesteps else opts.timestep_groups)
+        if opts.replicate_traintrain_timesteps:  # B1: width-1 windows at indices 1,3,5,7,9
+            index = (step - step % 2) % 10 + 1
+            return torch.full((n,), int(min(t_min + span * index, 999)), dtype=torch.long)
+        group = (step // 2) % opts.timestep_groups
+        lo = t_min + span * group
+        u = torch.rand(n, generator=gen)
+        return (lo + u * span).long().clamp(t_min, t_max - 1)
+
+    return draw
+
+
+class Addift(Method):
+    name = "addift"
+    needs_pairs = True
+    unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
+
+    def stages(self, n_items: int) -> list[Stage]:
+        o = self.job.addift
+        return [Stage("main", self.job.max_train_steps, self.spec(), addift_loss,
+                      timesteps=addift_timesteps(o, o.min_timestep, o.max_timestep), init_from_job_weights=True)]
+
+    def metadata(self) -> dict[str, str]:
+        o = self.job.addift
+        return {"ss_training_method": "addift", "difflora_addift_multiplier": str(o.multiplier),
+                "difflora_addift_timesteps": f"{o.min_timestep}-{o.max_timestep}"}

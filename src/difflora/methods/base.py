@@ -1,0 +1,111 @@
+"""The interface between the training loop and a training method.
+
+A method is a list of stages plus a loss per stage. A stage trains one LoRA network for some
+steps on some of the data; earlier stages' networks can stay active (the copier's stage 2
+trains on top of stage 1). `finalize` turns the stages' results into the file the user gets.
+The loop knows nothing else about a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import Conditioning
+from ..network.lora import LoRANetwork, NetworkSpec
+
+
+@dataclass
+class Batch:
+    """One process's share of a global batch, with per-sample noise and timesteps already drawn."""
+
+    latents: dict[str, torch.Tensor]  # "x" (and for pairs "after"), (B, C, h, w)
+    captions: dict[str, list[str]]  # "x" (and "after")
+    noise: torch.Tensor  # (B, C, h, w), one draw per sample, shared by both images of a pair
+    timesteps: torch.Tensor  # (B,)
+    loss_weight: torch.Tensor  # (B,) prior_loss_weight for regularisation images, else 1
+    masks: torch.Tensor | None = None  # (B, 1, h, w) where a pair differs (latent resolution)
+    step: int = 0
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+
+@dataclass
+class StepContext:
+    """What a loss function may use: the model, the network being trained, and helpers."""
+
+    model: object  # ModelFamily
+    network: LoRANetwork
+    job: object  # JobConfig
+    step: int
+    encode: Callable[[list[str]], Conditioning]  # cached prompt encoding
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                multiplier: float | torch.Tensor) -> torch.Tensor:
+        """The denoiser's output with the trained LoRA at `multiplier` (float or one per sample)."""
+        self.network.set_multiplier(multiplier)
+        return self.model.predict(noisy, t, cond)
+
+    @torch.no_grad()
+    def predict_frozen(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The frozen model's output (trained LoRA off), without autograd."""
+        self.network.set_multiplier(0.0)
+        return self.model.predict(noisy, t, cond).detach()
+
+    def min_snr(self, t: torch.Tensor) -> torch.Tensor | float:
+        gamma = self.job.min_snr_gamma
+        return self.model.objective.min_snr_weight(t, gamma) if gamma else 1.0
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over (C, H, W) for each sample, optionally weighted per element."""
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weight is not None:
+        err = err * weight
+    return err.mean(dim=tuple(range(1, err.dim())))
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    spec: NetworkSpec
+    loss: Callable[[StepContext, Batch], torch.Tensor]  # per-sample loss (B,)
+    learning_rate: float | None = None  # None: the job's learning_rate / unet_lr / text_encoder_lr
+    items: list[int] | None = None  # indices of unique dataset items this stage sees (None: all)
+    keep_active: list[str] = field(default_factory=list)  # earlier stages whose LoRA stays on at 1.0
+    timesteps: Callable[[int, int, torch.Generator], torch.Tensor] | None = None  # (step, n, gen) -> (n,)
+    save_as: str | None = None  # also save this stage's LoRA as <output_name>-<save_as>.safetensors
+    init_from_job_weights: bool = False  # start from the job's network_weights
+
+
+class Method:
+    name = "method"
+    needs_pairs = False
+    unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
+
+    def __init__(self, job):
+        self.job = job
+
+    def spec(self, dim: int | None = None, alpha: float | None = None) -> NetworkSpec:
+        j = self.job
+        return NetworkSpec(
+            network_dim=dim or j.network_dim, network_alpha=j.network_alpha if alpha is None else alpha,
+            conv_dim=j.conv_dim, conv_alpha=j.conv_alpha, dropout=j.network_dropout, rank_dropout=j.rank_dropout,
+            module_dropout=j.module_dropout, train_unet=not j.network_train_text_encoder_only,
+            train_text_encoder=not (j.network_train_unet_only or self.unet_only),
+        )
+
+    def stages(self, n_items: int) -> list[Stage]:
+        raise NotImplementedError
+
+    def finalize(self, results: dict[str, LoRANetwork]) -> dict[str, torch.Tensor]:
+        """The kohya state dict the user gets; by default the last stage's network."""
+        return list(results.values())[-1].kohya_state_dict()
+
+    def metadata(self) -> dict[str, str]:
+        return {"ss_training_method": self.name}

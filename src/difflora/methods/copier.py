@@ -1,0 +1,31 @@
+"""The copier ("copy machine") method, in one command.
+
+Stage 1 overfits LoRA A on the "before" images, so the model with A copies them whatever the
+noise. Stage 2 trains LoRA B on the "after" images with A active at multiplier 1: B can only
+learn what A's copies lack, i.e. the difference. B is the result; A is saved on request.
+Both stages are conditioned on the "before" caption, as TrainTrain's Difference mode does, so B
+learns the image difference and not a caption difference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .base import Method, Stage
+from .standard import denoising_loss
+
+
+class Copier(Method):
+    name = "copier"
+    needs_pairs = True
+
+    def stages(self, n_items: int) -> list[Stage]:
+        c = self.job.copier
+        copier = Stage("copier", c.stage1_steps, self.spec(c.stage1_network_dim, c.stage1_network_alpha),
+                       functools.partial(denoising_loss, image="x", caption="x"), learning_rate=c.stage1_learning_rate,
+                       save_as="copier" if c.save_copier else None)
+        diff = Stage("difference", c.stage2_steps,
+                     self.spec(c.stage2_network_dim, c.stage2_network_alpha),
+                     functools.partial(denoising_loss, image="after", caption="x"),
+                     learning_rate=c.stage2_learning_rate, keep_active=["copier"], init_from_job_weights=True)
+        return [copier, diff]

@@ -1,0 +1,36 @@
+"""Differential merge as one command: overfit A on "before", B on "after", result = B - A.
+
+The subtraction is exact (ranks concatenated, so the file's delta is ΔW_B - ΔW_A), optionally
+brought back to a chosen rank by SVD. kohya's merge_lora.py does not compute B - A (its ratios
+act squared and it adds cross terms); see tools/lora_math.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..tools.lora_math import combine_exact, svd_rerank
+from .base import Method, Stage
+from .standard import denoising_loss
+
+
+class Differential(Method):
+    name = "differential"
+    needs_pairs = True
+
+    def stages(self, n_items: int) -> list[Stage]:
+        d = self.job.differential
+        save = "before" if d.save_parts else None
+        return [
+            Stage("before", d.before_steps, self.spec(), functools.partial(denoising_loss, image="x", caption="x"),
+                  learning_rate=d.learning_rate, save_as=save),
+            Stage("after", d.after_steps, self.spec(), functools.partial(denoising_loss, image="after", caption="after"),
+                  learning_rate=d.learning_rate, save_as="after" if d.save_parts else None),
+        ]
+
+    def finalize(self, results):
+        a, b = results["before"].kohya_state_dict(), results["after"].kohya_state_dict()
+        rank = self.job.differential.rerank
+        if rank:
+            return svd_rerank([b, a], [1.0, -1.0], rank, conv_rank=rank)
+        return combine_exact([b, a], [1.0, -1.0])

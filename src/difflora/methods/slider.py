@@ -1,0 +1,36 @@
+"""Image-pair slider (Concept Sliders' image slider).
+
+One noise draw for both images; the LoRA at +s denoises the "after" image and at -s the
+"before" image, each regressed onto its true target. Both passes run as one batch with
+per-sample multipliers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Batch, Method, Stage, StepContext, per_sample_mse
+
+
+def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
+    s = ctx.job.slider.scale
+    x_before, x_after, noise, t = batch.latents["x"], batch.latents["after"], batch.noise, batch.timesteps
+    obj = ctx.model.objective
+    n = len(batch)
+    x0 = torch.cat([x_after, x_before])
+    tt = torch.cat([t, t])
+    noisy = obj.add_noise(x0, torch.cat([noise, noise]), tt)
+    cond = ctx.encode(batch.captions["after"] + batch.captions["x"])
+    multiplier = torch.tensor([s] * n + [-s] * n)
+    pred = ctx.predict(noisy, tt, cond, multiplier)
+    loss = per_sample_mse(pred, obj.target(x0, torch.cat([noise, noise]), tt)) * ctx.min_snr(tt)
+    return loss[:n] + loss[n:]
+
+
+class Slider(Method):
+    name = "slider"
+    needs_pairs = True
+    unet_only = True
+
+    def stages(self, n_items: int) -> list[Stage]:
+        return [Stage("main", self.job.max_train_steps, self.spec(), slider_loss, init_from_job_weights=True)]

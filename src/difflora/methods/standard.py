@@ -1,0 +1,21 @@
+"""Standard LoRA training: predict the noise (or v / flow target) of a noised training image."""
+
+from __future__ import annotations
+
+from .base import Batch, Method, Stage, StepContext, per_sample_mse
+
+
+def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: str = "x") -> "torch.Tensor":
+    x0, noise, t = batch.latents[image], batch.noise, batch.timesteps
+    objective = ctx.model.objective
+    noisy = objective.add_noise(x0, noise, t)
+    pred = ctx.predict(noisy, t, ctx.encode(batch.captions[caption]), multiplier=1.0)
+    loss = per_sample_mse(pred, objective.target(x0, noise, t))
+    return loss * batch.loss_weight * ctx.min_snr(t)
+
+
+class Standard(Method):
+    name = "standard"
+
+    def stages(self, n_items: int) -> list[Stage]:
+        return [Stage("main", self.job.max_train_steps, self.spec(), denoising_loss, init_from_job_weights=True)]
