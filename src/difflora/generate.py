@@ -37,8 +37,9 @@ class GenerationRequest:
 
 
 @torch.no_grad()
-def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_size: int = 64) -> list[np.ndarray]:
-    """Images as uint8 HxWx3 arrays, one per (prompt, seed) entry of the request."""
+def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_size: int = 64,
+             output: str = "uint8") -> list[np.ndarray]:
+    """Images as HxWx3 arrays (uint8, or float in [0, 1] with output="float"), one per request entry."""
     n = len(req.prompts)
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
@@ -67,7 +68,10 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
         gens = [torch.Generator().manual_seed(int(s)) for s in req.seeds[sl]]
         result = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=gens, num_inference_steps=req.steps,
                       guidance_scale=req.cfg, width=width, height=height, output_type="np")
-        out.extend((np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in result.images)
+        if output == "float":
+            out.extend(np.asarray(img, dtype=np.float32) for img in result.images)
+        else:
+            out.extend((np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in result.images)
     return out
 
 

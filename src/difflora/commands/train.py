@@ -52,7 +52,15 @@ def run(args) -> int:
         return 0
     if not args.job:
         raise UserError("give a job TOML file (see examples/ and `difflora train --help-keys`)")
-    job = load_job(args.job, args.overrides)
+    job = load_job(args.job, args.overrides)  # validated once, before any process starts
+    from ..train.launch import requested_processes, run_ranks
+
+    n = requested_processes()
+    if n > 1:
+        import sys
+
+        return run_ranks(n, sys.argv[1:])
     path = train(job, resume=args.resume, ignore_lock=args.ignore_lock)
-    print(f"saved {path}")
+    if path is not None:
+        print(f"saved {path}")
     return 0

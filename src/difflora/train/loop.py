@@ -155,7 +155,7 @@ def lora_metadata(job: JobConfig, model, data: TrainingData, method, steps: int,
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) -> Path:
+def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) -> Path | None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=job.mixed_precision, gradient_accumulation_steps=1,
@@ -369,6 +369,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) 
         if writer:
             writer.close()
         accelerator.wait_for_everyone()
+    if not main:
+        return None
     log.info("saved %s", final_path)
     return final_path
 
