@@ -173,6 +173,11 @@ def detect_checkpoint(keys: list[str], path) -> str:
     raise UserError("not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model / cond_stage_model keys)", path=path)
 
 
+def _norm_groups(channels: list[int]) -> int:
+    """GroupNorm's group count is not in the weights: SD uses 32; smaller widths need a divisor."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+
+
 def infer_unet_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
     p = UNET_PREFIX
     n_in = len({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"input_blocks\.(\d+)\.", k))})
@@ -200,7 +205,7 @@ def infer_unet_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
         cross_attention_dim=cross_dim,
         attention_head_dim=heads if variant == "sd2" else heads[0],
         use_linear_projection=linear_proj,
-        norm_num_groups=32,
+        norm_num_groups=_norm_groups(chans),
     )
 
 
@@ -217,7 +222,7 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> dict:
         block_out_channels=chans,
         layers_per_block=lpb,
         latent_channels=int(sd[p + "decoder.conv_in.weight"].shape[1]),
-        norm_num_groups=32,
+        norm_num_groups=_norm_groups(chans),
         sample_size=512,
         scaling_factor=0.18215,
     )

@@ -297,7 +297,7 @@ class LoRANetwork(nn.Module):
         self._fused = None
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         return sd

@@ -26,7 +26,8 @@ def _launcher_num_processes() -> int | None:
             argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
     except OSError:
         return None
-    if not any(a.endswith("accelerate") or a == "launch" for a in argv):
+    # `accelerate launch ...`, `python -m accelerate.commands.launch ...`, `accelerate-launch ...`
+    if not any("accelerate" in os.path.basename(a) for a in argv[:4]):
         return None
     for i, a in enumerate(argv):
         if a in ("--num_processes", "--num-processes") and i + 1 < len(argv):

@@ -1,0 +1,73 @@
+"""Model loading: diffusers folders, single-file checkpoints, pickle policy, bad folders."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from difflora.errors import UserError
+from difflora.models import load_model
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_single_file_loads_the_same_weights_as_its_folder(tmp_path, sd15_layout_dirs, variant):
+    folder = load_model(sd15_layout_dirs[variant])
+    single = tmp_path / "model.safetensors"
+    folder.save(single)
+    loaded = load_model(single)
+    assert loaded.family == variant and loaded.base_model_version == folder.base_model_version
+    for comp in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, comp).state_dict(), getattr(loaded, comp).state_dict()
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([123])
+    assert torch.equal(folder.predict(x, t, folder.encode_prompts(["a face, red hair"])),
+                       loaded.predict(x, t, loaded.encode_prompts(["a face, red hair"])))
+
+
+def test_single_file_without_metadata_infers_the_layout(tmp_path, sd15_layout_dirs):
+    from safetensors.torch import load_file, save_file
+
+    folder = load_model(sd15_layout_dirs["sd1"])
+    single = tmp_path / "model.safetensors"
+    folder.save(single)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(single)), str(bare))  # as a third-party file: no difflora metadata
+    loaded = load_model(bare)
+    for comp in ("unet", "vae"):
+        a, b = getattr(folder, comp).state_dict(), getattr(loaded, comp).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+    assert len(loaded.tokenizer) == 49408  # CLIP's BPE from the bundled vocabulary
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_pickle_checkpoints_need_explicit_permission(tmp_path, tiny_sd1_dir):
+    from safetensors.torch import load_file
+
+    model = load_model(tiny_sd1_dir)
+    single = tmp_path / "m.safetensors"
+    model.save(single)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, ckpt)
+    with pytest.raises(UserError, match=r"m\.ckpt.*pickle.*--allow-pickle"):
+        load_model(ckpt)
+    loaded = load_model(ckpt, allow_pickle=True)
+    assert torch.equal(loaded.unet.conv_in.weight, model.unet.conv_in.weight)
+
+
+def test_bad_model_folders(tmp_path, tiny_sd1_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd1_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(UserError, match="broken.*vae"):
+        load_model(broken)
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "nope")
+    lora_like = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora_like))
+    with pytest.raises(UserError, match="LoRA file, not a model"):
+        load_model(lora_like)

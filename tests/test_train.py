@@ -1,0 +1,104 @@
+"""Standard training: it learns, resumes exactly, and 2 processes train the same LoRA as 1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_job
+from difflora.generate import GenerationRequest, generate
+from difflora.models import load_model
+from difflora.network.apply import network_from_file
+from difflora.network.lora import LoRANetwork, NetworkSpec
+
+
+def _job(tmp_path, model_dir, data_dir, **extra) -> str:
+    keys = {"model": f'"{model_dir}"', "train_data_dir": f'"{data_dir}"', "resolution": 16, "network_dim": 4,
+            "network_alpha": 4, "learning_rate": 2e-3, "max_train_steps": 40, "train_batch_size": 2,
+            "output_dir": '"out"', "log_with": '"none"', "seed": 3}
+    keys.update(extra)
+    return "".join(f"{k} = {v}\n" for k, v in keys.items())
+
+
+def _fixed_loss(model, net, latents, captions, multiplier) -> float:
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        net.set_multiplier(multiplier)
+        cond = model.encode_prompts(captions)
+        for _ in range(12):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+            pred = model.predict(model.objective.add_noise(latents, noise, t), t, cond)
+            losses.append(torch.mean((pred - noise) ** 2).item())
+    return float(np.mean(losses))
+
+
+def test_training_lowers_the_loss_and_changes_generations(tmp_path, tiny_sd1_dir, faces16, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = write_job(tmp_path / "job.toml", _job(tmp_path, tiny_sd1_dir, faces16, output_name='"std"'))
+    code, out, err = run_cli("train", job)
+    assert code == 0, err
+    model = load_model(tiny_sd1_dir)
+    net = network_from_file(model, tmp_path / "out" / "std.safetensors", 1.0)
+    from difflora.data.images import load_image, to_tensor
+
+    imgs = sorted((faces16 / "2_face").glob("*.png"))
+    latents = torch.cat([model.encode_images(to_tensor(load_image(p))[None], sample=False) for p in imgs])
+    caps = [p.with_suffix(".txt").read_text() for p in imgs]
+    before, after = _fixed_loss(model, net, latents, caps, 0.0), _fixed_loss(model, net, latents, caps, 1.0)
+    assert after < 0.97 * before, (before, after)
+    req = GenerationRequest(prompts=["a face, red hair"] * 2, seeds=[1, 1], steps=4, cfg=3.0)
+    req.multipliers = {0: [0.0, 1.0]}
+    base, with_lora = generate(model, [net], req)
+    assert np.abs(base.astype(int) - with_lora.astype(int)).max() > 8
+
+
+def test_stop_and_resume_gives_the_same_lora(tmp_path, tiny_sd1_dir, faces16, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    body = _job(tmp_path, tiny_sd1_dir, faces16, max_train_steps=12, save_state_every_n_steps=5,
+                lr_scheduler='"cosine"', lr_warmup_steps=2, output_name='"r"')
+    job = write_job(tmp_path / "job.toml", body)
+    assert run_cli("train", job)[0] == 0
+    full = load_file(str(tmp_path / "out" / "r.safetensors"))
+    # the state saved at step 10 (the last multiple of 5 before the end) is where a stopped run would resume
+    shutil.copytree(tmp_path / "out" / "r-state", tmp_path / "state10")
+    (tmp_path / "out" / "r.safetensors").unlink()
+    code, _, err = run_cli("train", job, "--resume", tmp_path / "state10")
+    assert code == 0, err
+    resumed = load_file(str(tmp_path / "out" / "r.safetensors"))
+    assert set(full) == set(resumed)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_two_processes_train_the_same_lora_as_one(tmp_path, tiny_sd1_dir, faces16):
+    """`accelerate launch --num_processes 2 --cpu` at per-device batch 1 == one process at batch 2.
+
+    Tolerance: gradients are averaged by an all-reduce instead of inside one batch mean, so
+    float sums happen in another order; we allow 1e-4 absolute (weights are ~1e-2).
+    """
+    job = write_job(tmp_path / "job.toml", _job(tmp_path, tiny_sd1_dir, faces16, max_train_steps=8,
+                                                train_batch_size=1, output_name='"two"'))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "difflora", "-q", "train", str(job)]
+    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "difflora", "-q", "train", str(job), "--set", "train_batch_size=2",
+                        "--set", "output_name='one'"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two, one = load_file(str(tmp_path / "out" / "two.safetensors")), load_file(str(tmp_path / "out" / "one.safetensors"))
+    ups = [k for k in one if k.endswith("lora_up.weight")]
+    assert max(one[k].abs().max().item() for k in ups) > 1e-3  # it trained
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-4
+    # and it really ran as two ranks: a single process at batch 1 ends elsewhere
+    r = subprocess.run([sys.executable, "-m", "difflora", "-q", "train", str(job), "--set", "output_name='single'"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    single = load_file(str(tmp_path / "out" / "single.safetensors"))
+    assert max((single[k] - one[k]).abs().max().item() for k in ups) > 1e-4
