@@ -355,12 +355,23 @@ def resolve_dataset_paths(datasets: list[DatasetConfig], base: Path) -> None:
                 sub.after_dir = _resolve(base, sub.after_dir)
 
 
+def apply_method_defaults(job: JobConfig) -> JobConfig:
+    """Fill keys the user did not set with the chosen method's recommended values."""
+    from .methods import METHODS
+
+    for key, value in METHODS[job.method].defaults.items():
+        if key not in job.model_fields_set:
+            setattr(job, key, value)
+            job.model_fields_set.discard(key)  # still "not set by the user"
+    return job
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     path = Path(path)
     data, text = read_toml(path)
     data = apply_overrides(data, overrides or [])
     try:
-        job = JobConfig.model_validate(data)
+        job = apply_method_defaults(JobConfig.model_validate(data))
     except ValidationError as e:
         raise _format_errors(e, text, str(path)) from None
     base = path.resolve().parent

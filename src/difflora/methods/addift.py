@@ -95,6 +95,8 @@ class Addift(Method):
     name = "addift"
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
+    defaults = {"max_train_steps": 100, "learning_rate": 1e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
+                "network_dim": 4, "network_alpha": 4.0}
 
     def stages(self, n_items: int) -> list[Stage]:
         o = self.job.addift

@@ -87,6 +87,7 @@ class Method:
     name = "method"
     needs_pairs = False
     unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
+    defaults: dict = {}  # recommended job values, used for keys the user did not set
 
     def __init__(self, job):
         self.job = job

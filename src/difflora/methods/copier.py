@@ -18,6 +18,7 @@ from .standard import denoising_loss
 class Copier(Method):
     name = "copier"
     needs_pairs = True
+    defaults = {"network_dim": 4, "network_alpha": 4.0, "min_snr_gamma": 5.0}
 
     def stages(self, n_items: int) -> list[Stage]:
         c = self.job.copier

@@ -17,6 +17,7 @@ from .standard import denoising_loss
 class Differential(Method):
     name = "differential"
     needs_pairs = True
+    defaults = {"network_dim": 8, "network_alpha": 8.0, "min_snr_gamma": 5.0}
 
     def stages(self, n_items: int) -> list[Stage]:
         d = self.job.differential

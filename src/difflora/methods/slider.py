@@ -31,6 +31,8 @@ class Slider(Method):
     name = "slider"
     needs_pairs = True
     unet_only = True
+    defaults = {"max_train_steps": 200, "learning_rate": 1e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
+                "network_dim": 4, "network_alpha": 4.0}
 
     def stages(self, n_items: int) -> list[Stage]:
         return [Stage("main", self.job.max_train_steps, self.spec(), slider_loss, init_from_job_weights=True)]

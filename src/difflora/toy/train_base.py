@@ -251,6 +251,25 @@ class BaseTrainer:
         log.info("saved base model to %s", out)
 
 
+def export_checkpoint(work: Path, out: Path) -> Path:
+    """Export the EMA weights of the latest U-Net checkpoint in a work folder (to judge it mid-run)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    work = Path(work)
+    cfg = BaseTrainConfig(**json.loads((work / "config.json").read_text()))
+    trainer = BaseTrainer.__new__(BaseTrainer)
+    trainer.work, trainer.cfg, trainer.tokenizer = work, cfg, base_model.build_tokenizer()
+    vae = AutoencoderKL.from_pretrained(work / "vae_final", local_files_only=True)
+    st = load_state(work / "unet_state")
+    unet = UNet2DConditionModel(**base_model.UNET_CONFIG)
+    unet.load_state_dict(st["ema_unet"])
+    te = base_model.build_text_encoder(trainer.tokenizer)
+    te.load_state_dict(st["ema_te"])
+    trainer.export(vae, unet.eval(), te.eval(), out)
+    log.info("exported step %d", st["step"])
+    return out
+
+
 def train_base(out: Path, work: Path, cfg: BaseTrainConfig) -> Path:
     trainer = BaseTrainer(work, cfg)
     vae = trainer.train_vae()
