@@ -1,0 +1,211 @@
+"""Each method's loss equals its formula on fixed tensors (a stand-in model with a known response)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflora.config import JobConfig, apply_method_defaults
+from difflora.methods import Batch, StepContext, make_method
+from difflora.methods.addift import addift_loss, addift_timesteps, common_caption
+from difflora.methods.slider import slider_loss
+from difflora.methods.standard import denoising_loss
+from difflora.models.base import Conditioning
+from difflora.models.objectives import EpsilonObjective, VPredictionObjective, objective_for
+from difflora.toy.base_model import SCHEDULER_CONFIG
+
+
+class FakeNetwork:
+    """Records the multiplier the way LoRANetwork.set_multiplier is called."""
+
+    def __init__(self):
+        self.multiplier = 1.0
+        self.calls = []
+
+    def set_multiplier(self, m, component=None):
+        self.multiplier = m
+        self.calls.append(m)
+
+
+class FakeModel:
+    """prediction = noisy · (1 + multiplier) + 0.1 · t/1000 + mean(caption embedding): known and simple."""
+
+    def __init__(self, net, objective):
+        self.net, self.objective = net, objective
+
+    def predict(self, noisy, t, cond):
+        m = self.net.multiplier
+        m = m.view(-1, 1, 1, 1) if isinstance(m, torch.Tensor) else m
+        c = cond.tensors["encoder_hidden_states"].mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return noisy * (1 + m) + 0.1 * t.view(-1, 1, 1, 1) / 1000 + c
+
+
+def _encode(captions):
+    return Conditioning({"encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(c))) for c in captions])})
+
+
+def _ctx(job, step=0, objective=None):
+    net = FakeNetwork()
+    obj = objective or EpsilonObjective.from_scheduler_config(SCHEDULER_CONFIG)
+    return StepContext(model=FakeModel(net, obj), network=net, job=job, step=step, encode=_encode), net
+
+
+def _batch(step=0, n=2, mask=None):
+    g = torch.Generator().manual_seed(0)
+    shape = (n, 4, 4, 4)
+    return Batch(latents={"x": torch.randn(shape, generator=g), "after": torch.randn(shape, generator=g)},
+                 captions={"x": ["a face, eyes open"] * n, "after": ["a face, eyes closed"] * n},
+                 noise=torch.randn(shape, generator=g), timesteps=torch.tensor([600, 900][:n]),
+                 loss_weight=torch.ones(n), masks=mask, step=step)
+
+
+def _mse(a, b, w=None):
+    e = (a - b) ** 2
+    if w is not None:
+        e = e * w
+    return e.mean(dim=(1, 2, 3))
+
+
+def test_standard_loss_is_weighted_mse_to_the_objective_target():
+    job = JobConfig(method="standard", train_data_dir="x", min_snr_gamma=5.0, prior_loss_weight=0.5)
+    for obj in (EpsilonObjective.from_scheduler_config(SCHEDULER_CONFIG),
+                VPredictionObjective.from_scheduler_config(SCHEDULER_CONFIG)):
+        ctx, net = _ctx(job, objective=obj)
+        b = _batch()
+        b.loss_weight = torch.tensor([1.0, 0.5])  # the second sample is a regularisation image
+        loss = denoising_loss(ctx, b)
+        x0, eps, t = b.latents["x"], b.noise, b.timesteps
+        noisy = obj.add_noise(x0, eps, t)
+        pred = noisy * 2 + 0.1 * t.view(-1, 1, 1, 1) / 1000 + float(len("a face, eyes open"))
+        expected = _mse(pred, obj.target(x0, eps, t)) * b.loss_weight * obj.min_snr_weight(t, 5.0)
+        torch.testing.assert_close(loss, expected)
+        assert net.calls == [1.0]
+
+
+def test_objectives_match_their_definitions():
+    obj = EpsilonObjective.from_scheduler_config(SCHEDULER_CONFIG)
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    torch.testing.assert_close(obj.add_noise(x, eps, t), sched.add_noise(x, eps, t))
+    v = objective_for("v_prediction", SCHEDULER_CONFIG)
+    torch.testing.assert_close(v.target(x, eps, t), sched.get_velocity(x, eps, t))
+    flow = objective_for("flow", {})
+    torch.testing.assert_close(flow.add_noise(x, eps, t), (1 - t.view(-1, 1, 1, 1) / 1000) * x + t.view(-1, 1, 1, 1) / 1000 * eps)
+    torch.testing.assert_close(flow.target(x, eps, t), eps - x)
+    snr = obj.snr(t)
+    torch.testing.assert_close(obj.min_snr_weight(t, 5.0), torch.clamp(snr, max=5.0) / snr)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_addift_even_step_plus_m_odd_step_minus_m_and_swapped_images(step):
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"captions": "fixed_roles"}))
+    ctx, net = _ctx(job, step=step)
+    b = _batch(step=step)
+    loss = addift_loss(ctx, b)
+    obj, m = ctx.model.objective, job.addift.multiplier
+    x_o, x_t, eps, t = b.latents["x"], b.latents["after"], b.noise, b.timesteps
+    q = lambda x: obj.add_noise(x, eps, t)  # noqa: E731
+    c_o, c_t = float(len("a face, eyes open")), float(len("a face, eyes closed"))
+    tt = 0.1 * t.view(-1, 1, 1, 1) / 1000
+    if step % 2 == 0:  # LoRA at +m on the "after" image, frozen model on "before"
+        frozen, pred, mult = q(x_o) + tt + c_o, q(x_t) * (1 + m) + tt + c_t, m
+    else:  # swapped images, -m
+        frozen, pred, mult = q(x_t) + tt + c_o, q(x_o) * (1 - m) + tt + c_t, -m
+    torch.testing.assert_close(loss, _mse(pred, frozen) * obj.min_snr_weight(t, 5.0))
+    assert net.calls[0] == 0.0  # the frozen prediction runs with the LoRA off
+    assert torch.all(net.calls[1] == mult)
+
+
+def test_addift_both_directions_in_one_batch_equal_the_two_alternating_steps():
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x"))
+    b = _batch()
+    ctx, _ = _ctx(job, step=0)
+    even = addift_loss(ctx, b)
+    b1 = _batch(step=1)
+    ctx, _ = _ctx(job, step=1)
+    odd = addift_loss(ctx, b1)
+    job.addift.batch_both_directions = True
+    ctx, net = _ctx(job, step=0)
+    both = addift_loss(ctx, b)
+    torch.testing.assert_close(both, (even + odd) / 2)
+    assert net.calls[-1].tolist() == [0.25, 0.25, -0.25, -0.25]
+
+
+def test_difference_mask_zeroes_the_loss_outside_the_changed_region():
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"diff_mask": True}))
+    b = _batch()
+    b.latents["after"] = b.latents["x"].clone()
+    b.latents["after"][:, :, 0, 0] += 3.0  # the pair differs in one latent pixel
+    inside = torch.zeros(2, 1, 4, 4)
+    inside[:, :, 0, 0] = 1
+    b.masks = inside
+    ctx, _ = _ctx(job)
+    masked = addift_loss(ctx, b)
+    b.masks = torch.zeros(2, 1, 4, 4)  # nothing changed anywhere: no loss at all
+    ctx, _ = _ctx(job)
+    assert torch.all(addift_loss(ctx, b) == 0)
+    b.masks = inside
+    # Perturb the prediction only outside the mask: the masked loss must not move.
+    ctx, net = _ctx(job)
+    original_predict = ctx.model.predict
+
+    def predict_with_outside_noise(noisy, t, cond):
+        out = original_predict(noisy, t, cond)
+        bump = torch.ones_like(out)
+        bump[:, :, 0, 0] = 0
+        return out + 5 * bump * (net.multiplier != 0 if not isinstance(net.multiplier, torch.Tensor) else 1)
+
+    ctx.model.predict = predict_with_outside_noise
+    torch.testing.assert_close(addift_loss(ctx, b), masked)
+
+
+def test_addift_stratified_timesteps_cover_every_group_in_turn():
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x"))
+    o = job.addift
+    draw = addift_timesteps(o, o.min_timestep, o.max_timestep)
+    g = torch.Generator().manual_seed(0)
+    span = (o.max_timestep - o.min_timestep) / o.timestep_groups
+    for step in range(2 * o.timestep_groups):
+        t = draw(step, 16, g)
+        group = (step // 2) % o.timestep_groups  # a +/- pair of steps shares a group
+        assert torch.all(t >= o.min_timestep + span * group) and torch.all(t < o.min_timestep + span * (group + 1) + 1)
+        assert len(set(t.tolist())) > 1  # random inside the group, not a fixed value (TrainTrain's bug B1)
+    o.replicate_traintrain_timesteps = True
+    seq = [int(addift_timesteps(o, 500, 1000)(s, 1, g)) for s in range(10)]
+    assert seq == [550, 550, 650, 650, 750, 750, 850, 850, 950, 950]  # the reference's table
+
+
+def test_addift_common_caption_drops_the_changed_phrase():
+    assert common_caption("a face, red hair, eyes open", "a face, red hair, eyes closed") == "a face, red hair"
+
+
+def test_slider_loss_is_plus_s_on_after_minus_s_on_before_against_true_noise():
+    job = apply_method_defaults(JobConfig(method="slider", train_data_dir="x", slider={"scale": 2.0}))
+    ctx, net = _ctx(job)
+    b = _batch()
+    loss = slider_loss(ctx, b)
+    obj = ctx.model.objective
+    eps, t = b.noise, b.timesteps
+    tt = 0.1 * t.view(-1, 1, 1, 1) / 1000
+    pred_after = obj.add_noise(b.latents["after"], eps, t) * 3 + tt + float(len("a face, eyes closed"))
+    pred_before = obj.add_noise(b.latents["x"], eps, t) * (-1) + tt + float(len("a face, eyes open"))
+    w = obj.min_snr_weight(t, 5.0)
+    torch.testing.assert_close(loss, _mse(pred_after, eps) * w + _mse(pred_before, eps) * w)
+    assert net.calls[0].tolist() == [2.0, 2.0, -2.0, -2.0]
+
+
+def test_copier_stage2_keeps_stage1_active_and_trains_on_after_images():
+    job = apply_method_defaults(JobConfig(method="copier", train_data_dir="x"))
+    stages = make_method(job).stages(4)
+    assert [s.name for s in stages] == ["copier", "difference"]
+    assert stages[1].keep_active == ["copier"]
+    assert stages[0].loss.keywords == {"image": "x", "caption": "x"}
+    assert stages[1].loss.keywords == {"image": "after", "caption": "x"}
+
+
+def test_method_defaults_only_fill_unset_keys():
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", learning_rate=5e-4))
+    assert job.learning_rate == 5e-4 and job.max_train_steps == 100
+    assert apply_method_defaults(JobConfig(method="standard", train_data_dir="x")).max_train_steps == 1600
