@@ -313,22 +313,22 @@ def render(attrs: dict[str, str], seed: int) -> np.ndarray:
             _paint(img, _ellipse(ex, ey, er, er * 0.72), _WHITE)
             _paint(img, _ellipse(ex + lay.pupil_dx, ey + lay.pupil_dy, er * 0.48, er * 0.48), _DARK)
         else:
-            _paint(img, _curve(ex, ey - 0.2, er * 1.05, 1.3, 1.1), _DARK)
+            _paint(img, _curve(ex, ey - 0.2, er * 1.05, 1.4, 1.7), _DARK)
 
     # Mouth.
     lips = _LIPS + jit[3]
     if attrs["mouth"] == "smiling":
-        _paint(img, _curve(cx, g["mouth_y"] - 1.4, g["mouth_w"], 2.6, 1.4), lips)
+        _paint(img, _curve(cx, g["mouth_y"] - 1.4, g["mouth_w"], 2.8, 2.1), lips)
     else:
-        _paint(img, _segment(cx - g["mouth_w"] * 0.8, g["mouth_y"], cx + g["mouth_w"] * 0.8, g["mouth_y"], 1.4), lips)
+        _paint(img, _segment(cx - g["mouth_w"] * 0.8, g["mouth_y"], cx + g["mouth_w"] * 0.8, g["mouth_y"], 2.1), lips)
 
     # Glasses.
     if attrs["glasses"] == "glasses":
         frame = _FRAME + jit[4]
         for side in (-1, 1):
-            _paint(img, _ring(cx + side * g["eye_dx"], g["eye_y"], g["glass_r"], 1.2), frame)
+            _paint(img, _ring(cx + side * g["eye_dx"], g["eye_y"], g["glass_r"], 1.6), frame)
         bridge_half = g["eye_dx"] - g["glass_r"] + 0.4
-        _paint(img, _segment(cx - bridge_half, g["eye_y"] - 1.0, cx + bridge_half, g["eye_y"] - 1.0, 1.1), frame)
+        _paint(img, _segment(cx - bridge_half, g["eye_y"] - 1.0, cx + bridge_half, g["eye_y"] - 1.0, 1.5), frame)
 
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
