@@ -60,7 +60,7 @@ def test_pair_differs_in_exactly_one_attribute_per_judge(attribute, judge):
 @pytest.mark.parametrize("attribute", faces.LOCAL_ATTRIBUTES)
 def test_local_pair_differs_only_inside_its_region(attribute):
     before, after = faces.ATTRIBUTES[attribute]
-    for seed in range(40):
+    for seed in range(120):
         _, _, img_before, img_after = faces.make_pair(seed, attribute, before, after)
         diff = np.any(img_before != img_after, axis=2)
         region = faces.regions(seed)[attribute]

@@ -91,10 +91,16 @@ class LoRAModule(nn.Module):
             return output
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return output
-        return output + self.delta(inputs[0], m).to(output.dtype)
+        # In place: the frozen layer's backward never needs its own output, and a full-size
+        # temporary per LoRA layer is the largest cost of the branch on CPU.
+        return output.add_(self.delta(inputs[0], m).to(output.dtype))
 
     def delta(self, x: torch.Tensor, multiplier: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """The LoRA branch's contribution for input x (the value added to the frozen output)."""
+        """The LoRA branch's contribution for input x (the value added to the frozen output).
+
+        Scales are applied where tensors are small: a per-sample multiplier on the rank-r
+        activation, a scalar folded into the (out x r) up weight.
+        """
         w = self.lora_down.weight
         h = self.lora_down(x.to(w.dtype))
         if self.training and self.dropout:
@@ -106,15 +112,20 @@ class LoRAModule(nn.Module):
             keep = keep.view(h.shape[0], 1, self.rank) if h.dim() == 3 else keep.view(*keep.shape, *([1] * (h.dim() - 2)))
             h = h * keep
             scale = scale / (1.0 - self.rank_dropout)
-        out = self.lora_up(h)
         if isinstance(multiplier, torch.Tensor):
-            if multiplier.numel() != out.shape[0]:
+            if multiplier.numel() != h.shape[0]:
                 raise RuntimeError(
                     f"{self.lora_name}: per-sample multiplier has {multiplier.numel()} values but the batch has "
-                    f"{out.shape[0]} samples"
+                    f"{h.shape[0]} samples"
                 )
-            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
-        return out * (multiplier * scale)
+            h = h * multiplier.to(h.device, h.dtype).view(-1, *([1] * (h.dim() - 1)))
+            coeff = scale
+        else:
+            coeff = multiplier * scale
+        up = self.lora_up.weight * coeff
+        if isinstance(self.lora_up, nn.Conv2d):
+            return F.conv2d(h, up)
+        return F.linear(h, up)
 
     def weight_delta(self) -> torch.Tensor:
         """Dense ΔW = scale · up @ down in the shape of the frozen weight (multiplier not applied)."""

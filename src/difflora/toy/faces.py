@@ -253,7 +253,7 @@ def regions(seed: int) -> dict[str, np.ndarray]:
         glasses |= _box(ex - m, g["eye_y"] - m, ex + m, g["eye_y"] + m)
     glasses |= _box(lay.cx - g["eye_dx"], g["eye_y"] - 2.5, lay.cx + g["eye_dx"], g["eye_y"] + 1.5)
     mw = g["mouth_w"] + 1.5
-    mouth = _box(lay.cx - mw, g["mouth_y"] - 4.0, lay.cx + mw, g["mouth_y"] + 4.0)
+    mouth = _box(lay.cx - mw, g["mouth_y"] - 4.5, lay.cx + mw, g["mouth_y"] + 4.5)
     return {"eyes": eyes, "mouth": mouth, "glasses": glasses}
 
 

@@ -140,6 +140,7 @@ def lora_metadata(job: JobConfig, model, data: TrainingData, method, steps: int,
         "ss_max_grad_norm": job.max_grad_norm, "ss_seed": job.seed, "ss_noise_offset": job.noise_offset,
         "ss_min_snr_gamma": job.min_snr_gamma, "ss_prior_loss_weight": job.prior_loss_weight,
         "ss_num_train_images": data.num_train_images, "ss_num_reg_images": data.num_reg_images,
+        "ss_num_skipped_images": len(data.skipped),
         "ss_cache_latents": job.cache_latents, "ss_tag_frequency": json.dumps(data.tag_frequency()),
         "ss_datasets": json.dumps([{"batch_size_per_device": b} for b in data.batch_sizes]),
         "ss_resolution": f"({model.resolution}, {model.resolution})",
@@ -155,7 +156,12 @@ def lora_metadata(job: JobConfig, model, data: TrainingData, method, steps: int,
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) -> Path | None:
+def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
+          on_step=None) -> Path | None:
+    """Train a LoRA for `job`; returns the saved file (None on non-main processes).
+
+    `on_step(stage, step, seconds)` is called after every optimizer step (benchmarks use it).
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=job.mixed_precision, gradient_accumulation_steps=1,
@@ -283,6 +289,7 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) 
             loss_avg = None
             t_start = time.time()
             for step in range(start, steps):
+                t_step = time.perf_counter()
                 torch.manual_seed(_seed_of(job.seed, "dropout", si, step, rank))  # network dropouts
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros(())
@@ -307,6 +314,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False) 
                 optimizer.step()
                 scheduler.step()
                 done = step + 1
+                if on_step is not None:
+                    on_step(stage.name, done, time.perf_counter() - t_step)
                 loss_value = float(step_loss)
                 loss_avg = loss_value if loss_avg is None else 0.95 * loss_avg + 0.05 * loss_value
                 lr = scheduler.get_last_lr()[0]

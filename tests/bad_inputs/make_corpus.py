@@ -1,0 +1,663 @@
+"""The bad-input corpus: every case builds its bad file(s) in a fresh workspace, at test time.
+
+Nothing binary is committed: each case is a small function that writes its input (a truncated
+PNG, a LoRA with NaN weights, a TOML with a duplicate key, ...) into a workspace and returns the
+`difflora` command line that must meet it, with the expected outcome:
+
+- "error": exit code 2 and one line on stderr, `difflora: error: <file>: <problem> (<fix>)`,
+  naming `names` and containing every word in `needles`; nothing in the output folder changes.
+- "ok": a documented warning-and-continue; exit code 0, every word in `log` appears in the
+  log, files already in the output folder are untouched, and `check` (if any) passes.
+
+    python tests/bad_inputs/make_corpus.py OUT_DIR [--model TINY_SD1_DIR]   # write every case to look at
+    python tests/bad_inputs/make_corpus.py --readme                        # regenerate README.md's table
+
+tests/test_bad_inputs.py runs every case through the real CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+PREVIOUS = b"an earlier result that must survive"
+
+
+# ---------------------------------------------------------------------------- the workspace
+class Workspace:
+    """root/data/2_face (4 good 16x16 faces with captions), root/out/previous.safetensors, a job."""
+
+    def __init__(self, root: Path, model: Path):
+        self.root = Path(root).resolve()
+        self.model = Path(model).resolve()
+        self.data = self.root / "data"
+        self.images = self.data / "2_face"
+        self.out = self.root / "out"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            write_image(self.images / f"{i:03d}.png", _face(i))
+            (self.images / f"{i:03d}.txt").write_text(f"a face, {['red', 'blue', 'green', 'black'][i]} hair",
+                                                     encoding="utf-8")
+        (self.out / "previous.safetensors").write_bytes(PREVIOUS)
+
+    def job(self, extra: str = "", name: str = "job.toml", **keys) -> Path:
+        """A job TOML: the base keys, overridden by `keys` (TOML literals), then `extra` lines."""
+        base = {"model": _q(self.model), "train_data_dir": _q(self.data), "resolution": "16", "max_train_steps": "2",
+                "network_dim": "2", "output_dir": _q(self.out), "log_with": '"none"'}
+        base.update(keys)
+        text = "".join(f"{k} = {v}\n" for k, v in base.items() if v is not None) + extra
+        path = self.root / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def train(self, *args, **keys) -> list:
+        return ["train", self.job(**keys), *args]
+
+    def generate(self, *args) -> list:
+        return ["generate", "--model", self.model, "--prompt", "a face", "--steps", "2", "--out", self.out, *args]
+
+
+def _q(path) -> str:
+    return json.dumps(str(path))  # a TOML basic string
+
+
+def _face(i: int, size: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 3) ** 2
+    img = np.full((size, size, 3), 200, np.uint8)
+    img[disc] = rng.integers(60, 250, 3)
+    return img
+
+
+def write_image(path: Path, arr: np.ndarray, **save) -> Path:
+    Image.fromarray(arr).save(path, **save)
+    return path
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose IHDR claims width x height (a decompression bomb's header)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def bmp_with_header(width: int, height: int) -> bytes:
+    """A BMP header (no pixel data) claiming width x height, 24 bits."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + 16, 0, 0, 14 + len(info)) + info + b"\0" * 16
+
+
+def gif_with_header(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    image = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return b"GIF89a" + screen + image + b"\x02\x02D\x01\x00;"
+
+
+# ---------------------------------------------------------------------------- LoRA files
+@functools.lru_cache(maxsize=None)
+def _tiny(variant: str):
+    from difflora.models.tiny import build_tiny_sd
+
+    return build_tiny_sd(variant, layout="small")
+
+
+def lora_tensors(variant: str = "sd1", dim: int = 2):
+    import torch
+
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+
+    model = _tiny(variant)
+    torch.manual_seed(0)
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=dim, network_alpha=1.0))
+    with torch.no_grad():
+        for lora in net.loras():
+            lora.lora_up.weight.normal_(0, 0.01)
+    return net.kohya_state_dict(), model.lora_metadata()
+
+
+def write_lora(path: Path, variant: str = "sd1", mutate: Callable[[dict], None] | None = None) -> Path:
+    from difflora.network.files import save_lora
+
+    tensors, md = lora_tensors(variant)
+    if mutate:
+        mutate(tensors)
+    save_lora(tensors, path, md)
+    return path
+
+
+def raw_safetensors(path: Path, header: bytes | dict, data: bytes = b"", declared: int | None = None) -> Path:
+    """A safetensors file written by hand: an 8-byte length (`declared` or the real one), header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if declared is None else declared) + raw + data)
+    return path
+
+
+def _first_module(tensors: dict) -> str:
+    return sorted(k for k in tensors if k.endswith(".lora_down.weight"))[0][: -len(".lora_down.weight")]
+
+
+# ---------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    name: str
+    what: str
+    build: Callable[[Workspace], list]
+    outcome: str = "error"  # or "ok"
+    names: str = ""  # the file the one-line error must name
+    needles: tuple[str, ...] = ()  # words the error must contain (case-insensitive)
+    log: tuple[str, ...] = ()  # "ok": words that must appear in a logged warning
+    check: Callable[[Workspace], None] | None = field(default=None, repr=False)
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, what: str, outcome: str = "error", names: str = "", needles=(), log=(), check=None):
+    def deco(fn):
+        CASES.append(Case(name, what, fn, outcome, names, tuple(needles), tuple(log), check))
+        return fn
+    return deco
+
+
+# ---- images ---------------------------------------------------------------
+def _bad_image(ws: Workspace, name: str, data: bytes) -> list:
+    (ws.images / name).write_bytes(data)
+    return ws.train()
+
+
+@case("truncated_png", "a PNG cut in half", names="bad.png", needles=("truncated", "re-export"))
+def _(ws):
+    data = _png_bytes(_face(7, 32))
+    return _bad_image(ws, "bad.png", data[: len(data) // 2])
+
+
+@case("truncated_jpeg", "a JPEG cut in half", names="bad.jpg", needles=("truncated", "re-export"))
+def _(ws):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return _bad_image(ws, "bad.jpg", buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+@case("zero_byte_image", "an empty .png file", names="empty.png", needles=("empty", "0 bytes"))
+def _(ws):
+    return _bad_image(ws, "empty.png", b"")
+
+
+@case("text_named_png", "a text file named .png", names="notes.png", needles=("not an image",))
+def _(ws):
+    return _bad_image(ws, "notes.png", b"these are my notes, not a picture\n")
+
+
+@case("one_pixel_image", "a 1x1 PNG", names="dot.png", needles=("1x1", "too small"))
+def _(ws):
+    return _bad_image(ws, "dot.png", _png_bytes(np.zeros((1, 1, 3), np.uint8)))
+
+
+@case("png_bomb_header", "a 100-byte PNG whose header claims 100000x100000", names="bomb.png",
+      needles=("decompression bomb",))
+def _(ws):
+    return _bad_image(ws, "bomb.png", png_with_header(100_000, 100_000))
+
+
+@case("bmp_bomb_header", "a BMP header claiming 100000x100000", names="bomb.bmp", needles=("decompression bomb",))
+def _(ws):
+    return _bad_image(ws, "bomb.bmp", bmp_with_header(100_000, 100_000))
+
+
+@case("gif_bomb_named_png", "a GIF claiming 65535x65535, named .png", names="bomb_gif.png",
+      needles=("decompression bomb",))
+def _(ws):
+    return _bad_image(ws, "bomb_gif.png", gif_with_header(65535, 65535))
+
+
+def _trains(ws: Workspace) -> None:
+    from difflora.network.files import load_lora
+
+    assert load_lora(ws.out / "last.safetensors").module_names()
+
+
+def _mode_case(name, what, make):
+    def build(ws):
+        make(ws.images)
+        return ws.train()
+
+    CASES.append(Case(name, what, build, "ok", check=_trains))
+
+
+_rng = np.random.default_rng(5)
+_RGB = _rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+_mode_case("cmyk_jpeg", "a CMYK JPEG (converted to RGB)",
+           lambda d: Image.fromarray(_RGB).convert("CMYK").save(d / "cmyk.jpg", quality=95))
+_mode_case("png_16bit", "a 16-bit greyscale PNG (scaled to 8 bits)",
+           lambda d: Image.fromarray(_RGB[..., 0].astype(np.uint16) * 257).save(d / "grey16.png"))
+_mode_case("palette_png", "a palette (P) PNG",
+           lambda d: Image.fromarray(_RGB).convert("P", palette=Image.ADAPTIVE, colors=16).save(d / "palette.png"))
+
+
+def _palette_trns(d: Path) -> None:
+    im = Image.fromarray(_RGB).convert("P", palette=Image.ADAPTIVE, colors=16)
+    im.save(d / "palette_trns.png", transparency=0)
+
+
+_mode_case("palette_png_transparency", "a palette PNG with a transparent colour (composited on white)", _palette_trns)
+_mode_case("rgba_png", "an RGBA PNG (composited on white)",
+           lambda d: Image.fromarray(np.dstack([_RGB, _RGB[..., :1]])).save(d / "rgba.png"))
+_mode_case("grey_alpha_png", "a grey + alpha (LA) PNG",
+           lambda d: Image.fromarray(np.dstack([_RGB[..., 0], _RGB[..., 1]]), mode="LA").save(d / "la.png"))
+
+
+def exif_rotated_jpeg(path: Path) -> Path:
+    """Stored 32 wide x 16 high with a red left quarter, EXIF orientation 6 (rotate 90° clockwise to view)."""
+    im = Image.new("RGB", (32, 16), (255, 255, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def _check_upright(ws: Workspace) -> None:
+    from difflora.data.images import load_image
+
+    _trains(ws)
+    arr = np.asarray(load_image(ws.images / "rotated.jpg")).astype(int)
+    assert arr.shape == (32, 16, 3), arr.shape  # upright: 16 wide, 32 high
+    assert (arr[:6, :, 0] > 200).all() and (arr[:6, :, 1] < 60).all()  # the red band is now on top
+    assert (arr[12:, :, :] > 200).all()  # the rest is white
+
+
+@case("exif_rotated_jpeg", "a JPEG with EXIF orientation 6: loaded upright", outcome="ok", check=_check_upright)
+def _(ws):
+    exif_rotated_jpeg(ws.images / "rotated.jpg")
+    return ws.train()
+
+
+def _check_skipped(ws: Workspace) -> None:
+    from difflora.network.files import load_lora
+
+    lora = load_lora(ws.out / "last.safetensors")
+    assert lora.metadata["ss_num_skipped_images"] == "3", lora.metadata.get("ss_num_skipped_images")
+    assert lora.metadata["ss_num_train_images"] == "8"  # the 4 good images x 2 repeats
+
+
+@case("skip_bad_images", "three unreadable images with skip_bad_images = true: skipped and counted",
+      outcome="ok", log=("skipped 3 unreadable image",), check=_check_skipped)
+def _(ws):
+    (ws.images / "a.png").write_bytes(b"")
+    (ws.images / "b.png").write_text("text")
+    (ws.images / "c.png").write_bytes(png_with_header(100_000, 100_000))
+    return ws.train(skip_bad_images="true")
+
+
+# ---- captions -------------------------------------------------------------
+@case("caption_not_utf8", "a Latin-1 caption file", names="000.txt", needles=("not UTF-8", "re-save"))
+def _(ws):
+    (ws.images / "000.txt").write_bytes("caf\xe9, red hair".encode("latin-1"))
+    return ws.train()
+
+
+@case("caption_nul_bytes", "a caption file holding NUL bytes", names="001.txt", needles=("NUL",))
+def _(ws):
+    (ws.images / "001.txt").write_bytes(b"a face\x00\x00\x00")
+    return ws.train()
+
+
+@case("caption_too_long", "a caption of ~150 tokens (over CLIP's 77): trains, warns that the end is cut",
+      outcome="ok", log=("tokens, over the text encoder's limit of 77",), check=_trains)
+def _(ws):
+    for txt in ws.images.glob("*.txt"):  # every caption: the two steps see two of them
+        txt.write_text(", ".join(f"tag{i} word" for i in range(60)), encoding="utf-8")
+    return ws.train()
+
+
+# ---- data folders ---------------------------------------------------------
+@case("empty_image_folder", "a <repeats>_<name> folder with no files", names="3_empty", needles=("no images",))
+def _(ws):
+    (ws.data / "3_empty").mkdir()
+    return ws.train()
+
+
+@case("only_non_image_files", "a folder holding only .txt/.json/.gif files", names="3_misc", needles=("no images",))
+def _(ws):
+    d = ws.data / "3_misc"
+    d.mkdir()
+    (d / "readme.txt").write_text("x")
+    (d / "meta.json").write_text("{}")
+    (d / "anim.gif").write_bytes(gif_with_header(16, 16))
+    return ws.train()
+
+
+@case("no_repeat_subfolders", "train_data_dir without <repeats>_<name> subfolders", names="flat",
+      needles=("no data found", "10_face"))
+def _(ws):
+    flat = ws.root / "flat"
+    flat.mkdir()
+    write_image(flat / "x.png", _face(1))
+    return ws.train(train_data_dir=_q(flat))
+
+
+@case("pair_missing_partner", "a slider pair folder where 001 has no 001_after", names="001_after.png",
+      needles=("pair partner", "missing"))
+def _(ws):
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    for i in range(3):
+        write_image(pairs / f"{i:03d}.png", _face(i))
+        if i != 1:
+            write_image(pairs / f"{i:03d}_after.png", _face(i + 10))
+    extra = f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(pairs)}\nclass_tokens = "a face"\n'
+    return ws.train(train_data_dir=None, method='"slider"', extra=extra)
+
+
+# ---- job TOML -------------------------------------------------------------
+@case("toml_wrong_type", "network_dim = \"four\"", names="job.toml", needles=("line 5", "network_dim", "integer"))
+def _(ws):
+    return ws.train(network_dim='"four"')
+
+
+@case("toml_unknown_key", "a misspelt key (netwrok_alpha)", names="job.toml",
+      needles=("unknown key", "netwrok_alpha", "did you mean 'network_alpha'"))
+def _(ws):
+    return ws.train(netwrok_alpha="4")
+
+
+@case("toml_negative_steps", "max_train_steps = -5", names="job.toml",
+      needles=("line 4", "max_train_steps", "greater than or equal to 1"))
+def _(ws):
+    return ws.train(max_train_steps="-5")
+
+
+@case("toml_duplicate_key", "network_dim given twice", names="job.toml", needles=("invalid TOML", "overwrite"))
+def _(ws):
+    return ws.train(extra="network_dim = 8\n")
+
+
+@case("toml_not_utf8", "a job TOML saved as Latin-1", names="job.toml", needles=("not UTF-8", "re-save"))
+def _(ws):
+    path = ws.job(training_comment='"caf\u00e9"')
+    path.write_bytes(path.read_text(encoding="utf-8").encode("latin-1"))
+    return ["train", path]
+
+
+@case("toml_syntax_error", "an unclosed string", names="job.toml", needles=("invalid TOML", "line 8"))
+def _(ws):
+    return ws.train(extra='output_name = "oops\n')
+
+
+@case("toml_nested_too_deeply", "an array nested 100000 deep", names="job.toml", needles=("nested too deeply",))
+def _(ws):
+    return ws.train(extra="optimizer_args = { x = " + "[" * 100_000 + "]" * 100_000 + " }\n")
+
+
+@case("toml_nul_in_path", "a path holding a NUL character (\\u0000)", names="job.toml", needles=("NUL",))
+def _(ws):
+    return ws.train(output_dir='"out\\u0000put"')
+
+
+@case("config_is_a_folder", "the job path is a folder", names="jobs", needles=("is a folder",))
+def _(ws):
+    (ws.root / "jobs").mkdir()
+    return ["train", ws.root / "jobs"]
+
+
+@case("config_path_escapes_dotdot", "--restrict-paths: train_data_dir = '../elsewhere' escapes the folder",
+      names="job.toml", needles=("train_data_dir", "outside the allowed folder"))
+def _(ws):
+    served = ws.root / "served"
+    served.mkdir()
+    (ws.root / "elsewhere").mkdir()
+    job = ws.job(name="served/job.toml", train_data_dir='"../elsewhere"', output_dir='"out"', model=None)
+    return ["train", job, "--restrict-paths", served]
+
+
+@case("config_path_escapes_symlink", "--restrict-paths: an image_dir symlink pointing outside the folder",
+      names="job.toml", needles=("image_dir", "outside the allowed folder"))
+def _(ws):
+    served = ws.root / "served"
+    served.mkdir()
+    os.symlink(ws.images, served / "faces")
+    extra = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "faces"\n'
+    job = ws.job(name="served/job.toml", train_data_dir=None, output_dir='"out"', model=None, extra=extra)
+    return ["train", job, "--restrict-paths", served]
+
+
+@case("config_path_escapes_absolute", "--restrict-paths: an absolute output_dir outside the folder",
+      names="job.toml", needles=("output_dir", "outside the allowed folder"))
+def _(ws):
+    served = ws.root / "served"
+    (served / "data").mkdir(parents=True)
+    job = ws.job(name="served/job.toml", train_data_dir='"data"', model=None)  # output_dir: ws.out, absolute
+    return ["train", job, "--restrict-paths", served]
+
+
+# ---- LoRA files -----------------------------------------------------------
+@case("lora_truncated", "a LoRA file cut in half (inspect)", names="cut.safetensors", needles=("truncated",))
+def _(ws):
+    p = write_lora(ws.root / "cut.safetensors")
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return ["inspect", p]
+
+
+@case("lora_nan_weights", "a LoRA with a NaN in one lora_up (inspect)", names="nan.safetensors",
+      needles=("NaN", "damaged"))
+def _(ws):
+    def poison(t):
+        up = f"{_first_module(t)}.lora_up.weight"
+        t[up] = t[up].clone()
+        t[up][0, 0] = float("nan")
+    return ["inspect", write_lora(ws.root / "nan.safetensors", mutate=poison)]
+
+
+@case("lora_unknown_module", "a LoRA with a module the model does not have (generate --lora)",
+      names="alien.safetensors", needles=("does not exist in this model",))
+def _(ws):
+    def add(t):
+        t["lora_unet_no_such_block_proj.lora_down.weight"] = t[f"{_first_module(t)}.lora_down.weight"].clone()
+        t["lora_unet_no_such_block_proj.lora_up.weight"] = t[f"{_first_module(t)}.lora_up.weight"].clone()
+        t["lora_unet_no_such_block_proj.alpha"] = t[f"{_first_module(t)}.alpha"].clone()
+    return ws.generate("--lora", write_lora(ws.root / "alien.safetensors", mutate=add))
+
+
+def _alpha_zero(t):
+    import torch
+
+    for k in t:
+        if k.endswith(".alpha"):
+            t[k] = torch.tensor(0.0)
+
+
+@case("lora_alpha_zero", "a LoRA whose alphas are 0: treated as alpha = rank, with a warning (inspect)",
+      outcome="ok", log=("60 module(s)", "have alpha 0; using alpha = rank"))
+def _(ws):
+    return ["inspect", write_lora(ws.root / "alpha0.safetensors", mutate=_alpha_zero)]
+
+
+@case("lora_header_length_absurd", "a safetensors whose 8-byte header length says 2^60", names="huge.safetensors",
+      needles=("declared header of 1152921504606846976 bytes", "truncated or another format"))
+def _(ws):
+    return ["inspect", raw_safetensors(ws.root / "huge.safetensors", {"__metadata__": {}}, declared=2**60)]
+
+
+@case("lora_tensor_offsets_absurd", "a tensor whose data_offsets end at 2^60", names="offsets.safetensors",
+      needles=("lies outside the file",))
+def _(ws):
+    header = {"lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 2**60]}}
+    return ["inspect", raw_safetensors(ws.root / "offsets.safetensors", header, b"\0" * 16)]
+
+
+@case("lora_header_nested", "a header of 100000 nested JSON arrays", names="nested.safetensors",
+      needles=("nested too deeply",))
+def _(ws):
+    return ["inspect", raw_safetensors(ws.root / "nested.safetensors", b"[" * 100_000 + b"]" * 100_000)]
+
+
+@case("lora_bad_shapes", "a LoRA whose lora_up is 1-D", names="shapes.safetensors", needles=("inconsistent shapes",))
+def _(ws):
+    def flatten(t):
+        up = f"{_first_module(t)}.lora_up.weight"
+        t[up] = t[up].flatten().contiguous()
+    return ["inspect", write_lora(ws.root / "shapes.safetensors", mutate=flatten)]
+
+
+@case("lora_for_sd2_on_sd1", "an SD2 LoRA given to an SD1 model (generate --lora)", names="sd2.safetensors",
+      needles=("sd_v2", "the model is sd_v1"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "sd2.safetensors", variant="sd2"))
+
+
+@case("lora_pickle_pt", "a LoRA as a pickle .pt file (inspect)", names="old.pt", needles=("pickle", "safetensors"))
+def _(ws):
+    import torch
+
+    torch.save(lora_tensors()[0], ws.root / "old.pt")
+    return ["inspect", ws.root / "old.pt"]
+
+
+@case("network_weights_pickle", "network_weights = a .pt file", names="init.pt", needles=("pickle",))
+def _(ws):
+    import torch
+
+    torch.save(lora_tensors()[0], ws.root / "init.pt")
+    return ws.train(network_weights=_q(ws.root / "init.pt"))
+
+
+@case("preset_lora_pickle", "a preset LoRA that is a .ckpt file", names="preset.ckpt", needles=("pickle",))
+def _(ws):
+    import torch
+
+    torch.save(lora_tensors()[0], ws.root / "preset.ckpt")
+    return ws.train(extra=f"[[preset_loras]]\npath = {_q(ws.root / 'preset.ckpt')}\n")
+
+
+@case("network_weights_truncated", "network_weights = a truncated LoRA", names="init.safetensors",
+      needles=("truncated",))
+def _(ws):
+    p = write_lora(ws.root / "init.safetensors")
+    p.write_bytes(p.read_bytes()[:-100])
+    return ws.train(network_weights=_q(p))
+
+
+# ---- models ---------------------------------------------------------------
+@case("model_missing_component", "a diffusers folder without vae/", names="broken_model",
+      needles=("missing its vae/ component",))
+def _(ws):
+    broken = ws.root / "broken_model"
+    shutil.copytree(ws.model, broken)
+    shutil.rmtree(broken / "vae")
+    return ws.train(model=_q(broken))
+
+
+@case("model_ckpt_without_allow_pickle", "model = a .ckpt file, no --allow-pickle / allow_pickle",
+      names="model.ckpt", needles=("pickle", "--allow-pickle"))
+def _(ws):
+    import torch
+
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}}, ws.root / "model.ckpt")
+    return ws.train(model=_q(ws.root / "model.ckpt"))
+
+
+@case("model_sdxl_single_file", "an SDXL-looking single-file checkpoint (generate --model)", names="xl.safetensors",
+      needles=("SDXL",))
+def _(ws):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 4, 1, 1)}, str(ws.root / "xl.safetensors"))
+    args = ws.generate()
+    args[args.index("--model") + 1] = ws.root / "xl.safetensors"
+    return args
+
+
+@case("model_not_found", "model = a path that does not exist", names="no_such_model", needles=("not found",))
+def _(ws):
+    return ws.train(model=_q(ws.root / "no_such_model"))
+
+
+@case("model_is_a_lora", "model = a LoRA file", names="as_model.safetensors", needles=("LoRA file, not a model",))
+def _(ws):
+    return ws.train(model=_q(write_lora(ws.root / "as_model.safetensors")))
+
+
+# ---- runs -----------------------------------------------------------------
+@case("resume_without_state", "--resume with no saved state", names="last-state", needles=("state", "missing"))
+def _(ws):
+    return ws.train("--resume")
+
+
+@case("output_exists", "the output LoRA exists and overwrite is false", names="last.safetensors",
+      needles=("already exists", "--resume"))
+def _(ws):
+    (ws.out / "last.safetensors").write_bytes(b"an earlier LoRA")
+    return ws.train()
+
+
+# ---------------------------------------------------------------------------- writing it out
+def readme_table() -> str:
+    rows = ["| case | input | expected |", "|---|---|---|"]
+    for c in CASES:
+        if c.outcome == "error":
+            exp = f"exit 2, names `{c.names}`: " + ", ".join(f"“{n}”" for n in c.needles)
+        else:
+            exp = "exit 0 (handled)" + (": warns " + ", ".join(f"“{n}”" for n in c.log) if c.log else "")
+        rows.append(f"| `{c.name}` | {c.what} | {exp} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", nargs="?", help="folder to write every case's workspace to")
+    ap.add_argument("--model", help="a tiny SD1 diffusers folder (default: built here)")
+    ap.add_argument("--readme", action="store_true", help="rewrite the case table in README.md")
+    args = ap.parse_args(argv)
+    if args.readme:
+        readme = Path(__file__).with_name("README.md")
+        text = readme.read_text(encoding="utf-8")
+        start, end = "<!-- cases -->\n", "<!-- /cases -->"
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + readme_table() + end + rest.split(end, 1)[1], encoding="utf-8")
+        return 0
+    if not args.out:
+        ap.error("give OUT (or --readme)")
+    out = Path(args.out)
+    model = Path(args.model) if args.model else None
+    if model is None:
+        model = out / "_tiny_sd1"
+        if not model.exists():
+            _tiny("sd1").save(model)
+    for c in CASES:
+        ws = Workspace(out / c.name, model)
+        cmd = c.build(ws)
+        (ws.root / "case.json").write_text(json.dumps(
+            {"what": c.what, "outcome": c.outcome, "command": ["difflora"] + [str(a) for a in cmd],
+             "names": c.names, "needles": list(c.needles), "log": list(c.log)}, indent=2) + "\n")
+    print(f"{len(CASES)} cases written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
