@@ -49,6 +49,7 @@ class BaseTrainConfig:
     caption_drop: float = 0.1
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 250
+    device: str = "cpu"  # "cuda" where a GPU is available (deterministic per machine, not bit-equal to CPU)
 
 
 def _images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -88,7 +89,8 @@ class BaseTrainer:
         if (done / "config.json").exists():
             return AutoencoderKL.from_pretrained(done, local_files_only=True)
         torch.manual_seed(cfg.seed)
-        vae = AutoencoderKL(**base_model.VAE_CONFIG)
+        dev = torch.device(cfg.device)
+        vae = AutoencoderKL(**base_model.VAE_CONFIG).to(dev)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         start = 0
         state_dir = self.work / "vae_state"
@@ -105,7 +107,7 @@ class BaseTrainer:
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             cropping = step < cfg.vae_crop_fraction * cfg.vae_steps
             attrs, seeds = _random_faces(rng, cfg.vae_batch * (2 if cropping else 1), held_out=None)
-            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)])
+            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)]).to(dev)
             if cropping:  # the VAE is convolutional: crops teach local detail at a quarter of the cost
                 half = faces.SIZE // 2
                 offs = rng.integers(0, half + 1, size=(x.shape[0], 2))
@@ -133,10 +135,11 @@ class BaseTrainer:
         with torch.no_grad():
             rng = np.random.default_rng([cfg.seed, 2])
             attrs, seeds = _random_faces(rng, 512, held_out=None)
-            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)])
+            x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs, seeds)]).to(dev)
             std = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, 512, 64)]).std().item()
         vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-        vae.save_pretrained(done, safe_serialization=True)
+        vae.to("cpu").save_pretrained(done, safe_serialization=True)
+        vae.to(dev)
         log.info("VAE done: latent std %.4f, scaling_factor %.5f", std, 1.0 / std)
         return vae
 
@@ -147,15 +150,16 @@ class BaseTrainer:
         if path.exists():
             t, meta = load_safetensors(path)
             return t["mean"].float(), t["std"].float(), json.loads(meta["attrs"])
+        dev = next(vae.parameters()).device
         rng = np.random.default_rng([cfg.seed, 3])
         attrs, seeds = _random_faces(rng, cfg.n_images, held_out=False)
         means, stds = [], []
         with torch.no_grad():
             for i in tqdm(range(0, cfg.n_images, 256), desc="latents", dynamic_ncols=True):
                 x = _images_to_tensor([faces.render(a, s) for a, s in zip(attrs[i:i + 256], seeds[i:i + 256])])
-                d = vae.encode(x).latent_dist
-                means.append(d.mean.half())
-                stds.append(d.std.half())
+                d = vae.encode(x.to(dev)).latent_dist
+                means.append(d.mean.half().cpu())
+                stds.append(d.std.half().cpu())
         mean, std = torch.cat(means), torch.cat(stds)
         save_safetensors({"mean": mean, "std": std}, path, metadata={"attrs": json.dumps(attrs)})
         return mean.float(), std.float(), attrs
@@ -176,8 +180,9 @@ class BaseTrainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed + 11)
-        unet = UNet2DConditionModel(**base_model.UNET_CONFIG)
-        te = base_model.build_text_encoder(self.tokenizer)
+        dev = torch.device(cfg.device)
+        unet = UNet2DConditionModel(**base_model.UNET_CONFIG).to(dev)
+        te = base_model.build_text_encoder(self.tokenizer).to(dev)
         ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
         ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
         params = list(unet.parameters()) + list(te.parameters())
@@ -211,12 +216,13 @@ class BaseTrainer:
                                  truncation=True, return_tensors="pt").input_ids
             noise = torch.randn(lat.shape, generator=gen)
             t = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
-            noisy = sched.add_noise(lat, noise, t)
+            lat, noise, ids = lat.to(dev), noise.to(dev), ids.to(dev)
+            noisy = sched.add_noise(lat, noise, t.to(dev))
             for g in opt.param_groups:
                 g["lr"] = cfg.unet_lr * _lr_factor(step, cfg.warmup)
             cond = te(ids).last_hidden_state
-            pred = unet(noisy, t, cond).sample
-            w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+            pred = unet(noisy, t.to(dev), cond).sample
+            w = (torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]).to(dev)
             loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -237,7 +243,7 @@ class BaseTrainer:
         log.info("U-Net stage: %d steps in %.0f s", cfg.unet_steps - start, time.time() - t0)
         unet.load_state_dict(ema_unet)
         te.load_state_dict(ema_te)
-        return unet.eval(), te.eval()
+        return unet.to("cpu").eval(), te.to("cpu").eval()
 
     # ---------------------------------------------------------------- export
     def export(self, vae, unet, te, out: Path):
@@ -284,5 +290,5 @@ def train_base(out: Path, work: Path, cfg: BaseTrainConfig) -> Path:
     vae.requires_grad_(False)
     mean, std, attrs = trainer.cache_latents(vae)
     unet, te = trainer.train_unet(vae, mean, std, attrs)
-    trainer.export(vae, unet, te, out)
+    trainer.export(vae.to("cpu"), unet, te, out)
     return out
