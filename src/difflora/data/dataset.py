@@ -159,16 +159,18 @@ class TrainingData:
         datasets = job.datasets
         if not datasets:
             datasets = [DatasetConfig(subsets=legacy_subsets(job.train_data_dir, job.reg_data_dir))]
+        # kohya precedence: top-level job keys < [general] < [[datasets]] < [[datasets.subsets]]
+        top = DatasetOptions.model_validate({k: getattr(job, k) for k in DatasetOptions.model_fields})
         for di, ds in enumerate(datasets):
-            ds_opts = _merge(job.general, ds)
-            res = ds_opts.get("resolution") or job.resolution or resolution
+            ds_opts = _merge(top, job.general, ds)
+            res = ds_opts.get("resolution") or resolution
             reso = (res, res) if isinstance(res, int) else tuple(res)
             step = int(ds_opts.get("bucket_reso_steps") or bucket_step)
             if step % bucket_step != 0:
                 raise UserError(f"bucket_reso_steps = {step} must be a multiple of {bucket_step} for this model")
             if reso[0] % bucket_step or reso[1] % bucket_step:
                 raise UserError(f"resolution {reso[0]}x{reso[1]} must be a multiple of {bucket_step} for this model")
-            enable = bool(ds_opts.get("enable_bucket", job.enable_bucket or False))
+            enable = bool(ds_opts.get("enable_bucket", False))
             no_up = bool(ds_opts.get("bucket_no_upscale", False))
             min_r = int(ds_opts.get("min_bucket_reso") or min(256, min(reso)))
             max_r = int(ds_opts.get("max_bucket_reso") or max(1024, max(reso)))
@@ -176,7 +178,7 @@ class TrainingData:
             self.batch_sizes.append(int(ds_opts.get("batch_size") or job.train_batch_size))
             train_items, reg_items = [], []
             for sub in ds.subsets:
-                opts = _merge(job.general, ds, sub)
+                opts = _merge(top, job.general, ds, sub)
                 items = self._subset_items(sub, opts, di)
                 for it in items:
                     it.bucket = self._bucket_for(it, buckets, enable, no_up, reso, step)
