@@ -191,6 +191,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
         preset.fuse(spec.multiplier)
     if job.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
+    if job.torch_compile:
+        model.denoiser.compile()  # in place; LoRA hooks are traced with it, multiplier values are guarded
 
     # -- data
     unet_down = 2 ** (len(model.denoiser.config.block_out_channels) - 1)
