@@ -128,8 +128,7 @@ def lora_metadata(job: JobConfig, model, data: TrainingData, method, steps: int,
         "ss_session_id": session_id, "ss_training_started_at": started, "ss_training_finished_at": time.time(),
         "ss_output_name": job.output_name, "ss_steps": steps, "ss_epoch": epoch,
         "ss_training_comment": job.training_comment, "ss_sd_model_name": Path(model.source).name,
-        "ss_network_module": "networks.lora", "ss_network_dim": job.network_dim, "ss_network_alpha": job.network_alpha,
-        "ss_network_dropout": job.network_dropout,
+        "ss_network_module": "networks.lora", "ss_network_dropout": job.network_dropout,
         "ss_network_args": json.dumps({k: str(v) for k, v in net_args.items() if v is not None}),
         "ss_clip_skip": job.clip_skip, "ss_learning_rate": job.learning_rate, "ss_unet_lr": job.unet_lr,
         "ss_text_encoder_lr": job.text_encoder_lr, "ss_optimizer": job.optimizer_type + (
@@ -181,12 +180,17 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
                         "or pass --resume to continue its run", path=final_path)
     for preset in job.preset_loras:
         load_lora(preset.path)  # check every input before anything is written
+    initial_weights = load_lora(job.network_weights) if job.network_weights else None
 
     # -- model and presets
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
                        prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip)
     model.to(device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
+    if initial_weights is not None:
+        from ..network.apply import check_lora_fits
+
+        check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)
     if job.gradient_checkpointing:
@@ -240,8 +244,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
                 continue
             torch.manual_seed(_seed_of(job.seed, "init", si))
             network = LoRANetwork.create(model.lora_targets(conv=bool(spec.conv_dim)), spec)
-            if stage.init_from_job_weights and job.network_weights:
-                network.load_weights(load_lora(job.network_weights).tensors, source=job.network_weights, strict=False)
+            if stage.init_from_job_weights and initial_weights is not None:
+                network.load_weights(initial_weights.tensors, source=initial_weights.path, strict=False)
             network.to(device).apply_to().train()
             optimizer = make_optimizer(job.optimizer_type, param_groups(network, job, stage.learning_rate),
                                        job.optimizer_args, device)
@@ -287,6 +291,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
             # ---- steps
             from tqdm import tqdm
 
+            if sample_prompts and main and job.sample_at_first and si == 0 and start == 0:
+                _sample(model, [network], presets, job, sample_prompts, out_dir, 0)
             bar = tqdm(total=steps, initial=start, desc=stage.name, dynamic_ncols=True, **({} if main else {"disable": True}))
             loss_avg = None
             t_start = time.time()
