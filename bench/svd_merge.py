@@ -12,11 +12,15 @@ meta device; only the LoRA factors are allocated. Both are merged to rank 16 on 
   calls the default full_matrices=True, which is slower still), so its time is a lower bound
   of kohya's.
 
-The same modules are timed for both, in one run; `--subset N` times the dense peer on every
-N-th module only (and says so; the speed ratio then compares the same subset for both).
-The difference reported is between the two rank-16 deltas, per module: the maximum absolute
-difference, and that divided by the module's max |ΔW_16| (relative); the maximum over modules
-of each is printed.
+All modules are timed for both methods, in one run (`--subset N`: every N-th module only, for
+a quick run; it says so, and both methods are then timed on that subset). Accuracy:
+(a) difflora vs the peer on every module: max |ΔW16_ours − ΔW16_peer| absolute, and divided by
+    the module's max |ΔW16| (relative), maximum over modules. This is dominated by the float32
+    peer's own rounding when the 16th and 17th singular values are close;
+(b) both against a float64 dense SVD (untimed) on the modules where (a) is largest plus a fixed
+    spread of modules: this is where the ≤ 1e-4 relative target is checked for difflora.
+The full run takes 8-10 minutes on 2 cores shared with other work (measured: peer 461 s at load ~4),
+mostly the peer's SVDs of the 3x3 convs; `--subset 10` takes under a minute.
 
     OMP_NUM_THREADS=1 python bench/svd_merge.py [--threads 1] [--no-conv] [--subset N]
 """
@@ -41,6 +45,7 @@ from difflora.tools import lora_math
 RANK_IN, RANK_OUT = 32, 16
 ALPHAS = (16.0, 8.0)
 RATIOS = (0.7, -0.5)
+REF_WORST, REF_SPREAD = 6, 8  # modules checked against a float64 dense SVD
 
 
 def module_shapes(conv: bool) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -112,33 +117,38 @@ def main(argv: list[str] | None = None) -> int:
     t_dense = time.perf_counter() - t
     print(f"dense SVD (peer):    {t_dense:8.2f} s")
 
-    max_abs, max_rel, max_fro, worst = 0.0, 0.0, 0.0, ""
+    # (a) difflora vs the timed float32 peer, every module
+    rows = []  # (rel, abs, rel_fro, name)
     for name in names:
         d_ours = lora_math.dense_delta(ours, name).double()
-        up, down = dense[name]
-        d_dense = (up.double() @ down.double())
+        d_dense = dense[name][0].double() @ dense[name][1].double()
         diff = float((d_ours - d_dense).abs().max())
-        rel = diff / float(d_dense.abs().max())
-        max_fro = max(max_fro, float(torch.linalg.norm(d_ours - d_dense) / torch.linalg.norm(d_dense)))
-        if rel > max_rel:
-            worst = name
-        max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
-    # Which of the two is nearer the truth on the worst module: a float64 dense SVD decides (untimed).
-    mat = sum(lora_math.factors(sd, worst, r).coeff * (sd[f"{worst}.lora_up.weight"].double().flatten(1)
-                                                        @ sd[f"{worst}.lora_down.weight"].double().flatten(1))
-              for sd, r in zip(sub_states, RATIOS))
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    d_ref = (u[:, :RANK_OUT] * s[:RANK_OUT]) @ vh[:RANK_OUT]
-    scale = float(d_ref.abs().max())
-    err_ours = float((lora_math.dense_delta(ours, worst).double() - d_ref).abs().max()) / scale
-    err_dense = float((dense[worst][0].double() @ dense[worst][1].double() - d_ref).abs().max()) / scale
+        rows.append((diff / float(d_dense.abs().max()), diff,
+                     float(torch.linalg.norm(d_ours - d_dense) / torch.linalg.norm(d_dense)), name))
+    max_rel, max_abs, max_fro = max(r[0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)
+    worst = max(rows)[3]
     ratio = t_dense / t_ours
     print(f"speed-up:            {ratio:8.1f}x   (target >= 5x)")
-    print(f"max |dW16_ours - dW16_dense|: absolute {max_abs:.3g}, relative to the module's max |dW16| {max_rel:.3g} "
-          f"(target <= 1e-4 relative; worst module {worst}); relative Frobenius {max_fro:.3g}")
+    print(f"difflora vs float32 peer, all {len(names)} modules: max |dW16_ours - dW16_dense| absolute {max_abs:.3g}; "
+          f"relative to the module's max |dW16| {max_rel:.3g} (worst {worst}); relative Frobenius {max_fro:.3g}")
 
-    print(f"worst module against a float64 dense SVD: difflora {err_ours:.2g}, dense float32 peer {err_dense:.2g} "
-          "(relative)")
+    # (b) which one is right: a float64 dense SVD (untimed) on the modules where they disagree most, plus a
+    # fixed spread of modules; target <= 1e-4 relative for difflora
+    by_disagreement = [r[3] for r in sorted(rows, reverse=True)[:REF_WORST]]
+    spread = names[:: max(1, len(names) // REF_SPREAD)][:REF_SPREAD]
+    ref_names = list(dict.fromkeys(by_disagreement + spread))
+    ref_ours, ref_dense = 0.0, 0.0
+    for name in ref_names:
+        mat = sum(lora_math.factors(sd, name, r).coeff * (sd[f"{name}.lora_up.weight"].double().flatten(1)
+                                                           @ sd[f"{name}.lora_down.weight"].double().flatten(1))
+                  for sd, r in zip(sub_states, RATIOS))
+        u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+        d_ref = (u[:, :RANK_OUT] * sv[:RANK_OUT]) @ vh[:RANK_OUT]
+        scale = float(d_ref.abs().max())
+        ref_ours = max(ref_ours, float((lora_math.dense_delta(ours, name).double() - d_ref).abs().max()) / scale)
+        ref_dense = max(ref_dense, float((dense[name][0].double() @ dense[name][1].double() - d_ref).abs().max()) / scale)
+    print(f"against a float64 dense SVD on {len(ref_names)} modules ({REF_WORST} most disagreeing + {len(spread)} spread): "
+          f"max relative error difflora {ref_ours:.2g} (target <= 1e-4), float32 dense peer {ref_dense:.2g}")
 
     write_json_atomic(args.out, {
         "benchmark": "svd_merge",
@@ -154,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         "dense_svd_note": "float32 dense accumulation + torch.linalg.svd(full_matrices=False) per module, "
                           "as kohya svd_merge_lora.py (which uses full_matrices=True)",
         "speedup": round(ratio, 2),
-        "max_abs_diff": max_abs,
-        "max_rel_diff": max_rel,
-        "max_rel_fro_diff": max_fro,
-        "rel_diff_definition": "max over modules of max|dW16_ours - dW16_dense| / max|dW16_dense|",
+        "vs_peer_max_abs_diff": max_abs,
+        "vs_peer_max_rel_diff": max_rel,
+        "vs_peer_max_rel_fro_diff": max_fro,
+        "rel_diff_definition": "max over modules of max|dW16_ours - dW16_dense| / max|dW16_dense|; "
+                               "fro: ||dW16_ours - dW16_dense||_F / ||dW16_dense||_F",
         "worst_module": worst,
-        "worst_module_rel_err_vs_float64_dense": {"difflora": err_ours, "dense_float32": err_dense},
+        "float64_reference": {
+            "modules": ref_names,
+            "max_rel_err_difflora": ref_ours,
+            "max_rel_err_dense_float32_peer": ref_dense,
+            "note": "best rank-16 approximation from a float64 dense SVD; relative = max|err| / max|dW16|",
+        },
         "torch": torch.__version__,
         "machine": platform.machine(),
         "python": sys.version.split()[0],

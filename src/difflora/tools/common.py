@@ -1,0 +1,154 @@
+"""Plumbing shared by the LoRA tools: reading and cross-checking LoRA files, ratios, devices, metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..network.apply import _family_of
+from ..network.files import LoraFile, load_lora
+
+# modelspec keys describing the base model, carried from the inputs to a merged LoRA
+_MODELSPEC_BASE_KEYS = ("modelspec.architecture", "modelspec.implementation", "modelspec.prediction_type",
+                        "modelspec.resolution")
+_SDXL_NAMES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
+_SD_NAMES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
+
+
+def check_ratios(models: list, ratios: list[float] | None) -> list[float]:
+    """One ratio per model (all 1.0 when none are given), finite."""
+    if ratios is None:
+        return [1.0] * len(models)
+    if len(ratios) != len(models):
+        raise UserError(f"{len(ratios)} ratio(s) given for {len(models)} model file(s); "
+                        "give exactly one --ratios value per --models file")
+    for r in ratios:
+        if not math.isfinite(r):
+            raise UserError(f"ratio {r} is not a finite number")
+    return [float(r) for r in ratios]
+
+
+def check_rank(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{option} must be at least 1, got {value}")
+
+
+def check_lora_output(path: str | os.PathLike) -> Path:
+    """Fail before any work when the LoRA output path cannot be written as asked."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError("LoRA files are written as .safetensors; give --save-to a .safetensors path", path=path)
+    if path.is_dir():
+        raise UserError("is a folder; --save-to needs a file path", path=path)
+    return path
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}; use cpu or cuda")
+    return device
+
+
+def _naming(lora: LoraFile) -> str | None:
+    """'sdxl' for kohya's SDXL (LDM-style) names, 'sd' for SD1/SD2 names, None when no name says."""
+    names = lora.module_names()
+    if any(n.startswith(_SDXL_NAMES) for n in names):
+        return "sdxl"
+    if any(n.startswith(_SD_NAMES) for n in names):
+        return "sd"
+    return None
+
+
+def _layout(lora: LoraFile, name: str) -> tuple[int, int, tuple[int, ...]]:
+    """(out, in, kernel) of a module; kernel () for Linear and 1x1 convs."""
+    down = lora.tensors[f"{name}.lora_down.weight"]
+    up = lora.tensors[f"{name}.lora_up.weight"]
+    kernel = tuple(down.shape[2:]) if down.dim() == 4 else ()
+    return int(up.shape[0]), int(down.shape[1]), (() if kernel == (1, 1) else kernel)
+
+
+def check_compatible(loras: list[LoraFile]) -> None:
+    """Refuse LoRA files made for different architectures, naming the file that disagrees."""
+    first_version: tuple[str, LoraFile] | None = None
+    first_naming: tuple[str, LoraFile] | None = None
+    for lora in loras:
+        v = lora.metadata.get("ss_base_model_version")
+        if v:
+            if first_version is None:
+                first_version = (v, lora)
+            elif _family_of(v) != _family_of(first_version[0]):
+                raise UserError(f"LoRA is for {v} but {Path(first_version[1].path).name} is for {first_version[0]} "
+                                "(ss_base_model_version); LoRAs of different model families cannot be combined",
+                                path=lora.path)
+        naming = _naming(lora)
+        if naming:
+            if first_naming is None:
+                first_naming = (naming, lora)
+            elif naming != first_naming[0]:
+                raise UserError(f"LoRA uses {naming.upper()} module names but {Path(first_naming[1].path).name} uses "
+                                f"{first_naming[0].upper()} names; LoRAs of different architectures cannot be combined",
+                                path=lora.path)
+    seen: dict[str, tuple[tuple[int, int, tuple[int, ...]], LoraFile]] = {}
+    for lora in loras:
+        for name in lora.module_names():
+            lay = _layout(lora, name)
+            if name in seen and seen[name][0] != lay:
+                (o, i, k), other = seen[name]
+                raise UserError(
+                    f"module {name} is {lay[0]} out x {lay[1]} in{' x ' + 'x'.join(map(str, lay[2])) if lay[2] else ''} "
+                    f"here but {o} out x {i} in{' x ' + 'x'.join(map(str, k)) if k else ''} in {Path(other.path).name}; "
+                    "the LoRAs were made for different architectures", path=lora.path)
+            seen.setdefault(name, (lay, lora))
+
+
+def load_loras(paths: list[str | os.PathLike]) -> list[LoraFile]:
+    """Read every file (kohya or peft layout) and check that they belong to one architecture."""
+    if not paths:
+        raise UserError("no LoRA files given (--models)")
+    loras = [load_lora(p) for p in paths]
+    check_compatible(loras)
+    return loras
+
+
+def states(loras: list[LoraFile], device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Float32 kohya state dicts on `device` (the LoRA maths is done in float32 or float64)."""
+    return [{k: v.to(device=device, dtype=torch.float32) for k, v in lf.tensors.items()} for lf in loras]
+
+
+def merged_metadata(loras: list[LoraFile], extra_sources: list[str] | None = None) -> dict[str, str]:
+    """kohya's minimum metadata for a LoRA built from others, plus ModelSpec `merged_from`.
+
+    ss_v2 / ss_base_model_version and the base-model ModelSpec keys come from the first file that
+    has them; ss_network_dim / ss_network_alpha are left to `save_lora` (value or "Dynamic").
+    """
+    md: dict[str, str] = {"ss_network_module": "networks.lora"}
+    for key in ("ss_v2", "ss_base_model_version", *_MODELSPEC_BASE_KEYS):
+        for lf in loras:
+            if key in lf.metadata:
+                md[key] = lf.metadata[key]
+                break
+    sources = list(extra_sources or []) + [Path(lf.path).stem for lf in loras]
+    md["modelspec.merged_from"] = ", ".join(sources)
+    return md
+
+
+def network_args(conv_rank: int | None) -> dict[str, str]:
+    if not conv_rank:
+        return {}
+    return {"ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})}
+
+
+def is_kxk(down_shape: tuple[int, ...]) -> bool:
+    return len(down_shape) == 4 and tuple(down_shape[2:]) != (1, 1)
