@@ -10,6 +10,7 @@ Contenders (same model, resolution, batch, rank, precision, optimizer and learni
   difflora_standard  `difflora train` (method standard), kohya's LierLa targets (attention, the
                      feed-forward and proj_in/out: more modules than the reference trains).
   difflora_addift    `difflora train` (method addift) on pairs of the same images.
+  difflora_nocache   difflora_standard with cache_latents = false (VAE every step): what caching buys.
 Each contender runs in its own process (so peak RSS is its own); warm-up steps are excluded and
 the median of the remaining step times is reported, with the ratios difflora / reference.
 """
@@ -32,7 +33,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-CONTENDERS = ("reference", "difflora_standard", "difflora_addift")
+CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "difflora_nocache")
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -138,7 +139,7 @@ def reference_worker(args, data: Path) -> list[float]:
 
 
 # ------------------------------------------------------------------ difflora
-def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path) -> list[float]:
+def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cache: bool = True) -> list[float]:
     from difflora.config import JobConfig, apply_method_defaults
     from difflora.train.loop import train
 
@@ -146,7 +147,8 @@ def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path) -> 
            "network_dim": args.rank, "network_alpha": args.rank, "learning_rate": 1e-4, "lr_scheduler": "constant",
            "max_train_steps": args.warmup + args.steps, "max_grad_norm": 1.0, "min_snr_gamma": None,
            "mixed_precision": "bf16" if args.precision == "bf16" else "no", "output_dir": str(out),
-           "output_name": method, "log_with": "none", "overwrite": True, "network_train_unet_only": True}
+           "output_name": method, "log_with": "none", "overwrite": True, "network_train_unet_only": True,
+           "cache_latents": cache}
     if method == "standard":
         job["train_data_dir"] = str(images)
     else:
@@ -164,6 +166,8 @@ def worker(args) -> None:
     images, pairs = data / "images", data / "pairs"
     if args.worker == "reference":
         times = reference_worker(args, images)
+    elif args.worker == "difflora_nocache":
+        times = difflora_worker(args, images, pairs, "standard", data / f"out_{args.worker}", cache=False)
     else:
         times = difflora_worker(args, images, pairs, args.worker.split("_", 1)[1], data / f"out_{args.worker}")
     print(json.dumps({"times": times, "peak_gb": _peak_memory_gb(args.device)}))
@@ -221,6 +225,7 @@ def main() -> int:
         "difflora_addift_time / reference_time": summary["difflora_addift"]["median_step_s"] / ref,
         "difflora_addift_time / difflora_standard_time": summary["difflora_addift"]["median_step_s"] / std,
         "difflora_standard_peak / reference_peak": summary["difflora_standard"]["peak_gb"] / summary["reference"]["peak_gb"],
+        "difflora_standard_time / difflora_nocache_time": std / summary["difflora_nocache"]["median_step_s"],
     }
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
           f"{args.precision}, {args.device}, {args.threads} thread(s)")

@@ -73,6 +73,7 @@ class Item:
     bucket: tuple[int, int] = (0, 0)
     dataset_index: int = 0
     latents: dict[str, torch.Tensor] = field(default_factory=dict)  # "x", "x_flip", "after", "after_flip", "mask", ...
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # resized images when latents are not cached
 
     @property
     def is_pair(self) -> bool:
@@ -321,12 +322,17 @@ class TrainingData:
 
     # -- caching
     @torch.no_grad()
-    def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16) -> None:
-        """Encode every unique image once (a fixed VAE sample, seeded per file, as kohya caches it)."""
+    def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16, encode: bool = True) -> None:
+        """Encode every unique image once (a fixed VAE sample, seeded per file, as kohya caches it).
+
+        With encode=False (cache_latents = false) only the resized pixels are kept, and
+        `latent_for` encodes them at every step with a fresh VAE sample.
+        """
         from tqdm import tqdm
 
         uniq = self.unique_items()
-        for it in tqdm(uniq, desc="caching latents", disable=len(uniq) < 8, dynamic_ncols=True):
+        for it in tqdm(uniq, desc="caching latents" if encode else "reading images", disable=len(uniq) < 8,
+                       dynamic_ncols=True):
             keys = [("x", it.path)] + ([("after", it.after_path)] if it.is_pair else [])
             pixels = {}
             for key, path in keys:
@@ -335,6 +341,9 @@ class TrainingData:
             if it.is_pair:
                 pixels = self._check_pair(it, pixels)
             for key, img in pixels.items():
+                if not encode:
+                    it.pixels[key] = to_tensor(img)
+                    continue
                 cached = self._from_disk(cache_dir, it, key)
                 if cached is None:
                     t = to_tensor(img).unsqueeze(0)
@@ -349,6 +358,16 @@ class TrainingData:
                 it.latents.update(cached)
             if it.is_pair:
                 it.latents["pixel_diff"] = pair_difference(pixels["x"], pixels["after"])
+
+    def latent_for(self, it: Item, key: str, flip: bool, model, generator: torch.Generator) -> torch.Tensor:
+        """The (cached, or freshly encoded) latent of one image of an item."""
+        if key in it.latents:
+            return it.latents[key + ("_flip" if flip else "")]
+        px = it.pixels[key]
+        if flip:
+            px = torch.flip(px, dims=[2])
+        with torch.no_grad():
+            return model.encode_images(px[None].to(model.device), sample=True, generator=generator).float().cpu()[0]
 
     def _check_pair(self, it: Item, pixels: dict) -> dict:
         a, b = pixels["x"], pixels["after"]

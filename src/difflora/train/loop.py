@@ -208,7 +208,8 @@ def train(job: JobConfig, resume: str | None = None, ignore_lock: bool = False,
         log.warning("skipped %d unreadable image(s) (skip_bad_images = true)", len(data.skipped))
 
     with OutputLock(out_dir, job.output_name, ignore_lock) if main else contextlib.nullcontext(), StopFlag() as stop:
-        data.cache_latents(model, out_dir / "latent_cache" if job.cache_latents_to_disk else None)
+        data.cache_latents(model, out_dir / "latent_cache" if job.cache_latents_to_disk else None,
+                           encode=job.cache_latents or job.cache_latents_to_disk)
         encode = PromptCache(model)
 
         stages = method.stages(len(unique))
@@ -442,7 +443,7 @@ def _make_batch(data, global_batch, rank, world, job, si, step, micro, epoch, st
         flip = it.flip_aug and rng.random() < 0.5
         keys = ["x", "after"] if it.is_pair else ["x"]
         for k in keys:
-            latents.setdefault(k, []).append(it.latents[k + ("_flip" if flip else "")])
+            latents.setdefault(k, []).append(data.latent_for(it, k, flip, model, gen))
         captions.setdefault("x", []).append(process_caption(it.caption, it.rules, rng, epoch))
         if it.is_pair:
             captions.setdefault("after", []).append(process_caption(it.after_caption, it.rules, rng, epoch))
