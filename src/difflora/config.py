@@ -8,6 +8,7 @@ Relative paths are resolved against the folder of the file that names them.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -244,6 +245,8 @@ def _toml_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise UserError(f"--set value {text[:40]!r}... is nested too deeply") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -326,14 +329,20 @@ def _format_errors(e: ValidationError, text: str, path: str) -> UserError:
 def read_toml(path: Path) -> tuple[dict, str]:
     if not path.exists():
         raise UserError("config file not found", path=path)
+    if path.is_dir():
+        raise UserError("is a folder, expected a TOML config file", path=path)
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("config file is not UTF-8 text", path=path) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file is not UTF-8 text (byte {e.start}); re-save it as UTF-8", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read config file ({e.strerror or e})", path=path) from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"invalid TOML: {e}", path=path) from None
+    except RecursionError:
+        raise UserError("invalid TOML: arrays or tables nested too deeply", path=path) from None
 
 
 _PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
@@ -343,8 +352,20 @@ _PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dat
 def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
+    if "\x00" in value:
+        raise UserError(f"path {value!r} contains a NUL character")
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def check_inside(value: str | None, root: Path, config: Path, key: str) -> None:
+    """Refuse a path that resolves (symlinks, '..', absolute, '~') outside `root`."""
+    if value is None:
+        return
+    real = Path(os.path.realpath(value))
+    if not real.is_relative_to(root):
+        raise UserError(f"'{key}' = {value!r} resolves to {real}, outside the allowed folder {root}", path=config,
+                        hint="paths in this config must stay inside that folder")
 
 
 def resolve_dataset_paths(datasets: list[DatasetConfig], base: Path) -> None:
@@ -366,20 +387,40 @@ def apply_method_defaults(job: JobConfig) -> JobConfig:
     return job
 
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+def load_job(path: str | Path, overrides: list[str] | None = None,
+             restrict_paths_to: str | Path | None = None) -> JobConfig:
+    """Read, validate and resolve a job TOML.
+
+    Relative paths are resolved against the folder of the file that names them. With
+    `restrict_paths_to` (for a UI that serves configs), the config file and every path it
+    names must resolve (symlinks followed) inside that folder, else a UserError.
+    """
     path = Path(path)
+    root = Path(os.path.realpath(restrict_paths_to)) if restrict_paths_to is not None else None
+    if root is not None:
+        check_inside(str(path), root, path, "config file")
     data, text = read_toml(path)
     data = apply_overrides(data, overrides or [])
     try:
         job = apply_method_defaults(JobConfig.model_validate(data))
     except ValidationError as e:
         raise _format_errors(e, text, str(path)) from None
+    try:
+        _resolve_job_paths(job, path, root)
+    except UserError as e:
+        raise e if e.path else UserError(str(e), path=path) from None
+    return job
+
+
+def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
     base = path.resolve().parent
     for key in _PATH_KEYS:
         setattr(job, key, _resolve(base, getattr(job, key)))
     for preset in job.preset_loras:
         preset.path = _resolve(base, preset.path)
     resolve_dataset_paths(job.datasets, base)
+    if root is not None:
+        _check_paths_inside(job, root, path)
     if job.dataset_config:
         if job.datasets:
             raise UserError("give either dataset_config or inline [[datasets]], not both", path=path)
@@ -389,9 +430,28 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
             ds = DatasetFile.model_validate(ds_data)
         except ValidationError as e:
             raise _format_errors(e, ds_text, str(ds_path)) from None
-        resolve_dataset_paths(ds.datasets, ds_path.resolve().parent)
+        try:
+            resolve_dataset_paths(ds.datasets, ds_path.resolve().parent)
+        except UserError as e:
+            raise e if e.path else UserError(str(e), path=ds_path) from None
+        if root is not None:
+            _check_dataset_paths_inside(ds.datasets, root, ds_path)
         job.general = ds.general
         job.datasets = ds.datasets
     if not job.datasets and not job.train_data_dir:
         raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
-    return job
+
+
+def _check_paths_inside(job: JobConfig, root: Path, config: Path) -> None:
+    for key in _PATH_KEYS:
+        check_inside(getattr(job, key), root, config, key)
+    for i, preset in enumerate(job.preset_loras):
+        check_inside(preset.path, root, config, f"preset_loras[{i}].path")
+    _check_dataset_paths_inside(job.datasets, root, config)
+
+
+def _check_dataset_paths_inside(datasets: list[DatasetConfig], root: Path, config: Path) -> None:
+    for di, ds in enumerate(datasets):
+        for si, sub in enumerate(ds.subsets):
+            check_inside(sub.image_dir, root, config, f"datasets[{di}].subsets[{si}].image_dir")
+            check_inside(sub.after_dir, root, config, f"datasets[{di}].subsets[{si}].after_dir")

@@ -96,6 +96,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
             raise ValueError("header is not an object")
     except (UnicodeDecodeError, ValueError) as e:
         raise UserError(f"not a valid safetensors file (bad header: {e})", path=path) from None
+    except RecursionError:
+        raise UserError("not a valid safetensors file (bad header: nested too deeply)", path=path) from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise UserError("not a valid safetensors file (bad __metadata__)", path=path)

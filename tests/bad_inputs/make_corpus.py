@@ -238,34 +238,63 @@ def _trains(ws: Workspace) -> None:
     assert load_lora(ws.out / "last.safetensors").module_names()
 
 
-def _mode_case(name, what, make):
+def _mode_case(name: str, what: str, file: str, make: Callable[[Path], None],
+               expected: Callable[[Path], np.ndarray], tol: float) -> None:
+    """An image in another mode: it trains, and load_image gives the expected RGB pixels."""
     def build(ws):
-        make(ws.images)
+        make(ws.images / file)
         return ws.train()
 
-    CASES.append(Case(name, what, build, "ok", check=_trains))
+    def check(ws):
+        from difflora.data.images import load_image
+
+        _trains(ws)
+        img = load_image(ws.images / file)
+        assert img.mode == "RGB"
+        got = np.asarray(img).astype(float)
+        want = expected(ws.images / file).astype(float)
+        assert got.shape == want.shape and np.abs(got - want).mean() <= tol, (name, np.abs(got - want).mean())
+
+    CASES.append(Case(name, what, build, "ok", check=check))
 
 
-_rng = np.random.default_rng(5)
-_RGB = _rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-_mode_case("cmyk_jpeg", "a CMYK JPEG (converted to RGB)",
-           lambda d: Image.fromarray(_RGB).convert("CMYK").save(d / "cmyk.jpg", quality=95))
-_mode_case("png_16bit", "a 16-bit greyscale PNG (scaled to 8 bits)",
-           lambda d: Image.fromarray(_RGB[..., 0].astype(np.uint16) * 257).save(d / "grey16.png"))
-_mode_case("palette_png", "a palette (P) PNG",
-           lambda d: Image.fromarray(_RGB).convert("P", palette=Image.ADAPTIVE, colors=16).save(d / "palette.png"))
+_yy, _xx = np.mgrid[0:16, 0:16]
+_RGB = np.dstack([_xx * 16, _yy * 16, 255 - _xx * 8 - _yy * 7]).astype(np.uint8)  # smooth: JPEG keeps it
+_ALPHA = ((_xx + _yy) * 8).astype(np.uint8)
 
 
-def _palette_trns(d: Path) -> None:
-    im = Image.fromarray(_RGB).convert("P", palette=Image.ADAPTIVE, colors=16)
-    im.save(d / "palette_trns.png", transparency=0)
+def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(float)[..., None] / 255.0
+    return rgb.astype(float) * a + 255.0 * (1 - a)
 
 
-_mode_case("palette_png_transparency", "a palette PNG with a transparent colour (composited on white)", _palette_trns)
-_mode_case("rgba_png", "an RGBA PNG (composited on white)",
-           lambda d: Image.fromarray(np.dstack([_RGB, _RGB[..., :1]])).save(d / "rgba.png"))
-_mode_case("grey_alpha_png", "a grey + alpha (LA) PNG",
-           lambda d: Image.fromarray(np.dstack([_RGB[..., 0], _RGB[..., 1]]), mode="LA").save(d / "la.png"))
+def _palette(path: Path, **save) -> None:
+    Image.fromarray(_RGB).convert("P", palette=Image.ADAPTIVE, colors=16).save(path, **save)
+
+
+def _palette_on_white(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(float)
+        transparent = np.asarray(im) == im.info["transparency"]
+    assert 0 < transparent.sum() < transparent.size
+    rgb[transparent] = 255.0
+    return rgb
+
+
+_mode_case("cmyk_jpeg", "a CMYK JPEG (converted to RGB)", "cmyk.jpg",
+           lambda p: Image.fromarray(_RGB).convert("CMYK").save(p, quality=95), lambda p: _RGB, tol=4)
+_mode_case("png_16bit", "a 16-bit greyscale PNG (scaled to 8 bits)", "grey16.png",
+           lambda p: Image.fromarray(_RGB[..., 0].astype(np.uint16) * 257).save(p),
+           lambda p: np.repeat(_RGB[..., :1], 3, axis=2), tol=0)
+_mode_case("palette_png", "a palette (P) PNG", "palette.png", _palette,
+           lambda p: np.asarray(Image.open(p).convert("RGB")), tol=0)
+_mode_case("palette_png_transparency", "a palette PNG with a transparent colour (composited on white)",
+           "palette_trns.png", lambda p: _palette(p, transparency=0), _palette_on_white, tol=0)
+_mode_case("rgba_png", "an RGBA PNG (composited on white)", "rgba.png",
+           lambda p: Image.fromarray(np.dstack([_RGB, _ALPHA])).save(p), lambda p: _on_white(_RGB, _ALPHA), tol=1)
+_mode_case("grey_alpha_png", "a grey + alpha (LA) PNG (composited on white)", "la.png",
+           lambda p: Image.fromarray(np.dstack([_RGB[..., 0], _ALPHA]), mode="LA").save(p),
+           lambda p: np.repeat(_on_white(_RGB[..., :1], _ALPHA), 3, axis=2), tol=1)
 
 
 def exif_rotated_jpeg(path: Path) -> Path:

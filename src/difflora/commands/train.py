@@ -17,6 +17,8 @@ def register(sub) -> None:
                    help="continue from a saved training state (default: <output_dir>/<output_name>-state)")
     p.add_argument("--ignore-lock", action="store_true", help="start even if another run holds the output lock")
     p.add_argument("--help-keys", action="store_true", help="list every job key with its default and exit")
+    p.add_argument("--restrict-paths", default=None, metavar="DIR",
+                   help="refuse a job whose files or folders resolve outside DIR (for configs served by a UI)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +54,7 @@ def run(args) -> int:
         return 0
     if not args.job:
         raise UserError("give a job TOML file (see examples/ and `difflora train --help-keys`)")
-    job = load_job(args.job, args.overrides)  # validated once, before any process starts
+    job = load_job(args.job, args.overrides, restrict_paths_to=args.restrict_paths)  # validated once, before any process starts
     from ..train.launch import requested_processes, run_ranks
 
     n = requested_processes()

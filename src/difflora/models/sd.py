@@ -158,7 +158,21 @@ class StableDiffusion(ModelFamily):
             max_len = 77
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
                              return_tensors="pt").input_ids
+        self._warn_if_truncated(prompts, max_len)
         return ids
+
+    def _warn_if_truncated(self, prompts: list[str], max_len: int) -> None:
+        """Log once per prompt that is longer than the text encoder's token limit (the rest is cut)."""
+        warned = self.__dict__.setdefault("_warned_long_prompts", set())
+        for p in prompts:
+            if len(p) + 2 <= max_len or p in warned:  # a token is at least one character, plus BOS/EOS
+                continue
+            n = len(self.tokenizer(p, truncation=False, verbose=False).input_ids)
+            if n > max_len:
+                if len(warned) < 10_000:
+                    warned.add(p)
+                log.warning("caption/prompt is %d tokens, over the text encoder's limit of %d: the end is ignored "
+                            "(%r...)", n, max_len, p[:60])
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         te = self.text_encoder

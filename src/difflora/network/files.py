@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from ..errors import UserError
-from ..fileio import atomic_path, load_safetensors
+from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
                "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -155,8 +155,14 @@ def _from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
         out[f"{name}.{'lora_down' if m['ab'] == 'A' else 'lora_up'}.weight"] = v
     for name in {k.split(".", 1)[0] for k in out}:
         if f"{name}.alpha" not in out and f"{name}.lora_down.weight" in out:
-            rank = out[f"{name}.lora_down.weight"].shape[0]
-            alpha = float(alpha_cfg.get("lora_alpha", rank)) if isinstance(alpha_cfg, dict) else float(rank)
+            down = out[f"{name}.lora_down.weight"]
+            if down.dim() == 0:
+                raise UserError(f"module {name} has a scalar lora_A weight; the file is damaged", path=path)
+            rank = down.shape[0]
+            try:
+                alpha = float(alpha_cfg.get("lora_alpha", rank)) if isinstance(alpha_cfg, dict) else float(rank)
+            except (TypeError, ValueError):
+                raise UserError("bad lora_alpha in the lora_adapter_metadata", path=path) from None
             out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
 
@@ -164,6 +170,9 @@ def _from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
 def load_lora(path: str | os.PathLike) -> LoraFile:
     """Read and check a LoRA file (kohya or peft layout) into kohya names."""
     path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"refusing to load a pickle-based {path.suffix} LoRA file (pickle can run code)", path=path,
+                        hint="LoRA files are read only as .safetensors; convert it")
     tensors, metadata = load_safetensors(path)
     if not tensors:
         raise UserError("file holds no tensors", path=path)
@@ -181,11 +190,12 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
                 raise UserError(f"DoRA key {k!r}: DoRA files are not supported", path=path)
             raise UserError(f"unrecognised key {k!r}; not a kohya or peft LoRA file", path=path)
         names.add(m["name"])
+    alpha_zero = []
     for n in sorted(names):
         down, up = tensors.get(f"{n}.lora_down.weight"), tensors.get(f"{n}.lora_up.weight")
         if down is None or up is None:
             raise UserError(f"module {n} is missing its lora_{'down' if down is None else 'up'}.weight", path=path)
-        if down.shape[0] != up.shape[1] or down.dim() not in (2, 4) or up.dim() != down.dim():
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or down.shape[0] != up.shape[1]:
             raise UserError(f"module {n} has inconsistent shapes: down {tuple(down.shape)}, up {tuple(up.shape)}", path=path)
         for part in ("lora_down.weight", "lora_up.weight", "alpha"):
             t = tensors.get(f"{n}.{part}")
@@ -198,9 +208,12 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
             if float(a) == 0.0:
                 # kohya: alpha 0 means alpha = rank (no scaling); say so rather than guess silently
                 tensors[f"{n}.alpha"] = torch.tensor(float(down.shape[0]))
-                import logging
+                alpha_zero.append(n)
+    if alpha_zero:
+        import logging
 
-                logging.getLogger(__name__).warning("%s: %s has alpha 0; using alpha = rank (kohya's rule)", path, n)
+        logging.getLogger(__name__).warning("%s: %d module(s) (%s%s) have alpha 0; using alpha = rank (kohya's rule)",
+                                            path, len(alpha_zero), alpha_zero[0], ", ..." if len(alpha_zero) > 1 else "")
     return LoraFile({k: v for k, v in tensors.items()}, metadata, str(path), fmt)
 
 

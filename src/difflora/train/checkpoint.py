@@ -7,6 +7,7 @@ reference; `from_tensors_and_json` puts it back together.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -98,6 +99,13 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except UserError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = e.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):  # name the state, not its temp file
+            raise UserError("could not save the training state: no space left on device; the previous state (if any) "
+                            "is intact", path=directory) from cause
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
