@@ -158,6 +158,32 @@ def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cac
     return times[args.warmup:]
 
 
+def unet_train_flops(args) -> float:
+    """FLOPs of one U-Net forward + backward at the bench's batch and resolution (torch.utils.flop_counter)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", local_files_only=True)
+    unet.requires_grad_(False)
+    cfg = unet.config
+    lat = args.resolution // 2 ** (len(_vae_channels(args.model)) - 1)
+    x = torch.randn(args.batch, cfg.in_channels, lat, lat, requires_grad=True)
+    t = torch.randint(0, 1000, (args.batch,))
+    c = torch.randn(args.batch, 77, cfg.cross_attention_dim)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, c).sample.sum().backward()
+    return float(counter.get_total_flops())
+
+
+def _vae_channels(model: str) -> list:
+    return json.loads((Path(model) / "vae" / "config.json").read_text())["block_out_channels"]
+
+
+# Dense bf16 peak of the accelerators a benchmark may run on (TFLOP/s), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+
 def worker(args) -> None:
     import torch
 
@@ -218,6 +244,18 @@ def main() -> int:
                       file=sys.stderr)
     summary = {c: {"median_step_s": statistics.median(v["times"]), "it_per_s": 1 / statistics.median(v["times"]),
                    "peak_gb": max(v["peak_gb"]), "steps_measured": len(v["times"])} for c, v in results.items()}
+    flops = unet_train_flops(args)  # the U-Net forward + backward, which dominates every contender's step
+    device_name = "cpu"
+    peak = None
+    if args.device == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    for c, v in summary.items():
+        v["unet_tflop_per_s"] = flops / v["median_step_s"] / 1e12
+        if peak:
+            v["mfu"] = v["unet_tflop_per_s"] / peak
     ref = summary["reference"]["median_step_s"]
     std = summary["difflora_standard"]["median_step_s"]
     ratios = {
@@ -229,15 +267,19 @@ def main() -> int:
     }
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
           f"{args.precision}, {args.device}, {args.threads} thread(s)")
-    print(f"{'contender':<20} {'ms/step':>9} {'it/s':>7} {'peak GB':>8}")
+    print(f"U-Net forward+backward: {flops / 1e9:.2f} GFLOP per step; device {device_name}"
+          + (f", dense bf16 peak {peak} TFLOP/s" if peak else ""))
+    print(f"{'contender':<20} {'ms/step':>9} {'it/s':>7} {'peak GB':>8} {'U-Net TFLOP/s':>14}" + ("  MFU" if peak else ""))
     for c, s in summary.items():
-        print(f"{c:<20} {s['median_step_s'] * 1000:9.1f} {s['it_per_s']:7.2f} {s['peak_gb']:8.2f}")
+        print(f"{c:<20} {s['median_step_s'] * 1000:9.1f} {s['it_per_s']:7.2f} {s['peak_gb']:8.2f} "
+              f"{s['unet_tflop_per_s']:14.4f}" + (f"  {s['mfu']:.1%}" if peak else ""))
     print()
     for k, v in ratios.items():
         print(f"{k:<46} {v:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "data")},
+                               "device": device_name, "unet_train_gflop": flops / 1e9,
                                "summary": summary, "ratios": ratios}, indent=2) + "\n")
     return 0
 

@@ -209,3 +209,23 @@ def test_method_defaults_only_fill_unset_keys():
     job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", learning_rate=5e-4))
     assert job.learning_rate == 5e-4 and job.max_train_steps == 100
     assert apply_method_defaults(JobConfig(method="standard", train_data_dir="x")).max_train_steps == 1600
+
+
+def test_addift_self_regularisation_term_matches_its_formula():
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x",
+                                          addift={"captions": "fixed_roles", "self_reg_weight": 0.5}))
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1
+    b = _batch(mask=mask)
+    ctx, net = _ctx(job)
+    loss = addift_loss(ctx, b)
+    obj, m = ctx.model.objective, job.addift.multiplier
+    x_o, x_t, eps, t = b.latents["x"], b.latents["after"], b.noise, b.timesteps
+    tt = 0.1 * t.view(-1, 1, 1, 1) / 1000
+    c_o, c_t = float(len("a face, eyes open")), float(len("a face, eyes closed"))
+    lora_in = obj.add_noise(x_t, eps, t)
+    pred = lora_in * (1 + m) + tt + c_t
+    frozen_other = obj.add_noise(x_o, eps, t) + tt + c_o
+    frozen_same = lora_in + tt + c_t  # the frozen model on the LoRA's own input
+    expected = _mse(pred, frozen_other) * obj.min_snr_weight(t, 5.0) + 0.5 * _mse(pred, frozen_same, 1 - mask)
+    torch.testing.assert_close(loss, expected)
