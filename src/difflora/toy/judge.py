@@ -15,9 +15,7 @@ The shipped file was made with (about 12 minutes on one CPU thread, OMP_NUM_THRE
     from difflora.toy.judge import train_judge
     train_judge("src/difflora/assets/judge.safetensors", seed=0, steps=3000)
 
-and is measured by `bench/judge_accuracy.py`. NOTE: the current file was trained on the faces
-as rendered before commit 7153b9c made the strokes bolder (it still scores 100% on the new
-renders); rerunning the command above on the current faces.py gives different weights.
+and is measured by `bench/judge_accuracy.py`.
 """
 
 from __future__ import annotations
