@@ -102,3 +102,19 @@ def test_two_processes_train_the_same_lora_as_one(tmp_path, tiny_sd1_dir, faces1
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     single = load_file(str(tmp_path / "out" / "single.safetensors"))
     assert max((single[k] - one[k]).abs().max().item() for k in ups) > 1e-4
+
+
+def test_tensorboard_logs_loss_and_learning_rate(tmp_path, tiny_sd1_dir, faces16, run_cli, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    job = write_job(tmp_path / "job.toml", _job(tmp_path, tiny_sd1_dir, faces16, max_train_steps=3,
+                                                log_with='"tensorboard"', output_name='"tb"'))
+    assert run_cli("train", job)[0] == 0
+    runs = list((tmp_path / "out" / "logs").iterdir())
+    assert len(runs) == 1
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "loss/main" in tags and any(t.startswith("lr/main/") for t in tags)
+    assert [e.step for e in acc.Scalars("loss/main")] == [1, 2, 3]
