@@ -7,10 +7,12 @@ Contenders (same model, resolution, batch, rank, precision, optimizer and learni
                      written out here as that script does it: peft `add_adapter` on the U-Net
                      (its targets: to_q/to_k/to_v/to_out.0), images loaded and transformed, VAE
                      latents and text embeddings computed every step, AdamW, grad clipping 1.0.
-  difflora_standard  `difflora train` (method standard), kohya's LierLa targets (attention, the
-                     feed-forward and proj_in/out: more modules than the reference trains).
-  difflora_addift    `difflora train` (method addift) on pairs of the same images.
+  difflora_standard  `difflora train` (method standard) on the reference's modules
+                     (network_only_if_contains = attention to_q/k/v/out): the like-for-like step.
+  difflora_addift    `difflora train` (method addift) on pairs of the same images, same modules.
   difflora_nocache   difflora_standard with cache_latents = false (VAE every step): what caching buys.
+  difflora_kohya_targets  difflora_standard with kohya's default LierLa set (also the feed-forward and
+                     proj_in/out: 84 modules instead of 56 on the toy model), for information.
 Each contender runs in its own process (so peak RSS is its own); warm-up steps are excluded and
 the median of the remaining step times is reported, with the ratios difflora / reference.
 """
@@ -33,7 +35,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "difflora_nocache")
+CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "difflora_nocache", "difflora_kohya_targets")
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -139,7 +141,11 @@ def reference_worker(args, data: Path) -> list[float]:
 
 
 # ------------------------------------------------------------------ difflora
-def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cache: bool = True) -> list[float]:
+REFERENCE_TARGETS = ["attn1_to_", "attn2_to_"]  # to_q, to_k, to_v, to_out_0: what the reference script trains
+
+
+def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cache: bool = True,
+                    kohya_targets: bool = False) -> list[float]:
     from difflora.config import JobConfig, apply_method_defaults
     from difflora.train.loop import train
 
@@ -148,7 +154,7 @@ def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cac
            "max_train_steps": args.warmup + args.steps, "max_grad_norm": 1.0, "min_snr_gamma": None,
            "mixed_precision": "bf16" if args.precision == "bf16" else "no", "output_dir": str(out),
            "output_name": method, "log_with": "none", "overwrite": True, "network_train_unet_only": True,
-           "cache_latents": cache}
+           "cache_latents": cache, "network_only_if_contains": [] if kohya_targets else REFERENCE_TARGETS}
     if method == "standard":
         job["train_data_dir"] = str(images)
     else:
@@ -194,6 +200,8 @@ def worker(args) -> None:
         times = reference_worker(args, images)
     elif args.worker == "difflora_nocache":
         times = difflora_worker(args, images, pairs, "standard", data / f"out_{args.worker}", cache=False)
+    elif args.worker == "difflora_kohya_targets":
+        times = difflora_worker(args, images, pairs, "standard", data / f"out_{args.worker}", kohya_targets=True)
     else:
         times = difflora_worker(args, images, pairs, args.worker.split("_", 1)[1], data / f"out_{args.worker}")
     print(json.dumps({"times": times, "peak_gb": _peak_memory_gb(args.device)}))
@@ -264,6 +272,7 @@ def main() -> int:
         "difflora_addift_time / difflora_standard_time": summary["difflora_addift"]["median_step_s"] / std,
         "difflora_standard_peak / reference_peak": summary["difflora_standard"]["peak_gb"] / summary["reference"]["peak_gb"],
         "difflora_standard_time / difflora_nocache_time": std / summary["difflora_nocache"]["median_step_s"],
+        "difflora_kohya_targets_time / reference_time": summary["difflora_kohya_targets"]["median_step_s"] / ref,
     }
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
           f"{args.precision}, {args.device}, {args.threads} thread(s)")

@@ -164,6 +164,8 @@ class JobConfig(DatasetOptions):
     network_dropout: float | None = Field(None, ge=0, lt=1)
     rank_dropout: float | None = Field(None, ge=0, lt=1)
     module_dropout: float | None = Field(None, ge=0, lt=1)
+    network_only_if_contains: list[str] = []  # keep only modules whose kohya name contains one of these
+    network_ignore_if_contains: list[str] = []  # drop modules whose kohya name contains one of these
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
     network_weights: str | None = None

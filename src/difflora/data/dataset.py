@@ -348,7 +348,9 @@ class TrainingData:
                 if cached is None:
                     t = to_tensor(img).unsqueeze(0)
                     flips = [t, torch.flip(t, dims=[3])] if it.flip_aug else [t]
-                    gen = torch.Generator().manual_seed(_seed_of(str(it.path), key, self.job.seed))
+                    # Seeded by the file's content, not its path: moving a dataset does not change the LoRA.
+                    source = it.path if key == "x" else it.after_path
+                    gen = torch.Generator().manual_seed(_seed_of(_file_digest(source), key, self.job.seed))
                     lat = torch.cat([model.encode_images(f.to(model.device), sample=True, generator=gen).float().cpu()
                                      for f in flips])
                     cached = {key: lat[0]}
@@ -407,6 +409,10 @@ class TrainingData:
 
 def it_is_reg(sub: SubsetConfig, opts: dict) -> bool:
     return bool(opts.get("is_reg", False))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _seed_of(*parts) -> int:

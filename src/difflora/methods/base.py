@@ -99,6 +99,7 @@ class Method:
             conv_dim=j.conv_dim, conv_alpha=j.conv_alpha, dropout=j.network_dropout, rank_dropout=j.rank_dropout,
             module_dropout=j.module_dropout, train_unet=not j.network_train_text_encoder_only,
             train_text_encoder=not (j.network_train_unet_only or self.unet_only),
+            only_if_contains=tuple(j.network_only_if_contains), ignore_if_contains=tuple(j.network_ignore_if_contains),
         )
 
     def stages(self, n_items: int) -> list[Stage]:

@@ -158,6 +158,8 @@ class NetworkSpec:
     module_dropout: float | None = None
     train_unet: bool = True
     train_text_encoder: bool = True
+    only_if_contains: tuple[str, ...] = ()  # e.g. ("attn2_",): cross-attention only (TrainTrain's network_element)
+    ignore_if_contains: tuple[str, ...] = ()
 
 
 class LoRANetwork(nn.Module):
@@ -180,6 +182,10 @@ class LoRANetwork(nn.Module):
         loras = []
         conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else 1.0  # kohya's default
         for t in targets:
+            if spec.only_if_contains and not any(s in t.name for s in spec.only_if_contains):
+                continue
+            if any(s in t.name for s in spec.ignore_if_contains):
+                continue
             if t.component == "unet" and not spec.train_unet:
                 continue
             if t.component != "unet" and not spec.train_text_encoder:
@@ -193,6 +199,9 @@ class LoRANetwork(nn.Module):
             lora = LoRAModule(t.name, t.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)
             lora.component = t.component
             loras.append(lora)
+        if not loras:
+            raise UserError("no LoRA modules match the network settings (check network_only_if_contains / "
+                            "network_ignore_if_contains and the train_unet / train_text_encoder switches)")
         net = cls(loras)
         for lora in loras:
             net.components[lora.lora_name] = lora.component
