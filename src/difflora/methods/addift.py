@@ -63,12 +63,13 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     target = ctx.predict_frozen(frozen_in, tt, ctx.encode(c_o * len(directions)))
     pred = ctx.predict(lora_in, tt, ctx.encode(c_t * len(directions)), multiplier=m)
     weight = None
-    if batch.masks is not None and (o.diff_mask or o.self_reg_weight):
-        mask = batch.masks.repeat(len(directions), 1, 1, 1)
+    masks = batch.difference_masks() if (o.diff_mask or o.self_reg_weight) else None
+    if masks is not None:
+        mask = masks.repeat(len(directions), 1, 1, 1)
         if o.diff_mask:
             weight = mask + o.mask_floor * (1 - mask)
     loss = per_sample_mse(pred, target, weight) * ctx.min_snr(tt)
-    if o.self_reg_weight and batch.masks is not None:
+    if o.self_reg_weight and masks is not None:
         # Where the pair does not differ, the LoRA must not change the model's prediction for its own input.
         same = ctx.predict_frozen(lora_in, tt, ctx.encode(c_t * len(directions)))
         loss = loss + o.self_reg_weight * per_sample_mse(pred, same, 1 - mask)

@@ -29,9 +29,16 @@ class Batch:
     loss_weight: torch.Tensor  # (B,) prior_loss_weight for regularisation images, else 1
     masks: torch.Tensor | None = None  # (B, 1, h, w) where a pair differs (latent resolution)
     step: int = 0
+    mask_fn: Callable[[], torch.Tensor] | None = None  # builds `masks` when a loss first asks
 
     def __len__(self) -> int:
         return self.noise.shape[0]
+
+    def difference_masks(self) -> torch.Tensor | None:
+        """Where each pair differs, built on first use (most steps of most methods never need them)."""
+        if self.masks is None and self.mask_fn is not None:
+            self.masks = self.mask_fn()
+        return self.masks
 
 
 @dataclass

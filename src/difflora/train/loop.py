@@ -456,7 +456,7 @@ def _make_batch(data, global_batch, rank, world, job, si, step, micro, epoch, st
     per = len(global_batch) // world
     latents: dict[str, list] = {}
     captions: dict[str, list[str]] = {}
-    noise, timesteps, weights, masks = [], [], [], []
+    noise, timesteps, weights, diffs = [], [], [], []
     for j in range(rank * per, (rank + 1) * per):
         it = data.items[global_batch[j]]
         seed = _seed_of(job.seed, si, step, micro, j)
@@ -469,9 +469,7 @@ def _make_batch(data, global_batch, rank, world, job, si, step, micro, epoch, st
         captions.setdefault("x", []).append(process_caption(it.caption, it.rules, rng, epoch))
         if it.is_pair:
             captions.setdefault("after", []).append(process_caption(it.after_caption, it.rules, rng, epoch))
-            diff = it.latents["pixel_diff"].flip(-1) if flip else it.latents["pixel_diff"]
-            masks.append(difference_mask(diff, tuple(latents["x"][-1].shape[-2:]), job.diff_mask_threshold,
-                                         job.diff_mask_dilate))
+            diffs.append(it.latents["pixel_diff"].flip(-1) if flip else it.latents["pixel_diff"])
         shape = latents["x"][-1].shape
         eps = torch.randn(shape, generator=gen)
         if job.noise_offset:
@@ -483,14 +481,20 @@ def _make_batch(data, global_batch, rank, world, job, si, step, micro, epoch, st
             timesteps.append(torch.randint(job.min_timestep, job.max_timestep, (1,), generator=gen)[0])
         weights.append(job.prior_loss_weight if it.is_reg else 1.0)
     device = model.device
+    latent_hw = tuple(latents["x"][-1].shape[-2:])
+
+    def masks():  # only when a loss asks for them
+        return torch.stack([difference_mask(d, latent_hw, job.diff_mask_threshold, job.diff_mask_dilate)
+                            for d in diffs])[:, None].to(device)
+
     return Batch(
         latents={k: torch.stack(v).to(device) for k, v in latents.items()},
         captions=captions,
         noise=torch.stack(noise).to(device),
         timesteps=torch.stack(timesteps).long().to(device),
         loss_weight=torch.tensor(weights, dtype=torch.float32, device=device),
-        masks=torch.stack(masks)[:, None].to(device) if masks else None,
         step=step,
+        mask_fn=masks if diffs else None,
     )
 
 
