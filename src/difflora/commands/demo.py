@@ -18,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--m", type=int, default=32, help="judged generations in the report (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the same folder")
+    p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
     p.set_defaults(func=run)
 
 
@@ -46,11 +47,11 @@ def run(args) -> int:
         shutil.rmtree(pairs)
     write_pairs(pairs, "eyes", args.pairs, args.seed)
     log.info("wrote %d eyes open/closed pairs to %s", args.pairs, pairs)
-    model = load_model(None)
+    model = load_model(args.model)
     job = apply_method_defaults(JobConfig.model_validate({
         "method": args.method, "datasets": [{"subsets": [{"image_dir": str(pairs), "caption_extension": ".txt"}]}],
         "output_dir": str(out), "output_name": "eyes_closed", "overwrite": True, "log_with": "none",
-        "seed": args.seed, "train_batch_size": min(args.pairs, 4),
+        "seed": args.seed, "train_batch_size": min(args.pairs, 4), "model": args.model,
     }))
     t_train = time.time()
     lora = train(job)
