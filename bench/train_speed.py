@@ -46,6 +46,25 @@ def _peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def build_sd15_random(folder: Path) -> str:
+    """The SD1.5 U-Net, VAE and CLIP text encoder with random weights, saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflora.models.ldm import clip_tokenizer
+    from difflora.models.sd import StableDiffusion
+    from difflora.models.tiny import SD15_TE, SD15_UNET, SD_VAE
+    from difflora.toy.base_model import SCHEDULER_CONFIG
+
+    torch.manual_seed(0)
+    model = StableDiffusion(UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD_VAE),
+                            CLIPTextModel(CLIPTextConfig(**SD15_TE)), clip_tokenizer("sd1"), dict(SCHEDULER_CONFIG),
+                            variant="sd1", prediction_type="epsilon")
+    model.save(folder / "sd15")
+    return str(folder / "sd15")
+
+
 def _make_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
     from PIL import Image
 
@@ -211,6 +230,8 @@ def worker(args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
+    ap.add_argument("--arch", choices=["sd15"], default=None,
+                    help="build the real SD1.5 architecture with random weights instead of --model (GPU runs)")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
@@ -224,6 +245,8 @@ def main() -> int:
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.arch == "sd15" and not args.worker:
+        args.model = build_sd15_random(Path(tempfile.mkdtemp(prefix="difflora-sd15-")))
     if args.model is None:
         from difflora.models import default_model_path
 
