@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models and `pytest -n 2`: one thread per worker; more only oversubscribes the cores.
+torch.set_num_threads(1)
 
 
 def _write_faces(folder: Path, n: int, size: int, seed: int = 0) -> None:

@@ -83,7 +83,7 @@ def test_lora_for_another_architecture(workspace, run_cli, sd15_layout_dirs):
     _assert_one_line(code, err, "sd2_lora.safetensors", "sd_v2")
     _untouched(out, keep)
     # the same file as network_weights of a training run
-    j = write_job(tmp / "job.toml", job.replace(f'model = "', f'network_weights = "{tmp / "sd2_lora.safetensors"}"\nmodel = "', 1))
+    j = write_job(tmp / "job.toml", job.replace('model = "', f'network_weights = "{tmp / "sd2_lora.safetensors"}"\nmodel = "', 1))
     code, _, err = run_cli("train", j)
     _assert_one_line(code, err, "sd2_lora.safetensors")
     _untouched(out, keep)

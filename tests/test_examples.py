@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import _write_faces, _write_pairs
 from difflora.network.files import load_lora

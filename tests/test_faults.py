@@ -34,15 +34,6 @@ from difflora.train.checkpoint import load_state, save_state
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs use one thread, as the subprocesses do (tiny models: threads only add overhead)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _job(model, data, out, **extra) -> str:
     keys = {"model": json.dumps(str(model)), "train_data_dir": json.dumps(str(data)), "resolution": 16,
             "network_dim": 2, "network_alpha": 2, "learning_rate": 2e-3, "max_train_steps": 8, "train_batch_size": 1,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -15,7 +15,6 @@ from conftest import write_job
 from difflora.generate import GenerationRequest, generate
 from difflora.models import load_model
 from difflora.network.apply import network_from_file
-from difflora.network.lora import LoRANetwork, NetworkSpec
 
 
 def _job(tmp_path, model_dir, data_dir, **extra) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import Batch, Method, Stage, StepContext, per_sample_mse
 
 
-def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: str = "x") -> "torch.Tensor":
+def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: str = "x") -> torch.Tensor:
     x0, noise, t = batch.latents[image], batch.noise, batch.timesteps
     objective = ctx.model.objective
     noisy = objective.add_noise(x0, noise, t)

@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
