@@ -142,6 +142,9 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
         "preservation_minus": float(np.mean([all(p[a] == z[a] for a in others) for p, z in zip(j_minus, j_zero)])),
         "outside_change": float(np.mean(change)),
     }
+    # Which attributes a LoRA disturbs, for diagnosing a low preservation score.
+    metrics["extra"] = {"changed_by_plus": {a: float(np.mean([p[a] != z[a] for p, z in zip(j_plus, j_zero)]))
+                                            for a in others}}
     return metrics, {"-1": minus, "0": zero, "+1": plus}
 
 
