@@ -7,7 +7,8 @@ Three stages, each resumable from its last checkpoint in the work folder:
 3. the text encoder and U-Net together, with captions naming a random subset of the
    attributes (10% empty, for classifier-free guidance), min-SNR weighting and an EMA
    of the weights, which is what gets exported.
-Every random draw is derived from (seed, step), so a resumed run equals an uninterrupted one.
+Every random draw is derived from (seed, step), so a resumed run repeats the draws of an
+uninterrupted one (weights agree to float rounding, ~1e-7).
 """
 
 from __future__ import annotations
