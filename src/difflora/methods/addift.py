@@ -96,7 +96,9 @@ class Addift(Method):
     name = "addift"
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
-    defaults = {"max_train_steps": 100, "learning_rate": 1e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
+    # lr 3e-3: on the toy eyes/smile tasks (8 pairs, 100 steps) 1e-3 reached 91%/88% edit success,
+    # 2e-3 100%/91%, 3e-3 100%/98% with preservation >= 98% (README, "Measured comparison").
+    defaults = {"max_train_steps": 100, "learning_rate": 3e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
 
     def stages(self, n_items: int) -> list[Stage]:
