@@ -125,14 +125,14 @@ def register(subparsers) -> None:
     p = sub.add_parser("train-base", help="train the embedded toy base model from scratch (deterministic, resumable)",
                        description="Trains the VAE, then the text encoder and U-Net, on procedural faces (held-out "
                                    "attribute combinations excluded) and saves a diffusers folder. Re-running with the "
-                                   "same --work folder resumes from the last checkpoint. The shipped model took about "
-                                   "4 h of CPU (2 cores, shared); a GPU makes it minutes.")
+                                   "same --work folder resumes from the last checkpoint. The defaults reproduce the "
+                                   "shipped model, which took about 2.5 h on 2 CPU cores; a GPU makes it minutes.")
     p.add_argument("--out", required=True, help="output diffusers folder")
     p.add_argument("--work", default="runs/base/work", help="checkpoints and cached latents (resumable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=2500)
-    p.add_argument("--unet-steps", type=int, default=8000)
-    p.add_argument("--n-images", type=int, default=60_000)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: the shipped run's (2500)")
+    p.add_argument("--unet-steps", type=int, default=None, help="default: the shipped run's (6000)")
+    p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and stop")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train_base)
@@ -315,8 +315,8 @@ def cmd_train_base(args) -> int:
         export_checkpoint(work, out)
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = BaseTrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                              n_images=args.n_images, device=device)
+        given = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "n_images": args.n_images}
+        cfg = BaseTrainConfig(seed=args.seed, device=device, **{k: v for k, v in given.items() if v is not None})
         train_base(out, work, cfg)
     print(f"saved {out}")
     return 0
