@@ -69,6 +69,15 @@ def _random_faces(rng: np.random.Generator, n: int, held_out: bool | None = Fals
     return attrs, [int(s) for s in seeds]
 
 
+def base_denoising_loss(pred: torch.Tensor, noise: torch.Tensor, snr_weight: torch.Tensor,
+                        region: torch.Tensor | None = None, region_weight: float = 0.0) -> torch.Tensor:
+    """mean_i( w_i · mean_chw( (1 + region_weight · region_i) · (pred_i - noise_i)^2 ) ), region in {0, 1}."""
+    err = F.mse_loss(pred, noise, reduction="none")
+    if region is not None:
+        err = err * (1 + region_weight * region.to(err.dtype))
+    return (err.mean(dim=(1, 2, 3)) * snr_weight).mean()
+
+
 def _lr_factor(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup)
 
@@ -245,10 +254,8 @@ class BaseTrainer:
             cond = te(ids).last_hidden_state
             pred = unet(noisy, t.to(dev), cond).sample
             w = (torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]).to(dev)
-            err = F.mse_loss(pred, noise, reduction="none")
-            if region_maps is not None and step >= cfg.region_loss_from_step:
-                err = err * (1 + cfg.region_loss_weight * region_maps[idx].to(dev, err.dtype))
-            loss = (err.mean(dim=(1, 2, 3)) * w).mean()
+            region = region_maps[idx].to(dev) if region_maps is not None and step >= cfg.region_loss_from_step else None
+            loss = base_denoising_loss(pred, noise, w, region, cfg.region_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
