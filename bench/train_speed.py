@@ -13,8 +13,12 @@ Contenders (same model, resolution, batch, rank, precision, optimizer and learni
   difflora_nocache   difflora_standard with cache_latents = false (VAE every step): what caching buys.
   difflora_kohya_targets  difflora_standard with kohya's default LierLa set (also the feed-forward and
                      proj_in/out: 84 modules instead of 56 on the toy model), for information.
-Each contender runs in its own process (so peak RSS is its own); warm-up steps are excluded and
-the median of the remaining step times is reported, with the ratios difflora / reference.
+Each contender runs in its own process (so peak RSS is its own), all at once but in lock step:
+the driver lets one process take one training step while the others wait blocked, round robin.
+A round is one step of every contender, so a slow spell of a shared machine falls on all of
+them alike. Warm-up rounds are excluded; the report gives each contender's median step time and,
+for each ratio, the median over rounds of that round's ratio (the drift-free estimate), next to
+the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -88,8 +92,41 @@ def _make_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
     return images.parent, pairs
 
 
+# ------------------------------------------------------------------ lock-step protocol
+class StepGate:
+    """Called after every training step of a worker: reports the step's time, then waits its turn.
+
+    The time of a step runs from the moment the driver let it start to the end of the step (after a
+    CUDA synchronize), so it covers the whole loop body of every contender alike. The first call
+    only says the worker is set up; the last waits for the driver's release, so no contender's
+    teardown overlaps another's timed step.
+    """
+
+    def __init__(self, device: str, wait: bool = True):
+        self.device, self.wait = device, wait
+        self.channel = os.fdopen(os.dup(1), "w")  # protocol lines; everything else printed goes to stderr
+        sys.stdout = sys.stderr
+        self.started: float | None = None
+
+    def __call__(self, *_):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.channel.write(json.dumps({"ready": True} if self.started is None else {"s": now - self.started}) + "\n")
+        self.channel.flush()
+        if self.wait and sys.stdin.readline().strip() != "go":
+            raise SystemExit("driver went away")
+        self.started = time.perf_counter()
+
+    def finish(self, peak_gb: float) -> None:
+        self.channel.write(json.dumps({"peak_gb": peak_gb}) + "\n")
+        self.channel.flush()
+
+
 # ------------------------------------------------------------------ the reference loop
-def reference_worker(args, data: Path) -> list[float]:
+def reference_worker(args, data: Path, gate: StepGate) -> None:
     """diffusers' train_text_to_image_lora.py training step, without torchvision (PIL transforms)."""
     import torch
     import torch.nn.functional as F
@@ -130,10 +167,8 @@ def reference_worker(args, data: Path) -> list[float]:
         arr = np.asarray(img, dtype=np.float32) / 255.0
         return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
 
-    times = []
     unet.train()
-    for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+    for step in range(1 + args.warmup + args.steps):
         idx = rng.integers(0, len(files), size=args.batch)
         pixel_values = torch.stack([transform(Image.open(files[i])) for i in idx]).to(device, dtype=weight_dtype)
         input_ids = tokenizer([captions[i] for i in idx], max_length=tokenizer.model_max_length, padding="max_length",
@@ -153,24 +188,21 @@ def reference_worker(args, data: Path) -> list[float]:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times[args.warmup:]
+        gate()
 
 
 # ------------------------------------------------------------------ difflora
 REFERENCE_TARGETS = ["attn1_to_", "attn2_to_"]  # to_q, to_k, to_v, to_out_0: what the reference script trains
 
 
-def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cache: bool = True,
-                    kohya_targets: bool = False) -> list[float]:
+def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, gate: StepGate, cache: bool = True,
+                    kohya_targets: bool = False) -> None:
     from difflora.config import JobConfig, apply_method_defaults
     from difflora.train.loop import train
 
     job = {"model": args.model, "method": method, "resolution": args.resolution, "train_batch_size": args.batch,
            "network_dim": args.rank, "network_alpha": args.rank, "learning_rate": 1e-4, "lr_scheduler": "constant",
-           "max_train_steps": args.warmup + args.steps, "max_grad_norm": 1.0, "min_snr_gamma": None,
+           "max_train_steps": 1 + args.warmup + args.steps, "max_grad_norm": 1.0, "min_snr_gamma": None,
            "mixed_precision": "bf16" if args.precision == "bf16" else "no", "output_dir": str(out),
            "output_name": method, "log_with": "none", "overwrite": True, "network_train_unet_only": True,
            "cache_latents": cache, "network_only_if_contains": [] if kohya_targets else REFERENCE_TARGETS}
@@ -178,9 +210,7 @@ def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, cac
         job["train_data_dir"] = str(images)
     else:
         job["datasets"] = [{"subsets": [{"image_dir": str(pairs), "caption_extension": ".txt"}]}]
-    times: list[float] = []
-    train(apply_method_defaults(JobConfig.model_validate(job)), on_step=lambda stage, step, s: times.append(s))
-    return times[args.warmup:]
+    train(apply_method_defaults(JobConfig.model_validate(job)), on_step=gate)
 
 
 def unet_train_flops(args) -> float:
@@ -213,20 +243,84 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    gate = StepGate(args.device, wait=not args.free_running)
     data = Path(args.data)
+    if not (data / "images").exists():
+        _make_data(data, 16, args.resolution)
     images, pairs = data / "images", data / "pairs"
+    out = data / f"out_{args.worker}"
     if args.worker == "reference":
-        times = reference_worker(args, images)
+        reference_worker(args, images, gate)
     elif args.worker == "difflora_nocache":
-        times = difflora_worker(args, images, pairs, "standard", data / f"out_{args.worker}", cache=False)
+        difflora_worker(args, images, pairs, "standard", out, gate, cache=False)
     elif args.worker == "difflora_kohya_targets":
-        times = difflora_worker(args, images, pairs, "standard", data / f"out_{args.worker}", kohya_targets=True)
+        difflora_worker(args, images, pairs, "standard", out, gate, kohya_targets=True)
     else:
-        times = difflora_worker(args, images, pairs, args.worker.split("_", 1)[1], data / f"out_{args.worker}")
-    print(json.dumps({"times": times, "peak_gb": _peak_memory_gb(args.device)}))
+        difflora_worker(args, images, pairs, args.worker.split("_", 1)[1], out, gate)
+    gate.finish(_peak_memory_gb(args.device))
 
 
 # ------------------------------------------------------------------ driver
+# (numerator, denominator, quantity) of each ratio reported; the CPU targets of the speed issue.
+RATIOS = [("difflora_standard", "reference", "time"), ("difflora_addift", "reference", "time"),
+          ("difflora_addift", "difflora_standard", "time"), ("difflora_standard", "reference", "peak"),
+          ("difflora_standard", "difflora_nocache", "time"), ("difflora_kohya_targets", "reference", "time")]
+TARGETS = {("difflora_standard", "reference", "time"): 0.8, ("difflora_addift", "difflora_standard", "time"): 1.5}
+
+
+def run_lock_step(args, contenders: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Start every contender, then let them step one at a time, round robin (see the module docstring)."""
+    times: dict[str, list[float]] = {c: [] for c in contenders}
+    peak_gb: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="difflora-speed-") as tmp:
+        _make_data(Path(tmp), 16, args.resolution)
+        base = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution), "--batch",
+                str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--precision", args.precision, "--device", args.device, "--threads", str(args.threads), "--data", tmp]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        logs = {c: open(Path(tmp) / f"{c}.log", "w+") for c in contenders}
+        procs = {c: subprocess.Popen(base + ["--worker", c], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=logs[c], text=True, env=env) for c in contenders}
+
+        def receive(c: str) -> dict:
+            line = procs[c].stdout.readline()
+            if not line:
+                procs[c].wait()
+                logs[c].seek(0)
+                raise SystemExit(f"{c} stopped (exit {procs[c].returncode}):\n{logs[c].read()[-3000:]}")
+            return json.loads(line)
+
+        def send(c: str, word: str) -> None:
+            procs[c].stdin.write(word + "\n")
+            procs[c].stdin.flush()
+
+        try:
+            for c in contenders:  # set up concurrently, one untimed step each; then nobody runs unasked
+                receive(c)
+            rounds = args.warmup + args.steps
+            for r in range(rounds):
+                for c in contenders:
+                    send(c, "go")
+                    seconds = receive(c)["s"]
+                    if r >= args.warmup:
+                        times[c].append(seconds)
+                if (r + 1) % 10 == 0 or r + 1 == rounds:
+                    print(f"round {r + 1}/{rounds}: " + ", ".join(
+                        f"{c} {statistics.median(times[c] or [seconds]) * 1000:.1f}" for c in contenders) + " ms/step",
+                        file=sys.stderr)
+            for c in contenders:  # release together: no teardown overlaps a timed step
+                send(c, "go")
+            for c in contenders:
+                peak_gb[c] = receive(c)["peak_gb"]
+                procs[c].wait()
+        finally:
+            for c in contenders:
+                if procs[c].poll() is None:
+                    procs[c].kill()
+                logs[c].close()
+    return times, peak_gb
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
@@ -235,15 +329,17 @@ def main() -> int:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved")
+    ap.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every contender each)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default="bench/results/train_speed.json")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--free-running", action="store_true",
+                    help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     args = ap.parse_args()
     if args.arch == "sd15" and not args.worker:
         args.model = build_sd15_random(Path(tempfile.mkdtemp(prefix="difflora-sd15-")))
@@ -255,26 +351,10 @@ def main() -> int:
         worker(args)
         return 0
 
-    results: dict[str, dict] = {c: {"times": [], "peak_gb": []} for c in CONTENDERS}
-    with tempfile.TemporaryDirectory(prefix="difflora-speed-") as tmp:
-        _make_data(Path(tmp), 16, args.resolution)
-        base = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution), "--batch",
-                str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--precision", args.precision, "--device", args.device, "--threads", str(args.threads), "--data", tmp]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        for r in range(args.repeats):
-            for c in CONTENDERS:
-                p = subprocess.run(base + ["--worker", c], capture_output=True, text=True, env=env)
-                if p.returncode != 0:
-                    print(p.stderr[-3000:], file=sys.stderr)
-                    return 1
-                res = json.loads(p.stdout.strip().splitlines()[-1])
-                results[c]["times"] += res["times"]
-                results[c]["peak_gb"].append(res["peak_gb"])
-                print(f"run {r + 1}/{args.repeats} {c}: median {statistics.median(res['times']) * 1000:.1f} ms/step",
-                      file=sys.stderr)
-    summary = {c: {"median_step_s": statistics.median(v["times"]), "it_per_s": 1 / statistics.median(v["times"]),
-                   "peak_gb": max(v["peak_gb"]), "steps_measured": len(v["times"])} for c, v in results.items()}
+    contenders = [c for c in CONTENDERS if c in args.contenders]
+    times, peak_gb = run_lock_step(args, contenders)
+    summary = {c: {"median_step_s": statistics.median(times[c]), "it_per_s": 1 / statistics.median(times[c]),
+                   "peak_gb": peak_gb[c], "steps_measured": len(times[c])} for c in contenders}
     flops = unet_train_flops(args)  # the U-Net forward + backward, which dominates every contender's step
     device_name = "cpu"
     peak = None
@@ -287,16 +367,15 @@ def main() -> int:
         v["unet_tflop_per_s"] = flops / v["median_step_s"] / 1e12
         if peak:
             v["mfu"] = v["unet_tflop_per_s"] / peak
-    ref = summary["reference"]["median_step_s"]
-    std = summary["difflora_standard"]["median_step_s"]
-    ratios = {
-        "difflora_standard_time / reference_time": std / ref,
-        "difflora_addift_time / reference_time": summary["difflora_addift"]["median_step_s"] / ref,
-        "difflora_addift_time / difflora_standard_time": summary["difflora_addift"]["median_step_s"] / std,
-        "difflora_standard_peak / reference_peak": summary["difflora_standard"]["peak_gb"] / summary["reference"]["peak_gb"],
-        "difflora_standard_time / difflora_nocache_time": std / summary["difflora_nocache"]["median_step_s"],
-        "difflora_kohya_targets_time / reference_time": summary["difflora_kohya_targets"]["median_step_s"] / ref,
-    }
+    ratios = {}
+    for a, b, what in RATIOS:
+        if a in summary and b in summary:
+            if what == "time":
+                per_round = [x / y for x, y in zip(times[a], times[b])]
+                ratios[f"{a}_time / {b}_time"] = {"median_of_round_ratios": statistics.median(per_round),
+                                                  "ratio_of_medians": summary[a]["median_step_s"] / summary[b]["median_step_s"]}
+            else:
+                ratios[f"{a}_peak / {b}_peak"] = {"ratio": summary[a]["peak_gb"] / summary[b]["peak_gb"]}
     print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
           f"{args.precision}, {args.device}, {args.threads} thread(s)")
     print(f"U-Net forward+backward: {flops / 1e9:.2f} GFLOP per step; device {device_name}"
@@ -305,9 +384,15 @@ def main() -> int:
     for c, s in summary.items():
         print(f"{c:<20} {s['median_step_s'] * 1000:9.1f} {s['it_per_s']:7.2f} {s['peak_gb']:8.2f} "
               f"{s['unet_tflop_per_s']:14.4f}" + (f"  {s['mfu']:.1%}" if peak else ""))
-    print()
+    print(f"\n{'ratio':<46} {'median of rounds':>16} {'of medians':>11}")
     for k, v in ratios.items():
-        print(f"{k:<46} {v:.2f}")
+        print(f"{k:<46} {v.get('median_of_round_ratios', v.get('ratio')):16.2f}"
+              + (f" {v['ratio_of_medians']:11.2f}" if "ratio_of_medians" in v else ""))
+    for (a, b, what), target in TARGETS.items():
+        key = f"{a}_{what} / {b}_{what}"
+        if key in ratios and args.device == "cpu":
+            value = ratios[key].get("median_of_round_ratios", ratios[key].get("ratio"))
+            print(f"target {key} <= {target}: {'met' if value <= target else 'MISSED'} ({value:.2f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "data")},

@@ -57,7 +57,7 @@ class StepContext:
         self.network.set_multiplier(multiplier)
         return self.model.predict(noisy, t, cond)
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the loss's backward (and measured no faster)
     def predict_frozen(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The frozen model's output (trained LoRA off), without autograd."""
         self.network.set_multiplier(0.0)
