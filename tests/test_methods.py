@@ -181,19 +181,39 @@ def test_addift_common_caption_drops_the_changed_phrase():
     assert common_caption("a face, red hair, eyes open", "a face, red hair, eyes closed") == "a face, red hair"
 
 
-def test_slider_loss_is_plus_s_on_after_minus_s_on_before_against_true_noise():
-    job = apply_method_defaults(JobConfig(method="slider", train_data_dir="x", slider={"scale": 2.0}))
+@pytest.mark.parametrize("captions, after_caption, before_caption", [
+    ("common", "a face", "a face"),  # the default: the text cannot explain the difference
+    ("own", "a face, eyes closed", "a face, eyes open"),
+    ("empty", "", ""),
+])
+def test_slider_loss_is_plus_s_on_after_minus_s_on_before_against_true_noise(captions, after_caption, before_caption):
+    job = apply_method_defaults(JobConfig(method="slider", train_data_dir="x", slider={"scale": 2.0, "captions": captions}))
     ctx, net = _ctx(job)
     b = _batch()
     loss = slider_loss(ctx, b)
     obj = ctx.model.objective
     eps, t = b.noise, b.timesteps
     tt = 0.1 * t.view(-1, 1, 1, 1) / 1000
-    pred_after = obj.add_noise(b.latents["after"], eps, t) * 3 + tt + float(len("a face, eyes closed"))
-    pred_before = obj.add_noise(b.latents["x"], eps, t) * (-1) + tt + float(len("a face, eyes open"))
+    pred_after = obj.add_noise(b.latents["after"], eps, t) * 3 + tt + float(len(after_caption))
+    pred_before = obj.add_noise(b.latents["x"], eps, t) * (-1) + tt + float(len(before_caption))
     w = obj.min_snr_weight(t, 5.0)
     torch.testing.assert_close(loss, _mse(pred_after, eps) * w + _mse(pred_before, eps) * w)
     assert net.calls[0].tolist() == [2.0, 2.0, -2.0, -2.0]
+
+
+@pytest.mark.parametrize("captions, expected", [("common", ("common", "common")), ("own", ("x", "after"))])
+def test_differential_stages_train_a_on_before_and_b_on_after_with_chosen_captions(captions, expected):
+    job = apply_method_defaults(JobConfig(method="differential", train_data_dir="x", differential={"captions": captions}))
+    before, after = make_method(job).stages(4)
+    assert before.loss.keywords == {"image": "x", "caption": expected[0]}
+    assert after.loss.keywords == {"image": "after", "caption": expected[1]}
+    ctx, _ = _ctx(job)
+    b = _batch()
+    obj = ctx.model.objective
+    noisy = obj.add_noise(b.latents["after"], b.noise, b.timesteps)
+    caption = "a face" if captions == "common" else "a face, eyes closed"
+    pred = noisy * 2 + 0.1 * b.timesteps.view(-1, 1, 1, 1) / 1000 + float(len(caption))
+    torch.testing.assert_close(after.loss(ctx, b), _mse(pred, b.noise) * obj.min_snr_weight(b.timesteps, 5.0))
 
 
 def test_copier_stage2_keeps_stage1_active_and_trains_on_after_images():

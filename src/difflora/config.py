@@ -117,6 +117,9 @@ class SliderOptions(Strict):
     """Image-pair slider (Concept Sliders): +s on "after", -s on "before", both onto the true noise."""
 
     scale: float = Field(1.0, gt=0)
+    # "common": both images get the tags their captions share, so the LoRA, not the text, must carry
+    # the difference (Concept Sliders gives both images one prompt); "own": each image its own caption.
+    captions: Literal["common", "own", "empty"] = "common"
 
 
 class DifferenceOptions(Strict):
@@ -127,6 +130,7 @@ class DifferenceOptions(Strict):
     learning_rate: float = Field(1e-3, gt=0)
     rerank: int | None = Field(None, ge=1)  # SVD back to this rank; None keeps the exact (concatenated) rank
     save_parts: bool = False  # also save A and B
+    captions: Literal["common", "own"] = "common"  # A and B on the pair's shared tags, or each on its own caption
 
 
 # ------------------------------------------------------------------ the job

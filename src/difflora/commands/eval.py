@@ -19,15 +19,18 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job key for every method (e.g. max_train_steps=50)")
+                   help="override a job key for every method (TOML value; dotted keys reach tables: "
+                        "slider.captions='own')")
     p.add_argument("--out", default="eval_results")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..config import _toml_value
+    from pathlib import Path
+
+    from ..config import apply_overrides
     from ..errors import UserError
-    from ..toy.evaluate import METHOD_ROWS, TASKS, evaluate, markdown_table
+    from ..toy.evaluate import METHOD_ROWS, TASKS, eval_job, evaluate, markdown_table
 
     tasks = list(TASKS) if args.all else (args.task or ["eyes"])
     methods = list(METHOD_ROWS) if args.all or not args.method else args.method
@@ -35,12 +38,9 @@ def run(args) -> int:
         pairs = [int(x) for x in args.pairs.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--pairs takes comma-separated integers, got {args.pairs!r}") from None
-    overrides = {}
-    for item in args.overrides:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
-        overrides[k.strip()] = _toml_value(v.strip())
+    overrides = apply_overrides({}, args.overrides)
+    for method in methods:  # a bad --set stops here, before minutes of training
+        eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
     results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=args.m,
                        overrides=overrides)
     print(markdown_table(results))

@@ -20,13 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, Stage, StepContext, per_sample_mse
-
-
-def common_caption(a: str, b: str) -> str:
-    """The comma-separated tags two captions share, in a's order."""
-    tb = {t.strip() for t in b.split(",")}
-    return ", ".join(t.strip() for t in a.split(",") if t.strip() in tb)
+from .base import Batch, Method, Stage, StepContext, common_caption, per_sample_mse
 
 
 def branch_captions(batch: Batch, mode: str) -> tuple[list[str], list[str]]:

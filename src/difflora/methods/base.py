@@ -68,6 +68,19 @@ class StepContext:
         return self.model.objective.min_snr_weight(t, gamma) if gamma else 1.0
 
 
+def common_caption(a: str, b: str) -> str:
+    """The comma-separated tags two captions share, in a's order."""
+    tb = {t.strip() for t in b.split(",")}
+    return ", ".join(t.strip() for t in a.split(",") if t.strip() in tb)
+
+
+def pair_captions(batch: Batch, which: str) -> list[str]:
+    """Captions by key ("x", "after"), or "common": the tags each pair's two captions share."""
+    if which == "common":
+        return [common_caption(a, b) for a, b in zip(batch.captions["x"], batch.captions["after"])]
+    return batch.captions[which]
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over (C, H, W) for each sample, optionally weighted per element."""
     err = F.mse_loss(pred.float(), target.float(), reduction="none")

@@ -1,5 +1,9 @@
 """Differential merge as one command: overfit A on "before", B on "after", result = B - A.
 
+By default A and B are both conditioned on the tags the pair's captions share, so each must
+learn its images' side of the difference instead of leaning on a caption that names it
+(`differential.captions = "own"` gives each image its own caption).
+
 The subtraction is exact (ranks concatenated, so the file's delta is ΔW_B - ΔW_A), optionally
 brought back to a chosen rank by SVD. kohya's merge_lora.py does not compute B - A (its ratios
 act squared and it adds cross terms); see tools/lora_math.py.
@@ -21,11 +25,13 @@ class Differential(Method):
 
     def stages(self, n_items: int) -> list[Stage]:
         d = self.job.differential
-        save = "before" if d.save_parts else None
+        own = d.captions == "own"
         return [
-            Stage("before", d.before_steps, self.spec(), functools.partial(denoising_loss, image="x", caption="x"),
-                  learning_rate=d.learning_rate, save_as=save),
-            Stage("after", d.after_steps, self.spec(), functools.partial(denoising_loss, image="after", caption="after"),
+            Stage("before", d.before_steps, self.spec(),
+                  functools.partial(denoising_loss, image="x", caption="x" if own else "common"),
+                  learning_rate=d.learning_rate, save_as="before" if d.save_parts else None),
+            Stage("after", d.after_steps, self.spec(),
+                  functools.partial(denoising_loss, image="after", caption="after" if own else "common"),
                   learning_rate=d.learning_rate, save_as="after" if d.save_parts else None),
         ]
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, Stage, StepContext, per_sample_mse
+from .base import Batch, Method, Stage, StepContext, pair_captions, per_sample_mse
 
 
 def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: str = "x") -> torch.Tensor:
+    """`caption`: "x", "after", or "common" (the tags a pair's captions share)."""
     x0, noise, t = batch.latents[image], batch.noise, batch.timesteps
     objective = ctx.model.objective
     noisy = objective.add_noise(x0, noise, t)
-    pred = ctx.predict(noisy, t, ctx.encode(batch.captions[caption]), multiplier=1.0)
+    pred = ctx.predict(noisy, t, ctx.encode(pair_captions(batch, caption)), multiplier=1.0)
     loss = per_sample_mse(pred, objective.target(x0, noise, t))
     return loss * batch.loss_weight * ctx.min_snr(t)
 

@@ -148,29 +148,43 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
     return metrics, {"-1": minus, "0": zero, "+1": plus}
 
 
+def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, overrides: dict | None = None):
+    """The validated job one method trains for one task (`overrides`: nested dict from --set)."""
+    from pydantic import ValidationError
+
+    from ..config import JobConfig, _format_errors, apply_method_defaults
+
+    keys = dict(METHOD_ROWS[method])
+    job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
+                "seed": seed, "overwrite": True, "model": str(model_path) if model_path else None}
+    if keys["method"] == "standard":
+        job_data["train_data_dir"] = str(work / f"after_{task}_{n_pairs}")
+    else:
+        job_data["datasets"] = [{"subsets": [{"image_dir": str(work / f"pairs_{task}_{n_pairs}"),
+                                              "caption_extension": ".txt"}]}]
+    job_data["train_batch_size"] = min(n_pairs, 4)
+    job_data.update(keys)
+    for k, v in (overrides or {}).items():  # tables merge key by key (slider.captions keeps slider.scale)
+        job_data[k] = {**job_data[k], **v} if isinstance(v, dict) and isinstance(job_data.get(k), dict) else v
+    try:
+        return apply_method_defaults(JobConfig.model_validate(job_data))
+    except ValidationError as e:
+        raise _format_errors(e, "", "--set") from None
+
+
 def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
             overrides: dict | None = None, model=None):
-    from ..config import JobConfig, apply_method_defaults
     from ..models import load_model
     from ..train.loop import train
 
     pairs = work / f"pairs_{task}_{n_pairs}"
     if not pairs.exists():
         write_pairs(pairs, task, n_pairs, seed)
-    keys = dict(METHOD_ROWS[method])
-    job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
-                "seed": seed, "overwrite": True, "model": str(model_path) if model_path else None}
-    if keys["method"] == "standard":
+    if METHOD_ROWS[method]["method"] == "standard":
         data = work / f"after_{task}_{n_pairs}"
         if not data.exists():
             write_after_images(data, pairs)
-        job_data["train_data_dir"] = str(data)
-    else:
-        job_data["datasets"] = [{"subsets": [{"image_dir": str(pairs), "caption_extension": ".txt"}]}]
-    job_data["train_batch_size"] = min(n_pairs, 4)
-    job_data.update(keys)
-    job_data.update(overrides or {})
-    job = apply_method_defaults(JobConfig.model_validate(job_data))
+    job = eval_job(task, method, n_pairs, work, model_path, seed, overrides)
     t0 = time.time()
     with contextlib.redirect_stderr(io.StringIO()):
         path = train(job)
