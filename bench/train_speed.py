@@ -327,7 +327,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
     ap.add_argument("--arch", choices=["sd15"], default=None,
                     help="build the real SD1.5 architecture with random weights instead of --model (GPU runs)")
-    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--resolution", type=int, default=None, help="default: 64 (toy model), 512 with --arch sd15")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every contender each)")
@@ -342,6 +342,8 @@ def main() -> int:
     ap.add_argument("--free-running", action="store_true",
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     args = ap.parse_args()
+    if args.resolution is None:
+        args.resolution = 512 if args.arch == "sd15" else 64
     if args.worker:
         worker(args)
         return 0
