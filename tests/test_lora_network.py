@@ -51,7 +51,8 @@ def test_init_scale_and_shapes():
     assert LoRAModule("z", nn.Linear(3, 5), rank=4, alpha=0).scale == 1.0
 
 
-@pytest.mark.parametrize("module", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 3, padding=1)])
+@pytest.mark.parametrize("module", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 3, padding=1),
+                                    nn.Conv2d(6, 5, 3, stride=2, padding=1), nn.Conv2d(6, 5, 1, stride=2)])
 def test_hook_equals_dense_formula(module):
     torch.manual_seed(0)
     net = LoRANetwork.create([_target(module)], NetworkSpec(network_dim=3, network_alpha=1.5, conv_dim=2, conv_alpha=4))

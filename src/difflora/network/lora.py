@@ -64,6 +64,9 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
+        d = self.lora_down
+        self._down_is_1x1 = isinstance(d, nn.Conv2d) and d.kernel_size == (1, 1) and d.stride == (1, 1) \
+            and d.padding == (0, 0) and d.dilation == (1, 1) and d.groups == 1
         self.multiplier: float | torch.Tensor = 1.0
         self.enabled = True
         self._org = [org]  # a list, so the frozen module is not registered as a child
@@ -102,7 +105,10 @@ class LoRAModule(nn.Module):
         activation, a scalar folded into the (out x r) up weight.
         """
         w = self.lora_down.weight
-        h = self.lora_down(x.to(w.dtype))
+        if self._down_is_1x1:
+            h = conv1x1_as_matmul(w, x.to(w.dtype))
+        else:
+            h = self.lora_down(x.to(w.dtype))
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         scale = self.scale
@@ -124,13 +130,24 @@ class LoRAModule(nn.Module):
             coeff = multiplier * scale
         up = self.lora_up.weight * coeff
         if isinstance(self.lora_up, nn.Conv2d):
-            return F.conv2d(h, up)
+            return conv1x1_as_matmul(up, h)
         return F.linear(h, up)
 
     def weight_delta(self) -> torch.Tensor:
         """Dense ΔW = scale · up @ down in the shape of the frozen weight (multiplier not applied)."""
         return lora_weight_delta(self.lora_up.weight, self.lora_down.weight, self.scale,
                                  tuple(self.org_module.weight.shape))
+
+
+def conv1x1_as_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A bias-free 1x1 convolution (weight (O, C, 1, 1), x (B, C, H, W)) as one batched matmul.
+
+    LoRA's 1x1 convs are thin (r channels on one side); on CPU a convolution call costs about
+    twice a matmul for them (per-layer micro-benchmark in bench/README.md).
+    """
+    b, c, hgt, wid = x.shape
+    out = torch.matmul(weight.reshape(weight.shape[0], c), x.reshape(b, c, hgt * wid))
+    return out.view(b, weight.shape[0], hgt, wid)
 
 
 def lora_weight_delta(up: torch.Tensor, down: torch.Tensor, scale: float,
