@@ -106,3 +106,20 @@ def test_existing_output_is_not_overwritten(workspace, run_cli):
     code, _, err = run_cli("train", write_job(tmp / "job.toml", job))
     _assert_one_line(code, err, "last.safetensors", "already exists")
     assert (out / "last.safetensors").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("setting, needles", [
+    ("slider.captoins=own", ("--set", "slider.captoins", "captions")),
+    ("slider.captions=mine", ("--set", "slider.captions", "'own'")),
+])
+def test_eval_set_is_checked_before_any_training(tmp_path, run_cli, setting, needles):
+    code, _, err = run_cli("eval", "--method", "slider", "--pairs", "1", "--set", setting, "--out", tmp_path / "ev")
+    _assert_one_line(code, err, *needles)
+    assert not (tmp_path / "ev").exists()  # stopped before writing pairs or training
+
+
+def test_eval_set_dotted_key_keeps_the_rest_of_its_table(tmp_path):
+    from difflora.toy.evaluate import eval_job
+
+    job = eval_job("eyes", "slider", 8, tmp_path, None, 0, ["slider.captions='own'", "max_train_steps=7"])
+    assert job.slider.captions == "own" and job.slider.scale == 1.0 and job.max_train_steps == 7

@@ -7,7 +7,8 @@ import torch
 
 from difflora.config import JobConfig, apply_method_defaults
 from difflora.methods import Batch, StepContext, make_method
-from difflora.methods.addift import addift_loss, addift_timesteps, common_caption
+from difflora.methods.addift import addift_loss, addift_timesteps
+from difflora.methods.base import common_caption
 from difflora.methods.slider import slider_loss
 from difflora.methods.standard import denoising_loss
 from difflora.models.base import Conditioning

@@ -28,7 +28,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..config import apply_overrides
     from ..errors import UserError
     from ..toy.evaluate import METHOD_ROWS, TASKS, eval_job, evaluate, markdown_table
 
@@ -38,7 +37,7 @@ def run(args) -> int:
         pairs = [int(x) for x in args.pairs.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--pairs takes comma-separated integers, got {args.pairs!r}") from None
-    overrides = apply_overrides({}, args.overrides)
+    overrides = args.overrides
     for method in methods:  # a bad --set stops here, before minutes of training
         eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
     results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=args.m,

@@ -20,18 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, Stage, StepContext, common_caption, per_sample_mse
-
-
-def branch_captions(batch: Batch, mode: str) -> tuple[list[str], list[str]]:
-    """Captions for the frozen branch (before image) and the LoRA branch (after image)."""
-    before, after = batch.captions["x"], batch.captions["after"]
-    if mode == "common":
-        shared = [common_caption(a, b) for a, b in zip(before, after)]
-        return shared, shared
-    if mode == "empty":
-        return [""] * len(before), [""] * len(before)
-    return before, after  # "fixed_roles": before caption to the frozen model, after caption to the LoRA
+from .base import Batch, Method, Stage, StepContext, branch_captions, per_sample_mse
 
 
 def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:

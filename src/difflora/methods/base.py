@@ -81,6 +81,17 @@ def pair_captions(batch: Batch, which: str) -> list[str]:
     return batch.captions[which]
 
 
+def branch_captions(batch: Batch, mode: str) -> tuple[list[str], list[str]]:
+    """Captions for a pair's (before, after) images: "common" (both the shared tags), "empty",
+    or each image its own ("own"; ADDifT calls it "fixed_roles")."""
+    if mode == "common":
+        shared = pair_captions(batch, "common")
+        return shared, shared
+    if mode == "empty":
+        return [""] * len(batch), [""] * len(batch)
+    return batch.captions["x"], batch.captions["after"]
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over (C, H, W) for each sample, optionally weighted per element."""
     err = F.mse_loss(pred.float(), target.float(), reduction="none")

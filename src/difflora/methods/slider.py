@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, Stage, StepContext, pair_captions, per_sample_mse
+from .base import Batch, Method, Stage, StepContext, branch_captions, per_sample_mse
 
 
 def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
@@ -22,11 +22,7 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     x0 = torch.cat([x_after, x_before])
     tt = torch.cat([t, t])
     noisy = obj.add_noise(x0, torch.cat([noise, noise]), tt)
-    mode = ctx.job.slider.captions
-    if mode == "own":
-        before, after = batch.captions["x"], batch.captions["after"]
-    else:
-        before = after = pair_captions(batch, "common") if mode == "common" else [""] * n
+    before, after = branch_captions(batch, ctx.job.slider.captions)
     cond = ctx.encode(after + before)
     multiplier = torch.tensor([s] * n + [-s] * n)
     pred = ctx.predict(noisy, tt, cond, multiplier)

@@ -148,11 +148,12 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
     return metrics, {"-1": minus, "0": zero, "+1": plus}
 
 
-def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, overrides: dict | None = None):
-    """The validated job one method trains for one task (`overrides`: nested dict from --set)."""
+def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int,
+             overrides: list[str] | None = None):
+    """The validated job one method trains for one task (`overrides`: --set KEY=VALUE strings)."""
     from pydantic import ValidationError
 
-    from ..config import JobConfig, _format_errors, apply_method_defaults
+    from ..config import JobConfig, _format_errors, apply_method_defaults, apply_overrides
 
     keys = dict(METHOD_ROWS[method])
     job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
@@ -164,8 +165,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
                                               "caption_extension": ".txt"}]}]
     job_data["train_batch_size"] = min(n_pairs, 4)
     job_data.update(keys)
-    for k, v in (overrides or {}).items():  # tables merge key by key (slider.captions keeps slider.scale)
-        job_data[k] = {**job_data[k], **v} if isinstance(v, dict) and isinstance(job_data.get(k), dict) else v
+    apply_overrides(job_data, overrides or [])
     try:
         return apply_method_defaults(JobConfig.model_validate(job_data))
     except ValidationError as e:
@@ -173,7 +173,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
 
 
 def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
-            overrides: dict | None = None, model=None):
+            overrides: list[str] | None = None, model=None):
     from ..models import load_model
     from ..train.loop import train
 
@@ -207,7 +207,7 @@ def markdown_table(results: list[TaskResult]) -> str:
 
 
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
-             m: int = 64, overrides: dict | None = None) -> list[TaskResult]:
+             m: int = 64, overrides: list[str] | None = None) -> list[TaskResult]:
     from ..fileio import write_json_atomic, write_text_atomic
     from ..generate import make_grid
     from ..models import load_model
