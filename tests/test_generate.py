@@ -61,12 +61,37 @@ def test_generate_cli_writes_pngs_with_parameters_and_a_sweep_grid(tmp_path, tin
                               f"{lora}:0.5", "--sweep", "-1,0,1", "--n-images", "2", "--steps", "3", "--out", out)
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert "000_grid.png" in names and "000_0_m-1.png" in names and "000_1_m+1.png" in names
-    info = Image.open(out / "000_0_m-1.png").text
+    assert names == ["000_0_c00_w-1.png", "000_0_c01_w+0.png", "000_0_c02_w+1.png", "000_1_c00_w-1.png",
+                     "000_1_c01_w+0.png", "000_1_c02_w+1.png", "000_grid.png"]  # sorted by seed, then multiplier
+    info = Image.open(out / "000_0_c00_w-1.png").text
     assert "Seed: 0" in info["parameters"] and "Lora: l:-1" in info["parameters"]
-    minus, zero, plus = (np.asarray(Image.open(out / f"000_0_m{m}.png")) for m in ("-1", "+0", "+1"))
+    minus, zero, plus = (np.asarray(Image.open(out / f"000_0_c{c}.png")) for c in ("00_w-1", "01_w+0", "02_w+1"))
     assert (minus != zero).any() and (plus != zero).any()
     # multiplier 0 in a sweep equals a plain generation without the LoRA
     code, _, _ = run_cli("generate", "--model", tiny_sd1_dir, "--prompt", "a face, red hair", "--steps", "3",
                          "--out", tmp_path / "plain")
     assert np.array_equal(zero, np.asarray(Image.open(tmp_path / "plain" / "000_0.png")))
+
+
+def test_generate_refuses_to_overwrite_without_flag(tmp_path, tiny_sd1_dir, run_cli):
+    out = tmp_path / "out"
+    args = ("generate", "--model", tiny_sd1_dir, "--prompt", "a face", "--steps", "2", "--out", out)
+    assert run_cli(*args)[0] == 0
+    before = (out / "000_0.png").read_bytes()
+    code, _, err = run_cli(*args[:-2], "--seed", "0", "--negative", "blue", "--out", out)
+    assert code == 2 and "already exist" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "000_0.png").read_bytes() == before  # nothing replaced
+    code, _, _ = run_cli(*args[:-2], "--negative", "blue", "--out", out, "--overwrite")
+    assert code == 0 and (out / "000_0.png").read_bytes() != before
+
+
+def test_grid_labels_are_readable_and_titled():
+    from difflora.generate import make_grid, weight_label
+
+    assert [weight_label(m) for m in (-1, 0, 1, 0.5)] == ["weight -1", "weight 0", "weight +1", "weight +0.5"]
+    tile = np.zeros((64, 64, 3), np.uint8)
+    plain = make_grid([[tile] * 3], [weight_label(m) for m in (-1, 0, 1)], scale=2)
+    titled = make_grid([[tile] * 3], [weight_label(m) for m in (-1, 0, 1)], scale=2, title="a face  |  LoRA: x")
+    assert titled.size[0] == plain.size[0] and titled.size[1] > plain.size[1]  # a title line above the labels
+    header = np.asarray(plain)[: plain.size[1] - 128]
+    assert header.shape[0] >= 16 and (header < 128).sum() > 100  # label glyphs drawn at a readable size

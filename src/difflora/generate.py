@@ -98,26 +98,71 @@ def save_png(image: np.ndarray | Image.Image, path: str | Path, parameters: str 
         img.save(tmp, format="PNG", pnginfo=png)
 
 
+def weight_label(multiplier: float) -> str:
+    """The column label every grid uses for a LoRA multiplier: "weight -1", "weight 0", "weight +1"."""
+    return "weight 0" if multiplier == 0 else f"weight {multiplier:+g}"
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
 def make_grid(rows: list[list[np.ndarray]], col_labels: list[str] | None = None, row_labels: list[str] | None = None,
-              scale: int = 1) -> Image.Image:
-    """A labelled grid: rows of equally sized images."""
+              scale: int = 1, title: str | None = None) -> Image.Image:
+    """A labelled grid of equally sized images, in the one style demo, generate, eval and samples share.
+
+    `title` (the prompt and the LoRA name) goes above the column labels; labels are drawn at a size that
+    stays readable next to small tiles (tiles are upscaled with nearest neighbour by `scale`).
+    """
     h, w = rows[0][0].shape[:2]
     h, w = h * scale, w * scale
-    top = 14 if col_labels else 0
-    left = 0
-    if row_labels:
-        left = min(220, 6 * max(len(r) for r in row_labels) + 8)
     ncol = max(len(r) for r in rows)
+    font = _font(max(12, min(20, w // 9)))
+    line = font.size + 6 if hasattr(font, "size") else 14
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width_of(text: str) -> int:
+        return int(probe.textlength(text, font=font))
+
+    left = min(260, max(width_of(r) for r in row_labels) + 12) if row_labels else 0
+    title_lines = _wrap(title, ncol * w + left - 8, width_of) if title else []
+    top = line * len(title_lines) + (line if col_labels else 0)
     grid = Image.new("RGB", (left + ncol * w, top + len(rows) * h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    for k, text in enumerate(title_lines):
+        draw.text((4, 3 + k * line), text, fill=(0, 0, 0), font=font)
     for j, label in enumerate(col_labels or []):
-        draw.text((left + j * w + 2, 1), label, fill=(0, 0, 0))
+        x = left + j * w + max(2, (w - width_of(label)) // 2)
+        draw.text((x, top - line + 3), label, fill=(0, 0, 0), font=font)
     for i, row in enumerate(rows):
         if row_labels:
-            draw.text((2, top + i * h + h // 2 - 5), row_labels[i][: (left - 8) // 6], fill=(0, 0, 0))
+            draw.text((4, top + i * h + h // 2 - line // 2), row_labels[i], fill=(0, 0, 0), font=font)
         for j, img in enumerate(row):
             tile = Image.fromarray(img)
             if scale != 1:
                 tile = tile.resize((w, h), Image.NEAREST)
             grid.paste(tile, (left + j * w, top + i * h))
     return grid
+
+
+def _wrap(text: str, width: int, width_of) -> list[str]:
+    """Greedy word wrap to a pixel width (at most 3 lines; the last one ends with an ellipsis if cut)."""
+    lines, current = [], ""
+    for word in text.replace("\n", " ").split(" "):
+        candidate = f"{current} {word}".strip()
+        if current and width_of(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    if len(lines) > 3:
+        lines = lines[:3]
+        lines[-1] = lines[-1][: max(1, len(lines[-1]) - 3)] + "..."
+    return lines

@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..config import JobConfig, apply_method_defaults
     from ..errors import UserError
     from ..fileio import write_json_atomic, write_text_atomic
-    from ..generate import make_grid
+    from ..generate import make_grid, weight_label
     from ..models import load_model
     from ..toy.evaluate import TASKS, score, write_pairs
     from ..toy.judge import load_judge
@@ -58,7 +58,8 @@ def run(args) -> int:
     judge = load_judge()
     metrics, images = score(model, lora, "eyes", max(8, args.m), args.seed + 1, judge)
     rows = [[images["-1"][i], images["0"][i], images["+1"][i]] for i in range(8)]
-    make_grid(rows, ["x-1 (open)", "x0 (base)", "x+1 (closed)"], scale=3).save(out / "grid.png")
+    labels = [f"{weight_label(-1)} (open)", f"{weight_label(0)} (base)", f"{weight_label(1)} (closed)"]
+    make_grid(rows, labels, scale=3, title=f"8 held-out prompts  |  LoRA: {Path(lora).name}").save(out / "grid.png")
     total_s = time.time() - t0
     report = {"task": "eyes open -> closed", "method": args.method, "pairs": args.pairs, "lora": str(lora),
               "train_steps": job.max_train_steps, "train_seconds": round(train_s, 1),

@@ -64,12 +64,20 @@ def register(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sweep", default=None, help="comma-separated multipliers for the last --lora, one grid")
     p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --out (refused otherwise)")
     p.set_defaults(func=run)
+
+
+def image_name(prompt_index: int, seed: int, column: int | None, multiplier: float | None) -> str:
+    """`000_7.png`, or in a sweep `000_7_c01_w-1.png`: the column index keeps names in multiplier order."""
+    if multiplier is None:
+        return f"{prompt_index:03d}_{seed}.png"
+    return f"{prompt_index:03d}_{seed}_c{column:02d}_w{multiplier:+g}.png"
 
 
 def run(args) -> int:
     from ..data.prompts import SamplePrompt, load_prompt_file
-    from ..generate import GenerationRequest, generate, make_grid, parameters_text, save_png
+    from ..generate import GenerationRequest, generate, make_grid, parameters_text, save_png, weight_label
     from ..network.apply import network_from_file
 
     prompts = [SamplePrompt(prompt=p, negative=args.negative, seed=None, cfg=args.cfg, steps=args.steps) for p in args.prompt]
@@ -81,15 +89,27 @@ def run(args) -> int:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and not loras:
         raise UserError("--sweep needs a --lora to sweep")
+    columns = sorted(sweep) if sweep else [None]
+    plan = []  # (prompt, seeds, file names per (seed, column)) decided before any work
+    for pi, sp in enumerate(prompts):
+        seeds = [(sp.seed if sp.seed is not None else args.seed) + k for k in range(args.n_images)]
+        names = [image_name(pi, s, ci, c) for s in seeds for ci, c in enumerate(columns)]
+        plan.append((pi, sp, seeds, names + ([f"{pi:03d}_grid.png"] if sweep else [])))
+    out = Path(args.out)
+    existing = [out / n for _, _, _, names in plan for n in names if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{len(existing)} output image(s) already exist (first: {existing[0].name}); pass --overwrite "
+                        "or choose another --out", path=out)
     model = load_model_from_args(args)
     networks = [network_from_file(model, path, mult) for path, mult in loras]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = Path(model.source).name
     written = 0
-    for pi, sp in enumerate(prompts):
-        seeds = [(sp.seed if sp.seed is not None else args.seed) + k for k in range(args.n_images)]
-        columns = sweep or [None]
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(seeds) * len(columns) for _, _, seeds, _ in plan), desc="generate", unit="img",
+               dynamic_ncols=True, disable=None)
+    for pi, sp, seeds, names in plan:
         entries = [(s, c) for s in seeds for c in columns]
         req = GenerationRequest(
             prompts=[sp.prompt] * len(entries), seeds=[s for s, _ in entries], negative=[sp.negative] * len(entries),
@@ -99,20 +119,22 @@ def run(args) -> int:
         if sweep:
             req.multipliers[len(networks) - 1] = [c for _, c in entries]
         images = generate(model, networks, req)
-        for (seed, col), img in zip(entries, images):
+        for (seed, col), img, name in zip(entries, images, names):
             used = [(p, (col if (sweep and i == len(loras) - 1) else m)) for i, (p, m) in enumerate(loras)]
             params = parameters_text(sp.prompt, sp.negative, req.steps, req.sampler, req.cfg, seed,
                                      (img.shape[1], img.shape[0]), model_name, used)
-            suffix = f"_m{col:+g}" if col is not None else ""
-            save_png(img, out / f"{pi:03d}_{seed}{suffix}.png", params,
+            save_png(img, out / name, params,
                      {"prompt": sp.prompt, "negative": sp.negative, "seed": seed, "steps": req.steps,
                       "sampler": req.sampler, "cfg": req.cfg, "loras": used, "model": model.source})
             written += 1
+            bar.update(1)
         if sweep:
             rows = [images[r * len(columns):(r + 1) * len(columns)] for r in range(len(seeds))]
-            grid = make_grid(rows, [f"x{c:+g}" for c in columns], [f"seed {s}" for s in seeds],
-                             scale=max(1, 256 // rows[0][0].shape[0]))
-            save_png(grid, out / f"{pi:03d}_grid.png", f"{sp.prompt}\nSweep: {args.sweep} on {Path(loras[-1][0]).name}")
+            lora_name = Path(loras[-1][0]).name
+            grid = make_grid(rows, [weight_label(c) for c in columns], [f"seed {s}" for s in seeds],
+                             scale=max(1, 256 // rows[0][0].shape[0]), title=f"{sp.prompt}  |  LoRA: {lora_name}")
+            save_png(grid, out / names[-1], f"{sp.prompt}\nSweep: {args.sweep} on {lora_name}")
+    bar.close()
     log.info("wrote %d image(s) to %s", written, out)
     print(f"wrote {written} image(s) to {out}")
     return 0
