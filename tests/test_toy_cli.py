@@ -119,6 +119,9 @@ def test_judge_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "pairs"
     assert _run(["toy", "pairs", "--change", "mouth=smiling:neutral", "--n", 3, "--out", out, "--seed", 5], capsys)[0] == 0
     (out / "notes.txt").write_text("not a caption")  # ignored: no image beside it
+    from PIL import Image
+
+    Image.new("RGB", (200, 70), "white").save(out / "000_grid.png")  # a generate/eval grid: skipped, not judged
     code, stdout, _ = _run(["toy", "judge", out], capsys)
     assert code == 0
     lines = stdout.splitlines()

@@ -210,6 +210,11 @@ def _find_images(folder: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+def _is_grid(path: Path) -> bool:
+    """Grids written by generate, demo, eval and training samples (`*grid*.png`): many faces, not one."""
+    return "grid" in path.stem.lower()
+
+
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -249,6 +254,10 @@ def cmd_judge(args) -> int:
     if not folder.is_dir():
         raise UserError("is not a folder", path=folder)
     files = _find_images(folder, args.recursive)
+    grids = [p for p in files if _is_grid(p)]
+    if grids:
+        log.info("skipping %d grid image(s) (%s%s)", len(grids), grids[0].name, ", ..." if len(grids) > 1 else "")
+        files = [p for p in files if not _is_grid(p)]
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder", path=folder,
                         hint=None if args.recursive else "pass --recursive to look in sub-folders")
