@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="difflora",
         description="Train LoRA adapters that learn the difference between images, and the tools around them.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"difflora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="difflora's debug lines (not the libraries')")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -51,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Libraries we call are chatty at INFO; keep them at WARNING unless debugging.
-    for noisy in ("transformers", "diffusers", "accelerate", "torch", "PIL", "urllib3", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    """difflora's own loggers at INFO (DEBUG with -v, WARNING with -q); every library at WARNING.
+
+    The root logger stays at WARNING so that -v shows difflora's debug lines and not the libraries'.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 _NEGATIVE_LIST = re.compile(r"^-\d[\d.,:\-e]*$")
