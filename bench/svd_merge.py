@@ -39,7 +39,7 @@ import torch
 
 from difflora.fileio import write_json_atomic
 from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
-from difflora.models.tiny import build_real_architecture
+from difflora.toy.tiny import build_real_architecture
 from difflora.tools import lora_math
 
 RANK_IN, RANK_OUT = 32, 16

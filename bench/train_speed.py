@@ -59,7 +59,7 @@ def build_sd15_random(folder: Path) -> str:
 
     from difflora.models.ldm import clip_tokenizer
     from difflora.models.sd import StableDiffusion
-    from difflora.models.tiny import SD15_TE, SD15_UNET, SD_VAE
+    from difflora.toy.tiny import SD15_TE, SD15_UNET, SD_VAE
     from difflora.toy.base_model import SCHEDULER_CONFIG
 
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ def difflora_worker(args, images: Path, pairs: Path, method: str, out: Path, gat
         job["train_data_dir"] = str(images)
     else:
         job["datasets"] = [{"subsets": [{"image_dir": str(pairs), "caption_extension": ".txt"}]}]
-    train(apply_method_defaults(JobConfig.model_validate(job)), on_step=gate)
+    train(apply_method_defaults(JobConfig.model_validate(job)), listeners=[lambda event: event.type == "step" and gate()])
 
 
 def unet_train_flops(args) -> float:

@@ -45,7 +45,7 @@ def _write_pairs(folder: Path, n: int, size: int, change=("eyes", "open", "close
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory) -> Path:
     """A small SD1 model (2 blocks) saved as a diffusers folder; 16x16 images."""
-    from difflora.models.tiny import build_tiny_sd
+    from difflora.toy.tiny import build_tiny_sd
 
     d = tmp_path_factory.mktemp("models") / "tiny_sd1"
     build_tiny_sd("sd1", layout="small").save(d)
@@ -55,7 +55,7 @@ def tiny_sd1_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd15_layout_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD1 and SD2 models with SD1.5's block layout (real LoRA names), diffusers folders."""
-    from difflora.models.tiny import build_tiny_sd
+    from difflora.toy.tiny import build_tiny_sd
 
     base = tmp_path_factory.mktemp("models15")
     out = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_job
-from difflora.models.tiny import build_tiny_sd
+from difflora.toy.tiny import build_tiny_sd
 from difflora.network.files import save_lora
 from difflora.network.lora import LoRANetwork, NetworkSpec
 

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from conftest import write_job
 from difflora.errors import UserError
 from difflora.network.files import load_lora, save_lora
-from difflora.train import checkpoint
-from difflora.train.checkpoint import load_state, save_state
+from difflora import statefile
+from difflora.statefile import load_state, save_state
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
 
@@ -266,10 +266,10 @@ def test_state_of_a_crash_between_the_two_renames_loads_from_old(tmp_path, monke
         if Path(dst).name == "r-state.old":  # r-state -> r-state.old done; killed before tmp -> r-state
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(statefile.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         save_state(d, {"step": 2, "w": torch.zeros(3)})
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(statefile.os, "replace", real_replace)
     assert not d.exists() and (tmp_path / "r-state.old" / "state.json").exists()
     state = load_state(d)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
@@ -290,10 +290,10 @@ def test_resume_after_a_crash_between_the_renames_gives_the_same_lora(tmp_path, 
         if Path(dst).name == "r-state.old":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(statefile.os, "replace", replace)
     code, _, err = run_cli("train", job)
     assert code == 130, err
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(statefile.os, "replace", real_replace)
     assert not (out / "r-state").exists() and load_state(out / "r-state")["step"] == 2  # from r-state.old
     code, _, err = run_cli("train", job, "--resume")
     assert code == 0, err

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from difflora.errors import UserError
-from difflora.models.tiny import build_tiny_sd
+from difflora.toy.tiny import build_tiny_sd
 from difflora.network.files import load_lora, save_lora, sshs_hashes
 from difflora.network.lora import LoRANetwork, NetworkSpec
 

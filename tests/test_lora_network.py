@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
-from difflora.models.tiny import build_real_architecture, build_tiny_sd
+from difflora.toy.tiny import build_real_architecture, build_tiny_sd
 from difflora.network.lora import LoRAModule, LoRANetwork, NetworkSpec, lora_weight_delta
 
 KEYS = Path(__file__).parent / "data" / "kohya_keys"  # kohya sd-scripts' module names, one per line

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from difflora.config import JobConfig, apply_method_defaults
-from difflora.methods import Batch, StepContext, make_method
+from difflora.methods import Batch, DataSizes, StepContext, make_method
 from difflora.methods.addift import addift_loss, addift_timesteps
 from difflora.methods.base import common_caption
 from difflora.methods.slider import slider_loss
@@ -57,7 +57,8 @@ def _batch(step=0, n=2, mask=None):
     return Batch(latents={"x": torch.randn(shape, generator=g), "after": torch.randn(shape, generator=g)},
                  captions={"x": ["a face, eyes open"] * n, "after": ["a face, eyes closed"] * n},
                  noise=torch.randn(shape, generator=g), timesteps=torch.tensor([600, 900][:n]),
-                 loss_weight=torch.ones(n), masks=mask, step=step)
+                 loss_weight=torch.ones(n), step=step,
+                 mask_fn=None if mask is None else (lambda threshold, dilate: mask))
 
 
 def _mse(a, b, w=None):
@@ -102,6 +103,7 @@ def test_objectives_match_their_definitions():
 @pytest.mark.parametrize("step", [0, 1])
 def test_addift_even_step_plus_m_odd_step_minus_m_and_swapped_images(step):
     job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"captions": "fixed_roles"}))
+    assert job.addift.captions == "own"  # TrainTrain's name for it, accepted as an alias
     ctx, net = _ctx(job, step=step)
     b = _batch(step=step)
     loss = addift_loss(ctx, b)
@@ -141,13 +143,13 @@ def test_difference_mask_zeroes_the_loss_outside_the_changed_region():
     b.latents["after"][:, :, 0, 0] += 3.0  # the pair differs in one latent pixel
     inside = torch.zeros(2, 1, 4, 4)
     inside[:, :, 0, 0] = 1
-    b.masks = inside
+    b.mask_fn = lambda threshold, dilate, m=inside: m
     ctx, _ = _ctx(job)
     masked = addift_loss(ctx, b)
-    b.masks = torch.zeros(2, 1, 4, 4)  # nothing changed anywhere: no loss at all
+    b.mask_fn = lambda threshold, dilate, m=torch.zeros(2, 1, 4, 4): m  # nothing changed anywhere: no loss at all
     ctx, _ = _ctx(job)
     assert torch.all(addift_loss(ctx, b) == 0)
-    b.masks = inside
+    b.mask_fn = lambda threshold, dilate, m=inside: m
     # Perturb the prediction only outside the mask: the masked loss must not move.
     ctx, net = _ctx(job)
     original_predict = ctx.model.predict
@@ -205,7 +207,7 @@ def test_slider_loss_is_plus_s_on_after_minus_s_on_before_against_true_noise(cap
 @pytest.mark.parametrize("captions, expected", [("common", ("common", "common")), ("own", ("x", "after"))])
 def test_differential_stages_train_a_on_before_and_b_on_after_with_chosen_captions(captions, expected):
     job = apply_method_defaults(JobConfig(method="differential", train_data_dir="x", differential={"captions": captions}))
-    before, after = make_method(job).stages(4)
+    before, after = make_method(job).stages(DataSizes(4, lambda items: 1))
     assert before.loss.keywords == {"image": "x", "caption": expected[0]}
     assert after.loss.keywords == {"image": "after", "caption": expected[1]}
     ctx, _ = _ctx(job)
@@ -219,7 +221,7 @@ def test_differential_stages_train_a_on_before_and_b_on_after_with_chosen_captio
 
 def test_copier_stage2_keeps_stage1_active_and_trains_on_after_images():
     job = apply_method_defaults(JobConfig(method="copier", train_data_dir="x"))
-    stages = make_method(job).stages(4)
+    stages = make_method(job).stages(DataSizes(4, lambda items: 1))
     assert [s.name for s in stages] == ["copier", "difference"]
     assert stages[1].keep_active == ["copier"]
     assert stages[0].loss.keywords == {"image": "x", "caption": "x"}
@@ -234,7 +236,7 @@ def test_method_defaults_only_fill_unset_keys():
 
 def test_addift_self_regularisation_term_matches_its_formula():
     job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x",
-                                          addift={"captions": "fixed_roles", "self_reg_weight": 0.5}))
+                                          addift={"captions": "own", "self_reg_weight": 0.5}))
     mask = torch.zeros(2, 1, 4, 4)
     mask[:, :, :2] = 1
     b = _batch(mask=mask)

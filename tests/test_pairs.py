@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from PIL import Image
 
 from conftest import _write_pairs, write_job
 from difflora.config import JobConfig, apply_method_defaults
-from difflora.methods import make_method
-from difflora.models.tiny import build_tiny_sd
+from difflora.methods import DataSizes, make_method
+from difflora.toy.tiny import build_tiny_sd
 from difflora.network.apply import network_from_file
 from difflora.network.files import save_lora
 from difflora.network.lora import LoRANetwork, NetworkSpec
@@ -31,7 +32,7 @@ def test_multi_pair_average_is_the_exact_mean_of_the_deltas():
     model = build_tiny_sd("sd1", layout="small")
     job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", per_pair_average=True))
     method = make_method(job)
-    stages = method.stages(3)
+    stages = method.stages(DataSizes(3, lambda items: 1))
     assert [s.items for s in stages] == [[0], [1], [2]]
     nets = {s.name: _random_net(model, dim, i) for i, (s, dim) in enumerate(zip(stages, (2, 4, 3)))}
     merged = method.finalize(nets)
@@ -41,7 +42,7 @@ def test_multi_pair_average_is_the_exact_mean_of_the_deltas():
         torch.testing.assert_close(dense_delta(merged, name), expected, atol=1e-5, rtol=1e-5)
     job.average_rank = 2
     reranked = make_method(job)
-    reranked.stages(3)
+    reranked.stages(DataSizes(3, lambda items: 1))
     low = reranked.finalize(nets)
     name = module_names(states[0])[0]
     exact = sum(dense_delta(s, name) for s in states) / 3
@@ -94,3 +95,27 @@ def test_pairs_of_different_sizes_are_resized_with_a_warning(tmp_path, tiny_sd1_
         code, _, err = run_cli("train", _pair_job(tmp_path, tiny_sd1_dir, pairs))
     assert code == 0, err
     assert any("differ in size" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("method, tables, expected", [
+    ("copier", {"copier": {"stage1_steps": 1, "stage2_steps": 1, "stage1_learning_rate": 3e-3,
+                           "stage2_learning_rate": 7e-4}}, {"copier": 3e-3, "difference": 7e-4}),
+    ("differential", {"differential": {"before_steps": 1, "after_steps": 1, "learning_rate": 2e-3}},
+     {"before": 2e-3, "after": 2e-3}),
+])
+def test_multi_stage_metadata_records_the_learning_rates_that_ran(tmp_path, tiny_sd1_dir, pairs16, method, tables,
+                                                                  expected):
+    import json
+
+    from difflora.network.files import read_metadata_only
+    from difflora.train.loop import train
+
+    job = apply_method_defaults(JobConfig.model_validate({
+        "method": method, "model": str(tiny_sd1_dir), "resolution": 16, "learning_rate": 1e-4,
+        "datasets": [{"subsets": [{"image_dir": str(pairs16)}]}], "output_dir": str(tmp_path), "log_with": "none",
+        **tables}))
+    md = read_metadata_only(train(job))
+    result_lr = list(expected.values())[-1]  # the file is the last stage's result (B, or B - A)
+    assert float(md["ss_learning_rate"]) == result_lr and float(md["ss_unet_lr"]) == result_lr
+    assert json.loads(md["difflora_stage_learning_rates"]) == expected
+    assert md["ss_max_train_steps"] == md["ss_steps"] == "2"

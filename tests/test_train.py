@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -120,3 +122,23 @@ def test_tensorboard_logs_loss_and_learning_rate(tmp_path, tiny_sd1_dir, faces16
     tags = acc.Tags()["scalars"]
     assert "loss/main" in tags and any(t.startswith("lr/main/") for t in tags)
     assert [e.step for e in acc.Scalars("loss/main")] == [1, 2, 3]
+
+
+def test_max_train_epochs_sizes_the_lr_schedule_to_the_steps_that_run(tmp_path, tiny_sd1_dir, faces16):
+    """kohya: max_train_epochs wins over max_train_steps; the cosine schedule must end at 0 on the last step run."""
+    from difflora.config import JobConfig, apply_method_defaults
+    from difflora.network.files import read_metadata_only
+    from difflora.train.loop import train
+
+    job = apply_method_defaults(JobConfig.model_validate({
+        "model": str(tiny_sd1_dir), "train_data_dir": str(faces16), "resolution": 16, "train_batch_size": 2,
+        "max_train_steps": 1600, "max_train_epochs": 2, "lr_scheduler": "cosine", "learning_rate": 1e-3,
+        "output_dir": str(tmp_path / "out"), "log_with": "none"}))
+    steps = []
+    path = train(job, listeners=[lambda e: e.type == "step" and steps.append(e)])
+    # 4 images x 2 repeats at batch 2 = 4 steps per epoch
+    assert [e.step for e in steps] == list(range(1, 9)) and steps[0].steps == 8
+    assert steps[0].lr == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 8)))
+    assert steps[-1].lr == pytest.approx(0.0, abs=1e-12)
+    md = read_metadata_only(path)
+    assert md["ss_steps"] == "8" and md["ss_max_train_steps"] == "8"

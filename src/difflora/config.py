@@ -14,13 +14,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import UserError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .methods import METHODS
+from .options import Strict
 
 
 # ------------------------------------------------------------------ dataset (kohya layout)
@@ -70,75 +68,19 @@ class DatasetFile(Strict):
     datasets: list[DatasetConfig] = Field(min_length=1)
 
 
-# ------------------------------------------------------------------ methods
+# ------------------------------------------------------------------ the job
 class PresetLora(Strict):
     path: str
     multiplier: float = 1.0
 
 
-class CopierOptions(Strict):
-    """Copier ("copy machine"): stage 1 overfits A on "before", stage 2 trains B on "after" with A on."""
-
-    stage1_steps: int = Field(400, ge=1)
-    stage1_learning_rate: float = Field(1e-3, gt=0)
-    stage1_network_dim: int = Field(16, ge=1)
-    stage1_network_alpha: float = 16.0
-    stage2_steps: int = Field(400, ge=1)
-    stage2_learning_rate: float = Field(1e-3, gt=0)
-    stage2_network_dim: int | None = Field(None, ge=1)  # None: network_dim
-    stage2_network_alpha: float | None = None
-    save_copier: bool = False
-
-
-class AddiftOptions(Strict):
-    """ADDifT: see methods/addift.py and README. Defaults follow TrainTrain's Action preset."""
-
-    multiplier: float = Field(0.25, gt=0)  # m: +m on even steps, -m·|alt_ratio| on odd steps
-    alt_ratio: float = 1.0
-    min_timestep: int = Field(500, ge=0, le=999)
-    max_timestep: int = Field(1000, ge=1, le=1000)
-    timestep_groups: int = Field(10, ge=1)  # stratified: one uniform draw from each of k groups in turn
-    replicate_traintrain_timesteps: bool = False  # the shipped width-1 windows (bug B1), for comparison
-    captions: Literal["common", "fixed_roles", "empty"] = "common"
-    diff_mask: bool = False  # weight the loss by where the pair differs (job: diff_mask_threshold/dilate)
-    mask_floor: float = Field(0.0, ge=0, le=1)  # loss weight outside the mask
-    revert_direction: bool = False  # learn after -> before instead
-    self_reg_weight: float = Field(0.0, ge=0)  # keep the LoRA output equal to the base outside the mask
-    batch_both_directions: bool = False  # run +m and -m in one forward pass (per-sample multipliers)
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.min_timestep >= self.max_timestep:
-            raise ValueError("addift.min_timestep must be smaller than addift.max_timestep")
-        return self
-
-
-class SliderOptions(Strict):
-    """Image-pair slider (Concept Sliders): +s on "after", -s on "before", both onto the true noise."""
-
-    scale: float = Field(1.0, gt=0)
-    # "common": both images get the tags their captions share, so the LoRA, not the text, must carry
-    # the difference (Concept Sliders gives both images one prompt); "own": each image its own caption.
-    captions: Literal["common", "own", "empty"] = "common"
-
-
-class DifferenceOptions(Strict):
-    """Differential merge: overfit LoRAs on "before" and on "after", result = B - A."""
-
-    before_steps: int = Field(400, ge=1)
-    after_steps: int = Field(400, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    rerank: int | None = Field(None, ge=1)  # SVD back to this rank; None keeps the exact (concatenated) rank
-    save_parts: bool = False  # also save A and B
-    captions: Literal["common", "own"] = "common"  # A and B on the pair's shared tags, or each on its own caption
-
-
-# ------------------------------------------------------------------ the job
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
-class JobConfig(DatasetOptions):
+class JobOptions(DatasetOptions):
+    """Every job key except the method tables (see JobConfig)."""
+
     # model
     model: str | None = None  # None: the embedded toy model
     model_family: Literal["sd1", "sd2"] | None = None
@@ -148,17 +90,9 @@ class JobConfig(DatasetOptions):
     preset_loras: list[PresetLora] = []
     sample_without_presets: bool = False
 
-    # method
-    method: Literal["standard", "copier", "addift", "slider", "differential"] = "standard"
-    copier: CopierOptions = CopierOptions()
-    addift: AddiftOptions = AddiftOptions()
-    slider: SliderOptions = SliderOptions()
-    differential: DifferenceOptions = DifferenceOptions()
-
+    # method (`method` and one table per method: see JobConfig)
     per_pair_average: bool = False  # train one LoRA per pair and average their deltas (DiffSynth-Studio)
     average_rank: int | None = Field(None, ge=1)  # SVD the average back to this rank (None: exact)
-    diff_mask_threshold: float = Field(10.0, ge=0)  # sum of |RGB| difference (0-765) counted as changed
-    diff_mask_dilate: int = Field(2, ge=0)  # pixels
 
     # network
     network_dim: int = Field(4, ge=1)
@@ -245,6 +179,16 @@ class JobConfig(DatasetOptions):
         return self
 
 
+def _job_schema() -> type[JobOptions]:
+    """JobOptions + `method` + each registered method's option table under the method's name."""
+    tables = {name: (m.options, m.options()) for name, m in METHODS.items() if m.options is not None}
+    return create_model("JobConfig", __base__=JobOptions, __module__=__name__, __doc__="A validated job TOML.",
+                        method=(Literal[tuple(METHODS)], "standard"), **tables)
+
+
+JobConfig = _job_schema()
+
+
 # ------------------------------------------------------------------ loading
 def _toml_value(text: str) -> Any:
     try:
@@ -311,7 +255,7 @@ def _model_at(model, loc: tuple):
     return model
 
 
-def _format_errors(e: ValidationError, text: str, path: str) -> UserError:
+def format_errors(e: ValidationError, text: str, path: str) -> UserError:
     err = e.errors()[0]
     loc = tuple(err.get("loc", ()))
     key = ".".join(str(x) for x in loc) or "(top level)"
@@ -384,8 +328,6 @@ def resolve_dataset_paths(datasets: list[DatasetConfig], base: Path) -> None:
 
 def apply_method_defaults(job: JobConfig) -> JobConfig:
     """Fill keys the user did not set with the chosen method's recommended values."""
-    from .methods import METHODS
-
     for key, value in METHODS[job.method].defaults.items():
         if key not in job.model_fields_set:
             setattr(job, key, value)
@@ -410,7 +352,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None,
     try:
         job = apply_method_defaults(JobConfig.model_validate(data))
     except ValidationError as e:
-        raise _format_errors(e, text, str(path)) from None
+        raise format_errors(e, text, str(path)) from None
     try:
         _resolve_job_paths(job, path, root)
     except UserError as e:
@@ -435,7 +377,7 @@ def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
         try:
             ds = DatasetFile.model_validate(ds_data)
         except ValidationError as e:
-            raise _format_errors(e, ds_text, str(ds_path)) from None
+            raise format_errors(e, ds_text, str(ds_path)) from None
         try:
             resolve_dataset_paths(ds.datasets, ds_path.resolve().parent)
         except UserError as e:

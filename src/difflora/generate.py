@@ -57,8 +57,7 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
                 net.set_multiplier(float(m[0]))
             elif m is not None:
                 net.set_multiplier(m, component="text_encoder")
-        cond = model.encode_prompts(req.prompts[sl]).tensors["encoder_hidden_states"]
-        uncond = model.encode_prompts(negative[sl]).tensors["encoder_hidden_states"]
+        embeddings = model.pipeline_embeddings(model.encode_prompts(req.prompts[sl]), model.encode_prompts(negative[sl]))
         for i, net in enumerate(networks):
             values = req.multipliers.get(i)
             if values is not None:
@@ -66,7 +65,7 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
                 if not bool((m == m[0]).all()):
                     net.set_multiplier(torch.cat([m, m]) if req.cfg > 1.0 else m, component="unet")
         gens = [torch.Generator().manual_seed(int(s)) for s in req.seeds[sl]]
-        result = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=gens, num_inference_steps=req.steps,
+        result = pipe(**embeddings, generator=gens, num_inference_steps=req.steps,
                       guidance_scale=req.cfg, width=width, height=height, output_type="np")
         if output == "float":
             out.extend(np.asarray(img, dtype=np.float32) for img in result.images)

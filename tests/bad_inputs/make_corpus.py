@@ -118,7 +118,7 @@ def gif_with_header(width: int, height: int) -> bytes:
 # ---------------------------------------------------------------------------- LoRA files
 @functools.lru_cache(maxsize=None)
 def _tiny(variant: str):
-    from difflora.models.tiny import build_tiny_sd
+    from difflora.toy.tiny import build_tiny_sd
 
     return build_tiny_sd(variant, layout="small")
 

@@ -15,6 +15,8 @@ def register(sub) -> None:
                    help="override a config key (TOML value; dotted keys reach tables: addift.multiplier=0.5)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="STATE_DIR",
                    help="continue from a saved training state (default: <output_dir>/<output_name>-state)")
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="append progress events (steps, losses, saves, end) to FILE, one JSON object per line")
     p.add_argument("--ignore-lock", action="store_true", help="start even if another run holds the output lock")
     p.add_argument("--help-keys", action="store_true", help="list every job key with its default and exit")
     p.add_argument("--restrict-paths", default=None, metavar="DIR",
@@ -62,7 +64,12 @@ def run(args) -> int:
         import sys
 
         return run_ranks(n, sys.argv[1:])
-    path = train(job, resume=args.resume, ignore_lock=args.ignore_lock)
+    listeners = []
+    if args.events:
+        from ..train.listeners import JsonLines
+
+        listeners.append(JsonLines(args.events))
+    path = train(job, resume=args.resume, ignore_lock=args.ignore_lock, listeners=listeners)
     if path is not None:
         print(f"saved {path}")
     return 0

@@ -350,7 +350,7 @@ class TrainingData:
                     flips = [t, torch.flip(t, dims=[3])] if it.flip_aug else [t]
                     # Seeded by the file's content, not its path: moving a dataset does not change the LoRA.
                     source = it.path if key == "x" else it.after_path
-                    gen = torch.Generator().manual_seed(_seed_of(_file_digest(source), key, self.job.seed))
+                    gen = torch.Generator().manual_seed(seed_of(_file_digest(source), key, self.job.seed))
                     lat = torch.cat([model.encode_images(f.to(model.device), sample=True, generator=gen).float().cpu()
                                      for f in flips])
                     cached = {key: lat[0]}
@@ -415,7 +415,8 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _seed_of(*parts) -> int:
+def seed_of(*parts) -> int:
+    """A 63-bit seed derived from any values (the same values always give the same seed)."""
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") % (2**63)
 
 

@@ -1,16 +1,20 @@
-"""Training methods. Each is one module with a loss that reads in one screen."""
+"""Training methods. Each is one module with its option table and a loss that reads in one screen.
+
+METHODS is the registry: config.py builds the job schema from it (each method's `options`
+becomes the job table named after it), the loop builds the method from it.
+"""
 
 from __future__ import annotations
 
 from .addift import Addift
-from .base import Batch, Method, Stage, StepContext
+from .base import Batch, DataSizes, Method, Stage, StepContext
 from .copier import Copier
 from .differential import Differential
 from .per_pair import PerPairAverage
 from .slider import Slider
 from .standard import Standard
 
-METHODS = {"standard": Standard, "copier": Copier, "addift": Addift, "slider": Slider, "differential": Differential}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Standard, Copier, Addift, Slider, Differential)}
 
 
 def make_method(job) -> Method:
@@ -20,4 +24,4 @@ def make_method(job) -> Method:
     return method
 
 
-__all__ = ["Batch", "Method", "Stage", "StepContext", "METHODS", "make_method"]
+__all__ = ["Batch", "DataSizes", "Method", "Stage", "StepContext", "METHODS", "make_method"]

@@ -19,8 +19,35 @@ own captions reach the model; the difference mask is the real pixel difference.
 from __future__ import annotations
 
 import torch
+from pydantic import Field, model_validator
 
-from .base import Batch, Method, Stage, StepContext, branch_captions, per_sample_mse
+from ..options import Strict
+from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
+
+
+class AddiftOptions(Strict):
+    """`[addift]`. Defaults follow TrainTrain's Action preset (see the module docstring and README)."""
+
+    multiplier: float = Field(0.25, gt=0)  # m: +m on even steps, -m·|alt_ratio| on odd steps
+    alt_ratio: float = 1.0
+    min_timestep: int = Field(500, ge=0, le=999)
+    max_timestep: int = Field(1000, ge=1, le=1000)
+    timestep_groups: int = Field(10, ge=1)  # stratified: one uniform draw from each of k groups in turn
+    replicate_traintrain_timesteps: bool = False  # the shipped width-1 windows (bug B1), for comparison
+    captions: CaptionMode = "common"  # "own": "before" caption to the frozen model, "after" to the LoRA
+    diff_mask: bool = False  # weight the loss by where the pair differs
+    diff_mask_threshold: float = Field(10.0, ge=0)  # sum of |RGB| difference (0-765) counted as changed
+    diff_mask_dilate: int = Field(2, ge=0)  # pixels
+    mask_floor: float = Field(0.0, ge=0, le=1)  # loss weight outside the mask
+    revert_direction: bool = False  # learn after -> before instead
+    self_reg_weight: float = Field(0.0, ge=0)  # keep the LoRA output equal to the base outside the mask
+    batch_both_directions: bool = False  # run +m and -m in one forward pass (per-sample multipliers)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError("addift.min_timestep must be smaller than addift.max_timestep")
+        return self
 
 
 def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
@@ -46,7 +73,7 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     target = ctx.predict_frozen(frozen_in, tt, ctx.encode(c_o * len(directions)))
     pred = ctx.predict(lora_in, tt, ctx.encode(c_t * len(directions)), multiplier=m)
     weight = None
-    masks = batch.difference_masks() if (o.diff_mask or o.self_reg_weight) else None
+    masks = batch.difference_masks(o.diff_mask_threshold, o.diff_mask_dilate) if (o.diff_mask or o.self_reg_weight) else None
     if masks is not None:
         mask = masks.repeat(len(directions), 1, 1, 1)
         if o.diff_mask:
@@ -77,6 +104,7 @@ def addift_timesteps(opts, t_min: int, t_max: int):
 
 class Addift(Method):
     name = "addift"
+    options = AddiftOptions
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
     # lr 3e-3: on the toy eyes/smile tasks (8 pairs, 100 steps) 1e-3 reached 91%/88% edit success,
@@ -84,9 +112,9 @@ class Addift(Method):
     defaults = {"max_train_steps": 100, "learning_rate": 3e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
 
-    def stages(self, n_items: int) -> list[Stage]:
+    def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift
-        return [Stage("main", self.job.max_train_steps, self.spec(), addift_loss,
+        return [Stage("main", self.main_steps(data), self.spec(), addift_loss,
                       timesteps=addift_timesteps(o, o.min_timestep, o.max_timestep), init_from_job_weights=True)]
 
     def metadata(self) -> dict[str, str]:

@@ -9,13 +9,20 @@ The loop knows nothing else about a method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator
 
 from ..models.base import Conditioning
 from ..network.lora import LoRANetwork, NetworkSpec
+from ..options import Strict
+
+# How a pair's two images are captioned: both on the tags their captions share ("common"), each
+# on its own caption ("own"; TrainTrain's ADDifT calls this "fixed_roles", accepted as an alias), or none.
+CaptionMode = Annotated[Literal["common", "own", "empty"],
+                        BeforeValidator(lambda v: "own" if v == "fixed_roles" else v)]
 
 
 @dataclass
@@ -27,18 +34,19 @@ class Batch:
     noise: torch.Tensor  # (B, C, h, w), one draw per sample, shared by both images of a pair
     timesteps: torch.Tensor  # (B,)
     loss_weight: torch.Tensor  # (B,) prior_loss_weight for regularisation images, else 1
-    masks: torch.Tensor | None = None  # (B, 1, h, w) where a pair differs (latent resolution)
     step: int = 0
-    mask_fn: Callable[[], torch.Tensor] | None = None  # builds `masks` when a loss first asks
+    # (threshold, dilate) -> (B, 1, h, w) where each pair differs, at latent resolution
+    mask_fn: Callable[[float, int], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.noise.shape[0]
 
-    def difference_masks(self) -> torch.Tensor | None:
-        """Where each pair differs, built on first use (most steps of most methods never need them)."""
-        if self.masks is None and self.mask_fn is not None:
-            self.masks = self.mask_fn()
-        return self.masks
+    def difference_masks(self, threshold: float, dilate: int) -> torch.Tensor | None:
+        """Where each pair differs (summed |RGB| difference above `threshold`, dilated by `dilate` pixels).
+
+        Built when asked: most steps of most methods never need them.
+        """
+        return None if self.mask_fn is None else self.mask_fn(threshold, dilate)
 
 
 @dataclass
@@ -83,7 +91,7 @@ def pair_captions(batch: Batch, which: str) -> list[str]:
 
 def branch_captions(batch: Batch, mode: str) -> tuple[list[str], list[str]]:
     """Captions for a pair's (before, after) images: "common" (both the shared tags), "empty",
-    or each image its own ("own"; ADDifT calls it "fixed_roles")."""
+    or each image its own ("own")."""
     if mode == "common":
         shared = pair_captions(batch, "common")
         return shared, shared
@@ -114,14 +122,35 @@ class Stage:
     init_from_job_weights: bool = False  # start from the job's network_weights
 
 
+@dataclass
+class DataSizes:
+    """What a method needs to know about the data to size its stages."""
+
+    n_items: int  # unique items (pairs, for pair methods)
+    epoch_steps: Callable[[list[int] | None], int]  # optimizer steps in one epoch over these items (None: all)
+
+
 class Method:
+    """A training method: its option table, recommended defaults, stages and result.
+
+    Adding a method = a module with a subclass + one line in methods/__init__.py's METHODS;
+    the job schema (config.py) picks up `options` as the table named after the method.
+    """
+
     name = "method"
+    options: ClassVar[type[Strict] | None] = None  # the `[<name>]` table of a job, None: no options
     needs_pairs = False
     unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
-    defaults: dict = {}  # recommended job values, used for keys the user did not set
+    defaults: ClassVar[dict] = {}  # recommended job values, used for keys the user did not set
 
     def __init__(self, job):
         self.job = job
+
+    def main_steps(self, data: DataSizes, items: list[int] | None = None) -> int:
+        """A single-stage method's length: max_train_epochs epochs when set (kohya: it wins), else max_train_steps."""
+        if self.job.max_train_epochs:
+            return self.job.max_train_epochs * data.epoch_steps(items)
+        return self.job.max_train_steps
 
     def spec(self, dim: int | None = None, alpha: float | None = None) -> NetworkSpec:
         j = self.job
@@ -133,7 +162,7 @@ class Method:
             only_if_contains=tuple(j.network_only_if_contains), ignore_if_contains=tuple(j.network_ignore_if_contains),
         )
 
-    def stages(self, n_items: int) -> list[Stage]:
+    def stages(self, data: DataSizes) -> list[Stage]:
         raise NotImplementedError
 
     def finalize(self, results: dict[str, LoRANetwork]) -> dict[str, torch.Tensor]:

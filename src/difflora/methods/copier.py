@@ -11,16 +11,34 @@ from __future__ import annotations
 
 import functools
 
-from .base import Method, Stage
+from pydantic import Field
+
+from ..options import Strict
+from .base import DataSizes, Method, Stage
 from .standard import denoising_loss
+
+
+class CopierOptions(Strict):
+    """`[copier]`: stage 1 overfits A on "before", stage 2 trains B on "after" with A on."""
+
+    stage1_steps: int = Field(400, ge=1)
+    stage1_learning_rate: float = Field(1e-3, gt=0)
+    stage1_network_dim: int = Field(16, ge=1)
+    stage1_network_alpha: float = 16.0
+    stage2_steps: int = Field(400, ge=1)
+    stage2_learning_rate: float = Field(1e-3, gt=0)
+    stage2_network_dim: int | None = Field(None, ge=1)  # None: network_dim
+    stage2_network_alpha: float | None = None
+    save_copier: bool = False
 
 
 class Copier(Method):
     name = "copier"
+    options = CopierOptions
     needs_pairs = True
     defaults = {"network_dim": 4, "network_alpha": 4.0, "min_snr_gamma": 5.0}
 
-    def stages(self, n_items: int) -> list[Stage]:
+    def stages(self, data: DataSizes) -> list[Stage]:
         c = self.job.copier
         copier = Stage("copier", c.stage1_steps, self.spec(c.stage1_network_dim, c.stage1_network_alpha),
                        functools.partial(denoising_loss, image="x", caption="x"), learning_rate=c.stage1_learning_rate,

@@ -12,18 +12,34 @@ act squared and it adds cross terms); see tools/lora_math.py.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
+from pydantic import Field
+
+from ..options import Strict
 from ..tools.lora_math import combine_exact, svd_rerank
-from .base import Method, Stage
+from .base import DataSizes, Method, Stage
 from .standard import denoising_loss
+
+
+class DifferentialOptions(Strict):
+    """`[differential]`: overfit LoRAs on "before" and on "after", result = B - A."""
+
+    before_steps: int = Field(400, ge=1)
+    after_steps: int = Field(400, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    rerank: int | None = Field(None, ge=1)  # SVD back to this rank; None keeps the exact (concatenated) rank
+    save_parts: bool = False  # also save A and B
+    captions: Literal["common", "own"] = "common"  # A and B on the pair's shared tags, or each on its own caption
 
 
 class Differential(Method):
     name = "differential"
+    options = DifferentialOptions
     needs_pairs = True
     defaults = {"network_dim": 8, "network_alpha": 8.0, "min_snr_gamma": 5.0}
 
-    def stages(self, n_items: int) -> list[Stage]:
+    def stages(self, data: DataSizes) -> list[Stage]:
         d = self.job.differential
         own = d.captions == "own"
         return [

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import UserError
 from ..tools.lora_math import combine_exact, svd_rerank
-from .base import Method, Stage
+from .base import DataSizes, Method, Stage
 
 
 class PerPairAverage(Method):
     def __init__(self, job, inner: Method):
+        if not inner.needs_pairs:
+            raise UserError(f"per_pair_average needs a pair method (copier, addift, slider, differential), not {inner.name}")
         super().__init__(job)
         self.inner = inner
         self.name = f"{inner.name}+per_pair_average"
@@ -21,11 +24,12 @@ class PerPairAverage(Method):
         self.unet_only = inner.unet_only
         self.groups: list[list[str]] = []
 
-    def stages(self, n_items: int) -> list[Stage]:
+    def stages(self, data: DataSizes) -> list[Stage]:
         out, self.groups = [], []
-        for i in range(n_items):
+        for i in range(data.n_items):
             group = []
-            for st in self.inner.stages(1):
+            one_pair = DataSizes(1, lambda items, i=i: data.epoch_steps([i]))
+            for st in self.inner.stages(one_pair):
                 name = f"pair{i:03d}.{st.name}"
                 out.append(dataclasses.replace(st, name=name, items=[i], save_as=None,
                                                keep_active=[f"pair{i:03d}.{k}" for k in st.keep_active]))

@@ -10,8 +10,19 @@ the difference and the LoRA learns little of it (measured in the README).
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from .base import Batch, Method, Stage, StepContext, branch_captions, per_sample_mse
+from ..options import Strict
+from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
+
+
+class SliderOptions(Strict):
+    """`[slider]`: +s on "after", -s on "before", both onto the true noise."""
+
+    scale: float = Field(1.0, gt=0)
+    # "common": both images get the tags their captions share, so the LoRA, not the text, must carry
+    # the difference (Concept Sliders gives both images one prompt); "own": each image its own caption.
+    captions: CaptionMode = "common"
 
 
 def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
@@ -32,10 +43,11 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
 
 class Slider(Method):
     name = "slider"
+    options = SliderOptions
     needs_pairs = True
     unet_only = True
     defaults = {"max_train_steps": 200, "learning_rate": 1e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
 
-    def stages(self, n_items: int) -> list[Stage]:
-        return [Stage("main", self.job.max_train_steps, self.spec(), slider_loss, init_from_job_weights=True)]
+    def stages(self, data: DataSizes) -> list[Stage]:
+        return [Stage("main", self.main_steps(data), self.spec(), slider_loss, init_from_job_weights=True)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, Stage, StepContext, pair_captions, per_sample_mse
+from .base import Batch, DataSizes, Method, Stage, StepContext, pair_captions, per_sample_mse
 
 
 def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: str = "x") -> torch.Tensor:
@@ -20,5 +20,5 @@ def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: st
 class Standard(Method):
     name = "standard"
 
-    def stages(self, n_items: int) -> list[Stage]:
-        return [Stage("main", self.job.max_train_steps, self.spec(), denoising_loss, init_from_job_weights=True)]
+    def stages(self, data: DataSizes) -> list[Stage]:
+        return [Stage("main", self.main_steps(data), self.spec(), denoising_loss, init_from_job_weights=True)]

@@ -95,7 +95,17 @@ class ModelFamily(ABC):
 
     @property
     def latent_downscale(self) -> int:
+        """Pixels per latent cell (the VAE's down factor)."""
         return 8
+
+    @property
+    @abstractmethod
+    def latent_multiple(self) -> int:
+        """Image sides must be multiples of this: pixels per latent cell × the denoiser's own down factor."""
+
+    @abstractmethod
+    def pipeline_embeddings(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
+        """Keyword arguments that hand encoded prompts (and negative prompts) to `pipeline()`'s __call__."""
 
     # ---- generation and saving
     @abstractmethod

@@ -294,9 +294,9 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"cannot work out the model's layout from the checkpoint ({type(e).__name__}: {e})", path=path) from None
     if sched_cfg is None:
-        from ..toy.base_model import SCHEDULER_CONFIG
+        from .sd import SD_SCHEDULER_CONFIG
 
-        sched_cfg = dict(SCHEDULER_CONFIG)
+        sched_cfg = dict(SD_SCHEDULER_CONFIG)
     if prediction_type is None:
         spec = metadata.get("modelspec.prediction_type")
         prediction_type = "v_prediction" if spec == "v" else sched_cfg.get("prediction_type", "epsilon")

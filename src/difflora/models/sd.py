@@ -18,6 +18,18 @@ from .objectives import objective_for
 
 log = logging.getLogger(__name__)
 
+# Stable Diffusion 1.x's noise schedule (DDPM scaled-linear), used when a checkpoint carries none.
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 _TE_ROLE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
@@ -136,6 +148,14 @@ class StableDiffusion(ModelFamily):
     @property
     def latent_downscale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.latent_downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def pipeline_embeddings(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
+                "negative_prompt_embeds": uncond.tensors["encoder_hidden_states"]}
 
     def lora_metadata(self) -> dict[str, str]:
         return {

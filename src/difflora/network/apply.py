@@ -11,7 +11,8 @@ from .files import LoraFile, load_lora
 from .lora import LoRANetwork
 
 
-def _family_of(version: str) -> str:
+def family_of(version: str) -> str:
+    """The model family (sd1, sd2, sdxl, ...) of a kohya ss_base_model_version."""
     v = version.lower()
     return "sdxl" if v.startswith("sdxl") else "sd2" if v.startswith("sd_v2") else "sd1" if v.startswith("sd_v1") else v
 
@@ -19,7 +20,7 @@ def _family_of(version: str) -> str:
 def check_lora_fits(model, lora: LoraFile) -> None:
     """Raise a UserError naming the file when the LoRA cannot belong to `model`."""
     version = lora.metadata.get("ss_base_model_version")
-    if version and _family_of(version) in ("sd1", "sd2", "sdxl") and _family_of(version) != _family_of(model.base_model_version):
+    if version and family_of(version) in ("sd1", "sd2", "sdxl") and family_of(version) != family_of(model.base_model_version):
         raise UserError(
             f"LoRA was trained for {version} (ss_base_model_version) but the model is {model.base_model_version}",
             path=lora.path,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..network.apply import _family_of
+from ..network.apply import family_of
 from ..network.files import LoraFile, load_lora
 
 # modelspec keys describing the base model, carried from the inputs to a merged LoRA
@@ -88,7 +88,7 @@ def check_compatible(loras: list[LoraFile]) -> None:
         if v:
             if first_version is None:
                 first_version = (v, lora)
-            elif _family_of(v) != _family_of(first_version[0]):
+            elif family_of(v) != family_of(first_version[0]):
                 raise UserError(f"LoRA is for {v} but {Path(first_version[1].path).name} is for {first_version[0]} "
                                 "(ss_base_model_version); LoRAs of different model families cannot be combined",
                                 path=lora.path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..network.apply import _family_of
+from ..network.apply import family_of
 from ..network.files import save_dtype, save_lora
 from . import lora_math
 from .common import check_lora_output, check_rank, network_args, resolve_device
@@ -53,7 +53,7 @@ def _is_text_encoder(model, target) -> bool:
 
 
 def _check_pair(org, tuned, targets_o, targets_t) -> None:
-    fo, ft = _family_of(org.base_model_version), _family_of(tuned.base_model_version)
+    fo, ft = family_of(org.base_model_version), family_of(tuned.base_model_version)
     if fo != ft:
         raise UserError(f"the tuned model is {tuned.base_model_version} but the original is {org.base_model_version}; "
                         "both models must be of one family", path=getattr(tuned, "source", None))

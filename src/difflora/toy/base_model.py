@@ -14,6 +14,7 @@ from __future__ import annotations
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from tokenizers import pre_tokenizers
 
+from ..models.sd import SD_SCHEDULER_CONFIG
 from . import faces
 
 MAX_LENGTH = 77
@@ -99,16 +100,7 @@ UNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+SCHEDULER_CONFIG = SD_SCHEDULER_CONFIG  # SD1's: DDPM scaled-linear, epsilon
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:

@@ -153,7 +153,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
     """The validated job one method trains for one task (`overrides`: --set KEY=VALUE strings)."""
     from pydantic import ValidationError
 
-    from ..config import JobConfig, _format_errors, apply_method_defaults, apply_overrides
+    from ..config import JobConfig, format_errors, apply_method_defaults, apply_overrides
 
     keys = dict(METHOD_ROWS[method])
     job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
@@ -169,7 +169,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
     try:
         return apply_method_defaults(JobConfig.model_validate(job_data))
     except ValidationError as e:
-        raise _format_errors(e, "", "--set") from None
+        raise format_errors(e, "", "--set") from None
 
 
 def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,

@@ -1,129 +1,58 @@
-"""Training state without pickle: nested dicts/lists of tensors and JSON values.
-
-`to_tensors_and_json` splits a nested state (an optimizer's state_dict, say) into a flat
-tensor dict for safetensors and a JSON tree in which each tensor is replaced by a
-reference; `from_tensors_and_json` puts it back together.
-"""
+"""Saving what a run has made: LoRA checkpoints, the training state, the stages' own files, the result."""
 
 from __future__ import annotations
 
-import errno
-import json
-import math
-import os
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from ..errors import UserError
-from ..fileio import load_safetensors, save_safetensors
-
-_REF = "__tensor__"
-_TUPLE = "__tuple__"
-_INTKEYS = "__intkeys__"
+from ..network.files import save_dtype, save_lora
+from ..statefile import save_state
+from .events import CheckpointWritten, EventBus
+from .metadata import RunMetadata
 
 
-def to_tensors_and_json(obj: Any, prefix: str = "s") -> tuple[dict[str, torch.Tensor], Any]:
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+class Checkpointer:
+    """Writes files on the main process only (other ranks hold the same weights), each atomically."""
 
-    def walk(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            key = (x.untyped_storage().data_ptr(), x.storage_offset()) if x.numel() else (id(x), 0)
-            if key in seen:  # safetensors refuses shared storage: store a copy
-                x = x.detach().clone()
-            seen.add(key)
-            tensors[path] = x
-            return {_REF: path}
-        if isinstance(x, dict):
-            if x and all(isinstance(k, int) for k in x):
-                return {_INTKEYS: [[k, walk(v, f"{path}.{k}")] for k, v in x.items()]}
-            return {str(k): walk(v, f"{path}.{k}") for k, v in x.items()}
-        if isinstance(x, tuple):
-            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
-        if isinstance(x, float) and not math.isfinite(x):
-            return {"__float__": repr(x)}
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"cannot serialize {type(x).__name__} at {path}")
+    def __init__(self, run, metadata: RunMetadata, events: EventBus, fingerprint: str):
+        self.run = run
+        self.metadata = metadata
+        self.events = events
+        self.fingerprint = fingerprint
+        self.dtype = save_dtype(run.job.save_precision)
 
-    return tensors, walk(obj, prefix)
+    def _lora(self, tensors, name: str, steps: int, epoch: int):
+        path = self.run.out_dir / f"{name}.safetensors"
+        save_lora(tensors, path, self.metadata.for_lora(steps, epoch), dtype=self.dtype)
+        return path
 
+    def save(self, progress, results: dict, step: int, tag: str | None, with_state: bool,
+             params_are: str = "current") -> None:
+        """The current stage's LoRA as <name>[-<stage>]-<tag> (when tagged) and/or the state to resume from."""
+        if not self.run.is_main:
+            return
+        name = lora = state_dir = None
+        global_step = progress.offset + step
+        if tag is not None:
+            label = f"-{progress.stage.name}" if progress.multi_stage else ""
+            name = f"{self.run.job.output_name}{label}-{tag}"
+            lora = self._lora(progress.network.kohya_state_dict(), name, global_step, step // progress.per_epoch)
+        if with_state:
+            save_state(self.run.state_dir, {
+                "stage_index": progress.index, "stage_name": progress.stage.name, "step": step,
+                "network": progress.network.state_dict(), "optimizer": progress.optimizer.state_dict(),
+                "scheduler": progress.scheduler.state_dict(),
+                "completed": {k: v.state_dict() for k, v in results.items()},
+                "fingerprint": self.fingerprint, "session_id": self.metadata.session_id,
+                "started": self.metadata.started, "params": params_are,
+            })
+            state_dir = self.run.state_dir
+        self.events.emit(CheckpointWritten(step=global_step, lora=str(lora) if lora else None,
+                                           state_dir=str(state_dir) if state_dir else None))
 
-def from_tensors_and_json(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
-    def walk(x: Any) -> Any:
-        if isinstance(x, dict):
-            if _REF in x:
-                return tensors[x[_REF]]
-            if _TUPLE in x:
-                return tuple(walk(v) for v in x[_TUPLE])
-            if _INTKEYS in x:
-                return {int(k): walk(v) for k, v in x[_INTKEYS]}
-            if "__float__" in x:
-                return float(x["__float__"])
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
+    def save_stage_result(self, suffix: str, network, global_step: int) -> None:
+        """A stage's own LoRA (the copier's A, the differential's parts) as <name>-<suffix>."""
+        if self.run.is_main:
+            path = self._lora(network.kohya_state_dict(), f"{self.run.job.output_name}-{suffix}", global_step, 0)
+            self.events.emit(CheckpointWritten(step=global_step, lora=str(path), state_dir=None))
 
-    return walk(tree)
-
-
-def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` into DIRECTORY (tensors.safetensors + state.json) as one atomic step.
-
-    The files are written into a temporary sibling folder that is then renamed, so a
-    reader sees either the complete new state or none; an existing DIRECTORY is replaced
-    only after the new one is complete.
-    """
-    import shutil
-    import tempfile
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        tensors, tree = to_tensors_and_json(state)
-        save_safetensors(tensors, tmp / "tensors.safetensors")
-        from ..fileio import write_json_atomic
-
-        write_json_atomic(tmp / "state.json", {"format": "difflora-state-1", "tree": tree})
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except UserError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = e.__cause__
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):  # name the state, not its temp file
-            raise UserError("could not save the training state: no space left on device; the previous state (if any) "
-                            "is intact", path=directory) from cause
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
-    old = directory.with_name(directory.name + ".old")
-    if not (directory / "state.json").exists() and (old / "state.json").exists():
-        directory = old  # killed between the two renames of save_state: the previous state is complete
-    index = directory / "state.json"
-    if not index.exists() or not (directory / "tensors.safetensors").exists():
-        raise UserError("training state is missing or incomplete (expected state.json and tensors.safetensors)",
-                        path=directory)
-    try:
-        meta = json.loads(index.read_text(encoding="utf-8"))
-        tree = meta["tree"]
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise UserError(f"training state index is unreadable ({e})", path=index) from None
-    tensors, _ = load_safetensors(directory / "tensors.safetensors")
-    return from_tensors_and_json(tensors, tree)
+    def save_result(self, tensors, global_step: int, per_epoch: int) -> None:
+        if self.run.is_main:
+            self._lora(tensors, self.run.job.output_name, global_step, global_step // max(1, per_epoch))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..toy import base_model
-from .sd import StableDiffusion
+from ..models.sd import SD_SCHEDULER_CONFIG, StableDiffusion
+from . import base_model
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4,
@@ -73,7 +73,7 @@ def tiny_configs(variant: str = "sd1", layout: str = "sd15") -> dict:
     te = dict(hidden_size=unet["cross_attention_dim"], intermediate_size=2 * unet["cross_attention_dim"],
               num_hidden_layers=3 if sd2 else 2, num_attention_heads=4, max_position_embeddings=77,
               hidden_act="gelu" if sd2 else "quick_gelu")
-    sched = dict(base_model.SCHEDULER_CONFIG, prediction_type="v_prediction" if sd2 else "epsilon")
+    sched = dict(SD_SCHEDULER_CONFIG, prediction_type="v_prediction" if sd2 else "epsilon")
     return {"unet": unet, "vae": vae, "text_encoder": te, "scheduler": sched}
 
 

@@ -1,0 +1,134 @@
+"""Batches for one step: which items, and every random draw derived from the step's position.
+
+Everything random in a step (sample order, caption shuffles, flips, noise, timesteps, dropout)
+is derived from (seed, stage, step, micro-batch, position in the global batch), so a resumed
+run continues exactly, and N processes at per-device batch b train the same LoRA as one process
+at batch N·b (gradients are averaged explicitly, in a fixed order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.captions import process_caption
+from ..data.dataset import TrainingData, difference_mask, seed_of
+from ..methods import Batch
+from ..models.base import Conditioning
+
+
+class PromptCache:
+    """Prompt encoding, cached per caption while no text-encoder LoRA is being trained."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache: dict[str, Conditioning] = {}
+        self.trains_text_encoder = False
+
+    def reset(self, trains_text_encoder: bool) -> None:
+        self.cache.clear()  # an earlier stage's text-encoder LoRA may have changed the embeddings
+        self.trains_text_encoder = trains_text_encoder
+
+    def __call__(self, captions: list[str]) -> Conditioning:
+        if self.trains_text_encoder:
+            return self.model.encode_prompts(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            with torch.no_grad():
+                enc = self.model.encode_prompts(missing)
+            for i, c in enumerate(missing):
+                self.cache[c] = enc[i:i + 1]
+        return Conditioning.cat([self.cache[c] for c in captions])
+
+
+def batch_at(data: TrainingData, position: int, world: int, allowed) -> tuple[int, list[int]]:
+    """(epoch, global batch) at a position in the endless sequence of epochs."""
+    epoch = 0
+    while True:
+        batches = data.epoch_batches(epoch, world, allowed)
+        if position < len(batches):
+            return epoch, batches[position]
+        position -= len(batches)
+        epoch += 1
+
+
+def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: int, job, stage_index: int, step: int,
+               micro: int, epoch: int, timesteps, model) -> Batch:
+    """This process's slice of a global batch, with every random draw derived from its position.
+
+    `timesteps`: the stage's (step, n, generator) -> timesteps rule, or None for uniform [min_timestep, max_timestep).
+    """
+    per = len(global_batch) // world
+    latents: dict[str, list] = {}
+    captions: dict[str, list[str]] = {}
+    noise, ts, weights, diffs = [], [], [], []
+    for j in range(rank * per, (rank + 1) * per):
+        it = data.items[global_batch[j]]
+        seed = seed_of(job.seed, stage_index, step, micro, j)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        flip = it.flip_aug and rng.random() < 0.5
+        keys = ["x", "after"] if it.is_pair else ["x"]
+        for k in keys:
+            latents.setdefault(k, []).append(data.latent_for(it, k, flip, model, gen))
+        captions.setdefault("x", []).append(process_caption(it.caption, it.rules, rng, epoch))
+        if it.is_pair:
+            captions.setdefault("after", []).append(process_caption(it.after_caption, it.rules, rng, epoch))
+            diffs.append(it.latents["pixel_diff"].flip(-1) if flip else it.latents["pixel_diff"])
+        shape = latents["x"][-1].shape
+        eps = torch.randn(shape, generator=gen)
+        if job.noise_offset:
+            eps = eps + job.noise_offset * torch.randn(shape[0], 1, 1, generator=gen)
+        noise.append(eps)
+        if timesteps is not None:
+            ts.append(timesteps(step, 1, gen)[0])
+        else:
+            ts.append(torch.randint(job.min_timestep, job.max_timestep, (1,), generator=gen)[0])
+        weights.append(job.prior_loss_weight if it.is_reg else 1.0)
+    device = model.device
+    latent_hw = tuple(latents["x"][-1].shape[-2:])
+
+    def masks(threshold: float, dilate: int) -> torch.Tensor:  # only when a loss asks for them
+        return torch.stack([difference_mask(d, latent_hw, threshold, dilate) for d in diffs])[:, None].to(device)
+
+    return Batch(
+        latents={k: torch.stack(v).to(device) for k, v in latents.items()},
+        captions=captions,
+        noise=torch.stack(noise).to(device),
+        timesteps=torch.stack(ts).long().to(device),
+        loss_weight=torch.tensor(weights, dtype=torch.float32, device=device),
+        step=step,
+        mask_fn=masks if diffs else None,
+    )
+
+
+def all_reduce(params, loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Average gradients and loss over processes (one flat buffer, fixed order); returns the mean loss.
+
+    A non-finite gradient anywhere shows up in the clipped total norm, which the caller checks.
+    """
+    if world > 1:
+        import torch.distributed as dist
+
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+                         + [loss.reshape(1).float().to(params[0].device)])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        loss = flat[-1].cpu()
+    return loss
+
+
+def any_process(flag: bool, world: int) -> bool:
+    """True on every process when `flag` is true on any (stop requests reach all ranks at the same step)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)

@@ -1,0 +1,149 @@
+"""Running a method's stages: each trains one LoRA network, step by step, and reports as it goes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data.dataset import seed_of
+from ..errors import TrainingStopped
+from ..methods import Stage, StepContext
+from ..network.lora import LoRANetwork
+from .batches import all_reduce, any_process, batch_at, make_batch
+from .events import StageEnded, StageStarted, Step, Stopped
+from .optim import make_optimizer, make_scheduler, param_groups
+
+
+@dataclass
+class StageProgress:
+    """The stage being trained: its network, optimizer and schedule, and where it sits in the run."""
+
+    index: int
+    stage: Stage
+    network: LoRANetwork
+    optimizer: object
+    scheduler: object
+    per_epoch: int  # optimizer steps per epoch of this stage's data
+    offset: int  # global steps before this stage
+    multi_stage: bool
+    allowed: set[int] | None  # ids of the unique items this stage sees (None: all)
+    params: list
+
+
+class StageRunner:
+    def __init__(self, run, stages: list[Stage], state: dict | None, checkpointer, schedule, samples, events, stop):
+        self.run, self.stages, self.state = run, stages, state
+        self.checkpointer, self.schedule, self.samples = checkpointer, schedule, samples
+        self.events, self.stop = events, stop
+        self.results: dict[str, LoRANetwork] = {}
+        self.total_steps = sum(s.steps for s in stages)
+        self.last: StageProgress | None = None
+
+    def run_all(self) -> dict[str, LoRANetwork]:
+        offset = 0
+        for index, stage in enumerate(self.stages):
+            for name, net in self.results.items():
+                net.set_multiplier(1.0 if name in stage.keep_active else 0.0)
+            if self.state is not None and index < self.state["stage_index"]:
+                self._restore_finished(stage)
+            else:
+                self._train(self._start(index, stage, offset))
+                self.state = None  # later stages start fresh
+            offset += stage.steps
+        return self.results
+
+    def _restore_finished(self, stage: Stage) -> None:
+        net = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), self.state["completed"][stage.name])
+        self.results[stage.name] = net.to(self.run.device).apply_to()
+        net.requires_grad_(False)
+
+    def _start(self, index: int, stage: Stage, offset: int) -> StageProgress:
+        run, job = self.run, self.run.job
+        torch.manual_seed(seed_of(job.seed, "init", index))
+        network = LoRANetwork.create(run.model.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
+        if stage.init_from_job_weights and run.initial_weights is not None:
+            network.load_weights(run.initial_weights.tensors, source=run.initial_weights.path, strict=False)
+        network.to(run.device).apply_to().train()
+        optimizer = make_optimizer(job.optimizer_type, param_groups(network, job, stage.learning_rate),
+                                   job.optimizer_args, run.device)
+        scheduler = make_scheduler(job.lr_scheduler, optimizer, stage.steps, job.lr_warmup_steps,
+                                   job.lr_scheduler_num_cycles, job.lr_scheduler_power)
+        if self.state is not None:  # resuming inside this stage
+            network.load_state_dict(self.state["network"])
+            optimizer.load_state_dict(self.state["optimizer"])
+            scheduler.load_state_dict(self.state["scheduler"])
+        # Text-encoder LoRAs in training: encode every step. Otherwise cache (earlier stages' TE LoRAs are fixed).
+        run.encode.reset(trains_text_encoder=any(
+            p.requires_grad for n, lora in network.named_children()
+            if network.components.get(n) != "unet" for p in lora.parameters()))
+        unique = run.data.unique_items()
+        allowed = {id(unique[i]) for i in stage.items} if stage.items is not None else None
+        per_epoch = max(1, len(run.data.epoch_batches(0, run.world, allowed)) // job.gradient_accumulation_steps)
+        return StageProgress(index, stage, network, optimizer, scheduler, per_epoch, offset, len(self.stages) > 1,
+                             allowed, [p for p in network.parameters() if p.requires_grad])
+
+    def _train(self, sp: StageProgress) -> None:
+        stage, main = sp.stage, self.run.is_main
+        start = int(self.state["step"]) if self.state is not None else 0
+        if main and self.schedule.sample_before_training(sp.index, start):
+            self.samples.write([sp.network], 0)
+        self.events.emit(StageStarted(stage=stage.name, index=sp.index, stages=len(self.stages), steps=stage.steps,
+                                      start_step=start))
+        t0, loss_avg = time.perf_counter(), None
+        for step in range(start, stage.steps):
+            loss = self._step(sp, step)
+            done = step + 1
+            loss_avg = loss if loss_avg is None else 0.95 * loss_avg + 0.05 * loss
+            rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+            lrs = {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(sp.optimizer.param_groups)}
+            self.events.emit(Step(stage=stage.name, step=done, steps=stage.steps, global_step=sp.offset + done,
+                                  total_steps=self.total_steps, loss=loss, loss_avg=loss_avg, lr=next(iter(lrs.values())),
+                                  steps_per_s=rate, eta_s=(self.total_steps - sp.offset - done) / rate, lrs=lrs))
+            due = self.schedule.after_step(done, stage.steps, sp.per_epoch)
+            if due.sample and main:
+                self.samples.write([sp.network] + list(self.results.values()), sp.offset + done)
+            if any_process(self.stop.requested, self.run.world):
+                self.checkpointer.save(sp, self.results, done, "interrupted", with_state=True)
+                self.events.emit(Stopped(step=sp.offset + done, state_dir=str(self.run.state_dir)))
+                raise TrainingStopped(f"stopped at step {done} of stage {stage.name}; the LoRA and training state "
+                                      f"were saved to {self.run.out_dir}; continue with --resume")
+            if due.lora_tag or due.state:
+                self.checkpointer.save(sp, self.results, done, due.lora_tag, due.state)
+        self.events.emit(StageEnded(stage=stage.name, seconds=time.perf_counter() - t0))
+        sp.network.eval().requires_grad_(False)
+        self.results[stage.name] = sp.network
+        self.last = sp
+        if stage.save_as:
+            self.checkpointer.save_stage_result(stage.save_as, sp.network, sp.offset + stage.steps)
+
+    def _step(self, sp: StageProgress, step: int) -> float:
+        """One optimizer step (gradient accumulation, all-reduce, clipping); returns the step's mean loss."""
+        run, job, stage = self.run, self.run.job, sp.stage
+        torch.manual_seed(seed_of(job.seed, "dropout", sp.index, step, run.rank))  # network dropouts
+        sp.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros(())
+        for micro in range(job.gradient_accumulation_steps):
+            position = step * job.gradient_accumulation_steps + micro
+            epoch, global_batch = batch_at(run.data, position, run.world, sp.allowed)
+            batch = make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, micro, epoch,
+                               stage.timesteps, run.model)
+            ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode)
+            with run.accelerator.autocast():
+                loss = stage.loss(ctx, batch).mean() / job.gradient_accumulation_steps
+            loss.backward()
+            step_loss += loss.detach().float()
+        step_loss = all_reduce(sp.params, step_loss, run.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(sp.params, job.max_grad_norm if job.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):
+            self.checkpointer.save(sp, self.results, step, "last-good", with_state=True,
+                                   params_are="before the failing step")
+            raise TrainingStopped(
+                f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'} at step {step + 1} of "
+                f"stage {stage.name}; training stopped and the weights before that step were saved "
+                f"({job.output_name}-last-good.safetensors and the state for --resume); earlier saves are "
+                "untouched. Try a lower learning_rate, max_grad_norm = 1.0, or mixed_precision = 'no'/'bf16'")
+        sp.optimizer.step()
+        sp.scheduler.step()
+        return float(step_loss)

@@ -1,0 +1,52 @@
+"""Cooperative stop: the loop saves the LoRA and the state after the current step, then ends.
+
+`StopRequest.request()` may be called from any thread (a UI's stop button); SIGINT/SIGTERM call
+the same request while training runs. A second signal stops at once (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def request(self, reason: str = "requested") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            log.warning("stop %s: saving after this step", reason)
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
+@contextlib.contextmanager
+def signals_request(stop: StopRequest):
+    """While inside, SIGINT/SIGTERM request `stop` (a second one interrupts at once). Main thread only."""
+
+    def handle(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(f"requested by signal {signum}")
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread: the caller's thread owns signals
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
