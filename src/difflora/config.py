@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
 from .options import Strict
@@ -349,6 +350,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None,
         check_inside(str(path), root, path, "config file")
     data, text = read_toml(path)
     data = apply_overrides(data, overrides or [])
+    try:
+        data = kohya_config.normalise(data, set(JobConfig.model_fields))
+    except UserError as e:
+        raise e if e.path else UserError(str(e), path=path) from None
     try:
         job = apply_method_defaults(JobConfig.model_validate(data))
     except ValidationError as e:
