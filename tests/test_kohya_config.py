@@ -94,3 +94,27 @@ def test_kohya_and_difflora_name_for_one_setting_is_refused(tmp_path, tiny_sd1_d
     cfg.write_text(cfg.read_text() + f'model = "{tiny_sd1_dir}"\n')
     code, _, err = run_cli("train", cfg)
     assert code == 2 and "'pretrained_model_name_or_path' (kohya) and 'model'" in err
+
+
+def test_help_keys_lists_every_key_with_level_description_and_method_defaults(run_cli):
+    from difflora.commands.train import key_rows
+    from difflora.config import JobConfig
+    from difflora.methods import METHODS
+
+    rows = key_rows()
+    keys = {r[0].strip().strip("[]") for r in rows}
+    assert set(JobConfig.model_fields) <= keys
+    assert {"image_dir", "after_dir", "after_suffix"} <= keys  # subset and pair keys too
+    assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]  # a description for every key
+    levels = {r[0]: r[2] for r in rows}
+    assert levels["image_dir"] == "[[datasets.subsets]]" and "[[datasets]]" in levels["resolution"]
+    assert levels["learning_rate"] == "job"
+    for method, cls in METHODS.items():
+        by_key = {r[0]: r[1] for r in key_rows(method)}
+        for key, value in cls.defaults.items():
+            assert by_key[key] == repr(value), (method, key)
+    code, out, _ = run_cli("train", "--help-keys", "--method", "addift")
+    assert code == 0 and "[addift]" in out and "[copier]" not in out
+    assert any(line.split()[:2] == ["max_train_steps", "100"] for line in out.splitlines())
+    code, _, err = run_cli("train", "--help-keys", "--method", "adift")
+    assert code == 2 and "unknown method 'adift'" in err

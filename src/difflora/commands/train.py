@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA from a job TOML (standard, copier, addift, slider, differential)",
@@ -18,32 +16,64 @@ def register(sub) -> None:
     p.add_argument("--events", default=None, metavar="FILE",
                    help="append progress events (steps, losses, saves, end) to FILE, one JSON object per line")
     p.add_argument("--ignore-lock", action="store_true", help="start even if another run holds the output lock")
-    p.add_argument("--help-keys", action="store_true", help="list every job key with its default and exit")
+    p.add_argument("--help-keys", action="store_true",
+                   help="list every job key with its default, level and meaning, and exit (with --method: its defaults)")
+    p.add_argument("--method", default=None, help="with --help-keys: show this method's table and defaults")
     p.add_argument("--restrict-paths", default=None, metavar="DIR",
                    help="refuse a job whose files or folders resolve outside DIR (for configs served by a UI)")
     p.set_defaults(func=run)
 
 
-def help_keys() -> str:
-    from ..config import JobConfig
+def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(key, default, level, description) for every job key; defaults are the method's when given."""
+    from pydantic import BaseModel
 
-    lines = []
+    from ..config import JobConfig, SubsetConfig
+    from ..config_help import DESCRIPTIONS
+    from ..methods import METHODS
+
+    defaults = dict(METHODS[method].defaults) if method else {}
+    rows: list[tuple[str, str, str, str]] = []
+
+    def describe(key: str, field) -> str:
+        return field.description or DESCRIPTIONS.get(key, "")
+
+    def show(value) -> str:
+        return "(unset)" if value is None else repr(value)
+
+    subset_only = {k: f for k, f in SubsetConfig.model_fields.items() if k not in JobConfig.model_fields}
+    dataset_keys = set(SubsetConfig.model_fields) | {"resolution", "batch_size", "enable_bucket", "min_bucket_reso",
+                                                     "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
     for name, field in JobConfig.model_fields.items():
         default = field.default
-        if hasattr(default, "model_dump"):
-            lines.append(f"[{name}]")
-            for sub_name, sub_field in type(default).model_fields.items():
-                lines.append(f"  {sub_name} = {sub_field.default!r}")
-        else:
-            lines.append(f"{name} = {default!r}")
-    return "\n".join(lines)
+        if name == "method" and method:
+            default = method
+        if name in METHODS and isinstance(default, BaseModel):  # a method's table
+            if method and name != method:
+                continue
+            rows.append((f"[{name}]", "", f"[{name}]", describe(name, field)))
+            for sub, sub_field in type(default).model_fields.items():
+                rows.append((f"  {sub}", show(sub_field.default), f"[{name}]", describe(f"{name}.{sub}", sub_field)))
+            continue
+        if isinstance(default, BaseModel) or name == "datasets":  # [general] / [[datasets]]: their keys are listed
+            rows.append((f"[{name}]" if name == "general" else "[[datasets]]", "", "job", describe(name, field)))
+            continue
+        level = "job, [general], [[datasets]]" if name in dataset_keys else "job"
+        if name in SubsetConfig.model_fields:
+            level += ", [[datasets.subsets]]"
+        rows.append((name, show(defaults.get(name, default)), level, describe(name, field)))
+    for name, field in subset_only.items():
+        rows.append((name, "(required)" if field.is_required() else show(field.default), "[[datasets.subsets]]",
+                     describe(name, field)))
+    return rows
 
 
-def suggest(key: str) -> str:
-    from ..config import JobConfig
-
-    close = difflib.get_close_matches(key, list(JobConfig.model_fields), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def help_keys(method: str | None = None) -> str:
+    rows = key_rows(method)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    head = f"job keys{f' with the defaults of method {method!r}' if method else ''} (key, default, where it goes, what it does):"
+    return head + "\n" + "\n".join(f"{k:<{widths[0]}}  {d:<{min(widths[1], 24)}}  {lv:<{widths[2]}}  {desc}".rstrip()
+                                      for k, d, lv, desc in rows)
 
 
 def run(args) -> int:
@@ -51,8 +81,15 @@ def run(args) -> int:
     from ..errors import UserError
     from ..train.loop import train
 
+    if args.method is not None:
+        from ..methods import METHODS
+
+        if args.method not in METHODS:
+            raise UserError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+        if not args.help_keys:
+            raise UserError("--method goes with --help-keys (in a job, set method = \"...\")")
     if args.help_keys:
-        print(help_keys())
+        print(help_keys(args.method))
         return 0
     if not args.job:
         raise UserError("give a job TOML file (see examples/ and `difflora train --help-keys`)")
