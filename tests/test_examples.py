@@ -68,3 +68,13 @@ def test_preset_example_trains_on_the_fused_preset(example_tree, tiny_sd1_dir, r
     diffs = [float((with_preset.tensors[k] - without.tensors[k]).abs().max()) for k in without.tensors
              if k.endswith("lora_up.weight")]
     assert max(diffs) > 1e-6  # the preset changed what was learned
+
+
+def test_inspect_shows_the_timestep_window_addift_used(example_tree, tiny_sd1_dir, run_cli):
+    lora_path = example_tree / "output" / "eyes_closed.safetensors"
+    if not lora_path.exists():
+        assert _run(run_cli, example_tree, tiny_sd1_dir, "addift")[0] == 0
+    md = load_lora(lora_path).metadata
+    assert (md["ss_min_timestep"], md["ss_max_timestep"]) == ("500", "1000")  # [addift], not kohya's 0-1000
+    code, out, _ = run_cli("inspect", lora_path)
+    assert code == 0 and "training:           addift, 4 steps, timesteps 500-1000" in out

@@ -65,13 +65,17 @@ def run(args) -> int:
     print(f"file:               {info['file']}")
     print(f"format:             {info['format']}  dtypes: {', '.join(info['dtypes'])}")
     print(f"base model version: {info['base_model_version']}")
+    md = info["metadata"]
+    if "ss_min_timestep" in md or "ss_training_method" in md:
+        method = md.get("ss_training_method", "standard")
+        window = f"{md.get('ss_min_timestep', '0')}-{md.get('ss_max_timestep', '1000')}"
+        print(f"training:           {method}, {md.get('ss_steps', '?')} steps, timesteps {window}")
     print("modules:            " + ", ".join(f"{k}={v}" for k, v in sorted(info["modules"].items())) +
           f"  (total {info['total_modules']})")
     print("\nblock                              modules  conv3x3  rank       alpha")
     for name, b in info["blocks"].items():
         print(f"{name:<34} {b['modules']:>7}  {b['conv_kxk']:>7}  {','.join(map(str, b['rank'])):<10} "
               f"{','.join(f'{a:g}' for a in b['alpha'])}")
-    md = info["metadata"]
     if md:
         print("\nmetadata:")
         for k in sorted(md):

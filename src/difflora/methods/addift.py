@@ -120,4 +120,6 @@ class Addift(Method):
     def metadata(self) -> dict[str, str]:
         o = self.job.addift
         return {"ss_training_method": "addift", "difflora_addift_multiplier": str(o.multiplier),
-                "difflora_addift_timesteps": f"{o.min_timestep}-{o.max_timestep}"}
+                "difflora_addift_timesteps": f"{o.min_timestep}-{o.max_timestep}",
+                # the window that ran, where kohya's readers look for it (not the job's unused 0-1000)
+                "ss_min_timestep": str(o.min_timestep), "ss_max_timestep": str(o.max_timestep)}
