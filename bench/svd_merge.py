@@ -5,7 +5,7 @@ the real SD1.5 text encoder and U-Net (the U-Net with its 3x3 ResNet/sampler con
 `--no-conv` for attention/MLP only). Module shapes come from the real architecture built on the
 meta device; only the LoRA factors are allocated. Both are merged to rank 16 on the CPU:
 
-- difflora: `lora_math.svd_rerank`, the SVD computed from the factors (thin QRs of the stacked
+- difflora: `network.lowrank.svd_rerank`, the SVD computed from the factors (thin QRs of the stacked
   factors and the SVD of a 64 x 64 matrix per module);
 - peer, as kohya's svd_merge_lora.py does it: accumulate the dense ΔW = Σ ratio·scale·up@down
   in float32, then `torch.linalg.svd` of it. The peer is given `full_matrices=False` (kohya
@@ -40,7 +40,7 @@ import torch
 from difflora.fileio import write_json_atomic
 from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
 from difflora.toy.tiny import build_real_architecture
-from difflora.tools import lora_math
+from difflora.network import lowrank as lora_math
 
 RANK_IN, RANK_OUT = 32, 16
 ALPHAS = (16.0, 8.0)

@@ -10,7 +10,9 @@ import torch.nn as nn
 
 from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
 from difflora.toy.tiny import build_real_architecture, build_tiny_sd
-from difflora.network.lora import LoRAModule, LoRANetwork, NetworkSpec, lora_weight_delta
+from difflora.network.adapters import LoRA
+from difflora.network.lora import LoRANetwork, NetworkSpec
+from difflora.network.lowrank import lora_weight_delta
 
 KEYS = Path(__file__).parent / "data" / "kohya_keys"  # kohya sd-scripts' module names, one per line
 
@@ -42,13 +44,13 @@ def test_tiny_sd15_layout_has_the_real_module_names():
 
 def test_init_scale_and_shapes():
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-    lora = LoRAModule("x", conv, rank=4, alpha=2)
-    assert lora.lora_down.weight.shape == (4, 8, 3, 3) and lora.lora_down.stride == (2, 2)
+    lora = LoRA.new("x", conv, rank=4, alpha=2)
+    assert lora.lora_down.weight.shape == (4, 8, 3, 3)
     assert lora.lora_up.weight.shape == (16, 4, 1, 1)
     assert torch.count_nonzero(lora.lora_up.weight) == 0 and lora.lora_down.weight.abs().sum() > 0
     assert lora.scale == 0.5
-    assert LoRAModule("y", nn.Linear(3, 5), rank=4, alpha=None).scale == 1.0  # no alpha: alpha = rank
-    assert LoRAModule("z", nn.Linear(3, 5), rank=4, alpha=0).scale == 1.0
+    assert LoRA.new("y", nn.Linear(3, 5), rank=4, alpha=None).scale == 1.0  # no alpha: alpha = rank
+    assert LoRA.new("z", nn.Linear(3, 5), rank=4, alpha=0).scale == 1.0
 
 
 @pytest.mark.parametrize("module", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 3, padding=1),
@@ -145,7 +147,7 @@ def test_fuse_then_unfuse_restores_base_weights_exactly():
 
 def test_dropouts_only_act_in_training():
     lin = nn.Linear(8, 8)
-    lora = LoRAModule("d", lin, rank=4, alpha=4, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
+    lora = LoRA.new("d", lin, rank=4, alpha=4, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
     nn.init.normal_(lora.lora_up.weight)
     x = torch.randn(16, 8)
     lora.eval()

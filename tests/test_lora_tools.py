@@ -277,19 +277,65 @@ def test_svd_merge_full_rank_exact_and_rank_k_is_best_approximation(tmp_path, ba
     assert low.metadata["ss_network_dim"] == "Dynamic"
     assert json.loads(low.metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2"}
 
-    # kohya's clamp on request: both factors within ±quantile(cat(up, down), q)
-    code, _, err = run_cli("svd-merge", "--models", pa, pb, "--ratios", *ratios, "--new-rank", k,
-                           "--clamp-quantile", 0.9, "--save-to", tmp_path / "c.safetensors")
+
+
+def _kohya_case():
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.5
+
+    a = {"lora_unet_lin.lora_down.weight": r(2, 8), "lora_unet_lin.lora_up.weight": r(6, 2),
+         "lora_unet_lin.alpha": torch.tensor(1.0), "lora_unet_conv.lora_down.weight": r(2, 5, 3, 3),
+         "lora_unet_conv.lora_up.weight": r(4, 2, 1, 1), "lora_unet_conv.alpha": torch.tensor(2.0)}
+    b = {"lora_unet_lin.lora_down.weight": r(3, 8), "lora_unet_lin.lora_up.weight": r(6, 3),
+         "lora_unet_lin.alpha": torch.tensor(3.0), "lora_unet_conv.lora_down.weight": r(1, 5, 3, 3),
+         "lora_unet_conv.lora_up.weight": r(4, 1, 1, 1), "lora_unet_conv.alpha": torch.tensor(0.5)}
+    return a, b
+
+
+def test_svd_merge_clamp_reproduces_kohya_svd_merge_lora(tmp_path, run_cli, caplog):
+    """--clamp-quantile is kohya svd_merge_lora.py's algorithm: dense sum, full float32 SVD, rank padded
+    to min(new_rank, in, out), signed-quantile clamp. The numbers below are kohya's (its
+    merge_lora_models run on these inputs, ratios 0.7/-1.2, new_rank 6, new_conv_rank 4); the
+    padded directions' rows are left out (their basis is arbitrary)."""
+    a, b = _kohya_case()
+    save_lora(a, tmp_path / "a.safetensors")
+    save_lora(b, tmp_path / "b.safetensors")
+    code, _, err = run_cli("svd-merge", "--models", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                           "--ratios", 0.7, -1.2, "--new-rank", 6, "--new-conv-rank", 4, "--clamp-quantile", 0.99,
+                           "--save-to", tmp_path / "k.safetensors")
     assert code == 0, err
-    clamped = load_lora(tmp_path / "c.safetensors")
-    for name in clamped.module_names():
-        up = low.tensors[f"{name}.lora_up.weight"] if name != C3B else None
-        if up is None:
-            continue
-        hi = torch.quantile(torch.cat([up.flatten(), low.tensors[f"{name}.lora_down.weight"].flatten()]), 0.9)
-        cu, cd = clamped.tensors[f"{name}.lora_up.weight"], clamped.tensors[f"{name}.lora_down.weight"]
-        assert float(cu.abs().max()) <= float(hi) + 1e-6 and float(cd.abs().max()) <= float(hi) + 1e-6
-        torch.testing.assert_close(cu, up.clamp(-hi, hi), rtol=1e-5, atol=1e-5)
+    out = load_lora(tmp_path / "k.safetensors")
+    t = out.tensors
+    # kohya pads to the asked rank (the inputs' total rank is 5 and 3); a warning says so
+    assert t["lora_unet_lin.lora_down.weight"].shape == (6, 8) and float(t["lora_unet_lin.alpha"]) == 6
+    assert t["lora_unet_conv.lora_down.weight"].shape == (4, 5, 3, 3) and float(t["lora_unet_conv.alpha"]) == 4
+    assert "above the inputs' total rank in 2 module(s)" in caplog.text
+    assert "real rank 3-5" in out.metadata["ss_training_comment"]
+    expected = {  # first row / first column of each factor (2-D view), and the clamp value max |x|
+        "lora_unet_lin.lora_up.weight": ([1.454491, -0.865099, -0.15744, 0.216274],
+                                         [1.454491, -0.659935, 1.665213, 1.700501], 1.700501),
+        "lora_unet_lin.lora_down.weight": ([0.125308, 0.018659, 0.427524, -0.063383],
+                                           [0.125308, 0.186712, 0.171219, -0.212705], 0.66152),
+        "lora_unet_conv.lora_up.weight": ([0.953382, -0.111835, 0.266201], [0.953382, -0.890667, -0.964999, 0.964999],
+                                          0.964999),
+        "lora_unet_conv.lora_down.weight": ([0.248322, -0.252722, -0.108875, -0.021773], [0.248322, 0.034157, -0.057547],
+                                            0.907001),
+    }
+    for key, (row0, col0, hi) in expected.items():
+        m = t[key].reshape(t[key].shape[0], -1)
+        torch.testing.assert_close(m[0, :len(row0)], torch.tensor(row0), atol=2e-6, rtol=0)
+        torch.testing.assert_close(m[:len(col0), 0], torch.tensor(col0), atol=2e-6, rtol=0)
+        assert abs(float(m.abs().max()) - hi) < 2e-6
+
+    # without --clamp-quantile: exact, at the real rank, and it says so
+    code, _, err = run_cli("svd-merge", "--models", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                           "--ratios", 0.7, -1.2, "--new-rank", 6, "--new-conv-rank", 4,
+                           "--save-to", tmp_path / "e.safetensors")
+    assert code == 0, err
+    exact = load_lora(tmp_path / "e.safetensors")
+    assert exact.rank_alpha("lora_unet_lin") == (5, 5.0) and exact.rank_alpha("lora_unet_conv") == (3, 3.0)
 
 
 # ---------------------------------------------------------------------------- extract

@@ -15,7 +15,7 @@ from difflora.toy.tiny import build_tiny_sd
 from difflora.network.apply import network_from_file
 from difflora.network.files import save_lora
 from difflora.network.lora import LoRANetwork, NetworkSpec
-from difflora.tools.lora_math import dense_delta, module_names
+from difflora.network.lowrank import dense_delta, module_names
 
 
 def _random_net(model, dim, seed):

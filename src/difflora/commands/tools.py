@@ -22,8 +22,9 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Merge LoRA files into a model (with --model), or into one LoRA file.\n\n"
-            "Into a model: W += ratio * alpha/rank * up @ down for every module (Linear, 1x1 and 3x3\n"
-            "conv, text encoder too). A diffusers folder gives a folder, a single file a single .safetensors.\n\n"
+            "Into a model: W += ratio * dW for every module (Linear, 1x1 and 3x3 conv, text encoder too;\n"
+            "LoRA/LoCon, LoHa, LoKr and DoRA). A diffusers folder gives a folder, a single file a single\n"
+            ".safetensors.\n\n"
             "LoRA + LoRA:\n"
             "  --mode exact (default)  ranks concatenated; the result is exactly sum(ratio_i * dW_i),\n"
             "                          for any ranks and alphas.\n"
@@ -52,15 +53,19 @@ def register(sub) -> None:
         "svd-merge", help="merge LoRAs of any ranks into one LoRA of a chosen rank",
         description=("Sum ratio_i * dW_i per module and bring it to --new-rank with an SVD computed from the "
                      "factors (equal to the SVD of the dense sum). Ratios act linearly; alpha = rank. Exact "
-                     "(no clamp) by default; --clamp-quantile 0.99 gives kohya svd_merge_lora.py's clamp."),
+                     "(no clamp) by default, at the real rank where the inputs' total rank is lower; "
+                     "--clamp-quantile 0.99 reproduces kohya svd_merge_lora.py exactly (dense SVD, rank padded, "
+                     "signed-quantile clamp). LoHa, LoKr and DoRA inputs enter through their dense deltas: the "
+                     "output is a LoRA of the chosen rank."),
     )
-    p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya or peft layout)")
+    p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya, LyCORIS or peft layout)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one per LoRA file (default: 1 each)")
     p.add_argument("--new-rank", type=int, default=4, help="output rank (default 4)")
     p.add_argument("--new-conv-rank", type=int, default=None, help="output rank of 3x3 convs (default: --new-rank)")
     p.add_argument("--save-to", required=True, help="output .safetensors")
     p.add_argument("--save-precision", choices=PRECISIONS, default=None, help="dtype written (default float)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _base_model_option(p)
     _clamp_options(p, "kohya's svd_merge_lora.py always does; off by default here")
     p.set_defaults(func=run_svd_merge)
 
@@ -99,7 +104,7 @@ def register(sub) -> None:
             "more than the target needs (sv_cumulative/sv_fro add 1 twice); --dynamic-rule minimal keeps\n"
             "the smallest rank that meets the target."),
     )
-    p.add_argument("--model", required=True, help="input LoRA (kohya or peft layout)")
+    p.add_argument("--model", required=True, help="input LoRA (kohya, LyCORIS or peft layout)")
     p.add_argument("--save-to", required=True, help="output .safetensors")
     p.add_argument("--new-rank", type=int, default=4, help="rank, or the cap for --dynamic (default 4)")
     p.add_argument("--new-conv-rank", type=int, default=None, help="same for 3x3 convs (default: --new-rank)")
@@ -112,7 +117,15 @@ def register(sub) -> None:
                    help="print retained sum(S), Frobenius norm and S[0]/S[k-1] per module, and the average")
     p.add_argument("--save-precision", choices=PRECISIONS, default=None, help="dtype written (default float)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _base_model_option(p)
     p.set_defaults(func=run_resize)
+
+
+def _base_model_option(p) -> None:
+    p.add_argument("--base-model", default=None,
+                   help="the base model the LoRAs are for: needed for DoRA inputs (their delta depends on the base "
+                        "weights) and for LoHa/LoKr convs (their files flatten the kernel)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a pickle-based --base-model checkpoint (.ckpt)")
 
 
 def _clamp(args) -> float | None:
@@ -138,8 +151,11 @@ def run_svd_merge(args) -> int:
 
     info = svd_merge_files(args.models, args.ratios, args.save_to, new_rank=args.new_rank,
                            new_conv_rank=args.new_conv_rank, clamp_quantile=_clamp(args), device=args.device,
-                           save_precision=args.save_precision)
-    print(f"saved {info['output']}: {info['modules']} modules, dim {info['network_dim']}, alpha {info['network_alpha']}")
+                           save_precision=args.save_precision, model=args.base_model, allow_pickle=args.allow_pickle)
+    real = (f" ({len(info['below_asked_rank'])} module(s) below the asked rank: the inputs' total rank is lower)"
+            if info["below_asked_rank"] else "")
+    print(f"saved {info['output']}: {info['modules']} modules, dim {info['network_dim']}, alpha {info['network_alpha']}"
+          f"{real}")
     return 0
 
 
@@ -160,8 +176,12 @@ def run_resize(args) -> int:
 
     info, stats = resize_file(args.model, args.save_to, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic=args.dynamic, param=args.param, rule=args.dynamic_rule, device=args.device,
-                              save_precision=args.save_precision)
+                              save_precision=args.save_precision, base_model=args.base_model,
+                              allow_pickle=args.allow_pickle)
     if args.print_stats:
         print(format_stats(stats))
-    print(f"saved {info['output']}: {info['modules']} modules, dim {info['network_dim']}, alpha {info['network_alpha']}")
+    retained = (f"; Frobenius norm retained: mean {info['mean_fro_retained']:.1%}, lowest {info['min_fro_retained']:.1%}"
+                if "mean_fro_retained" in info else "")
+    print(f"saved {info['output']}: {info['modules']} modules, dim {info['network_dim']}, alpha {info['network_alpha']}"
+          f"{retained}")
     return 0

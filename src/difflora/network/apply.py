@@ -1,12 +1,12 @@
-"""Attach LoRA files to a loaded model, refusing files made for another architecture."""
+"""Attach adapter files (any algorithm) to a loaded model, refusing files made for another architecture."""
 
 from __future__ import annotations
 
+import math
 import os
 
-import torch.nn as nn
-
 from ..errors import UserError
+from .adapters import dora_scale_shape, module_shapes
 from .files import LoraFile, load_lora
 from .lora import LoRANetwork
 
@@ -26,27 +26,25 @@ def check_lora_fits(model, lora: LoraFile) -> None:
             path=lora.path,
         )
     targets = {t.name: t.module for t in model.lora_targets(conv=True)}
-    for name in lora.module_names():
+    for name, (cls, parts) in lora.modules.items():
         module = targets.get(name)
         if module is None:
             raise UserError(f"module {name} does not exist in this model; the LoRA was made for another architecture",
                             path=lora.path)
-        down = lora.tensors[f"{name}.lora_down.weight"]
-        up = lora.tensors[f"{name}.lora_up.weight"]
-        if isinstance(module, nn.Linear):
-            need_in, need_out = module.in_features, module.out_features
-            have_in = down.shape[1] if down.dim() == 2 or down.shape[2:] == (1, 1) else None
-        else:
-            need_in, need_out = module.in_channels, module.out_channels
-            have_in = down.shape[1]
-            if down.dim() == 4 and tuple(down.shape[2:]) != tuple(module.kernel_size):
-                have_in = None
-        if have_in != need_in or up.shape[0] != need_out:
+        weight = tuple(module.weight.shape)
+        need = (weight[0], math.prod(weight[1:]))
+        have = cls.flat_shape(module_shapes(parts))
+        kernel = cls.kernel(module_shapes(parts))
+        if have != need or (kernel is not None and len(weight) == 4 and kernel and kernel != weight[2:]):
             raise UserError(
-                f"module {name} has shape down {tuple(down.shape)} / up {tuple(up.shape)} but the model needs "
-                f"{need_in} in / {need_out} out; the LoRA was made for another architecture",
+                f"{cls.title} module {name} makes a {have[0]} out x {have[1]} in delta but the model's layer is "
+                f"{'x'.join(map(str, weight))}; the LoRA was made for another architecture",
                 path=lora.path,
             )
+        d = parts.get("dora_scale")
+        if d is not None and tuple(d.shape) not in (dora_scale_shape(weight), (weight[0], *([1] * (len(weight) - 1)))):
+            raise UserError(f"{name}.dora_scale has shape {tuple(d.shape)}; this layer needs "
+                            f"{dora_scale_shape(weight)} (DoRA magnitude per input channel)", path=lora.path)
 
 
 def network_from_file(model, lora: LoraFile | str | os.PathLike, multiplier: float = 1.0,

@@ -1,19 +1,20 @@
-"""LoRA files: kohya layout on disk, kohya and peft/diffusers layouts accepted on read.
+"""Adapter files: kohya/LyCORIS layout on disk, kohya, LyCORIS and peft/diffusers layouts accepted on read.
 
-Writing: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, cast to the save
-dtype (alpha too), with kohya's `ss_*` metadata, the sd-webui-additional-networks hashes
+Writing: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (LoHa `hada_*`, LoKr
+`lokr_*`, DoRA `dora_scale` in LyCORIS' layout), cast to the save dtype (alpha too, as kohya and
+LyCORIS do), with kohya's `ss_*` metadata, the sd-webui-additional-networks hashes
 (`sshs_model_hash`, `sshs_legacy_hash`) and SAI ModelSpec keys.
 
-Reading: kohya files as they are; peft/diffusers files (`...lora_A.weight` / `lora_B.weight`,
-optional `.default` adapter segment, `unet.` / `text_encoder.` prefixes) are renamed to kohya
-names, their alpha taken from the adapter metadata when present, else alpha = rank.
+Reading: kohya and LyCORIS files as they are (each module's algorithm from its keys, checked
+by its adapter class); peft/diffusers files (`...lora_A.weight` / `lora_B.weight`, optional
+`.default` adapter segment, `unet.` / `text_encoder.` prefixes) are renamed to kohya names,
+their alpha taken from the adapter metadata when present, else alpha = rank.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import UserError
 from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
+from .adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, LoRA, group_modules, module_rank_alpha
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
                "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -40,22 +42,38 @@ def save_dtype(name: str | None) -> torch.dtype | None:
 
 @dataclass
 class LoraFile:
-    tensors: dict[str, torch.Tensor]  # kohya names
+    tensors: dict[str, torch.Tensor]  # kohya / LyCORIS names
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
     source_format: str = "kohya"  # or "peft"
 
+    @property
+    def modules(self) -> dict[str, tuple[type[Adapter], dict[str, torch.Tensor]]]:
+        """Per module: its adapter class and its tensors by key suffix (checked on load)."""
+        cached = self.__dict__.get("_modules")
+        if cached is None:
+            cached = self.__dict__["_modules"] = group_modules(self.tensors, self.path)
+        return cached
+
     def module_names(self) -> list[str]:
-        return sorted({k.split(".", 1)[0] for k in self.tensors if k.endswith(".lora_down.weight")})
+        return sorted(self.modules)
+
+    def adapter(self, name: str) -> type[Adapter]:
+        return self.modules[name][0]
+
+    def is_plain_lora(self) -> bool:
+        """Every module a kohya LoRA/LoCon without DoRA or Tucker core: the form kohya's tools take."""
+        return all(cls is LoRA and set(parts) <= {"lora_down.weight", "lora_up.weight", "alpha"}
+                   for cls, parts in self.modules.values())
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
-        rank = self.tensors[f"{name}.lora_down.weight"].shape[0]
-        a = self.tensors.get(f"{name}.alpha")
-        return rank, float(a) if a is not None else float(rank)
+        cls, parts = self.modules[name]
+        rank, alpha, _ = module_rank_alpha(cls, parts)
+        return rank, alpha
 
     def scale(self, name: str) -> float:
-        rank, alpha = self.rank_alpha(name)
-        return alpha / rank
+        cls, parts = self.modules[name]
+        return module_rank_alpha(cls, parts)[2]
 
 
 # ------------------------------------------------------------------ hashes
@@ -94,9 +112,12 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
         raise UserError("LoRA files are written as .safetensors", path=path)
     out = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
     md = {k: str(v) for k, v in (metadata or {}).items()}
-    dims = {int(out[k].shape[0]) for k in out if k.endswith("lora_down.weight")}
+    modules = group_modules(out, str(path))
+    dims = {module_rank_alpha(cls, parts)[0] for cls, parts in modules.values()}
     alphas = {float(out[k].float()) for k in out if k.endswith(".alpha")}
-    md.setdefault("ss_network_module", "networks.lora")
+    plain = all(cls is LoRA and "dora_scale" not in parts and "lora_mid.weight" not in parts
+                for cls, parts in modules.values())
+    md.setdefault("ss_network_module", KOHYA_LORA_MODULE if plain else LYCORIS_MODULE)
     md.setdefault("ss_network_dim", str(dims.pop()) if len(dims) == 1 else "Dynamic")
     md.setdefault("ss_network_alpha", _fmt_alpha(alphas.pop()) if len(alphas) == 1 else "Dynamic")
     md.setdefault("ss_output_name", path.stem)
@@ -115,7 +136,6 @@ def _fmt_alpha(a: float) -> str:
 
 # ------------------------------------------------------------------ reading
 _PEFT_KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_DOWN_UP = re.compile(r"^(?P<name>lora_[a-z0-9]+_.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def peft_module_to_kohya(module_path: str) -> str:
@@ -180,41 +200,21 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
     if any(".lora_A." in k or ".lora_B." in k or k.endswith(".lora_A.weight") for k in tensors):
         tensors = _from_peft(tensors, metadata, str(path))
         fmt = "peft"
-    names = set()
-    for k in tensors:
-        m = _DOWN_UP.match(k)
-        if not m:
-            if any(s in k for s in ("hada_w1", "lokr_w1", "lora_mid", "oft_")):
-                raise UserError(f"LyCORIS key {k!r}: only plain LoRA / LoCon files are supported", path=path)
-            if "dora_scale" in k:
-                raise UserError(f"DoRA key {k!r}: DoRA files are not supported", path=path)
-            raise UserError(f"unrecognised key {k!r}; not a kohya or peft LoRA file", path=path)
-        names.add(m["name"])
+    lora = LoraFile(dict(tensors), metadata, str(path), fmt)
     alpha_zero = []
-    for n in sorted(names):
-        down, up = tensors.get(f"{n}.lora_down.weight"), tensors.get(f"{n}.lora_up.weight")
-        if down is None or up is None:
-            raise UserError(f"module {n} is missing its lora_{'down' if down is None else 'up'}.weight", path=path)
-        if down.dim() not in (2, 4) or up.dim() != down.dim() or down.shape[0] != up.shape[1]:
-            raise UserError(f"module {n} has inconsistent shapes: down {tuple(down.shape)}, up {tuple(up.shape)}", path=path)
-        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
-            t = tensors.get(f"{n}.{part}")
-            if t is not None and not torch.isfinite(t.float()).all():
-                raise UserError(f"{n}.{part} contains NaN or Inf values; the file is damaged", path=path)
-        a = tensors.get(f"{n}.alpha")
-        if a is not None:
-            if a.numel() != 1:
-                raise UserError(f"{n}.alpha must be a scalar, has shape {tuple(a.shape)}", path=path)
-            if float(a) == 0.0:
-                # kohya: alpha 0 means alpha = rank (no scaling); say so rather than guess silently
-                tensors[f"{n}.alpha"] = torch.tensor(float(down.shape[0]))
-                alpha_zero.append(n)
+    for n, (cls, parts) in lora.modules.items():
+        a = parts.get("alpha")
+        if a is not None and float(a) == 0.0:
+            # kohya: alpha 0 means alpha = rank (no scaling); say so rather than guess silently
+            lora.tensors[f"{n}.alpha"] = parts["alpha"] = torch.tensor(float(cls.rank_of(
+                {k: tuple(v.shape) for k, v in parts.items() if k not in ("alpha", "dora_scale")})))
+            alpha_zero.append(n)
     if alpha_zero:
         import logging
 
         logging.getLogger(__name__).warning("%s: %d module(s) (%s%s) have alpha 0; using alpha = rank (kohya's rule)",
                                             path, len(alpha_zero), alpha_zero[0], ", ..." if len(alpha_zero) > 1 else "")
-    return LoraFile({k: v for k, v in tensors.items()}, metadata, str(path), fmt)
+    return lora
 
 
 def read_metadata_only(path: str | os.PathLike) -> dict[str, str]:
@@ -224,6 +224,3 @@ def read_metadata_only(path: str | os.PathLike) -> dict[str, str]:
     return md
 
 
-def lora_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    buf = io.BytesIO(st_save(tensors, metadata))
-    return buf.getvalue()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..network.adapters import module_shapes
 from ..network.apply import family_of
 from ..network.files import LoraFile, load_lora
 
@@ -71,12 +72,10 @@ def _naming(lora: LoraFile) -> str | None:
     return None
 
 
-def _layout(lora: LoraFile, name: str) -> tuple[int, int, tuple[int, ...]]:
-    """(out, in, kernel) of a module; kernel () for Linear and 1x1 convs."""
-    down = lora.tensors[f"{name}.lora_down.weight"]
-    up = lora.tensors[f"{name}.lora_up.weight"]
-    kernel = tuple(down.shape[2:]) if down.dim() == 4 else ()
-    return int(up.shape[0]), int(down.shape[1]), (() if kernel == (1, 1) else kernel)
+def _layout(lora: LoraFile, name: str) -> tuple[int, int]:
+    """(out, in·kh·kw) of a module's delta, whatever its algorithm."""
+    cls, parts = lora.modules[name]
+    return cls.flat_shape(module_shapes(parts))
 
 
 def check_compatible(loras: list[LoraFile]) -> None:
@@ -100,16 +99,15 @@ def check_compatible(loras: list[LoraFile]) -> None:
                 raise UserError(f"LoRA uses {naming.upper()} module names but {Path(first_naming[1].path).name} uses "
                                 f"{first_naming[0].upper()} names; LoRAs of different architectures cannot be combined",
                                 path=lora.path)
-    seen: dict[str, tuple[tuple[int, int, tuple[int, ...]], LoraFile]] = {}
+    seen: dict[str, tuple[tuple[int, int], LoraFile]] = {}
     for lora in loras:
         for name in lora.module_names():
             lay = _layout(lora, name)
             if name in seen and seen[name][0] != lay:
-                (o, i, k), other = seen[name]
+                (o, i), other = seen[name]
                 raise UserError(
-                    f"module {name} is {lay[0]} out x {lay[1]} in{' x ' + 'x'.join(map(str, lay[2])) if lay[2] else ''} "
-                    f"here but {o} out x {i} in{' x ' + 'x'.join(map(str, k)) if k else ''} in {Path(other.path).name}; "
-                    "the LoRAs were made for different architectures", path=lora.path)
+                    f"module {name} is {lay[0]} out x {lay[1]} in (kernel included) here but {o} out x {i} in in "
+                    f"{Path(other.path).name}; the LoRAs were made for different architectures", path=lora.path)
             seen.setdefault(name, (lay, lora))
 
 
@@ -152,3 +150,22 @@ def network_args(conv_rank: int | None) -> dict[str, str]:
 
 def is_kxk(down_shape: tuple[int, ...]) -> bool:
     return len(down_shape) == 4 and tuple(down_shape[2:]) != (1, 1)
+
+
+def base_weights(model_path: str | os.PathLike | None, loras: list[LoraFile], allow_pickle: bool = False
+                 ) -> dict[str, torch.Tensor] | None:
+    """The frozen weights of the modules the LoRAs touch, from `--model` (None without one).
+
+    Converting LoHa/LoKr/DoRA to LoRA needs them: DoRA's delta depends on the base weight, and
+    LyCORIS files flatten a conv's kernel, so only the model knows the layer's shape.
+    """
+    if model_path is None:
+        return None
+    from ..models import load_model
+    from ..network.apply import check_lora_fits
+
+    model = load_model(model_path, allow_pickle=allow_pickle)
+    for lora in loras:
+        check_lora_fits(model, lora)
+    wanted = {n for lora in loras for n in lora.module_names()}
+    return {t.name: t.module.weight.detach().float() for t in model.lora_targets(conv=True) if t.name in wanted}

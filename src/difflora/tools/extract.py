@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..network.apply import family_of
 from ..network.files import save_dtype, save_lora
-from . import lora_math
+from ..network import lowrank
 from .common import check_lora_output, check_rank, network_args, resolve_device
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def truncated_svd_factors(diff: torch.Tensor, rank: int, clamp_quantile: float |
     up = u[:, :k] * s[:k]
     down = vh[:k]
     if clamp_quantile is not None:
-        up, down = lora_math.clamp_factors(up, down, clamp_quantile)
+        up, down = lowrank.clamp_factors(up, down, clamp_quantile)
     return up, down
 
 

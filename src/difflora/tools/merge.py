@@ -1,14 +1,19 @@
 """Merge LoRAs into a model, or into one LoRA.
 
-Into a model: W ← W + ratio · (alpha/rank) · up @ down for every module of every file (Linear,
-1x1 and kxk conv, text encoder included), files applied one after another, so ranks and
-alphas may all differ. The output keeps the input's form: diffusers folder in, folder out;
-single file in, single .safetensors out.
+Into a model: W ← W + ratio · ΔW_eff for every module of every file (Linear, 1x1 and kxk conv,
+text encoder included), files applied one after another, so ranks, alphas and algorithms may
+all differ: ΔW_eff = (alpha/rank) · up @ down for LoRA, the LoHa/LoKr product for those, and for
+DoRA the weight-decomposed delta V·d/‖V‖ − W, scaled by the ratio as A1111 and ComfyUI apply a
+strength. The output keeps the input's form: diffusers folder in, folder out; single file in,
+single .safetensors out.
+
+LoRA + LoRA takes plain LoRA/LoCon files; other adapter types are merged through their dense
+deltas by `svd-merge` (a refusal says so).
 
 LoRA + LoRA, two modes:
 
 - ``exact`` (default): ranks are concatenated, so the result's ΔW is exactly Σ ratio_i · ΔW_i
-  for any ranks and alphas (`lora_math.combine_exact`; alpha = rank, scale 1).
+  for any ranks and alphas (`network.lowrank.combine_exact`; alpha = rank, scale 1).
 - ``kohya``: kohya's merge_lora.py. Per module, base_alpha comes from the first file that has
   the module; file i is scaled by s = sqrt(alpha_i/base_alpha) · ratio_i, up by |s| and down by
   s, so the ratio acts squared (ratio 0.5 alone gives 0.25 · ΔW). Default: the ups and the
@@ -31,10 +36,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..network import lowrank
+from ..network.adapters import module_dense
 from ..network.apply import check_lora_fits
 from ..network.files import LoraFile, save_dtype, save_lora
-from ..network.lora import lora_weight_delta
-from . import lora_math
 from .common import check_lora_output, check_ratios, load_loras, merged_metadata, states
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,7 @@ State = dict[str, torch.Tensor]
 def merge_loras_exact(loras: list[LoraFile], ratios: list[float]) -> State:
     """Σ ratio_i · ΔW_i per module, exactly (rank Σ r_i, alpha = rank)."""
     try:
-        return lora_math.combine_exact(states(loras), ratios)
+        return lowrank.combine_exact(states(loras), ratios)
     except ValueError as e:  # layouts were checked on load; keep the message if something slips through
         raise UserError(str(e)) from None
 
@@ -94,7 +99,7 @@ def merge_loras_kohya(loras: list[LoraFile], ratios: list[float], concat: bool =
 def shuffle_ranks(state: State, seed: int) -> State:
     """Permute each module's rank axis; the generator is seeded from (seed, module name)."""
     out = dict(state)
-    for name in lora_math.module_names(state):
+    for name in lowrank.module_names(state):
         down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         perm = torch.randperm(down.shape[0], generator=g)
@@ -106,7 +111,7 @@ def shuffle_ranks(state: State, seed: int) -> State:
 # ------------------------------------------------------------------ into a model
 @torch.no_grad()
 def merge_into_model(model, loras: list[LoraFile], ratios: list[float]) -> int:
-    """W ← W + ratio·(alpha/rank)·up@down for every module of every file; returns the module count.
+    """W ← W + ratio·ΔW_eff for every module of every file (any adapter); returns the module count.
 
     Every file is checked against the model (check_lora_fits) before any weight changes. The
     delta is computed in float32 and added to the weight in float32, then cast back to its dtype.
@@ -118,10 +123,9 @@ def merge_into_model(model, loras: list[LoraFile], ratios: list[float]) -> int:
     for lf, ratio in zip(loras, ratios):
         for name in lf.module_names():
             w = targets[name].weight
-            rank, alpha = lf.rank_alpha(name)
-            delta = lora_weight_delta(lf.tensors[f"{name}.lora_up.weight"], lf.tensors[f"{name}.lora_down.weight"],
-                                      ratio * alpha / rank, tuple(w.shape))
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            cls, parts = lf.modules[name]
+            delta = module_dense(cls, {k: v.to(w.device) for k, v in parts.items()}, w.float()).reshape(w.shape)
+            w.copy_((w.float() + ratio * delta).to(w.dtype))
             count += 1
     return count
 
@@ -146,6 +150,12 @@ def merge_files(models: list[str | os.PathLike], ratios: list[float] | None, sav
         raise UserError("--concat is a kohya-mode option (exact mode always concatenates ranks); add --mode kohya")
     check_lora_output(save_to)
     loras = load_loras(models)
+    for lf in loras:
+        if not lf.is_plain_lora():
+            algos = sorted({cls.title for cls, _ in lf.modules.values()})
+            raise UserError(f"is a {'/'.join(algos)} file; LoRA + LoRA merge takes plain LoRA/LoCon files. Merge other "
+                            "adapter types through their dense deltas at a stated rank: difflora svd-merge --models ... "
+                            "--new-rank R (with --model BASE for DoRA or LyCORIS convs)", path=lf.path)
     merged = merge_loras_kohya(loras, ratios, concat) if mode == "kohya" else merge_loras_exact(loras, ratios)
     if shuffle:
         merged = shuffle_ranks(merged, seed)
@@ -153,7 +163,7 @@ def merge_files(models: list[str | os.PathLike], ratios: list[float] | None, sav
     md["ss_training_comment"] = (f"merged by difflora ({mode}{' concat' if concat else ''}): "
                                  + ", ".join(f"{Path(lf.path).name} x {r:g}" for lf, r in zip(loras, ratios)))
     written = save_lora(merged, save_to, md, dtype=out_dtype)
-    return {"output": str(save_to), "modules": len(lora_math.module_names(merged)),
+    return {"output": str(save_to), "modules": len(lowrank.module_names(merged)),
             "network_dim": written["ss_network_dim"], "network_alpha": written["ss_network_alpha"]}
 
 

@@ -1,6 +1,6 @@
 """Resize a LoRA to a lower rank, keeping its strength.
 
-Per module: the SVD of up @ down (from the factors, `lora_math.lowrank_svd`), keep k singular
+Per module: the SVD of up @ down (from the factors, `network.lowrank.lowrank_svd`), keep k singular
 directions, up = U_k·S_k, down = V_kᵀ, and new_alpha = (alpha/rank) · k, so the scale
 alpha/rank and with it the LoRA's strength are unchanged. No clamping.
 
@@ -24,6 +24,13 @@ min(out, in·kh·kw) as kohya's dense SVD gives it.
 Difference from kohya, on purpose: the result never has more directions than the input
 module's rank (kohya can return up to min(out, in) directions, the extra ones with singular
 value zero, which carry nothing).
+
+With a dynamic rule the summary reports the retained fraction of the Frobenius norm (mean and
+lowest module), and a warning names the modules that keep less than the rule's target
+(sv_fro / sv_cumulative: the parameter; sv_ratio: 90% of the norm) because `--new-rank` capped them.
+
+LoHa, LoKr and DoRA inputs are resized through their dense ΔW (exact SVD): the output is a LoRA
+of the chosen rank. DoRA modules and LyCORIS convs need the base model (`model`), as in svd-merge.
 """
 
 from __future__ import annotations
@@ -37,15 +44,18 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..network import lowrank
 from ..network.files import LoraFile, load_lora, save_dtype, save_lora
-from . import lora_math
-from .common import check_lora_output, check_rank, is_kxk, resolve_device
+from .common import base_weights, check_lora_output, check_rank, is_kxk, resolve_device
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 MIN_SV = 1e-6
+SV_RATIO_RETAINED_WARN = 0.9  # sv_ratio has no retained-fraction target of its own
+_LYCORIS_ARGS = ("algo", "use_tucker", "use_cp", "use_conv_cp", "factor", "decompose_both", "full_matrix", "dora_wd",
+                 "wd_on_output", "preset")
 
 
 @dataclass
@@ -99,8 +109,8 @@ def check_dynamic(method: str | None, param: float | None, rule: str) -> None:
 
 
 def resize_lora(lora: LoraFile, new_rank: int, new_conv_rank: int | None = None, dynamic: str | None = None,
-                param: float | None = None, rule: str = "kohya", device: str | torch.device = "cpu"
-                ) -> tuple[State, list[ModuleStats]]:
+                param: float | None = None, rule: str = "kohya", device: str | torch.device = "cpu",
+                base: dict[str, torch.Tensor] | None = None) -> tuple[State, list[ModuleStats]]:
     """The resized kohya state dict (CPU, float32) and per-module statistics."""
     from tqdm import tqdm
 
@@ -111,12 +121,17 @@ def resize_lora(lora: LoraFile, new_rank: int, new_conv_rank: int | None = None,
     sd = {k: v.to(device=device, dtype=torch.float32) for k, v in lora.tensors.items()}
     out: State = {}
     stats: list[ModuleStats] = []
-    for name in tqdm(lora_math.module_names(sd), desc="resize", leave=False):
-        f = lora_math.factors(sd, name, 1.0)
+    if base is not None:
+        base = {k: v.to(device) for k, v in base.items()}
+    for name in tqdm(lowrank.module_names(sd), desc="resize", leave=False):
+        try:
+            f = lowrank.factors(sd, name, 1.0, base)
+        except UserError as e:
+            raise UserError(str(e), path=lora.path) from None
         scale = f.coeff
         old_rank = f.down.shape[0]
         f.coeff = 1.0  # kohya: the SVD is of up @ down without the scale
-        up, down, s = lora_math.lowrank_svd([f], old_rank)
+        up, down, s = lowrank.lowrank_svd([f], old_rank)
         s = s.double().cpu()
         full = torch.zeros(min(f.up.shape[0], f.down.shape[1]), dtype=torch.float64)
         full[: s.numel()] = s
@@ -136,7 +151,7 @@ def resize_lora(lora: LoraFile, new_rank: int, new_conv_rank: int | None = None,
             fro_retained=float((kept * kept).sum().sqrt()) / total2 ** 0.5 if total2 > 0 else 1.0,
             max_ratio=float(full[0] / full[k - 1]) if full[k - 1] > 0 else float("inf"),
         ))
-        rebuilt = lora_math._rebuild(name, up[:, :k], down[:k], f, alpha=scale * k)
+        rebuilt = lowrank._rebuild(name, up[:, :k], down[:k], f, alpha=scale * k)
         out.update({key: v.to("cpu") for key, v in rebuilt.items()})
     return out, stats
 
@@ -153,9 +168,20 @@ def format_stats(stats: list[ModuleStats]) -> str:
     return "\n".join(lines)
 
 
+def below_target(stats: list[ModuleStats], dynamic: str, param: float) -> list[ModuleStats]:
+    """Modules that keep less than the dynamic rule's target (capped by --new-rank / their rank)."""
+    if dynamic == "sv_fro":
+        return [st for st in stats if st.fro_retained < param - 1e-9]
+    if dynamic == "sv_cumulative":
+        return [st for st in stats if st.sum_retained < param - 1e-9]
+    return [st for st in stats if st.fro_retained < SV_RATIO_RETAINED_WARN]
+
+
 def resize_file(model: str | os.PathLike, save_to: str | os.PathLike, *, new_rank: int = 4,
                 new_conv_rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-                rule: str = "kohya", device: str = "cpu", save_precision: str | None = None) -> tuple[dict, list[ModuleStats]]:
+                rule: str = "kohya", device: str = "cpu", save_precision: str | None = None,
+                base_model: str | os.PathLike | None = None, allow_pickle: bool = False
+                ) -> tuple[dict, list[ModuleStats]]:
     """`difflora resize`. Returns (summary, per-module statistics)."""
     save_to = check_lora_output(save_to)
     out_dtype = save_dtype(save_precision or "float")
@@ -163,9 +189,11 @@ def resize_file(model: str | os.PathLike, save_to: str | os.PathLike, *, new_ran
     check_rank(new_conv_rank, "--new-conv-rank")
     check_dynamic(dynamic, param, rule)
     lora = load_lora(model)
-    tensors, stats = resize_lora(lora, new_rank, new_conv_rank, dynamic, param, rule, device)
+    base = base_weights(base_model, [lora], allow_pickle)
+    tensors, stats = resize_lora(lora, new_rank, new_conv_rank, dynamic, param, rule, device, base)
     md = {k: v for k, v in lora.metadata.items()
-          if not k.startswith("sshs_") and k not in ("ss_network_dim", "ss_network_alpha")}
+          if not k.startswith("sshs_") and k not in ("ss_network_dim", "ss_network_alpha", "ss_network_module")}
+    _drop_lycoris_args(md)
     old_dim = lora.metadata.get("ss_network_dim") or _uniform([st.old_rank for st in stats])
     comment = lora.metadata.get("ss_training_comment", "")
     if dynamic is None:
@@ -173,9 +201,33 @@ def resize_file(model: str | os.PathLike, save_to: str | os.PathLike, *, new_ran
     else:
         md["ss_training_comment"] = f"Dynamic resize with {dynamic}: {param} from {old_dim}; {comment}"
     _update_conv_args(md, tensors)
+    summary = {}
+    if dynamic is not None and stats:
+        fro = [st.fro_retained for st in stats]
+        low = min(stats, key=lambda st: st.fro_retained)
+        summary = {"mean_fro_retained": statistics.fmean(fro), "min_fro_retained": low.fro_retained,
+                   "min_fro_module": low.name}
+        short = below_target(stats, dynamic, param)
+        if short:
+            log.warning("%d module(s) keep less than %s %g asks because --new-rank capped them (lowest: %s keeps "
+                        "%.1f%% of its Frobenius norm at rank %d); raise --new-rank / --new-conv-rank to keep more",
+                        len(short), dynamic, param, short[0].name, 100 * short[0].fro_retained, short[0].new_rank)
+            summary["below_target"] = [st.name for st in short]
     written = save_lora(tensors, save_to, md, dtype=out_dtype)
     return ({"output": str(Path(save_to)), "modules": len(stats), "network_dim": written["ss_network_dim"],
-             "network_alpha": written["ss_network_alpha"]}, stats)
+             "network_alpha": written["ss_network_alpha"], **summary}, stats)
+
+
+def _drop_lycoris_args(md: dict[str, str]) -> None:
+    """The output is a plain LoRA: LyCORIS' algorithm options no longer describe it."""
+    import json
+
+    try:
+        args = json.loads(md.get("ss_network_args", "{}")) or {}
+    except ValueError:
+        return
+    if isinstance(args, dict) and any(k in args for k in _LYCORIS_ARGS):
+        md["ss_network_args"] = json.dumps({k: v for k, v in args.items() if k not in _LYCORIS_ARGS})
 
 
 def _uniform(values: list) -> str:
@@ -195,7 +247,7 @@ def _update_conv_args(md: dict[str, str], tensors: State) -> None:
         return
     if not isinstance(args, dict) or "conv_dim" not in args:
         return
-    names = [n for n in lora_math.module_names(tensors) if is_kxk(tuple(tensors[f"{n}.lora_down.weight"].shape))]
+    names = [n for n in lowrank.module_names(tensors) if is_kxk(tuple(tensors[f"{n}.lora_down.weight"].shape))]
     if not names:
         return
     args["conv_dim"] = _uniform([int(tensors[f"{n}.lora_down.weight"].shape[0]) for n in names])

@@ -1,0 +1,250 @@
+"""The adapter registry: the job's algorithm choice -> its module class, and a file's keys -> the class.
+
+Algorithms (LyCORIS' names): `lora` (alias `locon`: LoRA with LoCon convs), `loha`, `lokr`;
+`dora` is `lora` with DoRA's weight decomposition (`dora_wd`), which also works on LoHa and
+LoKr. Everything that depends on the algorithm goes through this module: building a network,
+reading a file's modules, checking a file against a model, metadata and `inspect`.
+
+Job keys, both spellings normalised here into one `AdapterOptions`:
+- kohya/LyCORIS: `network_module = "lycoris.kohya"`, `network_args = ["algo=loha", "conv_dim=8", ...]`
+- difflora: `network_algo = "loha"` with `network_use_tucker`, `network_factor`, ... (config.py)
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Mapping
+
+import torch
+
+from ...errors import UserError
+from .base import Adapter, AdapterOptions, dora_scale_shape
+from .lokr import LoKr
+from .lora import LoRA
+from .loha import LoHa
+
+ADAPTERS: dict[str, type[Adapter]] = {cls.algo: cls for cls in (LoRA, LoHa, LoKr)}
+# job spellings -> (algo, implied options)
+ALGO_NAMES: dict[str, tuple[str, dict]] = {
+    "lora": ("lora", {}), "locon": ("lora", {}), "loha": ("loha", {}), "lokr": ("lokr", {}),
+    "dora": ("lora", {"dora_wd": True}),
+}
+# LyCORIS algorithms difflora does not train (the reference's support matrix says why they are risky)
+_LYCORIS_OTHERS = ("ia3", "glora", "diag-oft", "boft", "full", "dylora")
+# detection order of the clients (A1111, ComfyUI): LoRA, LoHa, LoKr
+_MARKERS = (("lora_down.weight", LoRA), ("hada_w1_a", LoHa), ("hada_w1_b", LoHa), ("lokr_w1", LoKr),
+            ("lokr_w1_a", LoKr), ("lokr_w2", LoKr), ("lokr_w2_a", LoKr), ("lora_up.weight", LoRA))
+KNOWN_SUFFIXES = {k for cls in ADAPTERS.values() for k in cls.keys} | {"alpha", "dora_scale"}
+LYCORIS_MODULE = "lycoris.kohya"
+KOHYA_LORA_MODULE = "networks.lora"
+
+
+def resolve_algo(name: str) -> tuple[str, dict]:
+    """(algo, implied options) for a job's algorithm name; one line with suggestions when unknown."""
+    key = str(name).strip().lower()
+    if key in ALGO_NAMES:
+        return ALGO_NAMES[key]
+    known = ", ".join(ALGO_NAMES)
+    if key in _LYCORIS_OTHERS:
+        raise UserError(f"network algo {name!r} is a LyCORIS algorithm difflora does not train; use one of {known}")
+    close = difflib.get_close_matches(key, list(ALGO_NAMES), n=2, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise UserError(f"unknown network algo {name!r}{hint}; known: {known}")
+
+
+def adapter_class(algo: str) -> type[Adapter]:
+    return ADAPTERS[resolve_algo(algo)[0]]
+
+
+# ------------------------------------------------------------------ job options
+def _parse_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise UserError(f"network_args {key}={value!r}: expected true or false")
+
+
+def _parse_int(key: str, value) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise UserError(f"network_args {key}={value!r}: expected an integer") from None
+
+
+def _parse_float(key: str, value) -> float:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise UserError(f"network_args {key}={value!r}: expected a number") from None
+
+
+# LyCORIS / kohya network_args difflora understands -> (normalised key, parser)
+_NETWORK_ARGS = {
+    "algo": ("algo", str),
+    "conv_dim": ("conv_dim", _parse_int), "conv_alpha": ("conv_alpha", _parse_float),
+    "use_tucker": ("use_tucker", _parse_bool), "use_cp": ("use_tucker", _parse_bool),
+    "use_conv_cp": ("use_tucker", _parse_bool),
+    "factor": ("factor", _parse_int), "decompose_both": ("decompose_both", _parse_bool),
+    "full_matrix": ("full_matrix", _parse_bool), "dora_wd": ("dora_wd", _parse_bool),
+    "wd_on_output": ("wd_on_output", _parse_bool),
+    "dropout": ("dropout", _parse_float), "rank_dropout": ("rank_dropout", _parse_float),
+    "module_dropout": ("module_dropout", _parse_float),
+    "preset": ("preset", str),
+}
+
+
+def parse_network_args(args) -> dict[str, object]:
+    """kohya's `network_args` ("key=value" strings, or a table) -> normalised, typed options.
+
+    A misspelt or unsupported key is refused with one line naming it (and the closest known key).
+    """
+    pairs: list[tuple[str, object]] = []
+    if isinstance(args, Mapping):
+        pairs = list(args.items())
+    else:
+        for item in args or []:
+            if "=" not in str(item):
+                raise UserError(f"network_args entry {item!r} is not key=value")
+            k, v = str(item).split("=", 1)
+            pairs.append((k.strip(), v.strip()))
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key not in _NETWORK_ARGS:
+            close = difflib.get_close_matches(key, list(_NETWORK_ARGS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"unknown network_args option {key!r}{hint}; known: {', '.join(sorted(_NETWORK_ARGS))}")
+        if value is None or (isinstance(value, str) and value.lower() == "none" and key.endswith("dropout")):
+            continue  # sd-scripts injects "dropout": None
+        name, parse = _NETWORK_ARGS[key]
+        out[name] = parse(key, value) if parse is not str else str(value)
+    if out.get("wd_on_output"):
+        raise UserError("network_args wd_on_output=true: difflora writes DoRA's magnitude on the input axis, the one "
+                        "A1111 and ComfyUI merge as trained (both mis-merge output-axis files); remove it")
+    out.pop("wd_on_output", None)
+    preset = out.pop("preset", None)
+    if preset is not None and str(preset).lower() not in ("attn-mlp", "full"):
+        raise UserError(f"network_args preset={preset!r} is not supported; difflora wraps kohya's modules "
+                        "(attention and MLP, plus 3x3 convs with conv_dim)")
+    return out
+
+
+def adapter_options(algo: str = "lora", *, use_tucker: bool = False, factor: int = -1, decompose_both: bool = False,
+                    full_matrix: bool = False, dora_wd: bool = False) -> AdapterOptions:
+    """The normalised options; `algo` may be an alias (`locon`, `dora`)."""
+    name, implied = resolve_algo(algo)
+    opts = AdapterOptions(algo=name, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
+                          full_matrix=full_matrix, dora_wd=dora_wd or implied.get("dora_wd", False))
+    if opts.factor == 0 or opts.factor < -1:
+        raise UserError(f"network factor must be -1 (most square) or a positive integer, got {factor}")
+    return opts
+
+
+# ------------------------------------------------------------------ files
+def split_key(key: str) -> tuple[str, str]:
+    """'lora_unet_x.hada_w1_a' -> ('lora_unet_x', 'hada_w1_a')."""
+    name, _, suffix = key.partition(".")
+    return name, suffix
+
+
+def detect(suffixes) -> type[Adapter] | None:
+    """The algorithm of one module from its key suffixes (the clients' order), or None."""
+    present = set(suffixes)
+    for marker, cls in _MARKERS:
+        if marker in present:
+            return cls
+    return None
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[type[Adapter], dict]]:
+    """A file's tensors per module with the module's class; a UserError naming the key otherwise."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        if suffix not in KNOWN_SUFFIXES:
+            raise UserError(f"unrecognised key {key!r}; not a LoRA, LoCon, LoHa, LoKr or DoRA file", path=source)
+        grouped.setdefault(name, {})[suffix] = value
+    out = {}
+    for name, parts in sorted(grouped.items()):
+        cls = detect(parts)
+        if cls is None:
+            raise UserError(f"module {name} has only {', '.join(sorted(parts))}; its adapter tensors are missing",
+                            path=source)
+        foreign = sorted(s for s in parts if s not in (*cls.keys, "alpha", "dora_scale"))
+        if foreign:
+            raise UserError(f"{name}.{foreign[0]} does not belong to a {cls.title} module", path=source)
+        missing = [k for k in cls.required if k not in parts]
+        if missing:
+            raise UserError(f"{cls.title} module {name} is missing {name}.{missing[0]}", path=source)
+        shapes = {k: tuple(v.shape) for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+        problem = cls.check_shapes(name, shapes)
+        if problem:
+            raise UserError(f"{cls.title} module {name}: {problem}", path=source)
+        for part, t in parts.items():
+            if not torch.isfinite(t.float()).all():
+                raise UserError(f"{name}.{part} contains NaN or Inf values; the file is damaged", path=source)
+        a = parts.get("alpha")
+        if a is not None and a.numel() != 1:
+            raise UserError(f"{name}.alpha must be a scalar, has shape {tuple(a.shape)}", path=source)
+        d = parts.get("dora_scale")
+        if d is not None:
+            problem = _dora_problem(tuple(d.shape), cls.flat_shape(shapes))
+            if problem:
+                raise UserError(f"{name}.dora_scale {problem}", path=source)
+        out[name] = (cls, parts)
+    return out
+
+
+def _dora_problem(shape: tuple[int, ...], flat: tuple[int, int]) -> str | None:
+    out_dim, in_flat = flat
+    if len(shape) not in (2, 4) or any(s != 1 for s in shape[2:]):
+        return (f"has shape {shape}; DoRA magnitudes are (1, in[, 1, 1]) (or LyCORIS' (out, 1[, 1, 1])), "
+                "never 1-D (the clients mis-broadcast it)")
+    if shape[0] == 1 and in_flat % shape[1] == 0 and in_flat // shape[1] in (1, 4, 9, 16, 25, 49):
+        return None
+    if shape[0] == out_dim and shape[1] == 1:
+        return None
+    return f"has shape {shape}, which fits neither the input axis nor the output axis of a {out_dim}x{in_flat} delta"
+
+
+def module_shapes(parts: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+
+
+def module_rank_alpha(cls: type[Adapter], parts: Mapping[str, torch.Tensor]) -> tuple[int, float, float]:
+    """(rank, alpha, scale) of a file's module as the clients compute them (no alpha: scale 1)."""
+    shapes = module_shapes(parts)
+    rank = cls.rank_of(shapes)
+    a = parts.get("alpha")
+    alpha = float(a) if a is not None and float(a) != 0.0 else float(rank)
+    scale = cls.scale_of(shapes, alpha) if rank else 1.0
+    if a is None:
+        scale = 1.0
+    return rank, alpha, scale
+
+
+def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_weight: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The module's effective ΔW at strength 1 as a 2-D float32 (out, in·kh·kw) matrix.
+
+    DoRA needs the base weight (its delta depends on it); without one a UserError says so.
+    """
+    t = {k: v.float() for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+    delta = cls.dense(t) * module_rank_alpha(cls, parts)[2]
+    d = parts.get("dora_scale")
+    if d is None:
+        return delta
+    if base_weight is None:
+        raise UserError("a DoRA module's delta depends on the base model's weights; pass the base model (--model)")
+    w = base_weight.detach().float()
+    from .base import dora_delta
+
+    return dora_delta(w, delta.reshape(w.shape), d.float()).reshape(delta.shape)
+
+
+__all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
+           "LoKr", "LoRA", "adapter_class", "adapter_options", "detect", "dora_scale_shape", "group_modules",
+           "module_dense", "module_rank_alpha", "module_shapes", "parse_network_args", "resolve_algo", "split_key"]
