@@ -26,7 +26,8 @@ from safetensors.torch import save as st_save
 
 from ..errors import UserError
 from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
-from .adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, LoRA, group_modules, module_rank_alpha
+from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, LoRA, by_module, detect, group_modules,
+                       module_rank_alpha, module_shapes)
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
                "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -112,11 +113,10 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
         raise UserError("LoRA files are written as .safetensors", path=path)
     out = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
     md = {k: str(v) for k, v in (metadata or {}).items()}
-    modules = group_modules(out, str(path))
-    dims = {module_rank_alpha(cls, parts)[0] for cls, parts in modules.values()}
+    modules = [(detect(parts), parts) for parts in by_module(out).values()]
+    dims = {cls.rank_of(module_shapes(parts)) for cls, parts in modules if cls is not None}
     alphas = {float(out[k].float()) for k in out if k.endswith(".alpha")}
-    plain = all(cls is LoRA and "dora_scale" not in parts and "lora_mid.weight" not in parts
-                for cls, parts in modules.values())
+    plain = all(cls is LoRA and "dora_scale" not in parts and "lora_mid.weight" not in parts for cls, parts in modules)
     md.setdefault("ss_network_module", KOHYA_LORA_MODULE if plain else LYCORIS_MODULE)
     md.setdefault("ss_network_dim", str(dims.pop()) if len(dims) == 1 else "Dynamic")
     md.setdefault("ss_network_alpha", _fmt_alpha(alphas.pop()) if len(alphas) == 1 else "Dynamic")

@@ -159,14 +159,21 @@ def detect(suffixes) -> type[Adapter] | None:
     return None
 
 
-def group_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[type[Adapter], dict]]:
-    """A file's tensors per module with the module's class; a UserError naming the key otherwise."""
+def by_module(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A file's tensors per module name, by key suffix."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)
-        if suffix not in KNOWN_SUFFIXES:
-            raise UserError(f"unrecognised key {key!r}; not a LoRA, LoCon, LoHa, LoKr or DoRA file", path=source)
         grouped.setdefault(name, {})[suffix] = value
+    return grouped
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[type[Adapter], dict]]:
+    """A file's tensors per module with the module's class, checked; a UserError naming the key otherwise."""
+    for key in tensors:
+        if split_key(key)[1] not in KNOWN_SUFFIXES:
+            raise UserError(f"unrecognised key {key!r}; not a LoRA, LoCon, LoHa, LoKr or DoRA file", path=source)
+    grouped = by_module(tensors)
     out = {}
     for name, parts in sorted(grouped.items()):
         cls = detect(parts)
@@ -246,5 +253,5 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
 
 
 __all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
-           "LoKr", "LoRA", "adapter_class", "adapter_options", "detect", "dora_scale_shape", "group_modules",
+           "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
            "module_dense", "module_rank_alpha", "module_shapes", "parse_network_args", "resolve_algo", "split_key"]
