@@ -100,6 +100,24 @@ def test_delta_equals_lycoris_functional(variant, layer):
     assert tucker == (VARIANTS[variant].get("use_tucker", False) and layer == "conv3x3" and "lokr_w2" not in adapter.shapes)
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv3x3"])
+@pytest.mark.parametrize("on_output", [False, True], ids=["input-axis", "output-axis"])
+def test_dora_at_strength_1_equals_lycoris_weight_decompose(layer, on_output):
+    """difflora writes the input axis; files with LyCORIS >= 3.2's output axis are read the way LyCORIS trained them."""
+    from lycoris.functional.general import weight_decompose
+
+    org, adapter = _module("dora", layer)
+    w = org.weight.detach().double()
+    if on_output:
+        with torch.no_grad():
+            adapter.dora_scale = nn.Parameter(w.reshape(w.shape[0], -1).norm(dim=1).reshape(
+                w.shape[0], *([1] * (w.dim() - 1))).float() * 1.2)
+    v = w + adapter.weight_delta().double()
+    oracle = weight_decompose(v, adapter.dora_scale.detach().double(), 1, wd_on_out=on_output, backend="torch")
+    ours = w + adapter.effective_delta().detach().double()
+    assert (ours - oracle).abs().max() < 1e-6
+
+
 def test_lokr_layouts_and_alpha_follow_lycoris():
     from difflora.network.adapters.lokr import factorization
 
@@ -278,3 +296,125 @@ def test_saved_file_applies_by_the_client_formulas(tiny, tmp_path, variant):
         trained = 0.5 * net.get_submodule(mod.lora_name).effective_delta().double()
         assert (ours - client).abs().max() < 1e-6 * max(1.0, float(client.abs().max()))
         assert (trained - client).abs().max() < 1e-6 * max(1.0, float(client.abs().max()))
+
+
+# ------------------------------------------------------------------ bad files, tools
+def _save(tmp_path, model, variant, name=None, seed=7):
+    net = _network(model, variant, seed=seed)
+    path = tmp_path / (name or f"{variant}.safetensors")
+    save_lora(net.kohya_state_dict(), path, model.lora_metadata())
+    return path, net
+
+
+def _one_line_error(code, err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_damaged_lycoris_files_are_refused_naming_the_key(tmp_path, tiny_sd1_dir, run_cli):
+    from safetensors.torch import load_file, save_file
+
+    from difflora.models import load_model
+
+    model = load_model(tiny_sd1_dir)
+    src, _ = _save(tmp_path, model, "loha")
+    t = load_file(src)
+    victim = sorted(k for k in t if k.endswith(".hada_w2_b"))[0]
+    del t[victim]
+    save_file(t, tmp_path / "nob.safetensors")
+    out = tmp_path / "out"
+    code, _, err = run_cli("generate", "--model", tiny_sd1_dir, "--lora", tmp_path / "nob.safetensors", "--prompt",
+                           "a face", "--steps", 1, "--out", out)
+    _one_line_error(code, err, "nob.safetensors", victim)
+    assert not out.exists()
+
+    src, _ = _save(tmp_path, model, "dora")
+    t = load_file(src)
+    key = sorted(k for k in t if k.endswith(".dora_scale"))[0]
+    t[key] = t[key].flatten()  # 1-D: the shape both UIs mis-broadcast
+    save_file(t, tmp_path / "flat.safetensors")
+    code, _, err = run_cli("inspect", tmp_path / "flat.safetensors")
+    _one_line_error(code, err, "flat.safetensors", key, "never 1-D")
+    t[key] = torch.ones(1, t[key].numel() + 1)  # an input axis of the wrong size
+    save_file(t, tmp_path / "wide.safetensors")
+    code, _, err = run_cli("generate", "--model", tiny_sd1_dir, "--lora", tmp_path / "wide.safetensors", "--prompt",
+                           "a face", "--steps", 1, "--out", out)
+    _one_line_error(code, err, "wide.safetensors", key)
+    assert not out.exists()
+
+
+def test_inspect_shows_algorithm_and_options(tmp_path, tiny, run_cli):
+    import json
+
+    from difflora.network.metadata import network_metadata
+
+    net = _network(tiny, "lokr")
+    opts = adapter_options(**VARIANTS["lokr"])
+    save_lora(net.kohya_state_dict(), tmp_path / "k.safetensors", network_metadata(opts, 4, 2, 3, 1))
+    code, out, err = run_cli("inspect", tmp_path / "k.safetensors")
+    assert code == 0, err
+    assert "algorithm:          LoKr" in out and "lycoris.kohya  algo=lokr" in out and "factor=4" in out
+    code, out, _ = run_cli("inspect", "--json", tmp_path / "k.safetensors")
+    info = json.loads(out)
+    assert sum(info["algorithm"].values()) == len(net.names) and info["network_args"]["algo"] == "lokr"
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "dora"])
+def test_tools_take_every_adapter(tmp_path, tiny_sd1_dir, run_cli, variant):
+    """merge into a model (ΔW_eff added), svd-merge/resize to LoRA (dense delta then SVD),
+    LoRA + LoRA merge refused with the way to do it."""
+    from difflora.models import load_model
+    from difflora.network.lowrank import dense_delta
+
+    model = load_model(tiny_sd1_dir)
+    path, net = _save(tmp_path, model, variant)
+    targets = {t.name: t.module for t in model.lora_targets(conv=True)}
+    want = {m.lora_name: m.effective_delta().detach().reshape(m.effective_delta().shape[0], -1) for m in net.loras()}
+
+    # into the model: W + 0.7·ΔW_eff
+    code, _, err = run_cli("merge", "--model", tiny_sd1_dir, "--models", path, "--ratios", 0.7,
+                           "--save-to", tmp_path / "merged")
+    assert code == 0, err
+    merged = {t.name: t.module.weight for t in load_model(tmp_path / "merged").lora_targets(conv=True)}
+    for name, d in want.items():
+        w = targets[name].weight.detach()
+        torch.testing.assert_close((merged[name] - w).reshape(d.shape), 0.7 * d, atol=2e-6, rtol=1e-4)
+
+    # to a LoRA: full rank is exact (needs the base model for DoRA and LyCORIS convs)
+    code, _, err = run_cli("svd-merge", "--models", path, "--new-rank", 64, "--save-to", tmp_path / "s.safetensors")
+    _one_line_error(code, err, "--model")
+    assert not (tmp_path / "s.safetensors").exists()
+    code, _, err = run_cli("svd-merge", "--models", path, "--new-rank", 64, "--base-model", tiny_sd1_dir,
+                           "--save-to", tmp_path / "s.safetensors")
+    assert code == 0, err
+    out = load_lora(tmp_path / "s.safetensors")
+    assert out.is_plain_lora() and out.metadata["ss_network_module"] == "networks.lora"
+    for name, d in want.items():
+        torch.testing.assert_close(dense_delta(out.tensors, name), d, atol=1e-5, rtol=1e-4)
+    # resize to rank 2: the best rank-2 approximation of each module's ΔW_eff
+    code, out_text, err = run_cli("resize", "--model", path, "--new-rank", 2, "--base-model", tiny_sd1_dir,
+                                  "--save-to", tmp_path / "r.safetensors")
+    assert code == 0, err
+    small = load_lora(tmp_path / "r.safetensors")
+    for name, d in want.items():
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        torch.testing.assert_close(dense_delta(small.tensors, name).double(), best, atol=1e-5, rtol=1e-4)
+        assert small.rank_alpha(name)[0] <= 2
+    # LoRA + LoRA merge takes plain LoRA files and says how to merge the others
+    code, _, err = run_cli("merge", "--models", path, path, "--save-to", tmp_path / "m.safetensors")
+    _one_line_error(code, err, path.name, "svd-merge")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_diffusers_refuses_lycoris_files(tmp_path, tiny):
+    """What the README says about diffusers: it raises on LoHa, LoKr and Tucker LoCon files."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    for variant in ("loha", "lokr", "locon-tucker"):
+        sd = _network(tiny, variant).kohya_state_dict()
+        with pytest.raises(ValueError):
+            _convert_non_diffusers_lora_to_diffusers(dict(sd))

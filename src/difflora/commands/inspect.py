@@ -6,7 +6,11 @@ import json
 import re
 from collections import defaultdict
 
+from ..network.adapters import module_shapes
 from ..network.files import load_lora
+
+# kohya names of kxk convs whose LyCORIS factors flatten the kernel (SD1/2 and SDXL U-Nets)
+_KXK_NAMES = ("_conv", "_conv1", "_conv2", "_conv_in", "_conv_out", "_in_layers_2", "_out_layers_3", "_op")
 
 _BLOCK = re.compile(r"^lora_(unet|te\d?)_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|"
                     r"output_blocks_\d+|text_model_encoder_layers_\d+)")
@@ -19,17 +23,37 @@ def block_of(name: str) -> str:
     return f"{m.group(1)}:{m.group(2).replace('text_model_encoder_layers_', 'layer_')}"
 
 
+def _algorithm(cls, parts) -> str:
+    """'LoHa', 'LoRA/LoCon+DoRA', 'LoKr (tucker)', ... for one module."""
+    shapes = module_shapes(parts)
+    extras = [x for x, on in (("tucker", any(k in shapes for k in ("lora_mid.weight", "hada_t1", "lokr_t2"))),
+                              ("w1 low-rank", "lokr_w1_a" in shapes), ("w2 full", "lokr_w2" in shapes)) if on]
+    return cls.title + ("+DoRA" if "dora_scale" in parts else "") + (f" ({', '.join(extras)})" if extras else "")
+
+
 def summarize(lora) -> dict:
-    blocks: dict[str, dict] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set(), "conv": 0})
+    blocks: dict[str, dict] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set(), "conv": 0,
+                                                   "algos": set()})
+    algos: dict[str, int] = defaultdict(int)
     for name in lora.module_names():
+        cls, parts = lora.modules[name]
         rank, alpha = lora.rank_alpha(name)
         b = blocks[block_of(name)]
         b["modules"] += 1
         b["ranks"].add(rank)
         b["alphas"].add(alpha)
-        down = lora.tensors[f"{name}.lora_down.weight"]
-        if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
+        algo = _algorithm(cls, parts)
+        b["algos"].add(algo)
+        algos[algo] += 1
+        if cls.kernel(module_shapes(parts)) not in ((), None) or (
+                cls.kernel(module_shapes(parts)) is None and cls.flat_shape(module_shapes(parts))[1] % 9 == 0
+                and name.endswith(_KXK_NAMES)):
             b["conv"] += 1
+    args = lora.metadata.get("ss_network_args")
+    try:
+        network_args = json.loads(args) if args else {}
+    except ValueError:
+        network_args = {}
     comps = defaultdict(int)
     for name in lora.module_names():
         comps[name.split("_")[1]] += 1
@@ -37,12 +61,16 @@ def summarize(lora) -> dict:
     return {
         "file": lora.path,
         "format": lora.source_format,
+        "algorithm": dict(algos),
+        "network_module": lora.metadata.get("ss_network_module", "unknown"),
+        "network_args": network_args if isinstance(network_args, dict) else {},
         "base_model_version": lora.metadata.get("ss_base_model_version", "unknown"),
         "modules": dict(comps),
         "total_modules": len(lora.module_names()),
         "dtypes": dtypes,
         "blocks": {k: {"modules": v["modules"], "conv_kxk": v["conv"], "rank": sorted(v["ranks"]),
-                       "alpha": sorted(v["alphas"])} for k, v in sorted(blocks.items())},
+                       "alpha": sorted(v["alphas"]), "algorithm": sorted(v["algos"])}
+                   for k, v in sorted(blocks.items())},
         "metadata": lora.metadata,
     }
 
@@ -64,6 +92,10 @@ def run(args) -> int:
         return 0
     print(f"file:               {info['file']}")
     print(f"format:             {info['format']}  dtypes: {', '.join(info['dtypes'])}")
+    print("algorithm:          " + ", ".join(f"{k} x{v}" for k, v in sorted(info["algorithm"].items())))
+    opts = {k: v for k, v in info["network_args"].items() if v is not None}
+    print(f"network:            {info['network_module']}" + (
+        "  " + " ".join(f"{k}={v}" for k, v in sorted(opts.items())) if opts else ""))
     print(f"base model version: {info['base_model_version']}")
     md = info["metadata"]
     if "ss_min_timestep" in md or "ss_training_method" in md:

@@ -137,6 +137,10 @@ class LoRANetwork(nn.Module):
             raise UserError(f"{len(unexpected)} key(s) do not belong to this network, e.g. {unexpected[0]}", path=source)
         if strict and missing:
             raise UserError(f"{len(missing)} key(s) are missing, e.g. {missing[0]}", path=source)
+        if not any(k in own for k in tensors):
+            algos = sorted({lora.title for lora in self.loras()})
+            raise UserError(f"none of the file's keys belong to this {'/'.join(algos)} network (another adapter "
+                            "algorithm or another architecture?)", path=source)
         with torch.no_grad():
             for k, v in tensors.items():
                 if k not in own:
@@ -199,6 +203,10 @@ class LoRANetwork(nn.Module):
         for lora in self.loras():
             lora.org_module.weight.copy_(self._fused[lora.lora_name])
         self._fused = None
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen weight under each module (DoRA's delta and LyCORIS conv layouts need them)."""
+        return {lora.lora_name: lora.org_module.weight.detach() for lora in self.loras()}
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         sd = {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
