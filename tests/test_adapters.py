@@ -274,7 +274,7 @@ def test_saved_file_applies_by_the_client_formulas(tiny, tmp_path, variant):
     from difflora.network.metadata import network_metadata
 
     opts = adapter_options(**VARIANTS[variant])
-    save_lora(net.kohya_state_dict(), path, {**model.lora_metadata(), **network_metadata(opts, 4, 2, 3, 1)})
+    save_lora(net.kohya_state_dict(), path, {**model.lora_metadata(), **network_metadata(opts, 3, 1)})
     lora = load_lora(path)
     assert lora.metadata["ss_network_module"] == ("networks.lora" if variant == "lora" else "lycoris.kohya")
     if variant != "lora":
@@ -353,7 +353,7 @@ def test_inspect_shows_algorithm_and_options(tmp_path, tiny, run_cli):
 
     net = _network(tiny, "lokr")
     opts = adapter_options(**VARIANTS["lokr"])
-    save_lora(net.kohya_state_dict(), tmp_path / "k.safetensors", network_metadata(opts, 4, 2, 3, 1))
+    save_lora(net.kohya_state_dict(), tmp_path / "k.safetensors", network_metadata(opts, 3, 1))
     code, out, err = run_cli("inspect", tmp_path / "k.safetensors")
     assert code == 0, err
     assert "algorithm:          LoKr" in out and "lycoris.kohya  algo=lokr" in out and "factor=4" in out

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
 from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, LoRA, by_module, detect, group_modules,
                        module_rank_alpha, module_shapes)
+from .metadata import describe_plain_lora
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
                "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -117,6 +118,8 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
     dims = {cls.rank_of(module_shapes(parts)) for cls, parts in modules if cls is not None}
     alphas = {float(out[k].float()) for k in out if k.endswith(".alpha")}
     plain = all(cls is LoRA and "dora_scale" not in parts and "lora_mid.weight" not in parts for cls, parts in modules)
+    if plain and md.get("ss_network_module") == LYCORIS_MODULE:  # the tensors decide what the file is
+        describe_plain_lora(md)
     md.setdefault("ss_network_module", KOHYA_LORA_MODULE if plain else LYCORIS_MODULE)
     md.setdefault("ss_network_dim", str(dims.pop()) if len(dims) == 1 else "Dynamic")
     md.setdefault("ss_network_alpha", _fmt_alpha(alphas.pop()) if len(alphas) == 1 else "Dynamic")

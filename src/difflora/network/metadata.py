@@ -17,27 +17,38 @@ def is_lycoris(options: AdapterOptions) -> bool:
     return options.algo != "lora" or options.use_tucker or options.dora_wd
 
 
-def network_metadata(options: AdapterOptions, network_dim: int, network_alpha: float, conv_dim: int | None,
-                     conv_alpha: float | None, extra_args: dict[str, object] | None = None) -> dict[str, str]:
-    """ss_network_module / ss_network_dim / ss_network_alpha / ss_network_args for these options."""
-    args: dict[str, object] = {}
-    if conv_dim:
-        args["conv_dim"] = conv_dim
-        args["conv_alpha"] = conv_alpha if conv_alpha is not None else 1.0
-    args.update({k: v for k, v in (extra_args or {}).items() if v is not None})
-    md = {"ss_network_dim": str(network_dim), "ss_network_alpha": _fmt(network_alpha)}
+def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: float | None,
+                     extra_args: dict[str, object] | None = None) -> dict[str, str]:
+    """ss_network_module / ss_network_args for these options (save_lora fills dim/alpha from the tensors)."""
+    args: dict[str, object] = {"conv_dim": conv_dim or None, "conv_alpha": conv_alpha if conv_dim else None,
+                               **(extra_args or {})}
+    args = {k: v for k, v in args.items() if v is not None}
+    md: dict[str, str] = {}
     if is_lycoris(options):
         args = {**options.network_args(), **args}
         md["ss_network_module"] = LYCORIS_MODULE
-        md["ss_network_args"] = json.dumps({**{k: _fmt(v) for k, v in args.items()}, "dropout": None})
+        md["ss_network_args"] = json.dumps({**{k: str(v) for k, v in args.items()}, "dropout": None})
     else:
         md["ss_network_module"] = KOHYA_LORA_MODULE
         if args:
-            md["ss_network_args"] = json.dumps({k: _fmt(v) for k, v in args.items()})
+            md["ss_network_args"] = json.dumps({k: str(v) for k, v in args.items()})
     return md
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
+_LYCORIS_ARGS = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd", "wd_on_output", "dropout")
+
+
+def describe_plain_lora(md: dict[str, str]) -> None:
+    """Metadata of a file whose tensors are plain LoRA (a LoHa difference written as LoRA, a resize):
+    `networks.lora`, without LyCORIS' algorithm arguments."""
+    md["ss_network_module"] = KOHYA_LORA_MODULE
+    try:
+        args = json.loads(md.get("ss_network_args") or "{}")
+    except ValueError:
+        return
+    if isinstance(args, dict) and any(k in args for k in _LYCORIS_ARGS):
+        kept = {k: v for k, v in args.items() if k not in _LYCORIS_ARGS}
+        if kept:
+            md["ss_network_args"] = json.dumps(kept)
+        else:
+            md.pop("ss_network_args")

@@ -54,8 +54,6 @@ State = dict[str, torch.Tensor]
 DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 MIN_SV = 1e-6
 SV_RATIO_RETAINED_WARN = 0.9  # sv_ratio has no retained-fraction target of its own
-_LYCORIS_ARGS = ("algo", "use_tucker", "use_cp", "use_conv_cp", "factor", "decompose_both", "full_matrix", "dora_wd",
-                 "wd_on_output", "preset")
 
 
 @dataclass
@@ -192,8 +190,7 @@ def resize_file(model: str | os.PathLike, save_to: str | os.PathLike, *, new_ran
     base = base_weights(base_model, [lora], allow_pickle)
     tensors, stats = resize_lora(lora, new_rank, new_conv_rank, dynamic, param, rule, device, base)
     md = {k: v for k, v in lora.metadata.items()
-          if not k.startswith("sshs_") and k not in ("ss_network_dim", "ss_network_alpha", "ss_network_module")}
-    _drop_lycoris_args(md)
+          if not k.startswith("sshs_") and k not in ("ss_network_dim", "ss_network_alpha")}
     old_dim = lora.metadata.get("ss_network_dim") or _uniform([st.old_rank for st in stats])
     comment = lora.metadata.get("ss_training_comment", "")
     if dynamic is None:
@@ -216,18 +213,6 @@ def resize_file(model: str | os.PathLike, save_to: str | os.PathLike, *, new_ran
     written = save_lora(tensors, save_to, md, dtype=out_dtype)
     return ({"output": str(Path(save_to)), "modules": len(stats), "network_dim": written["ss_network_dim"],
              "network_alpha": written["ss_network_alpha"], **summary}, stats)
-
-
-def _drop_lycoris_args(md: dict[str, str]) -> None:
-    """The output is a plain LoRA: LyCORIS' algorithm options no longer describe it."""
-    import json
-
-    try:
-        args = json.loads(md.get("ss_network_args", "{}")) or {}
-    except ValueError:
-        return
-    if isinstance(args, dict) and any(k in args for k in _LYCORIS_ARGS):
-        md["ss_network_args"] = json.dumps({k: v for k, v in args.items() if k not in _LYCORIS_ARGS})
 
 
 def _uniform(values: list) -> str:

@@ -254,4 +254,63 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
 
 __all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
            "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
-           "module_dense", "module_rank_alpha", "module_shapes", "parse_network_args", "resolve_algo", "split_key"]
+           "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
+           "parse_network_args", "resolve_algo", "split_key"]
+
+
+# ------------------------------------------------------------------ job keys -> one normalised form
+# network_args key -> the job field difflora spells it as
+_ARG_FIELDS = {"use_tucker": "network_use_tucker", "factor": "network_factor", "decompose_both": "network_decompose_both",
+               "full_matrix": "network_full_matrix", "dora_wd": "network_dora", "conv_dim": "conv_dim",
+               "conv_alpha": "conv_alpha", "dropout": "network_dropout", "rank_dropout": "rank_dropout",
+               "module_dropout": "module_dropout"}
+_LYCORIS_ONLY = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd")
+
+
+def normalise_job_keys(job) -> dict[str, object]:
+    """Fold kohya's `network_module` / `network_args` into difflora's keys and check them.
+
+    Returns the job fields to update: `network_algo` becomes the canonical algorithm (`lora`,
+    `loha`, `lokr`; `dora` becomes `lora` + `network_dora`), `network_module` says `lycoris.kohya`
+    for anything but plain LoRA, and the options given in `network_args` land in their fields.
+    A key given both ways with different values, a LyCORIS option under `networks.lora`, or an
+    unknown option is refused with one line.
+    """
+    module = job.network_module
+    if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE):
+        raise UserError(f"network_module {module!r} is not supported; use {KOHYA_LORA_MODULE!r} or {LYCORIS_MODULE!r}")
+    args = parse_network_args(job.network_args)
+    lycoris_args = [k for k in _LYCORIS_ONLY if k in args]
+    if module == KOHYA_LORA_MODULE and lycoris_args:
+        raise UserError(f"network_args {lycoris_args[0]}=... is a LyCORIS option; set network_module = "
+                        f"\"{LYCORIS_MODULE}\" (or use network_algo = ...)")
+    given = job.model_fields_set
+    values = {name: getattr(job, name) for name in ("network_algo", *_ARG_FIELDS.values())}
+    if "algo" in args:
+        if "network_algo" in given and resolve_algo(job.network_algo) != resolve_algo(args["algo"]):
+            raise UserError(f"network_algo = {job.network_algo!r} and network_args algo={args['algo']} disagree; "
+                            "give one")
+        values["network_algo"] = args.pop("algo")
+    for arg, value in args.items():
+        name = _ARG_FIELDS[arg]
+        if name in given and getattr(job, name) != value:
+            raise UserError(f"{name} = {getattr(job, name)!r} and network_args {arg}={value} disagree; give one")
+        values[name] = value
+    if module == LYCORIS_MODULE:  # LyCORIS trains kxk convs at network_dim/alpha unless told otherwise
+        if values["conv_dim"] is None:
+            values["conv_dim"] = job.network_dim
+        if values["conv_alpha"] is None:
+            values["conv_alpha"] = job.network_alpha
+    opts = adapter_options(values["network_algo"], use_tucker=values["network_use_tucker"],
+                           factor=values["network_factor"], decompose_both=values["network_decompose_both"],
+                           full_matrix=values["network_full_matrix"], dora_wd=values["network_dora"])
+    values.update(network_algo=opts.algo, network_dora=opts.dora_wd,
+                  network_module=LYCORIS_MODULE if (opts.algo != "lora" or opts.use_tucker or opts.dora_wd) else module)
+    return values
+
+
+def adapter_options_of(job) -> AdapterOptions:
+    """The normalised adapter choice of a job (after `normalise_job_keys`)."""
+    return adapter_options(job.network_algo, use_tucker=job.network_use_tucker, factor=job.network_factor,
+                           decompose_both=job.network_decompose_both, full_matrix=job.network_full_matrix,
+                           dora_wd=job.network_dora)
