@@ -4,7 +4,6 @@ A1111/ComfyUI delta formulas read them (implemented here from the formats refere
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from difflora.models.tiny import build_tiny_sd
 from difflora.network.adapters import ADAPTERS, adapter_options
 from difflora.network.apply import network_from_file
 from difflora.network.files import load_lora, save_lora
-from difflora.network.lora import LoRANetwork, LoRATarget, NetworkSpec
+from difflora.network.lora import LoRANetwork, NetworkSpec
 
 LAYERS = {
     "linear": lambda: nn.Linear(24, 20),

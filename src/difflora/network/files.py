@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import UserError
 from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
-from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, LoRA, by_module, detect, group_modules,
+from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, by_module, detect, group_modules, is_kohya_lora,
                        module_rank_alpha, module_shapes)
 from .metadata import describe_plain_lora
 
@@ -65,8 +65,7 @@ class LoraFile:
 
     def is_plain_lora(self) -> bool:
         """Every module a kohya LoRA/LoCon without DoRA or Tucker core: the form kohya's tools take."""
-        return all(cls is LoRA and set(parts) <= {"lora_down.weight", "lora_up.weight", "alpha"}
-                   for cls, parts in self.modules.values())
+        return all(is_kohya_lora(cls, parts) for cls, parts in self.modules.values())
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
         cls, parts = self.modules[name]
@@ -117,7 +116,7 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
     modules = [(detect(parts), parts) for parts in by_module(out).values()]
     dims = {cls.rank_of(module_shapes(parts)) for cls, parts in modules if cls is not None}
     alphas = {float(out[k].float()) for k in out if k.endswith(".alpha")}
-    plain = all(cls is LoRA and "dora_scale" not in parts and "lora_mid.weight" not in parts for cls, parts in modules)
+    plain = all(cls is not None and is_kohya_lora(cls, parts) for cls, parts in modules)
     if plain and md.get("ss_network_module") == LYCORIS_MODULE:  # the tensors decide what the file is
         describe_plain_lora(md)
     md.setdefault("ss_network_module", KOHYA_LORA_MODULE if plain else LYCORIS_MODULE)

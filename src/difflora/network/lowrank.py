@@ -13,7 +13,6 @@ part in the same arithmetic. `kohya_svd_merge` is kohya svd_merge_lora.py's algo
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .adapters import LoRA, detect, module_dense, module_rank_alpha, module_shapes, split_key
+from .adapters import detect, has_factors, is_kohya_lora, module_dense, module_rank_alpha, module_shapes, split_key
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +83,19 @@ def weight_shape_of(sd: State, name: str, base: Mapping[str, torch.Tensor] | Non
         return tuple(base[name].shape)
     parts = module_parts(sd, name)
     cls = detect(parts)
-    shapes = module_shapes(parts)
-    out_dim, in_flat = cls.flat_shape(shapes)
-    if cls is LoRA:
-        down = shapes["lora_down.weight"]
-        return (out_dim, down[1], *cls.kernel(shapes)) if len(down) == 4 and cls.kernel(shapes) else (
-            (out_dim, down[1], 1, 1) if len(down) == 4 else (out_dim, in_flat))
-    kernel = cls.kernel(shapes)
-    if kernel is None:
+    shape = cls.weight_shape(module_shapes(parts))
+    if shape is None:
         raise UserError(f"{cls.title} module {name} flattens its layer's kernel, so its shape as a LoRA is unknown "
                         "without the model; pass the base model (--model)")
-    return (out_dim, in_flat // math.prod(kernel), *kernel) if kernel else (out_dim, in_flat)
+    return shape
 
 
 def factors(sd: State, name: str, ratio: float = 1.0, base: Mapping[str, torch.Tensor] | None = None) -> Factors:
     """The module as LoRA factors: its own for a LoRA, the exact SVD of its dense ΔW otherwise."""
     parts = module_parts(sd, name)
     cls = detect(parts)
-    if cls is LoRA and "dora_scale" not in parts:
-        up, down = LoRA.factors({k: v.float() for k, v in parts.items()})
+    if has_factors(cls, parts):
+        up, down = cls.factors({k: v.float() for k, v in parts.items()})
         scale = module_rank_alpha(cls, parts)[2]
         shape = weight_shape_of(sd, name, base)
         down_shape = (down.shape[0], *shape[1:]) if len(shape) == 4 else tuple(down.shape)
@@ -223,7 +216,7 @@ def kohya_svd_merge(states: list[State], ratios: list[float], rank: int, conv_ra
         for name in module_names(sd):
             parts = module_parts(sd, name)
             cls = detect(parts)
-            if cls is LoRA and "dora_scale" not in parts:
+            if is_kohya_lora(cls, parts):
                 delta = _kohya_lora_delta(parts, ratio)
             else:
                 shape = weight_shape_of(sd, name, base)

@@ -13,10 +13,6 @@ import json
 from .adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE, AdapterOptions
 
 
-def is_lycoris(options: AdapterOptions) -> bool:
-    return options.algo != "lora" or options.use_tucker or options.dora_wd
-
-
 def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: float | None,
                      extra_args: dict[str, object] | None = None) -> dict[str, str]:
     """ss_network_module / ss_network_args for these options (save_lora fills dim/alpha from the tensors)."""
@@ -24,7 +20,7 @@ def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: 
                                **(extra_args or {})}
     args = {k: v for k, v in args.items() if v is not None}
     md: dict[str, str] = {}
-    if is_lycoris(options):
+    if options.is_lycoris:
         args = {**options.network_args(), **args}
         md["ss_network_module"] = LYCORIS_MODULE
         md["ss_network_args"] = json.dumps({**{k: str(v) for k, v in args.items()}, "dropout": None})

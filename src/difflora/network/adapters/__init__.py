@@ -217,6 +217,16 @@ def _dora_problem(shape: tuple[int, ...], flat: tuple[int, int]) -> str | None:
     return f"has shape {shape}, which fits neither the input axis nor the output axis of a {out_dim}x{in_flat} delta"
 
 
+def has_factors(cls: type[Adapter], parts: Mapping[str, torch.Tensor]) -> bool:
+    """ΔW_eff = up @ down with explicit factors: a low-rank algorithm without DoRA."""
+    return cls.low_rank and "dora_scale" not in parts
+
+
+def is_kohya_lora(cls: type[Adapter], parts: Mapping[str, torch.Tensor]) -> bool:
+    """The form kohya's networks.lora and its tools take: LoRA/LoCon without Tucker core or DoRA."""
+    return cls.low_rank and set(parts) <= set(cls.required) | {"alpha"}
+
+
 def module_shapes(parts: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in parts.items() if k not in ("alpha", "dora_scale")}
 
@@ -254,7 +264,7 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
 
 __all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
            "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
-           "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
+           "has_factors", "is_kohya_lora", "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
            "parse_network_args", "resolve_algo", "split_key"]
 
 
@@ -305,7 +315,7 @@ def normalise_job_keys(job) -> dict[str, object]:
                            factor=values["network_factor"], decompose_both=values["network_decompose_both"],
                            full_matrix=values["network_full_matrix"], dora_wd=values["network_dora"])
     values.update(network_algo=opts.algo, network_dora=opts.dora_wd,
-                  network_module=LYCORIS_MODULE if (opts.algo != "lora" or opts.use_tucker or opts.dora_wd) else module)
+                  network_module=LYCORIS_MODULE if opts.is_lycoris else module)
     return values
 
 

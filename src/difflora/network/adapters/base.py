@@ -21,6 +21,7 @@ factors to the tools.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
@@ -39,6 +40,11 @@ class AdapterOptions:
     decompose_both: bool = False  # LoKr: the small factor low-rank too
     full_matrix: bool = False  # LoKr: no low-rank factors at all
     dora_wd: bool = False  # DoRA weight decomposition on top of the algorithm
+
+    @property
+    def is_lycoris(self) -> bool:
+        """Anything but plain LoRA/LoCon: a `lycoris.kohya` file."""
+        return self.algo != "lora" or self.use_tucker or self.dora_wd
 
     def network_args(self) -> dict[str, str]:
         """The LyCORIS network_args these options stand for (kohya metadata: strings)."""
@@ -188,6 +194,20 @@ class Adapter(nn.Module):
     @classmethod
     def kernel(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
         """The conv kernel when the tensors carry it, () for a matrix, None when they cannot tell."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_shape(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+        """The frozen layer's weight shape as far as the tensors tell it (None: kernel flattened away)."""
+        kernel = cls.kernel(shapes)
+        if kernel is None:
+            return None
+        out_dim, in_flat = cls.flat_shape(shapes)
+        return (out_dim, in_flat // math.prod(kernel), *kernel) if kernel else (out_dim, in_flat)
+
+    @staticmethod
+    def factors(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up (O, r), down (r, I·kh·kw)) with ΔW = up @ down, for `low_rank` algorithms."""
         raise NotImplementedError
 
     @classmethod

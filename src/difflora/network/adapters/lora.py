@@ -87,6 +87,15 @@ class LoRA(Adapter):
         return () if k in ((), (1, 1)) else k
 
     @classmethod
+    def weight_shape(cls, shapes):
+        down = shapes["lora_down.weight"]
+        out_dim, in_flat = cls.flat_shape(shapes)
+        if len(down) == 2:
+            return out_dim, in_flat
+        kernel = tuple(shapes["lora_mid.weight"][2:]) if "lora_mid.weight" in shapes else tuple(down[2:])
+        return (out_dim, down[1], *kernel)  # a 4-D down is a conv, 1x1 included
+
+    @classmethod
     def check_shapes(cls, name, shapes):
         down, up, mid = shapes["lora_down.weight"], shapes["lora_up.weight"], shapes.get("lora_mid.weight")
         if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or tuple(up[2:]) not in ((), (1, 1)):
