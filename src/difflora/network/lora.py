@@ -116,10 +116,9 @@ class LoRANetwork(nn.Module):
         for n, (adapter, parts) in modules.items():
             org = by_name[n].module
             alpha = parts.get("alpha")
+            dora = tuple(parts["dora_scale"].shape) if "dora_scale" in parts else None  # the file's axis
             lora = adapter(n, org, adapter.from_file_shapes(org, module_shapes(parts)),
-                           float(alpha) if alpha is not None else None, dora="dora_scale" in parts)
-            if "dora_scale" in parts:
-                lora.dora_scale.data = torch.empty(parts["dora_scale"].shape)  # the file's axis (input or output)
+                           float(alpha) if alpha is not None else None, dora)
             lora.component = by_name[n].component
             loras.append(lora)
         net = cls(loras)

@@ -116,7 +116,7 @@ class Adapter(nn.Module):
     low_rank: ClassVar[bool] = False  # ΔW = up @ down with explicit factors (the LoRA tools' input)
 
     def __init__(self, name: str, org: nn.Module, shapes: Mapping[str, tuple[int, ...]], alpha: float,
-                 dora: bool = False, dropout: float | None = None, rank_dropout: float | None = None,
+                 dora: tuple[int, ...] | None = None, dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None):
         super().__init__()
         if not isinstance(org, (nn.Linear, nn.Conv2d)):
@@ -131,8 +131,10 @@ class Adapter(nn.Module):
             alpha = self.rank  # kohya/LyCORIS: no alpha means no scaling
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.scale = self.scale_of(self.shapes, float(alpha))
-        if dora:
-            self.dora_scale = nn.Parameter(input_axis_norm(org.weight.detach().float()))
+        if dora is not None:  # DoRA magnitude of this shape, initialised to W's norms on its axis (W' = W at start)
+            w = org.weight.detach().float()
+            on_input = dora[0] == 1 and dora[1] == w.shape[1]
+            self.dora_scale = nn.Parameter((input_axis_norm(w) if on_input else output_axis_norm(w)).reshape(dora))
         else:
             self.dora_scale = None
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
@@ -177,8 +179,9 @@ class Adapter(nn.Module):
         if rank < 1:
             raise ValueError(f"{name}: rank must be >= 1, got {rank}")
         shapes = cls.plan(org, rank, options)
-        module = cls(name, org, shapes, cls.stored_alpha(shapes, rank, alpha), options.dora_wd, dropout,
-                     rank_dropout, module_dropout)
+        dora = dora_scale_shape(tuple(org.weight.shape)) if options.dora_wd else None
+        module = cls(name, org, shapes, cls.stored_alpha(shapes, rank, alpha), dora, dropout, rank_dropout,
+                     module_dropout)
         module.init_fresh()
         return module
 
