@@ -89,6 +89,8 @@ def _lycoris_delta(adapter) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["lora", "locon-tucker", "loha", "loha-tucker", "lokr", "lokr-tucker",
                                      "lokr-both", "lokr-full"])
 def test_delta_equals_lycoris_functional(variant, layer):
+    """s·ΔW as LyCORIS' training forward computes it (its functional formulas with the scale given once);
+    not LyCORIS' merge_to / tools/merge.py, which apply s twice for LoHa and LoKr (reference §5)."""
     org, adapter = _module(variant, layer)
     ours = adapter.weight_delta().double()
     oracle = _lycoris_delta(adapter)
