@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from difflora.generate import GenerationRequest, generate
-from difflora.models.tiny import build_tiny_sd
+from difflora.toy.tiny import build_tiny_sd
 from difflora.network.adapters import ADAPTERS, adapter_options
 from difflora.network.apply import network_from_file
 from difflora.network.files import load_lora, save_lora

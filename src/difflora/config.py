@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
+from .network.adapters import adapter_options_of, normalise_job_keys
 from .options import Strict
 
 
@@ -108,6 +109,15 @@ class JobOptions(DatasetOptions):
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
     network_weights: str | None = None
+    # adapter (network/adapters): difflora's keys, or kohya's network_module + network_args
+    network_module: str = "networks.lora"  # "lycoris.kohya" for LoHa/LoKr/DoRA, as sd-scripts
+    network_args: list[str] = []  # kohya/LyCORIS "key=value" strings: algo, conv_dim, factor, dora_wd, ...
+    network_algo: str = "lora"  # lora (locon), loha, lokr, dora
+    network_use_tucker: bool = False  # kxk convs with a Tucker core
+    network_factor: int = -1  # LoKr Kronecker factor (-1: most square)
+    network_decompose_both: bool = False  # LoKr: the small factor low-rank too
+    network_full_matrix: bool = False  # LoKr: both factors full
+    network_dora: bool = False  # DoRA weight decomposition (LyCORIS dora_wd)
 
     # optimisation
     learning_rate: float = Field(1e-4, gt=0)
@@ -177,7 +187,16 @@ class JobOptions(DatasetOptions):
             raise ValueError("network_train_unet_only and network_train_text_encoder_only cannot both be true")
         if self.min_timestep >= self.max_timestep:
             raise ValueError("min_timestep must be smaller than max_timestep")
+        try:
+            normalised = normalise_job_keys(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        self.__dict__.update(normalised)  # not setattr: an assignment validates the model again
         return self
+
+    def adapter_options(self):
+        """The job's adapter (algorithm and options), normalised."""
+        return adapter_options_of(self)
 
 
 def _job_schema() -> type[JobOptions]:

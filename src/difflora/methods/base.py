@@ -160,6 +160,7 @@ class Method:
             module_dropout=j.module_dropout, train_unet=not j.network_train_text_encoder_only,
             train_text_encoder=not (j.network_train_unet_only or self.unet_only),
             only_if_contains=tuple(j.network_only_if_contains), ignore_if_contains=tuple(j.network_ignore_if_contains),
+            adapter=j.adapter_options(),
         )
 
     def stages(self, data: DataSizes) -> list[Stage]:

@@ -6,7 +6,9 @@ learn its images' side of the difference instead of leaning on a caption that na
 
 The subtraction is exact (ranks concatenated, so the file's delta is ΔW_B - ΔW_A), optionally
 brought back to a chosen rank by SVD. kohya's merge_lora.py does not compute B - A (its ratios
-act squared and it adds cross terms); see tools/lora_math.py.
+act squared and it adds cross terms); see network/lowrank.py. With LoHa, LoKr or DoRA the
+difference is no longer of the adapter's form: it is written as a LoRA, through the deltas' exact
+SVD (at their numerical rank, or `rerank`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..options import Strict
-from ..tools.lora_math import combine_exact, svd_rerank
+from ..network.lowrank import combine_exact, svd_rerank
 from .base import DataSizes, Method, Stage
 from .standard import denoising_loss
 
@@ -53,7 +55,8 @@ class Differential(Method):
 
     def finalize(self, results):
         a, b = results["before"].kohya_state_dict(), results["after"].kohya_state_dict()
+        base = results["after"].base_weights()  # LoHa/LoKr/DoRA deltas need the layers
         rank = self.job.differential.rerank
         if rank:
-            return svd_rerank([b, a], [1.0, -1.0], rank, conv_rank=rank)
-        return combine_exact([b, a], [1.0, -1.0])
+            return svd_rerank([b, a], [1.0, -1.0], rank, conv_rank=rank, base=base)
+        return combine_exact([b, a], [1.0, -1.0], base=base)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UserError
-from ..tools.lora_math import combine_exact, svd_rerank
+from ..network.lowrank import combine_exact, svd_rerank
 from .base import DataSizes, Method, Stage
 
 
@@ -43,9 +43,11 @@ class PerPairAverage(Method):
             sub = {name.split(".", 1)[1]: results[name] for name in group}
             per_pair.append(self.inner.finalize(sub))
         n = len(per_pair)
+        base = next(iter(results.values())).base_weights()  # LoHa/LoKr/DoRA deltas need the layers
         if self.job.average_rank:
-            return svd_rerank(per_pair, [1.0 / n] * n, self.job.average_rank, conv_rank=self.job.average_rank)
-        return combine_exact(per_pair, [1.0 / n] * n)
+            return svd_rerank(per_pair, [1.0 / n] * n, self.job.average_rank, conv_rank=self.job.average_rank,
+                              base=base)
+        return combine_exact(per_pair, [1.0 / n] * n, base=base)
 
     def metadata(self):
         return {**self.inner.metadata(), "ss_training_method": self.name, "difflora_pairs_averaged": str(len(self.groups))}

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from ..network.metadata import network_metadata
+
 FINGERPRINT_EXCLUDES = {"output_dir", "logging_dir", "sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
                         "save_every_n_steps", "save_every_n_epochs", "save_state", "save_state_every_n_steps",
                         "overwrite", "log_with"}
@@ -41,15 +43,13 @@ class RunMetadata:
     def for_lora(self, steps: int, epoch: int) -> dict[str, str]:
         job, model, data = self.job, self.model, self.data
         lr, unet_lr, te_lr = self.learning_rates()
-        net_args = {"conv_dim": job.conv_dim, "conv_alpha": job.conv_alpha, "rank_dropout": job.rank_dropout,
-                    "module_dropout": job.module_dropout}
         md = {
             "ss_session_id": self.session_id, "ss_training_started_at": self.started,
             "ss_training_finished_at": time.time(), "ss_output_name": job.output_name, "ss_steps": steps,
             "ss_epoch": epoch, "ss_training_comment": job.training_comment,
-            "ss_sd_model_name": Path(model.source).name, "ss_network_module": "networks.lora",
-            "ss_network_dropout": job.network_dropout,
-            "ss_network_args": json.dumps({k: str(v) for k, v in net_args.items() if v is not None}),
+            "ss_sd_model_name": Path(model.source).name, "ss_network_dropout": job.network_dropout,
+            **network_metadata(job.adapter_options(), job.conv_dim, job.conv_alpha,
+                               {"rank_dropout": job.rank_dropout, "module_dropout": job.module_dropout}),
             "ss_clip_skip": job.clip_skip, "ss_learning_rate": lr, "ss_unet_lr": unet_lr,
             "ss_text_encoder_lr": te_lr, "ss_optimizer": job.optimizer_type + (
                 f"({','.join(f'{k}={v}' for k, v in job.optimizer_args.items())})" if job.optimizer_args else ""),

@@ -306,10 +306,12 @@ def normalise_job_keys(job) -> dict[str, object]:
         if name in given and getattr(job, name) != value:
             raise UserError(f"{name} = {getattr(job, name)!r} and network_args {arg}={value} disagree; give one")
         values[name] = value
-    if module == LYCORIS_MODULE:  # LyCORIS trains kxk convs at network_dim/alpha unless told otherwise
-        if values["conv_dim"] is None:
+    if module == LYCORIS_MODULE and "network_module" in given:
+        # kohya/LyCORIS spelling: kxk convs at network_dim/alpha unless told otherwise (recomputed on every
+        # validation, so a method's default network_dim reaches them too)
+        if "conv_dim" not in given and "conv_dim" not in args:
             values["conv_dim"] = job.network_dim
-        if values["conv_alpha"] is None:
+        if "conv_alpha" not in given and "conv_alpha" not in args:
             values["conv_alpha"] = job.network_alpha
     opts = adapter_options(values["network_algo"], use_tucker=values["network_use_tucker"],
                            factor=values["network_factor"], decompose_both=values["network_decompose_both"],
