@@ -419,3 +419,17 @@ def test_diffusers_refuses_lycoris_files(tmp_path, tiny):
         sd = _network(tiny, variant).kohya_state_dict()
         with pytest.raises(ValueError):
             _convert_non_diffusers_lora_to_diffusers(dict(sd))
+
+
+def test_resize_dynamic_reports_retained_fraction_and_warns_when_capped(tmp_path, run_cli, caplog):
+    g = torch.Generator().manual_seed(3)
+    sd = {"lora_unet_a.lora_down.weight": torch.randn(4, 12, generator=g), "lora_unet_a.lora_up.weight":
+          torch.randn(10, 4, generator=g), "lora_unet_a.alpha": torch.tensor(4.0)}
+    save_lora(sd, tmp_path / "a.safetensors")
+    s = torch.linalg.svdvals(sd["lora_unet_a.lora_up.weight"] @ sd["lora_unet_a.lora_down.weight"]).double()
+    code, out, err = run_cli("resize", "--model", tmp_path / "a.safetensors", "--new-rank", 1, "--dynamic", "sv_fro",
+                             "--param", 0.99, "--save-to", tmp_path / "r.safetensors")
+    assert code == 0, err
+    kept = float(s[0] / s.norm())  # capped at rank 1: the first direction's share of the Frobenius norm
+    assert f"mean {kept:.1%}, lowest {kept:.1%}" in out
+    assert "keep less than sv_fro 0.99" in caplog.text and "lora_unet_a" in caplog.text
