@@ -31,7 +31,6 @@ _OFF: Callable[[Any], bool] = lambda v: v in (None, False, 0, 0.0, "", [])  # no
 # kohya key -> (accepted when, why it changes nothing here)
 INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_model_as": (lambda v: v == "safetensors", "difflora always saves .safetensors"),
-    "network_module": (lambda v: v == "networks.lora", "difflora's LoRA is kohya's networks.lora"),
     "xformers": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
     "sdpa": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
     "mem_eff_attn": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
@@ -72,7 +71,7 @@ for _key in ("full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "no_half_vae
     INERT.setdefault(_key, (_OFF, "off, as kohya's default"))
 
 # Every other train_network.py option (the ones with the same name in difflora are fields and never get here).
-KOHYA_ONLY = {"base_weights", "network_args", "text_encoder_lr", "optimizer_args", "resolution", "log_with",
+KOHYA_ONLY = {"base_weights", "text_encoder_lr", "optimizer_args", "resolution", "log_with",
               "mixed_precision", "optimizer_type", "lr_warmup_steps", "ddp_timeout", "ddp_gradient_as_bucket_view",
               "ddp_static_graph", "sample_every_n_epochs", "metadata_title", "metadata_author", "metadata_description",
               "metadata_license", "metadata_tags", "network_dropout", "caption_separator", "config_file"}

@@ -288,7 +288,8 @@ def normalise_job_keys(job) -> dict[str, object]:
     """
     module = job.network_module
     if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE):
-        raise UserError(f"network_module {module!r} is not supported; use {KOHYA_LORA_MODULE!r} or {LYCORIS_MODULE!r}")
+        raise UserError(f"'network_module = {module!r}' is a kohya option difflora does not support; use "
+                        f"{KOHYA_LORA_MODULE!r} or {LYCORIS_MODULE!r}")
     args = parse_network_args(job.network_args)
     lycoris_args = [k for k in _LYCORIS_ONLY if k in args]
     if module == KOHYA_LORA_MODULE and lycoris_args:
