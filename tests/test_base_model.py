@@ -41,3 +41,18 @@ def test_attributes_follow_held_out_prompts_on_a_small_sample(base):
 
     r = base_model_quality(base, n=32, steps=20, judge=load_judge())
     assert min(r["accuracy"].values()) >= 0.75, r["accuracy"]  # the full bench asks >= 0.90 on 256
+
+
+def test_toy_models_say_they_are_toy_models(base, tmp_path):
+    """LoRAs of the toy world do not fit a real SD1.5: their files must not claim sd_v1."""
+    from difflora.toy.tiny import build_tiny_sd
+
+    assert base.base_model_version == "difflora_toy_v1"
+    md = base.lora_metadata()
+    assert md["ss_base_model_version"] == "difflora_toy_v1" and md["modelspec.architecture"] == "difflora-toy/lora"
+    base.save(tmp_path / "folder")  # merge --model and toy train-base write folders like this
+    base.save(tmp_path / "single.safetensors")
+    for saved in (tmp_path / "folder", tmp_path / "single.safetensors"):
+        assert load_model(saved).base_model_version == "difflora_toy_v1"
+    tiny = build_tiny_sd("sd1", layout="sd15")  # SD1.5's real layout, for LoRA-name tests: still sd_v1
+    assert tiny.base_model_version == "sd_v1" and tiny.modelspec_architecture == "stable-diffusion-v1/lora"

@@ -95,3 +95,20 @@ def test_grid_labels_are_readable_and_titled():
     assert titled.size[0] == plain.size[0] and titled.size[1] > plain.size[1]  # a title line above the labels
     header = np.asarray(plain)[: plain.size[1] - 128]
     assert header.shape[0] >= 16 and (header < 128).sum() > 100  # label glyphs drawn at a readable size
+
+
+def test_generate_restores_the_multipliers_it_was_given(tiny_sd1_dir):
+    """One scope for multipliers: generate runs at the request's values and leaves every LoRA as it found it."""
+    from difflora.generate import lora_multipliers
+
+    model = load_model(tiny_sd1_dir)
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=2)).apply_to()
+    net.set_multiplier(0.7)
+    req = GenerationRequest(prompts=["a face"] * 2, seeds=[1, 1], steps=2, cfg=3.0, multipliers={0: [1.0, -1.0]})
+    generate(model, [net], req)
+    assert {float(lora.multiplier) for lora in net.loras()} == {0.7}
+    with lora_multipliers([net], {0: 0.0}):
+        assert {float(lora.multiplier) for lora in net.loras()} == {0.0}
+        net.set_multiplier(torch.tensor([2.0, 3.0]))
+    assert all(isinstance(lora.multiplier, float) and lora.multiplier == 0.7 for lora in net.loras())
+    net.remove()

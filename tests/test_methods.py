@@ -252,3 +252,18 @@ def test_addift_self_regularisation_term_matches_its_formula():
     frozen_same = lora_in + tt + c_t  # the frozen model on the LoRA's own input
     expected = _mse(pred, frozen_other) * obj.min_snr_weight(t, 5.0) + 0.5 * _mse(pred, frozen_same, 1 - mask)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("method", ["addift", "slider"])
+def test_unet_only_methods_say_so_when_the_text_encoder_is_asked_for(method, caplog):
+    from difflora.errors import UserError
+
+    make_method(apply_method_defaults(JobConfig(method=method, train_data_dir="x")))
+    assert "network_train_unet_only" not in caplog.text  # not asked: nothing to say
+    job = apply_method_defaults(JobConfig(method=method, train_data_dir="x", network_train_unet_only=False))
+    spec = make_method(job).spec()
+    assert spec.train_unet and not spec.train_text_encoder
+    assert f"method {method} trains the U-Net only" in caplog.text and "network_train_unet_only = false" in caplog.text
+    with pytest.raises(UserError, match="network_train_text_encoder_only = true leaves nothing to train"):
+        make_method(apply_method_defaults(JobConfig(method=method, train_data_dir="x",
+                                                    network_train_text_encoder_only=True)))

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -107,3 +108,47 @@ def test_a_failure_is_reported_to_listeners(tmp_path, tiny_sd1_dir, faces16):
         train(job, listeners=[seen.append])  # the LoRA exists and overwrite is false
     assert [e.type for e in seen] == ["failed"]
     assert seen[0].kind == "user" and seen[0].error == str(info.value)
+
+
+def test_loss_curve_is_drawn_to_scale():
+    from difflora.train.curve import AVERAGE, BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, draw_loss_curve
+
+    steps = list(range(1, 101))
+    img = draw_loss_curve(steps, [1.0 - s / 100 for s in steps], "t")  # a straight line from (1, 0.99) to (100, 0)
+    assert img.size == (WIDTH, HEIGHT)
+    px = img.load()
+    pad = 0.05 * 0.99 / (0.99 + 0.1 * 0.99) * (HEIGHT - BOTTOM - TOP)  # 5% headroom above and below
+
+    def has_curve_near(x: float, y: float) -> bool:
+        return any(px[int(x) + dx, int(y) + dy] == AVERAGE for dx in (-2, -1, 0, 1, 2) for dy in range(-4, 5))
+
+    assert has_curve_near(LEFT + 2, TOP + pad)  # highest loss at the first step: top left
+    assert has_curve_near(WIDTH - RIGHT - 2, HEIGHT - BOTTOM - pad)  # lowest at the last: bottom right
+    assert has_curve_near((LEFT + WIDTH - RIGHT) / 2, (TOP + HEIGHT - BOTTOM) / 2)
+    assert not has_curve_near(LEFT + 2, HEIGHT - BOTTOM - pad)
+
+
+def test_training_writes_a_loss_curve_and_sweep_grids(tmp_path, tiny_sd1_dir, faces16):
+    from PIL import Image
+
+    (tmp_path / "prompts.txt").write_text("a face, red hair --d 1 --s 3 --l 3\na face, smiling --d 2 --s 3 --l 3\n")
+    job = _job(tmp_path, tiny_sd1_dir, faces16, max_train_steps=4, sample_every_n_steps=2,
+               sample_prompts=str(tmp_path / "prompts.txt"), sample_sweep=[-1, 0, 1], learning_rate=2e-2)
+    seen = []
+    train(job, listeners=[seen.append])
+    out = tmp_path / "out"
+    curve = Image.open(out / "ev-loss.png")
+    assert curve.size == (800, 450)
+    written = [e for e in seen if e.type == "sample_written"]
+    assert [e.step for e in written] == [2, 4, 4]  # steps 2 and 4, then the finished LoRA
+    grid_path = out / "sample" / "ev_000004_sweep.png"
+    assert written[-1].paths == [str(grid_path)]
+    grid = Image.open(grid_path)
+    info = json.loads(grid.info["difflora"])
+    assert info["multipliers"] == [-1, 0, 1] and info["prompts"] == ["a face, red hair", "a face, smiling"]
+    # 3 columns of 128 px tiles (16 px samples upscaled), 2 rows; labels above and to the left
+    assert grid.width > 3 * 128 and grid.height > 2 * 128
+    arr = np.asarray(grid.convert("RGB")).astype(int)
+    bottom = arr[-128:]  # the last row of tiles, right-aligned columns
+    tiles = [bottom[:, arr.shape[1] - (3 - j) * 128: arr.shape[1] - (2 - j) * 128] for j in range(3)]
+    assert np.abs(tiles[0] - tiles[2]).mean() > 1  # weight -1 and +1 give different images

@@ -171,6 +171,7 @@ class JobOptions(DatasetOptions):
     sample_at_first: bool = False
     sample_prompts: str | None = None
     sample_sampler: str = "ddim"
+    sample_sweep: list[float] | None = Field(None, min_length=1)  # a grid per sampling step at these multipliers
     logging_dir: str | None = None
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 

@@ -8,6 +8,7 @@ the per-sample ones repeated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -36,13 +37,37 @@ class GenerationRequest:
     height: int | None = None
 
 
+@contextlib.contextmanager
+def lora_multipliers(networks: list[LoRANetwork], values: dict[int, float] | None = None):
+    """A scope in which networks[i] is at values[i]; on leaving it every LoRA of `networks` has the
+    multiplier it had before, whatever was set inside (generation, samples during training)."""
+    saved = [[lora.multiplier for lora in net.loras()] for net in networks]
+    try:
+        for i, value in (values or {}).items():
+            networks[i].set_multiplier(value)
+        yield networks
+    finally:
+        for net, multipliers in zip(networks, saved):
+            for lora, m in zip(net.loras(), multipliers):
+                lora.multiplier = m
+
+
 @torch.no_grad()
 def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_size: int = 64,
              output: str = "uint8") -> list[np.ndarray]:
-    """Images as HxWx3 arrays (uint8, or float in [0, 1] with output="float"), one per request entry."""
+    """Images as HxWx3 arrays (uint8, or float in [0, 1] with output="float"), one per request entry.
+
+    Networks run at the request's multipliers; afterwards each has its multipliers from before.
+    """
     n = len(req.prompts)
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
+    with lora_multipliers(networks):
+        return _generate(model, networks, req, batch_size, output)
+
+
+def _generate(model, networks, req: GenerationRequest, batch_size: int, output: str) -> list[np.ndarray]:
+    n = len(req.prompts)
     negative = req.negative or [""] * n
     width = req.width or model.resolution
     height = req.height or model.resolution

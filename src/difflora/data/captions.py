@@ -40,11 +40,6 @@ class CaptionRules:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
 
-    @property
-    def is_random(self) -> bool:
-        return bool(self.shuffle_caption or self.caption_dropout_rate or self.caption_dropout_every_n_epochs
-                    or self.caption_tag_dropout_rate)
-
 
 def process_caption(caption: str, rules: CaptionRules, rng: np.random.Generator, epoch: int = 0) -> str:
     """kohya's BaseDataset.process_caption, in its order."""

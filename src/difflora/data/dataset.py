@@ -317,9 +317,6 @@ class TrainingData:
         self._epoch_cache[key] = result
         return result
 
-    def steps_per_epoch(self, world_size: int = 1) -> int:
-        return len(self.epoch_batches(0, world_size))
-
     # -- caching
     @torch.no_grad()
     def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16, encode: bool = True) -> None:
@@ -339,7 +336,7 @@ class TrainingData:
                 img = resize_and_crop(load_image(path), it.bucket)
                 pixels[key] = img
             if it.is_pair:
-                pixels = self._check_pair(it, pixels)
+                self._refuse_identical_pair(it, pixels)
             for key, img in pixels.items():
                 if not encode:
                     it.pixels[key] = to_tensor(img)
@@ -371,12 +368,10 @@ class TrainingData:
         with torch.no_grad():
             return model.encode_images(px[None].to(model.device), sample=True, generator=generator).float().cpu()[0]
 
-    def _check_pair(self, it: Item, pixels: dict) -> dict:
-        a, b = pixels["x"], pixels["after"]
-        if np.array_equal(np.asarray(a), np.asarray(b)):
+    def _refuse_identical_pair(self, it: Item, pixels: dict) -> None:
+        if np.array_equal(np.asarray(pixels["x"]), np.asarray(pixels["after"])):
             raise UserError(f"the pair {it.path.name} / {it.after_path.name} is two identical images: there is no "
                             "difference to learn; fix or remove the pair", path=it.path)
-        return pixels
 
     def _cache_name(self, cache_dir: Path, it: Item, key: str) -> Path:
         path = it.path if key == "x" else it.after_path

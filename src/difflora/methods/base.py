@@ -8,6 +8,7 @@ The loop knows nothing else about a method.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, ClassVar, Literal
 
@@ -15,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BeforeValidator
 
+from ..errors import UserError
 from ..models.base import Conditioning
 from ..network.lora import LoRANetwork, NetworkSpec
 from ..options import Strict
+
+log = logging.getLogger(__name__)
 
 # How a pair's two images are captioned: both on the tags their captions share ("common"), each
 # on its own caption ("own"; TrainTrain's ADDifT calls this "fixed_roles", accepted as an alias), or none.
@@ -145,6 +149,16 @@ class Method:
 
     def __init__(self, job):
         self.job = job
+        if self.unet_only:
+            self._check_unet_only(job)
+
+    def _check_unet_only(self, job) -> None:
+        if job.network_train_text_encoder_only:
+            raise UserError(f"method {self.name} trains the U-Net only (its loss gives a text-encoder LoRA no "
+                            "gradient); network_train_text_encoder_only = true leaves nothing to train")
+        if "network_train_unet_only" in job.model_fields_set and not job.network_train_unet_only:
+            log.warning("method %s trains the U-Net only (its loss gives a text-encoder LoRA no gradient): "
+                        "network_train_unet_only = false is ignored", self.name)
 
     def main_steps(self, data: DataSizes, items: list[int] | None = None) -> int:
         """A single-stage method's length: max_train_epochs epochs when set (kohya: it wins), else max_train_steps."""

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import dtype_named
 from ..errors import UserError
-
-DTYPES = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def default_model_path() -> Path:
@@ -31,9 +29,7 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
             raise UserError("the embedded default model is missing from this installation; pass --model PATH",
                             path=path)
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"unknown precision {dtype!r}; use fp32, fp16 or bf16")
-        dtype = DTYPES[dtype]
+        dtype = dtype_named(dtype)
     if family not in (None, "sd1", "sd2"):
         raise UserError(f"model family {family!r} is not supported yet; supported: sd1, sd2")
     from .sd import load_stable_diffusion

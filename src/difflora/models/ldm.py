@@ -150,6 +150,7 @@ def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> 
         "difflora.config.text_encoder": json.dumps(model.text_encoder.config.to_diff_dict()),
         "difflora.config.scheduler": clean(model.scheduler_config),
         "difflora.variant": model.family,
+        **({"difflora.family": "toy"} if getattr(model, "toy", False) else {}),
         "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
     }
     tok_json = getattr(model.tokenizer, "backend_tokenizer", None)
@@ -334,6 +335,6 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
         for m in (unet, vae, te):
             m.to(dtype)
     model = StableDiffusion(unet, vae, te, tok, sched_cfg, variant=variant, prediction_type=prediction_type,
-                            source=str(path), clip_skip=clip_skip)
+                            source=str(path), clip_skip=clip_skip, toy=metadata.get("difflora.family") == "toy")
     model.freeze()
     return model

@@ -18,6 +18,10 @@ from .objectives import objective_for
 
 log = logging.getLogger(__name__)
 
+TOY_BASE_MODEL_VERSION = "difflora_toy_v1"  # ss_base_model_version of LoRAs for the toy world's models
+TOY_MODELSPEC_ARCHITECTURE = "difflora-toy/lora"
+TOY_MARKER = "_difflora_family"  # model_index.json key ("toy"); single files: metadata "difflora.family"
+
 # Stable Diffusion 1.x's noise schedule (DDPM scaled-linear), used when a checkpoint carries none.
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -100,7 +104,7 @@ class StableDiffusion(ModelFamily):
     """SD1.x and SD2.x (epsilon or v-prediction)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, variant: str,
-                 prediction_type: str, source: str = "", clip_skip: int | None = None):
+                 prediction_type: str, source: str = "", clip_skip: int | None = None, toy: bool = False):
         self.denoiser = unet
         self.vae = vae
         self.text_encoders = {"text_encoder": text_encoder}
@@ -111,6 +115,8 @@ class StableDiffusion(ModelFamily):
         self.objective = objective_for(prediction_type, self.scheduler_config)
         self.source = source
         self.clip_skip = clip_skip
+        # difflora's toy world: SD1 classes and maths, but a layout no real SD1.5 LoRA fits
+        self.toy = toy
 
     @property
     def unet(self):
@@ -131,12 +137,16 @@ class StableDiffusion(ModelFamily):
 
     @property
     def base_model_version(self) -> str:
+        if self.toy:
+            return TOY_BASE_MODEL_VERSION
         if self.is_v2:
             return "sd_v2_v" if self.v_prediction else "sd_v2"
         return "sd_v1_v" if self.v_prediction else "sd_v1"
 
     @property
     def modelspec_architecture(self) -> str:
+        if self.toy:
+            return TOY_MODELSPEC_ARCHITECTURE
         if self.is_v2:
             return "stable-diffusion-v2-768-v/lora" if self.v_prediction else "stable-diffusion-v2-512/lora"
         return "stable-diffusion-v1/lora"
@@ -257,6 +267,8 @@ class StableDiffusion(ModelFamily):
             if dtype is not None:
                 pipe.to(dtype=dtype)
             pipe.save_pretrained(tmp, safe_serialization=True)
+            if self.toy:
+                mark_toy_folder(tmp)
             if dtype is not None:
                 pipe.to(dtype=torch.float32)
             if path.exists():
@@ -268,6 +280,14 @@ class StableDiffusion(ModelFamily):
 
 
 # ------------------------------------------------------------------ loading
+def mark_toy_folder(path: Path) -> None:
+    """Record in model_index.json that a diffusers folder holds a toy-world model (diffusers ignores "_" keys)."""
+    from ..fileio import write_json_atomic
+
+    index = Path(path) / "model_index.json"
+    write_json_atomic(index, {**_read_json(index), TOY_MARKER: "toy"})
+
+
 COMPONENT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
@@ -336,7 +356,7 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
     variant = variant or detect_variant(dict(unet.config), te.config.to_dict())
     prediction_type = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     model = StableDiffusion(unet, vae, te, tok, sched_cfg, variant=variant, prediction_type=prediction_type,
-                            source=str(path), clip_skip=clip_skip)
+                            source=str(path), clip_skip=clip_skip, toy=info.get(TOY_MARKER) == "toy")
     model.freeze()
     return model
 

@@ -14,13 +14,17 @@ from .lora import LoRANetwork
 def family_of(version: str) -> str:
     """The model family (sd1, sd2, sdxl, ...) of a kohya ss_base_model_version."""
     v = version.lower()
+    if v.startswith("difflora_toy"):
+        return "toy"
     return "sdxl" if v.startswith("sdxl") else "sd2" if v.startswith("sd_v2") else "sd1" if v.startswith("sd_v1") else v
 
 
 def check_lora_fits(model, lora: LoraFile) -> None:
     """Raise a UserError naming the file when the LoRA cannot belong to `model`."""
     version = lora.metadata.get("ss_base_model_version")
-    if version and family_of(version) in ("sd1", "sd2", "sdxl") and family_of(version) != family_of(model.base_model_version):
+    known = ("sd1", "sd2", "sdxl")  # the toy world's LoRAs are told apart by their module names instead
+    lora_family, model_family = family_of(version or ""), family_of(model.base_model_version)
+    if lora_family in known and model_family in known and lora_family != model_family:
         raise UserError(
             f"LoRA was trained for {version} (ss_base_model_version) but the model is {model.base_model_version}",
             path=lora.path,

@@ -24,22 +24,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from ..dtypes import dtype_named
 from ..errors import UserError
 from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
 from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, by_module, detect, group_modules, is_kohya_lora,
                        module_rank_alpha, module_shapes)
 from .metadata import describe_plain_lora
 
-SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-               "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
 def save_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in SAVE_DTYPES:
-        raise UserError(f"unknown precision {name!r}; use float, fp16 or bf16")
-    return SAVE_DTYPES[name]
+    """save_precision: None keeps the tensors' own dtype."""
+    return None if name is None else dtype_named(name)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..fileio import load_safetensors, save_safetensors, write_json_atomic
+from ..models.sd import mark_toy_folder
 from ..statefile import load_state, save_state
 from . import base_model, faces
 
@@ -292,6 +293,7 @@ class BaseTrainer:
 
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        mark_toy_folder(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         log.info("saved base model to %s", out)

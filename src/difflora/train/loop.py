@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import TrainingStopped, UserError
 from ..statefile import load_state
 from .checkpoint import Checkpointer
+from .curve import LossCurve
 from .events import EventBus, Failed, Finished, Listener
 from .listeners import LogLines, ProgressBar, TensorBoard
 from .lock import OutputLock
@@ -87,8 +88,10 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
 
 
 def default_listeners(job, out_dir: Path, started: float) -> list[Listener]:
-    """The progress bar, log lines, and TensorBoard (log_with) in <logging_dir>/<output_name>_<start time>."""
-    listeners: list[Listener] = [ProgressBar(), LogLines()]
+    """The progress bar, log lines, the loss curve (<output_name>-loss.png beside the LoRA) and TensorBoard
+    (log_with) in <logging_dir>/<output_name>_<start time>."""
+    listeners: list[Listener] = [ProgressBar(), LogLines(),
+                                 LossCurve(out_dir / f"{job.output_name}-loss.png", f"{job.output_name}: training loss")]
     if job.log_with == "tensorboard":
         run_name = f"{job.output_name}_{dt.datetime.fromtimestamp(started):%Y%m%d-%H%M%S}"
         listeners.append(TensorBoard(Path(job.logging_dir or out_dir / "logs") / run_name))

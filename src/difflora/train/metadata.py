@@ -10,6 +10,7 @@ from pathlib import Path
 from ..network.metadata import network_metadata
 
 FINGERPRINT_EXCLUDES = {"output_dir", "logging_dir", "sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
+                        "sample_sweep",
                         "save_every_n_steps", "save_every_n_epochs", "save_state", "save_state_every_n_steps",
                         "overwrite", "log_with"}
 

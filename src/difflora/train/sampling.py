@@ -1,13 +1,21 @@
-"""Sample images during training (kohya's sample_prompts), written to <output_dir>/sample/."""
+"""Sample images during training (kohya's sample_prompts), written to <output_dir>/sample/.
+
+Without `sample_sweep`: one image per prompt, the LoRA at the prompt's --m multiplier (default 1).
+With `sample_sweep = [-1, 0, 1]`: one grid per sampling step, a row per prompt and a column per
+multiplier ("weight -1 / 0 / +1"), titled with the LoRA's name and the step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from ..network.lora import LoRANetwork
 from .events import EventBus, SampleWritten
+
+GRID_TILE = 128  # small samples are upscaled to at least this many pixels in a grid, so they can be seen
 
 
 class Samples:
@@ -16,52 +24,82 @@ class Samples:
         self.prompts = prompts
         self.events = events
 
-    @torch.no_grad()
-    def write(self, networks: list[LoRANetwork], step: int) -> list[Path]:
-        """One image per prompt with networks[0] at the prompt's multiplier (default 1) and the rest as they are."""
-        from ..generate import GenerationRequest, generate, parameters_text, save_png
+    @contextlib.contextmanager
+    def _sampling(self, networks: list[LoRANetwork]):
+        """Networks in eval mode and (sample_without_presets) presets unfused; all restored afterwards."""
+        from ..generate import lora_multipliers
 
         run, job = self.run, self.run.job
         training = [n.training for n in networks]
-        multipliers = [[lora.multiplier for lora in n.loras()] for n in networks]
-        for n in networks:
-            n.eval()
         if job.sample_without_presets:
             for p in run.presets:
                 p.unfuse()
-        paths = []
         try:
-            for i, sp in enumerate(self.prompts):
-                seed = sp.seed if sp.seed is not None else job.seed + i
-                req = GenerationRequest(prompts=[sp.prompt], seeds=[seed], negative=[sp.negative], steps=sp.steps,
-                                        sampler=sp.sampler or job.sample_sampler, cfg=sp.cfg, width=sp.width,
-                                        height=sp.height)
-                mult = sp.extra.get("multiplier", 1.0)
-                req.multipliers = {0: [mult]}
-                img = generate(run.model, networks[:1], req)[0]
-                params = parameters_text(sp.prompt, sp.negative, req.steps, req.sampler, req.cfg, seed,
-                                         (img.shape[1], img.shape[0]), Path(run.model.source).name,
-                                         [(job.output_name, mult)])
-                path = run.out_dir / "sample" / f"{job.output_name}_{step:06d}_{i:02d}.png"
-                save_png(img, path, params)
-                paths.append(path)
+            with lora_multipliers(networks):
+                yield [n.eval() for n in networks]
         finally:
             if job.sample_without_presets:
                 for p, spec in zip(run.presets, job.preset_loras):
                     p.fuse(spec.multiplier)
-            for n, t, ms in zip(networks, training, multipliers):
+            for n, t in zip(networks, training):
                 n.train(t)
-                for lora, m in zip(n.loras(), ms):
-                    lora.multiplier = m
+
+    @torch.no_grad()
+    def write(self, networks: list[LoRANetwork], step: int) -> list[Path]:
+        """Samples with networks[0] at each prompt's multiplier (or the sweep's), the others as they are."""
+        from ..generate import GenerationRequest, generate, parameters_text, save_png
+
+        run, job = self.run, self.run.job
+        sweep = job.sample_sweep
+        paths, rows = [], []
+        with self._sampling(networks):
+            for i, sp in enumerate(self.prompts):
+                seed = sp.seed if sp.seed is not None else job.seed + i
+                multipliers = list(sweep) if sweep else [sp.extra.get("multiplier", 1.0)]
+                k = len(multipliers)
+                req = GenerationRequest(prompts=[sp.prompt] * k, seeds=[seed] * k, negative=[sp.negative] * k,
+                                        steps=sp.steps, sampler=sp.sampler or job.sample_sampler, cfg=sp.cfg,
+                                        width=sp.width, height=sp.height, multipliers={0: multipliers})
+                images = generate(run.model, networks[:1], req)
+                if sweep:
+                    rows.append(images)
+                    continue
+                params = parameters_text(sp.prompt, sp.negative, req.steps, req.sampler, req.cfg, seed,
+                                         (images[0].shape[1], images[0].shape[0]), Path(run.model.source).name,
+                                         [(job.output_name, multipliers[0])])
+                path = run.out_dir / "sample" / f"{job.output_name}_{step:06d}_{i:02d}.png"
+                save_png(images[0], path, params)
+                paths.append(path)
+        if sweep and rows:
+            paths.append(self._save_grid(rows, sweep, step))
         self.events.emit(SampleWritten(step=step, paths=[str(p) for p in paths]))
         return paths
 
+    def _save_grid(self, rows, sweep: list[float], step: int) -> Path:
+        from ..generate import make_grid, save_png, weight_label
+
+        job = self.run.job
+        title = f"{job.output_name} at step {step}"
+        row_labels = None
+        if len(self.prompts) == 1:
+            title = f"{self.prompts[0].prompt} | {title}"
+        else:
+            row_labels = [p.prompt if len(p.prompt) <= 32 else p.prompt[:29] + "..." for p in self.prompts]
+        scale = max(1, GRID_TILE // rows[0][0].shape[1])
+        grid = make_grid(rows, col_labels=[weight_label(m) for m in sweep], row_labels=row_labels, scale=scale,
+                         title=title)
+        path = self.run.out_dir / "sample" / f"{job.output_name}_{step:06d}_sweep.png"
+        save_png(grid, path, info={"lora": job.output_name, "step": step, "multipliers": list(sweep),
+                                   "prompts": [p.prompt for p in self.prompts]})
+        return path
+
     def write_result(self, final: dict[str, torch.Tensor], stage_networks: list[LoRANetwork], step: int) -> None:
         """Samples of the finished LoRA (the file the user gets), the stages' own networks off."""
-        for net in stage_networks:
-            net.set_multiplier(0.0)
-        result = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), final).to(self.run.device).apply_to()
-        try:
+        with contextlib.ExitStack() as scope:
+            from ..generate import lora_multipliers
+
+            scope.enter_context(lora_multipliers(stage_networks, {i: 0.0 for i in range(len(stage_networks))}))
+            result = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), final).to(self.run.device)
+            result.apply_to()
+            scope.callback(result.remove)
             self.write([result], step)
-        finally:
-            result.remove()
