@@ -338,7 +338,7 @@ def test_disk_full_on_save_keeps_the_previous_lora(fault, tmp_path, tiny_sd1_dir
     assert code == 2
     assert "r.safetensors" in line and "no space left on device" in line and "previous file" in line and "intact" in line
     assert _snapshot(out) == before  # the earlier LoRA byte for byte, no temp file left behind
-    assert [p.name for p in out.iterdir()] == ["r.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["r-loss.png", "r.safetensors"]  # the first run's LoRA and loss curve
     load_lora(out / "r.safetensors")
 
 
@@ -419,7 +419,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(lock_job, run_cli, caplog):
         code, _, err = run_cli("train", job)
     assert code == 0, err
     assert f"removing a stale lock left by pid {dead.pid}" in caplog.text
-    assert _visible(out) == ["r.safetensors"]  # and the lock is released at the end
+    assert _visible(out) == ["r-loss.png", "r.safetensors"]  # and the lock is released at the end
 
 
 def test_an_unreadable_lock_counts_as_held(lock_job, run_cli):
