@@ -25,6 +25,7 @@ COMMANDS = [
     "difflora.commands.eval",
     "difflora.commands.demo",
     "difflora.commands.toy",
+    "difflora.commands.prep",
 ]
 
 log = logging.getLogger("difflora")

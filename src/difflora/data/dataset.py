@@ -336,7 +336,7 @@ class TrainingData:
                 img = resize_and_crop(load_image(path), it.bucket)
                 pixels[key] = img
             if it.is_pair:
-                self._refuse_identical_pair(it, pixels)
+                self._check_pair(it, pixels)
             for key, img in pixels.items():
                 if not encode:
                     it.pixels[key] = to_tensor(img)
@@ -368,10 +368,17 @@ class TrainingData:
         with torch.no_grad():
             return model.encode_images(px[None].to(model.device), sample=True, generator=generator).float().cpu()[0]
 
-    def _refuse_identical_pair(self, it: Item, pixels: dict) -> None:
+    def _check_pair(self, it: Item, pixels: dict) -> None:
+        """Refuse two identical images; warn about a pair whose images are shifted, scaled or rotated."""
         if np.array_equal(np.asarray(pixels["x"]), np.asarray(pixels["after"])):
             raise UserError(f"the pair {it.path.name} / {it.after_path.name} is two identical images: there is no "
                             "difference to learn; fix or remove the pair", path=it.path)
+        from ..prep.align import misalignment
+
+        moved = misalignment(np.asarray(pixels["x"]), np.asarray(pixels["after"]))
+        if moved:
+            log.warning("%s: the pair's 'after' image is %s relative to 'before': the LoRA learns that motion as "
+                        "part of the difference (difflora prep pairs --align fixes it)", it.after_path, moved)
 
     def _cache_name(self, cache_dir: Path, it: Item, key: str) -> Path:
         path = it.path if key == "x" else it.after_path

@@ -1,0 +1,263 @@
+"""How the two images of a pair line up: global shift, scale and rotation, and the changed area.
+
+Both work on edge maps (gradient magnitude), which a recoloured background leaves in place.
+Translation is phase correlation (the normalised cross-power spectrum's inverse FFT peaks at the
+shift) with a Hann window, refined to 1/20 px by evaluating that inverse DFT on a fine grid around
+the peak. Scale and rotation come first, from the same correlation on the log-polar resampled
+magnitude spectra (Fourier-Mellin: the magnitude ignores translation; log-polar turns scale and
+rotation into shifts). Everything is numpy.
+
+A shift (dx, dy) means the content of "after" sits (dx, dy) pixels right/down of where it is in
+"before": after(x, y) = before(x - dx, y - dy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .saliency import blur
+
+CHANGE_THRESHOLD = 0.1  # a pixel "changed" when a channel differs by more than this (0..1) after alignment
+MISALIGNED_SHIFT = 0.5  # px
+MISALIGNED_SCALE = 0.02  # relative (the log-polar grid resolves about 1-3% on small images)
+MISALIGNED_ROTATION = 1.0  # degrees
+ALMOST_EVERYWHERE = 0.75  # changed-area fraction above which a pair "differs almost everywhere"
+
+
+@dataclass
+class PairReport:
+    shift: tuple[float, float]
+    scale: float
+    rotation: float  # degrees, counter-clockwise
+    changed_fraction: float
+    flags: list[str]
+
+    def to_dict(self) -> dict:
+        return {"shift_x": round(self.shift[0], 3), "shift_y": round(self.shift[1], 3), "scale": round(self.scale, 4),
+                "rotation_deg": round(self.rotation, 3), "changed_fraction": round(self.changed_fraction, 4),
+                "flags": list(self.flags)}
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    a = img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else img.astype(np.float64)
+    return a.mean(axis=2) if a.ndim == 3 else a
+
+
+def edges(img: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of the lightly blurred grey image: where edges are, whatever their polarity
+    (a new background colour can turn a dark-to-light edge into light-to-dark; edges stay put)."""
+    g = blur(grey(img), 0.7)
+    gy, gx = np.gradient(g)
+    return np.hypot(gx, gy)
+
+
+def _hann(h: int, w: int) -> np.ndarray:
+    return np.outer(np.hanning(h), np.hanning(w))
+
+
+def _peak(surface: np.ndarray) -> tuple[float, float]:
+    """(row, col) of the maximum of a periodic surface, refined by a parabola in each axis."""
+    h, w = surface.shape
+    r, c = np.unravel_index(int(np.argmax(surface)), surface.shape)
+
+    def refine(m1: float, m0: float, p1: float) -> float:
+        den = m1 - 2 * m0 + p1
+        return 0.0 if den >= 0 else float(np.clip(0.5 * (m1 - p1) / den, -0.5, 0.5))
+
+    dr = refine(surface[(r - 1) % h, c], surface[r, c], surface[(r + 1) % h, c])
+    dc = refine(surface[r, (c - 1) % w], surface[r, c], surface[r, (c + 1) % w])
+    return r + dr, c + dc
+
+
+def _refine(cross: np.ndarray, dy: float, dx: float, upsample: int = 20) -> tuple[float, float]:
+    """The correlation peak near (dy, dx) on a grid `upsample` times finer: the inverse DFT of the
+    cross-power spectrum evaluated only there (two small matrix products, Guizar-Sicairos 2008)."""
+    h, w = cross.shape
+    n = int(1.2 * upsample) | 1  # +-0.6 px: the chosen peak, never a neighbouring one
+    ys = dy + (np.arange(n) - n // 2) / upsample
+    xs = dx + (np.arange(n) - n // 2) / upsample
+    ky = np.exp(2j * np.pi * ys[:, None] * np.fft.fftfreq(h)[None, :])
+    kx = np.exp(2j * np.pi * np.fft.fftfreq(w)[:, None] * xs[None, :])
+    surface = np.real(ky @ cross @ kx)
+    r, c = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    return float(ys[r]), float(xs[c])
+
+
+def _median_difference(a: np.ndarray, b: np.ndarray, dy: int, dx: int) -> float:
+    """Median |a(p) - b(p + d)| over the overlap: robust to a local change covering < half the image."""
+    h, w = a.shape
+    ya, yb = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xa, xb = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    d = np.abs(a[ya, xa] - b[yb, xb])
+    return float(np.median(d)) if d.size else float("inf")
+
+
+def phase_correlation(a: np.ndarray, b: np.ndarray, window: bool = True, candidates: int = 0) -> tuple[float, float]:
+    """(dy, dx) with b(y, x) ~ a(y - dy, x - dx), to 1/20 px, for 2-D arrays of one shape.
+
+    With `candidates` > 0 the highest peaks (and zero shift) are compared by the median absolute
+    difference they leave, so a strong local change (closed eyes) cannot pass for a shift.
+    """
+    h, w = a.shape
+    win = _hann(h, w) if window else 1.0
+    fa = np.fft.fft2((a - a.mean()) * win)
+    fb = np.fft.fft2((b - b.mean()) * win)
+    cross = fb * np.conj(fa)
+    cross /= np.abs(cross) + 1e-12
+    surface = np.real(np.fft.ifft2(cross))
+
+    def wrap(r: float, c: float) -> tuple[float, float]:
+        return (r - h if r > h / 2 else r), (c - w if c > w / 2 else c)
+
+    dy, dx = wrap(*_peak(surface))
+    if candidates:
+        order = np.argsort(surface, axis=None)[::-1][:candidates]
+        options = {(round(dy), round(dx)), (0, 0)}
+        options |= {tuple(int(v) for v in wrap(*np.unravel_index(int(i), surface.shape))) for i in order}
+        dy, dx = min(options, key=lambda o: (_median_difference(a, b, int(o[0]), int(o[1])), abs(o[0]) + abs(o[1])))
+    return _refine(cross, round(dy), round(dx))
+
+
+def sample_bilinear(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of img (H, W[, C]) at float coordinates, and a mask of coordinates inside the image."""
+    h, w = img.shape[:2]
+    inside = (ys >= -1e-6) & (ys <= h - 1 + 1e-6) & (xs >= -1e-6) & (xs <= w - 1 + 1e-6)
+    y = np.clip(ys, 0, h - 1)
+    x = np.clip(xs, 0, w - 1)
+    y0 = np.floor(y).astype(int)
+    x0 = np.floor(x).astype(int)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    fy, fx = y - y0, x - x0
+    if img.ndim == 3:
+        fy, fx = fy[..., None], fx[..., None]
+    f = img.astype(np.float64)
+    out = (f[y0, x0] * (1 - fy) * (1 - fx) + f[y0, x1] * (1 - fy) * fx
+           + f[y1, x0] * fy * (1 - fx) + f[y1, x1] * fy * fx)
+    return out, inside
+
+
+def _log_polar(mag: np.ndarray, n_angle: int, n_radius: int) -> tuple[np.ndarray, float]:
+    h, w = mag.shape
+    cy, cx = h / 2, w / 2
+    max_r = min(cy, cx)
+    log_base = np.log(max_r) / n_radius
+    radii = np.exp(np.arange(n_radius) * log_base)
+    angles = np.arange(n_angle) * np.pi / n_angle  # the magnitude spectrum is symmetric: half a turn
+    ys = cy + radii[None, :] * np.sin(angles[:, None])
+    xs = cx + radii[None, :] * np.cos(angles[:, None])
+    lp, _ = sample_bilinear(mag, ys, xs)
+    return lp, log_base
+
+
+def scale_rotation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(scale, rotation in degrees) of b relative to a (Fourier-Mellin)."""
+    h, w = a.shape
+    win = _hann(h, w)
+    mags = []
+    for im in (a, b):
+        m = np.abs(np.fft.fftshift(np.fft.fft2((im - im.mean()) * win)))
+        yy, xx = np.mgrid[0:h, 0:w]
+        rr = np.hypot((yy - h / 2) / h, (xx - w / 2) / w)
+        mags.append(np.log1p(m) * (1 - np.cos(np.pi * np.clip(rr * 2, 0, 1))) / 2)  # high-pass: ignore DC
+    n_angle, n_radius = 180, max(32, min(h, w))
+    lpa, log_base = _log_polar(mags[0], n_angle, n_radius)
+    lpb, _ = _log_polar(mags[1], n_angle, n_radius)
+    d_angle, d_logr = phase_correlation(lpa, lpb, window=False)
+    # b is a scaled by s: b's spectrum is a's shrunk by s, so its log-radius moves by -log(s).
+    scale = float(np.exp(-d_logr * log_base))
+    rotation = float(d_angle * 180.0 / n_angle)
+    return scale, rotation
+
+
+def warp(img: np.ndarray, shift: tuple[float, float], scale: float = 1.0, rotation: float = 0.0,
+         fill: np.ndarray | None = None) -> np.ndarray:
+    """`img` with the motion (shift, scale, rotation about the centre) undone: the "after" image on
+    the "before" frame. Pixels with no source (outside the image) take `fill`'s pixels (the
+    "before" image: no information there means no difference)."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    th = np.deg2rad(rotation)
+    # forward model: p_after = c + s R (p_before - c) + d
+    u, v = xx - cx, yy - cy
+    xs = cx + scale * (np.cos(th) * u + np.sin(th) * v) + shift[0]
+    ys = cy + scale * (-np.sin(th) * u + np.cos(th) * v) + shift[1]
+    out, inside = sample_bilinear(img, ys, xs)
+    if fill is not None:
+        keep = inside[..., None] if out.ndim == 3 else inside
+        out = np.where(keep, out, fill.astype(np.float64))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if img.dtype == np.uint8 else out
+
+
+def changed_mask(a: np.ndarray, b: np.ndarray, threshold: float = CHANGE_THRESHOLD) -> np.ndarray:
+    """Pixels where any channel differs by more than `threshold` (0..1), lightly smoothed."""
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64)) / (255.0 if a.dtype == np.uint8 else 1.0)
+    d = d.max(axis=2) if d.ndim == 3 else d
+    return blur(d, 0.7) > threshold
+
+
+def measure(before: np.ndarray, after: np.ndarray) -> PairReport:
+    """Global motion of `after` relative to `before` and the share of pixels that differ once it is undone."""
+    a, b = edges(before), edges(after)
+    scale, rotation = scale_rotation(a, b)
+    if abs(scale - 1) <= MISALIGNED_SCALE and abs(rotation) <= MISALIGNED_ROTATION:
+        scale, rotation = 1.0, 0.0  # below what the log-polar grid resolves: call it none
+    b_unscaled = warp(b, (0.0, 0.0), scale, rotation) if (scale, rotation) != (1.0, 0.0) else b
+    dy0, dx0 = phase_correlation(a, b_unscaled, candidates=5)
+    th = np.deg2rad(rotation)  # the shift measured in the unscaled frame, back in the "after" frame
+    dx = scale * (np.cos(th) * dx0 + np.sin(th) * dy0)
+    dy = scale * (-np.sin(th) * dx0 + np.cos(th) * dy0)
+    # A local change can tilt the sub-pixel peak: keep the refinement only if it fits better than the
+    # whole-pixel shift (median difference, which ignores the changed region).
+    ga = grey(before)
+
+    def misfit(d):
+        return float(np.median(np.abs(ga - grey(warp(after, d, scale, rotation, fill=before)))))
+
+    options = {(dx, dy), (float(round(dx)), float(round(dy))), (float(int(dx)), float(int(dy)))}
+    dx, dy = min(options, key=lambda d: (misfit(d), abs(d[0]) + abs(d[1])))
+    aligned = warp(after, (dx, dy), scale, rotation, fill=before)
+    changed = changed_mask(before, aligned)
+    frac = float(changed.mean())
+    flags = []
+    if np.array_equal(before, after):
+        flags.append("identical")
+    else:
+        if np.hypot(dx, dy) > MISALIGNED_SHIFT or abs(scale - 1) > MISALIGNED_SCALE or abs(rotation) > MISALIGNED_ROTATION:
+            flags.append("misaligned")
+        if frac > ALMOST_EVERYWHERE:
+            flags.append("differs almost everywhere")
+    return PairReport((dx, dy), scale, rotation, frac, flags)
+
+
+def align(before: np.ndarray, after: np.ndarray, report: PairReport | None = None) -> np.ndarray:
+    """`after` registered onto `before` (uint8 arrays of one shape)."""
+    report = report or measure(before, after)
+    return warp(after, report.shift, report.scale, report.rotation, fill=before)
+
+
+CHECK_SIDE = 256  # training's check measures pairs at this long side at most
+
+
+def misalignment(before: np.ndarray, after: np.ndarray) -> str | None:
+    """A one-line description of how a pair is misaligned, or None (the check training runs on pairs)."""
+    h, w = before.shape[:2]
+    s = min(1.0, CHECK_SIDE / max(h, w))
+    if s < 1.0:
+        from PIL import Image
+
+        size = (max(8, round(w * s)), max(8, round(h * s)))
+        before = np.asarray(Image.fromarray(before).resize(size, Image.BOX))
+        after = np.asarray(Image.fromarray(after).resize(size, Image.BOX))
+    r = measure(before, after)
+    if "misaligned" not in r.flags:
+        return None
+    parts = [f"shifted by ({r.shift[0] / s:+.1f}, {r.shift[1] / s:+.1f}) px"]
+    if r.scale != 1.0:
+        parts.append(f"scaled x{r.scale:.3f}")
+    if r.rotation != 0.0:
+        parts.append(f"rotated {r.rotation:+.1f} deg")
+    return ", ".join(parts)
