@@ -162,6 +162,15 @@ def test_pairs_subpixel_shift_and_scale():
     zoomed = warp(before, (0, 0), 1 / 1.06)
     r = measure(before, zoomed)
     assert abs(r.scale - 1.06) < 0.015 and "misaligned" in r.flags
+    import skimage.data
+
+    big = Image.fromarray(skimage.data.astronaut()).resize((256, 256))
+    turned = np.asarray(big.rotate(3, resample=Image.BILINEAR))[64:192, 64:192]  # counter-clockwise
+    straight = np.asarray(big)[64:192, 64:192]
+    r = measure(straight, turned)
+    assert abs(r.rotation - 3) <= 0.5 and "misaligned" in r.flags
+    mad = lambda x: np.abs(x.astype(float) - straight)[10:-10, 10:-10].mean() / 255  # noqa: E731
+    assert mad(align(straight, turned, r)) < 0.5 * mad(turned)
 
 
 def test_pairs_flags_on_toy_pairs():

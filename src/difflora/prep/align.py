@@ -168,7 +168,7 @@ def scale_rotation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     d_angle, d_logr = phase_correlation(lpa, lpb, window=False)
     # b is a scaled by s: b's spectrum is a's shrunk by s, so its log-radius moves by -log(s).
     scale = float(np.exp(-d_logr * log_base))
-    rotation = float(d_angle * 180.0 / n_angle)
+    rotation = float(-d_angle * 180.0 / n_angle)  # image rows grow downwards: a counter-clockwise turn is -angle
     return scale, rotation
 
 
