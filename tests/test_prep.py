@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflora.prep.align import align, changed_mask, measure
+from difflora.data.alignment import align, changed_mask, measure
 from difflora.prep.crop import plan_crop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_pairs_measures_shift_and_align_removes_it(tmp_path, run_cli):
 
 
 def test_pairs_subpixel_shift_and_scale():
-    from difflora.prep.align import warp
+    from difflora.data.alignment import warp
 
     before, _, _ = _shifted_photo_pair()
     for dx, dy in ((0.5, 0.25), (1.3, -0.7)):

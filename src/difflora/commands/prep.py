@@ -245,7 +245,7 @@ def cmd_pairs(args) -> int:
     from tqdm import tqdm
 
     from ..fileio import write_json_atomic
-    from ..prep.align import align, measure
+    from ..data.alignment import align, measure
     from ..prep.files import entries_in
 
     pairs = [e for e in entries_in(args.dir, args.after_suffix) if e.after is not None]

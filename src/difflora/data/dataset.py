@@ -373,7 +373,7 @@ class TrainingData:
         if np.array_equal(np.asarray(pixels["x"]), np.asarray(pixels["after"])):
             raise UserError(f"the pair {it.path.name} / {it.after_path.name} is two identical images: there is no "
                             "difference to learn; fix or remove the pair", path=it.path)
-        from ..prep.align import misalignment
+        from .alignment import misalignment
 
         moved = misalignment(np.asarray(pixels["x"]), np.asarray(pixels["after"]))
         if moved:

@@ -3,7 +3,9 @@
     files.py      images, pairs and caption files of a folder
     saliency.py   the subject map used by focus crop (numpy only)
     crop.py       crop boxes (center / focus / none), one box per pair, kohya's no-upscale rule
-    align.py      global shift / scale / rotation of a pair (phase correlation), changed area, registration
     taggers.py    WD14-style ONNX taggers, transformers captioners, the toy world's judge
     captions.py   trigger word, remove / replace / dedupe / sort tags, frequency and pair reports
+
+Pair alignment (shift / scale / rotation, changed area, registration) is data/alignment.py: training
+checks every pair with it too.
 """

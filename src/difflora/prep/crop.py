@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .saliency import blur, saliency_map
+from ..data.alignment import blur
+from .saliency import saliency_map
 
 MODES = ("center", "focus", "none")
 FOCUS_TOLERANCE = 0.01  # positions keeping >= 99% of the best window's saliency count as equally good

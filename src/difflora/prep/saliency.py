@@ -15,36 +15,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ..data.alignment import blur
+
 WORK_SIDE = 128  # the map is computed at this long side
 CENTRE_SIGMA = 0.4
 RESIDUAL_SIDE = 64  # spectral residual works on a coarse image (its scale selects object-sized structure)
-
-
-def _kernel(sigma: float) -> np.ndarray:
-    r = max(1, int(3 * sigma))
-    t = np.arange(-r, r + 1)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def _blur_axis(img: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
-    r = len(k) // 2
-    n = img.shape[axis]
-    pad = [(0, 0)] * img.ndim
-    pad[axis] = (r, r)
-    p = np.pad(img, pad, mode="symmetric" if r <= n else "edge")
-    out = np.zeros(img.shape, np.float64)
-    for i, w in enumerate(k):  # a sum of shifted copies: no BLAS call, so no thread start-up per image
-        out += w * np.take(p, np.arange(i, i + n), axis=axis)
-    return out
-
-
-def blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable gaussian blur of a 2-D array, borders reflected."""
-    if sigma <= 0:
-        return img.astype(np.float64)
-    k = _kernel(sigma)
-    return _blur_axis(_blur_axis(img, k, 0), k, 1)
 
 
 def _normalise(m: np.ndarray) -> np.ndarray:

@@ -7,6 +7,9 @@ the peak. Scale and rotation come first, from the same correlation on the log-po
 magnitude spectra (Fourier-Mellin: the magnitude ignores translation; log-polar turns scale and
 rotation into shifts). Everything is numpy.
 
+`blur` is also the blur of prep's saliency map. `difflora prep pairs` reports and applies all of
+this; training calls `misalignment` on every pair it loads.
+
 A shift (dx, dy) means the content of "after" sits (dx, dy) pixels right/down of where it is in
 "before": after(x, y) = before(x - dx, y - dy).
 """
@@ -17,13 +20,38 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .saliency import blur
-
 CHANGE_THRESHOLD = 0.1  # a pixel "changed" when a channel differs by more than this (0..1) after alignment
 MISALIGNED_SHIFT = 0.5  # px
 MISALIGNED_SCALE = 0.02  # relative (the log-polar grid resolves about 1-3% on small images)
 MISALIGNED_ROTATION = 1.0  # degrees
 ALMOST_EVERYWHERE = 0.75  # changed-area fraction above which a pair "differs almost everywhere"
+
+
+def _kernel(sigma: float) -> np.ndarray:
+    r = max(1, int(3 * sigma))
+    t = np.arange(-r, r + 1)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _blur_axis(img: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
+    r = len(k) // 2
+    n = img.shape[axis]
+    pad = [(0, 0)] * img.ndim
+    pad[axis] = (r, r)
+    p = np.pad(img, pad, mode="symmetric" if r <= n else "edge")
+    out = np.zeros(img.shape, np.float64)
+    for i, w in enumerate(k):  # a sum of shifted copies: no BLAS call, so no thread start-up per image
+        out += w * np.take(p, np.arange(i, i + n), axis=axis)
+    return out
+
+
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable gaussian blur of a 2-D array, borders reflected."""
+    if sigma <= 0:
+        return img.astype(np.float64)
+    k = _kernel(sigma)
+    return _blur_axis(_blur_axis(img, k, 0), k, 1)
 
 
 @dataclass
