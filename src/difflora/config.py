@@ -153,6 +153,11 @@ class JobOptions(DatasetOptions):
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     skip_bad_images: bool = False
+    # validation (kohya's names; validation_data_dir is difflora's: a held-out folder instead of a split)
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_seed: int | None = None  # None: the job's seed
+    validation_data_dir: str | None = None
+    validate_every_n_steps: int | None = Field(None, ge=1)
 
     # output
     output_dir: str = "output"
@@ -317,7 +322,7 @@ def read_toml(path: Path) -> tuple[dict, str]:
 
 
 _PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-              "logging_dir", "sample_prompts")
+              "logging_dir", "sample_prompts", "validation_data_dir")
 
 
 def _resolve(base: Path, value: str | None) -> str | None:

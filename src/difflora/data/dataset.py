@@ -155,6 +155,7 @@ class TrainingData:
         self.items: list[Item] = []
         self.batch_sizes: list[int] = []
         self.skipped: list[str] = []
+        self.validation_items: list[Item] = []  # held out (validation_split) or from validation_data_dir
         self._epoch_cache: dict = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
         datasets = job.datasets
@@ -185,6 +186,11 @@ class TrainingData:
                     it.bucket = self._bucket_for(it, buckets, enable, no_up, reso, step)
                 repeats = int(opts.get("num_repeats", 1))
                 (reg_items if it_is_reg(sub, opts) else train_items).append((items, repeats))
+            if job.validation_data_dir and di == 0:
+                self._validation_folder(ds, _merge(top, job.general, ds, ds.subsets[0]), di,
+                                        lambda it: self._bucket_for(it, buckets, enable, no_up, reso, step))
+            elif job.validation_split:
+                train_items = self._hold_out(train_items, job.validation_split, di)
             self._add_with_repeats(train_items, reg_items)
         if not self.items:
             raise UserError("no usable training images were found (check image_dir and the file extensions "
@@ -247,6 +253,28 @@ class TrainingData:
         if no_up:
             return no_upscale_bucket(size, reso[0] * reso[1], step)
         return choose_bucket(size, buckets)
+
+    def _hold_out(self, train_items, split: float, di: int):
+        """kohya's validation_split: a share of the dataset's images (pairs), chosen with validation_seed."""
+        flat = [it for items, _ in train_items for it in items]
+        k = max(1, round(split * len(flat)))
+        if len(flat) - k < 1:
+            raise UserError(f"validation_split = {split} holds out {k} of {len(flat)} training images, leaving none "
+                            "to train on; lower it or set validation_data_dir")
+        seed = self.job.seed if self.job.validation_seed is None else self.job.validation_seed
+        order = np.random.default_rng([seed, 211, di]).permutation(len(flat))
+        held = {id(flat[i]) for i in order[:k]}
+        self.validation_items += [it for it in flat if id(it) in held]
+        return [([it for it in items if id(it) not in held], rep) for items, rep in train_items]
+
+    def _validation_folder(self, ds, opts: dict, di: int, bucket_of) -> None:
+        """validation_data_dir: images (or pairs, NAME + after_suffix) laid out like the first training subset."""
+        sub = ds.subsets[0].model_copy(update={"image_dir": self.job.validation_data_dir, "after_dir": None,
+                                               "num_repeats": 1, "is_reg": False})
+        items = self._subset_items(sub, dict(opts, is_reg=False), di)
+        for it in items:
+            it.bucket = bucket_of(it)
+        self.validation_items += items
 
     def _add_with_repeats(self, train_items, reg_items) -> None:
         train = [it for items, rep in train_items for _ in range(rep) for it in items]
@@ -327,7 +355,7 @@ class TrainingData:
         """
         from tqdm import tqdm
 
-        uniq = self.unique_items()
+        uniq = self.unique_items() + self.validation_items
         for it in tqdm(uniq, desc="caching latents" if encode else "reading images", disable=len(uniq) < 8,
                        dynamic_ncols=True):
             keys = [("x", it.path)] + ([("after", it.after_path)] if it.is_pair else [])

@@ -7,7 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from .events import CheckpointWritten, Event, Failed, Finished, SampleWritten, StageEnded, StageStarted, Step, Stopped
+from .events import (CheckpointWritten, Event, Failed, Finished, SampleWritten, StageEnded, StageStarted, Step, Stopped,
+                     Validation)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class LogLines:
             log.info("resuming stage %s at step %d", event.stage, event.start_step)
         elif isinstance(event, StageEnded):
             log.info("stage %s done in %.1f s", event.stage, event.seconds)
+        elif isinstance(event, Validation):
+            log.info("step %d: validation loss %.5f (%s)", event.global_step, event.loss, event.stage)
         elif isinstance(event, SampleWritten):
             log.info("step %d: wrote %d sample(s) to %s", event.step, len(event.paths),
                      Path(event.paths[0]).parent if event.paths else "-")
@@ -61,19 +64,22 @@ class LogLines:
 
 
 class TensorBoard:
-    """loss/<stage> and lr/<stage>/<group> scalars at the global step, in LOGDIR/RUN_NAME."""
+    """loss/<stage>, lr/<stage>/<group> and loss/validation/<stage> scalars at the global step, in LOGDIR/RUN_NAME."""
 
     def __init__(self, logdir: str | os.PathLike):
         self.logdir = Path(logdir)
         self.writer = None
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, Step):
+        if not isinstance(event, (Step, Validation)):
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.logdir))
+        if isinstance(event, Validation):
+            self.writer.add_scalar(f"loss/validation/{event.stage}", event.loss, event.global_step)
+            return
         self.writer.add_scalar(f"loss/{event.stage}", event.loss, event.global_step)
         for group, lr in (event.lrs or {"group": event.lr}).items():
             self.writer.add_scalar(f"lr/{event.stage}/{group}", lr, event.global_step)

@@ -29,6 +29,7 @@ from .sampling import Samples
 from .schedule import SaveSchedule
 from .stages import StageRunner
 from .stop import StopRequest, signals_request
+from .validation import ValidationReport, Validator
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,16 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
                 log.warning("resuming with changed settings; the result will differ from an uninterrupted run")
             started = float(state["started"]) if state else time.time()
             session_id = int(state["session_id"]) if state else int(np.random.SeedSequence().entropy % 2**31)
+            validator = Validator.for_run(run)
             events.listeners = default_listeners(job, run.out_dir, started) + list(listeners) if run.is_main else []
+            if validator is not None and run.is_main:
+                events.listeners.append(ValidationReport(run.out_dir / "sample" / f"{job.output_name}_validation.png"))
             stages = run.method.stages(run.data_sizes())
             metadata = RunMetadata(job, run.model, run.data, run.method, stages, started, session_id)
             checkpointer = Checkpointer(run, metadata, events, job_fingerprint(job))
             schedule = SaveSchedule(job, has_prompts=bool(job.sample_prompts))
             samples = Samples(run, _sample_prompts(job), events)
-            runner = StageRunner(run, stages, state, checkpointer, schedule, samples, events, stop)
+            runner = StageRunner(run, stages, state, checkpointer, schedule, samples, events, stop, validator)
             results = runner.run_all()
 
             final = run.method.finalize(results)

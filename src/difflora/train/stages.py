@@ -12,7 +12,7 @@ from ..errors import TrainingStopped
 from ..methods import Stage, StepContext
 from ..network.lora import LoRANetwork
 from .batches import all_reduce, any_process, batch_at, make_batch
-from .events import StageEnded, StageStarted, Step, Stopped
+from .events import StageEnded, StageStarted, Step, Stopped, Validation
 from .optim import make_optimizer, make_scheduler, param_groups
 
 
@@ -33,8 +33,10 @@ class StageProgress:
 
 
 class StageRunner:
-    def __init__(self, run, stages: list[Stage], state: dict | None, checkpointer, schedule, samples, events, stop):
+    def __init__(self, run, stages: list[Stage], state: dict | None, checkpointer, schedule, samples, events, stop,
+                 validator=None):
         self.run, self.stages, self.state = run, stages, state
+        self.validator = validator  # train/validation.py's Validator, or None
         self.checkpointer, self.schedule, self.samples = checkpointer, schedule, samples
         self.events, self.stop = events, stop
         self.results: dict[str, LoRANetwork] = {}
@@ -91,6 +93,8 @@ class StageRunner:
             self.samples.write([sp.network], 0)
         self.events.emit(StageStarted(stage=stage.name, index=sp.index, stages=len(self.stages), steps=stage.steps,
                                       start_step=start))
+        if start == 0:
+            self._validate(sp, 0)  # the starting point of the curve
         t0, loss_avg = time.perf_counter(), None
         for step in range(start, stage.steps):
             loss = self._step(sp, step)
@@ -101,6 +105,8 @@ class StageRunner:
             self.events.emit(Step(stage=stage.name, step=done, steps=stage.steps, global_step=sp.offset + done,
                                   total_steps=self.total_steps, loss=loss, loss_avg=loss_avg, lr=next(iter(lrs.values())),
                                   steps_per_s=rate, eta_s=(self.total_steps - sp.offset - done) / rate, lrs=lrs))
+            if self.validator is not None and self.validator.due(done, stage.steps):
+                self._validate(sp, done)
             due = self.schedule.after_step(done, stage.steps, sp.per_epoch)
             if due.sample and main:
                 self.samples.write([sp.network] + list(self.results.values()), sp.offset + done)
@@ -117,6 +123,12 @@ class StageRunner:
         self.last = sp
         if stage.save_as:
             self.checkpointer.save_stage_result(stage.save_as, sp.network, sp.offset + stage.steps)
+
+    def _validate(self, sp: StageProgress, done: int) -> None:
+        if self.validator is None:
+            return
+        loss = self.validator.loss(sp.stage, sp.network)
+        self.events.emit(Validation(stage=sp.stage.name, step=done, global_step=sp.offset + done, loss=loss))
 
     def _step(self, sp: StageProgress, step: int) -> float:
         """One optimizer step (gradient accumulation, all-reduce, clipping); returns the step's mean loss."""
