@@ -173,19 +173,26 @@ def test_pairs_subpixel_shift_and_scale():
     assert mad(align(straight, turned, r)) < 0.5 * mad(turned)
 
 
-def test_pairs_flags_on_toy_pairs():
+def test_pairs_flags_on_toy_pairs(tmp_path):
+    """Every eval task's 8 pairs: as rendered, none is misaligned; with "after" shifted by (3, -2) px,
+    every one is measured at that shift (glasses add edges, style adds texture, hair recolours)."""
     from difflora.toy import faces
+    from difflora.toy.evaluate import TASKS, write_pairs
 
-    for i, attribute in enumerate(("eyes", "mouth", "glasses", "style", "hair", "background", "skin") * 3):
-        values = faces.ATTRIBUTES[attribute]
-        _, _, a, b = faces.make_pair(500 + i, attribute, values[0], values[1])
-        r = measure(a, b)
-        assert "misaligned" not in r.flags, (attribute, r)
-        assert np.hypot(*r.shift) <= 0.25
+    for task in TASKS:
+        write_pairs(tmp_path / task, task, 8, 0)
+        for i in range(8):
+            a = np.asarray(Image.open(tmp_path / task / f"{i:03d}.png").convert("RGB"))
+            b = np.asarray(Image.open(tmp_path / task / f"{i:03d}_after.png").convert("RGB"))
+            r = measure(a, b)
+            assert "misaligned" not in r.flags and np.hypot(*r.shift) <= 0.25, (task, i, r)
+            r = measure(a, shift_image(b, 3, -2))
+            assert abs(r.shift[0] - 3) <= 0.5 and abs(r.shift[1] + 2) <= 0.5 and "misaligned" in r.flags, (task, i, r)
     assert measure(a, a).flags == ["identical"]
-    other = faces.render(dict(faces.sample_attributes(np.random.default_rng(1)), background="blue", style="detailed",
-                              hair="blonde", skin="dark"), 99)  # another face: a different photo, not an edit
-    assert "differs almost everywhere" in measure(np.ascontiguousarray(a[:, ::-1]), other).flags
+    rng = np.random.default_rng(1)
+    one = faces.render(dict(faces.sample_attributes(rng), background="green", style="flat"), 98)
+    other = faces.render(dict(faces.sample_attributes(rng), background="blue", style="detailed"), 99)
+    assert "differs almost everywhere" in measure(one, other).flags  # two photos, not an edit
     _, _, a, b = faces.make_pair(7, "eyes", "open", "closed")
     frac = changed_mask(a, b).mean()
     assert 0.005 < frac < 0.06  # the two eyes, not the face

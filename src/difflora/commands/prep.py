@@ -42,7 +42,7 @@ For each pair of DIR (NAME.png + NAME_after.png): the global shift (x, y in px, 
 "before"), scale and rotation of the "after" image (phase correlation, sub-pixel), and the share of
 pixels that differ once that motion is undone. Flags: misaligned (shift > 0.5 px, scale off by > 2%,
 rotation > 1 deg: training would learn the motion, not the difference), identical, differs almost
-everywhere (> 75% of pixels). --align --out OUT writes every pair with "after" registered onto
+everywhere (> 75% of pixels: a global edit such as a new background, or two different photos). --align --out OUT writes every pair with "after" registered onto
 "before" (pixels the shifted image does not cover are taken from "before"), captions copied."""
 
 TAG_HELP = """\
