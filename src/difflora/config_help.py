@@ -99,6 +99,10 @@ DESCRIPTIONS = {
     "cache_latents": "encode every image once before training",
     "cache_latents_to_disk": "keep the latent cache on disk between runs",
     "skip_bad_images": "skip unreadable images instead of stopping",
+    "validation_split": "share of each dataset's images (pairs) held out for the validation loss",
+    "validation_seed": "which images validation_split holds out, and the validation noise (default: seed)",
+    "validation_data_dir": "folder of held-out images (pairs) for the validation loss, instead of a split",
+    "validate_every_n_steps": "compute the validation loss every N steps (and at each stage's start and end)",
     # output
     "output_dir": "folder of the LoRA, samples, logs and state",
     "output_name": "file name of the LoRA (without .safetensors)",
