@@ -26,6 +26,7 @@ COMMANDS = [
     "difflora.commands.demo",
     "difflora.commands.toy",
     "difflora.commands.prep",
+    "difflora.ui.command",  # `difflora ui`; imports gradio only when it runs
 ]
 
 log = logging.getLogger("difflora")

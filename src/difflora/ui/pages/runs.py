@@ -1,0 +1,119 @@
+"""Runs: every run in the workspace with its job, status, curves, outputs and samples; re-open or clone."""
+
+import time
+import tomllib
+from dataclasses import dataclass
+
+from ...errors import UserError
+from .. import jobform as J
+from ..progress import curve_frame, read_events, sample_grid, summarize
+from .live import resume_message, run_samples
+
+
+@dataclass
+class RunsPage:
+    table: object
+    pick: object
+    open_live: object
+    clone: object
+
+
+def table_rows(ctx) -> list[list]:
+    rows = []
+    for r in ctx.store.all():
+        p = summarize(read_events(ctx.store.folder(r.id) / "events.jsonl")) if r.kind == "train" else None
+        last_loss = f"{p.loss[-1][1]:.4f}" if p and p.loss else ""
+        steps = f"{p.global_step}/{p.total_steps}" if p and p.total_steps else ""
+        rows.append([r.id, r.kind, r.status, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), steps,
+                     last_loss, ctx.ws.relative(r.result) if r.result else "", r.error or ""])
+    return rows
+
+
+HEADERS = ["run", "kind", "status", "created", "steps", "last loss", "result", "error"]
+
+
+def build(ctx) -> RunsPage:
+    import gradio as gr
+
+    refresh = gr.Button("Refresh", elem_id="runs-refresh")
+    table = gr.Dataframe(headers=HEADERS, value=table_rows(ctx), interactive=False, wrap=True, elem_id="runs-table")
+    with gr.Row():
+        pick = gr.Dropdown(label="run", choices=[r.id for r in ctx.store.all()], elem_id="runs-pick", scale=4)
+        open_live = gr.Button("Open in Live run", elem_id="runs-open", scale=1)
+        clone = gr.Button("Clone job into Train", elem_id="runs-clone", scale=1)
+        resume = gr.Button("Resume", elem_id="runs-resume", scale=1)
+    message = gr.Markdown(elem_id="runs-message")
+    with gr.Row():
+        job = gr.Code(label="job", language=None, interactive=False, elem_id="runs-job")
+        with gr.Column():
+            details = gr.Markdown(elem_id="runs-details")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="runs-loss", height=220)
+    samples = gr.Gallery(label="samples", columns=4, height="auto", object_fit="contain", elem_id="runs-samples")
+    outputs = gr.File(label="outputs", file_count="multiple", interactive=False, elem_id="runs-outputs")
+
+    def on_refresh():
+        return table_rows(ctx), gr.update(choices=[r.id for r in ctx.store.all()])
+
+    def on_pick(run_id):
+        if not run_id:
+            return "", "", None, [], None
+        try:
+            run = ctx.store.get(run_id)
+        except UserError as e:
+            return "", f"**{e}**", None, [], None
+        folder = ctx.store.folder(run_id)
+        job_path = folder / "job.toml"
+        job_text = job_path.read_text(encoding="utf-8") if job_path.is_file() else " ".join(run.argv)
+        p = summarize(read_events(folder / "events.jsonl"))
+        files = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".md", ".json")
+                       and "-state" not in str(f.parent) and f.name != "run.json")
+        grids = []
+        for step, paths in reversed(list(dict(run_samples(ctx, run, p)).items())):  # latest per step
+            g = sample_grid(paths, run.info.get("layout"))
+            if g is not None:
+                grids.append((g, f"step {step}"))
+        if run.kind == "eval":
+            grids += [(str(f), f.name) for f in sorted(folder.glob("results/*.png"))]
+        md = (f"**{run.id}** · {run.kind} · **{run.status}**  \ncommand: `difflora {' '.join(run.argv)}`  \n"
+              f"attempts: {run.attempts}" + (f"  \nresult: `{ctx.ws.relative(run.result)}`" if run.result else "")
+              + (f"  \nerror: {run.error}" if run.error else ""))
+        table_md = folder / "results" / "eval.md"
+        if table_md.is_file():
+            md += "\n\n" + table_md.read_text(encoding="utf-8")
+        return job_text, md, curve_frame(p.loss, "loss"), grids, files or None
+
+    refresh.click(on_refresh, None, [table, pick])
+    pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs])
+    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
+    return RunsPage(table, pick, open_live, clone)
+
+
+def connect(ctx, page: RunsPage, train, live, tabs) -> None:
+    import gradio as gr
+
+    def on_select(evt: gr.SelectData):  # gradio reads this annotation (no `from __future__ import annotations` here)
+        row = evt.row_value if hasattr(evt, "row_value") else None
+        return row[0] if row else gr.update()
+
+    page.table.select(on_select, None, page.pick)
+
+    def on_open(run_id):
+        if not run_id:
+            return gr.update(), gr.update()
+        return gr.Tabs(selected="live"), gr.update(choices=live.run_choices(), value=run_id)
+
+    def on_clone(run_id):
+        try:
+            run = ctx.store.get(run_id or "")
+            folder = ctx.store.folder(run.id)
+            data = tomllib.loads((folder / "job.toml").read_text(encoding="utf-8"))
+        except (UserError, OSError, tomllib.TOMLDecodeError) as e:
+            return [gr.update()] * len(train.fields) + [gr.update(), f"**Cannot clone:** {e}"]
+        if str(data.get("sample_prompts", "")).startswith(str(folder)):  # the UI wrote it from sample_prompt
+            data.pop("sample_prompts")
+        values = J.job_to_values(train.specs, data, run.info.get("ui") or {}, ctx.ws, folder)
+        return [*values, gr.Tabs(selected="train"), f"Cloned the job of `{run.id}` into the Train form."]
+
+    page.open_live.click(on_open, page.pick, [tabs, live.pick])
+    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status]).then(
+        train.check, train.fields, train.check_outputs)

@@ -1,0 +1,120 @@
+"""Reading a run's progress: the events `difflora train --events FILE` appends, one JSON per line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def read_events(path: Path) -> list[dict]:
+    """Every complete event line (a line being written is skipped until it ends)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    events = []
+    for line in data.split(b"\n")[:-1]:  # the last piece is empty or still being written
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "type" in obj:
+            events.append(obj)
+    return events
+
+
+@dataclass
+class Progress:
+    stage: str | None = None
+    stage_index: int = 0
+    stages: int = 1
+    step: int = 0
+    steps: int = 0
+    global_step: int = 0
+    total_steps: int = 0
+    steps_per_s: float | None = None
+    eta_s: float | None = None
+    loss: list[tuple[int, float]] = field(default_factory=list)  # (global step, loss)
+    loss_avg: list[tuple[int, float]] = field(default_factory=list)
+    lr: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, paths)
+    checkpoints: list[dict] = field(default_factory=list)
+    outcome: dict | None = None  # the last finished / stopped / failed event
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.global_step / self.total_steps) if self.total_steps else 0.0
+
+
+def summarize(events: list[dict]) -> Progress:
+    p = Progress()
+    for e in events:
+        t = e.get("type")
+        if t == "stage_started":
+            p.stage, p.stage_index, p.stages = e.get("stage"), int(e.get("index", 0)), int(e.get("stages", 1))
+            p.steps, p.step = int(e.get("steps", 0)), int(e.get("start_step", 0))
+            p.outcome = None
+        elif t == "step":
+            p.stage = e.get("stage", p.stage)
+            p.step, p.steps = int(e["step"]), int(e.get("steps", p.steps))
+            p.global_step, p.total_steps = int(e.get("global_step", e["step"])), int(e.get("total_steps", p.steps))
+            p.steps_per_s, p.eta_s = e.get("steps_per_s"), e.get("eta_s")
+            # a resumed run repeats no step, but a restart after a crash may: keep the latest value per step
+            for series, key in ((p.loss, "loss"), (p.loss_avg, "loss_avg"), (p.lr, "lr")):
+                if e.get(key) is not None:
+                    while series and series[-1][0] >= p.global_step:
+                        series.pop()
+                    series.append((p.global_step, float(e[key])))
+        elif t == "validation":
+            p.validation.append((int(e.get("global_step", e.get("step", 0))), float(e["loss"])))
+        elif t == "sample_written":
+            p.samples.append((int(e.get("step", 0)), list(e.get("paths") or [])))
+        elif t == "checkpoint_written":
+            p.checkpoints.append(e)
+        elif t in ("finished", "stopped", "failed"):
+            p.outcome = e
+    return p
+
+
+def curve_frame(points: list[tuple[int, float]], name: str):
+    import pandas as pd
+
+    return pd.DataFrame({"step": [s for s, _ in points], name: [v for _, v in points]})
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+
+
+def sample_grid(paths: list[str], layout: list[dict] | None, scale: int = 2):
+    """One step's samples as a grid: a row per prompt, a column per multiplier (from the run's layout)."""
+    from PIL import Image
+
+    from ..generate import make_grid
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except OSError:
+            return None
+    if not images:
+        return None
+    if layout and len(layout) == len(images):
+        prompts = list(dict.fromkeys(x["prompt"] for x in layout))
+        mults = list(dict.fromkeys(x["multiplier"] for x in layout))
+        by = {(x["prompt"], x["multiplier"]): img for x, img in zip(layout, images)}
+        if len(by) == len(prompts) * len(mults):
+            rows = [[by[(pr, m)] for m in mults] for pr in prompts]
+            return make_grid(rows, [f"weight {m:g}" for m in mults], scale=scale)
+    return make_grid([images], scale=scale)
