@@ -70,6 +70,23 @@ def build_sd15_random(folder: Path) -> str:
     return str(folder / "sd15")
 
 
+def build_sdxl_random(folder: Path, width: int | None) -> str:
+    """SDXL with random weights as a diffusers folder: the real architecture (width None, ~13 GB in fp32),
+    or its exact block layout at U-Net width `width` (machines that cannot hold the real one)."""
+    import torch
+
+    from difflora.models.ldm import clip_tokenizer
+    from difflora.models.sdxl import StableDiffusionXL
+    from difflora.toy.tiny_sdxl import build_sdxl_components
+
+    torch.manual_seed(0)
+    unet, vae, te1, te2, scheduler = build_sdxl_components(width)
+    model = StableDiffusionXL(unet, vae, te1, te2, clip_tokenizer("sd1"), clip_tokenizer("sd2"), scheduler,
+                              prediction_type="epsilon")
+    model.save(folder / "sdxl")
+    return str(folder / "sdxl")
+
+
 def _make_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
     from PIL import Image
 
@@ -127,13 +144,42 @@ class StepGate:
 
 
 # ------------------------------------------------------------------ the reference loop
+def _reference_lora(unet, rank: int):
+    """The diffusers example scripts' LoRA: peft on to_q/k/v/out.0, fp32 parameters, AdamW, constant LR."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_layers:  # the scripts upcast trainable params to fp32 under mixed precision
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return lora_layers, optimizer, get_scheduler("constant", optimizer=optimizer)
+
+
+def _reference_data(data: Path, size: int):
+    """(image files, captions, transform): the scripts' Resize, CenterCrop, ToTensor, Normalize([0.5], [0.5])."""
+    import torch
+    from PIL import Image
+
+    files = sorted((data / "1_face").glob("*.png"))
+    captions = [f.with_suffix(".txt").read_text() for f in files]
+
+    def transform(img) -> torch.Tensor:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
+
+    return files, captions, transform
+
+
 def reference_worker(args, data: Path, gate: StepGate) -> None:
     """diffusers' train_text_to_image_lora.py training step, without torchvision (PIL transforms)."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -151,22 +197,9 @@ def reference_worker(args, data: Path, gate: StepGate) -> None:
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    lora_layers = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_layers:  # the script upcasts trainable params to fp32 under mixed precision
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    files = sorted((data / "1_face").glob("*.png"))
-    captions = [f.with_suffix(".txt").read_text() for f in files]
-    size = args.resolution
+    lora_layers, optimizer, lr_scheduler = _reference_lora(unet, args.rank)
+    files, captions, transform = _reference_data(data, args.resolution)
     rng = np.random.default_rng(0)
-
-    def transform(img: Image.Image) -> torch.Tensor:  # Resize, CenterCrop, ToTensor, Normalize([0.5], [0.5])
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
 
     unet.train()
     for step in range(1 + args.warmup + args.steps):
@@ -184,6 +217,74 @@ def reference_worker(args, data: Path, gate: StepGate) -> None:
             target = noise
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
             loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_layers, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        gate()
+
+
+def reference_sdxl_worker(args, data: Path, gate: StepGate) -> None:
+    """diffusers' train_text_to_image_lora_sdxl.py training step (VAE in fp32 as the script keeps it,
+    both text encoders and the time_ids computed every step), without torchvision."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    weight_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    path = args.model
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
+                  for s in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+                     CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", local_files_only=True)]
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    for m in (unet, vae, *text_encoders):
+        m.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32)
+    for te in text_encoders:
+        te.to(device, dtype=weight_dtype)
+    lora_layers, optimizer, lr_scheduler = _reference_lora(unet, args.rank)
+    files, captions, transform = _reference_data(data, args.resolution)
+    size = args.resolution
+    rng = np.random.default_rng(0)
+
+    def encode_prompt(prompts: list[str]):
+        embeds = []
+        for tok, te in zip(tokenizers, text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = te(ids, output_hidden_states=True, return_dict=False)
+            pooled = out[0]
+            embeds.append(out[-1][-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    unet.train()
+    for step in range(1 + args.warmup + args.steps):
+        idx = rng.integers(0, len(files), size=args.batch)
+        images = [Image.open(files[i]) for i in idx]
+        pixel_values = torch.stack([transform(img) for img in images]).to(device)
+        time_ids = torch.tensor([[img.height, img.width, 0, 0, size, size] for img in images], device=device,
+                                dtype=weight_dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            latents = latents.to(weight_dtype)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            with torch.no_grad():
+                prompt_embeds, pooled = encode_prompt([captions[i] for i in idx])
+            model_pred = unet(noisy_latents, timesteps, prompt_embeds,
+                              added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora_layers, 1.0)
         optimizer.step()
@@ -227,8 +328,14 @@ def unet_train_flops(args) -> float:
     x = torch.randn(args.batch, cfg.in_channels, lat, lat, requires_grad=True)
     t = torch.randint(0, 1000, (args.batch,))
     c = torch.randn(args.batch, 77, cfg.cross_attention_dim)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding and time_ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(args.batch, pooled),
+                                       "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2]
+                                                                * args.batch, dtype=torch.float32)}}
     with FlopCounterMode(display=False) as counter:
-        unet(x, t, c).sample.sum().backward()
+        unet(x, t, c, **extra).sample.sum().backward()
     return float(counter.get_total_flops())
 
 
@@ -250,7 +357,9 @@ def worker(args) -> None:
         _make_data(data, 16, args.resolution)
     images, pairs = data / "images", data / "pairs"
     out = data / f"out_{args.worker}"
-    if args.worker == "reference":
+    if args.worker == "reference" and (Path(args.model) / "text_encoder_2").is_dir():
+        reference_sdxl_worker(args, images, gate)
+    elif args.worker == "reference":
         reference_worker(args, images, gate)
     elif args.worker == "difflora_nocache":
         difflora_worker(args, images, pairs, "standard", out, gate, cache=False)
@@ -325,9 +434,13 @@ def run_lock_step(args, contenders: list[str]) -> tuple[dict[str, list[float]], 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
-    ap.add_argument("--arch", choices=["sd15"], default=None,
-                    help="build the real SD1.5 architecture with random weights instead of --model (GPU runs)")
-    ap.add_argument("--resolution", type=int, default=None, help="default: 64 (toy model), 512 with --arch sd15")
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default=None,
+                    help="build the real SD1.5 / SDXL architecture with random weights instead of --model (GPU runs)")
+    ap.add_argument("--width", type=int, default=None,
+                    help="with --arch sdxl: U-Net width instead of the real 320 (same block layout; for machines that "
+                         "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="default: 64 (toy model and CPU SDXL), 512 with --arch sd15, 1024 with --arch sdxl on CUDA")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every contender each)")
@@ -342,15 +455,18 @@ def main() -> int:
     ap.add_argument("--free-running", action="store_true",
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     args = ap.parse_args()
+    if args.arch == "sdxl" and args.width is None and args.device == "cpu":
+        args.width = 32
     if args.resolution is None:
-        args.resolution = 512 if args.arch == "sd15" else 64
+        args.resolution = 512 if args.arch == "sd15" else 1024 if args.arch == "sdxl" and args.device == "cuda" else 64
     if args.worker:
         worker(args)
         return 0
-    if args.arch == "sd15":
-        built = tempfile.mkdtemp(prefix="difflora-sd15-")  # ~4 GB in fp32: removed when the run ends
+    if args.arch in ("sd15", "sdxl"):
+        built = tempfile.mkdtemp(prefix=f"difflora-{args.arch}-")  # removed when the run ends
         try:
-            args.model = build_sd15_random(Path(built))
+            args.model = (build_sd15_random(Path(built)) if args.arch == "sd15"
+                          else build_sdxl_random(Path(built), args.width))
             return measure_and_report(args)
         finally:
             shutil.rmtree(built, ignore_errors=True)
@@ -387,7 +503,8 @@ def measure_and_report(args) -> int:
                                                   "ratio_of_medians": summary[a]["median_step_s"] / summary[b]["median_step_s"]}
             else:
                 ratios[f"{a}_peak / {b}_peak"] = {"ratio": summary[a]["peak_gb"] / summary[b]["peak_gb"]}
-    print(f"\nmodel {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
+    arch = f"{args.arch} (random weights{f', U-Net width {args.width}' if args.width else ''}), " if args.arch else ""
+    print(f"\n{arch}model {args.model}, {args.resolution}x{args.resolution}, batch {args.batch}, rank {args.rank}, "
           f"{args.precision}, {args.device}, {args.threads} thread(s)")
     print(f"U-Net forward+backward: {flops / 1e9:.2f} GFLOP per step; device {device_name}"
           + (f", dense bf16 peak {peak} TFLOP/s" if peak else ""))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
+from .models.registry import family_names
 from .network.adapters import adapter_options_of, normalise_job_keys
 from .options import Strict
 
@@ -85,8 +86,9 @@ class JobOptions(DatasetOptions):
 
     # model
     model: str | None = None  # None: the embedded toy model
-    model_family: Literal["sd1", "sd2"] | None = None
+    model_family: Literal[family_names()] | None = None  # detected from the files when unset
     v_parameterization: bool = False
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (kohya's option)
     clip_skip: int | None = Field(None, ge=1)
     allow_pickle: bool = False
     preset_loras: list[PresetLora] = []
@@ -134,7 +136,10 @@ class JobOptions(DatasetOptions):
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # frozen weights in this dtype, LoRA weights in fp32
+    full_bf16: bool = False  # LoRA weights and optimizer state in bf16 too (needs mixed_precision = "bf16")
+    no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16)
+    sdpa: bool = True  # PyTorch scaled-dot-product attention (false: the plain attention processor)
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float | None = Field(None, ge=0)
@@ -152,6 +157,9 @@ class JobOptions(DatasetOptions):
     datasets: list[DatasetConfig] = []
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
+    # prompt encodings computed once per caption (and kept on disk), the text encoders off the GPU
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
     skip_bad_images: bool = False
     # validation (kohya's names; validation_data_dir is difflora's: a held-out folder instead of a split)
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
@@ -193,6 +201,13 @@ class JobOptions(DatasetOptions):
             raise ValueError("network_train_unet_only and network_train_text_encoder_only cannot both be true")
         if self.min_timestep >= self.max_timestep:
             raise ValueError("min_timestep must be smaller than max_timestep")
+        method = METHODS.get(getattr(self, "method", "standard"))
+        trains_te = not self.network_train_unet_only and not (method is not None and method.unet_only)
+        if (self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk) and trains_te:
+            raise ValueError("cache_text_encoder_outputs needs network_train_unet_only = true: the text encoders "
+                             "run once per caption, so a text-encoder LoRA could not be trained")
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise ValueError('full_bf16 needs mixed_precision = "bf16"')
         try:
             normalised = normalise_job_keys(self)
         except UserError as e:
@@ -358,6 +373,24 @@ def apply_method_defaults(job: JobConfig) -> JobConfig:
         if key not in job.model_fields_set:
             setattr(job, key, value)
             job.model_fields_set.discard(key)  # still "not set by the user"
+    return job
+
+
+def apply_family_defaults(job: JobConfig, family: str) -> JobConfig:
+    """Fill keys the user did not set with the model family's recommended values for the method
+    (models/<family>.py METHOD_DEFAULTS; e.g. ADDifT on SDXL). Runs once the model is known."""
+    from .models.registry import method_defaults
+
+    for key, value in method_defaults(family, job.method).items():
+        if isinstance(value, dict):
+            table = getattr(job, key)
+            for sub_key, sub_value in value.items():
+                if sub_key not in table.model_fields_set:
+                    setattr(table, sub_key, sub_value)
+                    table.model_fields_set.discard(sub_key)
+        elif key not in job.model_fields_set:
+            setattr(job, key, value)
+            job.model_fields_set.discard(key)
     return job
 
 

@@ -32,7 +32,6 @@ _OFF: Callable[[Any], bool] = lambda v: v in (None, False, 0, 0.0, "", [])  # no
 INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_model_as": (lambda v: v == "safetensors", "difflora always saves .safetensors"),
     "xformers": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
-    "sdpa": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
     "mem_eff_attn": (_ANY, "difflora uses PyTorch's scaled-dot-product attention"),
     "max_data_loader_n_workers": (_ANY, "difflora caches latents and needs no loader workers"),
     "persistent_data_loader_workers": (_ANY, "difflora caches latents and needs no loader workers"),
@@ -55,8 +54,8 @@ INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dim_from_weights": (_OFF, "at kohya's default"),
 }
 # Options that are off by default in kohya and have no difflora counterpart: fine while off.
-for _key in ("full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "no_half_vae", "color_aug", "random_crop",
-             "face_crop_aug_range", "zero_terminal_snr", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+for _key in ("full_fp16", "fp8_base", "fp8_base_unet", "color_aug", "random_crop",
+             "face_crop_aug_range", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
              "v_pred_like_loss", "weighted_captions", "masked_loss", "alpha_mask", "noise_offset_random_strength",
              "ip_noise_gamma", "ip_noise_gamma_random_strength", "multires_noise_iterations", "adaptive_noise_scale",
              "scale_weight_norms", "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps",
@@ -64,7 +63,7 @@ for _key in ("full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "no_half_vae
              "secondary_separator", "in_json", "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
              "lr_scheduler_type", "lr_scheduler_args", "initial_epoch", "initial_step", "skip_until_initial_step",
              "dataset_repeats", "base_weights_multiplier", "use_8bit_adam", "use_lion_optimizer", "v2", "resume",
-             "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "huggingface_repo_id",
+             "huggingface_repo_id",
              "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
              "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name",
              "max_validation_steps", "validate_every_n_epochs", "lowvram"):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..config import DatasetConfig, DatasetOptions, JobConfig, SubsetConfig
 from ..errors import UserError
+from ..models.base import SampleSize
 from .captions import CaptionRules, read_caption
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image, resize_and_crop, to_tensor
 
@@ -58,6 +59,25 @@ def no_upscale_bucket(size: tuple[int, int], max_area: int, step: int) -> tuple[
     return max(step, int(w // step * step)), max(step, int(h // step * step))
 
 
+def kohya_sample_size(original_wh: tuple[int, int], bucket_wh: tuple[int, int], flipped: bool) -> SampleSize:
+    """SDXL's size conditioning of an image cut to a bucket, exactly as kohya computes it.
+
+    kohya's crop corner (`BucketManager.get_crop_ltrb`, "as Stability AI's preprocessing") is where
+    the image would sit if fitted *inside* the bucket, not where it was cropped; a flipped image
+    mirrors it (left = bucket width - right). Kept as kohya has it: LoRAs trained on SDXL by kohya
+    learn these values.
+    """
+    (w, h), (bw, bh) = original_wh, bucket_wh
+    if bw / bh > w / h:
+        fit_w, fit_h = bh * (w / h), bh
+    else:
+        fit_w, fit_h = bw, bw / (w / h)
+    left, top = (bw - fit_w) // 2, (bh - fit_h) // 2
+    if flipped:
+        left = bw - (left + fit_w)
+    return SampleSize(original_hw=(int(h), int(w)), crop_top_left=(int(top), int(left)), target_hw=(int(bh), int(bw)))
+
+
 # ------------------------------------------------------------------ items
 @dataclass
 class Item:
@@ -71,6 +91,7 @@ class Item:
     after_path: Path | None = None  # pairs
     after_caption: str | None = None
     bucket: tuple[int, int] = (0, 0)
+    original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing: SDXL's size conditioning
     dataset_index: int = 0
     latents: dict[str, torch.Tensor] = field(default_factory=dict)  # "x", "x_flip", "after", "after_flip", "mask", ...
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # resized images when latents are not cached
@@ -184,6 +205,7 @@ class TrainingData:
                 items = self._subset_items(sub, opts, di)
                 for it in items:
                     it.bucket = self._bucket_for(it, buckets, enable, no_up, reso, step)
+                    it.original_size = self._sizes[it.path]
                 repeats = int(opts.get("num_repeats", 1))
                 (reg_items if it_is_reg(sub, opts) else train_items).append((items, repeats))
             if job.validation_data_dir and di == 0:
@@ -385,6 +407,10 @@ class TrainingData:
                 it.latents.update(cached)
             if it.is_pair:
                 it.latents["pixel_diff"] = pair_difference(pixels["x"], pixels["after"])
+
+    def sample_size(self, it: Item, flip: bool) -> SampleSize:
+        """The item's size conditioning (its "before" image's, for pairs: both are cut to one bucket)."""
+        return kohya_sample_size(it.original_size, it.bucket, flip)
 
     def latent_for(self, it: Item, key: str, flip: bool, model, generator: torch.Generator) -> torch.Tensor:
         """The (cached, or freshly encoded) latent of one image of an item."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BeforeValidator
 
 from ..errors import UserError
-from ..models.base import Conditioning
+from ..models.base import Conditioning, SampleSize
 from ..network.lora import LoRANetwork, NetworkSpec
 from ..options import Strict
 
@@ -41,6 +41,7 @@ class Batch:
     step: int = 0
     # (threshold, dilate) -> (B, 1, h, w) where each pair differs, at latent resolution
     mask_fn: Callable[[float, int], torch.Tensor] | None = None
+    sizes: list[SampleSize] | None = None  # each sample's original size, crop and bucket (SDXL's time_ids)
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -62,18 +63,21 @@ class StepContext:
     job: object  # JobConfig
     step: int
     encode: Callable[[list[str]], Conditioning]  # cached prompt encoding
+    # the batch's per-sample conditioning from image geometry (SDXL's time_ids), or None; predictions on
+    # k·B inputs (several directions of one batch, concatenated) get it tiled k times
+    sample_cond: Conditioning | None = None
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 multiplier: float | torch.Tensor) -> torch.Tensor:
         """The denoiser's output with the trained LoRA at `multiplier` (float or one per sample)."""
         self.network.set_multiplier(multiplier)
-        return self.model.predict(noisy, t, cond)
+        return self.model.predict(noisy, t, cond.merged(self.sample_cond))
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the loss's backward (and measured no faster)
     def predict_frozen(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The frozen model's output (trained LoRA off), without autograd."""
         self.network.set_multiplier(0.0)
-        return self.model.predict(noisy, t, cond).detach()
+        return self.model.predict(noisy, t, cond.merged(self.sample_cond)).detach()
 
     def min_snr(self, t: torch.Tensor) -> torch.Tensor | float:
         gamma = self.job.min_snr_gamma

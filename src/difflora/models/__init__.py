@@ -10,6 +10,7 @@ import torch
 
 from ..dtypes import dtype_named
 from ..errors import UserError
+from .registry import detect_folder, detect_single_file, entry_for
 
 
 def default_model_path() -> Path:
@@ -18,8 +19,13 @@ def default_model_path() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", allow_pickle: bool = False,
-               family: str | None = None, prediction_type: str | None = None, clip_skip: int | None = None):
-    """Load a model from a diffusers folder or a single-file checkpoint; None means the embedded default."""
+               family: str | None = None, prediction_type: str | None = None, clip_skip: int | None = None,
+               zero_terminal_snr: bool | None = None):
+    """Load a model from a diffusers folder or a single-file checkpoint; None means the embedded default.
+
+    The family is detected from the files (models/registry.py); `family` may name a variant of the
+    detected family's module (sd1 vs sd2) but not another family.
+    """
     from .._quiet import quiet_libraries
 
     quiet_libraries()
@@ -28,11 +34,25 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
         if not (path / "model_index.json").exists():
             raise UserError("the embedded default model is missing from this installation; pass --model PATH",
                             path=path)
+    path = Path(path)
     if isinstance(dtype, str):
         dtype = dtype_named(dtype)
-    if family not in (None, "sd1", "sd2"):
-        raise UserError(f"model family {family!r} is not supported yet; supported: sd1, sd2")
-    from .sd import load_stable_diffusion
+    if family is not None:
+        entry_for(family)  # an unknown name fails here, before any file is read
+    if not path.exists():
+        raise UserError("model not found", path=path)
+    checkpoint = None
+    if path.is_dir():
+        found = detect_folder(path)
+    else:
+        from ..fileio import load_state_dict_file
 
-    return load_stable_diffusion(path, dtype=dtype, allow_pickle=allow_pickle, variant=family,
-                                 prediction_type=prediction_type, clip_skip=clip_skip)
+        checkpoint = load_state_dict_file(path, allow_pickle=allow_pickle)
+        found = detect_single_file(set(checkpoint[0]), checkpoint[1], path)
+    entry = entry_for(found)
+    if family is not None and family not in entry.names:
+        raise UserError(f"model_family = {family!r} but this is a {entry.title} model ({found}); "
+                        "remove model_family or give a model of that family", path=path)
+    return entry.module.load(path, family=family or found, dtype=dtype, allow_pickle=allow_pickle,
+                             prediction_type=prediction_type, clip_skip=clip_skip, checkpoint=checkpoint,
+                             zero_terminal_snr=zero_terminal_snr)

@@ -41,6 +41,29 @@ class Conditioning:
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
 
+    def merged(self, other: "Conditioning | None") -> "Conditioning":
+        """These tensors plus `other`'s (tiled to this batch size when `other` is a divisor of it)."""
+        if other is None or not other.tensors:
+            return self
+        n, m = len(self), len(other)
+        if n % m:
+            raise ValueError(f"cannot merge conditioning of {m} samples into a batch of {n}")
+        extra = other.repeat(n // m) if n != m else other
+        return Conditioning({**self.tensors, **extra.tensors})
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """Where a training image came from, as kohya reports it for SDXL's micro-conditioning.
+
+    All pairs are (height, width) / (top, left) in pixels: the image's size before resizing, the
+    crop's top-left corner, and the bucket it was cut to.
+    """
+
+    original_hw: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_hw: tuple[int, int]
+
 
 class ModelFamily(ABC):
     """A loaded diffusion model of one family (SD1, SD2, later SDXL, FLUX)."""
@@ -106,6 +129,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def pipeline_embeddings(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
         """Keyword arguments that hand encoded prompts (and negative prompts) to `pipeline()`'s __call__."""
+
+    def sample_conditioning(self, sizes: list["SampleSize"]) -> Conditioning | None:
+        """Per-sample conditioning from image geometry (SDXL's time_ids); None for families without it."""
+        return None
 
     # ---- generation and saving
     @abstractmethod

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..fileio import atomic_path, load_state_dict_file, read_safetensors_header
+from ..fileio import atomic_path, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,13 @@ _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj
 
 
 # ------------------------------------------------------------------ diffusers -> LDM
-def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def unet_ldm_map(config: dict) -> dict[str, str]:
+    """diffusers U-Net module path -> LDM/SGM module path, for every block of this config (longest first)."""
     n_blocks = len(config["block_out_channels"])
     lpb = config["layers_per_block"]
     mapping: dict[str, str] = {
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
         "mid_block.resnets.1": "middle_block.2",
@@ -59,21 +61,26 @@ def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
         if b < n_blocks - 1:
             slot = 2 if "CrossAttn" in up_types[b] else 1
             mapping[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{b * (lpb + 1) + lpb}.{slot}.conv"
-    out = {}
-    for key, v in sd.items():
-        new = None
-        for src in sorted(mapping, key=len, reverse=True):
-            if key.startswith(src + "."):
-                rest = key[len(src) + 1:]
-                if ".resnets." in src + "." or src.startswith("mid_block.resnets"):
-                    head, _, tail = rest.partition(".")
-                    rest = f"{_RESNET_TO_LDM.get(head, head)}.{tail}"
-                new = f"{mapping[src]}.{rest}"
-                break
-        if new is None:
-            raise ValueError(f"no LDM name for U-Net key {key}")
-        out[UNET_PREFIX + new] = v
-    return out
+    return dict(sorted(mapping.items(), key=lambda kv: len(kv[0]), reverse=True))
+
+
+def unet_ldm_name(name: str, mapping: dict[str, str]) -> str:
+    """The LDM/SGM name of a diffusers U-Net parameter or module path (ResNet children renamed)."""
+    for src, dst in mapping.items():
+        if name == src:
+            return dst
+        if name.startswith(src + "."):
+            rest = name[len(src) + 1:]
+            if ".resnets." in src + "." or src.startswith("mid_block.resnets"):
+                head, dot, tail = rest.partition(".")
+                rest = _RESNET_TO_LDM.get(head, head) + dot + tail
+            return f"{dst}.{rest}"
+    raise ValueError(f"no LDM name for U-Net key {name}")
+
+
+def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    mapping = unet_ldm_map(config)
+    return {UNET_PREFIX + unet_ldm_name(key, mapping): v for key, v in sd.items()}
 
 
 def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
@@ -101,18 +108,26 @@ def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Ten
     return out
 
 
-def text_encoder_to_ldm(sd: dict[str, torch.Tensor], variant: str) -> dict[str, torch.Tensor]:
-    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+def text_encoder_to_ldm(sd: dict[str, torch.Tensor], variant: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """CLIP-L ("sd1": `prefix` + text_model.*) or OpenCLIP ("sd2": `prefix` + open_clip's names).
+
+    A CLIPTextModelWithProjection's `text_projection` is written transposed, as open_clip stores it.
+    """
+    projection = sd.get("text_projection.weight")
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()
+          if k != "text_projection.weight"}
     if variant == "sd1":
-        return {SD1_TE_PREFIX + k: v for k, v in sd.items() if "position_ids" not in k}
+        prefix = prefix or SD1_TE_PREFIX
+        return {prefix + k: v for k, v in sd.items() if "position_ids" not in k}
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
+    prefix = prefix or SD2_TE_PREFIX
     maps = DIFFUSERS_TO_LDM_MAPPING["openclip"]
     out = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         if k in maps["layers"]:
-            out[SD2_TE_PREFIX + maps["layers"][k]] = v
+            out[prefix + maps["layers"][k]] = v
             continue
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
         if m:
@@ -123,10 +138,12 @@ def text_encoder_to_ldm(sd: dict[str, torch.Tensor], variant: str) -> dict[str, 
             continue
         rest = m.group(2).replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
         rest = rest.replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj").replace("self_attn.out_proj", "attn.out_proj")
-        out[f"{SD2_TE_PREFIX}transformer.resblocks.{m.group(1)}.{rest}"] = v
+        out[f"{prefix}transformer.resblocks.{m.group(1)}.{rest}"] = v
     for key, parts in qkv.items():
         layer, kind = key.split(".")
-        out[f"{SD2_TE_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if projection is not None:
+        out[prefix + "text_projection"] = projection.t().contiguous()
     return out
 
 
@@ -161,17 +178,16 @@ def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> 
 
 
 # ------------------------------------------------------------------ LDM -> diffusers
-def detect_checkpoint(keys: list[str], path) -> str:
+def detect_checkpoint(keys) -> str | None:
+    """"sd1"/"sd2" when the tensor names are SD1/SD2's LDM layout, else None."""
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise UserError("this is an SDXL checkpoint; SDXL support is not built yet (SD1.x and SD2.x are)", path=path)
+        return None  # SDXL
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
     if any(k.startswith(SD2_TE_PREFIX) for k in keys) and has_unet:
         return "sd2"
     if any(k.startswith(SD1_TE_PREFIX) for k in keys) and has_unet:
         return "sd1"
-    if any(k.startswith("lora_") for k in keys):
-        raise UserError("this is a LoRA file, not a model checkpoint", path=path)
-    raise UserError("not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model / cond_stage_model keys)", path=path)
+    return None
 
 
 def _norm_groups(channels: list[int]) -> int:
@@ -229,19 +245,21 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def infer_text_config(sd: dict[str, torch.Tensor], variant: str) -> dict:
+def infer_text_config(sd: dict[str, torch.Tensor], variant: str, prefix: str | None = None,
+                      penultimate: bool = True) -> dict:
+    """CLIP config from tensor shapes. `penultimate`: drop OpenCLIP's last layer as SD2 models do."""
     if variant == "sd1":
-        p = SD1_TE_PREFIX + "text_model."
+        p = (prefix or SD1_TE_PREFIX) + "text_model."
         emb = sd[p + "embeddings.token_embedding.weight"]
         layers = len({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"encoder\.layers\.(\d+)\.", k))})
         inter = int(sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0])
         max_pos = int(sd[p + "embeddings.position_embedding.weight"].shape[0])
         act = "quick_gelu"
     else:
-        p = SD2_TE_PREFIX
+        p = prefix or SD2_TE_PREFIX
         emb = sd[p + "token_embedding.weight"]
         layers = len({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"transformer\.resblocks\.(\d+)\.", k))})
-        layers = 23 if layers == 24 else layers  # SD2 uses the penultimate layer, as diffusers and kohya build it
+        layers = 23 if layers == 24 and penultimate else layers  # SD2 uses the penultimate layer, as diffusers and kohya build it
         inter = int(sd[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
         max_pos = int(sd[p + "positional_embedding"].shape[0])
         act = "gelu"
@@ -273,7 +291,7 @@ def clip_tokenizer(variant: str):
 
 
 def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, variant=None,
-                        prediction_type=None, clip_skip=None):
+                        prediction_type=None, clip_skip=None, checkpoint=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
@@ -281,11 +299,11 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
 
     from .sd import StableDiffusion
 
-    metadata = {}
-    if path.suffix.lower() == ".safetensors":
-        _, metadata = read_safetensors_header(path)
-    sd, _ = load_state_dict_file(path, allow_pickle=allow_pickle)
-    detected = detect_checkpoint(list(sd), path)
+    sd, metadata = checkpoint if checkpoint is not None else load_state_dict_file(path, allow_pickle=allow_pickle)
+    detected = detect_checkpoint(sd)
+    if detected is None:
+        raise UserError("not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model / cond_stage_model keys)",
+                        path=path)
     variant = variant or metadata.get("difflora.variant") or detected
     try:
         unet_cfg = json.loads(metadata["difflora.config.unet"]) if "difflora.config.unet" in metadata else infer_unet_config(sd, variant)

@@ -50,6 +50,8 @@ class DDPMObjective(Objective):
             betas = torch.linspace(b0, b1, n, dtype=torch.float32)
         else:
             raise ValueError(f"unsupported beta_schedule {schedule!r}")
+        if config.get("rescale_betas_zero_snr"):
+            betas = zero_terminal_snr_betas(betas)
         return cls(betas)
 
     def _ab(self, t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,19 @@ class DDPMObjective(Objective):
     def snr(self, t):
         ab = self._ab(t)
         return ab / (1 - ab)
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023), as kohya's --zero_terminal_snr.
+
+    sqrt(ᾱ) is shifted to end at 0 and rescaled to keep its first value; betas are recovered from it.
+    """
+    ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))
+    ab = ab_sqrt**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
 
 
 class EpsilonObjective(DDPMObjective):

@@ -246,37 +246,12 @@ class StableDiffusion(ModelFamily):
         return pipe
 
     def save(self, path, single_file=None, dtype=None):
+        from .folders import save_model
         from .ldm import save_sd_single_file
 
-        path = Path(path)
-        if single_file is None:
-            single_file = path.suffix.lower() == ".safetensors"
-        if single_file:
-            save_sd_single_file(self, path, dtype=dtype)
-            return
-        import shutil
-        import tempfile
-
-        from diffusers import DDIMScheduler
-
-        pipe = self.pipeline("ddim")
-        pipe.scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            if dtype is not None:
-                pipe.to(dtype=dtype)
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            if self.toy:
-                mark_toy_folder(tmp)
-            if dtype is not None:
-                pipe.to(dtype=torch.float32)
-            if path.exists():
-                raise UserError("output folder already exists; choose another path", path=path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        save_model(self, path, single_file, dtype, save_sd_single_file, "DDIMScheduler")
+        if self.toy and Path(path).is_dir():
+            mark_toy_folder(path)
 
 
 # ------------------------------------------------------------------ loading
@@ -288,11 +263,23 @@ def mark_toy_folder(path: Path) -> None:
     write_json_atomic(index, {**_read_json(index), TOY_MARKER: "toy"})
 
 
-COMPONENT_FILES = {
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-}
+def check_folder_components(path: Path, weighted: tuple[str, ...], others: tuple[str, ...], allow_pickle: bool) -> None:
+    """Every component folder is there; weighted ones have a config and (safetensors, or allowed pickle) weights."""
+    for comp in weighted + others:
+        if not (path / comp).is_dir():
+            raise UserError(f"model folder is missing its {comp}/ component", path=path)
+    for comp in weighted:
+        cfg = path / comp / "config.json"
+        if not cfg.exists():
+            raise UserError(f"model folder is missing {comp}/config.json", path=path)
+        has_st = any(p.suffix == ".safetensors" for p in (path / comp).iterdir())
+        has_bin = any(p.suffix in (".bin", ".pt", ".ckpt") for p in (path / comp).iterdir())
+        if not has_st and not has_bin:
+            expected = "model.safetensors" if comp.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+            raise UserError(f"model folder has no weights in {comp}/ (expected {expected})", path=path)
+        if not has_st and not allow_pickle:
+            raise UserError(f"{comp}/ holds only pickle weights (.bin)", path=path,
+                            hint="convert to safetensors or pass --allow-pickle if you trust them")
 
 
 def detect_variant(unet_config: dict, te_config: dict) -> str:
@@ -300,6 +287,42 @@ def detect_variant(unet_config: dict, te_config: dict) -> str:
     if te_config.get("hidden_act") == "gelu" or unet_config.get("cross_attention_dim") == 1024:
         return "sd2"
     return "sd1"
+
+
+# ------------------------------------------------------------------ family registry hooks
+def detect_folder(path: Path, index: dict) -> str | None:
+    """"sd1"/"sd2" for a diffusers folder with one CLIP text encoder and a U-Net, else None."""
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        return None
+    if not ("unet" in index and "text_encoder" in index) and not (path / "unet").is_dir():
+        return None
+    unet_cfg, te_cfg = path / "unet" / "config.json", path / "text_encoder" / "config.json"
+    if unet_cfg.exists() and te_cfg.exists():
+        return detect_variant(_read_json(unet_cfg), _read_json(te_cfg))
+    return "sd1"  # the loader names the missing part
+
+
+def detect_single_file(keys: set[str], metadata: dict[str, str]) -> str | None:
+    from .ldm import detect_checkpoint
+
+    return detect_checkpoint(keys)
+
+
+def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, prediction_type=None, clip_skip=None,
+         checkpoint=None, zero_terminal_snr: bool | None = None) -> StableDiffusion:
+    """Load SD1/SD2 from a diffusers folder or an original-layout single file, offline."""
+    if path.is_dir():
+        model = load_diffusers_folder(path, dtype=dtype, allow_pickle=allow_pickle, variant=family,
+                                      prediction_type=prediction_type, clip_skip=clip_skip)
+    else:
+        from .ldm import load_sd_single_file
+
+        model = load_sd_single_file(path, dtype=dtype, allow_pickle=allow_pickle, variant=family,
+                                    prediction_type=prediction_type, clip_skip=clip_skip, checkpoint=checkpoint)
+    if zero_terminal_snr:
+        model.scheduler_config["rescale_betas_zero_snr"] = True
+        model.objective = objective_for(model.objective.prediction_type, model.scheduler_config)
+    return model
 
 
 def _read_json(path: Path) -> dict:
@@ -318,22 +341,7 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
     if not index.exists():
         raise UserError("not a diffusers model folder (model_index.json is missing)", path=path)
     info = _read_json(index)
-    if "text_encoder_2" in info or "StableDiffusionXL" in str(info.get("_class_name", "")):
-        raise UserError("this is an SDXL model; SDXL support is not built yet (SD1.x and SD2.x are)", path=path)
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (path / comp).is_dir():
-            raise UserError(f"model folder is missing its {comp}/ component", path=path)
-    for comp in ("unet", "vae", "text_encoder"):
-        cfg = path / comp / "config.json"
-        if not cfg.exists():
-            raise UserError(f"model folder is missing {comp}/config.json", path=path)
-        has_st = any(p.suffix == ".safetensors" for p in (path / comp).iterdir())
-        has_bin = any(p.suffix in (".bin", ".pt", ".ckpt") for p in (path / comp).iterdir())
-        if not has_st and not has_bin:
-            raise UserError(f"model folder has no weights in {comp}/ (expected {COMPONENT_FILES[comp]})", path=path)
-        if not has_st and not allow_pickle:
-            raise UserError(f"{comp}/ holds only pickle weights (.bin)", path=path,
-                            hint="convert to safetensors or pass --allow-pickle if you trust them")
+    check_folder_components(path, ("unet", "vae", "text_encoder"), ("tokenizer", "scheduler"), allow_pickle)
     sched_cfg_path = path / "scheduler" / "scheduler_config.json"
     if not sched_cfg_path.exists():
         raise UserError("model folder is missing scheduler/scheduler_config.json", path=path)
@@ -359,18 +367,3 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
                             source=str(path), clip_skip=clip_skip, toy=info.get(TOY_MARKER) == "toy")
     model.freeze()
     return model
-
-
-def load_stable_diffusion(path: str | os.PathLike, *, dtype=torch.float32, allow_pickle=False, variant=None,
-                          prediction_type=None, clip_skip=None) -> StableDiffusion:
-    """Load SD1/SD2 from a diffusers folder or an original-layout single file, offline."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError("model not found", path=path)
-    if path.is_dir():
-        return load_diffusers_folder(path, dtype=dtype, allow_pickle=allow_pickle, variant=variant,
-                                     prediction_type=prediction_type, clip_skip=clip_skip)
-    from .ldm import load_sd_single_file
-
-    return load_sd_single_file(path, dtype=dtype, allow_pickle=allow_pickle, variant=variant,
-                               prediction_type=prediction_type, clip_skip=clip_skip)

@@ -192,7 +192,7 @@ class LoRANetwork(nn.Module):
         for lora in self.loras():
             w = lora.org_module.weight
             self._fused[lora.lora_name] = w.detach().clone()
-            w.add_((multiplier * lora.effective_delta()).to(w.dtype))
+            w.add_((multiplier * lora.effective_delta()).to(w.device, w.dtype))  # text encoders may sit on the CPU
             lora.detach()
 
     @torch.no_grad()

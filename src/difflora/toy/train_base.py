@@ -291,9 +291,12 @@ class BaseTrainer:
         tmp = out.with_name(out.name + ".tmp")
         import shutil
 
+        from ..models.folders import prefix_text_encoder_keys
+
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         mark_toy_folder(tmp)
+        prefix_text_encoder_keys(tmp)  # the layout transformers 4, kohya and ComfyUI read
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         log.info("saved base model to %s", out)

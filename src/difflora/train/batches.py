@@ -8,22 +8,33 @@ at batch N·b (gradients are averaged explicitly, in a fixed order).
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..data.captions import process_caption
 from ..data.dataset import TrainingData, difference_mask, seed_of
+from ..errors import UserError
 from ..methods import Batch
 from ..models.base import Conditioning
 
 
 class PromptCache:
-    """Prompt encoding, cached per caption while no text-encoder LoRA is being trained."""
+    """Prompt encoding, cached per caption while no text-encoder LoRA is being trained.
 
-    def __init__(self, model):
+    With `disk` (cache_text_encoder_outputs_to_disk) each caption's encoding is also kept in a
+    safetensors file named by a hash of `identity` (the model and fused presets) and the caption,
+    so a later run with the same model reads it instead of running the text encoders.
+    """
+
+    def __init__(self, model, disk: Path | None = None, identity: str = ""):
         self.model = model
         self.cache: dict[str, Conditioning] = {}
         self.trains_text_encoder = False
+        self.disk = disk
+        self.identity = identity
 
     def reset(self, trains_text_encoder: bool) -> None:
         self.cache.clear()  # an earlier stage's text-encoder LoRA may have changed the embeddings
@@ -32,13 +43,39 @@ class PromptCache:
     def __call__(self, captions: list[str]) -> Conditioning:
         if self.trains_text_encoder:
             return self.model.encode_prompts(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache and not self._from_disk(c)]
         if missing:
             with torch.no_grad():
-                enc = self.model.encode_prompts(missing)
+                enc = self.model.encode_prompts(missing).to(self.model.device)
             for i, c in enumerate(missing):
                 self.cache[c] = enc[i:i + 1]
+                self._to_disk(c)
         return Conditioning.cat([self.cache[c] for c in captions])
+
+    def _file(self, caption: str) -> Path:
+        digest = hashlib.sha256(f"{self.identity}\0{caption}".encode()).hexdigest()[:32]
+        return self.disk / f"{digest}.safetensors"
+
+    def _from_disk(self, caption: str) -> bool:
+        if self.disk is None or not self._file(caption).exists():
+            return False
+        from ..fileio import load_safetensors
+
+        try:
+            tensors, meta = load_safetensors(self._file(caption))
+        except UserError:
+            return False  # unreadable cache file: encode again (and overwrite it)
+        if meta.get("caption") != caption:
+            return False
+        self.cache[caption] = Conditioning(tensors).to(self.model.device)
+        return True
+
+    def _to_disk(self, caption: str) -> None:
+        if self.disk is not None:
+            from ..fileio import save_safetensors
+
+            self.disk.mkdir(parents=True, exist_ok=True)
+            save_safetensors(self.cache[caption].tensors, self._file(caption), metadata={"caption": caption})
 
 
 def batch_at(data: TrainingData, position: int, world: int, allowed) -> tuple[int, list[int]]:
@@ -61,13 +98,14 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
     per = len(global_batch) // world
     latents: dict[str, list] = {}
     captions: dict[str, list[str]] = {}
-    noise, ts, weights, diffs = [], [], [], []
+    noise, ts, weights, diffs, sizes = [], [], [], [], []
     for j in range(rank * per, (rank + 1) * per):
         it = data.items[global_batch[j]]
         seed = seed_of(job.seed, stage_index, step, micro, j)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
         flip = it.flip_aug and rng.random() < 0.5
+        sizes.append(data.sample_size(it, flip))
         keys = ["x", "after"] if it.is_pair else ["x"]
         for k in keys:
             latents.setdefault(k, []).append(data.latent_for(it, k, flip, model, gen))
@@ -99,6 +137,7 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         loss_weight=torch.tensor(weights, dtype=torch.float32, device=device),
         step=step,
         mask_fn=masks if diffs else None,
+        sizes=sizes,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import apply_family_defaults
 from ..data.dataset import TrainingData
 from ..errors import UserError
 from ..methods import DataSizes, Method, make_method
@@ -75,13 +76,20 @@ def prepare(job, resume: str | None = None) -> Run:
     initial_weights = load_lora(job.network_weights) if job.network_weights else None
 
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
-                       prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip)
+                       prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip,
+                       zero_terminal_snr=job.zero_terminal_snr or None)
+    apply_family_defaults(job, model.family)
     model.to(accelerator.device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)
+    _set_precision(model, job)
+    if not job.sdpa and hasattr(model.denoiser, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.denoiser.set_attn_processor(AttnProcessor())
     if job.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     if job.torch_compile:
@@ -95,4 +103,37 @@ def prepare(job, resume: str | None = None) -> Run:
     return Run(job=job, accelerator=accelerator, rank=accelerator.process_index, world=accelerator.num_processes,
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
-               data=data, encode=PromptCache(model))
+               data=data, encode=_prompt_cache(model, job, out_dir, accelerator.device))
+
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _set_precision(model, job) -> None:
+    """kohya's mixed precision: frozen weights in the half dtype (the VAE too unless no_half_vae); the LoRA
+    weights stay fp32 (bf16 with full_bf16) and autocast runs the maths."""
+    half = HALF.get(job.mixed_precision)
+    if half is None:
+        return
+    for module in [model.denoiser, *model.text_encoders.values()]:
+        module.to(dtype=half)
+    if not job.no_half_vae:
+        model.vae.to(dtype=half)
+
+
+def _prompt_cache(model, job, out_dir: Path, device) -> PromptCache:
+    """The prompt encoder of the run; with cache_text_encoder_outputs the text encoders leave the GPU."""
+    if not (job.cache_text_encoder_outputs or job.cache_text_encoder_outputs_to_disk):
+        return PromptCache(model)
+    if device.type != "cpu":
+        for te in model.text_encoders.values():
+            te.to("cpu", dtype=torch.float32)  # each caption is encoded once; the GPU keeps the denoiser
+    disk, identity = None, ""
+    if job.cache_text_encoder_outputs_to_disk:
+        source = Path(model.source)
+        stat = source.stat() if source.exists() else None
+        te_dtypes = [str(next(te.parameters()).dtype) for te in model.text_encoders.values()]
+        identity = repr((str(source.resolve()) if stat else model.source, stat and stat.st_mtime_ns, model.family,
+                         job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
+        disk = out_dir / "te_cache"
+    return PromptCache(model, disk, identity)

@@ -67,7 +67,7 @@ class StageRunner:
         network = LoRANetwork.create(run.model.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
         if stage.init_from_job_weights and run.initial_weights is not None:
             network.load_weights(run.initial_weights.tensors, source=run.initial_weights.path, strict=False)
-        network.to(run.device).apply_to().train()
+        network.to(run.device, dtype=torch.bfloat16 if job.full_bf16 else None).apply_to().train()
         optimizer = make_optimizer(job.optimizer_type, param_groups(network, job, stage.learning_rate),
                                    job.optimizer_args, run.device)
         scheduler = make_scheduler(job.lr_scheduler, optimizer, stage.steps, job.lr_warmup_steps,
@@ -141,7 +141,8 @@ class StageRunner:
             epoch, global_batch = batch_at(run.data, position, run.world, sp.allowed)
             batch = make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, micro, epoch,
                                stage.timesteps, run.model)
-            ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode)
+            ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode,
+                              sample_cond=run.model.sample_conditioning(batch.sizes))
             with run.accelerator.autocast():
                 loss = stage.loss(ctx, batch).mean() / job.gradient_accumulation_steps
             loss.backward()
