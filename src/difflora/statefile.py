@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .fileio import load_safetensors, save_safetensors, write_json_atomic
+from .fileio import load_safetensors, make_temp_dir, save_safetensors, write_json_atomic
 
 _REF = "__tensor__"
 _TUPLE = "__tuple__"
@@ -82,11 +82,9 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> None:
     only after the new one is complete.
     """
     import shutil
-    import tempfile
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory)
     try:
         tensors, tree = to_tensors_and_json(state)
         save_safetensors(tensors, tmp / "tensors.safetensors")

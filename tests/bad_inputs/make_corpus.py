@@ -140,10 +140,16 @@ def lora_tensors(variant: str = "sd1", dim: int = 2):
 def write_lora(path: Path, variant: str = "sd1", mutate: Callable[[dict], None] | None = None) -> Path:
     from difflora.network.files import save_lora
 
+    import torch
+    from safetensors.torch import save_file
+
     tensors, md = lora_tensors(variant)
     if mutate:
         mutate(tensors)
-    save_lora(tensors, path, md)
+    if all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        save_lora(tensors, path, md)
+    else:  # a damaged file on purpose: save_lora refuses to write one
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=md)
     return path
 
 
@@ -641,6 +647,328 @@ def _(ws):
 def _(ws):
     (ws.out / "last.safetensors").write_bytes(b"an earlier LoRA")
     return ws.train()
+
+
+# ---- command-line values that nothing can use -------------------------------
+@case("gen_steps_zero", "generate --steps 0", names="--steps", needles=("at least 1", "got 0"))
+def _(ws):
+    return ws.generate("--steps", "0")
+
+
+@case("gen_n_images_zero", "generate --n-images 0 (would write nothing, exit 0)", names="--n-images",
+      needles=("at least 1",))
+def _(ws):
+    return ws.generate("--n-images", "0")
+
+
+@case("gen_width_not_multiple_of_8", "generate --width 20", names="--width", needles=("multiple of 8", "got 20"))
+def _(ws):
+    return ws.generate("--width", "20")
+
+
+@case("gen_height_negative", "generate --height -16", names="--height", needles=("multiple of 8", "got -16"))
+def _(ws):
+    return ws.generate("--height=-16")
+
+
+@case("gen_sweep_nan", "generate --sweep nan,1", names="--sweep", needles=("finite", "nan"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "l.safetensors"), "--sweep", "nan,1")
+
+
+@case("gen_sweep_inf", "generate --sweep -1,inf", names="--sweep", needles=("finite", "inf"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "l.safetensors"), "--sweep", "-1,inf")
+
+
+@case("gen_lora_multiplier_nan", "generate --lora FILE:nan", names="l.safetensors", needles=("multiplier", "finite"))
+def _(ws):
+    return ws.generate("--lora", f"{write_lora(ws.root / 'l.safetensors')}:nan")
+
+
+@case("gen_cfg_nan", "generate --cfg nan", names="--cfg", needles=("finite",))
+def _(ws):
+    return ws.generate("--cfg", "nan")
+
+
+@case("gen_seed_negative", "generate --seed -1", names="--seed", needles=("between 0 and",))
+def _(ws):
+    return ws.generate("--seed=-1")
+
+
+@case("gen_clip_skip_beyond_layers", "generate --clip-skip 50 on a 2-layer text encoder", names="--clip-skip",
+      needles=("beyond the 2 layers", "use 1 to 2"))
+def _(ws):
+    return ws.generate("--clip-skip", "50")
+
+
+@case("gen_clip_skip_zero", "generate --clip-skip 0 (would pick the embeddings)", names="--clip-skip",
+      needles=("at least 1",))
+def _(ws):
+    return ws.generate("--clip-skip", "0")
+
+
+@case("gen_unknown_sampler", "generate --sampler eular (misspelt)", names="--sampler", needles=("unknown sampler", "euler"))
+def _(ws):
+    return ws.generate("--sampler", "eular")
+
+
+@case("extract_min_diff_nan", "extract --min-diff nan", names="--min-diff", needles=("finite",))
+def _(ws):
+    return ["extract", "--model-org", ws.model, "--model-tuned", ws.model, "--min-diff", "nan",
+            "--save-to", ws.out / "x.safetensors"]
+
+
+@case("merge_ratio_inf", "merge --ratios inf", names="ratio", needles=("finite",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "inf",
+            "--save-to", ws.out / "m.safetensors"]
+
+
+@case("merge_shuffle_seed_negative", "merge --shuffle --seed -5", names="--seed", needles=("between 0 and",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--shuffle", "--seed=-5",
+            "--save-to", ws.out / "m.safetensors"]
+
+
+@case("resize_param_nan", "resize --dynamic sv_fro --param nan", names="--param", needles=("sv_fro",))
+def _(ws):
+    return ["resize", "--model", write_lora(ws.root / "l.safetensors"), "--dynamic", "sv_fro", "--param", "nan",
+            "--save-to", ws.out / "r.safetensors"]
+
+
+@case("eval_pairs_zero", "eval --pairs 0", names="--pairs", needles=("at least 1",))
+def _(ws):
+    return ["eval", "--pairs", "0", "--out", ws.out / "eval"]
+
+
+@case("eval_m_zero", "eval --m 0 (would train, then score nothing)", names="--m", needles=("at least 1",))
+def _(ws):
+    return ["eval", "--m", "0", "--out", ws.out / "eval"]
+
+
+@case("toy_train_base_no_images", "toy train-base --n-images 0", names="--n-images", needles=("at least 1",))
+def _(ws):
+    return ["toy", "train-base", "--n-images", "0", "--out", ws.out / "base", "--work", ws.out / "work"]
+
+
+@case("cli_bad_int", "generate --steps ten (argparse, in the house style)", names="--steps",
+      needles=("invalid int value", "--help"))
+def _(ws):
+    return ws.generate("--steps", "ten")
+
+
+# ---- prompt files: checked before the model is loaded -----------------------
+def _prompts(ws: Workspace, text: str, name: str = "prompts.txt") -> list:
+    (ws.root / name).write_text(text, encoding="utf-8")
+    return ["generate", "--model", ws.model, "--from-file", ws.root / name, "--out", ws.out]
+
+
+@case("prompts_size_not_multiple_of_8", "a prompt file line with --w 20", names="prompts.txt",
+      needles=("prompt 2", "width", "multiple of 8"))
+def _(ws):
+    return _prompts(ws, "a face --s 2\na face --w 20 --h 16 --s 2\n")
+
+
+@case("prompts_unknown_sampler", "a prompt file line with --ss eular", names="prompts.txt",
+      needles=("prompt 1", "unknown sampler 'eular'"))
+def _(ws):
+    return _prompts(ws, "a face --ss eular --s 2\n")
+
+
+@case("prompts_scale_nan", "a prompt file line with --l nan", names="prompts.txt", needles=("guidance scale", "finite"))
+def _(ws):
+    return _prompts(ws, "a face --l nan --s 2\n")
+
+
+@case("prompts_seed_negative", "a prompt file line with --d -3", names="prompts.txt", needles=("seed", "between 0"))
+def _(ws):
+    return _prompts(ws, "a face --d -3 --s 2\n")
+
+
+@case("prompts_json_scale_text", "a JSON prompt whose scale is a string", names="prompts.json",
+      needles=("entry 1", "scale", "a number"))
+def _(ws):
+    return _prompts(ws, '[{"prompt": "a face", "scale": "high"}]', "prompts.json")
+
+
+@case("prompts_json_not_a_list", "a JSON prompt file holding an object", names="prompts.json", needles=("list",))
+def _(ws):
+    return _prompts(ws, '{"prompt": "a face"}', "prompts.json")
+
+
+@case("prompts_file_is_a_folder", "--from-file names a folder", names="pfolder", needles=("is a folder",))
+def _(ws):
+    (ws.root / "pfolder").mkdir()
+    return ["generate", "--model", ws.model, "--from-file", ws.root / "pfolder", "--out", ws.out]
+
+
+# ---- paths -------------------------------------------------------------------
+@case("gen_out_is_a_file", "generate --out an existing file", names="previous.safetensors",
+      needles=("existing file", "not a folder"))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = ws.out / "previous.safetensors"
+    return args
+
+
+@case("gen_out_unwritable", "generate --out under a folder that cannot be written (/proc)", names="/proc",
+      needles=("cannot write",))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = "/proc/difflora-out"
+    return args
+
+
+@case("gen_out_name_too_long", "generate --out with a 300-byte folder name", names="--out",
+      needles=("longer than the file system allows",))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = ws.out / ("x" * 300)
+    return args
+
+
+@case("merge_save_to_name_too_long", "merge --save-to with a 300-byte file name", names="--save-to",
+      needles=("longer than the file system allows",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"),
+            "--save-to", ws.out / ("m" * 290 + ".safetensors")]
+
+
+@case("merge_save_to_under_a_file", "merge --save-to FILE/x.safetensors (a file where a folder should be)",
+      names="previous.safetensors", needles=("existing file",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"),
+            "--save-to", ws.out / "previous.safetensors" / "x.safetensors"]
+
+
+@case("svd_merge_save_to_a_folder", "svd-merge --save-to an existing folder", names="out", needles=("is a folder",))
+def _(ws):
+    return ["svd-merge", "--models", write_lora(ws.root / "l.safetensors"), "--save-to", ws.out]
+
+
+@case("judge_symlink_loop", "toy judge on a symlink loop", names="loop_a", needles=("symlink loop",))
+def _(ws):
+    os.symlink(ws.root / "loop_b", ws.root / "loop_a")
+    os.symlink(ws.root / "loop_a", ws.root / "loop_b")
+    return ["toy", "judge", ws.root / "loop_a", "--json", ws.out / "j.json"]
+
+
+@case("judge_json_is_a_folder", "toy judge --json an existing folder", names="out", needles=("is a folder",))
+def _(ws):
+    return ["toy", "judge", ws.images, "--json", ws.out]
+
+
+# ---- a command never writes over its own inputs -------------------------------
+@case("merge_save_to_its_input", "merge --save-to one of its own --models", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["merge", "--models", own, write_lora(ws.root / "l.safetensors"), "--save-to", own]
+
+
+@case("merge_save_to_input_via_symlink", "merge --save-to a symlink to one of its inputs", names="alias.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    os.symlink(own, ws.root / "alias.safetensors")
+    return ["merge", "--models", own, "--save-to", ws.root / "alias.safetensors"]
+
+
+@case("svd_merge_save_to_its_input", "svd-merge --save-to one of its own --models", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["svd-merge", "--models", own, "--new-rank", "1", "--save-to", own]
+
+
+@case("resize_onto_its_input", "resize --save-to its own --model", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["resize", "--model", own, "--new-rank", "1", "--save-to", own]
+
+
+@case("extract_into_the_model_folder", "extract --save-to a file inside --model-tuned's folder", names="unet",
+      needles=("would overwrite the input",))
+def _(ws):
+    return ["extract", "--model-org", ws.model, "--model-tuned", ws.model,
+            "--save-to", ws.model / "unet" / "diffusion_pytorch_model.safetensors"]
+
+
+@case("gen_out_over_its_prompt_file", "generate writing 000_0.png over its own --from-file", names="000_0.png",
+      needles=("would overwrite the input",))
+def _(ws):
+    (ws.out / "000_0.png").write_text("a face --s 2\n", encoding="utf-8")
+    return ["generate", "--model", ws.model, "--from-file", ws.out / "000_0.png", "--seed", "0", "--out", ws.out]
+
+
+# ---- numbers that overflow -------------------------------------------------------
+def _huge_factors(t):
+    import torch
+
+    m = _first_module(t)
+    t[f"{m}.lora_up.weight"] = torch.full_like(t[f"{m}.lora_up.weight"], 1e20)
+    t[f"{m}.lora_down.weight"] = torch.full_like(t[f"{m}.lora_down.weight"], 1e20)
+
+
+def _huge_alpha(t):
+    import torch
+
+    for k in t:
+        if k.endswith(".alpha"):
+            t[k] = torch.tensor(1e37)
+
+
+@case("merge_fp16_overflow", "merge --ratios 1e30 --save-precision fp16: the result does not fit fp16",
+      names="m.safetensors", needles=("overflows to inf", "float16", "nothing was written"))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("svd_merge_fp16_overflow", "svd-merge --ratios 1e30 --save-precision fp16", names="m.safetensors",
+      needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["svd-merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("resize_fp16_overflow", "resize a LoRA with factors of 1e20 to fp16", names="r.safetensors",
+      needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["resize", "--model", write_lora(ws.root / "l.safetensors", mutate=_huge_factors), "--new-rank", "1",
+            "--save-precision", "fp16", "--save-to", ws.out / "r.safetensors"]
+
+
+@case("merge_into_model_fp16_overflow", "merge into a model with --ratios 1e30 --save-precision fp16",
+      names="merged", needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["merge", "--model", ws.model, "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "merged"]
+
+
+@case("merge_float32_overflow", "merge --ratios 1e38 1e38 (the sum overflows float32)", names="m.safetensors",
+      needles=("would hold", "module lora_"))
+def _(ws):
+    def big(t):
+        for k in t:
+            if k.endswith(".weight"):
+                t[k] = t[k].sign() * 1e10 + 1e10
+    lora = write_lora(ws.root / "l.safetensors", mutate=big)
+    return ["merge", "--models", lora, lora, "--ratios", "1e38", "1e38", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("gen_lora_factors_overflow", "a LoRA with finite factors of 1e20 whose product overflows (generate)",
+      names="huge.safetensors", needles=("NaN/inf", "would be black", "overflows float32", "lora_"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "huge.safetensors", mutate=_huge_factors))
+
+
+@case("gen_lora_alpha_overflow", "a LoRA whose alpha of 1e37 makes the image non-finite (generate)",
+      names="alpha.safetensors", needles=("NaN/inf", "would be black", "largest change is LoRA module"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "alpha.safetensors", mutate=_huge_alpha))
 
 
 # ---------------------------------------------------------------------------- writing it out

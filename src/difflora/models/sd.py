@@ -245,14 +245,14 @@ class StableDiffusion(ModelFamily):
             save_sd_single_file(self, path, dtype=dtype)
             return
         import shutil
-        import tempfile
 
         from diffusers import DDIMScheduler
 
+        from ..fileio import make_temp_dir
+
         pipe = self.pipeline("ddim")
         pipe.scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = make_temp_dir(path)
         try:
             if dtype is not None:
                 pipe.to(dtype=dtype)
