@@ -187,3 +187,123 @@ def clip_skip(model, value: int | None, option: str = "--clip-skip", path=None) 
         if layers is not None and value > layers:
             raise UserError(f"{option} {value} is beyond the {layers} layers of the model's {name}", path=path,
                             hint=f"use 1 to {layers}")
+
+
+# ---------------------------------------------------------------------------- a training job
+MAX_RANK = 8192  # wider than any layer of the supported models: a larger rank only allocates memory
+
+
+def _walk(value, key: str = ""):
+    """(dotted key, value) for every leaf of a job: fields of nested options, list items, dict entries."""
+    fields = getattr(type(value), "model_fields", None)
+    if fields is not None:
+        for name in fields:
+            yield from _walk(getattr(value, name), f"{key}.{name}" if key else name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{key}[{i}]")
+    else:
+        yield key, value
+
+
+class _JobErrors:
+    """Errors about one job file, each naming the key and (when found) its line."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.text = Path(path).read_text(encoding="utf-8") if path is not None else ""
+        except (OSError, UnicodeDecodeError):
+            self.text = ""
+
+    def __call__(self, key: str, message: str | UserError, hint: str | None = None) -> UserError:
+        import re
+
+        if isinstance(message, UserError):  # a check's own error: keep its words, name the key instead of the path
+            text = str(message)
+            message = text[len(message.path) + 2:] if message.path and text.startswith(f"{message.path}: ") else text
+
+        last = re.split(r"[.\[\]]+", key.strip("]"))[-1]
+        line = next((i for i, text in enumerate(self.text.splitlines(), 1)
+                     if re.match(rf"^\s*{re.escape(last)}\s*=", text)), None)
+        where = f"line {line}: " if line else ""
+        named = message if message.startswith(key) else f"{key}: {message}"
+        return UserError(f"{where}{named}", path=self.path, hint=hint)
+
+
+def job(job, path=None) -> None:
+    """Every value, path and sample prompt of a training job, before any model is loaded.
+
+    Raises the first problem as a UserError naming the key (and its line in `path`).
+    """
+    error = _JobErrors(path)
+    for key, value in _walk(job):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(key, f"must be a finite number, got {value}")
+    if not 0 <= job.seed <= MAX_SEED:
+        raise error("seed", f"must be between 0 and 2^63-1, got {job.seed}")
+    for key, value in _walk(job):
+        leaf = key.rsplit(".", 1)[-1].split("[")[0]
+        if leaf == "resolution" and value is not None and (value < SIZE_MULTIPLE or value > MAX_SIZE
+                                                             or value % SIZE_MULTIPLE):
+            raise error(key, f"must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIZE}, "
+                             f"got {value}")
+        if (leaf.endswith("network_dim") or leaf in ("conv_dim", "average_rank", "rerank")) and \
+                isinstance(value, int) and value > MAX_RANK:
+            raise error(key, f"{value} is larger than any layer of the supported models (at most {MAX_RANK}); "
+                             "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
+    _optimizer_dry_run(job, error)
+    _job_paths(job, error)
+    if job.sample_prompts or job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first:
+        sampler(job.sample_sampler, "sample_sampler", path)
+    if job.sample_prompts:
+        from .data.prompts import load_prompt_file
+
+        sample_prompts(load_prompt_file(job.sample_prompts), job.sample_prompts, job.sample_sampler)
+
+
+def _optimizer_dry_run(job, error) -> None:
+    """Build the job's optimizer and schedule for one parameter: bad optimizer_args fail here, not after loading."""
+    import torch
+
+    from .train.optim import make_optimizer, make_scheduler
+
+    lr = job.learning_rate
+    param = torch.nn.Parameter(torch.zeros(2))
+    try:
+        opt = make_optimizer(job.optimizer_type, [{"params": [param], "lr": lr}], job.optimizer_args,
+                             torch.device("cpu"))
+        make_scheduler(job.lr_scheduler, opt, job.max_train_steps, job.lr_warmup_steps, job.lr_scheduler_num_cycles,
+                       job.lr_scheduler_power)
+    except UserError as e:
+        if "CUDA" in str(e) or "pip install" in str(e):  # needs the GPU or an extra: checked where it runs
+            return
+        raise error("optimizer_args", str(e)) from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise error("optimizer_args", f"{job.optimizer_type} refuses them: {e}") from None
+
+
+def _job_paths(job, error) -> None:
+    try:
+        name_part(job.output_name, "output_name")
+    except UserError as e:
+        raise error("output_name", e) from None
+    checks = [("output_dir", job.output_dir, output_folder)]
+    if job.log_with == "tensorboard":
+        checks.append(("logging_dir", job.logging_dir or str(Path(job.output_dir) / "logs"), output_folder))
+    for key in ("train_data_dir", "reg_data_dir"):
+        if getattr(job, key):
+            checks.append((key, getattr(job, key), input_folder))
+    for di, ds in enumerate(job.datasets):
+        for si, sub in enumerate(ds.subsets):
+            checks.append((f"datasets[{di}].subsets[{si}].image_dir", sub.image_dir, input_folder))
+            if sub.after_dir:
+                checks.append((f"datasets[{di}].subsets[{si}].after_dir", sub.after_dir, input_folder))
+    for key, value, check in checks:
+        try:
+            check(value, key)
+        except UserError as e:
+            raise error(key, e) from None
