@@ -101,7 +101,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
                                                      (0o077, 0o600, 0o700)])
 def test_files_and_folders_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
-    from difflora.train.checkpoint import save_state
+    from difflora.statefile import save_state
 
     old = os.umask(umask)
     try:

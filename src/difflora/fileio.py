@@ -37,7 +37,8 @@ def temp_sibling(final: Path) -> Path:
     return final.with_name(f".{final.name[:80]}.difflora-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
     if pid <= 0:
         return False
     try:
@@ -67,7 +68,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return []
     for entry in entries:
         m = _TEMP_NAME.match(entry.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         path = Path(entry.path)
         try:
