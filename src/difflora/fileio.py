@@ -147,7 +147,7 @@ def make_temp_dir(final: str | os.PathLike) -> Path:
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
     """Create `path` holding `data`, only if it does not exist; False when it does.
 
-    The content is written and flushed to a temporary file first and then hard-linked to
+    The content is written to a temporary file first and then hard-linked to
     `path` (atomic, and failing when `path` exists), so `path` never exists half-written: a full
     disk leaves nothing behind. File systems without hard links fall back to O_EXCL, removing
     the file again when its write fails.
@@ -159,8 +159,7 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
+            _write_all(fd, data)  # complete before it is linked: no fsync, a lock need not outlive a power cut
         finally:
             os.close(fd)
         try:
@@ -194,7 +193,6 @@ def _create_exclusive_no_link(path: Path, data: bytes) -> bool:
         return False
     try:
         _write_all(fd, data)
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
