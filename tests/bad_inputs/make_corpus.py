@@ -971,6 +971,212 @@ def _(ws):
     return ws.generate("--lora", write_lora(ws.root / "alpha.safetensors", mutate=_huge_alpha))
 
 
+# ---- job values the schema takes but nothing can use (checked before the model is loaded) ----
+@case("job_seed_negative", "seed = -1", names="job.toml", needles=("line 8", "seed", "between 0 and"))
+def _(ws):
+    return ws.train(seed="-1")
+
+
+@case("job_resolution_negative", "resolution = -16", names="job.toml", needles=("line 3", "resolution", "multiple of 8"))
+def _(ws):
+    return ws.train(resolution="-16")
+
+
+@case("job_resolution_not_multiple_of_8", "resolution = 20", names="job.toml",
+      needles=("line 3", "resolution", "got 20"))
+def _(ws):
+    return ws.train(resolution="20")
+
+
+@case("job_alpha_nan", "network_alpha = nan", names="job.toml", needles=("line 8", "network_alpha", "finite"))
+def _(ws):
+    return ws.train(network_alpha="nan")
+
+
+@case("job_learning_rate_inf", "learning_rate = inf", names="job.toml", needles=("learning_rate", "finite", "inf"))
+def _(ws):
+    return ws.train(learning_rate="inf")
+
+
+@case("job_unet_lr_inf", "unet_lr = inf", names="job.toml", needles=("unet_lr", "finite"))
+def _(ws):
+    return ws.train(unet_lr="inf")
+
+
+@case("job_optimizer_eps_negative", "optimizer_args = { eps = -1 }", names="job.toml",
+      needles=("optimizer_args", "epsilon"))
+def _(ws):
+    return ws.train(optimizer_args="{ eps = -1 }")
+
+
+@case("job_optimizer_betas_out_of_range", "optimizer_args = { betas = [2.0, 0.5] }", names="job.toml",
+      needles=("optimizer_args", "beta"))
+def _(ws):
+    return ws.train(optimizer_args="{ betas = [2.0, 0.5] }")
+
+
+@case("job_optimizer_unknown_arg", "optimizer_args = { momentun = 0.9 } for AdamW", names="job.toml",
+      needles=("optimizer_args", "momentun"))
+def _(ws):
+    return ws.train(optimizer_args="{ momentun = 0.9 }")
+
+
+@case("job_network_dim_huge", "network_dim = 10^12", names="job.toml", needles=("line 5", "network_dim", "larger than"))
+def _(ws):
+    return ws.train(network_dim="1000000000000")
+
+
+@case("job_warmup_inf", "lr_warmup_steps = inf", names="job.toml", needles=("lr_warmup_steps", "finite"))
+def _(ws):
+    return ws.train(lr_warmup_steps="inf")
+
+
+@case("job_noise_offset_inf", "noise_offset = inf", names="job.toml", needles=("noise_offset", "finite"))
+def _(ws):
+    return ws.train(noise_offset="inf")
+
+
+@case("job_clip_skip_beyond_layers", "clip_skip = 12 on a 2-layer text encoder", names="job.toml",
+      needles=("clip_skip", "beyond the 2 layers"))
+def _(ws):
+    return ws.train(clip_skip="12")
+
+
+# ---- found before the first step, not after training -----------------------------------
+@case("job_sample_sampler_misspelt", "sample_sampler = 'eular' with sample prompts", names="job.toml",
+      needles=("sample_sampler", "unknown sampler 'eular'"))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face\n", encoding="utf-8")
+    return ws.train(sample_sampler='"eular"', sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompt_bad_size", "a sample prompt with --w 20", names="prompts.txt",
+      needles=("prompt 1", "width", "multiple of 8"))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face --w 20 --h 16\n", encoding="utf-8")
+    return ws.train(sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompt_unknown_sampler", "a sample prompt with --ss nosuch", names="prompts.txt",
+      needles=("unknown sampler 'nosuch'",))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face --ss nosuch\n", encoding="utf-8")
+    return ws.train(sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompts_missing", "sample_prompts names a file that does not exist", names="nope.txt",
+      needles=("prompt file not found",))
+def _(ws):
+    return ws.train(sample_prompts=_q(ws.root / "nope.txt"), sample_every_n_steps="1")
+
+
+# ---- job paths ------------------------------------------------------------------------------
+@case("job_output_dir_is_a_file", "output_dir = an existing file", names="job.toml",
+      needles=("line 6", "output_dir", "existing file"))
+def _(ws):
+    return ws.train(output_dir=_q(ws.out / "previous.safetensors"))
+
+
+@case("job_output_dir_unwritable", "output_dir under /proc (cannot be written)", names="job.toml",
+      needles=("output_dir", "cannot write"))
+def _(ws):
+    return ws.train(output_dir='"/proc/difflora-out"')
+
+
+@case("job_logging_dir_is_a_file", "logging_dir = an existing file, log_with = tensorboard", names="job.toml",
+      needles=("logging_dir", "existing file"))
+def _(ws):
+    return ws.train(log_with='"tensorboard"', logging_dir=_q(ws.out / "previous.safetensors"))
+
+
+@case("job_data_symlink_loop", "train_data_dir is a symlink loop", names="job.toml",
+      needles=("train_data_dir", "symlink loop"))
+def _(ws):
+    os.symlink(ws.root / "loop_b", ws.root / "loop_a")
+    os.symlink(ws.root / "loop_a", ws.root / "loop_b")
+    return ws.train(train_data_dir=_q(ws.root / "loop_a"))
+
+
+@case("job_output_name_too_long", "output_name of 240 characters", names="job.toml",
+      needles=("output_name", "200 bytes"))
+def _(ws):
+    return ws.train(output_name=_q("n" * 240))
+
+
+# ---- resume against a changed job or a damaged state -------------------------------------------
+def _state(ws: Workspace, shapes: dict | None = None, drop: str | None = None, extra_ref: str | None = None) -> None:
+    """A training state in out/last-state as a run saves it (hand-made: the tests need no training)."""
+    import torch
+
+    from difflora.statefile import save_state
+
+    state = {"stage_index": 0, "stage_name": "main", "step": 1, "network": {"w": torch.zeros(2)},
+             "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "completed": {},
+             "fingerprint": "x", "session_id": 1, "started": 0.0, "params": "current"}
+    if shapes is not None:
+        state["shapes"] = shapes
+    if drop:
+        del state[drop]
+    save_state(ws.out / "last-state", state)
+    if extra_ref:
+        index = ws.out / "last-state" / "state.json"
+        meta = json.loads(index.read_text())
+        meta["tree"]["network"]["extra"] = {"__tensor__": extra_ref}
+        index.write_text(json.dumps(meta))
+
+
+_SHAPES = {"method": "standard", "network_dim": 2, "conv_dim": None, "network_train_unet_only": False,
+           "network_train_text_encoder_only": False, "network_only_if_contains": [], "network_ignore_if_contains": [],
+           "per_pair_average": False, "optimizer_type": "AdamW"}
+
+
+@case("resume_changed_network_dim", "--resume with network_dim 8 from a state made with 2", names="last-state",
+      needles=("cannot resume", "network_dim = 2 there, 8 in this job"))
+def _(ws):
+    _state(ws, _SHAPES)
+    return ws.train("--resume", network_dim="8")
+
+
+@case("resume_changed_method", "--resume with method copier from a standard run's state", names="last-state",
+      needles=("cannot resume", "method = 'standard' there, 'copier' in this job"))
+def _(ws):
+    _state(ws, _SHAPES)
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    for i in range(2):
+        write_image(pairs / f"{i:03d}.png", _face(i))
+        write_image(pairs / f"{i:03d}_after.png", _face(i + 10))
+    return ws.train("--resume", method='"copier"', train_data_dir=_q(pairs))
+
+
+@case("resume_changed_optimizer", "--resume with optimizer_type SGD from an AdamW state", names="last-state",
+      needles=("cannot resume", "optimizer_type = 'AdamW' there, 'SGD'"))
+def _(ws):
+    _state(ws, _SHAPES)
+    return ws.train("--resume", optimizer_type='"SGD"')
+
+
+@case("resume_old_state_wrong_shapes", "--resume from a state (without recorded settings) whose tensors do not fit",
+      names="last-state", needles=("cannot resume", "does not fit this job's LoRA"))
+def _(ws):
+    _state(ws)
+    return ws.train("--resume")
+
+
+@case("resume_state_missing_tensor", "--resume from a state.json that points at a tensor the file lacks",
+      names="last-state", needles=("damaged", "s.network.gone", "does not hold"))
+def _(ws):
+    _state(ws, _SHAPES, extra_ref="s.network.gone")
+    return ws.train("--resume")
+
+
+@case("resume_state_missing_part", "--resume from a state without its optimizer part", names="last-state",
+      needles=("damaged", "has no optimizer"))
+def _(ws):
+    _state(ws, _SHAPES, drop="optimizer")
+    return ws.train("--resume")
+
+
 # ---------------------------------------------------------------------------- writing it out
 def readme_table() -> str:
     rows = ["| case | input | expected |", "|---|---|---|"]

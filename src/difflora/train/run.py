@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..data.dataset import TrainingData
 from ..errors import UserError
 from ..methods import DataSizes, Method, make_method
@@ -76,6 +77,7 @@ def prepare(job, resume: str | None = None) -> Run:
 
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
                        prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip)
+    validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
     model.to(accelerator.device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:
