@@ -36,12 +36,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-<<<<<<< HEAD
+from ..fileio import require_finite
 from ..network import lowrank
 from ..network.adapters import module_dense
-=======
-from ..fileio import require_finite
->>>>>>> 103d96d (Reliability phase A: top-level error guard (one line naming command and file, exit 1, -v traceback, fresh line after a bar, quiet closed pipe, argparse errors in one line); fileio: umask-following creates, recognisable temp names cleaned when their process is gone, create_exclusive (a full disk leaves nothing), refuse_overwriting_inputs, require_finite; validate.py (numbers, sizes, samplers, prompt dry-run, paths, clip_skip); generate/tools/toy/eval checks before loading; finiteness of saved LoRAs, merged models and generated images naming the module; 42 new corpus cases (97 total))
 from ..network.apply import check_lora_fits
 from ..network.files import LoraFile, save_dtype, save_lora
 from .common import check_lora_output, check_ratios, load_loras, merged_metadata, states
