@@ -303,6 +303,8 @@ def _job_paths(job, error) -> None:
             if sub.after_dir:
                 checks.append((f"datasets[{di}].subsets[{si}].after_dir", sub.after_dir, input_folder))
     for key, value, check in checks:
+        if check is input_folder and not os.path.lexists(value):
+            continue  # a missing data folder is reported by the data loader, naming the folder
         try:
             check(value, key)
         except UserError as e:
