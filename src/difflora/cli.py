@@ -2,7 +2,9 @@
 
 Each command lives in its own module and exposes `register(subparsers)`, which adds its
 parser and sets `func` (a callable taking the parsed args and returning an exit code or
-None). `main` turns a UserError into one line on stderr and exit code 2.
+None). `main` turns a UserError into one line on stderr and exit code 2, and any other
+exception that escapes into one line naming the command and its file, exit code 1 (`-v` shows
+the traceback). A reader that closes our stdout (`difflora inspect X | head`) ends us quietly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 from .errors import UserError
 
@@ -32,8 +35,15 @@ COMMANDS = [
 log = logging.getLogger("difflora")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the house style: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"difflora: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="difflora",
         description="Train LoRA adapters that learn the difference between images, and the tools around them.",
     )
@@ -64,7 +74,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
-_NEGATIVE_LIST = re.compile(r"^-\d[\d.,:\-e]*$")
+_NEGATIVE_LIST = re.compile(r"^-(\d|\.\d|inf|nan)[\w.,:+\-]*$", re.IGNORECASE)
 
 
 def join_negative_values(argv: list[str]) -> list[str]:
@@ -78,22 +88,88 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+# The attribute holding each command's main file, for naming it in an error.
+_FILE_ARGS = ("job", "file", "model", "models", "dir", "model_tuned", "save_to", "out")
+
+
+def _operation(args) -> str:
+    """`difflora train (job.toml)`: the command that failed, and its file when it has one."""
+    words = ["difflora", str(getattr(args, "command", "") or "")]
+    words += [str(v) for k, v in vars(args).items() if k.endswith("_command") and v]
+    op = " ".join(w for w in words if w)
+    for name in _FILE_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value:
+            return f"{op} ({value})"
+    return op
+
+
+def _end_progress_bars() -> None:
+    """Close open tqdm bars, so that an error message starts on a line of its own."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot draw any more: nothing to end
+            pass
+
+
+def _quiet_closed_stdout() -> None:
+    """Our reader went away: send what is left in the buffer, and at exit, nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture): nothing to redirect
+        pass
+
+
+def _internal_error(e: BaseException, args) -> str:
+    text = " ".join(str(e).split())
+    where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+    return (f"{where}internal error in {_operation(args)}: {type(e).__name__}"
+            + (f": {text}" if text else "")
+            + (" (the traceback is above; please report it)" if args.verbose
+               else " (run with -v for the traceback; please report it)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     # Never reach for a model hub: every model is a local path.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
-    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    except BrokenPipeError:  # `difflora --help | head`
+        _quiet_closed_stdout()
+        return 141
+    except SystemExit as e:  # --help, or a bad option (already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
     setup_logging(args.verbose, args.quiet)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at exit
     except UserError as e:
+        _end_progress_bars()
         print(f"difflora: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("difflora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_closed_stdout()
+        return 141  # as if killed by SIGPIPE, which is what the shell expects of `| head`
+    except Exception as e:
+        _end_progress_bars()
+        if args.verbose:
+            traceback.print_exc()
+        print(f"difflora: error: {_internal_error(e, args)}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

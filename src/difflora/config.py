@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import kohya_config
 from .errors import UserError
@@ -83,6 +83,8 @@ SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", 
 
 class JobOptions(DatasetOptions):
     """Every job key except the method tables (see JobConfig)."""
+
+    _source: str | None = PrivateAttr(None)  # the job file, for errors about its values
 
     # model
     model: str | None = None  # None: the embedded toy model
@@ -420,6 +422,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None,
         _resolve_job_paths(job, path, root)
     except UserError as e:
         raise e if e.path else UserError(str(e), path=path) from None
+    job._source = str(path)
     return job
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +19,86 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 # A safetensors header larger than this is refused before it is read (real files: < 1 MiB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# Temporary files and folders: `.<final name>.difflora-<pid>-<random>.tmp` beside the final path, so
+# that the next run can recognise (and remove) the leftovers of a process that was killed mid-save.
+_TEMP_NAME = re.compile(r"^\..*\.difflora-(\d+)-[0-9a-z]+\.tmp$")
+_cleaned_folders: set[str] = set()
+
+
+def temp_sibling(final: Path) -> Path:
+    """A fresh temporary name next to `final` (the final name shortened, so it fits the file system)."""
+    return final.with_name(f".{final.name[:80]}.difflora-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders a killed difflora process left in `folder`.
+
+    Only names difflora makes (see `temp_sibling`) are touched, and only when the process that
+    made them is gone; done once per folder per process. Returns what was removed.
+    """
+    folder = Path(folder)
+    key = os.fspath(folder.resolve()) if folder.exists() else os.fspath(folder)
+    if key in _cleaned_folders:
+        return []
+    _cleaned_folders.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as e:
+            log.debug("could not remove stale temporary %s: %s", path, e)
+            continue
+        log.info("removed %s, left by an interrupted save (pid %s)", path.name, m.group(1))
+        removed.append(path)
+    return removed
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def make_parent(final: Path) -> None:
+    """Create `final`'s folder, as a UserError naming the path when that is impossible."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError("cannot create this folder: a file of that name exists", path=final.parent) from None
+    except NotADirectoryError:
+        raise UserError("cannot create this folder: a file stands where a folder on its path should be",
+                        path=final.parent) from None
+    except OSError as e:
+        raise UserError(f"cannot create this folder ({e.strerror})", path=final.parent) from None
 
 
 @contextlib.contextmanager
@@ -26,13 +106,17 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on success rename it over `final`.
 
     On any failure the temporary file is removed and `final` is untouched. A full disk
-    becomes a UserError that says the previous file is intact.
+    becomes a UserError that says the previous file is intact. The file is created with the
+    permissions the umask gives (as `open` would), not mkstemp's 0600.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    make_parent(final)
+    clean_stale_temps(final.parent)
+    tmp_path = temp_sibling(final)
+    try:
+        os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:
+        raise UserError(f"cannot write here ({e.strerror})", path=final) from None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -40,14 +124,102 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _disk_full(e):
             raise UserError(
                 "could not save: no space left on device; the previous file (if any) is intact", path=final
             ) from e
-        raise
+        raise UserError(f"could not save ({e.strerror or e}); the previous file (if any) is intact", path=final) from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def make_temp_dir(final: str | os.PathLike) -> Path:
+    """An empty temporary folder next to `final`, to be renamed onto it when complete (umask permissions)."""
+    final = Path(final)
+    make_parent(final)
+    clean_stale_temps(final.parent)
+    tmp = temp_sibling(final)
+    tmp.mkdir(mode=0o777)
+    return tmp
+
+
+def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
+    """Create `path` holding `data`, only if it does not exist; False when it does.
+
+    The content is written to a temporary file first and then hard-linked to
+    `path` (atomic, and failing when `path` exists), so `path` never exists half-written: a full
+    disk leaves nothing behind. File systems without hard links fall back to O_EXCL, removing
+    the file again when its write fails.
+    """
+    path = Path(path)
+    make_parent(path)
+    clean_stale_temps(path.parent)
+    tmp = temp_sibling(path)
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        try:
+            _write_all(fd, data)  # complete before it is linked: no fsync, a lock need not outlive a power cut
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            return _create_exclusive_no_link(path, data)
+        return True
+    except OSError as e:
+        if _disk_full(e):
+            raise UserError("could not create the file: no space left on device; nothing was left behind",
+                            path=path) from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _create_exclusive_no_link(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return True
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or folder (through symlinks and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, inputs, option: str = "--save-to") -> None:
+    """A command never writes over one of its own inputs, nor into an input folder."""
+    out = Path(output)
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given)
+        inside = src.is_dir() and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep)
+        if same_file(out, src) or inside:
+            raise UserError(f"{option} would overwrite the input {src}", path=out,
+                            hint=f"choose another {option} path; inputs are never replaced")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -147,3 +319,23 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
             raise UserError("checkpoint does not hold a state dict", path=path)
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
     raise UserError(f"unsupported file type {path.suffix or '(none)'}; expected .safetensors", path=path)
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse to write a result holding NaN/inf, naming the module that overflowed and why.
+
+    `tensors` are the values as they will be written (after any cast to a smaller dtype).
+    """
+    for key, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        module = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
+        kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        module = module if module == key else f"{module} ({key})"
+        if t.dtype in (torch.float16, torch.bfloat16):
+            limit = torch.finfo(t.dtype).max
+            raise UserError(f"module {module} overflows to {kind} when saved as {str(t.dtype)[6:]} "
+                            f"(it holds values beyond ±{limit:g}); nothing was written", path=path,
+                            hint="save as float (--save-precision float), or use smaller ratios")
+        raise UserError(f"the {what} would hold {kind} in module {module}; nothing was written", path=path,
+                        hint="the inputs or ratios overflow float32; use smaller ratios")

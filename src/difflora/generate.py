@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from .errors import UserError
 from .fileio import atomic_path
 from .network.lora import LoRANetwork
 
@@ -50,6 +51,39 @@ def lora_multipliers(networks: list[LoRANetwork], values: dict[int, float] | Non
         for net, multipliers in zip(networks, saved):
             for lora, m in zip(net.loras(), multipliers):
                 lora.multiplier = m
+
+
+class NonFiniteImage(UserError):
+    """The generated image holds NaN/inf (it would be saved all black); `network` is the suspect's index."""
+
+    def __init__(self, message: str, network: int | None = None, path=None):
+        super().__init__(message, path=path)
+        self.message, self.network = message, network
+
+
+def _overflow_report(networks: list[LoRANetwork]) -> NonFiniteImage:
+    """Which LoRA module most likely made the image non-finite: the largest change relative to its weight."""
+    worst = None
+    for index, net in enumerate(networks):
+        for lora in net.loras():
+            m = lora.multiplier
+            mult = float(m.abs().max()) if isinstance(m, torch.Tensor) else abs(float(m))
+            delta = lora.weight_delta().float() * mult
+            size = float(delta.abs().max()) if bool(torch.isfinite(delta).all()) else float("inf")
+            ratio = size / max(float(lora.org_module.weight.detach().abs().max()), 1e-12)
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, lora.lora_name, size, index)
+    text = "generation produced NaN/inf values (the image would be black)"
+    if worst is None:
+        return NonFiniteImage(text + "; no LoRA is applied, so the model itself overflows "
+                              "(try float32 weights or another sampler)")
+    ratio, name, size, index = worst
+    if not np.isfinite(size):
+        return NonFiniteImage(text + f"; LoRA module {name}: scale * lora_up @ lora_down overflows float32 "
+                              "(lower its alpha or multiplier)", index)
+    return NonFiniteImage(text + f"; the largest change is LoRA module {name} (|ΔW| up to {size:.3g}, {ratio:.3g}x "
+                          "its weight): its factors or alpha are too large (lower the multiplier, or check the file)",
+                          index)
 
 
 @torch.no_grad()
@@ -92,6 +126,8 @@ def _generate(model, networks, req: GenerationRequest, batch_size: int, output: 
         gens = [torch.Generator().manual_seed(int(s)) for s in req.seeds[sl]]
         result = pipe(**embeddings, generator=gens, num_inference_steps=req.steps,
                       guidance_scale=req.cfg, width=width, height=height, output_type="np")
+        if not all(np.isfinite(img).all() for img in result.images):
+            raise _overflow_report(networks)
         if output == "float":
             out.extend(np.asarray(img, dtype=np.float32) for img in result.images)
         else:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .fileio import load_safetensors, save_safetensors, write_json_atomic
+from .fileio import load_safetensors, make_temp_dir, save_safetensors, write_json_atomic
 
 _REF = "__tensor__"
 _TUPLE = "__tuple__"
@@ -55,10 +55,16 @@ def to_tensors_and_json(obj: Any, prefix: str = "s") -> tuple[dict[str, torch.Te
     return tensors, walk(obj, prefix)
 
 
+class MissingTensor(KeyError):
+    """The JSON tree refers to a tensor the tensor file does not hold."""
+
+
 def from_tensors_and_json(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
     def walk(x: Any) -> Any:
         if isinstance(x, dict):
             if _REF in x:
+                if x[_REF] not in tensors:
+                    raise MissingTensor(x[_REF])
                 return tensors[x[_REF]]
             if _TUPLE in x:
                 return tuple(walk(v) for v in x[_TUPLE])
@@ -82,11 +88,9 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> None:
     only after the new one is complete.
     """
     import shutil
-    import tempfile
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory)
     try:
         tensors, tree = to_tensors_and_json(state)
         save_safetensors(tensors, tmp / "tensors.safetensors")
@@ -126,4 +130,12 @@ def load_state(directory: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
         raise UserError(f"training state index is unreadable ({e})", path=index) from None
     tensors, _ = load_safetensors(directory / "tensors.safetensors")
-    return from_tensors_and_json(tensors, tree)
+    try:
+        return from_tensors_and_json(tensors, tree)
+    except MissingTensor as e:
+        raise UserError(f"training state is damaged: state.json refers to tensor {e.args[0]!r}, which "
+                        "tensors.safetensors does not hold", path=directory,
+                        hint="resume from another state, or start again without --resume") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"training state is damaged: state.json does not have the expected structure ({e})",
+                        path=directory, hint="start again without --resume") from None

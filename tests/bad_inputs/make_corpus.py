@@ -140,10 +140,16 @@ def lora_tensors(variant: str = "sd1", dim: int = 2):
 def write_lora(path: Path, variant: str = "sd1", mutate: Callable[[dict], None] | None = None) -> Path:
     from difflora.network.files import save_lora
 
+    import torch
+    from safetensors.torch import save_file
+
     tensors, md = lora_tensors(variant)
     if mutate:
         mutate(tensors)
-    save_lora(tensors, path, md)
+    if all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        save_lora(tensors, path, md)
+    else:  # a damaged file on purpose: save_lora refuses to write one
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=md)
     return path
 
 
@@ -641,6 +647,534 @@ def _(ws):
 def _(ws):
     (ws.out / "last.safetensors").write_bytes(b"an earlier LoRA")
     return ws.train()
+
+
+# ---- command-line values that nothing can use -------------------------------
+@case("gen_steps_zero", "generate --steps 0", names="--steps", needles=("at least 1", "got 0"))
+def _(ws):
+    return ws.generate("--steps", "0")
+
+
+@case("gen_n_images_zero", "generate --n-images 0 (would write nothing, exit 0)", names="--n-images",
+      needles=("at least 1",))
+def _(ws):
+    return ws.generate("--n-images", "0")
+
+
+@case("gen_width_not_multiple_of_8", "generate --width 20", names="--width", needles=("multiple of 8", "got 20"))
+def _(ws):
+    return ws.generate("--width", "20")
+
+
+@case("gen_height_negative", "generate --height -16", names="--height", needles=("multiple of 8", "got -16"))
+def _(ws):
+    return ws.generate("--height=-16")
+
+
+@case("gen_sweep_nan", "generate --sweep nan,1", names="--sweep", needles=("finite", "nan"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "l.safetensors"), "--sweep", "nan,1")
+
+
+@case("gen_sweep_inf", "generate --sweep -1,inf", names="--sweep", needles=("finite", "inf"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "l.safetensors"), "--sweep", "-1,inf")
+
+
+@case("gen_lora_multiplier_nan", "generate --lora FILE:nan", names="l.safetensors", needles=("multiplier", "finite"))
+def _(ws):
+    return ws.generate("--lora", f"{write_lora(ws.root / 'l.safetensors')}:nan")
+
+
+@case("gen_cfg_nan", "generate --cfg nan", names="--cfg", needles=("finite",))
+def _(ws):
+    return ws.generate("--cfg", "nan")
+
+
+@case("gen_seed_negative", "generate --seed -1", names="--seed", needles=("between 0 and",))
+def _(ws):
+    return ws.generate("--seed=-1")
+
+
+@case("gen_clip_skip_beyond_layers", "generate --clip-skip 50 on a 2-layer text encoder", names="--clip-skip",
+      needles=("beyond the 2 layers", "use 1 to 2"))
+def _(ws):
+    return ws.generate("--clip-skip", "50")
+
+
+@case("gen_clip_skip_zero", "generate --clip-skip 0 (would pick the embeddings)", names="--clip-skip",
+      needles=("at least 1",))
+def _(ws):
+    return ws.generate("--clip-skip", "0")
+
+
+@case("gen_unknown_sampler", "generate --sampler eular (misspelt)", names="--sampler", needles=("unknown sampler", "euler"))
+def _(ws):
+    return ws.generate("--sampler", "eular")
+
+
+@case("extract_min_diff_nan", "extract --min-diff nan", names="--min-diff", needles=("finite",))
+def _(ws):
+    return ["extract", "--model-org", ws.model, "--model-tuned", ws.model, "--min-diff", "nan",
+            "--save-to", ws.out / "x.safetensors"]
+
+
+@case("merge_ratio_inf", "merge --ratios inf", names="ratio", needles=("finite",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "inf",
+            "--save-to", ws.out / "m.safetensors"]
+
+
+@case("merge_shuffle_seed_negative", "merge --shuffle --seed -5", names="--seed", needles=("between 0 and",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--shuffle", "--seed=-5",
+            "--save-to", ws.out / "m.safetensors"]
+
+
+@case("resize_param_nan", "resize --dynamic sv_fro --param nan", names="--param", needles=("sv_fro",))
+def _(ws):
+    return ["resize", "--model", write_lora(ws.root / "l.safetensors"), "--dynamic", "sv_fro", "--param", "nan",
+            "--save-to", ws.out / "r.safetensors"]
+
+
+@case("eval_pairs_zero", "eval --pairs 0", names="--pairs", needles=("at least 1",))
+def _(ws):
+    return ["eval", "--pairs", "0", "--out", ws.out / "eval"]
+
+
+@case("eval_m_zero", "eval --m 0 (would train, then score nothing)", names="--m", needles=("at least 1",))
+def _(ws):
+    return ["eval", "--m", "0", "--out", ws.out / "eval"]
+
+
+@case("toy_train_base_no_images", "toy train-base --n-images 0", names="--n-images", needles=("at least 1",))
+def _(ws):
+    return ["toy", "train-base", "--n-images", "0", "--out", ws.out / "base", "--work", ws.out / "work"]
+
+
+@case("cli_bad_int", "generate --steps ten (argparse, in the house style)", names="--steps",
+      needles=("invalid int value", "--help"))
+def _(ws):
+    return ws.generate("--steps", "ten")
+
+
+# ---- prompt files: checked before the model is loaded -----------------------
+def _prompts(ws: Workspace, text: str, name: str = "prompts.txt") -> list:
+    (ws.root / name).write_text(text, encoding="utf-8")
+    return ["generate", "--model", ws.model, "--from-file", ws.root / name, "--out", ws.out]
+
+
+@case("prompts_size_not_multiple_of_8", "a prompt file line with --w 20", names="prompts.txt",
+      needles=("prompt 2", "width", "multiple of 8"))
+def _(ws):
+    return _prompts(ws, "a face --s 2\na face --w 20 --h 16 --s 2\n")
+
+
+@case("prompts_unknown_sampler", "a prompt file line with --ss eular", names="prompts.txt",
+      needles=("prompt 1", "unknown sampler 'eular'"))
+def _(ws):
+    return _prompts(ws, "a face --ss eular --s 2\n")
+
+
+@case("prompts_scale_nan", "a prompt file line with --l nan", names="prompts.txt", needles=("guidance scale", "finite"))
+def _(ws):
+    return _prompts(ws, "a face --l nan --s 2\n")
+
+
+@case("prompts_seed_negative", "a prompt file line with --d -3", names="prompts.txt", needles=("seed", "between 0"))
+def _(ws):
+    return _prompts(ws, "a face --d -3 --s 2\n")
+
+
+@case("prompts_json_scale_text", "a JSON prompt whose scale is a string", names="prompts.json",
+      needles=("entry 1", "scale", "a number"))
+def _(ws):
+    return _prompts(ws, '[{"prompt": "a face", "scale": "high"}]', "prompts.json")
+
+
+@case("prompts_json_not_a_list", "a JSON prompt file holding an object", names="prompts.json", needles=("list",))
+def _(ws):
+    return _prompts(ws, '{"prompt": "a face"}', "prompts.json")
+
+
+@case("prompts_file_is_a_folder", "--from-file names a folder", names="pfolder", needles=("is a folder",))
+def _(ws):
+    (ws.root / "pfolder").mkdir()
+    return ["generate", "--model", ws.model, "--from-file", ws.root / "pfolder", "--out", ws.out]
+
+
+# ---- paths -------------------------------------------------------------------
+@case("gen_out_is_a_file", "generate --out an existing file", names="previous.safetensors",
+      needles=("existing file", "not a folder"))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = ws.out / "previous.safetensors"
+    return args
+
+
+@case("gen_out_unwritable", "generate --out under a folder that cannot be written (/proc)", names="/proc",
+      needles=("cannot write",))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = "/proc/difflora-out"
+    return args
+
+
+@case("gen_out_name_too_long", "generate --out with a 300-byte folder name", names="--out",
+      needles=("longer than the file system allows",))
+def _(ws):
+    args = ws.generate()
+    args[args.index("--out") + 1] = ws.out / ("x" * 300)
+    return args
+
+
+@case("merge_save_to_name_too_long", "merge --save-to with a 300-byte file name", names="--save-to",
+      needles=("longer than the file system allows",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"),
+            "--save-to", ws.out / ("m" * 290 + ".safetensors")]
+
+
+@case("merge_save_to_under_a_file", "merge --save-to FILE/x.safetensors (a file where a folder should be)",
+      names="previous.safetensors", needles=("existing file",))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"),
+            "--save-to", ws.out / "previous.safetensors" / "x.safetensors"]
+
+
+@case("svd_merge_save_to_a_folder", "svd-merge --save-to an existing folder", names="out", needles=("is a folder",))
+def _(ws):
+    return ["svd-merge", "--models", write_lora(ws.root / "l.safetensors"), "--save-to", ws.out]
+
+
+@case("judge_symlink_loop", "toy judge on a symlink loop", names="loop_a", needles=("symlink loop",))
+def _(ws):
+    os.symlink(ws.root / "loop_b", ws.root / "loop_a")
+    os.symlink(ws.root / "loop_a", ws.root / "loop_b")
+    return ["toy", "judge", ws.root / "loop_a", "--json", ws.out / "j.json"]
+
+
+@case("judge_json_is_a_folder", "toy judge --json an existing folder", names="out", needles=("is a folder",))
+def _(ws):
+    return ["toy", "judge", ws.images, "--json", ws.out]
+
+
+# ---- a command never writes over its own inputs -------------------------------
+@case("merge_save_to_its_input", "merge --save-to one of its own --models", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["merge", "--models", own, write_lora(ws.root / "l.safetensors"), "--save-to", own]
+
+
+@case("merge_save_to_input_via_symlink", "merge --save-to a symlink to one of its inputs", names="alias.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    os.symlink(own, ws.root / "alias.safetensors")
+    return ["merge", "--models", own, "--save-to", ws.root / "alias.safetensors"]
+
+
+@case("svd_merge_save_to_its_input", "svd-merge --save-to one of its own --models", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["svd-merge", "--models", own, "--new-rank", "1", "--save-to", own]
+
+
+@case("resize_onto_its_input", "resize --save-to its own --model", names="own.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["resize", "--model", own, "--new-rank", "1", "--save-to", own]
+
+
+@case("extract_into_the_model_folder", "extract --save-to a file inside --model-tuned's folder", names="unet",
+      needles=("would overwrite the input",))
+def _(ws):
+    return ["extract", "--model-org", ws.model, "--model-tuned", ws.model,
+            "--save-to", ws.model / "unet" / "diffusion_pytorch_model.safetensors"]
+
+
+@case("gen_out_over_its_prompt_file", "generate writing 000_0.png over its own --from-file", names="000_0.png",
+      needles=("would overwrite the input",))
+def _(ws):
+    (ws.out / "000_0.png").write_text("a face --s 2\n", encoding="utf-8")
+    return ["generate", "--model", ws.model, "--from-file", ws.out / "000_0.png", "--seed", "0", "--out", ws.out]
+
+
+# ---- numbers that overflow -------------------------------------------------------
+def _huge_factors(t):
+    import torch
+
+    m = _first_module(t)
+    t[f"{m}.lora_up.weight"] = torch.full_like(t[f"{m}.lora_up.weight"], 1e20)
+    t[f"{m}.lora_down.weight"] = torch.full_like(t[f"{m}.lora_down.weight"], 1e20)
+
+
+def _huge_alpha(t):
+    import torch
+
+    for k in t:
+        if k.endswith(".alpha"):
+            t[k] = torch.tensor(1e37)
+
+
+@case("merge_fp16_overflow", "merge --ratios 1e30 --save-precision fp16: the result does not fit fp16",
+      names="m.safetensors", needles=("overflows to inf", "float16", "nothing was written"))
+def _(ws):
+    return ["merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("svd_merge_fp16_overflow", "svd-merge --ratios 1e30 --save-precision fp16", names="m.safetensors",
+      needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["svd-merge", "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("resize_fp16_overflow", "resize a LoRA with factors of 1e20 to fp16", names="r.safetensors",
+      needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["resize", "--model", write_lora(ws.root / "l.safetensors", mutate=_huge_factors), "--new-rank", "1",
+            "--save-precision", "fp16", "--save-to", ws.out / "r.safetensors"]
+
+
+@case("merge_into_model_fp16_overflow", "merge into a model with --ratios 1e30 --save-precision fp16",
+      names="merged", needles=("overflows to inf", "float16", "module lora_"))
+def _(ws):
+    return ["merge", "--model", ws.model, "--models", write_lora(ws.root / "l.safetensors"), "--ratios", "1e30",
+            "--save-precision", "fp16", "--save-to", ws.out / "merged"]
+
+
+@case("merge_float32_overflow", "merge --ratios 1e38 1e38 (the sum overflows float32)", names="m.safetensors",
+      needles=("would hold", "module lora_"))
+def _(ws):
+    def big(t):
+        for k in t:
+            if k.endswith(".weight"):
+                t[k] = t[k].sign() * 1e10 + 1e10
+    lora = write_lora(ws.root / "l.safetensors", mutate=big)
+    return ["merge", "--models", lora, lora, "--ratios", "1e38", "1e38", "--save-to", ws.out / "m.safetensors"]
+
+
+@case("gen_lora_factors_overflow", "a LoRA with finite factors of 1e20 whose product overflows (generate)",
+      names="huge.safetensors", needles=("NaN/inf", "would be black", "overflows float32", "lora_"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "huge.safetensors", mutate=_huge_factors))
+
+
+@case("gen_lora_alpha_overflow", "a LoRA whose alpha of 1e37 makes the image non-finite (generate)",
+      names="alpha.safetensors", needles=("NaN/inf", "would be black", "largest change is LoRA module"))
+def _(ws):
+    return ws.generate("--lora", write_lora(ws.root / "alpha.safetensors", mutate=_huge_alpha))
+
+
+# ---- job values the schema takes but nothing can use (checked before the model is loaded) ----
+@case("job_seed_negative", "seed = -1", names="job.toml", needles=("line 8", "seed", "between 0 and"))
+def _(ws):
+    return ws.train(seed="-1")
+
+
+@case("job_resolution_negative", "resolution = -16", names="job.toml", needles=("line 3", "resolution", "multiple of 8"))
+def _(ws):
+    return ws.train(resolution="-16")
+
+
+@case("job_resolution_not_multiple_of_8", "resolution = 20", names="job.toml",
+      needles=("line 3", "resolution", "got 20"))
+def _(ws):
+    return ws.train(resolution="20")
+
+
+@case("job_alpha_nan", "network_alpha = nan", names="job.toml", needles=("line 8", "network_alpha", "finite"))
+def _(ws):
+    return ws.train(network_alpha="nan")
+
+
+@case("job_learning_rate_inf", "learning_rate = inf", names="job.toml", needles=("learning_rate", "finite", "inf"))
+def _(ws):
+    return ws.train(learning_rate="inf")
+
+
+@case("job_unet_lr_inf", "unet_lr = inf", names="job.toml", needles=("unet_lr", "finite"))
+def _(ws):
+    return ws.train(unet_lr="inf")
+
+
+@case("job_optimizer_eps_negative", "optimizer_args = { eps = -1 }", names="job.toml",
+      needles=("optimizer_args", "epsilon"))
+def _(ws):
+    return ws.train(optimizer_args="{ eps = -1 }")
+
+
+@case("job_optimizer_betas_out_of_range", "optimizer_args = { betas = [2.0, 0.5] }", names="job.toml",
+      needles=("optimizer_args", "beta"))
+def _(ws):
+    return ws.train(optimizer_args="{ betas = [2.0, 0.5] }")
+
+
+@case("job_optimizer_unknown_arg", "optimizer_args = { momentun = 0.9 } for AdamW", names="job.toml",
+      needles=("optimizer_args", "momentun"))
+def _(ws):
+    return ws.train(optimizer_args="{ momentun = 0.9 }")
+
+
+@case("job_network_dim_huge", "network_dim = 10^12", names="job.toml", needles=("line 5", "network_dim", "larger than"))
+def _(ws):
+    return ws.train(network_dim="1000000000000")
+
+
+@case("job_warmup_inf", "lr_warmup_steps = inf", names="job.toml", needles=("lr_warmup_steps", "finite"))
+def _(ws):
+    return ws.train(lr_warmup_steps="inf")
+
+
+@case("job_noise_offset_inf", "noise_offset = inf", names="job.toml", needles=("noise_offset", "finite"))
+def _(ws):
+    return ws.train(noise_offset="inf")
+
+
+@case("job_clip_skip_beyond_layers", "clip_skip = 12 on a 2-layer text encoder", names="job.toml",
+      needles=("clip_skip", "beyond the 2 layers"))
+def _(ws):
+    return ws.train(clip_skip="12")
+
+
+# ---- found before the first step, not after training -----------------------------------
+@case("job_sample_sampler_misspelt", "sample_sampler = 'eular' with sample prompts", names="job.toml",
+      needles=("sample_sampler", "unknown sampler 'eular'"))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face\n", encoding="utf-8")
+    return ws.train(sample_sampler='"eular"', sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompt_bad_size", "a sample prompt with --w 20", names="prompts.txt",
+      needles=("prompt 1", "width", "multiple of 8"))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face --w 20 --h 16\n", encoding="utf-8")
+    return ws.train(sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompt_unknown_sampler", "a sample prompt with --ss nosuch", names="prompts.txt",
+      needles=("unknown sampler 'nosuch'",))
+def _(ws):
+    (ws.root / "prompts.txt").write_text("a face --ss nosuch\n", encoding="utf-8")
+    return ws.train(sample_prompts=_q(ws.root / "prompts.txt"), sample_every_n_steps="1")
+
+
+@case("job_sample_prompts_missing", "sample_prompts names a file that does not exist", names="nope.txt",
+      needles=("prompt file not found",))
+def _(ws):
+    return ws.train(sample_prompts=_q(ws.root / "nope.txt"), sample_every_n_steps="1")
+
+
+# ---- job paths ------------------------------------------------------------------------------
+@case("job_output_dir_is_a_file", "output_dir = an existing file", names="job.toml",
+      needles=("line 6", "output_dir", "existing file"))
+def _(ws):
+    return ws.train(output_dir=_q(ws.out / "previous.safetensors"))
+
+
+@case("job_output_dir_unwritable", "output_dir under /proc (cannot be written)", names="job.toml",
+      needles=("output_dir", "cannot write"))
+def _(ws):
+    return ws.train(output_dir='"/proc/difflora-out"')
+
+
+@case("job_logging_dir_is_a_file", "logging_dir = an existing file, log_with = tensorboard", names="job.toml",
+      needles=("logging_dir", "existing file"))
+def _(ws):
+    return ws.train(log_with='"tensorboard"', logging_dir=_q(ws.out / "previous.safetensors"))
+
+
+@case("job_data_symlink_loop", "train_data_dir is a symlink loop", names="job.toml",
+      needles=("train_data_dir", "symlink loop"))
+def _(ws):
+    os.symlink(ws.root / "loop_b", ws.root / "loop_a")
+    os.symlink(ws.root / "loop_a", ws.root / "loop_b")
+    return ws.train(train_data_dir=_q(ws.root / "loop_a"))
+
+
+@case("job_output_name_too_long", "output_name of 240 characters", names="job.toml",
+      needles=("output_name", "200 bytes"))
+def _(ws):
+    return ws.train(output_name=_q("n" * 240))
+
+
+# ---- resume against a changed job or a damaged state -------------------------------------------
+def _state(ws: Workspace, shapes: dict | None = None, drop: str | None = None, extra_ref: str | None = None) -> None:
+    """A training state in out/last-state as a run saves it (hand-made: the tests need no training)."""
+    import torch
+
+    from difflora.statefile import save_state
+
+    state = {"stage_index": 0, "stage_name": "main", "step": 1, "network": {"w": torch.zeros(2)},
+             "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "completed": {},
+             "fingerprint": "x", "session_id": 1, "started": 0.0, "params": "current"}
+    if shapes is not None:
+        state["shapes"] = shapes
+    if drop:
+        del state[drop]
+    save_state(ws.out / "last-state", state)
+    if extra_ref:
+        index = ws.out / "last-state" / "state.json"
+        meta = json.loads(index.read_text())
+        meta["tree"]["network"]["extra"] = {"__tensor__": extra_ref}
+        index.write_text(json.dumps(meta))
+
+
+_SHAPES = {"method": "standard", "network_dim": 2, "conv_dim": None, "network_train_unet_only": False,
+           "network_train_text_encoder_only": False, "network_only_if_contains": [], "network_ignore_if_contains": [],
+           "per_pair_average": False, "optimizer_type": "AdamW"}
+
+
+@case("resume_changed_network_dim", "--resume with network_dim 8 from a state made with 2", names="last-state",
+      needles=("cannot resume", "network_dim = 2 there, 8 in this job"))
+def _(ws):
+    _state(ws, _SHAPES)
+    return ws.train("--resume", network_dim="8")
+
+
+@case("resume_changed_method", "--resume with method copier from a standard run's state", names="last-state",
+      needles=("cannot resume", "method = 'standard' there, 'copier' in this job"))
+def _(ws):
+    _state(ws, _SHAPES)
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    for i in range(2):
+        write_image(pairs / f"{i:03d}.png", _face(i))
+        write_image(pairs / f"{i:03d}_after.png", _face(i + 10))
+    return ws.train("--resume", method='"copier"', train_data_dir=_q(pairs))
+
+
+@case("resume_changed_optimizer", "--resume with optimizer_type SGD from an AdamW state", names="last-state",
+      needles=("cannot resume", "optimizer_type = 'AdamW' there, 'SGD'"))
+def _(ws):
+    _state(ws, _SHAPES)
+    return ws.train("--resume", optimizer_type='"SGD"')
+
+
+@case("resume_old_state_wrong_shapes", "--resume from a state (without recorded settings) whose tensors do not fit",
+      names="last-state", needles=("cannot resume", "does not fit this job's LoRA"))
+def _(ws):
+    _state(ws)
+    return ws.train("--resume")
+
+
+@case("resume_state_missing_tensor", "--resume from a state.json that points at a tensor the file lacks",
+      names="last-state", needles=("damaged", "s.network.gone", "does not hold"))
+def _(ws):
+    _state(ws, _SHAPES, extra_ref="s.network.gone")
+    return ws.train("--resume")
+
+
+@case("resume_state_missing_part", "--resume from a state without its optimizer part", names="last-state",
+      needles=("damaged", "has no optimizer"))
+def _(ws):
+    _state(ws, _SHAPES, drop="optimizer")
+    return ws.train("--resume")
 
 
 # ---------------------------------------------------------------------------- writing it out

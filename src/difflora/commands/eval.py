@@ -28,6 +28,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from .. import validate
     from ..errors import UserError
     from ..toy.evaluate import METHOD_ROWS, TASKS, eval_job, evaluate, markdown_table
 
@@ -37,6 +38,13 @@ def run(args) -> int:
         pairs = [int(x) for x in args.pairs.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--pairs takes comma-separated integers, got {args.pairs!r}") from None
+    if not pairs:
+        raise UserError("--pairs needs at least one pair count")
+    for n in pairs:
+        validate.at_least(n, 1, "--pairs")
+    validate.at_least(args.m, 1, "--m")
+    validate.seed(args.seed)
+    validate.output_folder(args.out, "--out")
     overrides = args.overrides
     for method in methods:  # a bad --set stops here, before minutes of training
         eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from .. import validate
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,24 @@ def parse_sweep(text: str) -> list[float]:
         raise UserError(f"--sweep takes comma-separated numbers, got {text!r}") from None
     if not values:
         raise UserError("--sweep needs at least one multiplier")
+    for v in values:
+        validate.finite(v, "--sweep multiplier")
     return values
+
+
+def check_args(args) -> None:
+    """Every option, before the model is loaded."""
+    validate.at_least(args.steps, 1, "--steps")
+    validate.at_least(args.n_images, 1, "--n-images")
+    validate.seed(args.seed)
+    validate.seed(args.seed + args.n_images - 1, "--seed + --n-images - 1")
+    validate.finite(args.cfg, "--cfg")
+    validate.image_size(args.width, "--width")
+    validate.image_size(args.height, "--height")
+    validate.sampler(args.sampler)
+    if args.clip_skip is not None:
+        validate.at_least(args.clip_skip, 1, "--clip-skip")
+    validate.output_folder(args.out, "--out")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,15 +95,22 @@ def image_name(prompt_index: int, seed: int, column: int | None, multiplier: flo
 
 def run(args) -> int:
     from ..data.prompts import SamplePrompt, load_prompt_file
-    from ..generate import GenerationRequest, generate, make_grid, parameters_text, save_png, weight_label
+    from ..fileio import make_parent, refuse_overwriting_inputs
+    from ..generate import (GenerationRequest, NonFiniteImage, generate, make_grid, parameters_text, save_png,
+                            weight_label)
     from ..network.apply import network_from_file
 
+    check_args(args)
     prompts = [SamplePrompt(prompt=p, negative=args.negative, seed=None, cfg=args.cfg, steps=args.steps) for p in args.prompt]
     if args.from_file:
-        prompts += load_prompt_file(args.from_file)
+        file_prompts = load_prompt_file(args.from_file)
+        validate.sample_prompts(file_prompts, args.from_file, args.sampler)
+        prompts += file_prompts
     if not prompts:
         raise UserError("give at least one --prompt or --from-file")
     loras = [parse_lora_arg(x) for x in args.lora]
+    for path, mult in loras:
+        validate.finite(mult, f"--lora {path}: multiplier")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and not loras:
         raise UserError("--sweep needs a --lora to sweep")
@@ -96,13 +121,18 @@ def run(args) -> int:
         names = [image_name(pi, s, ci, c) for s in seeds for ci, c in enumerate(columns)]
         plan.append((pi, sp, seeds, names + ([f"{pi:03d}_grid.png"] if sweep else [])))
     out = Path(args.out)
+    inputs = [args.from_file, args.model] + [path for path, _ in loras]
+    for _, _, _, names in plan:  # every file this run writes, against every file it reads
+        for n in names:
+            refuse_overwriting_inputs(out / n, inputs, "--out")
     existing = [out / n for _, _, _, names in plan for n in names if (out / n).exists()]
     if existing and not args.overwrite:
         raise UserError(f"{len(existing)} output image(s) already exist (first: {existing[0].name}); pass --overwrite "
                         "or choose another --out", path=out)
     model = load_model_from_args(args)
+    validate.clip_skip(model, args.clip_skip)
     networks = [network_from_file(model, path, mult) for path, mult in loras]
-    out.mkdir(parents=True, exist_ok=True)
+    make_parent(out / "x")
     model_name = Path(model.source).name
     written = 0
     from tqdm import tqdm
@@ -118,7 +148,10 @@ def run(args) -> int:
         )
         if sweep:
             req.multipliers[len(networks) - 1] = [c for _, c in entries]
-        images = generate(model, networks, req)
+        try:
+            images = generate(model, networks, req)
+        except NonFiniteImage as e:
+            raise NonFiniteImage(e.message, path=loras[e.network][0] if e.network is not None else None) from None
         for (seed, col), img, name in zip(entries, images, names):
             used = [(p, (col if (sweep and i == len(loras) - 1) else m)) for i, (p, m) in enumerate(loras)]
             params = parameters_text(sp.prompt, sp.negative, req.steps, req.sampler, req.cfg, seed,

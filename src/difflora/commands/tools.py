@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .. import validate
+from ..fileio import refuse_overwriting_inputs
+
 PRECISIONS = ("float", "fp16", "bf16")
 
 
@@ -132,8 +135,21 @@ def _clamp(args) -> float | None:
     return None if args.no_clamp else args.clamp_quantile
 
 
+def _check_output(save_to, inputs) -> None:
+    """--save-to can be written and is none of the inputs (nor inside an input folder)."""
+    refuse_overwriting_inputs(save_to, inputs)
+    validate.output_file(save_to, "--save-to")
+
+
 def run_merge(args) -> int:
     from ..tools.merge import merge_files
+
+    validate.seed(args.seed)
+    if args.model is None:
+        _check_output(args.save_to, args.models)
+    else:  # the merged model may be a folder; merge_files checks its form
+        validate.path_text(args.save_to, "--save-to")
+        refuse_overwriting_inputs(args.save_to, [args.model, *args.models])
 
     info = merge_files(args.models, args.ratios, args.save_to, model=args.model, mode=args.mode, concat=args.concat,
                        shuffle=args.shuffle, seed=args.seed, precision=args.precision,
@@ -149,6 +165,8 @@ def run_merge(args) -> int:
 def run_svd_merge(args) -> int:
     from ..tools.svd_merge import svd_merge_files
 
+    _check_output(args.save_to, args.models)
+
     info = svd_merge_files(args.models, args.ratios, args.save_to, new_rank=args.new_rank,
                            new_conv_rank=args.new_conv_rank, clamp_quantile=_clamp(args), device=args.device,
                            save_precision=args.save_precision, model=args.base_model, allow_pickle=args.allow_pickle)
@@ -162,6 +180,12 @@ def run_svd_merge(args) -> int:
 def run_extract(args) -> int:
     from ..tools.extract import extract_files
 
+    validate.finite(args.min_diff, "--min-diff")
+    if args.min_diff < 0:
+        raise validate.UserError(f"--min-diff must be 0 or more, got {args.min_diff}")
+    if args.save_to is not None:
+        _check_output(args.save_to, [args.model_org, args.model_tuned])
+
     info = extract_files(args.model_org, args.model_tuned, args.save_to, dim=args.dim, conv_dim=args.conv_dim,
                          clamp_quantile=_clamp(args), min_diff=args.min_diff, device=args.device,
                          load_precision=args.load_precision, save_precision=args.save_precision,
@@ -173,6 +197,8 @@ def run_extract(args) -> int:
 
 def run_resize(args) -> int:
     from ..tools.resize import format_stats, resize_file
+
+    _check_output(args.save_to, [args.model])
 
     info, stats = resize_file(args.model, args.save_to, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                               dynamic=args.dynamic, param=args.param, rule=args.dynamic_rule, device=args.device,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..errors import UserError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from ..toy import faces
@@ -249,10 +250,13 @@ def cmd_judge(args) -> int:
     from ..toy.judge import DEFAULT_PATH, load_judge
 
     folder: Path = args.dir
+    if os.path.lexists(folder):  # a symlink loop, an unreadable folder
+        validate.input_folder(folder, "DIR")
     if not folder.exists():
         raise UserError("folder not found", path=folder)
     if not folder.is_dir():
         raise UserError("is not a folder", path=folder)
+    validate.output_file(args.json if args.json is not None else folder / "judge.json", "--json")
     files = _find_images(folder, args.recursive)
     grids = [p for p in files if _is_grid(p)]
     if grids:
@@ -319,7 +323,12 @@ def cmd_train_base(args) -> int:
 
     from ..toy.train_base import BaseTrainConfig, export_checkpoint, train_base
 
-    out, work = Path(args.out), Path(args.work)
+    for option, value in (("--vae-steps", args.vae_steps), ("--unet-steps", args.unet_steps),
+                          ("--n-images", args.n_images)):
+        if value is not None:
+            validate.at_least(value, 1, option)
+    validate.seed(args.seed)
+    out, work = validate.output_folder(args.out, "--out"), validate.output_folder(args.work, "--work")
     if args.export_only:
         export_checkpoint(work, out)
     else:

@@ -56,28 +56,49 @@ def parse_prompt_line(line: str, source: str = "prompt") -> SamplePrompt:
     return sp
 
 
+def _json_prompt(item: dict, index: int, path: Path) -> SamplePrompt:
+    def number(key: str, kind, default=None):
+        value = item.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise UserError(f"entry {index}: {key} must be {'a whole number' if kind is int else 'a number'}, "
+                            f"got {value!r}", path=path)
+        return kind(value)
+
+    sampler = item.get("sample_sampler")
+    if sampler is not None and not isinstance(sampler, str):
+        raise UserError(f"entry {index}: sample_sampler must be a name, got {sampler!r}", path=path)
+    return SamplePrompt(prompt=item["prompt"], negative=str(item.get("negative_prompt", "")),
+                        width=number("width", int), height=number("height", int), seed=number("seed", int),
+                        cfg=number("scale", float, 7.5), steps=number("sample_steps", int, 30), sampler=sampler)
+
+
 def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
     path = Path(path)
     if not path.exists():
         raise UserError("prompt file not found", path=path)
+    if path.is_dir():
+        raise UserError("is a folder, expected a prompt file (.txt or .json)", path=path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError("prompt file is not UTF-8 text", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file ({e.strerror})", path=path) from None
     if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)
         except ValueError as e:
             raise UserError(f"invalid JSON ({e})", path=path) from None
+        if not isinstance(items, list):
+            raise UserError("a JSON prompt file holds a list of prompts", path=path)
         out = []
-        for item in items:
+        for i, item in enumerate(items, 1):
             if isinstance(item, str):
                 out.append(parse_prompt_line(item, str(path)))
-            elif isinstance(item, dict) and "prompt" in item:
-                out.append(SamplePrompt(prompt=item["prompt"], negative=item.get("negative_prompt", ""),
-                                        width=item.get("width"), height=item.get("height"), seed=item.get("seed"),
-                                        cfg=float(item.get("scale", 7.5)), steps=int(item.get("sample_steps", 30)),
-                                        sampler=item.get("sample_sampler")))
+            elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                out.append(_json_prompt(item, i, path))
             else:
                 raise UserError("each JSON entry must be a string or an object with 'prompt'", path=path)
         return out

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..fileio import make_temp_dir
 
 TEXT_MODEL_PREFIX = "text_model."
 _CLIP_ARCHITECTURES = ("CLIPTextModel",)  # CLIPTextModelWithProjection still saves text_model.*
@@ -56,8 +56,7 @@ def save_pipeline_folder(pipe, path: str | os.PathLike, dtype: torch.dtype | Non
     path = Path(path)
     if path.exists():
         raise UserError("output folder already exists; choose another path", path=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path)  # beside the target, umask permissions; stale ones from killed saves are removed
     try:
         if dtype is not None:
             pipe.to(dtype=dtype)

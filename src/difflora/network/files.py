@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 
 from ..dtypes import dtype_named
 from ..errors import UserError
-from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors
+from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors, require_finite
 from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, by_module, detect, group_modules, is_kohya_lora,
                        module_rank_alpha, module_shapes)
 from .metadata import describe_plain_lora
@@ -106,6 +106,7 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
     if path.suffix.lower() != ".safetensors":
         raise UserError("LoRA files are written as .safetensors", path=path)
     out = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous() for k, v in tensors.items()}
+    require_finite(out, path, "LoRA")
     md = {k: str(v) for k, v in (metadata or {}).items()}
     modules = [(detect(parts), parts) for parts in by_module(out).values()]
     dims = {cls.rank_of(module_shapes(parts)) for cls, parts in modules if cls is not None}

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fileio import require_finite
 from ..network import lowrank
 from ..network.adapters import module_dense
 from ..network.apply import check_lora_fits
@@ -190,5 +191,7 @@ def _merge_into_model_files(model_path: Path, models, ratios, save_to: Path, mat
     loras = load_loras(models)
     m = load_model(model_path, dtype=math_dtype, allow_pickle=allow_pickle)
     n = merge_into_model(m, loras, ratios)
+    merged = {t.name: t.module.weight.detach().to(out_dtype) for t in m.lora_targets(conv=True)}
+    require_finite(merged, save_to, "merged model")
     m.save(save_to, single_file=single, dtype=out_dtype)
     return {"output": str(save_to), "modules": n, "form": "single file" if single else "diffusers folder"}

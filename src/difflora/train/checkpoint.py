@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from ..network.files import save_dtype, save_lora
 from ..statefile import save_state
 from .events import CheckpointWritten, EventBus
 from .metadata import RunMetadata
+
+
+# Job keys that decide which modules the LoRA has, their ranks, and what the optimizer state holds.
+_SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
+               "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
+               "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
+               "network_dora", "network_module", "network_args")
+# What a state must hold to be resumed from.
+_STATE_KEYS = ("stage_index", "stage_name", "step", "network", "optimizer", "scheduler", "completed")
+
+
+def shape_settings(job) -> dict:
+    """The job's values that fix the shapes of what is trained (the method table's ranks included)."""
+    out = {key: getattr(job, key, None) for key in _SHAPE_KEYS}
+    table = getattr(job, str(job.method), None)
+    if table is not None and hasattr(table, "model_dump"):
+        out.update({f"{job.method}.{k}": v for k, v in table.model_dump().items() if "dim" in k or "rank" in k})
+    return out
+
+
+def check_resumable(state: dict, job, state_dir) -> None:
+    """Refuse a state this job cannot continue: parts missing, or made with settings that change shapes."""
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise UserError(f"training state is damaged: it has no {', '.join(missing)}", path=state_dir,
+                        hint="start again without --resume")
+    saved = state.get("shapes")
+    if not isinstance(saved, dict):
+        return  # a state from before this check: the shapes are compared when its tensors are loaded
+    now = shape_settings(job)
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        what = "; ".join(f"{k} = {saved[k]!r} there, {now[k]!r} in this job" for k in differ)
+        raise UserError(f"cannot resume: the state was made with other settings that change what is trained ({what})",
+                        path=state_dir, hint="resume with the job it was made with, or start again without --resume")
 
 
 class Checkpointer:
@@ -41,7 +77,7 @@ class Checkpointer:
                 "scheduler": progress.scheduler.state_dict(),
                 "completed": {k: v.state_dict() for k, v in results.items()},
                 "fingerprint": self.fingerprint, "session_id": self.metadata.session_id,
-                "started": self.metadata.started, "params": params_are,
+                "started": self.metadata.started, "params": params_are, "shapes": shape_settings(self.run.job),
             })
             state_dir = self.run.state_dir
         self.events.emit(CheckpointWritten(step=global_step, lora=str(lora) if lora else None,

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import create_exclusive, pid_alive
 
 log = logging.getLogger(__name__)
 
 
 class OutputLock:
-    """The lock is created atomically (O_CREAT | O_EXCL). A lock whose process is gone (same host) is
+    """The lock is created atomically with its content (fileio.create_exclusive). A lock whose process is gone (same host) is
     stale and taken over; a lock from another host is respected, since its process cannot be checked.
     With ignore=True (--ignore-lock) the run proceeds without taking the lock and leaves the other run's alone.
     """
@@ -35,41 +36,23 @@ class OutputLock:
         return pid_alive(int(info.get("pid", -1))), info
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.ignore:
             log.warning("--ignore-lock: not taking %s", self.path)
             return self
         payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                alive, info = self._holder()
-                if alive:
-                    raise UserError(f"another training run (pid {info.get('pid', '?')} on {info.get('host', '?')}) is "
-                                    "writing to this folder; wait for it, choose another output_dir/output_name, or "
-                                    "pass --ignore-lock", path=self.path) from None
-                log.warning("removing a stale lock left by pid %s", info.get("pid"))
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-            self.held = True
-            return self
+            if create_exclusive(self.path, payload):  # never half-written: a full disk leaves no lock
+                self.held = True
+                return self
+            alive, info = self._holder()
+            if alive:
+                raise UserError(f"another training run (pid {info.get('pid', '?')} on {info.get('host', '?')}) is "
+                                "writing to this folder; wait for it, choose another output_dir/output_name, or "
+                                "pass --ignore-lock", path=self.path) from None
+            log.warning("removing a stale lock left by pid %s", info.get("pid"))
+            self.path.unlink(missing_ok=True)
         raise UserError("could not take the output lock (another run keeps creating it)", path=self.path)
 
     def __exit__(self, *exc):
         if self.held:
             self.path.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..errors import TrainingStopped, UserError
 from ..statefile import load_state
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, check_resumable
 from .curve import LossCurve
 from .events import EventBus, Failed, Finished, Listener
 from .listeners import LogLines, ProgressBar, TensorBoard
@@ -45,12 +47,19 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
     stop = stop or StopRequest()
     events = EventBus(listeners)
     try:
-        run = prepare(job, resume)
-        with OutputLock(run.out_dir, job.output_name, ignore_lock) if run.is_main else contextlib.nullcontext(), \
+        validate.job(job, getattr(job, "_source", None))  # every value, path and prompt, before anything is loaded
+        # The lock first, held to the end: the output-exists check in prepare() and every write happen under it,
+        # so a second run cannot pass the check, wait, and then replace this run's LoRA.
+        main = int(os.environ.get("RANK", "0")) == 0
+        with OutputLock(Path(job.output_dir), job.output_name, ignore_lock) if main else contextlib.nullcontext(), \
                 signals_request(stop):
+            state_dir = Path(job.output_dir) / f"{job.output_name}-state" if resume == "auto" else resume
+            state = load_state(state_dir) if state_dir else None  # a state that cannot be resumed stops here
+            if state is not None:
+                check_resumable(state, job, state_dir)
+            run = prepare(job, resume)
             run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
                                    encode=job.cache_latents or job.cache_latents_to_disk)
-            state = load_state(run.resume) if run.resume else None
             if state is not None and state.get("fingerprint") != job_fingerprint(job):
                 log.warning("resuming with changed settings; the result will differ from an uninterrupted run")
             started = float(state["started"]) if state else time.time()

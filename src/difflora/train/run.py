@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..config import apply_family_defaults
 from ..data.dataset import TrainingData
 from ..errors import UserError
@@ -79,6 +80,7 @@ def prepare(job, resume: str | None = None) -> Run:
                        prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip,
                        zero_terminal_snr=job.zero_terminal_snr or None)
     apply_family_defaults(job, model.family)
+    validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
     model.to(accelerator.device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:

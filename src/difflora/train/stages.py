@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.dataset import seed_of
-from ..errors import TrainingStopped
+from ..errors import TrainingStopped, UserError
 from ..methods import Stage, StepContext
 from ..network.lora import LoRANetwork
 from .batches import all_reduce, any_process, batch_at, make_batch
@@ -30,6 +30,7 @@ class StageProgress:
     multi_stage: bool
     allowed: set[int] | None  # ids of the unique items this stage sees (None: all)
     params: list
+    verified: list | None = None  # the weights a step last computed a finite loss and gradient from
 
 
 class StageRunner:
@@ -57,6 +58,9 @@ class StageRunner:
         return self.results
 
     def _restore_finished(self, stage: Stage) -> None:
+        if stage.name not in self.state["completed"]:
+            raise UserError(f"training state is damaged: it has no weights for the finished stage {stage.name}",
+                            path=self.run.resume, hint="start again without --resume")
         net = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), self.state["completed"][stage.name])
         self.results[stage.name] = net.to(self.run.device).apply_to()
         net.requires_grad_(False)
@@ -73,9 +77,14 @@ class StageRunner:
         scheduler = make_scheduler(job.lr_scheduler, optimizer, stage.steps, job.lr_warmup_steps,
                                    job.lr_scheduler_num_cycles, job.lr_scheduler_power)
         if self.state is not None:  # resuming inside this stage
-            network.load_state_dict(self.state["network"])
-            optimizer.load_state_dict(self.state["optimizer"])
-            scheduler.load_state_dict(self.state["scheduler"])
+            try:
+                network.load_state_dict(self.state["network"])
+                optimizer.load_state_dict(self.state["optimizer"])
+                scheduler.load_state_dict(self.state["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UserError(f"cannot resume: the state does not fit this job's LoRA or optimizer "
+                                f"({' '.join(str(e).split())[:300]})", path=run.resume,
+                                hint="resume with the job it was made with, or start again without --resume") from None
         # Text-encoder LoRAs in training: encode every step. Otherwise cache (earlier stages' TE LoRAs are fixed).
         run.encode.reset(trains_text_encoder=any(
             p.requires_grad for n, lora in network.named_children()
@@ -150,13 +159,53 @@ class StageRunner:
         step_loss = all_reduce(sp.params, step_loss, run.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(sp.params, job.max_grad_norm if job.max_grad_norm > 0 else float("inf"))
         if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):
+            self._stop_non_finite(sp, step, "loss" if not torch.isfinite(step_loss) else "gradient")
+        sp.verified = [p.detach().clone() for p in sp.params]  # a finite loss and gradient came from these
+        sp.optimizer.step()
+        sp.scheduler.step()
+        if not all(bool(torch.isfinite(p).all()) for p in sp.params):
+            self._stop_non_finite(sp, step, "weights after the update", updated=True)
+        return float(step_loss)
+
+    def _stop_non_finite(self, sp: StageProgress, step: int, what: str, updated: bool = False) -> None:
+        """Save the last weights known to be good as <name>-last-good, then stop.
+
+        The weights before a failing step are kept (with the state, so --resume continues) when
+        they still give a finite loss, as after a one-off fault. When they do not (the previous
+        update ruined them: a learning rate far too high), or the update itself made them
+        non-finite, the weights of the last step that computed a finite loss are saved instead,
+        and the state on disk stays the last regular one.
+        """
+        name = f"{self.run.job.output_name}-last-good.safetensors"
+        tips = "Try a lower learning_rate, max_grad_norm = 1.0, or mixed_precision = 'no'/'bf16'"
+        if not updated and self._loss_is_finite(sp, step):
             self.checkpointer.save(sp, self.results, step, "last-good", with_state=True,
                                    params_are="before the failing step")
             raise TrainingStopped(
-                f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'} at step {step + 1} of "
-                f"stage {stage.name}; training stopped and the weights before that step were saved "
-                f"({job.output_name}-last-good.safetensors and the state for --resume); earlier saves are "
-                "untouched. Try a lower learning_rate, max_grad_norm = 1.0, or mixed_precision = 'no'/'bf16'")
-        sp.optimizer.step()
-        sp.scheduler.step()
-        return float(step_loss)
+                f"non-finite {what} at step {step + 1} of stage {sp.stage.name}; training stopped and the weights "
+                f"before that step were saved ({name} and the state for --resume); earlier saves are untouched. {tips}")
+        if sp.verified is None:
+            raise TrainingStopped(f"non-finite {what} at step {step + 1} of stage {sp.stage.name}, from the starting "
+                                  f"weights; nothing was saved. {tips}")
+        with torch.no_grad():
+            for p, good in zip(sp.params, sp.verified):
+                p.copy_(good)
+        good_step = step if updated else step - 1
+        self.checkpointer.save(sp, self.results, good_step, "last-good", with_state=False)
+        raise TrainingStopped(
+            f"non-finite {what} at step {step + 1} of stage {sp.stage.name}; training stopped and the last weights "
+            f"that gave a finite loss (from before step {good_step + 1}) were saved as {name}; the state for "
+            f"--resume is the last regular save. {tips}")
+
+    @torch.no_grad()
+    def _loss_is_finite(self, sp: StageProgress, step: int) -> bool:
+        """The current weights' loss on the failing step's first batch, computed again."""
+        run, job = self.run, self.run.job
+        if not all(bool(torch.isfinite(p).all()) for p in sp.params):
+            return False
+        epoch, global_batch = batch_at(run.data, step * job.gradient_accumulation_steps, run.world, sp.allowed)
+        batch = make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, 0, epoch,
+                           sp.stage.timesteps, run.model)
+        ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode)
+        with run.accelerator.autocast():
+            return bool(torch.isfinite(sp.stage.loss(ctx, batch).mean()))
