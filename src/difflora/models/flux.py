@@ -195,6 +195,36 @@ class FluxModel(ModelFamily):
                     out.append(LoRATarget(f"lora_te3_{name}".replace(".", "_"), lin, "t5xxl"))
         return out
 
+    def adapt_lora_file(self, lora):
+        """Check a LoRA file is for FLUX.1 (this variant) and bring diffusers/ai-toolkit names to kohya's."""
+        from ..fileio import load_safetensors as _load
+        from ..network.files import LoraFile
+        from .flux_lora import diffusers_to_kohya, is_diffusers_flux_lora
+
+        version = lora.metadata.get("ss_base_model_version", "")
+        if version and not version.startswith("flux"):
+            raise UserError(f"LoRA was trained for {version} (ss_base_model_version), not FLUX.1", path=lora.path)
+        if lora.source_format == "peft":
+            raw, md = _load(lora.path)
+            if not is_diffusers_flux_lora(raw):
+                raise UserError("peft-format LoRA without FLUX transformer keys: it was made for another model",
+                                path=lora.path)
+            alpha = None
+            try:
+                alpha = json.loads(md.get("lora_adapter_metadata", "{}")).get("lora_alpha")
+            except (ValueError, AttributeError):
+                pass
+            lora = LoraFile(diffusers_to_kohya(raw, self.transformer.params, lora.path, alpha), lora.metadata,
+                            lora.path, "diffusers")
+        names = lora.module_names()
+        sd_like = [n for n in names if re.match(r"lora_unet_(down|up|mid|input|output|middle)_block", n)]
+        if sd_like:
+            raise UserError(f"this is a Stable Diffusion / SDXL LoRA ({sd_like[0]}), not a FLUX.1 LoRA", path=lora.path)
+        if self.variant == "schnell" and any(n.startswith("lora_unet_guidance_in") for n in names):
+            raise UserError("LoRA trains FLUX.1-dev's guidance embedder (lora_unet_guidance_in_*), which FLUX.1-schnell "
+                            "does not have; train it without embedders for schnell", path=lora.path)
+        return lora
+
     # ---- conditioning
     def _tokens(self, tokenizer, prompts: list[str], max_len: int):
         return tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
