@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from difflora.errors import UserError
-from difflora.models.flux import (FluxOptions, build_flux_on_meta, image_ids, load_flux, pack_latents,
-                                  save_component_files, unpack_latents)
+from difflora.models.flux import FluxOptions, image_ids, pack_latents, unpack_latents
+from difflora.models.flux_files import build_flux_on_meta, load_flux, save_component_files
 from difflora.models.flux_convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                                           params_from_diffusers_config)
 from difflora.models.flux_transformer import FluxTransformer
@@ -334,6 +334,12 @@ def test_single_file_without_components_names_the_missing_key(flux_files):
         load_flux(flux_files["bfl"], clip_l=flux_files["clip_l"], ae=flux_files["ae"])
     with pytest.raises(UserError, match="`clip_l`"):
         load_flux(flux_files["bfl"], t5xxl=flux_files["t5xxl"], ae=flux_files["ae"])
+    bare = load_flux(flux_files["bfl"])  # transformer only: enough for merge / extract / inspect
+    assert len(bare.lora_targets(conv=True)) == 2 * 10 + 2 * 3 + 8
+    with pytest.raises(UserError, match="`clip_l`, `t5xxl`, `ae`"):
+        bare.check_complete()
+    with pytest.raises(UserError, match="`ae`"):
+        bare.encode_images(torch.zeros(1, 3, 16, 16))
 
 
 def test_flux2_and_kontext_layouts_say_what_is_supported(flux_files, tmp_path):
