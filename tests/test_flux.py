@@ -381,3 +381,41 @@ def test_wrong_loras_for_flux_are_refused(tiny_flux, tmp_path):
     save_lora(guided.kohya_state_dict(), tmp_path / "dev_guidance.safetensors", dev.lora_metadata())
     with pytest.raises(UserError, match="guidance embedder"):
         network_from_file(schnell, tmp_path / "dev_guidance.safetensors")
+
+
+# ------------------------------------------------------------------ methods on flow matching
+def test_addift_loss_on_flux_equals_its_formula(tiny_flux):
+    """ADDifT on a flow-matching model: the LoRA's velocity on the noised "after" image is regressed onto the
+    frozen model's velocity on the noised "before" image (same ε and σ); odd steps swap images and use -m."""
+    from types import SimpleNamespace
+
+    from difflora.config import AddiftOptions
+    from difflora.methods.addift import addift_loss
+    from difflora.methods.base import Batch, StepContext
+
+    net = _random_lora(tiny_flux, NetworkSpec(network_dim=4, network_alpha=4, train_text_encoder=False)).apply_to()
+    try:
+        g = torch.Generator().manual_seed(5)
+        before, after, eps = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+        t = torch.tensor([620.0, 910.0])  # σ = 0.62, 0.91
+        captions = ["a face, red hair", "a face, brown hair"]
+        opts = AddiftOptions(multiplier=0.25, captions="fixed_roles", min_timestep=500, max_timestep=1000)
+        job = SimpleNamespace(addift=opts, min_snr_gamma=0)
+        ctx_of = lambda step: StepContext(tiny_flux, net, job, step, tiny_flux.encode_prompts)  # noqa: E731
+        batch_of = lambda step: Batch({"x": before, "after": after}, {"x": captions, "after": captions}, eps, t,  # noqa: E731
+                                      torch.ones(2), step=step)
+        sig = (t / 1000).view(-1, 1, 1, 1)
+        q = lambda x: (1 - sig) * x + sig * eps  # noqa: E731
+        cond = tiny_flux.encode_prompts(captions)
+        for step, (frozen_in, lora_in, m) in ((0, (q(before), q(after), 0.25)), (1, (q(after), q(before), -0.25))):
+            loss = addift_loss(ctx_of(step), batch_of(step))
+            with torch.no_grad():
+                net.set_multiplier(0.0)
+                target = tiny_flux.predict(frozen_in, t, cond)
+                net.set_multiplier(m)
+                pred = tiny_flux.predict(lora_in, t, cond)
+            expected = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+            assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-7), (step, loss, expected)
+            assert float(loss.detach().mean()) > 1e-4
+    finally:
+        net.remove()
