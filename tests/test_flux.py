@@ -419,3 +419,24 @@ def test_addift_loss_on_flux_equals_its_formula(tiny_flux):
             assert float(loss.detach().mean()) > 1e-4
     finally:
         net.remove()
+
+
+def test_generate_sweep_on_flux_per_sample_multipliers(tiny_flux):
+    """generate.py on FLUX: a -1/0/+1 sweep in one batch equals three separate runs."""
+    from difflora.generate import GenerationRequest, generate
+
+    net = _random_lora(tiny_flux, NetworkSpec(network_dim=4, network_alpha=4)).apply_to()
+    try:
+        req = GenerationRequest(prompts=["a face"] * 3, seeds=[7] * 3, steps=3, width=32, height=32)
+        req.multipliers = {0: [-1.0, 0.0, 1.0]}
+        swept = generate(tiny_flux, [net], req, output="float")
+        alone = []
+        for m in (-1.0, 0.0, 1.0):
+            one = GenerationRequest(prompts=["a face"], seeds=[7], steps=3, width=32, height=32)
+            one.multipliers = {0: [m]}
+            alone.append(generate(tiny_flux, [net], one, output="float")[0])
+    finally:
+        net.remove()
+    for a, b in zip(swept, alone):
+        assert abs(a - b).max() < 1e-4
+    assert abs(swept[0] - swept[2]).max() > 1e-3

@@ -43,6 +43,8 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
     n = len(req.prompts)
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
+    if hasattr(model, "generate_request"):  # families with their own sampler (FLUX: flow-matching Euler)
+        return model.generate_request(networks, req, batch_size, output)
     negative = req.negative or [""] * n
     width = req.width or model.resolution
     height = req.height or model.resolution

@@ -320,6 +320,24 @@ class FluxModel(ModelFamily):
         img = self.decode_latents(lat).float().clamp(-1, 1)
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
+    @torch.no_grad()
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8") -> list[np.ndarray]:
+        """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
+        so per-sample LoRA multipliers apply to text encoders and transformer alike."""
+        self.check_complete()
+        out = []
+        for start in range(0, len(req.prompts), batch_size):
+            sl = slice(start, min(len(req.prompts), start + batch_size))
+            for i, net in enumerate(networks):
+                values = req.multipliers.get(i)
+                if values is not None:
+                    m = torch.tensor(values[sl], dtype=torch.float32)
+                    net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
+            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height)
+            out.extend(np.asarray(i, dtype=np.float32) if output == "float"
+                       else (np.clip(i, 0, 1) * 255).round().astype(np.uint8) for i in imgs)
+        return out
+
     def pipeline(self, scheduler: str = "euler"):
         raise UserError("FLUX images are made by difflora's own flow-matching Euler sampler (generate uses it)")
 
