@@ -20,6 +20,7 @@ from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
 from .network.adapters import adapter_options_of, normalise_job_keys
+from .models.flux_options import FluxJobOptions
 from .options import Strict
 
 
@@ -80,12 +81,12 @@ OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
-class JobOptions(DatasetOptions):
-    """Every job key except the method tables (see JobConfig)."""
+class JobOptions(DatasetOptions, FluxJobOptions):
+    """Every job key except the method tables (see JobConfig); the FLUX keys are in models/flux_options.py."""
 
     # model
     model: str | None = None  # None: the embedded toy model
-    model_family: Literal["sd1", "sd2"] | None = None
+    model_family: Literal["sd1", "sd2", "flux"] | None = None
     v_parameterization: bool = False
     clip_skip: int | None = Field(None, ge=1)
     allow_pickle: bool = False

@@ -13,7 +13,7 @@ def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: st
     objective = ctx.model.objective
     noisy = objective.add_noise(x0, noise, t)
     pred = ctx.predict(noisy, t, ctx.encode(pair_captions(batch, caption)), multiplier=1.0)
-    loss = per_sample_mse(pred, objective.target(x0, noise, t))
+    loss = per_sample_mse(objective.prediction(pred, noisy, t), objective.target(x0, noise, t))
     return loss * batch.loss_weight * ctx.min_snr(t)
 
 

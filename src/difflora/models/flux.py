@@ -67,9 +67,21 @@ class FluxOptions:
     t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
     apply_t5_attn_mask: bool = False
     train_blocks: str = "all"
-    lora_embedders: bool = False  # kohya's in_dims: LoRA on img_in, txt_in, time_in, vector_in, guidance_in
+    lora_embedders: bool = False  # LoRA on the embedders (img_in, time_in, vector_in, guidance_in, txt_in)
+    in_dims: list[int] | None = None  # kohya's in_dims: their ranks in that order (0: none)
     train_t5xxl: bool = False
     flow: FlowMatchOptions | None = None
+
+    @classmethod
+    def from_job(cls, job) -> "FluxOptions":
+        in_dims = list(job.in_dims) if job.in_dims else None
+        if in_dims is not None and len(in_dims) != 5:
+            raise UserError(f"in_dims needs 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), got {in_dims}")
+        return cls(guidance_scale=job.guidance_scale, t5xxl_max_token_length=job.t5xxl_max_token_length,
+                   apply_t5_attn_mask=job.apply_t5_attn_mask, train_blocks=job.train_blocks,
+                   lora_embedders=bool(in_dims and any(in_dims)), in_dims=in_dims, train_t5xxl=job.train_t5xxl,
+                   flow=FlowMatchOptions(job.timestep_sampling, job.sigmoid_scale, job.discrete_flow_shift,
+                                         job.model_prediction_type))
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +122,7 @@ class FluxModel(ModelFamily):
             raise UserError(f"train_blocks must be one of {', '.join(TRAIN_BLOCKS)}, got {self.options.train_blocks!r}")
         self.objective = FluxFlowObjective(self.options.flow)
         self.compute_dtype: torch.dtype | None = None  # set when the base is stored in fp8
+        self._cached_prompts: dict[str, Conditioning] | None = None
 
     @property
     def transformer(self) -> FluxTransformer:
@@ -176,10 +189,12 @@ class FluxModel(ModelFamily):
                 if isinstance(lin, nn.Linear) and child:
                     out.append(LoRATarget(f"lora_unet_{name}.{child}".replace(".", "_"), lin, "unet"))
         if conv or o.lora_embedders:
+            ranks = dict(zip(("img_in", "time_in", "vector_in", "guidance_in", "txt_in"), o.in_dims or [None] * 5))
             for name in _EMBEDDERS:
                 lin = self.transformer.get_submodule(name) if _has(self.transformer, name) else None
-                if isinstance(lin, nn.Linear):
-                    out.append(LoRATarget(f"lora_unet_{name}".replace(".", "_"), lin, "unet"))
+                rank = ranks[name.split(".")[0]]
+                if isinstance(lin, nn.Linear) and (conv or rank != 0):
+                    out.append(LoRATarget(f"lora_unet_{name}".replace(".", "_"), lin, "unet", None if conv else rank))
         from .sd import text_encoder_lora_targets
 
         if self.text_encoders.get("clip_l") is not None:
@@ -225,6 +240,12 @@ class FluxModel(ModelFamily):
         return tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if self._cached_prompts is not None:  # cache_text_encoder_outputs: the encoders are gone
+            missing = [p for p in prompts if p not in self._cached_prompts]
+            if missing:
+                raise UserError(f"prompt {missing[0][:60]!r} was not among the cached text encoder outputs "
+                                "(cache_text_encoder_outputs encodes the dataset's captions and sample prompts)")
+            return Conditioning.cat([self._cached_prompts[p] for p in prompts]).to(self.device)
         self.require("clip_l", "t5xxl")
         clip, t5 = self.text_encoders["clip_l"], self.text_encoders["t5xxl"]
         c = self._tokens(self.clip_tokenizer, prompts, 77)
@@ -234,17 +255,36 @@ class FluxModel(ModelFamily):
         hidden = t5(t.input_ids.to(t5.device), attention_mask=mask if self.options.apply_t5_attn_mask else None).last_hidden_state
         return Conditioning({"pooled": pooled, "t5": hidden, "t5_mask": mask})
 
-    def drop_text_encoders(self) -> None:
-        """After caching every prompt: free T5-XXL (9.5 GB in bf16) and CLIP-L."""
+    def cache_text_encoder_outputs(self, captions: list[str], cache_file=None, write: bool = True) -> None:
+        """kohya's cache_text_encoder_outputs(_to_disk): encode every caption once (or read them from
+        `cache_file`, written for the same model and settings), then free T5-XXL (9.5 GB in bf16) and CLIP-L."""
+        from .flux_files import read_prompt_cache, write_prompt_cache
+
+        wanted = list(dict.fromkeys(captions))
+        key = self._prompt_cache_key()
+        cached = read_prompt_cache(cache_file, key) if cache_file is not None else {}
+        missing = [c for c in wanted if c not in cached]
+        if missing:
+            self.require("clip_l", "t5xxl")
+            with torch.no_grad():
+                for i in range(0, len(missing), 16):
+                    enc = self.encode_prompts(missing[i:i + 16]).to("cpu")
+                    for j, c in enumerate(missing[i:i + 16]):
+                        cached[c] = enc[j:j + 1]
+            if cache_file is not None and write:
+                write_prompt_cache(cache_file, key, cached)
+        self._cached_prompts = {c: cached[c] for c in wanted}
         self.text_encoders = {"clip_l": None, "t5xxl": None}
-        self._dropped = True
+        log.info("cached the text encoder outputs of %d caption(s); T5-XXL and CLIP-L freed", len(wanted))
+
+    def _prompt_cache_key(self) -> str:
+        o = self.options
+        return json.dumps({"source": self.source, "t5_len": self.t5xxl_max_token_length, "mask": o.apply_t5_attn_mask})
 
     def require(self, *keys: str) -> None:
         """Stop with a line naming the job key of each component this model was loaded without."""
         have = {"clip_l": self.text_encoders.get("clip_l"), "t5xxl": self.text_encoders.get("t5xxl"), "ae": self.vae}
         missing = [k for k in keys if have[k] is None]
-        if missing and getattr(self, "_dropped", False) and "ae" not in missing:
-            raise RuntimeError("the text encoders were dropped after caching, but a prompt is not in the cache")
         if missing:
             raise UserError(f"this FLUX transformer was loaded without {', '.join('`' + k + '`' for k in missing)}: "
                             "set the clip_l, t5xxl and ae files (as in kohya's FLUX training)", path=self.source)
@@ -338,6 +378,26 @@ class FluxModel(ModelFamily):
                        else (np.clip(i, 0, 1) * 255).round().astype(np.uint8) for i in imgs)
         return out
 
+    def prepare_training(self, job, device) -> None:
+        from .low_vram import enable_block_swap
+
+        self.check_complete()
+        if job.cpu_offload_checkpointing or job.gradient_checkpointing:
+            self.enable_gradient_checkpointing(cpu_offload=job.cpu_offload_checkpointing)
+        if job.blocks_to_swap:
+            enable_block_swap(self.transformer, job.blocks_to_swap, torch.device(device))
+
+    def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
+        """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
+        if save_format == "kohya":
+            return tensors
+        from .flux_lora import kohya_to_diffusers
+
+        return kohya_to_diffusers(tensors, self.transformer.params)
+
+    def pipeline_embeddings(self, cond, uncond):
+        raise UserError("FLUX images are made by difflora's own flow-matching sampler, not a diffusers pipeline")
+
     def pipeline(self, scheduler: str = "euler"):
         raise UserError("FLUX images are made by difflora's own flow-matching Euler sampler (generate uses it)")
 
@@ -354,6 +414,14 @@ class FluxModel(ModelFamily):
             for p in m.parameters(recurse=False):
                 if p.dtype != torch.float8_e4m3fn:
                     p.data = p.data.to(torch.bfloat16)
+        self.compute_dtype = torch.bfloat16
+
+    def store_base_nf4(self) -> None:
+        """4-bit NF4 frozen blocks (bitsandbytes, CUDA only); the LoRA stays in fp32."""
+        from .low_vram import store_nf4
+
+        for block in self.transformer.blocks():
+            store_nf4(block, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.compute_dtype = torch.bfloat16
 
     def to(self, device=None, dtype=None) -> "FluxModel":
@@ -418,11 +486,22 @@ def detect_single_file(keys, metadata: dict[str, str] | None = None) -> str | No
 
 
 def load(path, *, family: str = "flux", dtype=torch.float32, allow_pickle: bool = False, prediction_type=None,
-         clip_skip=None, checkpoint=None, zero_terminal_snr=None, **options) -> "FluxModel":
-    """The registry's loader; `options` are load_flux's (clip_l, t5xxl, ae, t5xxl_tokenizer, fp8_base, options)."""
+         clip_skip=None, checkpoint=None, zero_terminal_snr=None, job=None, **options) -> "FluxModel":
+    """The registry's loader. The job's FLUX keys (models/flux_options.py) set the files and options;
+    `options` (load_flux's keywords: clip_l, t5xxl, ae, t5xxl_tokenizer, fp8_base) override them."""
     from .flux_files import load_flux
 
     if prediction_type not in (None, "flow"):
         raise UserError(f"FLUX.1 is a flow-matching model; prediction type {prediction_type!r} does not apply",
                         path=path)
-    return load_flux(path, dtype=dtype, checkpoint=checkpoint, **options)
+    if job is not None:
+        if job.mixed_precision == "bf16" or job.fp8_base:
+            dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+        base = {"clip_l": job.clip_l, "t5xxl": job.t5xxl, "ae": job.ae, "t5xxl_tokenizer": job.t5xxl_tokenizer,
+                "fp8_base": job.fp8_base, "options": FluxOptions.from_job(job)}
+        options = {**base, **{k: v for k, v in options.items() if v is not None}}
+    options = {k: v for k, v in options.items() if v is not None}
+    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, **options)
+    if job is not None and job.nf4_base:
+        model.store_base_nf4()
+    return model

@@ -58,6 +58,10 @@ def build_tiny_flux(variant: str = "dev", depth: int = 1, depth_single: int = 1,
                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
+        c = vae.config.latent_channels
+        vae.encoder.conv_out.weight[c:] = 0
+        vae.encoder.conv_out.bias[c:] = -30.0
     clip_tok = tiny_clip_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=37,
                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,

@@ -23,7 +23,7 @@ from .events import EventBus, Failed, Finished, Listener
 from .listeners import LogLines, ProgressBar, TensorBoard
 from .lock import OutputLock
 from .metadata import RunMetadata, job_fingerprint
-from .run import prepare
+from .run import cache_text_encoder_outputs, prepare
 from .sampling import Samples
 from .schedule import SaveSchedule
 from .stages import StageRunner
@@ -48,6 +48,7 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
                 signals_request(stop):
             run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
                                    encode=job.cache_latents or job.cache_latents_to_disk)
+            cache_text_encoder_outputs(run, _sample_prompts(job))
             state = load_state(run.resume) if run.resume else None
             if state is not None and state.get("fingerprint") != job_fingerprint(job):
                 log.warning("resuming with changed settings; the result will differ from an uninterrupted run")

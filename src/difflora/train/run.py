@@ -75,15 +75,19 @@ def prepare(job, resume: str | None = None) -> Run:
     initial_weights = load_lora(job.network_weights) if job.network_weights else None
 
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
-                       prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip)
+                       prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip,
+                       job=job)
+    _check_family_keys(job, model)
     model.to(accelerator.device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:
+        initial_weights = model.adapt_lora_file(initial_weights)
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)
     if job.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
+    model.prepare_training(job, accelerator.device)
     if job.torch_compile:
         model.denoiser.compile()  # in place; LoRA hooks are traced with it, multiplier values are guarded
 
@@ -96,3 +100,40 @@ def prepare(job, resume: str | None = None) -> Run:
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
                data=data, encode=PromptCache(model))
+
+
+def _check_family_keys(job, model) -> None:
+    """A FLUX key set for another family would silently do nothing: refuse it."""
+    from ..models.flux_options import FLUX_ONLY_KEYS
+
+    stray = sorted(set(FLUX_ONLY_KEYS) & job.model_fields_set)
+    if model.family != "flux" and stray:
+        raise UserError(f"{', '.join(stray)} apply to FLUX models only; this model is {model.base_model_version}")
+
+
+def cache_text_encoder_outputs(run, sample_prompts) -> None:
+    """kohya's cache_text_encoder_outputs(_to_disk): every caption the run can use, encoded once up front
+    (the captions of each image and pair, the tags each pair shares, "", the sample prompts)."""
+    import numpy as np
+
+    from ..data.captions import process_caption
+    from ..methods.base import common_caption
+
+    job = run.job
+    if not (job.cache_text_encoder_outputs or job.cache_text_encoder_outputs_to_disk):
+        return
+    if any(it.rules.is_random for it in run.data.items):
+        raise UserError("cache_text_encoder_outputs needs fixed captions: turn off shuffle_caption, caption_dropout_rate, "
+                        "caption_dropout_every_n_epochs and caption_tag_dropout_rate (as kohya requires)")
+    if not (job.network_train_unet_only or run.method.unet_only):
+        raise UserError("cache_text_encoder_outputs cannot train text-encoder LoRAs: set network_train_unet_only = true")
+    rng = np.random.default_rng(0)  # unused: fixed rules draw nothing
+    captions = {""} | {sp.prompt for sp in sample_prompts}
+    for it in run.data.items:
+        before = process_caption(it.caption, it.rules, rng)
+        captions.add(before)
+        if it.is_pair:
+            after = process_caption(it.after_caption, it.rules, rng)
+            captions |= {after, common_caption(before, after)}
+    cache_file = run.out_dir / "text_encoder_cache.safetensors" if job.cache_text_encoder_outputs_to_disk else None
+    run.model.cache_text_encoder_outputs(sorted(captions), cache_file, write=run.is_main)
