@@ -440,3 +440,56 @@ def test_generate_sweep_on_flux_per_sample_multipliers(tiny_flux):
     for a, b in zip(swept, alone):
         assert abs(a - b).max() < 1e-4
     assert abs(swept[0] - swept[2]).max() > 1e-3
+
+
+# ------------------------------------------------------------------ tools and CLI on FLUX
+def test_merge_into_bfl_file_and_folder_equals_the_dense_formula(tiny_flux, flux_files, tmp_path, run_cli):
+    from safetensors.torch import load_file
+
+    from difflora.network.files import save_lora
+
+    net = _random_lora(tiny_flux, NetworkSpec(network_dim=3, network_alpha=1.5))
+    save_lora(net.kohya_state_dict(), tmp_path / "l.safetensors", tiny_flux.lora_metadata())
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    delta = 0.7 * net.lora_unet_double_blocks_0_img_attn_qkv.weight_delta()
+    code, _, err = run_cli("merge", "--model", flux_files["bfl"], "--models", tmp_path / "l.safetensors", "--ratios", "0.7",
+                           "--save-to", tmp_path / "merged.safetensors")
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert (merged[qkv] - (tiny_flux.transformer.state_dict()[qkv] + delta)).abs().max() < 1e-6
+    code, _, err = run_cli("merge", "--model", flux_files["folder"], "--models", tmp_path / "l.safetensors",
+                           "--ratios", "0.7", "--save-to", tmp_path / "merged_folder")
+    assert code == 0, err
+    folder = load_flux(tmp_path / "merged_folder")
+    assert (folder.transformer.state_dict()[qkv] - merged[qkv]).abs().max() < 1e-6
+    te = "encoder.layers.0.self_attn.q_proj.weight"
+    te_delta = 0.7 * net.lora_te1_text_model_encoder_layers_0_self_attn_q_proj.weight_delta()
+    assert (folder.text_encoders["clip_l"].state_dict()[te] - tiny_flux.text_encoders["clip_l"].state_dict()[te]
+            - te_delta).abs().max() < 1e-6
+    # extract from the two transformers gives the merged delta back (rank 3 is exact)
+    code, _, err = run_cli("extract", "--model-org", flux_files["bfl"], "--model-tuned", tmp_path / "merged.safetensors",
+                           "--dim", "3", "--save-to", tmp_path / "x.safetensors")
+    assert code == 0, err
+    from difflora.network.files import load_lora
+
+    x = load_lora(tmp_path / "x.safetensors")
+    n = "lora_unet_double_blocks_0_img_attn_qkv"
+    rank, alpha = x.rank_alpha(n)
+    got = x.tensors[f"{n}.lora_up.weight"] @ x.tensors[f"{n}.lora_down.weight"] * alpha / rank
+    assert (got - delta).abs().max() < 1e-4
+    assert x.metadata["ss_base_model_version"] == "flux1"
+
+
+def test_generate_cli_sweep_on_bfl_files(tiny_flux, flux_files, tmp_path, run_cli):
+    from difflora.network.files import save_lora
+
+    net = _random_lora(tiny_flux, NetworkSpec(network_dim=4, network_alpha=4))
+    save_lora(net.kohya_state_dict(), tmp_path / "l.safetensors", tiny_flux.lora_metadata())
+    code, out, err = run_cli("generate", "--model", flux_files["bfl"], "--clip-l", flux_files["clip_l"], "--t5xxl",
+                             flux_files["t5xxl"], "--ae", flux_files["ae"], "--prompt", "a face", "--lora",
+                             tmp_path / "l.safetensors", "--sweep", "-1,0,1", "--steps", "3", "--width", "32",
+                             "--height", "32", "--out", tmp_path / "gen")
+    assert code == 0, err
+    assert (tmp_path / "gen" / "000_grid.png").exists() and len(list((tmp_path / "gen").glob("000_0_m*.png"))) == 3
+    code, _, err = run_cli("generate", "--model", flux_files["bfl"], "--prompt", "a face", "--out", tmp_path / "g2")
+    assert code == 2 and "`clip_l`, `t5xxl`, `ae`" in err and not (tmp_path / "g2").exists()

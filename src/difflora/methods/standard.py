@@ -1,4 +1,8 @@
-"""Standard LoRA training: predict the noise (or v / flow target) of a noised training image."""
+"""Standard LoRA training: predict the noise (or v / flow target) of a noised training image.
+
+Targets: epsilon ε; v-prediction √ᾱ·ε - √(1-ᾱ)·x0; flow matching (FLUX) the velocity ε - x0, compared with
+the model output after kohya's model_prediction_type (raw v, v + x_t, or x_t - σ·v) at kohya's sampled σ.
+"""
 
 from __future__ import annotations
 

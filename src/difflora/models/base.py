@@ -116,6 +116,9 @@ class ModelFamily(ABC):
     def save(self, path: str, single_file: bool | None = None, dtype: torch.dtype | None = None) -> None:
         """Save the model (diffusers folder, or original-layout single file)."""
 
+    def check_complete(self) -> None:
+        """Raise a UserError when a component that training and generation need was not loaded."""
+
     # ---- training hooks (defaults: nothing family-specific)
     def prepare_training(self, job, device) -> None:
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), after `to(device)`."""

@@ -227,6 +227,14 @@ class FluxModel(ModelFamily):
             lora = LoraFile(diffusers_to_kohya(raw, self.transformer.params, lora.path, alpha), lora.metadata,
                             lora.path, "diffusers")
         names = lora.module_names()
+        absent = [p for p, key in (("lora_te1_", "clip_l"), ("lora_te3_", "t5xxl")) if self.text_encoders.get(key) is None]
+        dropped = [n for n in names if n.startswith(tuple(absent))]
+        if dropped:  # a transformer-only model (merge into a BFL file): its text-encoder modules have nowhere to go
+            log.warning("%s: %d text-encoder module(s) left out: this FLUX model was loaded without its text encoders "
+                        "(give clip_l / t5xxl, or use a diffusers folder)", lora.path, len(dropped))
+            keep = {k: v for k, v in lora.tensors.items() if k.split(".", 1)[0] not in set(dropped)}
+            lora = LoraFile(keep, lora.metadata, lora.path, lora.source_format)
+            names = lora.module_names()
         sd_like = [n for n in names if re.match(r"lora_unet_(down|up|mid|input|output|middle)_block", n)]
         if sd_like:
             raise UserError(f"this is a Stable Diffusion / SDXL LoRA ({sd_like[0]}), not a FLUX.1 LoRA", path=lora.path)

@@ -199,7 +199,7 @@ def load_ae(path: Path, dtype: torch.dtype):
     except Exception as e:
         raise UserError(f"`ae` does not match FLUX's autoencoder ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         path=path) from None
-    return vae.to(dtype)
+    return vae if dtype == torch.float32 else vae.to(dtype)
 
 
 def save_component_files(model: FluxModel, folder: Path) -> dict[str, Path]:
