@@ -134,7 +134,7 @@ def difflora_step_fn(args, device, dtype, method: str, fp8=False, ckpt=False, sw
     import torch
     from types import SimpleNamespace
 
-    from difflora.config import AddiftOptions
+    from difflora.methods.addift import AddiftOptions
     from difflora.methods.addift import addift_loss
     from difflora.methods.base import Batch, StepContext
     from difflora.methods.standard import denoising_loss

@@ -389,7 +389,7 @@ def test_addift_loss_on_flux_equals_its_formula(tiny_flux):
     frozen model's velocity on the noised "before" image (same ε and σ); odd steps swap images and use -m."""
     from types import SimpleNamespace
 
-    from difflora.config import AddiftOptions
+    from difflora.methods.addift import AddiftOptions
     from difflora.methods.addift import addift_loss
     from difflora.methods.base import Batch, StepContext
 
