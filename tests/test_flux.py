@@ -493,3 +493,10 @@ def test_generate_cli_sweep_on_bfl_files(tiny_flux, flux_files, tmp_path, run_cl
     assert (tmp_path / "gen" / "000_grid.png").exists() and len(list((tmp_path / "gen").glob("000_0_m*.png"))) == 3
     code, _, err = run_cli("generate", "--model", flux_files["bfl"], "--prompt", "a face", "--out", tmp_path / "g2")
     assert code == 2 and "`clip_l`, `t5xxl`, `ae`" in err and not (tmp_path / "g2").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_nf4_base_needs_cuda_and_says_so(flux_files):
+    model = load_flux(flux_files["folder"])
+    with pytest.raises(UserError, match="CUDA"):
+        model.store_base_nf4()
