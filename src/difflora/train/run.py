@@ -106,7 +106,8 @@ def _check_family_keys(job, model) -> None:
     """A FLUX key set for another family would silently do nothing: refuse it."""
     from ..models.flux_options import FLUX_ONLY_KEYS
 
-    stray = sorted(set(FLUX_ONLY_KEYS) & job.model_fields_set)
+    defaults = type(job).model_fields
+    stray = sorted(k for k in set(FLUX_ONLY_KEYS) & job.model_fields_set if getattr(job, k) != defaults[k].default)
     if model.family != "flux" and stray:
         raise UserError(f"{', '.join(stray)} apply to FLUX models only; this model is {model.base_model_version}")
 
