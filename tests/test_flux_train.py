@@ -68,10 +68,10 @@ def _fixed_loss(model, networks, loss_fn, job, data, multipliers, steps=(0, 1), 
             batch = Batch({"x": x, "after": after}, {"x": caps, "after": caps_after}, torch.randn(x.shape, generator=g),
                           torch.full((x.shape[0],), float(sigma) * 1000), torch.ones(x.shape[0]), step=steps[k % len(steps)])
             ctx = StepContext(model, networks[-1], job, batch.step, model.encode_prompts)
-            if multipliers[-1] == 0.0:  # the losses set the trained network's multiplier themselves
-                networks[-1].set_enabled(False)
+            if multipliers[-1] == 0.0:  # the losses set the trained network's multiplier themselves: detach it
+                networks[-1].remove()
             losses.append(float(loss_fn(ctx, batch).mean()))
-            networks[-1].set_enabled(True)
+            networks[-1].apply_to()
     return float(np.mean(losses))
 
 
@@ -202,7 +202,9 @@ def test_two_processes_train_the_same_flux_lora_as_one(flux_env, tmp_path):
     if not (flux_env / "kohya" / "1_face").exists():
         shutil.copytree(flux_env / "pairs", flux_env / "kohya" / "1_face")
     (tmp_path / "job.toml").write_text(body, encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, also for the launched processes
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "difflora", "-q", "train", "job.toml",
               "--set", "train_batch_size=1", "--set", "output_name='two'"]
