@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "difflora_nocache", "difflora_kohya_targets")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flux_speed import FLUX_CONTENDERS, add_flux_arguments, flux_main, flux_worker  # noqa: E402
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -434,8 +436,9 @@ def run_lock_step(args, contenders: list[str]) -> tuple[dict[str, list[float]], 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
-    ap.add_argument("--arch", choices=["sd15", "sdxl"], default=None,
-                    help="build the real SD1.5 / SDXL architecture with random weights instead of --model (GPU runs)")
+    ap.add_argument("--arch", choices=["sd15", "sdxl", "flux"], default=None,
+                    help="build the real SD1.5 / SDXL architecture with random weights instead of --model (GPU runs); "
+                         "flux: the FLUX.1-dev transformer, see bench/flux_speed.py")
     ap.add_argument("--width", type=int, default=None,
                     help="with --arch sdxl: U-Net width instead of the real 320 (same block layout; for machines that "
                          "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
@@ -450,11 +453,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default="bench/results/train_speed.json")
-    ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=CONTENDERS + FLUX_CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--free-running", action="store_true",
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
+    add_flux_arguments(ap)
     args = ap.parse_args()
+    if args.arch == "flux":
+        return flux_worker(args) if args.worker else flux_main(args)
     if args.arch == "sdxl" and args.width is None and args.device == "cpu":
         args.width = 32
     if args.resolution is None:

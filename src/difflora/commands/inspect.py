@@ -13,7 +13,7 @@ from ..network.files import load_lora
 _KXK_NAMES = ("_conv", "_conv1", "_conv2", "_conv_in", "_conv_out", "_in_layers_2", "_out_layers_3", "_op")
 
 _BLOCK = re.compile(r"^lora_(unet|te\d?)_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|"
-                    r"output_blocks_\d+|text_model_encoder_layers_\d+)")
+                    r"output_blocks_\d+|text_model_encoder_layers_\d+|double_blocks_\d+|single_blocks_\d+|encoder_block_\d+)")
 
 
 def block_of(name: str) -> str:

@@ -14,6 +14,13 @@ trained effect.
 Fixes over TrainTrain (reference B1-B3): timesteps are stratified random (a fresh uniform draw
 in group (step // 2) mod k of [min, max), so a +/- pair of steps shares a group); the pair's
 own captions reach the model; the difference mask is the real pixel difference.
+
+Targets, written out (q(x) = noised x with the shared ε and t; f = frozen model, f_m = with the LoRA at m):
+- epsilon / v models: f_{+m}(q(after)) → f(q(before)) in the model's own output space;
+- flow matching (FLUX): q(x) = (1-σ)x + σε with t = σ·1000, and the outputs are velocities:
+  v_{+m}((1-σ)·after + σε) → v((1-σ)·before + σε), odd steps the other way at -m. The window
+  [min_timestep, max_timestep) is σ·1000 (default σ ∈ [0.5, 1)); model_prediction_type does not apply
+  (both sides are raw velocities of one model).
 """
 
 from __future__ import annotations

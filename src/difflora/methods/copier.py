@@ -5,6 +5,9 @@ noise. Stage 2 trains LoRA B on the "after" images with A active at multiplier 1
 learn what A's copies lack, i.e. the difference. B is the result; A is saved on request.
 Both stages are conditioned on the "before" caption, as TrainTrain's Difference mode does, so B
 learns the image difference and not a caption difference.
+
+Targets: the objective's own (ε, v, or for flow matching the velocity ε - x0): stage 1 on x0 = before,
+stage 2 on x0 = after with A on.
 """
 
 from __future__ import annotations

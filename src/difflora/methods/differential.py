@@ -9,6 +9,8 @@ brought back to a chosen rank by SVD. kohya's merge_lora.py does not compute B -
 act squared and it adds cross terms); see network/lowrank.py. With LoHa, LoKr or DoRA the
 difference is no longer of the adapter's form: it is written as a LoRA, through the deltas' exact
 SVD (at their numerical rank, or `rerank`).
+
+Targets: the objective's own (ε, v, or for flow matching the velocity ε - x0), A on x0 = before, B on x0 = after.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Runs a pair method once per pair, on that pair alone, and averages the resulting LoRAs: the
 exact mean of their deltas (ranks concatenated), then optionally SVD back to `average_rank`.
+Targets: those of the pair method it runs (on FLUX: velocities, see that method).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Image-pair slider (Concept Sliders' image slider).
 
+Targets: each image's own objective target with the shared noise: ε (epsilon), v (v-prediction), or for
+flow matching (FLUX) the velocities ε - after at +s and ε - before at -s (after model_prediction_type).
+
 One noise draw for both images; the LoRA at +s denoises the "after" image and at -s the
 "before" image, each regressed onto its true target. Both passes run as one batch with
 per-sample multipliers. By default both images are conditioned on the tags their captions
@@ -37,7 +40,7 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     cond = ctx.encode(after + before)
     multiplier = torch.tensor([s] * n + [-s] * n)
     pred = ctx.predict(noisy, tt, cond, multiplier)
-    loss = per_sample_mse(pred, obj.target(x0, torch.cat([noise, noise]), tt)) * ctx.min_snr(tt)
+    loss = per_sample_mse(obj.prediction(pred, noisy, tt), obj.target(x0, torch.cat([noise, noise]), tt)) * ctx.min_snr(tt)
     return loss[:n] + loss[n:]
 
 

@@ -1,4 +1,8 @@
-"""Standard LoRA training: predict the noise (or v / flow target) of a noised training image."""
+"""Standard LoRA training: predict the noise (or v / flow target) of a noised training image.
+
+Targets: epsilon ε; v-prediction √ᾱ·ε - √(1-ᾱ)·x0; flow matching (FLUX) the velocity ε - x0, compared with
+the model output after kohya's model_prediction_type (raw v, v + x_t, or x_t - σ·v) at kohya's sampled σ.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: st
     objective = ctx.model.objective
     noisy = objective.add_noise(x0, noise, t)
     pred = ctx.predict(noisy, t, ctx.encode(pair_captions(batch, caption)), multiplier=1.0)
-    loss = per_sample_mse(pred, objective.target(x0, noise, t))
+    loss = per_sample_mse(objective.prediction(pred, noisy, t), objective.target(x0, noise, t))
     return loss * batch.loss_weight * ctx.min_snr(t)
 
 

@@ -20,11 +20,12 @@ def default_model_path() -> Path:
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", allow_pickle: bool = False,
                family: str | None = None, prediction_type: str | None = None, clip_skip: int | None = None,
-               zero_terminal_snr: bool | None = None):
+               zero_terminal_snr: bool | None = None, job=None, **family_options):
     """Load a model from a diffusers folder or a single-file checkpoint; None means the embedded default.
 
     The family is detected from the files (models/registry.py); `family` may name a variant of the
-    detected family's module (sd1 vs sd2) but not another family.
+    detected family's module (sd1 vs sd2) but not another family. `job` and `family_options` reach
+    families that take more files or options (FLUX: clip_l, t5xxl, ae, fp8_base, ...).
     """
     from .._quiet import quiet_libraries
 
@@ -55,4 +56,17 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
                         "remove model_family or give a model of that family", path=path)
     return entry.module.load(path, family=family or found, dtype=dtype, allow_pickle=allow_pickle,
                              prediction_type=prediction_type, clip_skip=clip_skip, checkpoint=checkpoint,
-                             zero_terminal_snr=zero_terminal_snr)
+                             zero_terminal_snr=zero_terminal_snr,
+                             **_extra_options(entry.module.load, job, family_options, path))
+
+
+def _extra_options(loader, job, options: dict, path) -> dict:
+    """`job` and family options for the loaders that take them (FLUX); other families refuse options."""
+    import inspect
+
+    params = inspect.signature(loader).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or "job" in params:
+        return {"job": job, **options}
+    if options:
+        raise UserError(f"options {', '.join(sorted(options))} do not apply to this model", path=path)
+    return {}

@@ -143,6 +143,31 @@ class ModelFamily(ABC):
     def save(self, path: str, single_file: bool | None = None, dtype: torch.dtype | None = None) -> None:
         """Save the model (diffusers folder, or original-layout single file)."""
 
+    def check_complete(self) -> None:
+        """Raise a UserError when a component that training and generation need was not loaded."""
+
+    # ---- training hooks (defaults: nothing family-specific)
+    def prepare_training(self, job, device) -> None:
+        """Family-specific training settings (FLUX: block swap, offloaded checkpointing), after `to(device)`."""
+
+    def cache_text_encoder_outputs(self, captions: list[str], cache_file=None, write: bool = True) -> None:
+        """Encode every caption once, then free the text encoders."""
+        from ..errors import UserError
+
+        raise UserError(f"cache_text_encoder_outputs is not supported for {self.family} models")
+
+    def adapt_lora_file(self, lora):
+        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""
+        return lora
+
+    def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
+        """A kohya state dict in the layout the job asked for (save_format)."""
+        if save_format != "kohya":
+            from ..errors import UserError
+
+            raise UserError(f"save_format = {save_format!r} is not available for {self.family} models (kohya is)")
+        return tensors
+
     def freeze(self) -> None:
         for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
             m.requires_grad_(False)

@@ -23,6 +23,10 @@ class Objective:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prediction(self, model_output: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model output as a ground-truth loss compares it with `target` (FLUX: model_prediction_type)."""
+        return model_output
+
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ loss weight (Hang et al.), per sample."""
         snr = self.snr(t)

@@ -44,6 +44,7 @@ def register_family(names: tuple[str, ...] | str, module_path: str, title: str) 
     FAMILIES.append(FamilyEntry(names, module_path, title))
 
 
+register_family("flux", "difflora.models.flux", "FLUX.1")  # before SDXL: FLUX folders have a text_encoder_2 too
 register_family(("sd1", "sd2"), "difflora.models.sd", "Stable Diffusion 1.x / 2.x")
 register_family("sdxl", "difflora.models.sdxl", "SDXL")
 

@@ -27,6 +27,7 @@ class LoRATarget:
     name: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in
     module: nn.Module  # nn.Linear or nn.Conv2d
     component: str  # "unet", "text_encoder", ...
+    rank: int | None = None  # a family's own rank for this module (kohya FLUX in_dims), else network_dim
 
     @property
     def is_conv_kxk(self) -> bool:
@@ -86,7 +87,7 @@ class LoRANetwork(nn.Module):
                     continue
                 rank, alpha = spec.conv_dim, conv_alpha
             else:
-                rank, alpha = spec.network_dim, spec.network_alpha
+                rank, alpha = t.rank or spec.network_dim, spec.network_alpha
             lora = adapter.new(t.name, t.module, rank, alpha, spec.adapter, spec.dropout, spec.rank_dropout,
                            spec.module_dropout)
             lora.component = t.component

@@ -117,6 +117,7 @@ def merge_into_model(model, loras: list[LoraFile], ratios: list[float]) -> int:
     Every file is checked against the model (check_lora_fits) before any weight changes. The
     delta is computed in float32 and added to the weight in float32, then cast back to its dtype.
     """
+    loras = [model.adapt_lora_file(lf) for lf in loras]  # FLUX: diffusers / ai-toolkit names -> kohya
     for lf in loras:
         check_lora_fits(model, lf)
     targets = {t.name: t.module for t in model.lora_targets(conv=True)}

@@ -120,6 +120,8 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         noise.append(eps)
         if timesteps is not None:
             ts.append(timesteps(step, 1, gen)[0])
+        elif hasattr(model.objective, "sample_timesteps"):  # the family's own sampling (FLUX: timestep_sampling)
+            ts.append(model.objective.sample_timesteps(1, gen, tuple(shape[-2:]))[0])
         else:
             ts.append(torch.randint(job.min_timestep, job.max_timestep, (1,), generator=gen)[0])
         weights.append(job.prior_loss_weight if it.is_reg else 1.0)
@@ -133,7 +135,8 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         latents={k: torch.stack(v).to(device) for k, v in latents.items()},
         captions=captions,
         noise=torch.stack(noise).to(device),
-        timesteps=torch.stack(ts).long().to(device),
+        # flow matching keeps σ·1000 continuous (kohya); DDPM timesteps are indices
+        timesteps=torch.stack(ts).to(torch.float32 if model.objective.prediction_type == "flow" else torch.long).to(device),
         loss_weight=torch.tensor(weights, dtype=torch.float32, device=device),
         step=step,
         mask_fn=masks if diffs else None,

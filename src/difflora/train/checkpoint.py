@@ -56,6 +56,7 @@ class Checkpointer:
 
     def _lora(self, tensors, name: str, steps: int, epoch: int):
         path = self.run.out_dir / f"{name}.safetensors"
+        tensors = self.run.model.export_lora(tensors, self.run.job.save_format)  # kohya, or diffusers (FLUX)
         save_lora(tensors, path, self.metadata.for_lora(steps, epoch), dtype=self.dtype)
         return path
 

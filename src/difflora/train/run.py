@@ -78,12 +78,14 @@ def prepare(job, resume: str | None = None) -> Run:
 
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
                        prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip,
-                       zero_terminal_snr=job.zero_terminal_snr or None)
+                       zero_terminal_snr=job.zero_terminal_snr or None, job=job)
     apply_family_defaults(job, model.family)
     validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
+    _check_family_keys(job, model)
     model.to(accelerator.device)
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:
+        initial_weights = model.adapt_lora_file(initial_weights)
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)
@@ -94,6 +96,7 @@ def prepare(job, resume: str | None = None) -> Run:
         model.denoiser.set_attn_processor(AttnProcessor())
     if job.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
+    model.prepare_training(job, accelerator.device)
     if job.torch_compile:
         model.denoiser.compile()  # in place; LoRA hooks are traced with it, multiplier values are guarded
 
@@ -139,3 +142,13 @@ def _prompt_cache(model, job, out_dir: Path, device) -> PromptCache:
                          job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
         disk = out_dir / "te_cache"
     return PromptCache(model, disk, identity)
+
+
+def _check_family_keys(job, model) -> None:
+    """A FLUX key set for another family would silently do nothing: refuse it."""
+    from ..models.flux_options import FLUX_ONLY_KEYS
+
+    defaults = type(job).model_fields
+    stray = sorted(k for k in set(FLUX_ONLY_KEYS) & job.model_fields_set if getattr(job, k) != defaults[k].default)
+    if model.family != "flux" and stray:
+        raise UserError(f"{', '.join(stray)} apply to FLUX models only; this model is {model.base_model_version}")

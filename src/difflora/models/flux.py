@@ -1,0 +1,515 @@
+"""FLUX.1-dev and FLUX.1-schnell: loading, prompt encoding, flow matching, kohya LoRA targets, sampling.
+
+Two layouts load, fully offline:
+- a diffusers folder (FluxPipeline: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/
+  (T5-XXL), tokenizer/, tokenizer_2/);
+- the files FLUX users have: a BFL single-file transformer (`flux1-dev.safetensors`, bare or
+  `model.diffusion_model.` keys, fp32/fp16/bf16/fp8) plus separate `clip_l`, `t5xxl` and `ae`
+  files, given by those job keys as in kohya. The CLIP tokenizer is built from the bundled
+  vocabulary; T5's comes from `t5xxl_tokenizer` (a folder with tokenizer.json, e.g. a FLUX
+  diffusers folder's tokenizer_2/) or from beside the t5xxl file.
+
+The transformer is kept in BFL's layout (models/flux_transformer.py), so kohya's LoRA names
+(`lora_unet_double_blocks_0_img_attn_qkv`, ...) are module paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..network.lora import LoRATarget
+from .base import Conditioning, ModelFamily
+from .flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
+from .flux_transformer import FluxTransformer
+
+log = logging.getLogger(__name__)
+
+# Bundled component configs of FLUX.1 (black-forest-labs/FLUX.1-dev's, written out; no hub).
+CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=768)
+T5XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+                    layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                    tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False)
+AE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                 layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+                 force_upcast=True)
+SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                    "max_image_seq_len": 4096}
+
+SUPPORTED = "supported: FLUX.1-dev and FLUX.1-schnell layouts (and fine-tunes of them)"
+TRAIN_BLOCKS = ("all", "double", "single")
+_DOUBLE_OR_SINGLE = re.compile(r"^(double_blocks|single_blocks)\.\d+$")
+_EMBEDDERS = ("img_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+              "guidance_in.in_layer", "guidance_in.out_layer", "txt_in")
+_T5_ROLE = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi_0|wi_1|wo))$")
+
+
+@dataclass
+class FluxOptions:
+    """FLUX-only job options (kohya's names and defaults)."""
+
+    guidance_scale: float = 3.5
+    t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
+    apply_t5_attn_mask: bool = False
+    train_blocks: str = "all"
+    lora_embedders: bool = False  # LoRA on the embedders (img_in, time_in, vector_in, guidance_in, txt_in)
+    in_dims: list[int] | None = None  # kohya's in_dims: their ranks in that order (0: none)
+    train_t5xxl: bool = False
+    flow: FlowMatchOptions | None = None
+
+    @classmethod
+    def from_job(cls, job) -> "FluxOptions":
+        in_dims = list(job.in_dims) if job.in_dims else None
+        if in_dims is not None and len(in_dims) != 5:
+            raise UserError(f"in_dims needs 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), got {in_dims}")
+        return cls(guidance_scale=job.guidance_scale, t5xxl_max_token_length=job.t5xxl_max_token_length,
+                   apply_t5_attn_mask=job.apply_t5_attn_mask, train_blocks=job.train_blocks,
+                   lora_embedders=bool(in_dims and any(in_dims)), in_dims=in_dims, train_t5xxl=job.train_t5xxl,
+                   flow=FlowMatchOptions(job.timestep_sampling, job.sigmoid_scale, job.discrete_flow_shift,
+                                         job.model_prediction_type))
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2·w/2, 4C): 2x2 patches, channel-major inside a patch (BFL and diffusers)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = x.shape
+    c = d // 4
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(b: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Position ids (B, h/2·w/2, 3): (0, row, column) of each packed patch."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(1, -1, 3).expand(b, -1, -1)
+
+
+class FluxModel(ModelFamily):
+    """FLUX.1 (dev: guidance-distilled with a guidance embedder; schnell: without)."""
+
+    family = "flux"
+
+    def __init__(self, transformer: FluxTransformer, vae, clip_l, t5xxl, clip_tokenizer, t5_tokenizer, *,
+                 source: str = "", options: FluxOptions | None = None):
+        self.denoiser = transformer
+        self.vae = vae
+        self.text_encoders = {"clip_l": clip_l, "t5xxl": t5xxl}
+        self.clip_tokenizer = clip_tokenizer
+        self.t5_tokenizer = t5_tokenizer
+        self.source = source
+        self.options = options or FluxOptions()
+        if self.options.train_blocks not in TRAIN_BLOCKS:
+            raise UserError(f"train_blocks must be one of {', '.join(TRAIN_BLOCKS)}, got {self.options.train_blocks!r}")
+        self.objective = FluxFlowObjective(self.options.flow)
+        self.compute_dtype: torch.dtype | None = None  # set when the base is stored in fp8
+        self._cached_prompts: dict[str, Conditioning] | None = None
+
+    @property
+    def transformer(self) -> FluxTransformer:
+        return self.denoiser
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.transformer.params.guidance_embed else "schnell"
+
+    @property
+    def t5xxl_max_token_length(self) -> int:
+        return self.options.t5xxl_max_token_length or (512 if self.variant == "dev" else 256)
+
+    # ---- identity and metadata
+    @property
+    def base_model_version(self) -> str:
+        return "flux1"  # kohya's MODEL_VERSION_FLUX_V1
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return f"flux-1-{self.variant}/lora"
+
+    @property
+    def resolution(self) -> int:
+        return 1024 if self.transformer.params.hidden_size == 3072 else 16 * self.latent_downscale
+
+    @property
+    def latent_downscale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixels per packed 2x2 latent patch."""
+        return 2 * self.latent_downscale
+
+    def lora_metadata(self) -> dict[str, str]:
+        f = self.objective.options
+        return {
+            "ss_base_model_version": self.base_model_version,
+            "ss_v2": "False",
+            "ss_flux_variant": self.variant,
+            "ss_guidance_scale": str(self.options.guidance_scale),
+            "ss_apply_t5_attn_mask": str(self.options.apply_t5_attn_mask),
+            "ss_t5xxl_max_token_length": str(self.t5xxl_max_token_length),
+            "ss_timestep_sampling": f.timestep_sampling,
+            "ss_sigmoid_scale": str(f.sigmoid_scale),
+            "ss_model_prediction_type": f.model_prediction_type,
+            "ss_discrete_flow_shift": str(f.discrete_flow_shift),
+            "modelspec.architecture": self.modelspec_architecture,
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+            "modelspec.resolution": f"{self.resolution}x{self.resolution}",
+        }
+
+    # ---- LoRA
+    def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
+        """kohya's lora_flux modules. conv=True: every module a FLUX LoRA file may hold (for reading)."""
+        o = self.options
+        blocks = "all" if conv else o.train_blocks
+        out = []
+        for name, module in self.transformer.named_modules():
+            if not _DOUBLE_OR_SINGLE.match(name) or (blocks != "all" and not name.startswith(blocks)):
+                continue
+            for child, lin in module.named_modules():
+                if isinstance(lin, nn.Linear) and child:
+                    out.append(LoRATarget(f"lora_unet_{name}.{child}".replace(".", "_"), lin, "unet"))
+        if conv or o.lora_embedders:
+            ranks = dict(zip(("img_in", "time_in", "vector_in", "guidance_in", "txt_in"), o.in_dims or [None] * 5))
+            for name in _EMBEDDERS:
+                lin = self.transformer.get_submodule(name) if _has(self.transformer, name) else None
+                rank = ranks[name.split(".")[0]]
+                if isinstance(lin, nn.Linear) and (conv or rank != 0):
+                    out.append(LoRATarget(f"lora_unet_{name}".replace(".", "_"), lin, "unet", None if conv else rank))
+        from .sd import text_encoder_lora_targets
+
+        if self.text_encoders.get("clip_l") is not None:
+            out += text_encoder_lora_targets(self.text_encoders["clip_l"], prefix="lora_te1", component="clip_l")
+        if (conv or o.train_t5xxl) and self.text_encoders.get("t5xxl") is not None:
+            for name, lin in self.text_encoders["t5xxl"].named_modules():
+                if _T5_ROLE.match(name) and isinstance(lin, nn.Linear):
+                    out.append(LoRATarget(f"lora_te3_{name}".replace(".", "_"), lin, "t5xxl"))
+        return out
+
+    def adapt_lora_file(self, lora):
+        """Check a LoRA file is for FLUX.1 (this variant) and bring diffusers/ai-toolkit names to kohya's."""
+        from ..fileio import load_safetensors as _load
+        from ..network.files import LoraFile
+        from .flux_lora import diffusers_to_kohya, is_diffusers_flux_lora
+
+        version = lora.metadata.get("ss_base_model_version", "")
+        if version and not version.startswith("flux"):
+            raise UserError(f"LoRA was trained for {version} (ss_base_model_version), not FLUX.1", path=lora.path)
+        if lora.source_format == "peft":
+            raw, md = _load(lora.path)
+            if not is_diffusers_flux_lora(raw):
+                raise UserError("peft-format LoRA without FLUX transformer keys: it was made for another model",
+                                path=lora.path)
+            alpha = None
+            try:
+                alpha = json.loads(md.get("lora_adapter_metadata", "{}")).get("lora_alpha")
+            except (ValueError, AttributeError):
+                pass
+            lora = LoraFile(diffusers_to_kohya(raw, self.transformer.params, lora.path, alpha), lora.metadata,
+                            lora.path, "diffusers")
+        names = lora.module_names()
+        absent = [p for p, key in (("lora_te1_", "clip_l"), ("lora_te3_", "t5xxl")) if self.text_encoders.get(key) is None]
+        dropped = [n for n in names if n.startswith(tuple(absent))]
+        if dropped:  # a transformer-only model (merge into a BFL file): its text-encoder modules have nowhere to go
+            log.warning("%s: %d text-encoder module(s) left out: this FLUX model was loaded without its text encoders "
+                        "(give clip_l / t5xxl, or use a diffusers folder)", lora.path, len(dropped))
+            keep = {k: v for k, v in lora.tensors.items() if k.split(".", 1)[0] not in set(dropped)}
+            lora = LoraFile(keep, lora.metadata, lora.path, lora.source_format)
+            names = lora.module_names()
+        sd_like = [n for n in names if re.match(r"lora_unet_(down|up|mid|input|output|middle)_block", n)]
+        if sd_like:
+            raise UserError(f"this is a Stable Diffusion / SDXL LoRA ({sd_like[0]}), not a FLUX.1 LoRA", path=lora.path)
+        if self.variant == "schnell" and any(n.startswith("lora_unet_guidance_in") for n in names):
+            raise UserError("LoRA trains FLUX.1-dev's guidance embedder (lora_unet_guidance_in_*), which FLUX.1-schnell "
+                            "does not have; train it without embedders for schnell", path=lora.path)
+        return lora
+
+    # ---- conditioning
+    def _tokens(self, tokenizer, prompts: list[str], max_len: int):
+        return tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if self._cached_prompts is not None:  # cache_text_encoder_outputs: the encoders are gone
+            missing = [p for p in prompts if p not in self._cached_prompts]
+            if missing:
+                raise UserError(f"prompt {missing[0][:60]!r} was not among the cached text encoder outputs "
+                                "(cache_text_encoder_outputs encodes the dataset's captions and sample prompts)")
+            return Conditioning.cat([self._cached_prompts[p] for p in prompts]).to(self.device)
+        self.require("clip_l", "t5xxl")
+        clip, t5 = self.text_encoders["clip_l"], self.text_encoders["t5xxl"]
+        c = self._tokens(self.clip_tokenizer, prompts, 77)
+        pooled = clip(c.input_ids.to(clip.device)).pooler_output
+        t = self._tokens(self.t5_tokenizer, prompts, self.t5xxl_max_token_length)
+        mask = t.attention_mask.to(t5.device)
+        hidden = t5(t.input_ids.to(t5.device), attention_mask=mask if self.options.apply_t5_attn_mask else None).last_hidden_state
+        return Conditioning({"pooled": pooled, "t5": hidden, "t5_mask": mask})
+
+    def cache_text_encoder_outputs(self, captions: list[str], cache_file=None, write: bool = True) -> None:
+        """kohya's cache_text_encoder_outputs(_to_disk): encode every caption once (or read them from
+        `cache_file`, written for the same model and settings), then free T5-XXL (9.5 GB in bf16) and CLIP-L."""
+        from .flux_files import read_prompt_cache, write_prompt_cache
+
+        wanted = list(dict.fromkeys(captions))
+        key = self._prompt_cache_key()
+        cached = read_prompt_cache(cache_file, key) if cache_file is not None else {}
+        missing = [c for c in wanted if c not in cached]
+        if missing:
+            self.require("clip_l", "t5xxl")
+            with torch.no_grad():
+                for i in range(0, len(missing), 16):
+                    enc = self.encode_prompts(missing[i:i + 16]).to("cpu")
+                    for j, c in enumerate(missing[i:i + 16]):
+                        cached[c] = enc[j:j + 1]
+            if cache_file is not None and write:
+                write_prompt_cache(cache_file, key, cached)
+        self._cached_prompts = {c: cached[c] for c in wanted}
+        self.text_encoders = {"clip_l": None, "t5xxl": None}
+        log.info("cached the text encoder outputs of %d caption(s); T5-XXL and CLIP-L freed", len(wanted))
+
+    def _prompt_cache_key(self) -> str:
+        o = self.options
+        return json.dumps({"source": self.source, "t5_len": self.t5xxl_max_token_length, "mask": o.apply_t5_attn_mask})
+
+    def require(self, *keys: str) -> None:
+        """Stop with a line naming the job key of each component this model was loaded without."""
+        have = {"clip_l": self.text_encoders.get("clip_l"), "t5xxl": self.text_encoders.get("t5xxl"), "ae": self.vae}
+        missing = [k for k in keys if have[k] is None]
+        if missing:
+            raise UserError(f"this FLUX transformer was loaded without {', '.join('`' + k + '`' for k in missing)}: "
+                            "set the clip_l, t5xxl and ae files (as in kohya's FLUX training)", path=self.source)
+
+    def check_complete(self) -> None:
+        """Training and generation need every component."""
+        self.require("clip_l", "t5xxl", "ae")
+
+    def predict(self, noisy, timesteps, cond):
+        """Velocity for unpacked latents (B, C, h, w); timesteps are σ·1000."""
+        b, _, h, w = noisy.shape
+        tr = self.transformer
+        dtype = self.compute_dtype or tr.dtype
+        txt = cond.tensors["t5"]
+        txt_ids = torch.zeros(b, txt.shape[1], 3, device=noisy.device)
+        guidance = torch.full((b,), float(self.options.guidance_scale), device=noisy.device) \
+            if tr.params.guidance_embed else None
+        mask = cond.tensors.get("t5_mask") if self.options.apply_t5_attn_mask else None
+        with torch.autocast(noisy.device.type, dtype=dtype, enabled=self.compute_dtype is not None):
+            out = tr(pack_latents(noisy.to(dtype)), image_ids(b, h, w, noisy.device), txt.to(dtype), txt_ids,
+                     timesteps.float().to(noisy.device) / self.objective.num_train_timesteps,
+                     cond.tensors["pooled"].to(dtype), guidance, txt_mask=mask)
+        return unpack_latents(out, h, w).to(noisy.dtype)
+
+    # ---- VAE
+    def encode_images(self, pixels, sample=True, generator=None):
+        self.require("ae")
+        cfg = self.vae.config
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode_latents(self, latents):
+        self.require("ae")
+        cfg = self.vae.config
+        return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample
+
+    # ---- sampling
+    def sigmas_for_sampling(self, steps: int, image_tokens: int) -> torch.Tensor:
+        """BFL's schedule: linspace(1, 0, steps+1), shifted by μ(tokens) for dev (schnell is unshifted)."""
+        s = torch.linspace(1, 0, steps + 1)
+        if self.variant == "dev":
+            s[:-1] = flux_time_shift(s[:-1], flux_time_shift_mu(image_tokens))
+        return s
+
+    @torch.no_grad()
+    def sample_latents(self, cond: Conditioning, seeds: list[int], steps: int, width: int, height: int) -> torch.Tensor:
+        """Euler flow-matching sampling from per-seed noise; returns latents (B, C, h, w)."""
+        ds = self.latent_downscale
+        h, w = 2 * ((height + 2 * ds - 1) // (2 * ds)), 2 * ((width + 2 * ds - 1) // (2 * ds))
+        c = self.vae.config.latent_channels
+        x = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        x = x.to(self.device)
+        sig = self.sigmas_for_sampling(steps, (h // 2) * (w // 2))
+        for cur, nxt in zip(sig[:-1], sig[1:]):
+            t = torch.full((x.shape[0],), float(cur) * self.objective.num_train_timesteps, device=x.device)
+            v = self.predict(x, t, cond).float()
+            x = x + (float(nxt) - float(cur)) * v
+        return x
+
+    @torch.no_grad()
+    def text_to_image(self, prompts: list[str], seeds: list[int], steps: int = 20, width: int | None = None,
+                      height: int | None = None, guidance: float | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model."""
+        old = self.options.guidance_scale
+        if guidance is not None:
+            self.options.guidance_scale = guidance
+        try:
+            cond = self.encode_prompts(prompts)
+            lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution)
+        finally:
+            self.options.guidance_scale = old
+        img = self.decode_latents(lat).float().clamp(-1, 1)
+        return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8") -> list[np.ndarray]:
+        """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
+        so per-sample LoRA multipliers apply to text encoders and transformer alike."""
+        self.check_complete()
+        out = []
+        for start in range(0, len(req.prompts), batch_size):
+            sl = slice(start, min(len(req.prompts), start + batch_size))
+            for i, net in enumerate(networks):
+                values = req.multipliers.get(i)
+                if values is not None:
+                    m = torch.tensor(values[sl], dtype=torch.float32)
+                    net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
+            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height)
+            out.extend(np.asarray(i, dtype=np.float32) if output == "float"
+                       else (np.clip(i, 0, 1) * 255).round().astype(np.uint8) for i in imgs)
+        return out
+
+    def prepare_training(self, job, device) -> None:
+        from .low_vram import enable_block_swap
+
+        self.check_complete()
+        if job.cpu_offload_checkpointing or job.gradient_checkpointing:
+            self.enable_gradient_checkpointing(cpu_offload=job.cpu_offload_checkpointing)
+        if job.blocks_to_swap:
+            enable_block_swap(self.transformer, job.blocks_to_swap, torch.device(device))
+
+    def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
+        """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
+        if save_format == "kohya":
+            return tensors
+        from .flux_lora import kohya_to_diffusers
+
+        return kohya_to_diffusers(tensors, self.transformer.params)
+
+    def pipeline_embeddings(self, cond, uncond):
+        raise UserError("FLUX images are made by difflora's own flow-matching sampler, not a diffusers pipeline")
+
+    def pipeline(self, scheduler: str = "euler"):
+        raise UserError("FLUX images are made by difflora's own flow-matching Euler sampler (generate uses it)")
+
+    # ---- memory
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
+        self.transformer.enable_gradient_checkpointing(cpu_offload)
+
+    def store_base_fp8(self) -> None:
+        """kohya's fp8_base: frozen block weights in float8_e4m3fn, computed in bf16."""
+        from .low_vram import store_fp8
+
+        store_fp8(self.transformer, torch.bfloat16)
+        for m in self.transformer.modules():  # norms, embedders etc. compute in bf16 too
+            for p in m.parameters(recurse=False):
+                if p.dtype != torch.float8_e4m3fn:
+                    p.data = p.data.to(torch.bfloat16)
+        self.compute_dtype = torch.bfloat16
+
+    def store_base_nf4(self) -> None:
+        """4-bit NF4 frozen blocks (bitsandbytes, CUDA only); the LoRA stays in fp32."""
+        from .low_vram import store_nf4
+
+        for block in self.transformer.blocks():
+            store_nf4(block, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.compute_dtype = torch.bfloat16
+
+    def to(self, device=None, dtype=None) -> "FluxModel":
+        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+            if m is None:
+                continue
+            if dtype is not None and m is self.denoiser and self.compute_dtype is not None:
+                m.to(device=device)  # fp8 storage stays fp8
+            else:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> None:
+        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.img_in.weight.device
+
+    # ---- saving
+    def save(self, path, single_file=None, dtype=None):
+        """A diffusers folder, or (path ending .safetensors) the BFL single-file transformer."""
+        path = Path(path)
+        if single_file is None:
+            single_file = path.suffix.lower() == ".safetensors"
+        from .flux_files import save_bfl_transformer, save_diffusers_folder
+
+        if single_file:
+            save_bfl_transformer(self.transformer, path, dtype=dtype)
+        else:
+            save_diffusers_folder(self, path, dtype=dtype)
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+
+# ------------------------------------------------------------------ the model-family registry's entry points
+def detect_folder(path: Path, index: dict | None = None) -> str | None:
+    """"flux" for a diffusers folder of a FLUX pipeline (FLUX.2 / Kontext too: the loader then says what is supported)."""
+    if index is None:
+        try:
+            index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return "flux" if str(index.get("_class_name", "")).startswith("Flux") else None
+
+
+def detect_single_file(keys, metadata: dict[str, str] | None = None) -> str | None:
+    bare = {k.split("diffusion_model.", 1)[-1] for k in keys}
+    if any(k.startswith(("double_blocks.", "single_blocks.", "double_stream_modulation")) for k in bare):
+        return "flux"
+    return None
+
+
+def load(path, *, family: str = "flux", dtype=torch.float32, allow_pickle: bool = False, prediction_type=None,
+         clip_skip=None, checkpoint=None, zero_terminal_snr=None, job=None, **options) -> "FluxModel":
+    """The registry's loader. The job's FLUX keys (models/flux_options.py) set the files and options;
+    `options` (load_flux's keywords: clip_l, t5xxl, ae, t5xxl_tokenizer, fp8_base) override them."""
+    from .flux_files import load_flux
+
+    if prediction_type not in (None, "flow"):
+        raise UserError(f"FLUX.1 is a flow-matching model; prediction type {prediction_type!r} does not apply",
+                        path=path)
+    if job is not None:
+        if job.mixed_precision == "bf16" or job.fp8_base:
+            dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+        base = {"clip_l": job.clip_l, "t5xxl": job.t5xxl, "ae": job.ae, "t5xxl_tokenizer": job.t5xxl_tokenizer,
+                "fp8_base": job.fp8_base, "options": FluxOptions.from_job(job)}
+        options = {**base, **{k: v for k, v in options.items() if v is not None}}
+    options = {k: v for k, v in options.items() if v is not None}
+    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, **options)
+    if job is not None and job.nf4_base:
+        model.store_base_nf4()
+    return model

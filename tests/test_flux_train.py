@@ -1,0 +1,218 @@
+"""Training on a tiny FLUX.1-layout model: every method lowers its loss and changes the output; resume,
+two processes, block swap, cached text encoder outputs, diffusers-format files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import _write_pairs
+from difflora.config import JobConfig, apply_method_defaults
+from difflora.errors import UserError
+from difflora.methods.base import Batch, StepContext
+from difflora.models import load_model
+from difflora.network.apply import network_from_file
+from difflora.network.files import read_metadata_only
+from difflora.train.loop import train
+
+FLOW = {"timestep_sampling": "shift", "model_prediction_type": "raw", "guidance_scale": 1.0}
+
+
+@pytest.fixture(scope="module")
+def flux_env(tmp_path_factory):
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux_train")
+    build_tiny_flux("dev", 1, 1).save(root / "model")
+    _write_pairs(root / "pairs", 4, 32)
+    return root
+
+
+def _job(root: Path, out: Path, method: str, **extra):
+    job = {"model": str(root / "model"), "method": method, "resolution": 32, "train_batch_size": 2,
+           "max_train_steps": 30, "learning_rate": 1e-2, "output_dir": str(out), "output_name": method,
+           "log_with": "none", "seed": 5, "datasets": [{"subsets": [{"image_dir": str(root / "pairs"), "caption_extension": ".txt"}]}], **FLOW}
+    job.update(extra)
+    return apply_method_defaults(JobConfig.model_validate(job))
+
+
+def _latents(model, root: Path):
+    from difflora.data.images import load_image, to_tensor
+
+    befores = sorted(p for p in (root / "pairs").glob("*.png") if not p.stem.endswith("_after"))
+    enc = lambda p: model.encode_images(to_tensor(load_image(p))[None], sample=False)  # noqa: E731
+    x = torch.cat([enc(p) for p in befores])
+    after = torch.cat([enc(p.with_name(p.stem + "_after.png")) for p in befores])
+    caps = [p.with_suffix(".txt").read_text() for p in befores]
+    caps_after = [p.with_name(p.stem + "_after.txt").read_text() for p in befores]
+    return x, after, caps, caps_after
+
+
+def _fixed_loss(model, networks, loss_fn, job, data, multipliers, steps=(0, 1), sigmas=(0.1, 0.9)) -> float:
+    """The method's own loss on fixed draws (8 σ in `sigmas`), with each network at its multiplier."""
+    x, after, caps, caps_after = data
+    losses = []
+    with torch.no_grad():
+        for net, m in zip(networks, multipliers):
+            net.set_multiplier(m)
+        for k, sigma in enumerate(np.linspace(*sigmas, 8)):
+            g = torch.Generator().manual_seed(k)
+            batch = Batch({"x": x, "after": after}, {"x": caps, "after": caps_after}, torch.randn(x.shape, generator=g),
+                          torch.full((x.shape[0],), float(sigma) * 1000), torch.ones(x.shape[0]), step=steps[k % len(steps)])
+            ctx = StepContext(model, networks[-1], job, batch.step, model.encode_prompts)
+            if multipliers[-1] == 0.0:  # the losses set the trained network's multiplier themselves: detach it
+                networks[-1].remove()
+            losses.append(float(loss_fn(ctx, batch).mean()))
+            networks[-1].apply_to()
+    return float(np.mean(losses))
+
+
+def _image(model, networks, m):
+    from difflora.generate import GenerationRequest, generate
+
+    req = GenerationRequest(prompts=["a face, red hair"], seeds=[3], steps=3, width=32, height=32)
+    req.multipliers = {len(networks) - 1: [m]}
+    return generate(model, networks, req, output="float")[0]
+
+
+METHOD_CASES = {
+    "standard": {},
+    "addift": {"max_train_steps": 60, "learning_rate": 3e-3},  # ADDifT's own lr
+    "slider": {},
+    "copier": {"copier": {"stage1_steps": 30, "stage2_steps": 30, "stage1_learning_rate": 1e-2,
+                          "stage2_learning_rate": 1e-2, "save_copier": True}},
+    "differential": {"differential": {"before_steps": 30, "after_steps": 30, "learning_rate": 1e-2, "save_parts": True}},
+}
+
+
+@pytest.mark.parametrize("method", [m if m in ("standard", "addift") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHOD_CASES])
+def test_each_method_on_flux_lowers_its_loss_and_changes_the_output(flux_env, tmp_path, method):
+    from difflora.methods.addift import addift_loss
+    from difflora.methods.slider import slider_loss
+    from difflora.methods.standard import denoising_loss
+
+    job = _job(flux_env, tmp_path, method, **METHOD_CASES[method])
+    path = train(job)
+    model = load_model(flux_env / "model", job=job)
+    data = _latents(model, flux_env)
+    out = tmp_path
+    if method == "copier":  # stage 2 trains B on "after" on top of A: B must lower that loss
+        a = network_from_file(model, out / "copier-copier.safetensors", 1.0)
+        b = network_from_file(model, path, 1.0)
+        loss = lambda ctx, batch: denoising_loss(ctx, batch, image="after")  # noqa: E731
+        with_b, without_b = (_fixed_loss(model, [a, b], loss, job, data, [1.0, m]) for m in (1.0, 0.0))
+        networks = [a, b]
+    elif method == "differential":  # A overfits "before", B "after"; the result is B - A
+        parts = {}
+        for part, image in (("before", "x"), ("after", "after")):
+            net = network_from_file(model, out / f"differential-{part}.safetensors", 1.0)
+            loss = lambda ctx, batch, image=image: denoising_loss(ctx, batch, image=image)  # noqa: E731
+            parts[part] = (_fixed_loss(model, [net], loss, job, data, [1.0]), _fixed_loss(model, [net], loss, job, data, [0.0]))
+            net.remove()
+        with_b, without_b = parts["after"]
+        assert parts["before"][0] < parts["before"][1], parts
+        networks = [network_from_file(model, path, 1.0)]
+    else:
+        net = network_from_file(model, path, 1.0)
+        loss, m = {"standard": (denoising_loss, 1.0), "slider": (slider_loss, 1.0),
+                   "addift": (addift_loss, job.addift.multiplier)}[method]
+        window = (0.5, 0.95) if method == "addift" else (0.1, 0.9)  # ADDifT trains σ in [0.5, 1)
+        with_b, without_b = (_fixed_loss(model, [net], loss, job, data, [mm], sigmas=window) for mm in (m, 0.0))
+        networks = [net]
+    # The tiny random model leaves ADDifT little to learn (its pairs differ by ~0.04 in latent units, under
+    # σ ≥ 0.5 noise): a 1% drop is what it can show; the ground-truth methods drop more.
+    assert with_b < (0.99 if method == "addift" else 0.98) * without_b, (method, with_b, without_b)
+    changed = np.abs(_image(model, networks, 1.0) - _image(model, networks, 0.0)).max()
+    assert changed > 1e-3, method
+    md = read_metadata_only(path)
+    assert md["ss_base_model_version"] == "flux1" and md["modelspec.architecture"] == "flux-1-dev/lora"
+    assert md["ss_timestep_sampling"] == "shift" and md["ss_model_prediction_type"] == "raw"
+
+
+def test_per_pair_average_and_presets_on_flux(flux_env, tmp_path):
+    job = _job(flux_env, tmp_path, "addift", per_pair_average=True, max_train_steps=6, output_name="avg")
+    avg = train(job)
+    job2 = _job(flux_env, tmp_path, "standard", max_train_steps=6, output_name="with_preset",
+                preset_loras=[{"path": str(avg), "multiplier": 0.5}])
+    out = train(job2)
+    model = load_model(flux_env / "model", job=job2)
+    a = network_from_file(model, avg, 1.0)
+    assert np.abs(_image(model, [a], 1.0) - _image(model, [a], 0.0)).max() > 1e-4
+    assert len(load_file(str(out))) == 3 * (13 + 12)  # 1 double + 1 single block (10 + 3), CLIP 2 layers x 6
+
+
+def test_resume_equals_uninterrupted_run(flux_env, tmp_path):
+    job = _job(flux_env, tmp_path, "addift", max_train_steps=8, save_state_every_n_steps=5, output_name="r")
+    full = load_file(str(train(job)))
+    shutil.copytree(tmp_path / "r-state", tmp_path / "state5")
+    (tmp_path / "r.safetensors").unlink()
+    resumed = load_file(str(train(job, resume=str(tmp_path / "state5"))))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_block_swap_and_cached_text_encoders_give_the_same_lora(flux_env, tmp_path):
+    base = dict(max_train_steps=4, network_train_unet_only=True)
+    plain = load_file(str(train(_job(flux_env, tmp_path / "a", "standard", **base))))
+    swapped = load_file(str(train(_job(flux_env, tmp_path / "b", "standard", blocks_to_swap=1,
+                                       cpu_offload_checkpointing=True, **base))))
+    cached = load_file(str(train(_job(flux_env, tmp_path / "c", "standard", cache_text_encoder_outputs_to_disk=True,
+                                      **base))))
+    assert (tmp_path / "c" / "text_encoder_cache.safetensors").exists()
+    for other in (swapped, cached):
+        assert all(torch.allclose(plain[k], other[k], atol=1e-6) for k in plain)
+    with pytest.raises(UserError, match="network_train_unet_only"):
+        train(_job(flux_env, tmp_path / "d", "standard", cache_text_encoder_outputs=True, max_train_steps=2))
+
+
+def test_diffusers_save_format_writes_transformer_peft_keys_that_load_back(flux_env, tmp_path):
+    job = _job(flux_env, tmp_path, "addift", max_train_steps=4, save_format="diffusers", output_name="d")
+    path = train(job)
+    keys = list(load_file(str(path)))
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    model = load_model(flux_env / "model", job=job)
+    net = network_from_file(model, path, 1.0)
+    assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 0
+
+
+def test_flux_keys_on_an_sd_model_are_refused(tiny_sd1_dir, faces16, tmp_path):
+    job = apply_method_defaults(JobConfig.model_validate({
+        "model": str(tiny_sd1_dir), "train_data_dir": str(faces16), "resolution": 16, "max_train_steps": 2,
+        "output_dir": str(tmp_path), "log_with": "none", "timestep_sampling": "shift"}))
+    with pytest.raises(UserError, match="timestep_sampling apply to FLUX"):
+        train(job)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_flux_lora_as_one(flux_env, tmp_path):
+    body = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in {
+        "model": str(flux_env / "model"), "method": "standard", "resolution": 32, "max_train_steps": 4,
+        "optimizer_type": "SGD", "learning_rate": 0.05, "output_dir": "out", "log_with": "none", "seed": 5,
+        "train_data_dir": str(flux_env / "kohya"), **FLOW}.items())
+    (flux_env / "kohya").mkdir(exist_ok=True)
+    if not (flux_env / "kohya" / "1_face").exists():
+        shutil.copytree(flux_env / "pairs", flux_env / "kohya" / "1_face")
+    (tmp_path / "job.toml").write_text(body, encoding="utf-8")
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, also for the launched processes
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "difflora", "-q", "train", "job.toml",
+              "--set", "train_batch_size=1", "--set", "output_name='two'"]
+    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "difflora", "-q", "train", "job.toml", "--set", "train_batch_size=2",
+                        "--set", "output_name='one'"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two, one = load_file(str(tmp_path / "out" / "two.safetensors")), load_file(str(tmp_path / "out" / "one.safetensors"))
+    assert max(one[k].abs().max().item() for k in one if k.endswith("lora_up.weight")) > 1e-4
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-6
