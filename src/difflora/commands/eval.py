@@ -27,7 +27,9 @@ def register(sub) -> None:
                                                          "--suite)")
     p.add_argument("--pair-seed", type=int, default=None, help="seed of the training pairs (default --seed)")
     p.add_argument("--prompt-seed", type=int, default=None, help="seed of the held-out prompts (default --seed)")
-    p.add_argument("--weight", type=float, default=None, help="load weight w of the LoRA (default: the variant's, 1)")
+    p.add_argument("--weights", default=None,
+                   help="comma-separated load weights w of the LoRA, each scored from one training (default: the "
+                        "variant's, 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key for every method (TOML value; dotted keys reach tables: "
                         "slider.captions='own')")
@@ -48,6 +50,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..errors import UserError
     from ..toy.evaluate import PEER_ROWS, SUITES, TASKS, VARIANTS, eval_job, evaluate, markdown_table, summarize, \
         summary_table
 
@@ -64,12 +67,16 @@ def run(args) -> int:
     pairs = _ints(args.pairs or ("8" if args.suite else "1,8"), "--pairs")
     train_seeds = _ints(args.train_seeds or ("0,1" if args.suite else str(args.seed)), "--train-seeds")
     m = args.m or (32 if args.suite else 64)
+    try:
+        weights = [float(x) for x in args.weights.split(",") if x.strip()] if args.weights else None
+    except ValueError:
+        raise UserError(f"--weights takes comma-separated numbers, got {args.weights!r}") from None
     overrides = args.overrides
     for method in methods:  # a bad --set stops here, before minutes of training
         eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
     results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=m,
                        overrides=overrides, train_seeds=train_seeds, pair_seed=args.pair_seed,
-                       prompt_seed=args.prompt_seed, weight=args.weight)
+                       prompt_seed=args.prompt_seed, weights=weights)
     print(summary_table(summarize(results)))
     print(markdown_table(results))
     print(f"wrote {args.out}/eval.json, eval.md and cells/")

@@ -300,25 +300,20 @@ class Cell:
     def key(self) -> str:
         settings = json.dumps([_variant(self.label).keys, list(self.overrides)], sort_keys=True)
         digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
-        w = "" if self.weight is None else f"_w{self.weight:g}"
+        w = "" if self.load_weight == _variant(self.label).weight else f"_w{self.load_weight:g}"
         return (f"{self.task}_{self.label}{w}_p{self.n_pairs}_t{self.train_seed}_s{self.pair_seed}"
                 f"_e{self.prompt_seed}_m{self.m}_{digest}")
 
 
-def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
-            overrides: list[str] | None = None, model=None, pair_seed: int | None = None,
-            prompt_seed: int | None = None, weight: float | None = None):
-    """Train one variant on one task and score it (seeds default to `seed`)."""
-    from ..models import load_model
+def train_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int,
+              overrides: list[str] | None = None, pair_seed: int | None = None) -> tuple[Path, int, float]:
+    """Train one variant on one task's pairs: (LoRA file, steps, wall seconds)."""
     from ..network.files import read_metadata_only
     from ..train.loop import train
 
-    pair_seed = seed if pair_seed is None else pair_seed
-    prompt_seed = seed if prompt_seed is None else prompt_seed
-    weight = _variant(method).weight if weight is None else weight
     pairs = work / f"pairs_{task}_{n_pairs}"
     if not pairs.exists():
-        write_pairs(pairs, task, n_pairs, pair_seed)
+        write_pairs(pairs, task, n_pairs, seed if pair_seed is None else pair_seed)
     if _variant(method).keys["method"] == "standard":
         data = work / f"after_{task}_{n_pairs}"
         if not data.exists():
@@ -328,39 +323,61 @@ def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: 
     with contextlib.redirect_stderr(io.StringIO()):
         path = train(job)
     seconds = time.time() - t0
-    meta = read_metadata_only(path)
-    steps = int(meta.get("ss_steps", 0))
+    return path, int(read_metadata_only(path).get("ss_steps", 0)), round(seconds, 2)
+
+
+def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
+            overrides: list[str] | None = None, model=None, pair_seed: int | None = None,
+            prompt_seed: int | None = None, weight: float | None = None):
+    """Train one variant on one task and score it (seeds default to `seed`)."""
+    cell = Cell(task, method, n_pairs, seed, seed if pair_seed is None else pair_seed,
+                seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), weight)
+    path, steps, seconds = train_one(task, method, n_pairs, work, model_path, seed, overrides, cell.pair_seed)
+    return _scored(cell, path, steps, seconds, model_path, judge, model)
+
+
+def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, judge, model):
+    from ..models import load_model
+
     model = model or load_model(model_path)
-    metrics, images = score(model, path, task, m, prompt_seed, judge, weight=weight)
-    result = TaskResult(task, method, n_pairs, train_steps=steps, train_seconds=round(seconds, 2), weight=weight,
-                        train_seed=seed, pair_seed=pair_seed, prompt_seed=prompt_seed, m=m,
-                        overrides=list(overrides or []), **metrics)
+    metrics, images = score(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight)
+    result = TaskResult(cell.task, cell.label, cell.n_pairs, train_steps=steps, train_seconds=seconds,
+                        weight=cell.load_weight, train_seed=cell.train_seed, pair_seed=cell.pair_seed,
+                        prompt_seed=cell.prompt_seed, m=cell.m, overrides=list(cell.overrides), **metrics)
     return result, images
 
 
-def run_cell(cell: Cell, cache: Path, model_path, judge, model, grids: bool = False) -> TaskResult:
-    """A cached cell's result, or train and score it now and cache it."""
+def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids: bool = False) -> list[TaskResult]:
+    """Cells that differ only in load weight: cached results, the rest from one training, then cached."""
     from ..fileio import write_json_atomic
     from ..generate import make_grid
 
-    path = cache / f"{cell.key()}.json"
-    if path.exists():
-        return TaskResult(**json.loads(path.read_text(encoding="utf-8")))
-    log.info("eval: %s, %s, %d pair(s), training seed %d", cell.task, cell.label, cell.n_pairs, cell.train_seed)
-    with tempfile.TemporaryDirectory(prefix="difflora-eval-") as tmp:
-        r, images = run_one(cell.task, cell.label, cell.n_pairs, Path(tmp), model_path, cell.train_seed, cell.m,
-                            judge, list(cell.overrides), model, pair_seed=cell.pair_seed,
-                            prompt_seed=cell.prompt_seed, weight=cell.weight)
-    log.info("  edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", 100 * r.edit_success,
-             100 * r.reverse_success, 100 * r.preservation, r.train_steps, r.train_seconds)
-    cache.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, asdict(r))
-    if grids:
-        rows = [[images["-1"][i], images["0"][i], images["+1"][i]] for i in range(min(4, cell.m))]
-        w = f"{r.weight:g}"
-        make_grid(rows, [f"-{w}", "0", f"+{w}"], [f"#{i}" for i in range(len(rows))], scale=2).save(
-            cache / f"{cell.key()}.png")
-    return r
+    results: dict[int, TaskResult] = {}
+    for i, cell in enumerate(cells):
+        path = cache / f"{cell.key()}.json"
+        if path.exists():
+            results[i] = TaskResult(**json.loads(path.read_text(encoding="utf-8")))
+    todo = [i for i in range(len(cells)) if i not in results]
+    if todo:
+        c0 = cells[todo[0]]
+        log.info("eval: %s, %s, %d pair(s), training seed %d", c0.task, c0.label, c0.n_pairs, c0.train_seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="difflora-eval-") as tmp:
+            lora, steps, seconds = train_one(c0.task, c0.label, c0.n_pairs, Path(tmp), model_path, c0.train_seed,
+                                             list(c0.overrides), c0.pair_seed)
+            for i in todo:
+                r, images = _scored(cells[i], lora, steps, seconds, model_path, judge, model)
+                log.info("  weight %g: edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", r.weight,
+                         100 * r.edit_success, 100 * r.reverse_success, 100 * r.preservation, r.train_steps,
+                         r.train_seconds)
+                write_json_atomic(cache / f"{cells[i].key()}.json", asdict(r))
+                if grids:
+                    rows = [[images["-1"][k], images["0"][k], images["+1"][k]] for k in range(min(4, cells[i].m))]
+                    w = f"{r.weight:g}"
+                    make_grid(rows, [f"-{w}", "0", f"+{w}"], [f"#{k}" for k in range(len(rows))], scale=2).save(
+                        cache / f"{cells[i].key()}.png")
+                results[i] = r
+    return [results[i] for i in range(len(cells))]
 
 
 def _pct(x: float | None) -> str:
@@ -444,9 +461,10 @@ def summary_table(summary: dict) -> str:
 
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
-             pair_seed: int | None = None, prompt_seed: int | None = None, weight: float | None = None,
+             pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
              grids: bool = True) -> list[TaskResult]:
-    """Every (task, pairs, variant, training seed) cell, cached under out/cells; writes eval.json
+    """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
+    training serves every weight); writes eval.json
     (cells and summary) and eval.md (summary and per-cell tables)."""
     from ..fileio import write_json_atomic, write_text_atomic
     from ..models import load_model
@@ -464,9 +482,10 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
                 if method.endswith("-avg") and n == 1:
                     continue  # averaging one pair is the method itself
                 for ts in train_seeds:
-                    cell = Cell(task, method, n, ts, seed if pair_seed is None else pair_seed,
-                                seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), weight)
-                    results.append(run_cell(cell, out / "cells", model_path, judge, model, grids=grids))
+                    cells = [Cell(task, method, n, ts, seed if pair_seed is None else pair_seed,
+                                  seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w)
+                             for w in (weights or [None])]
+                    results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids)
                     summary = summarize(results)
                     write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results], "summary": summary})
     summary = summarize(results)
