@@ -93,6 +93,11 @@ VARIANTS: dict[str, Variant] = {
     "addift-tt": Variant({"method": "addift", "addift": {"replicate_traintrain_timesteps": True}},
                          note="TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)"),
     "addift-50": Variant({"method": "addift", "max_train_steps": 50}, note="50 steps"),
+    "addift-50-lr6e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3},
+                                note="50 steps, lr 6e-3"),
+    "addift-t200": Variant({"method": "addift", "addift": {"min_timestep": 200}}, note="timesteps 200-1000"),
+    "addift-bbd": Variant({"method": "addift", "addift": {"batch_both_directions": True}},
+                          note="+m and -m every step"),
     "addift-selfreg": Variant({"method": "addift", "addift": {"self_reg_weight": 1.0}}, note="self_reg_weight 1"),
     "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
     "slider": Variant({"method": "slider"}),
@@ -293,13 +298,18 @@ class Cell:
     overrides: tuple[str, ...] = ()
     weight: float | None = None  # None: the variant's weight
 
+    def settings(self) -> str:
+        """The resolved training settings (method defaults included), without paths and seeds."""
+        job = eval_job(self.task, self.label, self.n_pairs, Path("."), None, 0, list(self.overrides))
+        skip = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
+        return json.dumps(job.model_dump(mode="json", exclude=skip), sort_keys=True, default=str)
+
     @property
     def load_weight(self) -> float:
         return _variant(self.label).weight if self.weight is None else self.weight
 
     def key(self) -> str:
-        settings = json.dumps([_variant(self.label).keys, list(self.overrides)], sort_keys=True)
-        digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+        digest = hashlib.sha256(self.settings().encode()).hexdigest()[:8]
         w = "" if self.load_weight == _variant(self.label).weight else f"_w{self.load_weight:g}"
         return (f"{self.task}_{self.label}{w}_p{self.n_pairs}_t{self.train_seed}_s{self.pair_seed}"
                 f"_e{self.prompt_seed}_m{self.m}_{digest}")
