@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key for every method (TOML value; dotted keys reach tables: "
                         "slider.captions='own')")
+    p.add_argument("--grids", action="store_true", help="also write a -w/0/+w image grid per cell")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="eval_results")
     p.set_defaults(func=run)
@@ -76,7 +77,8 @@ def run(args) -> int:
         eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
     results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=m,
                        overrides=overrides, train_seeds=train_seeds, pair_seed=args.pair_seed,
-                       prompt_seed=args.prompt_seed, weights=weights)
+                       prompt_seed=args.prompt_seed, weights=weights,
+                       grids=args.grids)
     print(summary_table(summarize(results)))
     print(markdown_table(results))
     print(f"wrote {args.out}/eval.json, eval.md and cells/")

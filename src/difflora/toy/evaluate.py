@@ -472,7 +472,7 @@ def summary_table(summary: dict) -> str:
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
              pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
-             grids: bool = True) -> list[TaskResult]:
+             grids: bool = False) -> list[TaskResult]:
     """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
     training serves every weight); writes eval.json
     (cells and summary) and eval.md (summary and per-cell tables)."""
