@@ -99,6 +99,7 @@ VARIANTS: dict[str, Variant] = {
     "addift-bbd": Variant({"method": "addift", "addift": {"batch_both_directions": True}},
                           note="+m and -m every step"),
     "addift-selfreg": Variant({"method": "addift", "addift": {"self_reg_weight": 1.0}}, note="self_reg_weight 1"),
+    "addift-selfreg10": Variant({"method": "addift", "addift": {"self_reg_weight": 10.0}}, note="self_reg_weight 10"),
     "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
     "slider": Variant({"method": "slider"}),
     "copier": Variant({"method": "copier"}),
