@@ -55,6 +55,7 @@ def test_metrics_by_start_value_for_a_multi_valued_start():
     assert m["edit_success"] == pytest.approx(2 / 3)
     assert m["edit_from_before"] == pytest.approx(1 / 2)  # of the two that did not start red
     assert m["reverse_success"] == pytest.approx(2 / 3)  # any value but red counts as "before"
+    assert m["reverse_from_after"] == 1.0  # the one that started red left red
     assert m["base_after_rate"] == pytest.approx(1 / 3)
     assert m["preservation"] == pytest.approx(2 / 3) and m["preservation_minus"] == 1.0
     assert m["by_start"] == {"black": {"n": 1, "edit": 1.0, "reverse": 1.0},

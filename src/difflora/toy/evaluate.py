@@ -8,6 +8,7 @@ it freely) are made at load weights -w, 0 and +w (w = 1 unless the variant says 
 - edit success: share of +w images whose attribute takes the "after" value;
 - edit from before: the same among images whose 0 image shows a "before" value;
 - reverse success: share of -w images whose attribute takes a "before" value;
+- reverse from after: the same among images whose 0 image shows the "after" value;
 - preservation: share of +w images whose every other judged attribute equals the 0 image's;
 - outside change: mean |pixel change| between +w and 0 outside the attribute's region (local
   attributes: eyes, mouth, glasses; the whole image for global ones);
@@ -132,6 +133,7 @@ class TaskResult:
     train_steps: int
     train_seconds: float
     edit_from_before: float | None = None
+    reverse_from_after: float | None = None
     by_start: dict = field(default_factory=dict)
     weight: float = 1.0
     train_seed: int = 0
@@ -211,6 +213,7 @@ def judged_metrics(task: str, j_minus: list[dict], j_zero: list[dict], j_plus: l
         "edit_success": _share(p[attribute] == after for p in j_plus),
         "edit_from_before": _share(p[attribute] == after for _, z, p in triples if z[attribute] in befores),
         "reverse_success": _share(mi[attribute] in befores for mi in j_minus),
+        "reverse_from_after": _share(mi[attribute] in befores for mi, z, _ in triples if z[attribute] == after),
         "base_after_rate": _share(z[attribute] == after for z in j_zero),
         "preservation": _share(all(p[a] == z[a] for a in others) for p, z in zip(j_plus, j_zero)),
         "preservation_minus": _share(all(mi[a] == z[a] for a in others) for mi, z in zip(j_minus, j_zero)),
@@ -367,7 +370,10 @@ def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids:
     for i, cell in enumerate(cells):
         path = cache / f"{cell.key()}.json"
         if path.exists():
-            results[i] = TaskResult(**json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if "reverse_from_after" not in data:  # cells measured before the field existed
+                data["reverse_from_after"] = data["by_start"].get(TASKS[cell.task].after, {}).get("reverse")
+            results[i] = TaskResult(**data)
     todo = [i for i in range(len(cells)) if i not in results]
     if todo:
         c0 = cells[todo[0]]
@@ -423,7 +429,8 @@ def _mean(xs) -> float:
 
 def summarize(results: list[TaskResult]) -> dict:
     """Per (variant, pairs): each task's mean over training seeds, then the mean and the worst task."""
-    metrics = ("edit_success", "edit_from_before", "reverse_success", "preservation", "outside_change",
+    metrics = ("edit_success", "edit_from_before", "reverse_success", "reverse_from_after", "preservation",
+               "outside_change",
                "train_seconds", "train_steps")
     cells: dict[tuple, dict[str, list[TaskResult]]] = {}
     for r in results:
