@@ -450,8 +450,9 @@ def summarize(results: list[TaskResult]) -> dict:
 def summary_table(summary: dict) -> str:
     """Mean and worst task per variant, then each task's seed-mean per variant."""
     head = ("| method | pairs | tasks | seeds | mean edit | worst edit | mean reverse | worst reverse | "
-            "mean preservation | worst preservation | mean outside change | mean train s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "mean preservation | worst preservation | edit from before | reverse from after | "
+            "mean outside change | mean train s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for s in summary.values():
         m = s["summary"]
@@ -461,7 +462,8 @@ def summary_table(summary: dict) -> str:
                     f"{_pct(m['edit_success'])} | {_pct(w['edit_success']['value'])} ({w['edit_success']['task']}) | "
                     f"{_pct(m['reverse_success'])} | {_pct(w['reverse_success']['value'])} "
                     f"({w['reverse_success']['task']}) | {_pct(m['preservation'])} | "
-                    f"{_pct(w['preservation']['value'])} ({w['preservation']['task']}) | {m['outside_change']:.4f} | "
+                    f"{_pct(w['preservation']['value'])} ({w['preservation']['task']}) | "
+                    f"{_pct(m['edit_from_before'])} | {_pct(m['reverse_from_after'])} | {m['outside_change']:.4f} | "
                     f"{m['train_seconds']:.1f} |")
     tasks = sorted({t for s in summary.values() for t in s["tasks"]}, key=lambda t: list(TASKS).index(t))
     grid_head = "| method | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks) + "\n"
