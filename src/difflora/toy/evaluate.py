@@ -288,6 +288,16 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
         raise format_errors(e, "", "--set") from None
 
 
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @dataclass(frozen=True)
 class Cell:
     """One measurement: a variant trained on a task's pairs with given seeds, scored on M prompts."""
@@ -303,10 +313,16 @@ class Cell:
     weight: float | None = None  # None: the variant's weight
 
     def settings(self) -> str:
-        """The resolved training settings (method defaults included), without paths and seeds."""
+        """The resolved training settings that differ from a plain job's (method defaults included),
+        without paths and seeds: a changed default changes them, a new option at its default does not."""
+        from ..config import JobConfig
+
         job = eval_job(self.task, self.label, self.n_pairs, Path("."), None, 0, list(self.overrides))
+        plain = _flat(JobConfig.model_validate({"train_data_dir": "."}).model_dump(mode="json"))
         skip = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
-        return json.dumps(job.model_dump(mode="json", exclude=skip), sort_keys=True, default=str)
+        own = {k: v for k, v in _flat(job.model_dump(mode="json")).items()
+               if k.split(".")[0] not in skip and (k not in plain or plain[k] != v)}
+        return json.dumps(own, sort_keys=True, default=str)
 
     @property
     def load_weight(self) -> float:
