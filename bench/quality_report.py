@@ -1,6 +1,6 @@
 """The README's measured-comparison tables, regenerated from the quality suite in one command.
 
-    python bench/quality_report.py [--section NAME ...] [--threads 1] [--no-readme]
+    python bench/quality_report.py [--section NAME ...] [--cached-only] [--threads 1] [--no-readme]
 
 Each section is a set of `difflora eval` cells (task x variant x training seed x load weight)
 cached under `bench/results/<section>/cells/`: a rerun trains only the cells that are missing
@@ -27,23 +27,27 @@ SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[
         "Test subset (fixed before tuning; reported once with the defaults)",
         [(SUITES["test"], ["addift", "addift-tt"], [0, 1], None), (SUITES["test"], ["copier"], [0], None)],
         "`addift`: the defaults; `addift-tt`: the same with TrainTrain's shipped timestep sequence "
-        "(`replicate_traintrain_timesteps = true`); `copier`: its defaults (800 steps), one training seed.",
+        "(`replicate_traintrain_timesteps = true`); `copier`: its defaults (800 steps).",
     ),
     "suite_tune": (
         "Tune subset (where the defaults were chosen), training seed 0",
-        [(SUITES["tune"], ["addift", "addift-tt", "copier"], [0], None)],
-        "",
+        [(SUITES["tune"], ["addift"], [0], [1.0, 0.5]),
+         (SUITES["tune"], ["addift-tt", "addift-50-lr6e-3", "addift-selfreg10", "copier"], [0], None)],
+        "`addift`: the defaults (100 steps, lr 3e-3), also loaded at weight 0.5 (`@0.5`); `addift-tt`: the same "
+        "with TrainTrain's timestep sequence; `addift-50-lr6e-3`: 50 steps at twice the learning rate; "
+        "`addift-selfreg10`: the defaults with `self_reg_weight = 10`.",
     ),
 }
 START, END = "<!-- quality-tables:start -->", "<!-- quality-tables:end -->"
 
 
-def run_section(name: str) -> str:
+def run_section(name: str, cached_only: bool) -> str:
     title, runs, text = SECTIONS[name]
     out = ROOT / "bench" / "results" / name
     results = []
     for tasks, variants, seeds, weights in runs:
-        results += evaluate(tasks, variants, [8], out, seed=0, m=M, train_seeds=seeds, weights=weights)
+        results += evaluate(tasks, variants, [8], out, seed=0, m=M, train_seeds=seeds, weights=weights,
+                            cached_only=cached_only)
     # evaluate() writes per call; the section's files hold every run of the section.
     from difflora.fileio import write_json_atomic, write_text_atomic
     from difflora.toy.evaluate import markdown_table
@@ -61,12 +65,13 @@ def main() -> int:
     ap.add_argument("--section", action="append", choices=list(SECTIONS))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--cached-only", action="store_true", help="tables from the cells already measured; train nothing")
     args = ap.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    parts = [run_section(s) for s in (args.section or list(SECTIONS))]
+    parts = [run_section(s, args.cached_only) for s in (args.section or list(SECTIONS))]
     body = "\n".join(parts)
     (ROOT / "bench" / "results" / "quality_tables.md").write_text(body, encoding="utf-8")
     if not args.no_readme and not args.section:

@@ -18,7 +18,8 @@ def register(sub) -> None:
                         "the peer rows addift, addift-tt and copier, training seeds 0 and 1, 8 pairs")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default eyes)")
     p.add_argument("--method", action="append", choices=list(VARIANTS),
-                   help="method variant (repeatable; default all)")
+                   help="method variant (repeatable; default all): " + "; ".join(
+                       f"{k} ({v.note})" if v.note else k for k, v in VARIANTS.items()))
     p.add_argument("--pairs", default=None, help="comma-separated pair counts (default 1,8; 8 with --suite)")
     p.add_argument("--m", type=int, default=None, help="held-out generations per cell (default 64; 32 with --suite)")
     p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")

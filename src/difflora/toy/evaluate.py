@@ -93,16 +93,8 @@ VARIANTS: dict[str, Variant] = {
     "addift": Variant({"method": "addift"}, note="defaults"),
     "addift-tt": Variant({"method": "addift", "addift": {"replicate_traintrain_timesteps": True}},
                          note="TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)"),
-    "addift-50": Variant({"method": "addift", "max_train_steps": 50}, note="50 steps"),
     "addift-50-lr6e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3},
                                 note="50 steps, lr 6e-3"),
-    "addift-tt-50": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3,
-                             "addift": {"replicate_traintrain_timesteps": True}},
-                            note="50 steps, lr 6e-3, TrainTrain's shipped timestep sequence"),
-    "addift-t200": Variant({"method": "addift", "addift": {"min_timestep": 200}}, note="timesteps 200-1000"),
-    "addift-bbd": Variant({"method": "addift", "addift": {"batch_both_directions": True}},
-                          note="+m and -m every step"),
-    "addift-selfreg": Variant({"method": "addift", "addift": {"self_reg_weight": 1.0}}, note="self_reg_weight 1"),
     "addift-selfreg10": Variant({"method": "addift", "addift": {"self_reg_weight": 10.0}}, note="self_reg_weight 10"),
     "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
     "slider": Variant({"method": "slider"}),
@@ -380,8 +372,10 @@ def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, ju
     return result, images
 
 
-def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids: bool = False) -> list[TaskResult]:
-    """Cells that differ only in load weight: cached results, the rest from one training, then cached."""
+def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids: bool = False,
+              cached_only: bool = False) -> list[TaskResult]:
+    """Cells that differ only in load weight: cached results, the rest from one training, then cached
+    (`cached_only`: only the cached ones)."""
     from ..fileio import write_json_atomic
     from ..generate import make_grid
 
@@ -394,7 +388,7 @@ def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids:
                 data["reverse_from_after"] = data["by_start"].get(TASKS[cell.task].after, {}).get("reverse")
             results[i] = TaskResult(**data)
     todo = [i for i in range(len(cells)) if i not in results]
-    if todo:
+    if todo and not cached_only:
         c0 = cells[todo[0]]
         log.info("eval: %s, %s, %d pair(s), training seed %d", c0.task, c0.label, c0.n_pairs, c0.train_seed)
         cache.mkdir(parents=True, exist_ok=True)
@@ -413,7 +407,7 @@ def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids:
                     make_grid(rows, [f"-{w}", "0", f"+{w}"], [f"#{k}" for k in range(len(rows))], scale=2).save(
                         cache / f"{cells[i].key()}.png")
                 results[i] = r
-    return [results[i] for i in range(len(cells))]
+    return [results[i] for i in range(len(cells)) if i in results]
 
 
 def _pct(x: float | None) -> str:
@@ -501,7 +495,7 @@ def summary_table(summary: dict) -> str:
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
              pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
-             grids: bool = False) -> list[TaskResult]:
+             grids: bool = False, cached_only: bool = False) -> list[TaskResult]:
     """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
     training serves every weight); writes eval.json
     (cells and summary) and eval.md (summary and per-cell tables)."""
@@ -511,8 +505,8 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    judge = load_judge()
-    model = load_model(model_path)
+    judge = None if cached_only else load_judge()
+    model = None if cached_only else load_model(model_path)
     train_seeds = train_seeds or [seed]
     results: list[TaskResult] = []
     for task in tasks:
@@ -524,7 +518,8 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
                     cells = [Cell(task, method, n, ts, seed if pair_seed is None else pair_seed,
                                   seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w)
                              for w in (weights or [None])]
-                    results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids)
+                    results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids,
+                                         cached_only=cached_only)
                     summary = summarize(results)
                     write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results], "summary": summary})
     summary = summarize(results)
