@@ -486,9 +486,9 @@ def summary_table(summary: dict) -> str:
         for t in tasks:
             v = s["tasks"].get(t)
             cells.append("–" if v is None else f"{_pct(v['edit_success'])} / {_pct(v['reverse_success'])} / "
-                                              f"{_pct(v['preservation'])}")
+                                              f"{_pct(v['preservation'])} / {v['outside_change']:.3f}")
         grid.append(f"| {s['label']} ({s['n_pairs']}) | " + " | ".join(cells) + " |")
-    return (head + "\n".join(rows) + "\n\nPer task (mean over training seeds): edit / reverse / preservation\n\n"
+    return (head + "\n".join(rows) + "\n\nPer task (mean over training seeds): edit / reverse / preservation / outside change\n\n"
             + grid_head + "\n".join(grid) + "\n")
 
 
