@@ -4,52 +4,94 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ..toy.evaluate import METHOD_ROWS, TASKS
+    from ..toy.evaluate import SUITES, TASKS, VARIANTS
 
     p = sub.add_parser("eval", help="train each difference method on toy tasks and score them with the judge",
-                       description="For each task (one attribute changed) and pair count, train every method at its "
-                                   "documented defaults and score held-out generations at multipliers -1/0/+1: edit "
-                                   "success, reverse success, preservation, change outside the region, steps and "
-                                   "seconds. Writes eval.json, eval.md and grids.")
+                       description="For each task (one attribute changed) and pair count, train every method variant "
+                                   "and score held-out generations at multipliers -w/0/+w: edit success (also per "
+                                   "start value), reverse success, preservation, change outside the region, steps and "
+                                   "seconds. Cells are cached under OUT/cells, so a rerun only adds what is missing. "
+                                   "Writes eval.json (cells and the mean/worst-task summary) and eval.md.")
     p.add_argument("--all", action="store_true", help="every task, every method, 1 and 8 pairs")
+    p.add_argument("--suite", choices=list(SUITES),
+                   help="a fixed task list (tune, test: see bench/README.md; ci: the smallest); with no --method "
+                        "the peer rows addift, addift-tt and copier, training seeds 0 and 1, 8 pairs")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default eyes)")
-    p.add_argument("--method", action="append", choices=list(METHOD_ROWS), help="method (repeatable; default all)")
-    p.add_argument("--pairs", default="1,8", help="comma-separated pair counts (default 1,8)")
-    p.add_argument("--m", type=int, default=64, help="held-out generations per method (default 64)")
+    p.add_argument("--method", action="append", choices=list(VARIANTS),
+                   help="method variant (repeatable; default all): " + "; ".join(
+                       f"{k} ({v.note})" if v.note else k for k, v in VARIANTS.items()))
+    p.add_argument("--pairs", default=None, help="comma-separated pair counts (default 1,8; 8 with --suite)")
+    p.add_argument("--m", type=int, default=None, help="held-out generations per cell (default 64; 32 with --suite)")
     p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="pair and prompt seed, and the training seed by default")
+    p.add_argument("--train-seeds", default=None, help="comma-separated training seeds (default: --seed; 0,1 with "
+                                                         "--suite)")
+    p.add_argument("--pair-seed", type=int, default=None, help="seed of the training pairs (default --seed)")
+    p.add_argument("--prompt-seed", type=int, default=None, help="seed of the held-out prompts (default --seed)")
+    p.add_argument("--weights", default=None,
+                   help="comma-separated load weights w of the LoRA, each scored from one training (default: the "
+                        "variant's, 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job key for every method (TOML value; dotted keys reach tables: "
                         "slider.captions='own')")
+    p.add_argument("--grids", action="store_true", help="also write a -w/0/+w image grid per cell")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="eval_results")
     p.set_defaults(func=run)
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    from ..errors import UserError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def run(args) -> int:
+    import math
     from pathlib import Path
 
     from .. import validate
     from ..errors import UserError
-    from ..toy.evaluate import METHOD_ROWS, TASKS, eval_job, evaluate, markdown_table
+    from ..toy.evaluate import PEER_ROWS, SUITES, TASKS, VARIANTS, eval_job, evaluate, markdown_table, summarize, \
+        summary_table
 
-    tasks = list(TASKS) if args.all else (args.task or ["eyes"])
-    methods = list(METHOD_ROWS) if args.all or not args.method else args.method
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.suite:
+        tasks = SUITES[args.suite]
+        methods = args.method or PEER_ROWS
+    else:
+        tasks = list(TASKS) if args.all else (args.task or ["eyes"])
+        methods = list(VARIANTS) if args.all or not args.method else args.method
+    pairs = _ints(args.pairs or ("8" if args.suite else "1,8"), "--pairs")
+    train_seeds = _ints(args.train_seeds or ("0,1" if args.suite else str(args.seed)), "--train-seeds")
+    m = args.m or (32 if args.suite else 64)
     try:
-        pairs = [int(x) for x in args.pairs.split(",") if x.strip()]
+        weights = [float(x) for x in args.weights.split(",") if x.strip()] if args.weights else None
     except ValueError:
-        raise UserError(f"--pairs takes comma-separated integers, got {args.pairs!r}") from None
+        raise UserError(f"--weights takes comma-separated numbers, got {args.weights!r}") from None
     if not pairs:
         raise UserError("--pairs needs at least one pair count")
     for n in pairs:
         validate.at_least(n, 1, "--pairs")
-    validate.at_least(args.m, 1, "--m")
+    validate.at_least(m, 1, "--m")
     validate.seed(args.seed)
     validate.output_folder(args.out, "--out")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise UserError(f"--weights takes finite numbers, got {args.weights!r}")
     overrides = args.overrides
     for method in methods:  # a bad --set stops here, before minutes of training
         eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
-    results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=args.m,
-                       overrides=overrides)
+    results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=m,
+                       overrides=overrides, train_seeds=train_seeds, pair_seed=args.pair_seed,
+                       prompt_seed=args.prompt_seed, weights=weights,
+                       grids=args.grids)
+    print(summary_table(summarize(results)))
     print(markdown_table(results))
-    print(f"wrote {args.out}/eval.json, eval.md and grids")
+    print(f"wrote {args.out}/eval.json, eval.md and cells/")
     return 0

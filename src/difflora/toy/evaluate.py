@@ -1,28 +1,37 @@
-"""`difflora eval`: train every difference method on a toy task and score it with the judge.
+"""`difflora eval`: train difference methods on toy tasks and score them with the judge.
 
-For a task (one attribute changed, e.g. eyes open -> closed) and N pairs, each method is trained
-at its documented defaults on the same N procedural pairs. Then M held-out (prompt, seed)
-generations (captions of attribute combinations never seen by the base model, with the task's
-attribute left out so the base model draws it freely) are made at multipliers -1, 0 and +1 and
-judged:
-- edit success: share of +1 images whose attribute takes the "after" value;
-- reverse success: share of -1 images whose attribute takes the "before" value;
-- preservation: share of +1 images whose every other judged attribute equals the multiplier-0
-  image of the same seed;
-- outside change: mean |pixel change| between +1 and 0 outside the attribute's region (local
+A task changes one attribute (eyes open -> closed, background blue -> green, any hair -> red).
+For a task, N procedural pairs are drawn (pair seed), a method variant is trained on them
+(training seed), and M held-out (prompt, seed) generations (prompt seed: captions of attribute
+combinations the base model never saw, with the task's attribute left out so the base model draws
+it freely) are made at load weights -w, 0 and +w (w = 1 unless the variant says otherwise) and judged:
+- edit success: share of +w images whose attribute takes the "after" value;
+- edit from before: the same among images whose 0 image shows a "before" value;
+- reverse success: share of -w images whose attribute takes a "before" value;
+- reverse from after: the same among images whose 0 image shows the "after" value;
+- preservation: share of +w images whose every other judged attribute equals the 0 image's;
+- outside change: mean |pixel change| between +w and 0 outside the attribute's region (local
   attributes: eyes, mouth, glasses; the whole image for global ones);
+- by start value: edit and reverse success grouped by the value the 0 image shows;
 - training steps and wall seconds.
+
+Each (task, variant, pairs, seeds, prompts) cell is cached as one JSON file under
+`<out>/cells/`, so a rerun of a suite computes only what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -31,29 +40,84 @@ from . import faces
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, tuple[str, str, str]] = {
-    "eyes": ("eyes", "open", "closed"),
-    "smile": ("mouth", "smiling", "neutral"),
-    "glasses": ("glasses", "none", "glasses"),
-    "style": ("style", "flat", "detailed"),
-    "hair": ("hair", "black", "red"),
+
+class Task(NamedTuple):
+    attribute: str
+    before: str  # "*": every value but `after` (pairs start from each in turn)
+    after: str
+
+
+TASKS: dict[str, Task] = {
+    # local changes, both directions
+    "eyes": Task("eyes", "open", "closed"),
+    "eyes-rev": Task("eyes", "closed", "open"),
+    "smile": Task("mouth", "smiling", "neutral"),
+    "smile-rev": Task("mouth", "neutral", "smiling"),
+    "glasses": Task("glasses", "none", "glasses"),
+    "glasses-rev": Task("glasses", "glasses", "none"),
+    # a global texture change
+    "style": Task("style", "flat", "detailed"),
+    "style-rev": Task("style", "detailed", "flat"),
+    # global colour changes (hair: 4 values, background: 4, skin: 3)
+    "hair": Task("hair", "black", "red"),
+    "hair-rev": Task("hair", "red", "black"),
+    "hair-any": Task("hair", "*", "red"),
+    "background": Task("background", "blue", "green"),
+    "background-rev": Task("background", "green", "blue"),
+    "background-any": Task("background", "*", "green"),
+    "skin": Task("skin", "light", "dark"),
+    "skin-rev": Task("skin", "dark", "light"),
 }
 
-# Method rows of the comparison: (label, job keys). Everything else is the method's defaults.
-METHOD_ROWS: dict[str, dict] = {
-    "addift": {"method": "addift"},
-    "slider": {"method": "slider"},
-    "copier": {"method": "copier"},
-    "differential": {"method": "differential"},
-    "copier-avg": {"method": "copier", "per_pair_average": True},
-    "standard": {"method": "standard"},
+# Fixed on 2026-12-02 before the first tuning run (bench/README.md): defaults are chosen on "tune";
+# "test" is reported once with them. Each kind of change (local, texture, colour, multi-valued
+# start, reversed) is in both.
+SUITES: dict[str, list[str]] = {
+    "tune": ["eyes", "smile", "glasses-rev", "style", "hair", "background", "skin-rev", "hair-any"],
+    "test": ["eyes-rev", "smile-rev", "glasses", "style-rev", "hair-rev", "background-rev", "skin",
+             "background-any"],
+    "ci": ["eyes"],
 }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method with settings, under its own label (tables, file names, cache keys)."""
+
+    keys: dict  # job keys (nested tables as dicts); everything else is the method's defaults
+    weight: float = 1.0  # load weight of the LoRA at evaluation: images at -w, 0, +w
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "addift": Variant({"method": "addift"}, note="defaults"),
+    "addift-tt": Variant({"method": "addift", "addift": {"replicate_traintrain_timesteps": True}},
+                         note="TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)"),
+    "addift-50-lr6e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3},
+                                note="50 steps, lr 6e-3"),
+    "addift-selfreg10": Variant({"method": "addift", "addift": {"self_reg_weight": 10.0}}, note="self_reg_weight 10"),
+    "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
+    "slider": Variant({"method": "slider"}),
+    "copier": Variant({"method": "copier"}),
+    "copier-avg": Variant({"method": "copier", "per_pair_average": True}, note="one copier per pair, averaged"),
+    "differential": Variant({"method": "differential"}),
+    "standard": Variant({"method": "standard"}),
+}
+# The rows every suite table carries (difflora's ADDifT and its peers).
+PEER_ROWS = ["addift", "addift-tt", "copier"]
+# Back-compatible name: label -> job keys.
+METHOD_ROWS = {k: v.keys for k, v in VARIANTS.items()}
+
+
+def before_values(task: Task) -> tuple[str, ...]:
+    values = faces.ATTRIBUTES[task.attribute]
+    return tuple(v for v in values if v != task.after) if task.before == "*" else (task.before,)
 
 
 @dataclass
 class TaskResult:
     task: str
-    method: str
+    method: str  # the variant's label
     n_pairs: int
     edit_success: float
     reverse_success: float
@@ -63,18 +127,30 @@ class TaskResult:
     outside_change: float
     train_steps: int
     train_seconds: float
+    edit_from_before: float | None = None
+    reverse_from_after: float | None = None
+    by_start: dict = field(default_factory=dict)
+    weight: float = 1.0
+    train_seed: int = 0
+    pair_seed: int = 0
+    prompt_seed: int = 0
+    m: int = 0
+    overrides: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
 def write_pairs(folder: Path, task: str, n: int, seed: int) -> None:
-    """N procedural pairs for a task, in difflora's pair layout (NAME.png / NAME_after.png + captions)."""
-    attribute, before, after = TASKS[task]
+    """N procedural pairs for a task, in difflora's pair layout (NAME.png / NAME_after.png + captions).
+    The faces depend on (seed, n) only, so every task sees the same faces; a "*" start cycles
+    through the other values."""
+    t = TASKS[task]
+    starts = before_values(t)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 31, n])
     for i in range(n):
         base = faces.sample_attributes(rng, held_out=False)
         face_seed = int(rng.integers(0, 2**31 - 1))
-        ab, aa, x, y = faces.make_pair(face_seed, attribute, before, after, base=base)
+        ab, aa, x, y = faces.make_pair(face_seed, t.attribute, starts[i % len(starts)], t.after, base=base)
         Image.fromarray(x).save(folder / f"{i:03d}.png")
         Image.fromarray(y).save(folder / f"{i:03d}_after.png")
         (folder / f"{i:03d}.txt").write_text(faces.caption(ab), encoding="utf-8")
@@ -93,7 +169,7 @@ def write_after_images(folder: Path, pairs: Path) -> None:
 
 def eval_prompts(task: str, m: int, seed: int) -> list[str]:
     """Held-out combinations with the task's attribute left out of the caption."""
-    attribute = TASKS[task][0]
+    attribute = TASKS[task].attribute
     combos = faces.held_out_combinations()
     rng = np.random.default_rng([seed, 53])
     picks = [combos[i] for i in rng.choice(len(combos), size=m, replace=m > len(combos))]
@@ -111,16 +187,47 @@ def region_mask(attribute: str) -> np.ndarray | None:
     return mask
 
 
-def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: int = 20, cfg: float = 4.0):
-    """Judge M generations at -1, 0, +1; returns (metrics, images by multiplier)."""
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return float(np.mean(flags)) if flags else None
+
+
+def judged_metrics(task: str, j_minus: list[dict], j_zero: list[dict], j_plus: list[dict]) -> dict:
+    """Success and preservation rates from judged -w / 0 / +w images of the same seeds."""
+    t = TASKS[task]
+    attribute, after, befores = t.attribute, t.after, before_values(t)
+    others = [a for a in faces.CAPTION_ORDER if a != attribute]
+    triples = list(zip(j_minus, j_zero, j_plus))
+    by_start = {}
+    for v in faces.ATTRIBUTES[attribute]:
+        group = [(mi, pl) for mi, z, pl in triples if z[attribute] == v]
+        if group:
+            by_start[v] = {"n": len(group), "edit": _share(pl[attribute] == after for _, pl in group),
+                           "reverse": _share(mi[attribute] in befores for mi, _ in group)}
+    return {
+        "edit_success": _share(p[attribute] == after for p in j_plus),
+        "edit_from_before": _share(p[attribute] == after for _, z, p in triples if z[attribute] in befores),
+        "reverse_success": _share(mi[attribute] in befores for mi in j_minus),
+        "reverse_from_after": _share(mi[attribute] in befores for mi, z, _ in triples if z[attribute] == after),
+        "base_after_rate": _share(z[attribute] == after for z in j_zero),
+        "preservation": _share(all(p[a] == z[a] for a in others) for p, z in zip(j_plus, j_zero)),
+        "preservation_minus": _share(all(mi[a] == z[a] for a in others) for mi, z in zip(j_minus, j_zero)),
+        "by_start": by_start,
+        # Which attributes a LoRA disturbs, for diagnosing a low preservation score.
+        "extra": {"changed_by_plus": {a: _share(p[a] != z[a] for p, z in zip(j_plus, j_zero)) for a in others}},
+    }
+
+
+def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: int = 20, cfg: float = 4.0,
+          weight: float = 1.0):
+    """Judge M generations at -weight, 0, +weight; returns (metrics, images by multiplier)."""
     from ..generate import GenerationRequest, generate
     from ..network.apply import network_from_file
 
-    attribute, before, after = TASKS[task]
     prompts = eval_prompts(task, m, seed)
     seeds = [seed * 7919 + i for i in range(m)]
     net = network_from_file(model, lora_path, 1.0)
-    mults = (-1.0, 0.0, 1.0)
+    mults = (-weight, 0.0, weight)
     req = GenerationRequest(prompts=[p for mu in mults for p in prompts], seeds=seeds * 3, steps=steps, cfg=cfg)
     req.multipliers = {0: [mu for mu in mults for _ in prompts]}
     images = generate(model, [net], req)
@@ -128,34 +235,38 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
     if images[0].shape[0] != faces.SIZE:  # test-sized models: score at the face world's size
         images = [np.asarray(Image.fromarray(im).resize((faces.SIZE, faces.SIZE), Image.BILINEAR)) for im in images]
     minus, zero, plus = images[:m], images[m:2 * m], images[2 * m:]
-    j_minus, j_zero, j_plus = judge.predict(minus), judge.predict(zero), judge.predict(plus)
-    others = [a for a in faces.CAPTION_ORDER if a != attribute]
-    region = region_mask(attribute)
+    metrics = judged_metrics(task, judge.predict(minus), judge.predict(zero), judge.predict(plus))
+    region = region_mask(TASKS[task].attribute)
     outside = ~region if region is not None else np.ones((faces.SIZE, faces.SIZE), bool)
     change = [np.abs(p.astype(np.float32) - z.astype(np.float32)).mean(axis=2)[outside].mean() / 255
               for p, z in zip(plus, zero)]
-    metrics = {
-        "edit_success": float(np.mean([j[attribute] == after for j in j_plus])),
-        "reverse_success": float(np.mean([j[attribute] == before for j in j_minus])),
-        "base_after_rate": float(np.mean([j[attribute] == after for j in j_zero])),
-        "preservation": float(np.mean([all(p[a] == z[a] for a in others) for p, z in zip(j_plus, j_zero)])),
-        "preservation_minus": float(np.mean([all(p[a] == z[a] for a in others) for p, z in zip(j_minus, j_zero)])),
-        "outside_change": float(np.mean(change)),
-    }
-    # Which attributes a LoRA disturbs, for diagnosing a low preservation score.
-    metrics["extra"] = {"changed_by_plus": {a: float(np.mean([p[a] != z[a] for p, z in zip(j_plus, j_zero)]))
-                                            for a in others}}
+    metrics["outside_change"] = float(np.mean(change))
     return metrics, {"-1": minus, "0": zero, "+1": plus}
+
+
+def _variant(label: str) -> Variant:
+    if label not in VARIANTS:
+        from ..errors import UserError
+
+        raise UserError(f"unknown eval method {label!r}", hint=f"choose from {', '.join(VARIANTS)}")
+    return VARIANTS[label]
+
+
+def _merge(into: dict, keys: dict) -> dict:
+    for k, v in keys.items():
+        into[k] = _merge(dict(into.get(k, {})), v) if isinstance(v, dict) else v
+    return into
 
 
 def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int,
              overrides: list[str] | None = None):
-    """The validated job one method trains for one task (`overrides`: --set KEY=VALUE strings)."""
+    """The validated job one variant trains for one task (`seed`: the training seed; `overrides`:
+    --set KEY=VALUE strings, applied after the variant's own keys)."""
     from pydantic import ValidationError
 
     from ..config import JobConfig, format_errors, apply_method_defaults, apply_overrides
 
-    keys = dict(METHOD_ROWS[method])
+    keys = _variant(method).keys
     job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
                 "seed": seed, "overwrite": True, "model": str(model_path) if model_path else None}
     if keys["method"] == "standard":
@@ -164,7 +275,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
         job_data["datasets"] = [{"subsets": [{"image_dir": str(work / f"pairs_{task}_{n_pairs}"),
                                               "caption_extension": ".txt"}]}]
     job_data["train_batch_size"] = min(n_pairs, 4)
-    job_data.update(keys)
+    _merge(job_data, keys)
     apply_overrides(job_data, overrides or [])
     try:
         return apply_method_defaults(JobConfig.model_validate(job_data))
@@ -172,15 +283,63 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
         raise format_errors(e, "", "--set") from None
 
 
-def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
-            overrides: list[str] | None = None, model=None):
-    from ..models import load_model
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a variant trained on a task's pairs with given seeds, scored on M prompts."""
+
+    task: str
+    label: str
+    n_pairs: int
+    train_seed: int = 0
+    pair_seed: int = 0
+    prompt_seed: int = 0
+    m: int = 64
+    overrides: tuple[str, ...] = ()
+    weight: float | None = None  # None: the variant's weight
+
+    def settings(self) -> str:
+        """The resolved training settings that differ from a plain job's (method defaults included),
+        without paths and seeds: a changed default changes them, a new option at its default does not."""
+        from ..config import JobConfig
+
+        job = eval_job(self.task, self.label, self.n_pairs, Path("."), None, 0, list(self.overrides))
+        plain = _flat(JobConfig.model_validate({"train_data_dir": "."}).model_dump(mode="json"))
+        skip = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
+        own = {k: v for k, v in _flat(job.model_dump(mode="json")).items()
+               if k.split(".")[0] not in skip and (k not in plain or plain[k] != v)}
+        return json.dumps(own, sort_keys=True, default=str)
+
+    @property
+    def load_weight(self) -> float:
+        return _variant(self.label).weight if self.weight is None else self.weight
+
+    def key(self) -> str:
+        digest = hashlib.sha256(self.settings().encode()).hexdigest()[:8]
+        w = "" if self.load_weight == _variant(self.label).weight else f"_w{self.load_weight:g}"
+        return (f"{self.task}_{self.label}{w}_p{self.n_pairs}_t{self.train_seed}_s{self.pair_seed}"
+                f"_e{self.prompt_seed}_m{self.m}_{digest}")
+
+
+def train_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int,
+              overrides: list[str] | None = None, pair_seed: int | None = None) -> tuple[Path, int, float]:
+    """Train one variant on one task's pairs: (LoRA file, steps, wall seconds)."""
+    from ..network.files import read_metadata_only
     from ..train.loop import train
 
     pairs = work / f"pairs_{task}_{n_pairs}"
     if not pairs.exists():
-        write_pairs(pairs, task, n_pairs, seed)
-    if METHOD_ROWS[method]["method"] == "standard":
+        write_pairs(pairs, task, n_pairs, seed if pair_seed is None else pair_seed)
+    if _variant(method).keys["method"] == "standard":
         data = work / f"after_{task}_{n_pairs}"
         if not data.exists():
             write_after_images(data, pairs)
@@ -189,51 +348,180 @@ def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: 
     with contextlib.redirect_stderr(io.StringIO()):
         path = train(job)
     seconds = time.time() - t0
-    from ..network.files import read_metadata_only
+    return path, int(read_metadata_only(path).get("ss_steps", 0)), round(seconds, 2)
 
-    steps = int(read_metadata_only(path).get("ss_steps", 0))
+
+def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: int, m: int, judge,
+            overrides: list[str] | None = None, model=None, pair_seed: int | None = None,
+            prompt_seed: int | None = None, weight: float | None = None):
+    """Train one variant on one task and score it (seeds default to `seed`)."""
+    cell = Cell(task, method, n_pairs, seed, seed if pair_seed is None else pair_seed,
+                seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), weight)
+    path, steps, seconds = train_one(task, method, n_pairs, work, model_path, seed, overrides, cell.pair_seed)
+    return _scored(cell, path, steps, seconds, model_path, judge, model)
+
+
+def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, judge, model):
+    from ..models import load_model
+
     model = model or load_model(model_path)
-    metrics, images = score(model, path, task, m, seed, judge)
-    return TaskResult(task, method, n_pairs, train_steps=steps, train_seconds=round(seconds, 2), **metrics), images
+    metrics, images = score(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight)
+    result = TaskResult(cell.task, cell.label, cell.n_pairs, train_steps=steps, train_seconds=seconds,
+                        weight=cell.load_weight, train_seed=cell.train_seed, pair_seed=cell.pair_seed,
+                        prompt_seed=cell.prompt_seed, m=cell.m, overrides=list(cell.overrides), **metrics)
+    return result, images
+
+
+def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids: bool = False,
+              cached_only: bool = False) -> list[TaskResult]:
+    """Cells that differ only in load weight: cached results, the rest from one training, then cached
+    (`cached_only`: only the cached ones)."""
+    from ..fileio import write_json_atomic
+    from ..generate import make_grid
+
+    results: dict[int, TaskResult] = {}
+    for i, cell in enumerate(cells):
+        path = cache / f"{cell.key()}.json"
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if "reverse_from_after" not in data:  # cells measured before the field existed
+                data["reverse_from_after"] = data["by_start"].get(TASKS[cell.task].after, {}).get("reverse")
+            results[i] = TaskResult(**data)
+    todo = [i for i in range(len(cells)) if i not in results]
+    if todo and not cached_only:
+        c0 = cells[todo[0]]
+        log.info("eval: %s, %s, %d pair(s), training seed %d", c0.task, c0.label, c0.n_pairs, c0.train_seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="difflora-eval-") as tmp:
+            lora, steps, seconds = train_one(c0.task, c0.label, c0.n_pairs, Path(tmp), model_path, c0.train_seed,
+                                             list(c0.overrides), c0.pair_seed)
+            for i in todo:
+                r, images = _scored(cells[i], lora, steps, seconds, model_path, judge, model)
+                log.info("  weight %g: edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", r.weight,
+                         100 * r.edit_success, 100 * r.reverse_success, 100 * r.preservation, r.train_steps,
+                         r.train_seconds)
+                write_json_atomic(cache / f"{cells[i].key()}.json", asdict(r))
+                if grids:
+                    rows = [[images["-1"][k], images["0"][k], images["+1"][k]] for k in range(min(4, cells[i].m))]
+                    w = f"{r.weight:g}"
+                    make_grid(rows, [f"-{w}", "0", f"+{w}"], [f"#{k}" for k in range(len(rows))], scale=2).save(
+                        cache / f"{cells[i].key()}.png")
+                results[i] = r
+    return [results[i] for i in range(len(cells)) if i in results]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+def _start_text(r: TaskResult) -> str:
+    return " ".join(f"{v}:{_pct(s['edit'])}" for v, s in r.by_start.items())
 
 
 def markdown_table(results: list[TaskResult]) -> str:
-    head = ("| task | pairs | method | edit +1 | reverse -1 | base rate | preservation | outside change | "
-            "steps | train s |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| {r.task} | {r.n_pairs} | {r.method} | {r.edit_success:.0%} | {r.reverse_success:.0%} | "
-            f"{r.base_after_rate:.0%} | {r.preservation:.0%} | {r.outside_change:.4f} | {r.train_steps} | "
-            f"{r.train_seconds:.1f} |" for r in results]
+    """One row per cell."""
+    head = ("| task | pairs | method | seed | edit +w | from before | reverse -w | base rate | preservation | "
+            "outside change | steps | train s | edit by start value |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r.task} | {r.n_pairs} | {_label(r)} | {r.train_seed} | {_pct(r.edit_success)} | "
+            f"{_pct(r.edit_from_before)} | {_pct(r.reverse_success)} | {_pct(r.base_after_rate)} | "
+            f"{_pct(r.preservation)} | {r.outside_change:.4f} | {r.train_steps} | {r.train_seconds:.1f} | "
+            f"{_start_text(r)} |" for r in results]
     return head + "\n".join(rows) + "\n"
 
 
+def _label(r: TaskResult) -> str:
+    w = "" if r.weight == VARIANTS.get(r.method, Variant({})).weight else f" @{r.weight:g}"
+    return r.method + w
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def summarize(results: list[TaskResult]) -> dict:
+    """Per (variant, pairs): each task's mean over training seeds, then the mean and the worst task."""
+    metrics = ("edit_success", "edit_from_before", "reverse_success", "reverse_from_after", "preservation",
+               "outside_change",
+               "train_seconds", "train_steps")
+    cells: dict[tuple, dict[str, list[TaskResult]]] = {}
+    for r in results:
+        cells.setdefault((_label(r), r.n_pairs), {}).setdefault(r.task, []).append(r)
+    out = {}
+    for (label, n), tasks in cells.items():
+        per_task = {t: {k: _mean(getattr(r, k) for r in rs) for k in metrics} | {"seeds": sorted(r.train_seed for r in rs)}
+                    for t, rs in tasks.items()}
+        summary = {k: _mean(v[k] for v in per_task.values()) for k in metrics}
+        for k in ("edit_success", "reverse_success", "preservation"):
+            worst = min(per_task, key=lambda t: per_task[t][k])
+            summary[f"worst_{k}"] = {"task": worst, "value": per_task[worst][k]}
+        out[f"{label} ({n} pairs)"] = {"label": label, "n_pairs": n, "tasks": per_task, "summary": summary}
+    return out
+
+
+def summary_table(summary: dict) -> str:
+    """Mean and worst task per variant, then each task's seed-mean per variant."""
+    head = ("| method | pairs | tasks | seeds | mean edit | worst edit | mean reverse | worst reverse | "
+            "mean preservation | worst preservation | edit from before | reverse from after | "
+            "mean outside change | mean train s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for s in summary.values():
+        m = s["summary"]
+        seeds = sorted({x for t in s["tasks"].values() for x in t["seeds"]})
+        w = {k: m[f"worst_{k}"] for k in ("edit_success", "reverse_success", "preservation")}
+        rows.append(f"| {s['label']} | {s['n_pairs']} | {len(s['tasks'])} | {','.join(map(str, seeds))} | "
+                    f"{_pct(m['edit_success'])} | {_pct(w['edit_success']['value'])} ({w['edit_success']['task']}) | "
+                    f"{_pct(m['reverse_success'])} | {_pct(w['reverse_success']['value'])} "
+                    f"({w['reverse_success']['task']}) | {_pct(m['preservation'])} | "
+                    f"{_pct(w['preservation']['value'])} ({w['preservation']['task']}) | "
+                    f"{_pct(m['edit_from_before'])} | {_pct(m['reverse_from_after'])} | {m['outside_change']:.4f} | "
+                    f"{m['train_seconds']:.1f} |")
+    tasks = sorted({t for s in summary.values() for t in s["tasks"]}, key=lambda t: list(TASKS).index(t))
+    grid_head = "| method | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks) + "\n"
+    grid = []
+    for s in summary.values():
+        cells = []
+        for t in tasks:
+            v = s["tasks"].get(t)
+            cells.append("–" if v is None else f"{_pct(v['edit_success'])} / {_pct(v['reverse_success'])} / "
+                                              f"{_pct(v['preservation'])} / {v['outside_change']:.3f}")
+        grid.append(f"| {s['label']} ({s['n_pairs']}) | " + " | ".join(cells) + " |")
+    return (head + "\n".join(rows) + "\n\nPer task (mean over training seeds): edit / reverse / preservation / outside change\n\n"
+            + grid_head + "\n".join(grid) + "\n")
+
+
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
-             m: int = 64, overrides: list[str] | None = None) -> list[TaskResult]:
+             m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
+             pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
+             grids: bool = False, cached_only: bool = False) -> list[TaskResult]:
+    """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
+    training serves every weight); writes eval.json
+    (cells and summary) and eval.md (summary and per-cell tables)."""
     from ..fileio import write_json_atomic, write_text_atomic
-    from ..generate import make_grid
     from ..models import load_model
     from .judge import load_judge
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    judge = load_judge()
-    model = load_model(model_path)
+    judge = None if cached_only else load_judge()
+    model = None if cached_only else load_model(model_path)
+    train_seeds = train_seeds or [seed]
     results: list[TaskResult] = []
-    with tempfile.TemporaryDirectory(prefix="difflora-eval-") as tmp:
-        for task in tasks:
-            for n in pair_counts:
-                rows, labels = [], []
-                for method in methods:
-                    if method == "copier-avg" and n == 1:
-                        continue  # averaging one pair is the copier itself
-                    log.info("eval: %s, %d pair(s), %s", task, n, method)
-                    r, images = run_one(task, method, n, Path(tmp), model_path, seed, m, judge, overrides, model)
-                    results.append(r)
-                    log.info("  edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", 100 * r.edit_success,
-                             100 * r.reverse_success, 100 * r.preservation, r.train_steps, r.train_seconds)
-                    for i in range(3):
-                        rows.append([images["-1"][i], images["0"][i], images["+1"][i]])
-                        labels.append(f"{method} #{i}")
-                    write_json_atomic(out / "eval.json", [r.__dict__ for r in results])
-                make_grid(rows, ["-1", "0", "+1"], labels, scale=2).save(out / f"eval_{task}_{n}pairs.png")
-    write_text_atomic(out / "eval.md", markdown_table(results))
+    for task in tasks:
+        for n in pair_counts:
+            for method in methods:
+                if method.endswith("-avg") and n == 1:
+                    continue  # averaging one pair is the method itself
+                for ts in train_seeds:
+                    cells = [Cell(task, method, n, ts, seed if pair_seed is None else pair_seed,
+                                  seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w)
+                             for w in (weights or [None])]
+                    results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids,
+                                         cached_only=cached_only)
+                    summary = summarize(results)
+                    write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results], "summary": summary})
+    summary = summarize(results)
+    write_text_atomic(out / "eval.md", summary_table(summary) + "\n" + markdown_table(results))
     return results
