@@ -411,14 +411,21 @@ def test_tools_take_every_adapter(tmp_path, tiny_sd1_dir, run_cli, variant):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_diffusers_refuses_lycoris_files(tmp_path, tiny):
-    """What the README says about diffusers: it raises on LoHa, LoKr and Tucker LoCon files."""
+def test_diffusers_refuses_lycoris_files_and_drops_dora(tmp_path, tiny):
+    """What the README says about diffusers: it raises on LoHa, LoKr and Tucker LoCon files, and
+    reads a DoRA file as its LoRA part (dora_scale filtered out with a warning)."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 
     for variant in ("loha", "lokr", "locon-tucker"):
         sd = _network(tiny, variant).kohya_state_dict()
         with pytest.raises(ValueError):
             _convert_non_diffusers_lora_to_diffusers(dict(sd))
+    dora = _network(tiny, "dora")
+    save_lora(dora.kohya_state_dict(), tmp_path / "d.safetensors")
+    state = StableDiffusionPipeline.lora_state_dict(str(tmp_path / "d.safetensors"))[0]
+    assert len(state) == 2 * len(dora.names)  # up and down of every module, no magnitude
+    assert not any("dora" in k or "magnitude" in k for k in state)
 
 
 def test_resize_dynamic_reports_retained_fraction_and_warns_when_capped(tmp_path, run_cli, caplog):
