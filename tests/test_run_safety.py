@@ -94,7 +94,7 @@ def test_a_second_run_held_between_its_checks_cannot_replace_the_first_runs_lora
     assert not errors, errors
     lora = load_lora(out / "r.safetensors")
     assert lora.metadata["ss_seed"] == "5"  # run A's LoRA, not B's (seed 7)
-    assert sorted(p.name for p in out.iterdir()) == ["r.safetensors"]  # and no lock left behind
+    assert sorted(p.name for p in out.iterdir()) == ["r-loss.png", "r.safetensors"]  # and no lock left behind
 
     # after A ended, a run with overwrite = false is refused by the output check, taken under the lock
     with pytest.raises(UserError, match="already exists"):
@@ -119,7 +119,7 @@ def test_disk_full_while_writing_the_lock_leaves_no_lock(tmp_path, tiny_sd1_dir,
     assert list(out.iterdir()) == []  # no lock, no temporary file
     code, _, err = run_cli("train", job)  # no --ignore-lock needed
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["r.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["r-loss.png", "r.safetensors"]
 
 
 def test_a_learning_rate_far_too_high_stops_and_last_good_generates_a_normal_image(tmp_path, tiny_sd1_dir, faces16,

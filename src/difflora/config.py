@@ -26,6 +26,13 @@ from .options import Strict
 
 
 # ------------------------------------------------------------------ dataset (kohya layout)
+def _file_name_part(v: str | None, what: str) -> str | None:
+    """A suffix or extension that becomes part of a file name: no folders, no NUL."""
+    if v is not None and ("/" in v or "\\" in v or "\x00" in v):
+        raise ValueError(f"must be {what} without a path separator or NUL byte, got {v!r}")
+    return v
+
+
 class SubsetOptions(Strict):
     """Options allowed at [general], [[datasets]] and [[datasets.subsets]] level."""
 
@@ -43,6 +50,11 @@ class SubsetOptions(Strict):
     flip_aug: bool | None = None
     class_tokens: str | None = None
     is_reg: bool | None = None
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _plain_extension(cls, v: str | None) -> str | None:
+        return _file_name_part(v, "a file extension")
 
 
 class DatasetOptions(SubsetOptions):
@@ -62,6 +74,11 @@ class SubsetConfig(SubsetOptions):
     after_dir: str | None = None
     after_suffix: str | None = None
 
+    @field_validator("after_suffix")
+    @classmethod
+    def _plain_suffix(cls, v: str | None) -> str | None:
+        return _file_name_part(v, "a file-name suffix")
+
 
 class DatasetConfig(DatasetOptions):
     subsets: list[SubsetConfig] = Field(min_length=1)
@@ -77,6 +94,13 @@ class PresetLora(Strict):
     path: str
     multiplier: float = 1.0
 
+
+# Job keys that decide which modules the LoRA has, their ranks, and what the optimizer state holds:
+# a training state saved under other values cannot be resumed.
+SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
+              "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
+              "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
+              "network_dora", "network_module", "network_args")
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]

@@ -269,7 +269,7 @@ def _optimizer_dry_run(job, error) -> None:
     """Build the job's optimizer and schedule for one parameter: bad optimizer_args fail here, not after loading."""
     import torch
 
-    from .train.optim import make_optimizer, make_scheduler
+    from .optim import make_optimizer, make_scheduler
 
     lr = job.learning_rate
     param = torch.nn.Parameter(torch.zeros(2))

@@ -977,6 +977,19 @@ def _(ws):
     return ws.train(seed="-1")
 
 
+@case("job_after_suffix_with_separator", "after_suffix with a path separator", names="job.toml",
+      needles=("after_suffix", "path separator"))
+def _(ws):
+    return ws.train(train_data_dir=None, extra=f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(ws.images)}\n"
+                                                 'after_suffix = "/../closed"\n')
+
+
+@case("job_caption_extension_with_separator", "caption_extension with a path separator", names="job.toml",
+      needles=("caption_extension", "path separator"))
+def _(ws):
+    return ws.train(caption_extension='"../x.txt"')
+
+
 @case("job_resolution_negative", "resolution = -16", names="job.toml", needles=("line 3", "resolution", "multiple of 8"))
 def _(ws):
     return ws.train(resolution="-16")

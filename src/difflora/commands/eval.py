@@ -70,7 +70,7 @@ def run(args) -> int:
         methods = list(VARIANTS) if args.all or not args.method else args.method
     pairs = _ints(args.pairs or ("8" if args.suite else "1,8"), "--pairs")
     train_seeds = _ints(args.train_seeds or ("0,1" if args.suite else str(args.seed)), "--train-seeds")
-    m = args.m or (32 if args.suite else 64)
+    m = args.m if args.m is not None else (32 if args.suite else 64)
     try:
         weights = [float(x) for x in args.weights.split(",") if x.strip()] if args.weights else None
     except ValueError:

@@ -43,8 +43,6 @@ class FluxJobOptions(Strict):
     nf4_base: bool = _f(False, "FLUX: frozen transformer blocks in 4-bit NF4 (CUDA, bitsandbytes)")
     blocks_to_swap: int | None = _f(None, "FLUX: transformer blocks kept on the CPU, brought in per forward", ge=0)
     cpu_offload_checkpointing: bool = _f(False, "FLUX: gradient checkpointing with the saved inputs on the CPU")
-    cache_text_encoder_outputs: bool = _f(False, "FLUX: encode every caption once, then free T5-XXL and CLIP-L")
-    cache_text_encoder_outputs_to_disk: bool = _f(False, "FLUX: the same, kept in <output_dir>/text_encoder_cache")
     # LoRA file layout
     save_format: Literal["kohya", "diffusers"] = _f("kohya", "LoRA file layout: kohya, or diffusers (FLUX: transformer. peft keys)")
 

@@ -7,20 +7,17 @@ from ..network.files import save_dtype, save_lora
 from ..statefile import save_state
 from .events import CheckpointWritten, EventBus
 from .metadata import RunMetadata
+from ..config import SHAPE_KEYS
 
 
-# Job keys that decide which modules the LoRA has, their ranks, and what the optimizer state holds.
-_SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
-               "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
-               "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
-               "network_dora", "network_module", "network_args")
+
 # What a state must hold to be resumed from.
 _STATE_KEYS = ("stage_index", "stage_name", "step", "network", "optimizer", "scheduler", "completed")
 
 
 def shape_settings(job) -> dict:
     """The job's values that fix the shapes of what is trained (the method table's ranks included)."""
-    out = {key: getattr(job, key, None) for key in _SHAPE_KEYS}
+    out = {key: getattr(job, key, None) for key in SHAPE_KEYS}
     table = getattr(job, str(job.method), None)
     if table is not None and hasattr(table, "model_dump"):
         out.update({f"{job.method}.{k}": v for k, v in table.model_dump().items() if "dim" in k or "rank" in k})

@@ -13,7 +13,7 @@ from ..methods import Stage, StepContext
 from ..network.lora import LoRANetwork
 from .batches import all_reduce, any_process, batch_at, make_batch
 from .events import StageEnded, StageStarted, Step, Stopped, Validation
-from .optim import make_optimizer, make_scheduler, param_groups
+from ..optim import make_optimizer, make_scheduler, param_groups
 
 
 @dataclass

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..errors import UserError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
