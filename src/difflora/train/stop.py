@@ -1,7 +1,8 @@
 """Cooperative stop: the loop saves the LoRA and the state after the current step, then ends.
 
 `StopRequest.request()` may be called from any thread (a UI's stop button); SIGINT/SIGTERM call
-the same request while training runs. A second signal stops at once (KeyboardInterrupt).
+the same request while training runs. A second Ctrl-C (SIGINT) stops at once (KeyboardInterrupt); a repeated
+SIGTERM does not, so a supervisor that dies after asking (a UI server: PR_SET_PDEATHSIG) cannot cut the save short.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def signals_request(stop: StopRequest):
 
     def handle(signum, frame):
         if stop.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # already stopping: let the save finish
         stop.request(f"requested by signal {signum}")
 
     old = {}
