@@ -112,3 +112,21 @@ def test_generate_restores_the_multipliers_it_was_given(tiny_sd1_dir):
         net.set_multiplier(torch.tensor([2.0, 3.0]))
     assert all(isinstance(lora.multiplier, float) and lora.multiplier == 0.7 for lora in net.loras())
     net.remove()
+
+
+def test_progress_advances_once_per_denoising_step_of_each_batch(tiny_sd1_dir):
+    """The bars of generate/demo/eval are driven by the sampler: total = batches x steps, reached exactly."""
+    from difflora.generate import progress_total
+
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    model = load_model(tiny_sd1_dir)
+    req = GenerationRequest(prompts=["a face"] * 5, seeds=list(range(5)), steps=3, cfg=3.0)
+    counter = Counter()
+    with_bar = generate(model, [], req, batch_size=2, progress=counter)
+    assert progress_total(req, 2) == 9 and counter.n == 9
+    assert all(np.array_equal(a, b) for a, b in zip(with_bar, generate(model, [], req, batch_size=2)))

@@ -88,21 +88,28 @@ def _overflow_report(networks: list[LoRANetwork]) -> NonFiniteImage:
 
 @torch.no_grad()
 def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_size: int = 64,
-             output: str = "uint8") -> list[np.ndarray]:
+             output: str = "uint8", progress=None) -> list[np.ndarray]:
     """Images as HxWx3 arrays (uint8, or float in [0, 1] with output="float"), one per request entry.
 
     Networks run at the request's multipliers; afterwards each has its multipliers from before.
+    `progress` (a tqdm bar, or anything with `update(n)`) advances by one per denoising step of each batch:
+    `progress_total(req, batch_size)` steps in all.
     """
     n = len(req.prompts)
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
     with lora_multipliers(networks):
         if hasattr(model, "generate_request"):  # families with their own sampler (FLUX: flow-matching Euler)
-            return model.generate_request(networks, req, batch_size, output)
-        return _generate(model, networks, req, batch_size, output)
+            return model.generate_request(networks, req, batch_size, output, progress=progress)
+        return _generate(model, networks, req, batch_size, output, progress)
 
 
-def _generate(model, networks, req: GenerationRequest, batch_size: int, output: str) -> list[np.ndarray]:
+def progress_total(req: GenerationRequest, batch_size: int = 64) -> int:
+    """Denoising steps `generate` runs for `req`: the total of its `progress` bar."""
+    return -(-len(req.prompts) // batch_size) * req.steps
+
+
+def _generate(model, networks, req: GenerationRequest, batch_size: int, output: str, progress) -> list[np.ndarray]:
     n = len(req.prompts)
     negative = req.negative or [""] * n
     width = req.width or model.resolution
@@ -126,8 +133,13 @@ def _generate(model, networks, req: GenerationRequest, batch_size: int, output: 
                 if not bool((m == m[0]).all()):
                     net.set_multiplier(torch.cat([m, m]) if req.cfg > 1.0 else m, component="unet")
         gens = [torch.Generator().manual_seed(int(s)) for s in req.seeds[sl]]
+        def step_done(pipe, step, timestep, tensors):
+            progress.update(1)
+            return tensors
+
         result = pipe(**embeddings, generator=gens, num_inference_steps=req.steps,
-                      guidance_scale=req.cfg, width=width, height=height, output_type="np")
+                      guidance_scale=req.cfg, width=width, height=height, output_type="np",
+                      callback_on_step_end=step_done if progress is not None else None)
         if not all(np.isfinite(img).all() for img in result.images):
             raise _overflow_report(networks)
         if output == "float":

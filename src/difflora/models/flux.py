@@ -369,7 +369,8 @@ class FluxModel(ModelFamily):
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.no_grad()
-    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8") -> list[np.ndarray]:
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
+                         progress=None) -> list[np.ndarray]:
         """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
         so per-sample LoRA multipliers apply to text encoders and transformer alike."""
         self.check_complete()
@@ -382,6 +383,8 @@ class FluxModel(ModelFamily):
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
             imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height)
+            if progress is not None:
+                progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"
                        else (np.clip(i, 0, 1) * 255).round().astype(np.uint8) for i in imgs)
         return out

@@ -221,7 +221,9 @@ def judged_metrics(task: str, j_minus: list[dict], j_zero: list[dict], j_plus: l
 def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: int = 20, cfg: float = 4.0,
           weight: float = 1.0):
     """Judge M generations at -weight, 0, +weight; returns (metrics, images by multiplier)."""
-    from ..generate import GenerationRequest, generate
+    from tqdm import tqdm
+
+    from ..generate import GenerationRequest, generate, progress_total
     from ..network.apply import network_from_file
 
     prompts = eval_prompts(task, m, seed)
@@ -230,12 +232,18 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
     mults = (-weight, 0.0, weight)
     req = GenerationRequest(prompts=[p for mu in mults for p in prompts], seeds=seeds * 3, steps=steps, cfg=cfg)
     req.multipliers = {0: [mu for mu in mults for _ in prompts]}
-    images = generate(model, [net], req)
+    with tqdm(total=progress_total(req), desc=f"{task}: generating {3 * m} images", unit="step",
+              dynamic_ncols=True, disable=None, leave=False) as bar:
+        images = generate(model, [net], req, progress=bar)
     net.remove()
     if images[0].shape[0] != faces.SIZE:  # test-sized models: score at the face world's size
         images = [np.asarray(Image.fromarray(im).resize((faces.SIZE, faces.SIZE), Image.BILINEAR)) for im in images]
     minus, zero, plus = images[:m], images[m:2 * m], images[2 * m:]
-    metrics = judged_metrics(task, judge.predict(minus), judge.predict(zero), judge.predict(plus))
+    judged = []
+    for part in tqdm((minus, zero, plus), desc=f"{task}: judging at -{weight:g} / 0 / +{weight:g}", unit="set",
+                     dynamic_ncols=True, disable=None, leave=False):
+        judged.append(judge.predict(part))
+    metrics = judged_metrics(task, *judged)
     region = region_mask(TASKS[task].attribute)
     outside = ~region if region is not None else np.ones((faces.SIZE, faces.SIZE), bool)
     change = [np.abs(p.astype(np.float32) - z.astype(np.float32)).mean(axis=2)[outside].mean() / 255
