@@ -175,6 +175,80 @@ def test_block_swap_and_cached_text_encoders_give_the_same_lora(flux_env, tmp_pa
         train(_job(flux_env, tmp_path / "d", "standard", cache_text_encoder_outputs=True, max_train_steps=2))
 
 
+def test_cached_text_encoder_outputs_free_t5_and_clip(flux_env, tmp_path, monkeypatch):
+    """cache_text_encoder_outputs drops T5-XXL and CLIP-L (not just off the GPU): nothing in the run keeps them
+    (weak references die, a preset's CLIP part included), training and sampling read the cached prompts, and
+    the LoRA equals the uncached run's."""
+    import gc
+    import weakref
+
+    import difflora.train.run as run_module
+    from difflora.network.files import save_lora
+
+    model = load_model(flux_env / "model")
+    preset = _clip_preset(model)  # a preset with CLIP-L modules: fused before the prompts are encoded
+    save_lora(preset.kohya_state_dict(), tmp_path / "preset.safetensors", model.lora_metadata())
+    del model, preset
+    refs = {}
+
+    def load_and_watch(*args, **kwargs):
+        m = real_load(*args, **kwargs)
+        refs.update(t5=weakref.ref(m.text_encoders["t5xxl"]), clip=weakref.ref(m.text_encoders["clip_l"]),
+                    t5_layer=weakref.ref(m.text_encoders["t5xxl"].encoder.block[0].layer[0].SelfAttention.q),
+                    clip_layer=weakref.ref(next(mod for n, mod in m.text_encoders["clip_l"].named_modules()
+                                                   if n.endswith("layers.0.self_attn.q_proj"))))
+        return m
+
+    real_load = run_module.load_model
+    monkeypatch.setattr(run_module, "load_model", load_and_watch)
+    alive_during_training = []
+
+    def watch(event):
+        if event.to_dict()["type"] == "step":
+            gc.collect()
+            alive_during_training.append(sorted(k for k, r in refs.items() if r() is not None))
+
+    (tmp_path / "prompts.txt").write_text("a face, red hair --w 32 --h 32 --s 2\n", encoding="utf-8")
+    base = dict(max_train_steps=4, network_train_unet_only=True, sample_every_n_steps=2,
+                sample_prompts=str(tmp_path / "prompts.txt"),
+                preset_loras=[{"path": str(tmp_path / "preset.safetensors"), "multiplier": 0.5}])
+    cached = load_file(str(train(_job(flux_env, tmp_path / "c", "addift", cache_text_encoder_outputs=True, **base),
+                                 listeners=[watch])))
+    assert alive_during_training and all(a == [] for a in alive_during_training), alive_during_training
+    assert len(list((tmp_path / "c" / "sample").glob("*.png"))) >= 2  # sampled from the cached prompt
+    refs.clear()
+    plain = load_file(str(train(_job(flux_env, tmp_path / "p", "addift", **base))))
+    assert max((plain[k] - cached[k]).abs().max().item() for k in plain) < 1e-6
+
+
+def _clip_preset(model):
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+
+    net = LoRANetwork.create([t for t in model.lora_targets() if t.name.startswith("lora_te1_")],
+                             NetworkSpec(network_dim=2, network_alpha=2))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for lora in net.loras():
+            lora.lora_up.weight.normal_(0, 0.3)
+    return net
+
+
+def test_cached_prompts_refuse_what_was_not_encoded(flux_env, tmp_path):
+    model = load_model(flux_env / "model")
+    table = {"a face": model.encode_prompts(["a face"])}
+    model.drop_text_encoders(table)
+    assert torch.equal(model.encode_prompts(["a face"]).tensors["t5"], table["a face"].tensors["t5"])
+    with pytest.raises(UserError, match="'a face, red hair' was not encoded before T5-XXL and CLIP-L were freed"):
+        model.encode_prompts(["a face, red hair"])
+    # captions that change at every step have no fixed set to encode: refused before anything is written
+    job = _job(flux_env, tmp_path / "out", "standard", cache_text_encoder_outputs=True, network_train_unet_only=True,
+               max_train_steps=2, shuffle_caption=True)
+    with pytest.raises(UserError, match="shuffle_caption .* cannot be used with it") as e:
+        train(job)
+    assert "pairs" in str(e.value)  # names the caption's image
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
 def test_diffusers_save_format_writes_transformer_peft_keys_that_load_back(flux_env, tmp_path):
     job = _job(flux_env, tmp_path, "addift", max_train_steps=4, save_format="diffusers", output_name="d")
     path = train(job)

@@ -102,7 +102,7 @@ DESCRIPTIONS = {
     "datasets": "[[datasets]]: datasets with their subsets",
     "cache_latents": "encode every image once before training",
     "cache_latents_to_disk": "keep the latent cache on disk between runs",
-    "cache_text_encoder_outputs": "encode each caption once and move the text encoders off the GPU (U-Net-only training)",
+    "cache_text_encoder_outputs": "encode each caption once and move the text encoders off the GPU (U-Net-only training); FLUX frees T5-XXL and CLIP-L (fixed captions: no shuffle_caption / caption_tag_dropout_rate)",
     "cache_text_encoder_outputs_to_disk": "the same, kept in <output_dir>/te_cache between runs",
     "skip_bad_images": "skip unreadable images instead of stopping",
     "validation_split": "share of each dataset's images (pairs) held out for the validation loss",

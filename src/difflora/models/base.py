@@ -150,11 +150,15 @@ class ModelFamily(ABC):
     def prepare_training(self, job, device) -> None:
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), after `to(device)`."""
 
-    def cache_text_encoder_outputs(self, captions: list[str], cache_file=None, write: bool = True) -> None:
-        """Encode every caption once, then free the text encoders."""
-        from ..errors import UserError
+    # cache_text_encoder_outputs: True for a family whose text encoders are too big to keep once the run's
+    # prompts are encoded (FLUX's T5-XXL, 9.5 GB); the others move theirs off the GPU.
+    drops_cached_text_encoders = False
+    text_encoders_dropped = False  # set by drop_text_encoders
 
-        raise UserError(f"cache_text_encoder_outputs is not supported for {self.family} models")
+    def drop_text_encoders(self, cached: dict[str, Conditioning]) -> list[str]:
+        """Free the text encoders; `cached` (every prompt the run will encode) answers encode_prompts from now
+        on. Returns the LoRA components that are gone."""
+        raise NotImplementedError(f"{self.family} keeps its text encoders (drops_cached_text_encoders is False)")
 
     def adapt_lora_file(self, lora):
         """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""

@@ -251,8 +251,9 @@ class FluxModel(ModelFamily):
         if self._cached_prompts is not None:  # cache_text_encoder_outputs: the encoders are gone
             missing = [p for p in prompts if p not in self._cached_prompts]
             if missing:
-                raise UserError(f"prompt {missing[0][:60]!r} was not among the cached text encoder outputs "
-                                "(cache_text_encoder_outputs encodes the dataset's captions and sample prompts)")
+                raise UserError(f"prompt {missing[0][:60]!r} was not encoded before T5-XXL and CLIP-L were freed "
+                                "(cache_text_encoder_outputs encodes the dataset's captions, the validation "
+                                "captions and the sample prompts once, at the start)")
             return Conditioning.cat([self._cached_prompts[p] for p in prompts]).to(self.device)
         self.require("clip_l", "t5xxl")
         clip, t5 = self.text_encoders["clip_l"], self.text_encoders["t5xxl"]
@@ -263,31 +264,17 @@ class FluxModel(ModelFamily):
         hidden = t5(t.input_ids.to(t5.device), attention_mask=mask if self.options.apply_t5_attn_mask else None).last_hidden_state
         return Conditioning({"pooled": pooled, "t5": hidden, "t5_mask": mask})
 
-    def cache_text_encoder_outputs(self, captions: list[str], cache_file=None, write: bool = True) -> None:
-        """kohya's cache_text_encoder_outputs(_to_disk): encode every caption once (or read them from
-        `cache_file`, written for the same model and settings), then free T5-XXL (9.5 GB in bf16) and CLIP-L."""
-        from .flux_files import read_prompt_cache, write_prompt_cache
+    drops_cached_text_encoders = True
 
-        wanted = list(dict.fromkeys(captions))
-        key = self._prompt_cache_key()
-        cached = read_prompt_cache(cache_file, key) if cache_file is not None else {}
-        missing = [c for c in wanted if c not in cached]
-        if missing:
-            self.require("clip_l", "t5xxl")
-            with torch.no_grad():
-                for i in range(0, len(missing), 16):
-                    enc = self.encode_prompts(missing[i:i + 16]).to("cpu")
-                    for j, c in enumerate(missing[i:i + 16]):
-                        cached[c] = enc[j:j + 1]
-            if cache_file is not None and write:
-                write_prompt_cache(cache_file, key, cached)
-        self._cached_prompts = {c: cached[c] for c in wanted}
+    def drop_text_encoders(self, cached: dict[str, Conditioning]) -> list[str]:
+        """kohya's cache_text_encoder_outputs: T5-XXL (9.5 GB in bf16) and CLIP-L are freed, not just moved off
+        the GPU; `cached` (on the CPU, moved per batch) answers every later encode_prompts, and a prompt not in
+        it is refused (loading T5 again would undo the saving)."""
+        self._cached_prompts = {p: c.to("cpu") for p, c in cached.items()}
         self.text_encoders = {"clip_l": None, "t5xxl": None}
-        log.info("cached the text encoder outputs of %d caption(s); T5-XXL and CLIP-L freed", len(wanted))
-
-    def _prompt_cache_key(self) -> str:
-        o = self.options
-        return json.dumps({"source": self.source, "t5_len": self.t5xxl_max_token_length, "mask": o.apply_t5_attn_mask})
+        self.text_encoders_dropped = True
+        log.info("encoded %d prompt(s) once; T5-XXL and CLIP-L freed (cache_text_encoder_outputs)", len(cached))
+        return ["clip_l", "t5xxl"]
 
     def require(self, *keys: str) -> None:
         """Stop with a line naming the job key of each component this model was loaded without."""
@@ -298,8 +285,8 @@ class FluxModel(ModelFamily):
                             "set the clip_l, t5xxl and ae files (as in kohya's FLUX training)", path=self.source)
 
     def check_complete(self) -> None:
-        """Training and generation need every component."""
-        self.require("clip_l", "t5xxl", "ae")
+        """Training and generation need every component (the text encoders' cached outputs stand for them)."""
+        self.require(*(() if self.text_encoders_dropped else ("clip_l", "t5xxl")), "ae")
 
     def predict(self, noisy, timesteps, cond):
         """Velocity for unpacked latents (B, C, h, w); timesteps are σ·1000."""

@@ -353,29 +353,3 @@ def build_flux_on_meta(variant: str = "dev", options: FluxOptions | None = None)
         t5 = T5EncoderModel(T5Config(**T5XXL_CONFIG))
         vae = AutoencoderKL(**AE_CONFIG)
     return FluxModel(tr, vae, clip, t5, None, None, source=f"FLUX.1-{variant} (meta)", options=options)
-
-
-# ------------------------------------------------------------------ cached text encoder outputs
-def read_prompt_cache(path, key: str) -> dict:
-    """Captions -> Conditioning from a cache file written for the same model and settings (else empty)."""
-    from .base import Conditioning
-
-    path = Path(path)
-    if not path.exists():
-        return {}
-    tensors, md = load_safetensors(path)
-    if md.get("difflora.prompt_cache_key") != key:
-        log.info("%s was written for another model or T5 setting; encoding again", path)
-        return {}
-    captions = json.loads(md.get("difflora.captions", "[]"))
-    out = {}
-    for i, c in enumerate(captions):
-        parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
-        out[c] = Conditioning(parts)
-    return out
-
-
-def write_prompt_cache(path, key: str, cached: dict) -> None:
-    captions = list(cached)
-    tensors = {f"{i}.{name}": t for i, c in enumerate(captions) for name, t in cached[c].tensors.items()}
-    save_safetensors(tensors, path, {"difflora.prompt_cache_key": key, "difflora.captions": json.dumps(captions)})

@@ -204,6 +204,18 @@ class LoRANetwork(nn.Module):
             lora.org_module.weight.copy_(self._fused[lora.lora_name])
         self._fused = None
 
+    def drop_components(self, components) -> bool:
+        """Forget the modules on these components (text encoders a model freed), with the fused originals they
+        keep: nothing here holds the freed layers. True when any module was dropped."""
+        gone = [n for n in self.names if self.components.get(n) in set(components)]
+        for n in gone:
+            delattr(self, n)
+            self.names.remove(n)
+            self.components.pop(n, None)
+            if self._fused is not None:
+                self._fused.pop(n, None)
+        return bool(gone)
+
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The frozen weight under each module (DoRA's delta and LyCORIS conv layouts need them)."""
         return {lora.lora_name: lora.org_module.weight.detach() for lora in self.loras()}

@@ -40,9 +40,22 @@ class PromptCache:
         self.cache.clear()  # an earlier stage's text-encoder LoRA may have changed the embeddings
         self.trains_text_encoder = trains_text_encoder
 
+    def encode_all(self, prompts: list[str], chunk: int = 16) -> dict[str, Conditioning]:
+        """Every prompt's encoding on the CPU (read from disk where cached there), for a model about to drop
+        its text encoders. Nothing stays in this cache: the model answers from the returned table."""
+        out: dict[str, Conditioning] = {}
+        prompts = list(dict.fromkeys(prompts))
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start:start + chunk]
+            enc = self(part)
+            for i, p in enumerate(part):
+                out[p] = enc[i:i + 1].to("cpu")
+            self.cache.clear()  # on the model's device: only one chunk at a time
+        return out
+
     def __call__(self, captions: list[str]) -> Conditioning:
-        if self.trains_text_encoder:
-            return self.model.encode_prompts(captions)
+        if self.trains_text_encoder or self.model.text_encoders_dropped:
+            return self.model.encode_prompts(captions)  # (or the model's own table, its encoders freed)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache and not self._from_disk(c)]
         if missing:
             with torch.no_grad():

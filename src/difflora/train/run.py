@@ -6,10 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import validate
 from ..config import apply_family_defaults
+from ..data.captions import process_caption
 from ..data.dataset import TrainingData
 from ..errors import UserError
 from ..methods import DataSizes, Method, make_method
@@ -108,7 +110,7 @@ def prepare(job, resume: str | None = None) -> Run:
     return Run(job=job, accelerator=accelerator, rank=accelerator.process_index, world=accelerator.num_processes,
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
-               data=data, encode=_prompt_cache(model, job, out_dir, accelerator.device))
+               data=data, encode=_prompt_cache(model, job, out_dir, accelerator.device, data, presets))
 
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,11 +128,13 @@ def _set_precision(model, job) -> None:
         model.vae.to(dtype=half)
 
 
-def _prompt_cache(model, job, out_dir: Path, device) -> PromptCache:
-    """The prompt encoder of the run; with cache_text_encoder_outputs the text encoders leave the GPU."""
+def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets: list) -> PromptCache:
+    """The prompt encoder of the run. With cache_text_encoder_outputs each caption is encoded once and the text
+    encoders leave the GPU; a family that drops them (FLUX: T5-XXL is 9.5 GB) has every prompt of the run
+    encoded here, first."""
     if not (job.cache_text_encoder_outputs or job.cache_text_encoder_outputs_to_disk):
         return PromptCache(model)
-    if device.type != "cpu":
+    if device.type != "cpu" and not model.drops_cached_text_encoders:
         for te in model.text_encoders.values():
             te.to("cpu", dtype=torch.float32)  # each caption is encoded once; the GPU keeps the denoiser
     disk, identity = None, ""
@@ -141,7 +145,45 @@ def _prompt_cache(model, job, out_dir: Path, device) -> PromptCache:
         identity = repr((str(source.resolve()) if stat else model.source, stat and stat.st_mtime_ns, model.family,
                          job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
         disk = out_dir / "te_cache"
-    return PromptCache(model, disk, identity)
+    cache = PromptCache(model, disk, identity)
+    if model.drops_cached_text_encoders:
+        table = cache.encode_all(run_prompts(job, data))
+        gone = model.drop_text_encoders(table)
+        for preset in presets:  # their text-encoder parts hold the freed layers (and copies of their weights)
+            if preset.drop_components(gone) and job.sample_without_presets:
+                log.warning("sample_without_presets: the cached prompts keep the presets' text-encoder part "
+                            "(the text encoders were freed by cache_text_encoder_outputs)")
+    return cache
+
+
+def run_prompts(job, data: TrainingData) -> list[str]:
+    """Every prompt a run can encode: each caption as processed (and "" where captions drop out), each pair's
+    "after" caption and the tags the two share (the methods' caption modes), the validation captions and the
+    sample prompts. Refused when captions change randomly at every step: there is no fixed set to encode."""
+    import dataclasses
+
+    from ..data.prompts import load_prompt_file
+    from ..methods.base import common_caption
+
+    prompts = [""]  # the "empty" caption mode, caption dropout, and pairs sharing no tag
+    rng = np.random.default_rng(0)  # unused: the rules below draw nothing
+    held_out = {id(it) for it in data.validation_items}  # validated on fixed captions (train/validation.py)
+    for it in data.unique_items() + data.validation_items:
+        if id(it) not in held_out and (it.rules.shuffle_caption or it.rules.caption_tag_dropout_rate):
+            key = "shuffle_caption" if it.rules.shuffle_caption else "caption_tag_dropout_rate"
+            raise UserError(f"cache_text_encoder_outputs encodes every caption once and then frees the text "
+                            f"encoders, so {key} (a new caption at every step) cannot be used with it, as in "
+                            "kohya; turn one of them off", path=it.path)
+        rules = dataclasses.replace(it.rules, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                    shuffle_caption=False, caption_tag_dropout_rate=0.0)
+        before = process_caption(it.caption, rules, rng)
+        prompts.append(before)
+        if it.is_pair:
+            after = process_caption(it.after_caption, rules, rng)
+            prompts += [after, common_caption(before, after)]
+    if job.sample_prompts:
+        prompts += [p.prompt for p in load_prompt_file(job.sample_prompts)]
+    return list(dict.fromkeys(prompts))
 
 
 def _check_family_keys(job, model) -> None:
