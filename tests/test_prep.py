@@ -29,9 +29,11 @@ def test_focus_crop_keeps_toy_faces_that_center_crop_cuts():
     spec = importlib.util.spec_from_file_location("focus_crop_bench", ROOT / "bench" / "focus_crop.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    r = bench.measure(200, native=False)["off-centre"]  # README: 500 faces, `python bench/focus_crop.py`
-    assert r["focus"] >= 0.98
-    assert r["center"] < r["focus"] - 0.2
+    r = bench.measure(200)  # README: 500 faces, `python bench/focus_crop.py`
+    jittered, as_rendered = r["jittered"], r["as rendered"]
+    assert jittered["focus"] >= 0.98 and jittered["center"] < jittered["focus"] - 0.2
+    # As rendered the head is taller than a 3:2 crop: focus must cut hair, not the chin.
+    assert as_rendered["focus"] >= 0.98 and as_rendered["center"] < as_rendered["focus"] - 0.1
 
 
 # Subject boxes (left, top, right, bottom) read off scikit-image's bundled photographs by eye.
@@ -41,6 +43,7 @@ PHOTO_SUBJECTS = [
     ("rocket", (427, 427), (298, 125, 342, 405)),  # the rocket; 640x427 -> square
     ("rocket", (285, 427), (298, 125, 342, 405)),  # the same, 2:3 portrait
     ("astronaut", (341, 512), (150, 20, 300, 190)),  # her head; 512x512 -> 2:3 portrait
+    ("astronaut", (512, 341), (150, 20, 300, 190)),  # the same, 3:2 landscape: the suit outweighs her face
 ]
 
 
@@ -53,6 +56,17 @@ def test_focus_crop_contains_the_subject_of_real_photos(name, size, subject):
     box = plan.box
     assert (box[2] - box[0], box[3] - box[1]) == size  # the largest box of the target aspect
     assert box[0] <= subject[0] and box[1] <= subject[1] and box[2] >= subject[2] and box[3] >= subject[3], box
+
+
+def test_skin_map_separates_skin_from_hair_and_cloth():
+    from difflora.prep.saliency import skin_map
+
+    colours = {"light skin": (238, 200, 170), "dark skin": (120, 80, 55), "astronaut's face": (198, 160, 135),
+               "brown hair": (105, 62, 30), "blonde hair": (235, 205, 110), "orange suit": (217, 101, 65),
+               "grey wall": (150, 150, 150), "black hair": (25, 22, 22)}
+    score = {k: float(skin_map(np.array([[v]], np.uint8))[0, 0]) for k, v in colours.items()}
+    assert min(score[k] for k in ("light skin", "dark skin", "astronaut's face")) > 0.6, score
+    assert max(v for k, v in score.items() if "skin" not in k and "face" not in k) < 0.05, score
 
 
 def test_crop_cli_pairs_share_one_box_and_captions_follow(tmp_path, run_cli):

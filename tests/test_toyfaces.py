@@ -28,6 +28,19 @@ def test_render_is_deterministic():
     assert not np.array_equal(faces.render(attrs, 1), faces.render(attrs, 2))
 
 
+def test_render_on_a_canvas_places_the_same_face_where_asked():
+    attrs = dict(faces.sample_attributes(np.random.default_rng(2), held_out=None), style="flat")
+    face = faces.render(attrs, 7)
+    canvas = faces.render(attrs, 7, canvas=(160, 96), at=(70, 20))
+    assert canvas.shape == (96, 160, 3)
+    assert np.array_equal(canvas[20:84, 70:134], face)  # flat style: the tile moved by whole pixels
+    background = np.array(canvas[0, 0], np.int16)
+    assert np.abs(canvas[:, :60].astype(np.int16) - background).max() <= 1  # nothing left of the tile
+    assert np.abs(canvas[:, 140:].astype(np.int16) - background).max() <= 1
+    detailed = faces.render(dict(attrs, style="detailed"), 7, canvas=(160, 96), at=(70, 20))
+    assert detailed[:, :60].std() > 5  # stripes and grain fill the whole canvas
+
+
 def test_render_rejects_bad_attributes():
     attrs = faces.sample_attributes(np.random.default_rng(0), held_out=None)
     with pytest.raises(ValueError, match="hair"):

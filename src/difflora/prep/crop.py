@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.alignment import blur
-from .saliency import saliency_map
+from .saliency import _resize, focus_map
 
 MODES = ("center", "focus", "none")
-FOCUS_TOLERANCE = 0.01  # positions keeping >= 99% of the best window's saliency count as equally good
+FOCUS_TOLERANCE = 0.02  # positions keeping >= 98% of the best window's saliency count as equally good
 BUCKET_STEP = 64  # kohya's bucket_reso_steps default
 
 
@@ -121,12 +121,10 @@ def center_box(image_size: tuple[int, int], box_size: tuple[int, int]) -> tuple[
 
 def subject_map(images: list[np.ndarray]) -> np.ndarray:
     """Saliency of one image, or of a pair: the mean of both maps plus where the two differ."""
-    maps = [saliency_map(im) for im in images]
+    maps = [focus_map(im) for im in images]
     sal = sum(maps) / len(maps)
     if len(images) == 2 and images[0].shape == images[1].shape:
         diff = np.abs(images[0].astype(np.float32) - images[1].astype(np.float32)).max(axis=2)
-        from .saliency import _resize
-
         diff = blur(_resize(diff, (sal.shape[1], sal.shape[0])), 1.0)
         if diff.max() > 0:
             sal = sal + diff / diff.max()

@@ -184,32 +184,43 @@ def layout_from_seed(seed: int) -> Layout:
     )
 
 
-_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+def _grid(width: int = SIZE, height: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (xx, yy) of a width x height image."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    return xx, yy
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+_XX, _YY = _grid()
+_Grid = tuple[np.ndarray, np.ndarray]
+
+
+def _ellipse(grid: _Grid, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
     """Anti-aliased coverage of an ellipse."""
-    r = np.sqrt(((_XX - cx) / rx) ** 2 + ((_YY - cy) / ry) ** 2)
+    xx, yy = grid
+    r = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
     return np.clip((1.0 - r) * min(rx, ry) + 0.5, 0.0, 1.0)
 
 
-def _ring(cx: float, cy: float, r: float, width: float) -> np.ndarray:
-    d = np.abs(np.sqrt((_XX - cx) ** 2 + (_YY - cy) ** 2) - r)
+def _ring(grid: _Grid, cx: float, cy: float, r: float, width: float) -> np.ndarray:
+    xx, yy = grid
+    d = np.abs(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) - r)
     return np.clip(width / 2 - d + 0.5, 0.0, 1.0)
 
 
-def _curve(cx: float, cy: float, half_width: float, bend: float, thickness: float) -> np.ndarray:
+def _curve(grid: _Grid, cx: float, cy: float, half_width: float, bend: float, thickness: float) -> np.ndarray:
     """A parabola y = cy + bend * (1 - ((x-cx)/half_width)^2) for |x-cx| <= half_width, stroked."""
-    u = (_XX - cx) / half_width
+    xx, yy = grid
+    u = (xx - cx) / half_width
     y = cy + bend * (1.0 - u**2)
     slope = -2.0 * bend * u / half_width
-    d = np.abs(_YY - y) / np.sqrt(1.0 + slope**2)
+    d = np.abs(yy - y) / np.sqrt(1.0 + slope**2)
     inside = np.clip((1.0 - np.abs(u)) * half_width + 0.5, 0.0, 1.0)
     return np.clip(thickness / 2 - d + 0.5, 0.0, 1.0) * inside
 
 
-def _segment(x0: float, y0: float, x1: float, y1: float, thickness: float) -> np.ndarray:
-    px, py = _XX - x0, _YY - y0
+def _segment(grid: _Grid, x0: float, y0: float, x1: float, y1: float, thickness: float) -> np.ndarray:
+    xx, yy = grid
+    px, py = xx - x0, yy - y0
     dx, dy = x1 - x0, y1 - y0
     t = np.clip((px * dx + py * dy) / (dx * dx + dy * dy), 0.0, 1.0)
     d = np.sqrt((px - t * dx) ** 2 + (py - t * dy) ** 2)
@@ -259,12 +270,24 @@ def regions(seed: int) -> dict[str, np.ndarray]:
     return {"eyes": eyes, "mouth": mouth, "glasses": glasses}
 
 
-def render(attrs: dict[str, str], seed: int) -> np.ndarray:
-    """Render a face as uint8 (SIZE, SIZE, 3)."""
+def render(attrs: dict[str, str], seed: int, canvas: tuple[int, int] | None = None,
+           at: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Render a face as uint8 (SIZE, SIZE, 3).
+
+    `canvas` (width, height) renders on a larger image instead, with the face moved by `at` (dx, dy)
+    from where it sits in a SIZE x SIZE image (the jittered placement `bench/focus_crop.py` crops);
+    the background, its stripes and grain fill the whole canvas. Without them the image is the
+    64x64 face every model and the judge are trained on.
+    """
     for a in CAPTION_ORDER:
         if attrs.get(a) not in ATTRIBUTES[a]:
             raise ValueError(f"attribute {a} must be one of {ATTRIBUTES[a]}, got {attrs.get(a)!r}")
     lay = layout_from_seed(seed)
+    width, height = canvas or (SIZE, SIZE)
+    if canvas is not None:
+        noise = np.random.default_rng([int(seed), width, height]).normal(0, 1, size=(height, width)).astype(np.float32)
+        lay = dataclasses.replace(lay, cx=lay.cx + at[0], cy=lay.cy + at[1], noise=noise)
+    grid = xx, yy = _grid(width, height) if canvas is not None else (_XX, _YY)
     g = _geometry(lay)
     detailed = attrs["style"] == "detailed"
     jit = lay.colour_jitter
@@ -272,30 +295,30 @@ def render(attrs: dict[str, str], seed: int) -> np.ndarray:
     hair = np.array(_HAIR[attrs["hair"]], np.float32) + jit[1]
     bg = np.array(_BG[attrs["background"]], np.float32) + jit[2]
 
-    img = np.empty((SIZE, SIZE, 3), np.float32)
+    img = np.empty((height, width, 3), np.float32)
     img[:] = bg
     if detailed:
         # Diagonal stripes and grain on the background, hair strands, face shading.
         c, s_ = np.cos(lay.stripe_angle), np.sin(lay.stripe_angle)
-        stripes = np.sin((_XX * c + _YY * s_) * (2 * np.pi / 5.0) + lay.stripe_phase)
+        stripes = np.sin((xx * c + yy * s_) * (2 * np.pi / 5.0) + lay.stripe_phase)
         img += (stripes * 16.0 + lay.noise * 5.0)[..., None]
 
     cx, cy, rx, ry = lay.cx, lay.cy, g["rx"], g["ry"]
     # Hair behind the head: a larger ellipse, longer at the sides by hair_len.
-    back = _ellipse(cx, cy - 2.0, rx + 3.5, ry + 2.5 + 4.0 * lay.hair_len)
-    back *= np.clip((cy + 4.0 + 10.0 * lay.hair_len) - _YY + 0.5, 0.0, 1.0)
-    hair_img = np.broadcast_to(hair, (SIZE, SIZE, 3)).copy()
+    back = _ellipse(grid, cx, cy - 2.0, rx + 3.5, ry + 2.5 + 4.0 * lay.hair_len)
+    back *= np.clip((cy + 4.0 + 10.0 * lay.hair_len) - yy + 0.5, 0.0, 1.0)
+    hair_img = np.broadcast_to(hair, (height, width, 3)).copy()
     if detailed:
-        strands = np.sin(_XX * (2 * np.pi / 3.0) + 0.35 * _YY + lay.strand_phase)
+        strands = np.sin(xx * (2 * np.pi / 3.0) + 0.35 * yy + lay.strand_phase)
         hair_img += (strands * 22.0)[..., None]
     a = back[..., None]
     img = img * (1 - a) + hair_img * a
 
-    face = _ellipse(cx, cy, rx, ry)
-    face_img = np.broadcast_to(skin, (SIZE, SIZE, 3)).copy()
+    face = _ellipse(grid, cx, cy, rx, ry)
+    face_img = np.broadcast_to(skin, (height, width, 3)).copy()
     if detailed:
         lx, ly = np.sin(lay.light_angle), -np.cos(lay.light_angle)
-        nx, ny = (_XX - cx) / rx, (_YY - cy) / ry
+        nx, ny = (xx - cx) / rx, (yy - cy) / ry
         shade = 0.82 + 0.22 * np.clip(nx * lx + ny * ly, -1, 1) - 0.18 * (nx**2 + ny**2)
         face_img *= shade[..., None]
         face_img += (lay.noise * 3.0)[..., None]
@@ -304,7 +327,7 @@ def render(attrs: dict[str, str], seed: int) -> np.ndarray:
 
     # Fringe: hair over the top of the face.
     fringe_y = cy - ry * (0.50 + 0.12 * lay.fringe)
-    fringe = face * np.clip(fringe_y - _YY + 0.5, 0.0, 1.0)
+    fringe = face * np.clip(fringe_y - yy + 0.5, 0.0, 1.0)
     a = fringe[..., None]
     img = img * (1 - a) + hair_img * a
 
@@ -312,25 +335,25 @@ def render(attrs: dict[str, str], seed: int) -> np.ndarray:
     for side in (-1, 1):
         ex, ey, er = cx + side * g["eye_dx"], g["eye_y"], g["eye_r"]
         if attrs["eyes"] == "open":
-            _paint(img, _ellipse(ex, ey, er, er * 0.72), _WHITE)
-            _paint(img, _ellipse(ex + lay.pupil_dx, ey + lay.pupil_dy, er * 0.48, er * 0.48), _DARK)
+            _paint(img, _ellipse(grid, ex, ey, er, er * 0.72), _WHITE)
+            _paint(img, _ellipse(grid, ex + lay.pupil_dx, ey + lay.pupil_dy, er * 0.48, er * 0.48), _DARK)
         else:
-            _paint(img, _curve(ex, ey - 0.2, er * 1.05, 1.4, 1.7), _DARK)
+            _paint(img, _curve(grid, ex, ey - 0.2, er * 1.05, 1.4, 1.7), _DARK)
 
     # Mouth.
     lips = np.array(_LIPS[attrs["skin"]], np.float32) + jit[3]
     if attrs["mouth"] == "smiling":
-        _paint(img, _curve(cx, g["mouth_y"] - 1.4, g["mouth_w"], 2.8, 2.1), lips)
+        _paint(img, _curve(grid, cx, g["mouth_y"] - 1.4, g["mouth_w"], 2.8, 2.1), lips)
     else:
-        _paint(img, _segment(cx - g["mouth_w"] * 0.8, g["mouth_y"], cx + g["mouth_w"] * 0.8, g["mouth_y"], 2.1), lips)
+        _paint(img, _segment(grid, cx - g["mouth_w"] * 0.8, g["mouth_y"], cx + g["mouth_w"] * 0.8, g["mouth_y"], 2.1), lips)
 
     # Glasses.
     if attrs["glasses"] == "glasses":
         frame = _FRAME + jit[4]
         for side in (-1, 1):
-            _paint(img, _ring(cx + side * g["eye_dx"], g["eye_y"], g["glass_r"], 1.6), frame)
+            _paint(img, _ring(grid, cx + side * g["eye_dx"], g["eye_y"], g["glass_r"], 1.6), frame)
         bridge_half = g["eye_dx"] - g["glass_r"] + 0.4
-        _paint(img, _segment(cx - bridge_half, g["eye_y"] - 1.0, cx + bridge_half, g["eye_y"] - 1.0, 1.5), frame)
+        _paint(img, _segment(grid, cx - bridge_half, g["eye_y"] - 1.0, cx + bridge_half, g["eye_y"] - 1.0, 1.5), frame)
 
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
