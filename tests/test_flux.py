@@ -16,9 +16,7 @@ from difflora.models.flux_convert import (bfl_to_diffusers, diffusers_config_fro
 from difflora.models.flux_transformer import FluxTransformer
 from difflora.network.lora import LoRANetwork, NetworkSpec
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
-if not KEYS.is_dir():
-    KEYS = Path("/work/shared/reference/keys")
+KEYS = Path(__file__).parent / "data" / "kohya_keys"  # kohya sd-scripts' module names, one per line
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,6 @@ def _listed(name: str) -> list[str]:
     return sorted((KEYS / name).read_text(encoding="utf-8").split())
 
 
-@pytest.mark.skipif(not KEYS.is_dir(), reason="reference key lists not present")
 def test_kohya_names_of_real_flux1_dev_equal_sd_scripts_lists():
     assert _names(FluxOptions(), "unet") == _listed("flux_unet.txt")
     assert _names(FluxOptions(train_blocks="double"), "unet") == _listed("flux_unet_double.txt")
@@ -585,3 +582,79 @@ def test_nf4_base_needs_cuda_and_says_so(flux_files):
     model = load_flux(flux_files["folder"])
     with pytest.raises(UserError, match="CUDA"):
         model.store_base_nf4()
+
+
+@pytest.fixture(scope="module")
+def bad_flux_inputs(tiny_flux, flux_files, tmp_path_factory):
+    """Inputs the CLI must refuse for FLUX: wrong LoRAs, FLUX.2 / Kontext layouts."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from difflora.network.files import save_lora
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    d = tmp_path_factory.mktemp("bad_flux")
+    sd_lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}
+    save_lora(sd_lora, d / "sd15.safetensors", {"ss_base_model_version": "sd_v1"})
+    save_lora(sd_lora, d / "sdxl_nometa.safetensors")
+    guided = LoRANetwork.create(tiny_flux.lora_targets(conv=True),
+                                NetworkSpec(network_dim=2, only_if_contains=("guidance_in",)))
+    save_lora(guided.kohya_state_dict(), d / "guidance.safetensors", tiny_flux.lora_metadata())
+    build_tiny_flux("schnell").save(d / "schnell")
+    save_file({"double_stream_modulation_img.lin.weight": torch.zeros(4, 4), "img_in.weight": torch.zeros(4, 4)},
+              str(d / "flux2.safetensors"))
+    shutil.copytree(flux_files["folder"], d / "kontext")
+    info = json.loads((d / "kontext" / "model_index.json").read_text())
+    (d / "kontext" / "model_index.json").write_text(json.dumps({**info, "_class_name": "FluxKontextPipeline"}))
+    return d
+
+
+BAD_FLUX = {  # case: (model, extra generate arguments, file the message names, words it holds)
+    "no_t5xxl": ("bfl", ["--clip-l", "clip_l", "--ae", "ae"], "flux1-tiny.safetensors", "`t5xxl`"),
+    "no_clip_l": ("bfl", ["--t5xxl", "t5xxl", "--ae", "ae"], "flux1-tiny.safetensors", "`clip_l`"),
+    "no_ae": ("bfl", ["--clip-l", "clip_l", "--t5xxl", "t5xxl"], "flux1-tiny.safetensors", "`ae`"),
+    "sd_lora": ("folder", ["--lora", "sd15.safetensors"], "sd15.safetensors", "not FLUX.1"),
+    "sd_lora_no_metadata": ("folder", ["--lora", "sdxl_nometa.safetensors"], "sdxl_nometa.safetensors",
+                            "Stable Diffusion / SDXL LoRA"),
+    "guidance_lora_on_schnell": ("schnell", ["--lora", "guidance.safetensors"], "guidance.safetensors",
+                                 "FLUX.1-schnell does not have"),
+    "flux2_file": ("flux2.safetensors", [], "flux2.safetensors", "supported: FLUX.1-dev and FLUX.1-schnell"),
+    "kontext_folder": ("kontext", [], "kontext", "FluxKontextPipeline"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLUX))
+def test_bad_flux_inputs_exit_2_with_one_line_and_write_nothing(case, flux_files, bad_flux_inputs, tmp_path, run_cli):
+    model, extra, named, words = BAD_FLUX[case]
+    where = lambda a: str(flux_files[a]) if a in flux_files else str(bad_flux_inputs / a)  # noqa: E731
+    args = [where(a) if i % 2 else a for i, a in enumerate(extra)]
+    code, _, err = run_cli("generate", "--model", where(model), *args, "--prompt", "a face", "--steps", "2",
+                           "--width", "32", "--height", "32", "--out", tmp_path / "out")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert named in lines[0] and words in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["no_t5xxl", "schnell_with_guidance"])
+def test_bad_flux_training_jobs_leave_the_output_folder_as_it_was(case, flux_files, bad_flux_inputs, tmp_path, faces16,
+                                                                   run_cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.safetensors").write_bytes(b"an earlier result")
+    if case == "no_t5xxl":  # a BFL transformer given clip_l and ae, not t5xxl
+        model = f'model = "{flux_files["bfl"]}"\nclip_l = "{flux_files["clip_l"]}"\nae = "{flux_files["ae"]}"\n'
+        named, words = "flux1-tiny.safetensors", "`t5xxl`"
+    else:  # a schnell LoRA asked to train the guidance embedder schnell does not have
+        model = f'model = "{bad_flux_inputs / "schnell"}"\nin_dims = [0, 0, 0, 4, 0]\n'
+        named, words = "job.toml", "FLUX.1-schnell has no guidance embedder"
+    job = tmp_path / "job.toml"
+    job.write_text(f'{model}train_data_dir = "{faces16}"\nresolution = 32\nmax_train_steps = 2\noutput_dir = "{out}"\n'
+                   f'output_name = "earlier"\noverwrite = true\nlog_with = "none"\n', encoding="utf-8")
+    code, _, err = run_cli("train", job)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and named in lines[0] and words in lines[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.safetensors"]
+    assert (out / "earlier.safetensors").read_bytes() == b"an earlier result"

@@ -154,6 +154,9 @@ def test_resume_equals_uninterrupted_run(flux_env, tmp_path):
     job = _job(flux_env, tmp_path, "addift", max_train_steps=8, save_state_every_n_steps=5, output_name="r")
     full = load_file(str(train(job)))
     shutil.copytree(tmp_path / "r-state", tmp_path / "state5")
+    from difflora.statefile import load_state
+
+    assert load_state(tmp_path / "state5")["step"] == 5  # resumed from the middle, not from the end
     (tmp_path / "r.safetensors").unlink()
     resumed = load_file(str(train(job, resume=str(tmp_path / "state5"))))
     assert all(torch.equal(full[k], resumed[k]) for k in full)

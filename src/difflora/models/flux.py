@@ -380,6 +380,10 @@ class FluxModel(ModelFamily):
         from .low_vram import enable_block_swap
 
         self.check_complete()
+        if self.variant == "schnell" and self.options.in_dims and self.options.in_dims[3]:
+            raise UserError(f"in_dims gives guidance_in rank {self.options.in_dims[3]}, but FLUX.1-schnell has no "
+                            "guidance embedder (a schnell LoRA cannot train guidance); set its fourth value to 0",
+                            path=getattr(job, "_source", None) or self.source)
         if job.cpu_offload_checkpointing or job.gradient_checkpointing:
             self.enable_gradient_checkpointing(cpu_offload=job.cpu_offload_checkpointing)
         if job.blocks_to_swap:
