@@ -188,21 +188,30 @@ def test_pairs_subpixel_shift_and_scale():
 
 
 def test_pairs_flags_on_toy_pairs(tmp_path):
-    """The five original eval tasks' 8 pairs: as rendered, none is misaligned; with "after" shifted by (3, -2) px,
-    every one is measured at that shift (glasses add edges, style adds texture, hair recolours). Whole-face
-    colour changes (the suite's skin tasks) are not held to 0.5 px: one skin pair measures (3.1, -2.65)."""
+    """Every kind of toy pair (all 18 eval tasks: local edits, texture, and whole-face, hair and background
+    recolourings, both ways), 8 pairs each: as rendered none is misaligned; with "after" shifted by
+    (3, -2) px every one is measured at that shift within 0.5 px, and `align` leaves a mean absolute
+    difference < 0.01 outside the edit (the style edit has no outside)."""
     from difflora.toy import faces
-    from difflora.toy.evaluate import write_pairs
+    from difflora.toy.evaluate import TASKS, write_pairs
 
-    for task in ("eyes", "smile", "glasses", "style", "hair"):
+    worst = {}
+    for task in TASKS:
         write_pairs(tmp_path / task, task, 8, 0)
         for i in range(8):
             a = np.asarray(Image.open(tmp_path / task / f"{i:03d}.png").convert("RGB"))
             b = np.asarray(Image.open(tmp_path / task / f"{i:03d}_after.png").convert("RGB"))
             r = measure(a, b)
             assert "misaligned" not in r.flags and np.hypot(*r.shift) <= 0.25, (task, i, r)
-            r = measure(a, shift_image(b, 3, -2))
+            moved = shift_image(b, 3, -2)
+            r = measure(a, moved)
             assert abs(r.shift[0] - 3) <= 0.5 and abs(r.shift[1] + 2) <= 0.5 and "misaligned" in r.flags, (task, i, r)
+            outside = ~changed_mask(a, b, 0.0)  # every pixel the edit touched is inside
+            if not task.startswith("style"):  # stripes and grain everywhere: no pixel is outside that edit
+                mad = np.abs(align(a, moved, r).astype(float) - a)[outside].mean() / 255
+                assert outside.mean() > 0.1 and mad < 0.01, (task, i, outside.mean(), mad)
+            worst[task] = max(worst.get(task, 0.0), abs(r.shift[0] - 3), abs(r.shift[1] + 2))
+    assert max(worst[t] for t in ("skin", "skin-rev", "background", "hair")) <= 0.1, worst  # recolourings: exact
     assert measure(a, a).flags == ["identical"]
     rng = np.random.default_rng(1)
     one = faces.render(dict(faces.sample_attributes(rng), background="green", style="flat"), 98)
