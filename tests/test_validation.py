@@ -45,6 +45,27 @@ def test_validation_loss_is_logged_at_the_requested_steps_and_repeats(tmp_path, 
     assert Image.open(plot).size == (640, 360)
 
 
+def test_validation_plot_puts_each_stage_where_its_losses_are(tmp_path):
+    from difflora.train.curve import BOTTOM, LEFT, RIGHT, TOP
+    from difflora.train.validation import STAGE_COLOURS, plot_curve
+
+    w, h = 640, 360
+    plot_curve({"unet": [(0, 1.0), (10, 0.5)], "text encoder": [(10, 0.5), (20, 0.0)]}, tmp_path / "v.png", (w, h))
+    px = Image.open(tmp_path / "v.png").convert("RGB").load()
+    pad = 0.05 / 1.1 * (h - TOP - BOTTOM)  # 5% headroom above and below
+
+    def colour_near(x: float, y: float) -> set:
+        return {px[int(x) + dx, int(y) + dy] for dx in range(-3, 4) for dy in range(-3, 4)}
+
+    unet, te = STAGE_COLOURS[0], STAGE_COLOURS[1]
+    assert unet in colour_near(LEFT, TOP + pad) and te not in colour_near(LEFT, TOP + pad)  # 1.0 at step 0
+    assert te in colour_near(w - RIGHT - 1, h - BOTTOM - pad)  # 0.0 at step 20
+    x_mid, y_mid = (LEFT + w - RIGHT) / 2, (TOP + h - BOTTOM) / 2
+    assert te in colour_near(x_mid, y_mid)  # both at (10, 0.5): the later stage on top
+    assert unet in colour_near((LEFT + x_mid) / 2, (TOP + pad + y_mid) / 2)  # unet's line at (5, 0.75)
+    assert unet not in colour_near((x_mid + w - RIGHT) / 2, (y_mid + h - BOTTOM - pad) / 2)  # (15, 0.25) is te's
+
+
 def test_validation_split_holds_images_out_of_training(tmp_path, tiny_sd1_dir):
     from difflora.config import load_job
     from difflora.data.dataset import TrainingData

@@ -1,10 +1,12 @@
-"""A loss-curve PNG beside the LoRA at the end of training (drawn with PIL: no plotting library needed)."""
+"""A loss-curve PNG beside the LoRA at the end of training, and the line chart it and the validation plot
+share (drawn with PIL: no plotting library needed)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -36,10 +38,22 @@ def _font(size: int = 13):
         return None
 
 
-def draw_loss_curve(steps: list[int], losses: list[float], title: str,
-                    stages: list[tuple[int, str]] = ()) -> Image.Image:
-    """Loss per step (light) and its moving average (dark) against the global step, with labelled axes."""
-    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+@dataclass
+class Series:
+    """One line of a chart: (x, y) points, drawn in `colour`, named in the legend."""
+
+    label: str
+    points: list[tuple[float, float]]
+    colour: tuple[int, int, int]
+    width: int = 2
+    markers: bool = False  # a dot on every point (few points: validation)
+
+
+def draw_chart(series: list[Series], title: str, size: tuple[int, int] = (WIDTH, HEIGHT),
+               stages: list[tuple[int, str]] = (), x_label: str = "step", y_label: str = "loss") -> Image.Image:
+    """Lines against a shared x axis, with round-number ticks, labelled axes, stage marks and a legend."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font = _font()
 
@@ -48,10 +62,10 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str,
             d.text(xy, s, fill=fill)
         else:
             d.text(xy, s, fill=fill, font=font, anchor=anchor)
-    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP  # y0: bottom of the plot, y1: top
-    s_lo, s_hi = (min(steps), max(steps)) if steps else (0, 1)
-    finite = [v for v in losses if math.isfinite(v)]
-    l_lo, l_hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    x0, x1, y0, y1 = LEFT, w - RIGHT, h - BOTTOM, TOP  # y0: bottom of the plot, y1: top
+    finite = [(x, y) for line in series for x, y in line.points if math.isfinite(y)]
+    s_lo, s_hi = (min(x for x, _ in finite), max(x for x, _ in finite)) if finite else (0, 1)
+    l_lo, l_hi = (min(y for _, y in finite), max(y for _, y in finite)) if finite else (0.0, 1.0)
     if l_hi - l_lo < 1e-12:
         l_lo, l_hi = l_lo - 0.5 * abs(l_lo or 1), l_hi + 0.5 * abs(l_hi or 1)
     pad = 0.05 * (l_hi - l_lo)
@@ -73,23 +87,30 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str,
         x = px(start, l_lo)[0]
         d.line([(x, y1), (x, y0)], fill=STAGE)
         text((x + 3, y1 + 2), name, STAGE)
-    kept = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
-    points = [px(s, v) for s, v in kept]
-    half = max(1, len(kept) // 40)  # centred moving average over about 5% of the run
-    averaged = [px(kept[i][0], sum(v for _, v in kept[max(0, i - half):i + half + 1])
-                   / len(kept[max(0, i - half):i + half + 1])) for i in range(len(kept))]
-    if len(points) > 1:
-        d.line(points, fill=RAW, width=1)
-        d.line(averaged, fill=AVERAGE, width=2)
-    elif points:
-        d.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=AVERAGE)
+    for n, line in enumerate(series):
+        points = [px(x, y) for x, y in line.points if math.isfinite(y)]
+        if len(points) > 1:
+            d.line(points, fill=line.colour, width=line.width)
+        if line.markers or len(points) == 1:
+            for cx, cy in points:
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=line.colour)
+        text((x1 - 4, y1 + 4 + 12 * n), line.label, line.colour, "rt")
     d.rectangle([x0, y1, x1, y0], outline=AXES)
     text(((x0 + x1) / 2, 12), title, AXES, "mt")
-    text(((x0 + x1) / 2, HEIGHT - 14), "step", AXES, "mm")
-    text((8, (y0 + y1) / 2), "loss", AXES, "lm")
-    text((x1 - 4, y1 + 4), "per step", RAW, "rt")
-    text((x1 - 4, y1 + 16), "moving average", AVERAGE, "rt")
+    text(((x0 + x1) / 2, h - 14), x_label, AXES, "mm")
+    text((8, (y0 + y1) / 2), y_label, AXES, "lm")
     return img
+
+
+def draw_loss_curve(steps: list[int], losses: list[float], title: str,
+                    stages: list[tuple[int, str]] = ()) -> Image.Image:
+    """Loss per step (light) and its moving average (dark) against the global step, with labelled axes."""
+    kept = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+    half = max(1, len(kept) // 40)  # centred moving average over about 5% of the run
+    averaged = [(kept[i][0], sum(v for _, v in kept[max(0, i - half):i + half + 1])
+                 / len(kept[max(0, i - half):i + half + 1])) for i in range(len(kept))]
+    return draw_chart([Series("per step", kept, RAW, width=1), Series("moving average", averaged, AVERAGE)],
+                      title, stages=stages)
 
 
 class LossCurve:

@@ -146,47 +146,17 @@ def advice(steps: list[int], losses: list[float]) -> str:
     return f"validation: the curve has flattened near its minimum ({low:.4f} at step {steps[k]}); the length fits"
 
 
+STAGE_COLOURS = [(31, 111, 209), (209, 73, 31), (46, 158, 68), (138, 63, 193)]
+
+
 def plot_curve(points: dict[str, list[tuple[int, float]]], path: Path, size=(640, 360)) -> None:
-    """A line chart of the validation loss per stage (PIL; the axes labelled with steps and loss)."""
-    from PIL import Image, ImageDraw
-
+    """A line chart of the validation loss per stage, a dot per validation."""
     from ..fileio import atomic_path
+    from .curve import Series, draw_chart
 
-    w, h = size
-    left, right, top, bottom = 70, 20, 30, 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    all_pts = [p for pts in points.values() for p in pts]
-    xs = [p[0] for p in all_pts]
-    ys = [p[1] for p in all_pts]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.1 or abs(y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for frac in (0.0, 0.5, 1.0):
-        y = y0 + frac * (y1 - y0)
-        _, py = px(x0, y)
-        d.line([left - 4, py, left, py], fill="black")
-        d.text((4, py - 6), f"{y:.4f}", fill="black")
-        x = x0 + frac * (x1 - x0)
-        qx, _ = px(x, y0)
-        d.line([qx, h - bottom, qx, h - bottom + 4], fill="black")
-        d.text((qx - 10, h - bottom + 8), f"{int(round(x))}", fill="black")
-    d.text((left, 8), "validation loss by global step", fill="black")
-    colours = ["#1f6fd1", "#d1491f", "#2e9e44", "#8a3fc1"]
-    for n, (stage, pts) in enumerate(points.items()):
-        colour = colours[n % len(colours)]
-        coords = [px(x, y) for x, y in pts]
-        if len(coords) > 1:
-            d.line(coords, fill=colour, width=2)
-        for cx, cy in coords:
-            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        d.text((w - right - 120, top + 6 + 14 * n), stage, fill=colour)
+    series = [Series(stage, pts, STAGE_COLOURS[n % len(STAGE_COLOURS)], markers=True)
+              for n, (stage, pts) in enumerate(points.items())]
+    img = draw_chart(series, "validation loss by global step", size=size)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 
