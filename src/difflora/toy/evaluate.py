@@ -507,10 +507,10 @@ def summary_table(summary: dict) -> str:
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
              pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
-             grids: bool = False, cached_only: bool = False) -> list[TaskResult]:
+             grids: bool = False, cached_only: bool = False, write_summary: bool = True) -> list[TaskResult]:
     """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
-    training serves every weight); writes eval.json
-    (cells and summary) and eval.md (summary and per-cell tables)."""
+    training serves every weight); writes eval.json (cells and summary) and eval.md (summary and
+    per-cell tables) unless `write_summary` is false (a caller that reports several runs together)."""
     from ..fileio import write_json_atomic, write_text_atomic
     from ..models import load_model
     from .judge import load_judge
@@ -532,8 +532,9 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
                              for w in (weights or [None])]
                     results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids,
                                          cached_only=cached_only)
-                    summary = summarize(results)
-                    write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results], "summary": summary})
-    summary = summarize(results)
-    write_text_atomic(out / "eval.md", summary_table(summary) + "\n" + markdown_table(results))
+                    if write_summary:
+                        write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results],
+                                                              "summary": summarize(results)})
+    if write_summary:
+        write_text_atomic(out / "eval.md", summary_table(summarize(results)) + "\n" + markdown_table(results))
     return results
