@@ -131,6 +131,41 @@ def test_sgm_single_file_round_trip_and_diffusers_reads_it(tmp_path, sdxl_dir):
     _assert_same_weights(model, load_model(plain))
 
 
+def test_diffusers_single_file_conversion_and_difflora_agree_on_a_third_party_sgm_file(tmp_path, sdxl_dir):
+    """An fp16 SGM file with no difflora metadata, as released checkpoints are: diffusers' single-file code
+    (offline, configs from a local folder) and difflora read the same weights; the folder diffusers converts it
+    to loads in difflora to those weights too."""
+    from diffusers import StableDiffusionXLPipeline
+
+    source = build_tiny_sdxl(seed=5)  # other weights than sdxl_dir's model: only the configs come from there
+    written = tmp_path / "written.safetensors"
+    source.save(written)
+    sgm = tmp_path / "third_party.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(written)).items()}, str(sgm))
+
+    ours = load_model(sgm)
+    pipe = StableDiffusionXLPipeline.from_single_file(str(sgm), config=str(sdxl_dir), local_files_only=True,
+                                                      torch_dtype=torch.float32)
+    converted = tmp_path / "converted_by_diffusers"
+    pipe.save_pretrained(converted, safe_serialization=True)
+    from_folder, base = load_model(converted), load_model(sdxl_dir)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = _component(ours, name), getattr(pipe, name).state_dict()
+        assert set(mine) == set(theirs), name
+        assert all(torch.equal(v, theirs[k]) for k, v in mine.items()), name
+        again = _component(from_folder, name)
+        assert all(torch.equal(v, again[k]) for k, v in mine.items()), name
+        # the file's fp16 values, not a default initialisation or the config folder's weights
+        src, other = _component(source, name), _component(base, name)
+        assert all(torch.equal(v, src[k].half().float()) for k, v in mine.items() if v.is_floating_point()), name
+        assert any(not torch.equal(v, other[k]) for k, v in mine.items() if v.is_floating_point()), name
+
+
+def _component(model, name: str) -> dict[str, torch.Tensor]:
+    module = {"unet": model.denoiser, "vae": model.vae}.get(name) or model.text_encoders[name]
+    return module.state_dict()
+
+
 def test_v_prediction_and_zero_terminal_snr_travel_with_the_file(tmp_path):
     model = build_tiny_sdxl(prediction_type="v_prediction", zero_terminal_snr=True)
     assert float(model.objective.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-7)
@@ -230,8 +265,9 @@ def test_time_ids_of_a_bucketed_cropped_sample_equal_kohyas():
 
 
 def test_tools_work_on_sdxl(tmp_path, sdxl_dir, run_cli):
-    """merge into an SDXL single file (the dense formula), extract it back, svd-merge, resize, inspect, sweep."""
-    from difflora.network.lowrank import lora_weight_delta
+    """merge into an SDXL single file and folder (the dense formula), extract it back, LoRA + LoRA (exact, kohya),
+    svd-merge, resize, inspect, sweep."""
+    from difflora.network.lowrank import dense_delta, lora_weight_delta
 
     model = load_model(sdxl_dir)
     single = tmp_path / "xl.safetensors"
@@ -247,12 +283,31 @@ def test_tools_work_on_sdxl(tmp_path, sdxl_dir, run_cli):
     expected = target.weight + 0.5 * lora_weight_delta(t[name + ".lora_up.weight"], t[name + ".lora_down.weight"],
                                                        float(t[name + ".alpha"]) / 4)
     assert torch.allclose(tuned_module.weight, expected, atol=1e-6)
+    # into the diffusers folder: a folder with the same merged weights
+    assert run_cli("merge", "--model", sdxl_dir, "--models", lora, "--ratios", "0.5", "--save-to",
+                   tmp_path / "merged_dir")[0] == 0
+    folder_module = {x.name: x.module for x in load_model(tmp_path / "merged_dir").lora_targets(conv=True)}[name]
+    assert torch.equal(folder_module.weight, tuned_module.weight)
+    # extracted back at the LoRA's rank: the same dense deltas (a Linear and a 3x3 conv module)
     out = tmp_path / "ext.safetensors"
     assert run_cli("extract", "--model-org", single, "--model-tuned", merged, "--dim", "4", "--conv-dim", "4",
                    "--save-to", out)[0] == 0
-    assert set(load_lora(out).module_names()) == _ref("sdxl_unet_c3lier.txt")
+    extracted = load_lora(out)
+    assert set(extracted.module_names()) == _ref("sdxl_unet_c3lier.txt")
+    for module in (name, "lora_unet_output_blocks_2_0_in_layers_2"):
+        want = dense_delta(t, module, 0.5)
+        assert (dense_delta(extracted.tensors, module) - want).abs().max() < 1e-4 * want.abs().max()
+    # LoRA + LoRA: exact is the sum of the deltas; kohya's merge keeps the names (equal ranks)
+    other = _random_lora(model, tmp_path / "o.safetensors", "conv", seed=1)
+    assert run_cli("merge", "--models", lora, other, "--ratios", "0.5", "2", "--save-to", tmp_path / "ex.safetensors")[0] == 0
+    exact, o = load_lora(tmp_path / "ex.safetensors").tensors, load_lora(other).tensors
+    want = dense_delta(t, name, 0.5) + dense_delta(o, name, 2.0)
+    assert (dense_delta(exact, name) - want).abs().max() < 1e-5 * want.abs().max()
+    assert run_cli("merge", "--models", lora, other, "--mode", "kohya", "--save-to", tmp_path / "k.safetensors")[0] == 0
+    assert set(load_lora(tmp_path / "k.safetensors").module_names()) == _ref("sdxl_unet_c3lier.txt")
     assert run_cli("svd-merge", "--models", lora, out, "--new-rank", "2", "--save-to", tmp_path / "svd.safetensors")[0] == 0
     assert run_cli("resize", "--model", lora, "--new-rank", "2", "--save-to", tmp_path / "rs.safetensors")[0] == 0
+    assert load_lora(tmp_path / "rs.safetensors").tensors[name + ".lora_down.weight"].shape[0] == 2
     code, text, _ = run_cli("inspect", lora)
     assert code == 0 and "sdxl_base_v1-0" in text and "unet=788" in text
     code, _, err = run_cli("generate", "--model", merged, "--prompt", "a face", "--lora", lora, "--sweep", "-1,0,1",
