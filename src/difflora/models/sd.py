@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..network.lora import LoRATarget
-from .base import Conditioning, ModelFamily
+from .base import Conditioning
 from .objectives import objective_for
+from .unet_family import UNetFamily, unet_lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ SD_SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
 )
 
-UNET_TARGETS = ("Transformer2DModel",)
-UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 _TE_ROLE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
 # kohya's --sample_sampler names -> (diffusers scheduler class, extra config)
@@ -74,15 +73,7 @@ def make_scheduler(name: str, config: dict):
 
 def unet_lora_targets(unet: nn.Module, conv: bool, prefix: str = "lora_unet") -> list[LoRATarget]:
     """kohya's create_modules over a diffusers-layout U-Net (SD1/SD2 names)."""
-    classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
-    out = []
-    for name, module in unet.named_modules():
-        if type(module).__name__ not in classes:
-            continue
-        for child_name, child in module.named_modules():
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_name:
-                out.append(LoRATarget(f"{prefix}.{name}.{child_name}".replace(".", "_"), child, "unet"))
-    return out
+    return [LoRATarget(f"{prefix}.{path}".replace(".", "_"), layer, "unet") for path, layer in unet_lora_modules(unet, conv)]
 
 
 def text_encoder_lora_targets(te: nn.Module, prefix: str = "lora_te", component: str = "text_encoder") -> list[LoRATarget]:
@@ -100,7 +91,7 @@ def text_encoder_lora_targets(te: nn.Module, prefix: str = "lora_te", component:
     return out
 
 
-class StableDiffusion(ModelFamily):
+class StableDiffusion(UNetFamily):
     """SD1.x and SD2.x (epsilon or v-prediction)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, variant: str,
@@ -119,10 +110,6 @@ class StableDiffusion(ModelFamily):
         self.toy = toy
 
     @property
-    def unet(self):
-        return self.denoiser
-
-    @property
     def text_encoder(self):
         return self.text_encoders["text_encoder"]
 
@@ -130,10 +117,6 @@ class StableDiffusion(ModelFamily):
     @property
     def is_v2(self) -> bool:
         return self.family == "sd2"
-
-    @property
-    def v_prediction(self) -> bool:
-        return self.objective.prediction_type == "v_prediction"
 
     @property
     def base_model_version(self) -> str:
@@ -150,22 +133,6 @@ class StableDiffusion(ModelFamily):
         if self.is_v2:
             return "stable-diffusion-v2-768-v/lora" if self.v_prediction else "stable-diffusion-v2-512/lora"
         return "stable-diffusion-v1/lora"
-
-    @property
-    def resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.latent_downscale
-
-    @property
-    def latent_downscale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_multiple(self) -> int:
-        return self.latent_downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    def pipeline_embeddings(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
-                "negative_prompt_embeds": uncond.tensors["encoder_hidden_states"]}
 
     def lora_metadata(self) -> dict[str, str]:
         return {
@@ -215,23 +182,6 @@ class StableDiffusion(ModelFamily):
         else:
             hidden = te(ids).last_hidden_state
         return Conditioning({"encoder_hidden_states": hidden})
-
-    def predict(self, noisy, timesteps, cond):
-        hs = cond.tensors["encoder_hidden_states"].to(noisy.dtype)
-        return self.unet(noisy, timesteps, encoder_hidden_states=hs).sample
-
-    # ---- VAE
-    def encode_images(self, pixels, sample=True, generator=None):
-        cfg = self.vae.config
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return (z - shift) * cfg.scaling_factor
-
-    def decode_latents(self, latents):
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample
 
     # ---- generation / saving
     def pipeline(self, scheduler: str = "ddim"):

@@ -30,8 +30,9 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..network.lora import LoRATarget
-from .base import Conditioning, ModelFamily, SampleSize
+from .base import Conditioning, SampleSize
 from .objectives import objective_for
+from .unet_family import UNetFamily, unet_lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ METHOD_DEFAULTS = {
                "addift": {"min_timestep": 500, "max_timestep": 1000, "multiplier": 0.25}},
 }
 
-UNET_TARGETS = ("Transformer2DModel",)
-UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-
-
 # ---------------------------------------------------------------- registry hooks
 def detect_folder(path: Path, index: dict) -> str | None:
     cls = str(index.get("_class_name", ""))
@@ -127,20 +124,12 @@ def unet_lora_targets(unet: nn.Module, conv: bool) -> list[LoRATarget]:
     from .ldm import unet_ldm_map, unet_ldm_name
 
     mapping = unet_ldm_map(dict(unet.config))
-    classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
-    out = []
-    for name, module in unet.named_modules():
-        if type(module).__name__ not in classes:
-            continue
-        for child_name, child in module.named_modules():
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_name:
-                sgm = unet_ldm_name(f"{name}.{child_name}", mapping)
-                out.append(LoRATarget("lora_unet_" + sgm.replace(".", "_"), child, "unet"))
-    return out
+    return [LoRATarget("lora_unet_" + unet_ldm_name(path, mapping).replace(".", "_"), layer, "unet")
+            for path, layer in unet_lora_modules(unet, conv)]
 
 
 # ---------------------------------------------------------------- the model
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(UNetFamily):
     family = "sdxl"
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler_config: dict, *,
@@ -159,15 +148,7 @@ class StableDiffusionXL(ModelFamily):
         self.objective = objective_for(prediction_type, self.scheduler_config)
         self.source = source
 
-    @property
-    def unet(self):
-        return self.denoiser
-
     # ---- identity
-    @property
-    def v_prediction(self) -> bool:
-        return self.objective.prediction_type == "v_prediction"
-
     @property
     def zero_terminal_snr(self) -> bool:
         return bool(self.scheduler_config.get("rescale_betas_zero_snr"))
@@ -179,18 +160,6 @@ class StableDiffusionXL(ModelFamily):
     @property
     def modelspec_architecture(self) -> str:
         return MODELSPEC_ARCHITECTURE + "/lora"
-
-    @property
-    def resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.latent_downscale
-
-    @property
-    def latent_downscale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_multiple(self) -> int:
-        return self.latent_downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def lora_metadata(self) -> dict[str, str]:
         md = {
@@ -236,31 +205,16 @@ class StableDiffusionXL(ModelFamily):
         h, w = (int(x) * self.latent_downscale for x in latents.shape[-2:])
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(latents.shape[0], 1)
 
-    def predict(self, noisy, timesteps, cond):
-        hs = cond.tensors["encoder_hidden_states"].to(noisy.dtype)
+    def added_conditions(self, noisy, cond):
         time_ids = cond.tensors.get("time_ids")
         if time_ids is None:
             time_ids = self.default_time_ids(noisy)
-        added = {"text_embeds": cond.tensors["text_embeds"].to(noisy.dtype),
-                 "time_ids": time_ids.to(noisy.device, noisy.dtype)}
-        return self.unet(noisy, timesteps, encoder_hidden_states=hs, added_cond_kwargs=added).sample
+        return {"text_embeds": cond.tensors["text_embeds"].to(noisy.dtype),
+                "time_ids": time_ids.to(noisy.device, noisy.dtype)}
 
     def pipeline_embeddings(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
-                "pooled_prompt_embeds": cond.tensors["text_embeds"],
-                "negative_prompt_embeds": uncond.tensors["encoder_hidden_states"],
+        return {**super().pipeline_embeddings(cond, uncond), "pooled_prompt_embeds": cond.tensors["text_embeds"],
                 "negative_pooled_prompt_embeds": uncond.tensors["text_embeds"]}
-
-    # ---- VAE
-    def encode_images(self, pixels, sample=True, generator=None):
-        cfg = self.vae.config
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
-        return z.float() * cfg.scaling_factor
-
-    def decode_latents(self, latents):
-        cfg = self.vae.config
-        return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor).sample
 
     # ---- generation / saving
     def pipeline(self, scheduler: str = "ddim"):
