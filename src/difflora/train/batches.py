@@ -1,9 +1,12 @@
 """Batches for one step: which items, and every random draw derived from the step's position.
 
-Everything random in a step (sample order, caption shuffles, flips, noise, timesteps, dropout)
-is derived from (seed, stage, step, micro-batch, position in the global batch), so a resumed
-run continues exactly, and N processes at per-device batch b train the same LoRA as one process
-at batch N·b (gradients are averaged explicitly, in a fixed order).
+Every per-sample draw (sample order, caption shuffles, flips, noise, timesteps) is derived from
+(seed, stage, step, micro-batch, position in the global batch), so a resumed run continues
+exactly, and N processes at per-device batch b train the same LoRA as one process at batch N·b
+(gradients are averaged explicitly, in a fixed order), up to float rounding: CPU and GPU kernels
+sum in another order at another batch size (tests/test_sdxl_train.py measures it). The network
+dropouts (dropout, rank_dropout, module_dropout) are seeded per (seed, stage, step, rank) and drawn
+per forward call, so with them N processes draw other masks than one process does.
 """
 
 from __future__ import annotations
