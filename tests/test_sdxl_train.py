@@ -98,15 +98,28 @@ def _std_job(root: Path, name: str, **extra) -> Path:
 
 
 def test_stop_and_resume_gives_the_same_sdxl_lora(xl_tree, run_cli):
-    job = _std_job(xl_tree, "r", max_train_steps=5, save_state_every_n_steps=2, lr_scheduler='"cosine"')
+    """A run stopped after step 3 (as the UI's stop button or Ctrl-C does) and resumed ends with the LoRA of
+    an uninterrupted run, bit for bit (text-encoder LoRAs and per-sample time_ids included)."""
+    from difflora.config import load_job
+    from difflora.errors import TrainingStopped
+    from difflora.train.loop import train
+    from difflora.train.stop import StopRequest
+
+    job = _std_job(xl_tree, "r", max_train_steps=5, lr_scheduler='"cosine"')
     assert run_cli("train", job)[0] == 0
     full = load_file(str(xl_tree / "out" / "r.safetensors"))
-    shutil.copytree(xl_tree / "out" / "r-state", xl_tree / "state4")  # saved at step 4, as a stopped run
     (xl_tree / "out" / "r.safetensors").unlink()
-    code, _, err = run_cli("train", job, "--resume", xl_tree / "state4")
-    assert code == 0, err
+    stop = StopRequest()
+    with pytest.raises(TrainingStopped):
+        train(load_job(job), listeners=[lambda e: e.type == "step" and e.global_step == 3 and stop.request()],
+              stop=stop)
+    assert not (xl_tree / "out" / "r.safetensors").exists() and (xl_tree / "out" / "r-state").is_dir()
+    steps = []
+    train(load_job(job), resume="auto", listeners=[lambda e: e.type == "step" and steps.append(e.global_step)])
+    assert steps == [4, 5]
     resumed = load_file(str(xl_tree / "out" / "r.safetensors"))
-    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert set(full) == set(resumed) and any(k.startswith("lora_te2_") for k in full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 @pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
