@@ -223,12 +223,23 @@ def test_broken_sdxl_checkpoints_say_what_is_wrong(tmp_path, sdxl_dir, run_cli):
     index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True,
                  _class_name="StableDiffusionXLImg2ImgPipeline")
     (refiner_dir / "model_index.json").write_text(json.dumps(index))
-    for path, needles in ((no_te2, ("second text encoder",)), (refiner, ("refiner", "not support")),
-                          (refiner_dir, ("refiner", "not support"))):
+    no_te2_dir = tmp_path / "no_te2_dir"
+    shutil.copytree(sdxl_dir, no_te2_dir)
+    shutil.rmtree(no_te2_dir / "text_encoder_2")
+    for path, needles in ((no_te2, ("second text encoder",)), (no_te2_dir, ("text_encoder_2", "bigG")),
+                          (refiner, ("refiner", "not support")), (refiner_dir, ("refiner", "not support"))):
         out = tmp_path / f"out_{path.stem}"
         _one_line_exit_2(run_cli, ["generate", "--model", path, "--prompt", "a face", "--steps", "1", "--out", out],
                          path.name, *needles)
         assert not out.exists()
+
+
+def test_pixels_per_latent_without_loading_agrees_with_the_family(sdxl_dir, tiny_sd1_dir, tmp_path):
+    from difflora.models import pixels_per_latent
+
+    for folder in (sdxl_dir, tiny_sd1_dir):
+        assert pixels_per_latent(folder) == load_model(folder).latent_downscale
+    assert pixels_per_latent(tmp_path / "no_such_model.safetensors") == 8
 
 
 def test_a_flux_folder_is_named_as_what_it_is(tmp_path):

@@ -18,6 +18,19 @@ def default_model_path() -> Path:
     return Path(str(resources.files("difflora").joinpath("assets/toy_base")))
 
 
+def pixels_per_latent(path: str | os.PathLike | None) -> int:
+    """Pixels per latent cell of a model's VAE without loading it (diffusers folders: 2 ** (VAE blocks - 1));
+    the embedded model for None, 8 (every supported family's VAE) when a file or folder does not say."""
+    import json
+
+    folder = Path(path) if path else default_model_path()
+    try:
+        cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
+
+
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", allow_pickle: bool = False,
                family: str | None = None, prediction_type: str | None = None, clip_skip: int | None = None,
                zero_terminal_snr: bool | None = None, job=None, **family_options):

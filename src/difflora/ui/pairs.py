@@ -7,7 +7,6 @@ with; images are read with `data.images.load_image`, the CLI's checks included.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -64,15 +63,10 @@ def write_caption(image: Path, text: str) -> None:
 
 
 def latent_factor(model: str | None) -> int:
-    """Pixels per latent cell of a model's VAE (2 ** (number of VAE blocks - 1)); 8 when unknown."""
-    from importlib import resources
+    """Pixels per latent cell of a model's VAE (the model families know; 8 when unknown)."""
+    from ..models import pixels_per_latent
 
-    folder = Path(model) if model else Path(str(resources.files("difflora") / "assets" / "toy_base"))
-    try:
-        cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        return 2 ** (len(cfg["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 8
+    return pixels_per_latent(model)
 
 
 @dataclass
