@@ -1,5 +1,12 @@
 """FLUX.1-dev training step time and peak memory (`bench/train_speed.py --arch flux`).
 
+    CPU (small):  python bench/train_speed.py --arch flux --threads 1
+    GPU (whole):  python bench/train_speed.py --arch flux --device cuda
+The GPU command is the whole measurement in one go: FLUX.1-dev at 1024x1024, batch 1, every contender
+below (bf16, fp8_base, fp8_base + checkpointing, fp8_base + blocks_to_swap), 3 warm-up + 10 timed steps,
+peak memory of the training steps only (reset after set-up). Ratios use wall time on CUDA and CPU time
+(process time) on the CPU: contenders run one after another, so a shared CPU's load would enter wall times.
+
 The real FLUX.1-dev transformer (3072 wide, 24 heads, 19 double + 38 single blocks) is built on
 the meta device and materialised on the target device with random weights (no download). On a
 CPU the block counts default to 1 + 1 (the real blocks, fewer of them) and the size to 128 px
@@ -44,15 +51,17 @@ def _params(args):
 
 
 def _materialise(module, device, seed: int = 0):
-    """Random weights, identical for every contender (seeded, initialised on the CPU block by block)."""
+    """Random weights, identical for every contender: drawn tensor by tensor in name order from one seeded
+    generator, on CUDA when there is one (12 billion CPU draws would take minutes per contender)."""
     import torch
 
     module.to_empty(device=device)
-    g = torch.Generator().manual_seed(seed)
+    draw_on = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=draw_on).manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
             if p.dim() >= 2:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+                p.copy_((torch.randn(p.shape, generator=g, device=draw_on) * 0.02).to(p.dtype))
             elif name.endswith(("scale", "norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
                 p.fill_(1.0)
             else:
@@ -211,24 +220,28 @@ def flux_worker(args) -> int:
         step = difflora_step_fn(args, device, dtype, c.split("_", 1)[1])
     else:
         step = difflora_step_fn(args, device, dtype, "standard", fp8=True, ckpt=c in ("fp8_ckpt", "fp8_swap"),
-                                swap=20 if c == "fp8_swap" else 0)
-    times = []
+                                swap=min(20, args.flux_double + args.flux_single - 1) if c == "fp8_swap" else 0)
+    times, cpu_times = [], []
+    if device.type == "cuda":  # the training peak, not the set-up's (fp8: the bf16 weights before conversion)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"contender": c, "times": times, "peak_gb": peak}))
+    print(json.dumps({"contender": c, "times": times, "cpu_times": cpu_times, "peak_gb": peak}))
     return 0
 
 
@@ -262,19 +275,23 @@ def flux_main(args) -> int:
             results[c] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        results[c] = {"median_step_s": statistics.median(r["times"]), "peak_gb": r["peak_gb"], "steps": len(r["times"])}
-        print(f"{c}: {results[c]['median_step_s']:.3f} s/step, peak {results[c]['peak_gb']:.2f} GB", file=sys.stderr)
+        results[c] = {"median_step_s": statistics.median(r["times"]), "median_cpu_s": statistics.median(r["cpu_times"]),
+                      "peak_gb": r["peak_gb"], "steps": len(r["times"])}
+        print(f"{c}: {results[c]['median_step_s']:.3f} s/step ({results[c]['median_cpu_s']:.3f} s CPU), "
+              f"peak {results[c]['peak_gb']:.2f} GB", file=sys.stderr)
     ok = {c: r for c, r in results.items() if "error" not in r}
+    # The contenders run one after another, so on a shared CPU their wall times also measure the neighbours'
+    # load; CPU time (process time) does not, and is what the CPU ratios use. On CUDA: wall time.
+    key = "median_step_s" if cuda else "median_cpu_s"
     ratios = {}
-    for num in ("difflora_standard", "difflora_addift"):
-        if num in ok and "reference" in ok:
-            ratios[f"{num}_time / reference_time"] = ok[num]["median_step_s"] / ok["reference"]["median_step_s"]
-    if "difflora_addift" in ok and "difflora_standard" in ok:
-        ratios["difflora_addift_time / difflora_standard_time"] = (ok["difflora_addift"]["median_step_s"]
-                                                                   / ok["difflora_standard"]["median_step_s"])
+    for num, den in (("difflora_standard", "reference"), ("difflora_addift", "reference"),
+                     ("difflora_addift", "difflora_standard")):
+        if num in ok and den in ok:
+            ratios[f"{num}_time / {den}_time"] = ok[num][key] / ok[den][key]
     report = {"arch": "flux", "device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
               "double_blocks": args.flux_double, "single_blocks": args.flux_single, "resolution": args.resolution,
-              "t5_tokens": args.t5_tokens, "batch": args.batch, "rank": args.rank, "summary": results, "ratios": ratios}
+              "t5_tokens": args.t5_tokens, "batch": args.batch, "rank": args.rank, "threads": args.threads,
+              "ratios_of": "wall time" if cuda else "CPU time", "summary": results, "ratios": ratios}
     from difflora.fileio import write_json_atomic
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -458,10 +458,11 @@ def main() -> int:
                          "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="default: 64 (toy model and CPU SDXL), 512 with --arch sd15, 1024 with --arch sdxl on CUDA")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=None, help="default 4 (--arch flux on CUDA: 1)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every contender each)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed rounds (one step of every contender each); default 60 (--arch flux: 10 on CUDA, 5 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first; default 5 (--arch flux: 3, 2)")
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=None,
                     help=f"default: {' '.join(DEFAULT_CONTENDERS)} (and difflora_lowmem with --arch sdxl)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -474,6 +475,13 @@ def main() -> int:
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     add_flux_arguments(ap)
     args = ap.parse_args()
+    flux_cuda = args.arch == "flux" and args.device.startswith("cuda")
+    if args.batch is None:
+        args.batch = 1 if flux_cuda else 4  # FLUX's 24 GB target is stated at batch 1
+    if args.steps is None:  # a whole FLUX.1 step takes seconds: fewer rounds keep a GPU run to minutes
+        args.steps = (10 if flux_cuda else 5) if args.arch == "flux" else 60
+    if args.warmup is None:
+        args.warmup = (3 if flux_cuda else 2) if args.arch == "flux" else 5
     if args.arch == "flux":
         return flux_worker(args) if args.worker else flux_main(args)
     if args.arch == "sdxl" and args.width is None and args.device == "cpu":

@@ -57,19 +57,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, 
 
 
 def rope(pos: torch.Tensor, dim: int, theta: int) -> torch.Tensor:
-    """Rotation matrices (..., n, dim/2, 2, 2) for one position axis."""
+    """Rotation angles' (cos, sin) for one position axis: (..., n, dim/2, 2)."""
     scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
     omega = 1.0 / (theta ** scale)
     angles = pos.double()[..., None] * omega
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.stack([cos, -sin, sin, cos], dim=-1).reshape(*angles.shape, 2, 2).float()
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of head channels of x (B, H, L, D) by freqs (B, 1, L, D/2, 2, 2)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-    out = freqs[..., 0] * xp[..., 0] + freqs[..., 1] * xp[..., 1]
-    return out.reshape(*x.shape).type_as(x)
+def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x0, x1) of head channels of x (B, H, L, D) by their angle:
+    (x0·cos − x1·sin, x0·sin + x1·cos), BFL's rotation, written as x·cos + (−x1, x0)·sin with pe = (cos, sin)
+    (2, B, 1, L, D): its backward is two products, where the 2x2-matrix form's element selection cost zero-filled
+    copies (3% of a CPU training step)."""
+    xf = x.float()
+    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
+    return (xf * pe[0] + rotated * pe[1]).type_as(x)
 
 
 class PositionEmbedder(nn.Module):
@@ -79,8 +82,9 @@ class PositionEmbedder(nn.Module):
         self.axes_dim = list(axes_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
-        return emb.unsqueeze(1)
+        """(cos, sin) of every head channel: (2, B, 1, L, D), each pair's angle repeated for its two channels."""
+        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-2)
+        return emb.movedim(-1, 0).repeat_interleave(2, dim=-1).unsqueeze(2)
 
 
 class MLPEmbedder(nn.Module):
@@ -174,7 +178,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk = self.txt_attn.norm(tq, tk, tv)
         attn = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), pe, mask)
         n_txt = txt.shape[1]
-        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+        txt_attn, img_attn = attn[:, :n_txt].contiguous(), attn[:, n_txt:].contiguous()
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp((1 + i_scale2) * self.img_norm2(img) + i_shift2)
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
