@@ -147,25 +147,35 @@ def text_encoder_to_ldm(sd: dict[str, torch.Tensor], variant: str, prefix: str |
     return out
 
 
+def ldm_tensors(model, text_encoders: list[tuple[object, str, str | None]], dtype: torch.dtype | None) -> dict:
+    """A U-Net family's weights in the original layout: U-Net, VAE and each (text encoder, its variant, its key
+    prefix or None for the variant's own), cast to `dtype`, on the CPU, contiguous: ready for save_file."""
+    tensors = {}
+    tensors.update(unet_to_ldm(model.unet.state_dict(), dict(model.unet.config)))
+    tensors.update(vae_to_ldm(model.vae.state_dict(), dict(model.vae.config)))
+    for te, variant, prefix in text_encoders:
+        tensors.update(text_encoder_to_ldm(te.state_dict(), variant, prefix))
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in tensors.items()}
+
+
+def config_metadata(model, text_encoders: dict[str, object]) -> dict[str, str]:
+    """The diffusers configs of every component, as the single file's metadata (a later load rebuilds them)."""
+    def clean(cfg) -> str:
+        return json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")})
+
+    return {"difflora.config.unet": clean(model.unet.config), "difflora.config.vae": clean(model.vae.config),
+            **{f"difflora.config.{name}": json.dumps(te.config.to_diff_dict()) for name, te in text_encoders.items()},
+            "difflora.config.scheduler": clean(model.scheduler_config)}
+
+
 def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> None:
     """Write an original-layout .safetensors with the diffusers configs in its metadata."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    tensors.update(unet_to_ldm(model.unet.state_dict(), dict(model.unet.config)))
-    tensors.update(vae_to_ldm(model.vae.state_dict(), dict(model.vae.config)))
-    tensors.update(text_encoder_to_ldm(model.text_encoder.state_dict(), model.family))
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in tensors.items()}
-
-    def clean(cfg) -> str:
-        return json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")})
-
+    tensors = ldm_tensors(model, [(model.text_encoder, model.family, None)], dtype)
     metadata = {
-        "difflora.config.unet": clean(model.unet.config),
-        "difflora.config.vae": clean(model.vae.config),
-        "difflora.config.text_encoder": json.dumps(model.text_encoder.config.to_diff_dict()),
-        "difflora.config.scheduler": clean(model.scheduler_config),
+        **config_metadata(model, {"text_encoder": model.text_encoder}),
         "difflora.variant": model.family,
         **({"difflora.family": "toy"} if getattr(model, "toy", False) else {}),
         "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",

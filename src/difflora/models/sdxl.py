@@ -397,30 +397,16 @@ def save_single_file(model: StableDiffusionXL, path: Path, dtype: torch.dtype | 
     from safetensors.torch import save_file
 
     from ..fileio import atomic_path
-    from .ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from .ldm import config_metadata, ldm_tensors
 
     te1, te2 = model.text_encoders["text_encoder"], model.text_encoders["text_encoder_2"]
-    tensors = {}
-    tensors.update(unet_to_ldm(model.unet.state_dict(), dict(model.unet.config)))
-    tensors.update(vae_to_ldm(model.vae.state_dict(), dict(model.vae.config)))
-    tensors.update(text_encoder_to_ldm(te1.state_dict(), "sd1", prefix=TE1_PREFIX))
-    tensors.update(text_encoder_to_ldm(te2.state_dict(), "sd2", prefix=TE2_PREFIX))
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in tensors.items()}
+    tensors = ldm_tensors(model, [(te1, "sd1", TE1_PREFIX), (te2, "sd2", TE2_PREFIX)], dtype)
     if model.v_prediction:
         tensors[V_PRED_KEY] = torch.tensor([])
     if model.zero_terminal_snr:
         tensors[ZTSNR_KEY] = torch.tensor([])
-
-    def clean(cfg) -> str:
-        return json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")})
-
     metadata = {
-        "difflora.config.unet": clean(model.unet.config),
-        "difflora.config.vae": clean(model.vae.config),
-        "difflora.config.text_encoder": json.dumps(te1.config.to_diff_dict()),
-        "difflora.config.text_encoder_2": json.dumps(te2.config.to_diff_dict()),
-        "difflora.config.scheduler": clean(model.scheduler_config),
+        **config_metadata(model, model.text_encoders),
         "difflora.variant": "sdxl",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE,
