@@ -145,7 +145,7 @@ def test_bfl_prefixed_and_fp16_files_load(tiny_flux, flux_files, tmp_path):
 # - the embedders (img_in, txt_in, time_in, vector_in, guidance_in: the 8 extra modules of kohya's in_dims) are
 #   converted to keys WITHOUT the `transformer.` prefix, so load_lora_weights / load_lora_adapter(prefix=
 #   "transformer") drop them silently; their mapping is right (equal output once the prefix is added);
-# - CLIP-L (lora_te1_) goes to `text_encoder.` keys; T5-XXL (lora_te3_) is left over, logged as "Unsupported
+# - CLIP-L (lora_te1_) goes to `text_encoder.` keys (the same pooled embedding once loaded); T5-XXL (lora_te3_) is left over, logged as "Unsupported
 #   keys for ai-toolkit" and dropped.
 
 
@@ -175,8 +175,8 @@ def _both_outputs(tr, ref, net, txt, y, b=2, h=4, w=4):
 
 def test_diffusers_kohya_flux_converter_gives_the_same_output(tiny_flux):
     """A kohya FLUX LoRA (every module difflora can write: blocks, embedders, CLIP-L, T5) through diffusers'
-    own converter: the block modules reproduce difflora's transformer output (< 1e-4 fp32); what it drops is
-    listed above and pinned here. Single-block linear1 is covered at FLUX.1's width in the next test."""
+    own converter: the block modules reproduce difflora's transformer output and CLIP-L its pooled embedding
+    (< 1e-4 fp32); what it drops is listed above and pinned here. Single-block linear1 is covered at FLUX.1's width in the next test."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     tr = tiny_flux.transformer
@@ -203,6 +203,27 @@ def test_diffusers_kohya_flux_converter_gives_the_same_output(tiny_flux):
     ref = _diffusers_twin(tr)
     ref.load_lora_adapter({k: converted[k] for k in blocks + embedders}, prefix="transformer", adapter_name="kohya")
     assert not any("lora" in n for n, _ in ref.x_embedder.named_modules())  # the embedders were not loaded
+    # CLIP-L through diffusers' text-encoder loader: the same pooled embedding as difflora's LoRA on CLIP-L
+    import copy
+
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    clip = tiny_flux.text_encoders["clip_l"]
+    their_clip = copy.deepcopy(clip)
+    FluxLoraLoaderMixin.load_lora_into_text_encoder({k: converted[k] for k in te1}, None, their_clip,
+                                                    prefix="text_encoder", adapter_name="kohya")
+    ids = tiny_flux.clip_tokenizer(["a face, red hair"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    net.apply_to()
+    try:
+        with torch.no_grad():
+            ours_pooled, theirs_pooled = clip(ids).pooler_output, their_clip(ids).pooler_output
+            net.set_multiplier(0.0)
+            base_pooled = clip(ids).pooler_output
+    finally:
+        net.set_multiplier(1.0)
+        net.remove()
+    assert (ours_pooled - base_pooled).abs().max() > 1e-2
+    assert (ours_pooled - theirs_pooled).abs().max() < 1e-4
     with torch.no_grad():  # difflora with the modules diffusers loaded: no linear1, embedders or encoders
         for lora in net.loras():
             if "_blocks_" not in lora.lora_name or "linear1" in lora.lora_name:
