@@ -458,11 +458,13 @@ def main() -> int:
                          "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="default: 64 (toy model and CPU SDXL), 512 with --arch sd15, 1024 with --arch sdxl on CUDA")
-    ap.add_argument("--batch", type=int, default=None, help="default 4 (--arch flux on CUDA: 1)")
+    ap.add_argument("--batch", type=int, default=None, help="default 4 (--arch flux or sdxl on CUDA: 1)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed rounds (one step of every contender each); default 60 (--arch flux: 10 on CUDA, 5 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first; default 5 (--arch flux: 3, 2)")
+                    help="timed rounds (one step of every contender each); default 60 (--arch flux: 10 on CUDA, "
+                         "5 on CPU; --arch sdxl on CUDA: 20)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed rounds first; default 5 (--arch flux: 3, 2; --arch sdxl on CUDA: 3)")
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=None,
                     help=f"default: {' '.join(DEFAULT_CONTENDERS)} (and difflora_lowmem with --arch sdxl)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -476,12 +478,13 @@ def main() -> int:
     add_flux_arguments(ap)
     args = ap.parse_args()
     flux_cuda = args.arch == "flux" and args.device.startswith("cuda")
+    sdxl_cuda = args.arch == "sdxl" and args.device.startswith("cuda")
     if args.batch is None:
-        args.batch = 1 if flux_cuda else 4  # FLUX's 24 GB target is stated at batch 1
+        args.batch = 1 if flux_cuda or sdxl_cuda else 4  # FLUX's and SDXL's GPU targets are stated at batch 1
     if args.steps is None:  # a whole FLUX.1 step takes seconds: fewer rounds keep a GPU run to minutes
-        args.steps = (10 if flux_cuda else 5) if args.arch == "flux" else 60
+        args.steps = (10 if flux_cuda else 5) if args.arch == "flux" else 20 if sdxl_cuda else 60
     if args.warmup is None:
-        args.warmup = (3 if flux_cuda else 2) if args.arch == "flux" else 5
+        args.warmup = (3 if flux_cuda else 2) if args.arch == "flux" else 3 if sdxl_cuda else 5
     if args.arch == "flux":
         return flux_worker(args) if args.worker else flux_main(args)
     if args.arch == "sdxl" and args.width is None and args.device == "cpu":
@@ -552,7 +555,7 @@ def measure_and_report(args) -> int:
         if key in ratios and args.device == "cpu" and args.arch is None:  # the targets are for the CPU toy runs
             value = ratios[key].get("median_of_round_ratios", ratios[key].get("ratio"))
             print(f"target {key} <= {target}: {'met' if value <= target else 'MISSED'} ({value:.2f})")
-    if args.arch == "sdxl" and args.device == "cuda" and args.width is None and args.batch == 1 \
+    if args.arch == "sdxl" and args.device.startswith("cuda") and args.width is None and args.batch == 1 \
             and args.precision == "bf16":  # the conditions the SDXL targets are stated for
         key = "difflora_standard_time / reference_time"
         if key in ratios:
