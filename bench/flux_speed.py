@@ -298,5 +298,9 @@ def flux_main(args) -> int:
     write_json_atomic(args.out, report)
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
+    if cuda and "fp8_ckpt" in ok:  # the target: fp8_base + cached text encoders + checkpointing, batch 1
+        peak = ok["fp8_ckpt"]["peak_gb"]
+        print(f"FLUX target fp8_ckpt peak <= 24 GB at batch {args.batch}: {peak:.1f} GB, "
+              f"{'met' if peak <= 24 else 'MISSED'}")
     print(f"written {args.out}")
     return 0 if ok else 1
