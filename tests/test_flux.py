@@ -124,6 +124,11 @@ def test_bfl_files_and_diffusers_folder_load_the_same_weights(tiny_flux, flux_fi
     a = load_file(str(again / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(flux_files["folder"] / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    # and the BFL file written from the folder-loaded model equals the original BFL file
+    folder.save(flux_files["bfl"].parent / "again.safetensors")
+    a = load_file(str(flux_files["bfl"].parent / "again.safetensors"))
+    b = load_file(str(flux_files["bfl"]))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_bfl_prefixed_and_fp16_files_load(tiny_flux, flux_files, tmp_path):
