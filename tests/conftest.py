@@ -96,3 +96,60 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def watch_placement(monkeypatch) -> list[tuple[str, object]]:
+    """The order in which train.run.prepare's model moves and encodes, recorded as it happens:
+    ("encode", prompts) for each text-encoder call, ("denoiser", device) and ("te", device) for each move of the
+    denoiser or a text encoder to a device, ("drop", None) when the model frees its text encoders."""
+    import difflora.train.run as run_module
+
+    events: list[tuple[str, object]] = []
+    real_load = run_module.load_model
+
+    def spy_moves(kind: str, module) -> None:
+        real_to = module.to
+
+        def to(*args, **kwargs):
+            device = kwargs.get("device", args[0] if args else None)
+            if device is not None and not isinstance(device, torch.dtype):
+                events.append((kind, torch.device(device)))
+            return real_to(*args, **kwargs)
+
+        module.to = to
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        spy_moves("denoiser", model.denoiser)
+        for te in model.text_encoders.values():
+            spy_moves("te", te)
+        real_encode, real_drop = model.encode_prompts, model.drop_text_encoders
+
+        def encode(prompts, *a, **k):
+            if not model.text_encoders_dropped:  # (afterwards the model answers from its table)
+                events.append(("encode", list(prompts)))
+            return real_encode(prompts, *a, **k)
+
+        def drop(*a, **k):
+            events.append(("drop", None))
+            return real_drop(*a, **k)
+
+        model.encode_prompts, model.drop_text_encoders = encode, drop
+        return model
+
+    monkeypatch.setattr(run_module, "load_model", load)
+    return events
+
+
+def check_encoded_first(events, captions: set[str]) -> int:
+    """With cached text-encoder outputs: every caption was encoded, by the text encoders moved to the device,
+    before the denoiser first moved to the device, and the text encoders never ran again. Returns the index of
+    the denoiser's move."""
+    moved = next(i for i, (kind, _) in enumerate(events) if kind == "denoiser")
+    encodes = [i for i, (kind, _) in enumerate(events) if kind == "encode"]
+    assert encodes and max(encodes) < moved, events
+    te_moves = [i for i, (kind, _) in enumerate(events) if kind == "te"]
+    assert te_moves and min(te_moves) < min(encodes), events  # to the device for encoding
+    encoded = {p for kind, prompts in events[:moved] if kind == "encode" for p in prompts}
+    assert captions | {""} <= encoded, captions - encoded
+    return moved

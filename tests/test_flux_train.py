@@ -295,3 +295,36 @@ def test_two_processes_train_the_same_flux_lora_as_one(flux_env, tmp_path):
     two, one = load_file(str(tmp_path / "out" / "two.safetensors")), load_file(str(tmp_path / "out" / "one.safetensors"))
     assert max(one[k].abs().max().item() for k in one if k.endswith("lora_up.weight")) > 1e-4
     assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-6
+
+
+def test_cached_prompts_are_encoded_and_freed_before_the_transformer_moves(flux_env, tmp_path, monkeypatch):
+    """kohya's order for FLUX's low-VRAM run: T5-XXL and CLIP-L alone on the device encode every prompt of the
+    run and are freed before the transformer moves there (never both on a 24 GB card); the LoRA equals the
+    uncached run's."""
+    from conftest import check_encoded_first, watch_placement
+
+    base = dict(max_train_steps=4, network_train_unet_only=True)
+    plain = load_file(str(train(_job(flux_env, tmp_path / "a", "standard", **base))))
+    events = watch_placement(monkeypatch)
+    cached = load_file(str(train(_job(flux_env, tmp_path / "c", "standard", cache_text_encoder_outputs=True, **base))))
+    captions = {p.read_text(encoding="utf-8").strip() for p in (flux_env / "pairs").glob("*.txt")}
+    moved = check_encoded_first(events, captions)
+    drops = [i for i, (kind, _) in enumerate(events) if kind == "drop"]
+    assert len(drops) == 1 and drops[0] < moved, events
+    assert all(torch.allclose(plain[k], cached[k], atol=1e-6) for k in plain)
+
+
+def test_block_swap_placement_leaves_the_swapped_blocks_on_the_cpu(flux_env):
+    """Moving a block-swapped transformer to the device (after the prompts are encoded) moves every part but the
+    swapped blocks: they stay on the CPU and come in only for their own forward."""
+    from difflora.models.low_vram import enable_block_swap
+
+    model = load_model(flux_env / "model")
+    enable_block_swap(model.transformer, 1, torch.device("meta"))
+    swapped = model.transformer.blocks()[-1]
+    model.to("meta", text_encoders=False)
+    assert all(p.device.type == "cpu" for p in swapped.parameters())
+    rest = [p for b in model.transformer.blocks()[:-1] for p in b.parameters()]
+    assert rest and all(p.device.type == "meta" for p in rest)
+    assert all(p.device.type == "meta" for p in model.vae.parameters())
+    assert all(p.device.type == "cpu" for te in model.text_encoders.values() for p in te.parameters())

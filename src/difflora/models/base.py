@@ -148,7 +148,8 @@ class ModelFamily(ABC):
 
     # ---- training hooks (defaults: nothing family-specific)
     def prepare_training(self, job, device) -> None:
-        """Family-specific training settings (FLUX: block swap, offloaded checkpointing), after `to(device)`."""
+        """Family-specific training settings (FLUX: block swap, offloaded checkpointing), before the denoiser
+        moves to `device`: `to` then leaves on the CPU what the family keeps there (FLUX's swapped blocks)."""
 
     # cache_text_encoder_outputs: True for a family whose text encoders are too big to keep once the run's
     # prompts are encoded (FLUX's T5-XXL, 9.5 GB); the others move theirs off the GPU.
@@ -177,8 +178,9 @@ class ModelFamily(ABC):
             m.requires_grad_(False)
             m.eval()
 
-    def to(self, device=None, dtype=None) -> "ModelFamily":
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+    def to(self, device=None, dtype=None, text_encoders: bool = True) -> "ModelFamily":
+        """Move (and cast) the denoiser, the VAE and, unless `text_encoders` is False, the text encoders."""
+        for m in [self.denoiser, self.vae, *(self.text_encoders.values() if text_encoders else ())]:
             m.to(device=device, dtype=dtype)
         return self
 

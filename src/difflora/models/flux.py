@@ -426,14 +426,19 @@ class FluxModel(ModelFamily):
             store_nf4(block, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.compute_dtype = torch.bfloat16
 
-    def to(self, device=None, dtype=None) -> "FluxModel":
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
+    def to(self, device=None, dtype=None, text_encoders: bool = True) -> "FluxModel":
+        for m in [self.denoiser, self.vae, *(self.text_encoders.values() if text_encoders else ())]:
             if m is None:
                 continue
-            if dtype is not None and m is self.denoiser and self.compute_dtype is not None:
-                m.to(device=device)  # fp8 storage stays fp8
-            else:
+            if m is not self.denoiser:
                 m.to(device=device, dtype=dtype)
+                continue
+            if dtype is not None and self.compute_dtype is None:  # fp8 storage stays fp8
+                m.to(dtype=dtype)
+            if device is not None and self.transformer.block_swap is not None:
+                self.transformer.block_swap.place(m, device)  # swapped blocks stay on the CPU
+            elif device is not None:
+                m.to(device=device)
         return self
 
     def freeze(self) -> None:

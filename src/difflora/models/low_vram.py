@@ -79,6 +79,15 @@ class BlockSwap:
         for b in blocks:
             self._move(b, torch.device("cpu"))
 
+    def place(self, root: nn.Module, device: torch.device) -> None:
+        """Move `root` to `device` except the swapped blocks, which stay on the CPU (moving the whole
+        transformer first would put every block on the device at once: the peak block swap avoids)."""
+        if id(root) in self.swapped:
+            return
+        root._apply(lambda t: t.to(device), recurse=False)  # what Module.to does, for this module's own tensors
+        for child in root.children():
+            self.place(child, device)
+
     @staticmethod
     def _move(block: nn.Module, device: torch.device) -> None:
         for p in block.parameters():

@@ -35,6 +35,7 @@ class PromptCache:
     def __init__(self, model, disk: Path | None = None, identity: str = ""):
         self.model = model
         self.cache: dict[str, Conditioning] = {}
+        self.encoded: dict[str, Conditioning] = {}  # encoded before training (on the CPU), kept across stages
         self.trains_text_encoder = False
         self.disk = disk
         self.identity = identity
@@ -44,8 +45,8 @@ class PromptCache:
         self.trains_text_encoder = trains_text_encoder
 
     def encode_all(self, prompts: list[str], chunk: int = 16) -> dict[str, Conditioning]:
-        """Every prompt's encoding on the CPU (read from disk where cached there), for a model about to drop
-        its text encoders. Nothing stays in this cache: the model answers from the returned table."""
+        """Every prompt's encoding on the CPU (read from disk where cached there), before the text encoders leave
+        the device. Nothing stays in this cache: the returned table answers (the model's or `keep`'s)."""
         out: dict[str, Conditioning] = {}
         prompts = list(dict.fromkeys(prompts))
         for start in range(0, len(prompts), chunk):
@@ -56,10 +57,16 @@ class PromptCache:
             self.cache.clear()  # on the model's device: only one chunk at a time
         return out
 
+    def keep(self, table: dict[str, Conditioning]) -> None:
+        """Answer from `table` (encode_all's, made before the text encoders left the device) while no
+        text-encoder LoRA trains; reset() does not forget it (no LoRA can change it under cached outputs)."""
+        self.encoded.update(table)
+
     def __call__(self, captions: list[str]) -> Conditioning:
         if self.trains_text_encoder or self.model.text_encoders_dropped:
             return self.model.encode_prompts(captions)  # (or the model's own table, its encoders freed)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.cache and not self._from_disk(c)]
+        missing = [c for c in dict.fromkeys(captions)
+                   if c not in self.cache and not self._from_table(c) and not self._from_disk(c)]
         if missing:
             with torch.no_grad():
                 enc = self.model.encode_prompts(missing).to(self.model.device)
@@ -67,6 +74,12 @@ class PromptCache:
                 self.cache[c] = enc[i:i + 1]
                 self._to_disk(c)
         return Conditioning.cat([self.cache[c] for c in captions])
+
+    def _from_table(self, caption: str) -> bool:
+        if caption not in self.encoded:
+            return False
+        self.cache[caption] = self.encoded[caption].to(self.model.device)
+        return True
 
     def _file(self, caption: str) -> Path:
         digest = hashlib.sha256(f"{self.identity}\0{caption}".encode()).hexdigest()[:32]

@@ -84,33 +84,50 @@ def prepare(job, resume: str | None = None) -> Run:
     apply_family_defaults(job, model.family)
     validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
     _check_family_keys(job, model)
-    model.to(accelerator.device)
+    device = accelerator.device
+    if not _caches_prompts(job):
+        model.to(device)  # the text encoders run at every step: everything on the device from the start
     presets = [network_from_file(model, p.path, p.multiplier, attach=False) for p in job.preset_loras]
     if initial_weights is not None:
         initial_weights = model.adapt_lora_file(initial_weights)
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
-        preset.fuse(spec.multiplier)
+        preset.fuse(spec.multiplier)  # into the weights as loaded (before the half cast)
     _set_precision(model, job)
-    if not job.sdpa and hasattr(model.denoiser, "set_attn_processor"):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        model.denoiser.set_attn_processor(AttnProcessor())
-    if job.gradient_checkpointing:
-        model.denoiser.enable_gradient_checkpointing()
-    model.prepare_training(job, accelerator.device)
-    if job.torch_compile:
-        model.denoiser.compile()  # in place; LoRA hooks are traced with it, multiplier values are guarded
 
     data = TrainingData(job, model.resolution, model.latent_multiple, pairs=method.needs_pairs)
     log.info("%d training images (%d with repeats), %d regularisation, method %s", len(data.unique_items()),
              data.num_train_images, data.num_reg_images, method.name)
     if data.skipped:
         log.warning("skipped %d unreadable image(s) (skip_bad_images = true)", len(data.skipped))
+    # Encoding first: with cached text-encoder outputs the text encoders are alone on the device while every
+    # prompt is encoded, and gone (or on the CPU) before the denoiser arrives (FLUX: T5-XXL 9.5 GB and the
+    # fp8 transformer ~12 GB are never on the GPU together, as in kohya).
+    encode = _prompt_cache(model, job, out_dir, device, data, presets)
+    _prepare_denoiser(model, job, device)
     return Run(job=job, accelerator=accelerator, rank=accelerator.process_index, world=accelerator.num_processes,
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
-               data=data, encode=_prompt_cache(model, job, out_dir, accelerator.device, data, presets))
+               data=data, encode=encode)
+
+
+def _prepare_denoiser(model, job, device) -> None:
+    """Attention, checkpointing and the family's settings (block swap) on the CPU, then the denoiser and the VAE
+    (and the text encoders unless their outputs are cached) to the device, then torch_compile."""
+    if not job.sdpa and hasattr(model.denoiser, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.denoiser.set_attn_processor(AttnProcessor())
+    if job.gradient_checkpointing:
+        model.denoiser.enable_gradient_checkpointing()
+    model.prepare_training(job, device)
+    model.to(device, text_encoders=not _caches_prompts(job))
+    if job.torch_compile:
+        model.denoiser.compile()  # in place; LoRA hooks are traced with it, multiplier values are guarded
+
+
+def _caches_prompts(job) -> bool:
+    return bool(job.cache_text_encoder_outputs or job.cache_text_encoder_outputs_to_disk)
 
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,31 +146,62 @@ def _set_precision(model, job) -> None:
 
 
 def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets: list) -> PromptCache:
-    """The prompt encoder of the run. With cache_text_encoder_outputs each caption is encoded once and the text
-    encoders leave the GPU; a family that drops them (FLUX: T5-XXL is 9.5 GB) has every prompt of the run
-    encoded here, first."""
-    if not (job.cache_text_encoder_outputs or job.cache_text_encoder_outputs_to_disk):
+    """The prompt encoder of the run. With cache_text_encoder_outputs every prompt of the run is encoded here, by
+    the text encoders alone on the device; then a family that drops them (FLUX: T5-XXL is 9.5 GB) frees them and
+    the others move them to the CPU. Captions that change at every step (shuffle_caption) leave nothing to encode
+    up front: refused for FLUX (as in kohya); elsewhere each is encoded on the CPU when it first comes."""
+    if not _caches_prompts(job):
         return PromptCache(model)
-    if device.type != "cpu" and not model.drops_cached_text_encoders:
+    up_front = model.drops_cached_text_encoders or _varying_caption(data) is None
+    prompts = run_prompts(job, data) if up_front else None
+    if up_front:
         for te in model.text_encoders.values():
-            te.to("cpu", dtype=torch.float32)  # each caption is encoded once; the GPU keeps the denoiser
-    disk, identity = None, ""
-    if job.cache_text_encoder_outputs_to_disk:
-        source = Path(model.source)
-        stat = source.stat() if source.exists() else None
-        te_dtypes = [str(next(te.parameters()).dtype) for te in model.text_encoders.values()]
-        identity = repr((str(source.resolve()) if stat else model.source, stat and stat.st_mtime_ns, model.family,
-                         job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
-        disk = out_dir / "te_cache"
-    cache = PromptCache(model, disk, identity)
-    if model.drops_cached_text_encoders:
-        table = cache.encode_all(run_prompts(job, data))
-        gone = model.drop_text_encoders(table)
-        for preset in presets:  # their text-encoder parts hold the freed layers (and copies of their weights)
-            if preset.drop_components(gone) and job.sample_without_presets:
-                log.warning("sample_without_presets: the cached prompts keep the presets' text-encoder part "
-                            "(the text encoders were freed by cache_text_encoder_outputs)")
+            te.to(device)
+    elif device.type != "cpu":
+        for te in model.text_encoders.values():
+            te.to("cpu", dtype=torch.float32)  # each caption encoded when it first comes; the GPU keeps the denoiser
+    cache = PromptCache(model, *_disk_cache(model, job, out_dir))
+    if prompts is not None:
+        table = cache.encode_all(prompts)
+        _release_text_encoders(model, job, device, table, presets, cache)
     return cache
+
+
+def _disk_cache(model, job, out_dir: Path) -> tuple[Path | None, str]:
+    """cache_text_encoder_outputs_to_disk: the folder and what the encodings depend on (model, text-encoder
+    dtypes, clip_skip, fused presets)."""
+    if not job.cache_text_encoder_outputs_to_disk:
+        return None, ""
+    source = Path(model.source)
+    stat = source.stat() if source.exists() else None
+    te_dtypes = [str(next(te.parameters()).dtype) for te in model.text_encoders.values()]
+    identity = repr((str(source.resolve()) if stat else model.source, stat and stat.st_mtime_ns, model.family,
+                     job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
+    return out_dir / "te_cache", identity
+
+
+def _release_text_encoders(model, job, device, table: dict, presets: list, cache: PromptCache) -> None:
+    """After every prompt was encoded: FLUX frees its text encoders (the model answers from `table`), the others
+    keep `table` in the prompt cache and move theirs to the CPU (fp32 there: sampling may still encode)."""
+    if not model.drops_cached_text_encoders:
+        cache.keep(table)
+        for te in model.text_encoders.values():
+            te.to("cpu", dtype=torch.float32 if device.type != "cpu" else None)
+        return
+    gone = model.drop_text_encoders(table)
+    for preset in presets:  # their text-encoder parts hold the freed layers (and copies of their weights)
+        if preset.drop_components(gone) and job.sample_without_presets:
+            log.warning("sample_without_presets: the cached prompts keep the presets' text-encoder part "
+                        "(the text encoders were freed by cache_text_encoder_outputs)")
+
+
+def _varying_caption(data: TrainingData):
+    """(the job key, the item) of the first trained caption that changes at every step, or None."""
+    held_out = {id(it) for it in data.validation_items}  # validated on fixed captions (train/validation.py)
+    for it in data.unique_items() + data.validation_items:
+        if id(it) not in held_out and (it.rules.shuffle_caption or it.rules.caption_tag_dropout_rate):
+            return ("shuffle_caption" if it.rules.shuffle_caption else "caption_tag_dropout_rate"), it
+    return None
 
 
 def run_prompts(job, data: TrainingData) -> list[str]:
@@ -165,15 +213,15 @@ def run_prompts(job, data: TrainingData) -> list[str]:
     from ..data.prompts import load_prompt_file
     from ..methods.base import common_caption
 
+    varying = _varying_caption(data)
+    if varying is not None:
+        key, it = varying
+        raise UserError(f"cache_text_encoder_outputs encodes every caption once and then frees the text "
+                        f"encoders, so {key} (a new caption at every step) cannot be used with it, as in "
+                        "kohya; turn one of them off", path=it.path)
     prompts = [""]  # the "empty" caption mode, caption dropout, and pairs sharing no tag
     rng = np.random.default_rng(0)  # unused: the rules below draw nothing
-    held_out = {id(it) for it in data.validation_items}  # validated on fixed captions (train/validation.py)
     for it in data.unique_items() + data.validation_items:
-        if id(it) not in held_out and (it.rules.shuffle_caption or it.rules.caption_tag_dropout_rate):
-            key = "shuffle_caption" if it.rules.shuffle_caption else "caption_tag_dropout_rate"
-            raise UserError(f"cache_text_encoder_outputs encodes every caption once and then frees the text "
-                            f"encoders, so {key} (a new caption at every step) cannot be used with it, as in "
-                            "kohya; turn one of them off", path=it.path)
         rules = dataclasses.replace(it.rules, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
                                     shuffle_caption=False, caption_tag_dropout_rate=0.0)
         before = process_caption(it.caption, rules, rng)
