@@ -84,6 +84,7 @@ def prepare(job, resume: str | None = None) -> Run:
     apply_family_defaults(job, model.family)
     validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
     _check_family_keys(job, model)
+    model.check_complete()  # a component missing for training stops here, before anything is encoded
     device = accelerator.device
     if not _caches_prompts(job):
         model.to(device)  # the text encoders run at every step: everything on the device from the start
@@ -155,16 +156,20 @@ def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets
     up_front = model.drops_cached_text_encoders or _varying_caption(data) is None
     prompts = run_prompts(job, data) if up_front else None
     if up_front:
-        for te in model.text_encoders.values():
+        for te in _text_encoders(model):
             te.to(device)
     elif device.type != "cpu":
-        for te in model.text_encoders.values():
+        for te in _text_encoders(model):
             te.to("cpu", dtype=torch.float32)  # each caption encoded when it first comes; the GPU keeps the denoiser
     cache = PromptCache(model, *_disk_cache(model, job, out_dir))
     if prompts is not None:
         table = cache.encode_all(prompts)
         _release_text_encoders(model, job, device, table, presets, cache)
     return cache
+
+
+def _text_encoders(model) -> list:
+    return [te for te in model.text_encoders.values() if te is not None]
 
 
 def _disk_cache(model, job, out_dir: Path) -> tuple[Path | None, str]:
@@ -174,7 +179,7 @@ def _disk_cache(model, job, out_dir: Path) -> tuple[Path | None, str]:
         return None, ""
     source = Path(model.source)
     stat = source.stat() if source.exists() else None
-    te_dtypes = [str(next(te.parameters()).dtype) for te in model.text_encoders.values()]
+    te_dtypes = [str(next(te.parameters()).dtype) for te in _text_encoders(model)]
     identity = repr((str(source.resolve()) if stat else model.source, stat and stat.st_mtime_ns, model.family,
                      job.clip_skip, te_dtypes, [(str(p.path), p.multiplier) for p in job.preset_loras]))
     return out_dir / "te_cache", identity
@@ -185,7 +190,7 @@ def _release_text_encoders(model, job, device, table: dict, presets: list, cache
     keep `table` in the prompt cache and move theirs to the CPU (fp32 there: sampling may still encode)."""
     if not model.drops_cached_text_encoders:
         cache.keep(table)
-        for te in model.text_encoders.values():
+        for te in _text_encoders(model):
             te.to("cpu", dtype=torch.float32 if device.type != "cpu" else None)
         return
     gone = model.drop_text_encoders(table)
