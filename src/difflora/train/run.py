@@ -58,7 +58,8 @@ class Run:
 
 
 def prepare(job, resume: str | None = None) -> Run:
-    """Check every input, then load the model, fuse presets and read the data (nothing is written yet).
+    """Check every input, then load the model, fuse presets, read the data, encode the prompts (cached
+    text-encoder outputs) and only then move the denoiser to the device (nothing is written yet).
 
     `resume`: a state folder, "auto" (this job's own), or None.
     """
@@ -113,8 +114,9 @@ def prepare(job, resume: str | None = None) -> Run:
 
 
 def _prepare_denoiser(model, job, device) -> None:
-    """Attention, checkpointing and the family's settings (block swap) on the CPU, then the denoiser and the VAE
-    (and the text encoders unless their outputs are cached) to the device, then torch_compile."""
+    """Attention, checkpointing and the family's settings (block swap: its blocks stay on the CPU), then the
+    denoiser and the VAE (and the text encoders unless their outputs are cached) to the device, then
+    torch_compile."""
     if not job.sdpa and hasattr(model.denoiser, "set_attn_processor"):
         from diffusers.models.attention_processor import AttnProcessor
 
