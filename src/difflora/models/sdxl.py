@@ -191,10 +191,14 @@ class StableDiffusionXL(UNetFamily):
         te1, te2 = self.text_encoders["text_encoder"], self.text_encoders["text_encoder_2"]
         ids1, ids2 = self.tokenize(prompts)
         h1 = te1(ids1.to(te1.device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(ids2.to(te2.device), output_hidden_states=True)
+        out2 = te2.text_model(ids2.to(te2.device), output_hidden_states=True)
         h2 = out2.hidden_states[-2]
+        # bigG's pooled projection one prompt at a time: a CPU matmul rounds differently for another number of
+        # rows, and a prompt's encoding must not depend on its batch (cached captions are encoded all at once,
+        # uncached ones per step; both must give the same LoRA bit for bit).
+        text_embeds = torch.cat([te2.text_projection(row[None]) for row in out2.pooler_output])
         return Conditioning({"encoder_hidden_states": torch.cat([h1, h2.to(h1.dtype)], dim=-1),
-                             "text_embeds": out2.text_embeds})
+                             "text_embeds": text_embeds})
 
     def sample_conditioning(self, sizes: list[SampleSize]) -> Conditioning:
         rows = [[*s.original_hw, *s.crop_top_left, *s.target_hw] for s in sizes]
