@@ -63,6 +63,52 @@ CELLS_FROM = {"suite_selfreg": "suite_tune"}
 START, END = "<!-- quality-tables:start -->", "<!-- quality-tables:end -->"
 
 
+BARS = {"edit_success": ("edit", 0.90), "reverse_success": ("reverse", 0.80), "preservation": ("preservation", 0.95)}
+MISSES_FOR = {"suite_test": ["addift", "addift-50-lr6e-3"]}  # sections that list each missed bar's measured detail
+
+
+def _pooled(results, key: str) -> str:
+    """A per-start-value rate pooled over the cells (training seeds): share of all images from that start."""
+    n: dict[str, int] = {}
+    hits: dict[str, float] = {}
+    for r in results:
+        for value, s in r.by_start.items():
+            if s[key] is not None:
+                n[value] = n.get(value, 0) + s["n"]
+                hits[value] = hits.get(value, 0.0) + s["n"] * s[key]
+    return " ".join(f"{v} {hits[v] / n[v]:.0%} ({n[v]})" for v in n)
+
+
+def misses_table(results, labels: list[str]) -> str:
+    """Each (variant, task) under a bar, with what the cells measured about it: the rate per start value
+    (pooled over training seeds; image counts in brackets) and which attributes the +w images changed."""
+    rows = []
+    for label in labels:
+        by_task: dict[str, list] = {}
+        for r in results:
+            if r.method == label and r.weight == 1.0:
+                by_task.setdefault(r.task, []).append(r)
+        for task, rs in by_task.items():
+            means = {k: sum(getattr(r, k) for r in rs) / len(rs) for k in BARS}
+            missed = [f"{name} {means[k]:.0%}" for k, (name, bar) in BARS.items() if means[k] < bar]
+            if not missed:
+                continue
+            changed = {}
+            for r in rs:
+                for a, share in r.extra.get("changed_by_plus", {}).items():
+                    changed[a] = changed.get(a, 0.0) + (share or 0.0) / len(rs)
+            drift = ", ".join(f"{a} {v:.0%}" for a, v in sorted(changed.items(), key=lambda x: -x[1]) if v > 0) or "none"
+            rows.append(f"| {label} | {task} | {', '.join(missed)} | {_pooled(rs, 'edit')} | "
+                        f"{_pooled(rs, 'reverse')} | {drift} |")
+    if not rows:
+        return ""
+    return ("Bars missed (edit ≥ 90%, reverse ≥ 80%, preservation ≥ 95%; task means over the training seeds), "
+            "with the rates per start value of the 0 image, pooled over the seeds (images in brackets), and the "
+            "attributes the +w image changed besides the task's own:\n\n"
+            "| method | task | missed | edit by start value | reverse by start value | other attributes changed at +w |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def run_section(name: str, cached_only: bool) -> str:
     title, runs, text = SECTIONS[name]
     out = ROOT / "bench" / "results" / CELLS_FROM.get(name, name)
@@ -79,7 +125,9 @@ def run_section(name: str, cached_only: bool) -> str:
     if name not in CELLS_FROM:
         write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results], "summary": summary})
         write_text_atomic(out / "eval.md", table + "\n" + markdown_table(results))
-    return f"#### {title}\n\n{text}\n\n{table}\n(`bench/results/{CELLS_FROM.get(name, name)}/`: every cell's JSON, per-start-value rates)\n"
+    misses = misses_table(results, MISSES_FOR[name]) if name in MISSES_FOR else ""
+    return (f"#### {title}\n\n{text}\n\n{table}\n" + (f"{misses}\n" if misses else "")
+            + f"(`bench/results/{CELLS_FROM.get(name, name)}/`: every cell's JSON, per-start-value rates)\n")
 
 
 def main() -> int:

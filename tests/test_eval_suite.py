@@ -86,3 +86,18 @@ def test_cell_keys_separate_seeds_settings_and_weights():
             E.Cell("eyes", "addift", 8, weight=0.5).key()}
     assert len(keys) == 7
     assert E.Cell("eyes", "addift", 8, weight=1.0).key() == a.key()  # the variant's own weight
+
+
+def test_evaluate_can_leave_the_summary_files_to_its_caller(tmp_path):
+    # bench/quality_report.py reports several evaluate() runs that share one cell folder; a run must not
+    # overwrite that folder's eval.json / eval.md with its own subset.
+    (tmp_path / "eval.md").write_text("the whole section")
+    cell = E.Cell("eyes", "addift", 8, m=4)
+    (tmp_path / "cells").mkdir()
+    r = E.TaskResult("eyes", "addift", 8, 1.0, 1.0, 0.5, 1.0, 1.0, 0.01, 100, 9.0, m=4)
+    (tmp_path / "cells" / f"{cell.key()}.json").write_text(json.dumps(E.asdict(r)))
+    results = E.evaluate(["eyes"], ["addift"], [8], tmp_path, m=4, cached_only=True, write_summary=False)
+    assert [x.edit_success for x in results] == [1.0]
+    assert (tmp_path / "eval.md").read_text() == "the whole section" and not (tmp_path / "eval.json").exists()
+    E.evaluate(["eyes"], ["addift"], [8], tmp_path, m=4, cached_only=True)
+    assert "| addift | 8 | 1 | 0 |" in (tmp_path / "eval.md").read_text()

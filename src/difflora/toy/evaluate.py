@@ -95,6 +95,7 @@ VARIANTS: dict[str, Variant] = {
                          note="TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)"),
     "addift-50-lr6e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3},
                                 note="50 steps, lr 6e-3"),
+    "addift-50": Variant({"method": "addift", "max_train_steps": 50}, note="50 steps, lr 3e-3"),
     "addift-50-lr1e-2": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 1e-2},
                                 note="50 steps, lr 1e-2"),
     "addift-30-lr1e-2": Variant({"method": "addift", "max_train_steps": 30, "learning_rate": 1e-2},
