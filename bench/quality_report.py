@@ -23,9 +23,13 @@ from difflora.toy.evaluate import SUITES, evaluate, summarize, summary_table  # 
 M = 32  # held-out prompts per cell
 # The copier (800 steps, ~4x an ADDifT cell) was measured on these tasks only; 30 steps only on the local
 # test changes (it lost on colour changes on tune).
-COPIER_TEST = ["eyes-rev", "smile-rev"]
-COPIER_TUNE: list[str] = []
+COPIER_TEST = ["eyes-rev", "smile-rev", "glasses", "style-rev"]
+COPIER_TUNE = ["hair", "skin-rev", "glasses-rev"]
 LOCAL_TEST = ["eyes-rev", "smile-rev", "glasses"]
+# Other 50-step learning rates, screened on the tune changes where 50 steps at lr 6e-3 lost
+COLOUR_SCREEN = ["style", "hair", "hair-any", "background"]
+# Self-regularisation: tune changes whose pairs leave part of the image unchanged
+SELFREG_TASKS = ["hair", "skin-rev", "glasses-rev"]
 # name: (title, [(tasks, variants, training seeds, load weights)], text under the title)
 SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[float] | None]], str]] = {
     "suite_test": (
@@ -42,21 +46,26 @@ SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[
     "suite_tune": (
         "Tune subset (where the defaults were chosen), training seed 0",
         [(SUITES["tune"], ["addift"], [0], [1.0, 0.5]),
-         (SUITES["tune"], ["addift-tt", "addift-50-lr6e-3", "addift-50-lr1e-2", "addift-30-lr1e-2",
-                           "addift-selfreg10"], [0], None),
+         (SUITES["tune"], ["addift-tt", "addift-50-lr6e-3", "addift-30-lr1e-2"], [0], None),
+         (COLOUR_SCREEN, ["addift-50-lr1e-2"], [0], None),
+         (["hair", "hair-any"], ["addift-50"], [0], None),
+         (SELFREG_TASKS, ["addift-selfreg10"], [0], None),
          (COPIER_TUNE, ["copier"], [0], None)],
         "`addift`: the defaults (100 steps, lr 3e-3), also loaded at weight 0.5 (`@0.5`); `addift-tt`: the same "
-        "with TrainTrain's timestep sequence; `addift-50-lr6e-3`, `addift-50-lr1e-2`, `addift-30-lr1e-2`: fewer "
-        "steps at a higher learning rate; `addift-selfreg10`: the defaults with `self_reg_weight = 10`; "
+        "with TrainTrain's timestep sequence; `addift-50-lr6e-3`, `addift-30-lr1e-2`: fewer steps at a higher "
+        "learning rate; `addift-50-lr1e-2`, `addift-50`: 50 steps at lr 1e-2 and 3e-3, on the changes where "
+        "50 steps at 6e-3 lost; `addift-selfreg10`: the defaults with `self_reg_weight = 10`; "
         "`copier`: its defaults, on the tasks it was measured on.",
     ),
 }
 SECTIONS["suite_selfreg"] = (
     "Self-regularisation (seed 003's \"next step\"), tune tasks whose pairs leave part of the image unchanged",
-    [(["hair", "skin-rev", "glasses-rev"], ["addift"], [0], [1.0, 0.5]),
-     (["hair", "skin-rev", "glasses-rev"], ["addift-selfreg10"], [0], None)],
+    [(SELFREG_TASKS, ["addift"], [0], [1.0, 0.5]),
+     (SELFREG_TASKS, ["addift-selfreg10", "addift-tt"], [0], None),
+     (COPIER_TUNE, ["copier"], [0], None)],
     "`addift-selfreg10`: `self_reg_weight = 10` (at 1 the term changed results by a point or two); "
-    "`addift @0.5`: the plain defaults loaded at half weight, for a comparison at equal edit success.",
+    "`addift @0.5`: the plain defaults loaded at half weight, for a comparison at equal edit success; the peers "
+    "`addift-tt` (TrainTrain's timestep sequence) and `copier`.",
 )
 # cells shared with another section's folder
 CELLS_FROM = {"suite_selfreg": "suite_tune"}
