@@ -33,7 +33,7 @@ SELFREG_TASKS = ["hair", "skin-rev", "glasses-rev"]
 # name: (title, [(tasks, variants, training seeds, load weights)], text under the title)
 SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[float] | None]], str]] = {
     "suite_test": (
-        "Test subset (fixed before tuning; reported once with the defaults)",
+        "Test subset (fixed before tuning; reported once with the settings chosen on tune)",
         [(SUITES["test"], ["addift", "addift-tt"], [0, 1], None),
          (SUITES["test"], ["addift-50-lr6e-3"], [0, 1], None),
          (LOCAL_TEST, ["addift-30-lr1e-2"], [0], None),
