@@ -36,7 +36,7 @@ SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[
         "Test subset (fixed before tuning; reported once with the settings chosen on tune)",
         [(SUITES["test"], ["addift", "addift-tt"], [0, 1], None),
          (SUITES["test"], ["addift-50-lr6e-3"], [0, 1], None),
-         (LOCAL_TEST, ["addift-30-lr1e-2"], [0], None),
+         (LOCAL_TEST, ["addift-30-lr1e-2"], [0, 1], None),
          (COPIER_TEST, ["copier"], [0], None)],
         "`addift`: the defaults (100 steps, lr 3e-3); `addift-tt`: the same with TrainTrain's shipped timestep "
         "sequence (`replicate_traintrain_timesteps = true`); `addift-50-lr6e-3`: the fewer-steps setting chosen on "
