@@ -146,3 +146,47 @@ def test_max_train_epochs_sizes_the_lr_schedule_to_the_steps_that_run(tmp_path, 
     assert steps[-1].lr == pytest.approx(0.0, abs=1e-12)
     md = read_metadata_only(path)
     assert md["ss_steps"] == "8" and md["ss_max_train_steps"] == "8"
+
+
+def test_loraplus_moves_lora_up_at_ratio_times_the_learning_rate(tmp_path, tiny_sd1_dir, faces16, run_cli,
+                                                                  monkeypatch):
+    """LoRA+ (kohya's network_args loraplus_lr_ratio): one AdamW step from lora_up = 0 moves each up
+    weight by lr·ratio·g/|g| (Adam's first step), the down weights not at all (their gradient is 0 while
+    up is 0). The job key and kohya's network_args spelling train the same file."""
+    monkeypatch.chdir(tmp_path)
+    lr = 1e-3
+    base = dict(max_train_steps=1, learning_rate=lr, optimizer_args="{weight_decay = 0.0}", save_precision='"float"')
+    files = {}
+    for name, extra in {"plain": {}, "plus": {"network_args": '["loraplus_lr_ratio=16"]'},
+                        "key": {"loraplus_lr_ratio": 16}}.items():
+        job = write_job(tmp_path / f"{name}.toml", _job(tmp_path, tiny_sd1_dir, faces16, output_name=f'"{name}"',
+                                                        **base, **extra))
+        code, _, err = run_cli("train", job)
+        assert code == 0, err
+        files[name] = load_file(str(tmp_path / "out" / f"{name}.safetensors"))
+    plain, plus = files["plain"], files["plus"]
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    downs = [k for k in plain if k.endswith("lora_down.weight")]
+    top_plain = max(plain[k].abs().max().item() for k in ups)
+    top_plus = max(plus[k].abs().max().item() for k in ups)
+    assert top_plain == pytest.approx(lr, rel=1e-3) and top_plus == pytest.approx(16 * lr, rel=1e-3)
+    for k in ups:  # element by element: the same direction, 16x the step
+        torch.testing.assert_close(plus[k], 16 * plain[k], rtol=1e-4, atol=1e-9)
+    for k in downs:
+        assert torch.equal(plus[k], plain[k])
+    assert all(torch.equal(files["key"][k], plus[k]) for k in plus)
+    from difflora.network.files import read_metadata_only
+
+    assert '"loraplus_lr_ratio": "16.0"' in read_metadata_only(tmp_path / "out" / "plus.safetensors")["ss_network_args"]
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio"),
+    ({"network_args": '["loraplus_unet_lr_ratio=-2"]'}, "loraplus_unet_lr_ratio = -2: the ratio must be greater than 0"),
+    ({"network_algo": '"loha"', "loraplus_lr_ratio": 4}, "loha has none"),
+])
+def test_loraplus_bad_values_are_refused_naming_the_key(tmp_path, tiny_sd1_dir, faces16, run_cli, keys, message):
+    job = write_job(tmp_path / "job.toml", _job(tmp_path, tiny_sd1_dir, faces16, **keys))
+    code, _, err = run_cli("train", job)
+    assert code == 2 and message in err and "job.toml" in err, err
+    assert len(err.strip().splitlines()) <= 2, err

@@ -100,7 +100,8 @@ class PresetLora(Strict):
 SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
               "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
               "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
-              "network_dora", "network_module", "network_args")
+              "network_dora", "network_module", "network_args", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+              "loraplus_text_encoder_lr_ratio")
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -152,6 +153,10 @@ class JobOptions(DatasetOptions, FluxJobOptions):
     learning_rate: float = Field(1e-4, gt=0)
     unet_lr: float | None = Field(None, ge=0)
     text_encoder_lr: float | None = Field(None, ge=0)
+    # LoRA+ (kohya's network_args of the same names): lora_up weights learn at lr x ratio
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    loraplus_unet_lr_ratio: float | None = Field(None, gt=0)  # the denoiser's; default loraplus_lr_ratio
+    loraplus_text_encoder_lr_ratio: float | None = Field(None, gt=0)  # the text encoders'; default loraplus_lr_ratio
     optimizer_type: OptimizerName = "AdamW"
     optimizer_args: dict[str, Any] = {}
     lr_scheduler: SchedulerName = "constant"

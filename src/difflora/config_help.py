@@ -70,6 +70,10 @@ DESCRIPTIONS = {
     "learning_rate": "learning rate",
     "unet_lr": "learning rate of the denoiser's LoRA (default: learning_rate)",
     "text_encoder_lr": "learning rate of the text encoders' LoRA (default: learning_rate)",
+    "loraplus_lr_ratio": "LoRA+: lora_up weights learn at this multiple of their lr (kohya's network_args key; "
+                         "LoRA/LoCon/DoRA only)",
+    "loraplus_unet_lr_ratio": "LoRA+ ratio of the denoiser's LoRA (default: loraplus_lr_ratio)",
+    "loraplus_text_encoder_lr_ratio": "LoRA+ ratio of the text encoders' LoRA (default: loraplus_lr_ratio)",
     "optimizer_type": "AdamW, AdamW8bit (CUDA), Lion, Prodigy or SGD",
     "optimizer_args": "extra optimizer arguments: {weight_decay = 0.01, betas = [0.9, 0.99]}",
     "lr_scheduler": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",

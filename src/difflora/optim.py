@@ -13,9 +13,11 @@ log = logging.getLogger(__name__)
 
 def param_groups(network, job, stage_lr: float | None) -> list[dict]:
     """kohya: text-encoder LoRAs use text_encoder_lr, U-Net LoRAs unet_lr, both fall back to
-    learning_rate; a group whose lr is 0 is dropped (frozen). A stage's own lr overrides both."""
+    learning_rate; a group whose lr is 0 is dropped (frozen). A stage's own lr overrides both.
+    LoRA+ (kohya's loraplus_*_ratio): each component's `lora_up` weights form a second group at
+    lr x ratio."""
     groups = []
-    for component, params in network.parameter_groups().items():
+    for component, named in network.parameter_groups().items():
         if stage_lr is not None:
             lr = stage_lr
         elif component == "unet":
@@ -23,14 +25,26 @@ def param_groups(network, job, stage_lr: float | None) -> list[dict]:
         else:
             lr = job.text_encoder_lr if job.text_encoder_lr is not None else job.learning_rate
         if not lr:
-            for p in params:
+            for p in named.values():
                 p.requires_grad_(False)
             log.info("%s LoRA has learning rate 0: not trained", component)
             continue
-        groups.append({"params": params, "lr": lr, "name": component})
+        ratio = loraplus_ratio(job, component)
+        up = {n: p for n, p in named.items() if ratio is not None and "lora_up" in n}
+        rest = [p for n, p in named.items() if n not in up]
+        if rest:
+            groups.append({"params": rest, "lr": lr, "name": component})
+        if up:
+            groups.append({"params": list(up.values()), "lr": lr * ratio, "name": f"{component}_plus"})
     if not groups:
         raise UserError("nothing to train: every parameter group has learning rate 0")
     return groups
+
+
+def loraplus_ratio(job, component: str) -> float | None:
+    """LoRA+ ratio of a component: its own key, else loraplus_lr_ratio (kohya's fallback)."""
+    own = job.loraplus_unet_lr_ratio if component == "unet" else job.loraplus_text_encoder_lr_ratio
+    return own if own is not None else job.loraplus_lr_ratio
 
 
 def make_optimizer(name: str, groups: list[dict], args: dict, device: torch.device):

@@ -177,10 +177,12 @@ class LoRANetwork(nn.Module):
             if component is None or self.components.get(lora.lora_name) == component:
                 lora.multiplier = multiplier
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {}
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Trainable parameters by component ("unet", "text_encoder"), under their kohya names."""
+        groups: dict[str, dict[str, nn.Parameter]] = {}
         for lora in self.loras():
-            groups.setdefault(self.components.get(lora.lora_name, "unet"), []).extend(lora.parameters())
+            group = groups.setdefault(self.components.get(lora.lora_name, "unet"), {})
+            group.update({f"{lora.lora_name}.{n}": p for n, p in lora.named_parameters()})
         return groups
 
     # ---- fuse into the base weights (presets)

@@ -50,7 +50,9 @@ class RunMetadata:
             "ss_epoch": epoch, "ss_training_comment": job.training_comment,
             "ss_sd_model_name": Path(model.source).name, "ss_network_dropout": job.network_dropout,
             **network_metadata(job.adapter_options(), job.conv_dim, job.conv_alpha,
-                               {"rank_dropout": job.rank_dropout, "module_dropout": job.module_dropout}),
+                               {"rank_dropout": job.rank_dropout, "module_dropout": job.module_dropout,
+                                **{k: getattr(job, k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                                                "loraplus_text_encoder_lr_ratio")}}),
             "ss_clip_skip": job.clip_skip, "ss_learning_rate": lr, "ss_unet_lr": unet_lr,
             "ss_text_encoder_lr": te_lr, "ss_optimizer": job.optimizer_type + (
                 f"({','.join(f'{k}={v}' for k, v in job.optimizer_args.items())})" if job.optimizer_args else ""),

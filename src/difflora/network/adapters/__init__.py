@@ -94,6 +94,9 @@ _NETWORK_ARGS = {
     "dropout": ("dropout", _parse_float), "rank_dropout": ("rank_dropout", _parse_float),
     "module_dropout": ("module_dropout", _parse_float),
     "preset": ("preset", str),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", _parse_float),
+    "loraplus_unet_lr_ratio": ("loraplus_unet_lr_ratio", _parse_float),
+    "loraplus_text_encoder_lr_ratio": ("loraplus_text_encoder_lr_ratio", _parse_float),
 }
 
 
@@ -273,7 +276,10 @@ __all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MO
 _ARG_FIELDS = {"use_tucker": "network_use_tucker", "factor": "network_factor", "decompose_both": "network_decompose_both",
                "full_matrix": "network_full_matrix", "dora_wd": "network_dora", "conv_dim": "conv_dim",
                "conv_alpha": "conv_alpha", "dropout": "network_dropout", "rank_dropout": "rank_dropout",
-               "module_dropout": "module_dropout"}
+               "module_dropout": "module_dropout", "loraplus_lr_ratio": "loraplus_lr_ratio",
+               "loraplus_unet_lr_ratio": "loraplus_unet_lr_ratio",
+               "loraplus_text_encoder_lr_ratio": "loraplus_text_encoder_lr_ratio"}
+_LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 _LYCORIS_ONLY = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd")
 
 
@@ -319,6 +325,13 @@ def normalise_job_keys(job) -> dict[str, object]:
                            full_matrix=values["network_full_matrix"], dora_wd=values["network_dora"])
     values.update(network_algo=opts.algo, network_dora=opts.dora_wd,
                   network_module=LYCORIS_MODULE if opts.is_lycoris else module)
+    loraplus = {k: values[k] for k in _LORAPLUS if values[k] is not None}
+    for key, ratio in loraplus.items():
+        if ratio <= 0:
+            raise UserError(f"{key} = {ratio:g}: the ratio must be greater than 0")
+    if loraplus and opts.algo != "lora":
+        raise UserError(f"{next(iter(loraplus))}: LoRA+ scales the lr of lora_up weights, which {opts.algo} has none "
+                        "of; remove it or use network_algo = \"lora\"")
     return values
 
 
