@@ -101,3 +101,22 @@ def test_evaluate_can_leave_the_summary_files_to_its_caller(tmp_path):
     assert (tmp_path / "eval.md").read_text() == "the whole section" and not (tmp_path / "eval.json").exists()
     E.evaluate(["eyes"], ["addift"], [8], tmp_path, m=4, cached_only=True)
     assert "| addift | 8 | 1 | 0 |" in (tmp_path / "eval.md").read_text()
+
+
+def test_a_default_changed_since_the_baseline_changes_the_cell_key(tmp_path, monkeypatch):
+    """Keys hash the settings that differ from the baseline plain job (assets/eval_baseline.json), not
+    from today's defaults: a method-table default changed in the code (simulated by a baseline that
+    recorded another value) retrains its cells; a key the baseline lacks counts only off its default."""
+    cell = E.Cell("eyes", "addift", 8, m=32)
+    key, settings = cell.key(), json.loads(cell.settings())
+    assert "addift.multiplier" not in settings and settings["max_train_steps"] == 100
+    baseline = json.loads(E._BASELINE.read_text(encoding="utf-8"))
+    assert baseline["addift.multiplier"] == 0.25 and baseline["max_train_steps"] == 1600
+    moved = dict(baseline, **{"addift.multiplier": 0.3})
+    (tmp_path / "moved.json").write_text(json.dumps(moved), encoding="utf-8")
+    monkeypatch.setattr(E, "_BASELINE", tmp_path / "moved.json")
+    assert json.loads(cell.settings())["addift.multiplier"] == 0.25 and cell.key() != key
+    fewer = {k: v for k, v in baseline.items() if k != "addift.self_reg_weight"}
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer), encoding="utf-8")
+    monkeypatch.setattr(E, "_BASELINE", tmp_path / "fewer.json")
+    assert cell.key() == key

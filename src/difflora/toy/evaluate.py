@@ -100,6 +100,12 @@ VARIANTS: dict[str, Variant] = {
                                 note="50 steps, lr 1e-2"),
     "addift-30-lr1e-2": Variant({"method": "addift", "max_train_steps": 30, "learning_rate": 1e-2},
                                 note="30 steps, lr 1e-2"),
+    "addift-m0.5-50-lr4e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 4e-3,
+                                      "addift": {"multiplier": 0.5}}, note="multiplier 0.5, 50 steps, lr 4e-3"),
+    "addift-m0.5-40": Variant({"method": "addift", "max_train_steps": 40, "addift": {"multiplier": 0.5}},
+                              note="multiplier 0.5, 40 steps, lr 3e-3"),
+    "addift-lp4-40": Variant({"method": "addift", "max_train_steps": 40, "loraplus_lr_ratio": 4.0},
+                             note="LoRA+ ratio 4, 40 steps, lr 3e-3"),
     "addift-selfreg10": Variant({"method": "addift", "addift": {"self_reg_weight": 10.0}}, note="self_reg_weight 10"),
     "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
     "slider": Variant({"method": "slider"}),
@@ -306,6 +312,18 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
+_UNKEYED = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
+_BASELINE = Path(__file__).resolve().parent.parent / "assets" / "eval_baseline.json"
+
+
+def _plain_settings() -> dict:
+    """A plain job's flat settings: the baseline's values, and today's defaults for keys added since."""
+    from ..config import JobConfig
+
+    plain = _flat(JobConfig.model_validate({"train_data_dir": "."}).model_dump(mode="json"))
+    return {**plain, **json.loads(_BASELINE.read_text(encoding="utf-8"))}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One measurement: a variant trained on a task's pairs with given seeds, scored on M prompts."""
@@ -321,15 +339,14 @@ class Cell:
     weight: float | None = None  # None: the variant's weight
 
     def settings(self) -> str:
-        """The resolved training settings that differ from a plain job's (method defaults included),
-        without paths and seeds: a changed default changes them, a new option at its default does not."""
-        from ..config import JobConfig
-
+        """The resolved training settings that differ from a plain job's as of the suite's first
+        cells (`assets/eval_baseline.json`, method tables included), without paths and seeds: a
+        default changed since then changes them (so its cells are retrained), a new option at its
+        default does not."""
         job = eval_job(self.task, self.label, self.n_pairs, Path("."), None, 0, list(self.overrides))
-        plain = _flat(JobConfig.model_validate({"train_data_dir": "."}).model_dump(mode="json"))
-        skip = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
+        plain = _plain_settings()
         own = {k: v for k, v in _flat(job.model_dump(mode="json")).items()
-               if k.split(".")[0] not in skip and (k not in plain or plain[k] != v)}
+               if k.split(".")[0] not in _UNKEYED and (k not in plain or plain[k] != v)}
         return json.dumps(own, sort_keys=True, default=str)
 
     @property
