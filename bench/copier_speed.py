@@ -1,6 +1,6 @@
 """Copier ÷ ADDifT training wall time, measured back to back in one process.
 
-    python bench/copier_speed.py [--task eyes-rev] [--variants addift-30-lr1e-2 addift-50-lr6e-3 addift] [--rounds 1] [--threads 1]
+    python bench/copier_speed.py [--task eyes-rev] [--variants addift addift-30-lr1e-2 addift-100] [--rounds 1] [--threads 1]
 
 The suite's cells record each training's wall seconds, but they ran minutes or hours apart on a
 shared machine whose load moved the same 100-step ADDifT training between 29 and 154 s, so their
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="eyes-rev")
-    ap.add_argument("--variants", nargs="+", default=["addift-30-lr1e-2", "addift-50-lr6e-3", "addift"])
+    ap.add_argument("--variants", nargs="+", default=["addift", "addift-30-lr1e-2", "addift-100"])
     ap.add_argument("--copier", default="copier")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)

@@ -1,6 +1,6 @@
 """ADDifT with LoRA, LoHa, LoKr and DoRA at (about) equal parameter count on the eyes task, 8 pairs.
 
-Runs `difflora eval --task eyes --pairs 8 --method addift` once per adapter (the settings below;
+Runs `difflora eval --task eyes --pairs 8 --method addift-100` (ADDifT at 100 steps, lr 3e-3, 500-1000) once per adapter (the settings below;
 everything else ADDifT's defaults), and measures each adapter's file: trainable parameters and the
 size of the saved .safetensors (float32, kohya/LyCORIS metadata) on the embedded toy model's
 U-Net targets. Writes bench/results/eval_adapters/<adapter>/eval.json (the eval's own output),
@@ -72,7 +72,7 @@ def main() -> int:
         if not args.sizes_only:
             sets = [x for k, v in keys.items() for x in ("--set", f"{k}={json.dumps(v)}")]
             subprocess.run([sys.executable, "-m", "difflora", "eval", "--task", "eyes", "--pairs", "8", "--method",
-                            "addift", *sets, "--out", str(out)], check=True)
+                            "addift-100", *sets, "--out", str(out)], check=True)
         result = json.loads((out / "eval.json").read_text())[0]
         rows[name] = {**sizes(keys), "eval": result}
     OUT.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 Eight eval pairs of the task (difflora eval's pairs), then three datasets: as rendered
 ("aligned originals"), every "after" image shifted by (3, -2) px (border pixels extended, as a
 camera that moved between shots), and the shifted pairs registered by `prep pairs --align`. ADDifT
-at its defaults on each, scored by difflora eval's protocol (64 held-out prompts, multipliers -1, 0,
+at 100 steps, lr 3e-3, 500-1000 (eval's `addift-100`, the defaults when this was measured) on each, scored by difflora eval's protocol (64 held-out prompts, multipliers -1, 0,
 +1, the judge): edit, reverse, preservation, outside change.
 """
 
@@ -69,7 +69,7 @@ def main() -> None:
         (aligned / "pairs_report.json").unlink()
         rows = []
         for name, work in variants.items():
-            r, _ = run_one(args.task, "addift", args.pairs, work, None, args.seed, args.m, judge, model=model)
+            r, _ = run_one(args.task, "addift-100", args.pairs, work, None, args.seed, args.m, judge, model=model)
             r.method = f"addift, {name}"
             rows.append(r)
             results[name] = r.__dict__

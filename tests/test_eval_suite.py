@@ -109,7 +109,7 @@ def test_a_default_changed_since_the_baseline_changes_the_cell_key(tmp_path, mon
     recorded another value) retrains its cells; a key the baseline lacks counts only off its default."""
     cell = E.Cell("eyes", "addift", 8, m=32)
     key, settings = cell.key(), json.loads(cell.settings())
-    assert "addift.multiplier" not in settings and settings["max_train_steps"] == 100
+    assert "addift.multiplier" not in settings and settings["max_train_steps"] == 40
     baseline = json.loads(E._BASELINE.read_text(encoding="utf-8"))
     assert baseline["addift.multiplier"] == 0.25 and baseline["max_train_steps"] == 1600
     moved = dict(baseline, **{"addift.multiplier": 0.3})
@@ -120,3 +120,14 @@ def test_a_default_changed_since_the_baseline_changes_the_cell_key(tmp_path, mon
     (tmp_path / "fewer.json").write_text(json.dumps(fewer), encoding="utf-8")
     monkeypatch.setattr(E, "_BASELINE", tmp_path / "fewer.json")
     assert cell.key() == key
+
+
+def test_another_methods_table_does_not_enter_a_cell_key(monkeypatch, tmp_path):
+    """The copier's cells do not move when ADDifT's table changes (its min_timestep default did)."""
+    copier = E.Cell("eyes", "copier", 8, m=32)
+    key = copier.key()
+    assert not any(k.startswith("addift.") for k in json.loads(copier.settings()))
+    baseline = json.loads(E._BASELINE.read_text(encoding="utf-8"))
+    (tmp_path / "b.json").write_text(json.dumps(dict(baseline, **{"addift.multiplier": 0.3})), encoding="utf-8")
+    monkeypatch.setattr(E, "_BASELINE", tmp_path / "b.json")
+    assert copier.key() == key

@@ -165,7 +165,7 @@ def test_difference_mask_zeroes_the_loss_outside_the_changed_region():
 
 
 def test_addift_stratified_timesteps_cover_every_group_in_turn():
-    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x"))
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"min_timestep": 500}))
     o = job.addift
     draw = addift_timesteps(o, o.min_timestep, o.max_timestep)
     g = torch.Generator().manual_seed(0)
@@ -267,3 +267,40 @@ def test_unet_only_methods_say_so_when_the_text_encoder_is_asked_for(method, cap
     with pytest.raises(UserError, match="network_train_text_encoder_only = true leaves nothing to train"):
         make_method(apply_method_defaults(JobConfig(method=method, train_data_dir="x",
                                                     network_train_text_encoder_only=True)))
+
+
+@pytest.mark.parametrize("coverage, start", [(0.05, 500), (0.13, 500), (0.19, 500), (0.2, 700), (0.31, 700), (1.0, 700),
+                                             (None, 500)])
+def test_addift_auto_window_starts_at_700_for_a_change_over_a_fifth_of_the_image(coverage, start):
+    from difflora.methods.addift import window_start
+
+    job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x"))
+    assert job.addift.min_timestep == "auto" and (job.max_train_steps, job.learning_rate) == (40, 6e-3)
+    assert window_start(job.addift, coverage)[0] == start
+    sizes = DataSizes(4, lambda items: 1, None if coverage is None else (lambda: coverage))
+    stage = make_method(job).stages(sizes)[0]
+    t = torch.cat([stage.timesteps(s, 64, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert int(t.min()) >= start and int(t.max()) < 1000 and int(t.min()) < start + 50  # the whole window, from start
+    explicit = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"min_timestep": 300}))
+    assert window_start(explicit.addift, coverage)[0] == 300
+    narrow = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", addift={"max_timestep": 650}))
+    assert window_start(narrow.addift, coverage)[0] == 500  # 700 would leave no window
+
+
+def test_addift_auto_window_refuses_a_window_below_its_local_start():
+    with pytest.raises(Exception, match="min_timestep"):
+        JobConfig(method="addift", train_data_dir="x", addift={"max_timestep": 400})
+
+
+def test_addift_auto_window_reads_the_pairs(tmp_path):
+    """The shipped toy model: eyes pairs (the pair differs over ~8% of the latent cells) train at
+    500-1000, background pairs (~86%) at 700-1000; the file says which window ran."""
+    from difflora.network.files import read_metadata_only
+    from difflora.toy.evaluate import eval_job, write_pairs
+    from difflora.train.loop import train
+
+    for task, start in (("eyes", "500"), ("background", "700")):
+        write_pairs(tmp_path / f"pairs_{task}_4", task, 4, 0)
+        job = eval_job(task, "addift", 4, tmp_path, None, 0, ["max_train_steps=1"])
+        md = read_metadata_only(train(job))
+        assert (md["ss_min_timestep"], md["difflora_addift_timesteps"]) == (start, f"{start}-1000"), task

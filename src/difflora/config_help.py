@@ -146,7 +146,8 @@ DESCRIPTIONS = {
     "addift": "[addift]: ADDifT's options",
     "addift.multiplier": "m: the LoRA is trained at +m / -m (weight 1 at load = 1/m times the shift)",
     "addift.alt_ratio": "odd steps use -m * |alt_ratio|",
-    "addift.min_timestep": "smallest timestep of ADDifT's window",
+    "addift.min_timestep": "smallest timestep of ADDifT's window; \"auto\": 700 when the pairs differ over >= 20% of "
+                           "the image (colour, texture), else 500 (the log and the file's ss_min_timestep say which)",
     "addift.max_timestep": "largest timestep of ADDifT's window (exclusive)",
     "addift.timestep_groups": "stratify timesteps into this many groups",
     "addift.replicate_traintrain_timesteps": "TrainTrain's fixed-timestep schedule, for comparison",

@@ -25,11 +25,16 @@ Targets, written out (q(x) = noised x with the shared ε and t; f = frozen model
 
 from __future__ import annotations
 
+import logging
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 
 from ..options import Strict
 from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
+
+log = logging.getLogger(__name__)
 
 
 class AddiftOptions(Strict):
@@ -37,7 +42,9 @@ class AddiftOptions(Strict):
 
     multiplier: float = Field(0.25, gt=0)  # m: +m on even steps, -m·|alt_ratio| on odd steps
     alt_ratio: float = 1.0
-    min_timestep: int = Field(500, ge=0, le=999)
+    # "auto": 700 when the pairs differ over >= 20% of the latent cells (a global change: colour, texture),
+    # else 500 (a local one: TrainTrain's window). Measured on the quality suite (README, "Measured comparison").
+    min_timestep: int | Literal["auto"] = Field("auto")
     max_timestep: int = Field(1000, ge=1, le=1000)
     timestep_groups: int = Field(10, ge=1)  # stratified: one uniform draw from each of k groups in turn
     replicate_traintrain_timesteps: bool = False  # the shipped width-1 windows (bug B1), for comparison
@@ -55,9 +62,33 @@ class AddiftOptions(Strict):
 
     @model_validator(mode="after")
     def _range(self):
+        if self.min_timestep == "auto":
+            if self.max_timestep <= LOCAL_MIN_TIMESTEP:
+                raise ValueError(f'addift.min_timestep = "auto" needs addift.max_timestep above {LOCAL_MIN_TIMESTEP}; '
+                                 "set addift.min_timestep")
+            return self
+        if not 0 <= self.min_timestep <= 999:
+            raise ValueError("addift.min_timestep must be between 0 and 999 (or \"auto\")")
         if self.min_timestep >= self.max_timestep:
             raise ValueError("addift.min_timestep must be smaller than addift.max_timestep")
         return self
+
+
+# min_timestep = "auto": the window by how much of the image the pairs change (bench/results/selfreg_mask.md:
+# eyes, mouth, glasses 5-13% of the latent cells; hair and skin 31-32%, background 86%, style 100%).
+LOCAL_MIN_TIMESTEP, GLOBAL_MIN_TIMESTEP, GLOBAL_COVERAGE = 500, 700, 0.2
+
+
+def window_start(opts: AddiftOptions, coverage: float | None) -> tuple[int, str]:
+    """The window's first timestep and why: the option's value, or the "auto" choice from `coverage`
+    (mean share of latent cells where a pair differs; None when unknown)."""
+    if opts.min_timestep != "auto":
+        return opts.min_timestep, "addift.min_timestep"
+    if coverage is None:
+        return LOCAL_MIN_TIMESTEP, "auto: pair coverage unknown"
+    kind = "global" if coverage >= GLOBAL_COVERAGE else "local"
+    start = GLOBAL_MIN_TIMESTEP if kind == "global" and GLOBAL_MIN_TIMESTEP < opts.max_timestep else LOCAL_MIN_TIMESTEP
+    return start, f"auto: the pairs differ over {coverage:.0%} of the image, a {kind} change"
 
 
 def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
@@ -117,21 +148,23 @@ class Addift(Method):
     options = AddiftOptions
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
-    # lr 3e-3: on the toy eyes/smile tasks (8 pairs, 100 steps) 1e-3 reached 91%/88% edit success,
-    # 2e-3 100%/91%, 3e-3 100%/98% with preservation >= 98%. 100 steps: 50 at lr 6e-3 held local and
-    # style changes on the tune subset but lost 6-25 points of edit on colour changes (README,
-    # "Measured comparison"; bench/results/suite_tune).
-    defaults = {"max_train_steps": 100, "learning_rate": 3e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
+    # 40 steps at lr 6e-3 with the "auto" window: chosen on the tune subset of the quality suite, where it
+    # met as many bars as the first defaults (100 steps, lr 3e-3, 500-1000) in 2.5x fewer steps; 40 steps
+    # at 500-1000 lost colour changes, 700-1000 lost small local ones (README, "Measured comparison").
+    defaults = {"max_train_steps": 40, "learning_rate": 6e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
 
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift
+        self.t_min, why = window_start(o, data.difference_coverage() if data.difference_coverage else None)
+        log.info("ADDifT timesteps %d-%d (%s)", self.t_min, o.max_timestep, why)
         return [Stage("main", self.main_steps(data), self.spec(), addift_loss,
-                      timesteps=addift_timesteps(o, o.min_timestep, o.max_timestep), init_from_job_weights=True)]
+                      timesteps=addift_timesteps(o, self.t_min, o.max_timestep), init_from_job_weights=True)]
 
     def metadata(self) -> dict[str, str]:
         o = self.job.addift
+        t_min = getattr(self, "t_min", o.min_timestep)
         return {"ss_training_method": "addift", "difflora_addift_multiplier": str(o.multiplier),
-                "difflora_addift_timesteps": f"{o.min_timestep}-{o.max_timestep}",
+                "difflora_addift_timesteps": f"{t_min}-{o.max_timestep}",
                 # the window that ran, where kohya's readers look for it (not the job's unused 0-1000)
-                "ss_min_timestep": str(o.min_timestep), "ss_max_timestep": str(o.max_timestep)}
+                "ss_min_timestep": str(t_min), "ss_max_timestep": str(o.max_timestep)}

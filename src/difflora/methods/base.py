@@ -136,6 +136,8 @@ class DataSizes:
 
     n_items: int  # unique items (pairs, for pair methods)
     epoch_steps: Callable[[list[int] | None], int]  # optimizer steps in one epoch over these items (None: all)
+    # mean share of latent cells where a pair differs (|RGB| > 10, dilated 2 px); None without pairs
+    difference_coverage: Callable[[], float] | None = None
 
 
 class Method:

@@ -29,7 +29,7 @@ class PerPairAverage(Method):
         out, self.groups = [], []
         for i in range(data.n_items):
             group = []
-            one_pair = DataSizes(1, lambda items, i=i: data.epoch_steps([i]))
+            one_pair = DataSizes(1, lambda items, i=i: data.epoch_steps([i]), data.difference_coverage)
             for st in self.inner.stages(one_pair):
                 name = f"pair{i:03d}.{st.name}"
                 out.append(dataclasses.replace(st, name=name, items=[i], save_as=None,

@@ -89,24 +89,31 @@ class Variant:
     note: str = ""
 
 
+def _addift(steps: int, lr: float, note: str, keys: dict | None = None, **table) -> Variant:
+    """An ADDifT variant with its steps, learning rate and timestep window written out (500-1000
+    unless given), so its meaning and its cells stay put when the method's defaults move."""
+    return Variant({"method": "addift", "max_train_steps": steps, "learning_rate": lr, **(keys or {}),
+                    "addift": {"min_timestep": 500, "max_timestep": 1000, **table}}, note=note)
+
+
 VARIANTS: dict[str, Variant] = {
     "addift": Variant({"method": "addift"}, note="defaults"),
-    "addift-tt": Variant({"method": "addift", "addift": {"replicate_traintrain_timesteps": True}},
-                         note="TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)"),
-    "addift-50-lr6e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 6e-3},
-                                note="50 steps, lr 6e-3"),
-    "addift-50": Variant({"method": "addift", "max_train_steps": 50}, note="50 steps, lr 3e-3"),
-    "addift-50-lr1e-2": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 1e-2},
-                                note="50 steps, lr 1e-2"),
-    "addift-30-lr1e-2": Variant({"method": "addift", "max_train_steps": 30, "learning_rate": 1e-2},
-                                note="30 steps, lr 1e-2"),
-    "addift-m0.5-50-lr4e-3": Variant({"method": "addift", "max_train_steps": 50, "learning_rate": 4e-3,
-                                      "addift": {"multiplier": 0.5}}, note="multiplier 0.5, 50 steps, lr 4e-3"),
-    "addift-m0.5-40": Variant({"method": "addift", "max_train_steps": 40, "addift": {"multiplier": 0.5}},
-                              note="multiplier 0.5, 40 steps, lr 3e-3"),
-    "addift-lp4-40": Variant({"method": "addift", "max_train_steps": 40, "loraplus_lr_ratio": 4.0},
-                             note="LoRA+ ratio 4, 40 steps, lr 3e-3"),
-    "addift-selfreg10": Variant({"method": "addift", "addift": {"self_reg_weight": 10.0}}, note="self_reg_weight 10"),
+    # the defaults chosen first (milestone 1), kept as a row
+    "addift-100": _addift(100, 3e-3, "100 steps, lr 3e-3, timesteps 500-1000"),
+    # TrainTrain-replication: its shipped timestep sequence over its window, at the first defaults' steps and lr
+    "addift-tt": _addift(100, 3e-3, "TrainTrain's shipped timestep sequence (replicate_traintrain_timesteps)",
+                         replicate_traintrain_timesteps=True),
+    "addift-50-lr6e-3": _addift(50, 6e-3, "50 steps, lr 6e-3"),
+    "addift-50": _addift(50, 3e-3, "50 steps, lr 3e-3"),
+    "addift-50-lr1e-2": _addift(50, 1e-2, "50 steps, lr 1e-2"),
+    "addift-30-lr1e-2": _addift(30, 1e-2, "30 steps, lr 1e-2"),
+    "addift-40-t700": Variant({"method": "addift", "max_train_steps": 40, "learning_rate": 6e-3,
+                               "addift": {"min_timestep": 700, "max_timestep": 1000}},
+                              note="40 steps, lr 6e-3, timesteps 700-1000"),
+    "addift-m0.5-50-lr4e-3": _addift(50, 4e-3, "multiplier 0.5, 50 steps, lr 4e-3", multiplier=0.5),
+    "addift-m0.5-40": _addift(40, 3e-3, "multiplier 0.5, 40 steps, lr 3e-3", multiplier=0.5),
+    "addift-lp4-40": _addift(40, 3e-3, "LoRA+ ratio 4, 40 steps, lr 3e-3", {"loraplus_lr_ratio": 4.0}),
+    "addift-selfreg10": _addift(100, 3e-3, "self_reg_weight 10 (100 steps, lr 3e-3)", self_reg_weight=10.0),
     "addift-avg": Variant({"method": "addift", "per_pair_average": True}, note="one ADDifT per pair, averaged"),
     "slider": Variant({"method": "slider"}),
     "copier": Variant({"method": "copier"}),
@@ -345,8 +352,11 @@ class Cell:
         default does not."""
         job = eval_job(self.task, self.label, self.n_pairs, Path("."), None, 0, list(self.overrides))
         plain = _plain_settings()
+        from ..methods import METHODS
+
+        others = set(METHODS) - {job.method}  # another method's table does not shape this training
         own = {k: v for k, v in _flat(job.model_dump(mode="json")).items()
-               if k.split(".")[0] not in _UNKEYED and (k not in plain or plain[k] != v)}
+               if k.split(".")[0] not in _UNKEYED | others and (k not in plain or plain[k] != v)}
         return json.dumps(own, sort_keys=True, default=str)
 
     @property

@@ -12,7 +12,7 @@ import torch
 from .. import validate
 from ..config import apply_family_defaults
 from ..data.captions import process_caption
-from ..data.dataset import TrainingData
+from ..data.dataset import TrainingData, difference_mask
 from ..errors import UserError
 from ..methods import DataSizes, Method, make_method
 from ..models import load_model
@@ -54,7 +54,16 @@ class Run:
             batches = len(self.data.epoch_batches(0, self.world, allowed))
             return max(1, batches // self.job.gradient_accumulation_steps)
 
-        return DataSizes(len(unique), epoch_steps)
+        def difference_coverage() -> float:
+            def grid(it) -> tuple[int, int]:  # the latent grid (8x the VAE's downsampling when not cached)
+                d = it.latents["pixel_diff"]
+                return tuple(it.latents["x"].shape[-2:]) if "x" in it.latents else (d.shape[0] // 8, d.shape[1] // 8)
+
+            shares = [difference_mask(it.latents["pixel_diff"], grid(it), 10.0, 2).mean() for it in unique]
+            return float(torch.stack(shares).mean())
+
+        pairs = bool(unique) and all("pixel_diff" in it.latents for it in unique)
+        return DataSizes(len(unique), epoch_steps, difference_coverage if pairs else None)
 
 
 def prepare(job, resume: str | None = None) -> Run:
