@@ -115,6 +115,6 @@ def test_help_keys_lists_every_key_with_level_description_and_method_defaults(ru
             assert by_key[key] == repr(value), (method, key)
     code, out, _ = run_cli("train", "--help-keys", "--method", "addift")
     assert code == 0 and "[addift]" in out and "[copier]" not in out
-    assert any(line.split()[:2] == ["max_train_steps", "100"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["max_train_steps", "40"] for line in out.splitlines())
     code, _, err = run_cli("train", "--help-keys", "--method", "adift")
     assert code == 2 and "unknown method 'adift'" in err

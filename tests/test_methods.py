@@ -230,7 +230,7 @@ def test_copier_stage2_keeps_stage1_active_and_trains_on_after_images():
 
 def test_method_defaults_only_fill_unset_keys():
     job = apply_method_defaults(JobConfig(method="addift", train_data_dir="x", learning_rate=5e-4))
-    assert job.learning_rate == 5e-4 and job.max_train_steps == 100
+    assert job.learning_rate == 5e-4 and job.max_train_steps == 40
     assert apply_method_defaults(JobConfig(method="standard", train_data_dir="x")).max_train_steps == 1600
 
 

@@ -63,7 +63,7 @@ def test_every_job_key_is_a_field_and_the_form_round_trips(ws):
     assert job.method == "addift" and job.learning_rate == 0.002 and job.addift.multiplier == 0.5
     assert job.flip_aug is True and job.lr_scheduler == "linear" and job.network_only_if_contains == ["attn"]
     assert job.training_comment == "1e-3 is a string"
-    assert job.max_train_steps == 100 and job.network_dim == 4  # blank: ADDifT's recommended values
+    assert job.max_train_steps == 40 and job.network_dim == 4  # blank: ADDifT's recommended values
     assert job.datasets[0].subsets[0].image_dir == str(ws.root / "pairs" / "eyes")
     assert "max_train_steps" not in data and "lr_scheduler" in data
     assert J.job_to_values(specs, data, ui, ws) == values  # re-opening a job gives the same form

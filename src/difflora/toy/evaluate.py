@@ -107,6 +107,9 @@ VARIANTS: dict[str, Variant] = {
     "addift-50": _addift(50, 3e-3, "50 steps, lr 3e-3"),
     "addift-50-lr1e-2": _addift(50, 1e-2, "50 steps, lr 1e-2"),
     "addift-30-lr1e-2": _addift(30, 1e-2, "30 steps, lr 1e-2"),
+    # the defaults with TrainTrain's fixed timestep sequence inside the same window (a schedule-only comparison)
+    "addift-ttseq": Variant({"method": "addift", "addift": {"replicate_traintrain_timesteps": True}},
+                            note="the defaults with TrainTrain's timestep sequence"),
     "addift-40-t700": Variant({"method": "addift", "max_train_steps": 40, "learning_rate": 6e-3,
                                "addift": {"min_timestep": 700, "max_timestep": 1000}},
                               note="40 steps, lr 6e-3, timesteps 700-1000"),
