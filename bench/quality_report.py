@@ -36,13 +36,14 @@ SCREEN = ["style", "hair", "hair-any", "background", "skin-rev"]
 SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[float] | None]], str]] = {
     "suite_test": (
         "Test subset (fixed before tuning; reported once with the settings chosen on tune)",
-        [(SUITES["test"], ["addift", "addift-100", "addift-tt"], [0, 1], None),
+        [(SUITES["test"], ["addift", "addift-100", "addift-tt", "addift-ttseq"], [0, 1], None),
          (SUITES["test"], ["addift-40-t700", "addift-50-lr6e-3"], [0, 1], None),
          (LOCAL_TEST, ["addift-30-lr1e-2"], [0, 1], None),
          (COPIER_TEST, ["copier"], [0], None)],
         "`addift`: the defaults (40 steps, lr 6e-3, timesteps \"auto\": 700-1000 for a change over at least a fifth "
         "of the image, else 500-1000); `addift-100`: the first defaults (100 steps, lr 3e-3, 500-1000); `addift-tt`: "
         "those with TrainTrain's shipped timestep sequence (`replicate_traintrain_timesteps = true`); "
+        "`addift-ttseq`: the defaults with TrainTrain's sequence in the same window (the schedule alone); "
         "`addift-40-t700`: 40 steps, lr 6e-3 at 700-1000 on every task; `addift-50-lr6e-3`: 50 steps at lr 6e-3 "
         "(500-1000); `addift-30-lr1e-2`: 30 steps at lr 1e-2, only on the local changes; `copier`: its defaults "
         "(800 steps), on the tasks it was measured on.",
@@ -51,7 +52,8 @@ SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[
         "Tune subset (where the defaults were chosen), training seed 0",
         [(SUITES["tune"], ["addift"], [0], None),
          (SUITES["tune"], ["addift-100"], [0], [1.0, 0.5]),
-         (SUITES["tune"], ["addift-tt", "addift-40-t700", "addift-50-lr6e-3", "addift-30-lr1e-2"], [0], None),
+         (SUITES["tune"], ["addift-tt", "addift-ttseq", "addift-40-t700", "addift-50-lr6e-3", "addift-30-lr1e-2"],
+          [0], None),
          (SUITES["tune"], ["addift-m0.5-50-lr4e-3", "addift-m0.5-40"], [0], None),
          (SCREEN, ["addift-lp4-40"], [0], None),
          (COLOUR_SCREEN, ["addift-50-lr1e-2"], [0], None),
@@ -61,7 +63,8 @@ SECTIONS: dict[str, tuple[str, list[tuple[list[str], list[str], list[int], list[
          (COPIER_TUNE, ["copier"], [0], None)],
         "`addift`: the defaults (40 steps, lr 6e-3, timesteps \"auto\"); `addift-100`: the first defaults (100 steps, "
         "lr 3e-3, 500-1000), also loaded at weight 0.5 (`@0.5`); `addift-tt`: those with TrainTrain's timestep "
-        "sequence; `addift-40-t700`: 40 steps, lr 6e-3, 700-1000 on every task; `addift-50-lr6e-3`, "
+        "sequence; `addift-ttseq`: the defaults with TrainTrain's sequence; `addift-40-t700`: 40 steps, lr 6e-3, "
+        "700-1000 on every task; `addift-50-lr6e-3`, "
         "`addift-30-lr1e-2`: fewer steps at a higher learning rate (500-1000); `addift-m0.5-*`: multiplier 0.5 "
         "(weight 1 = 2x the trained shift instead of 4x); `addift-lp4-40`: LoRA+ (lora_up at 4x the lr), 40 steps; "
         "`addift-50-lr1e-2`, `addift-50`: 50 steps at lr 1e-2 and 3e-3; `addift-selfreg10`: the first defaults with "
