@@ -19,8 +19,11 @@ Targets, written out (q(x) = noised x with the shared ε and t; f = frozen model
 - epsilon / v models: f_{+m}(q(after)) → f(q(before)) in the model's own output space;
 - flow matching (FLUX): q(x) = (1-σ)x + σε with t = σ·1000, and the outputs are velocities:
   v_{+m}((1-σ)·after + σε) → v((1-σ)·before + σε), odd steps the other way at -m. The window
-  [min_timestep, max_timestep) is σ·1000 (default σ ∈ [0.5, 1)); model_prediction_type does not apply
-  (both sides are raw velocities of one model).
+  [min_timestep, max_timestep) is σ·1000 (default: σ ∈ [0.5, 1), or [0.7, 1) for a global change);
+  model_prediction_type does not apply (both sides are raw velocities of one model).
+
+Window: `min_timestep = "auto"` (the default) starts it at 700 when the pairs differ over at least a
+fifth of the latent cells (colour, texture), else at 500; chosen on the quality suite's tune subset.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class AddiftOptions(Strict):
-    """`[addift]`. Defaults follow TrainTrain's Action preset (see the module docstring and README)."""
+    """`[addift]`. Defaults follow TrainTrain's Action preset (m 0.25, 500-1000 for a local change) but for
+    the "auto" window (see the module docstring and README)."""
 
     multiplier: float = Field(0.25, gt=0)  # m: +m on even steps, -m·|alt_ratio| on odd steps
     alt_ratio: float = 1.0

@@ -55,7 +55,7 @@ class Run:
             return max(1, batches // self.job.gradient_accumulation_steps)
 
         def difference_coverage() -> float:
-            def grid(it) -> tuple[int, int]:  # the latent grid (8x the VAE's downsampling when not cached)
+            def grid(it) -> tuple[int, int]:  # the latent grid; uncached latents: the pixels / 8 (the VAE's stride)
                 d = it.latents["pixel_diff"]
                 return tuple(it.latents["x"].shape[-2:]) if "x" in it.latents else (d.shape[0] // 8, d.shape[1] // 8)
 
