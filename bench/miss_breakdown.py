@@ -43,8 +43,9 @@ def main() -> int:
     seen: dict[str, Counter] = {a: Counter() for a in others}
     hits: dict[str, Counter] = {a: Counter() for a in others}
     pairs_make_up: dict[str, Counter] = {a: Counter() for a in others}
+    seeds = [int(s) for s in args.train_seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="difflora-miss-") as tmp:
-        for seed in [int(s) for s in args.train_seeds.split(",")]:
+        for seed in seeds:
             lora, _, _ = train_one(args.task, args.method, 8, Path(tmp) / f"t{seed}", None, seed, pair_seed=0)
             _, images = score(model, lora, args.task, 32, 0, judge)
             for z, p in zip(judge.predict(images["0"]), judge.predict(images["+1"])):
@@ -52,7 +53,7 @@ def main() -> int:
                     for a in others:
                         seen[a][z[a]] += 1
                         hits[a][z[a]] += p[task.attribute] == task.after
-        for caption in sorted((Path(tmp) / "t0" / f"pairs_{args.task}_8").glob("[0-9][0-9][0-9].txt")):
+        for caption in sorted((Path(tmp) / f"t{seeds[0]}" / f"pairs_{args.task}_8").glob("[0-9][0-9][0-9].txt")):
             attrs = faces.parse_caption(caption.read_text(encoding="utf-8"))
             for a in others:
                 if a in attrs:

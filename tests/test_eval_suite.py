@@ -131,3 +131,14 @@ def test_another_methods_table_does_not_enter_a_cell_key(monkeypatch, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(dict(baseline, **{"addift.multiplier": 0.3})), encoding="utf-8")
     monkeypatch.setattr(E, "_BASELINE", tmp_path / "b.json")
     assert copier.key() == key
+
+
+def test_the_auto_window_rule_is_part_of_a_cell_key(monkeypatch):
+    """Retuning the "auto" window's constants retrains the default's cells."""
+    from difflora.methods import addift
+
+    cell = E.Cell("eyes", "addift", 8, m=32)
+    key = cell.key()
+    monkeypatch.setattr(addift, "GLOBAL_MIN_TIMESTEP", 650)
+    assert cell.key() != key
+    assert E.Cell("eyes", "addift-100", 8, m=32).key().endswith("0e972bf3")  # a pinned window: unchanged

@@ -299,8 +299,10 @@ def test_addift_auto_window_reads_the_pairs(tmp_path):
     from difflora.toy.evaluate import eval_job, write_pairs
     from difflora.train.loop import train
 
-    for task, start in (("eyes", "500"), ("background", "700")):
-        write_pairs(tmp_path / f"pairs_{task}_4", task, 4, 0)
-        job = eval_job(task, "addift", 4, tmp_path, None, 0, ["max_train_steps=1"])
-        md = read_metadata_only(train(job))
-        assert (md["ss_min_timestep"], md["difflora_addift_timesteps"]) == (start, f"{start}-1000"), task
+    for task, start, cached in (("eyes", "500", "true"), ("eyes", "500", "false"), ("glasses", "500", "false"),
+                                ("background", "700", "true")):
+        if not (tmp_path / f"pairs_{task}_4").exists():
+            write_pairs(tmp_path / f"pairs_{task}_4", task, 4, 0)
+        job = eval_job(task, "addift", 4, tmp_path, None, 0, ["max_train_steps=1", f"cache_latents={cached}"])
+        md = read_metadata_only(train(job))  # uncached: the same latent grid (the model's VAE stride)
+        assert (md["ss_min_timestep"], md["difflora_addift_timesteps"]) == (start, f"{start}-1000"), (task, cached)

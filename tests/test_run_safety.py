@@ -173,3 +173,17 @@ def test_resume_with_another_network_dim_is_refused_naming_it(tmp_path, tiny_sd1
     assert {p.name: p.read_bytes() for p in (out / "r-state").iterdir()} == before
     code, _, err = run_cli("train", job, "--resume")  # the job it was made with continues
     assert code == 0, err
+
+
+def test_resume_past_the_end_of_a_shorter_job_is_refused(tmp_path, tiny_sd1_dir, faces16, run_cli):
+    """A state saved at step 4 resumed by a job of 2 steps (a shorter default since, or a typo) stops with
+    one line instead of saving a LoRA that claims 2 steps."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.toml", _job(tiny_sd1_dir, faces16, out, max_train_steps=4))
+    code, _, err = run_cli("train", job, "--set", "save_state=true")
+    assert code == 0, err
+    lora = next(out.glob("*.safetensors")).read_bytes()
+    code, _, err = run_cli("train", job, "--resume", "--set", "max_train_steps=2")
+    line = _one_line(err)
+    assert code == 2 and "r-state" in line and "state is at step 4" in line and "for 2 steps" in line, err
+    assert next(out.glob("*.safetensors")).read_bytes() == lora

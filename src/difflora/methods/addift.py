@@ -90,9 +90,12 @@ def window_start(opts: AddiftOptions, coverage: float | None) -> tuple[int, str]
         return opts.min_timestep, "addift.min_timestep"
     if coverage is None:
         return LOCAL_MIN_TIMESTEP, "auto: pair coverage unknown"
-    kind = "global" if coverage >= GLOBAL_COVERAGE else "local"
-    start = GLOBAL_MIN_TIMESTEP if kind == "global" and GLOBAL_MIN_TIMESTEP < opts.max_timestep else LOCAL_MIN_TIMESTEP
-    return start, f"auto: the pairs differ over {coverage:.0%} of the image, a {kind} change"
+    why = f"auto: the pairs differ over {coverage:.0%} of the image, a {'global' if coverage >= GLOBAL_COVERAGE else 'local'} change"
+    if coverage < GLOBAL_COVERAGE:
+        return LOCAL_MIN_TIMESTEP, why
+    if GLOBAL_MIN_TIMESTEP >= opts.max_timestep:
+        return LOCAL_MIN_TIMESTEP, f"{why}, but addift.max_timestep leaves no room above {GLOBAL_MIN_TIMESTEP}"
+    return GLOBAL_MIN_TIMESTEP, why
 
 
 def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
@@ -160,8 +163,10 @@ class Addift(Method):
 
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift
-        self.t_min, why = window_start(o, data.difference_coverage() if data.difference_coverage else None)
-        log.info("ADDifT timesteps %d-%d (%s)", self.t_min, o.max_timestep, why)
+        t_min, why = window_start(o, data.difference_coverage() if data.difference_coverage else None)
+        if getattr(self, "t_min", None) != t_min:  # once, not once per pair of a per-pair average
+            log.info("ADDifT timesteps %d-%d (%s)", t_min, o.max_timestep, why)
+        self.t_min = t_min
         return [Stage("main", self.main_steps(data), self.spec(), addift_loss,
                       timesteps=addift_timesteps(o, self.t_min, o.max_timestep), init_from_job_weights=True)]
 

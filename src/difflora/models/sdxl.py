@@ -76,10 +76,11 @@ MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's ModelSpec value for SDXL LoRAs
 
 # Recommended values per method on SDXL, for keys the job leaves unset (models/registry.method_defaults).
-# ADDifT: TrainTrain's ADDifT_Action_XL preset (rank 4, alpha 1, lr 2e-4, timesteps 500-1000, m 0.25);
-# not measured here (no SDXL weights offline). Its SD1.5 preset differs only in lr (1e-4).
+# ADDifT: TrainTrain's ADDifT_Action_XL preset (rank 4, alpha 1, lr 2e-4, timesteps 500-1000, m 0.25) at
+# 100 steps (the preset's 30 are with CAME at batch 1); not measured here (no SDXL weights offline), so the
+# toy world's 40 steps at lr 6e-3 and "auto" window are not carried over. Its SD1.5 preset differs only in lr.
 METHOD_DEFAULTS = {
-    "addift": {"learning_rate": 2e-4, "network_dim": 4, "network_alpha": 1.0,
+    "addift": {"max_train_steps": 100, "learning_rate": 2e-4, "network_dim": 4, "network_alpha": 1.0,
                "addift": {"min_timestep": 500, "max_timestep": 1000, "multiplier": 0.25}},
 }
 

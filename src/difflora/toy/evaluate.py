@@ -360,6 +360,10 @@ class Cell:
         others = set(METHODS) - {job.method}  # another method's table does not shape this training
         own = {k: v for k, v in _flat(job.model_dump(mode="json")).items()
                if k.split(".")[0] not in _UNKEYED | others and (k not in plain or plain[k] != v)}
+        if own.get("addift.min_timestep") == "auto":  # the rule's constants shape the training too
+            from ..methods.addift import GLOBAL_COVERAGE, GLOBAL_MIN_TIMESTEP, LOCAL_MIN_TIMESTEP
+
+            own["addift.min_timestep"] = f"auto {LOCAL_MIN_TIMESTEP}/{GLOBAL_MIN_TIMESTEP} at {GLOBAL_COVERAGE:g}"
         return json.dumps(own, sort_keys=True, default=str)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,11 @@ class Run:
             batches = len(self.data.epoch_batches(0, self.world, allowed))
             return max(1, batches // self.job.gradient_accumulation_steps)
 
+        @functools.cache  # per-pair averaging asks once per pair
         def difference_coverage() -> float:
-            def grid(it) -> tuple[int, int]:  # the latent grid; uncached latents: the pixels / 8 (the VAE's stride)
-                d = it.latents["pixel_diff"]
-                return tuple(it.latents["x"].shape[-2:]) if "x" in it.latents else (d.shape[0] // 8, d.shape[1] // 8)
+            def grid(it) -> tuple[int, int]:  # the latent grid (uncached latents: the pixels over the VAE's stride)
+                h, w = it.latents["pixel_diff"].shape
+                return (h // self.model.latent_downscale, w // self.model.latent_downscale)
 
             shares = [difference_mask(it.latents["pixel_diff"], grid(it), 10.0, 2).mean() for it in unique]
             return float(torch.stack(shares).mean())

@@ -98,6 +98,11 @@ class StageRunner:
     def _train(self, sp: StageProgress) -> None:
         stage, main = sp.stage, self.run.is_main
         start = int(self.state["step"]) if self.state is not None else 0
+        if start > stage.steps:  # e.g. a state saved under a longer default, resumed after it changed
+            raise UserError(f"cannot resume: the state is at step {start} of stage {stage.name}, but this job trains "
+                            f"it for {stage.steps} steps", path=self.run.resume,
+                            hint="set max_train_steps to the length the state was made with, or start again without "
+                                 "--resume")
         if main and self.schedule.sample_before_training(sp.index, start):
             self.samples.write([sp.network], 0)
         self.events.emit(StageStarted(stage=stage.name, index=sp.index, stages=len(self.stages), steps=stage.steps,
