@@ -290,6 +290,9 @@ def test_addift_auto_window_starts_at_700_for_a_change_over_a_fifth_of_the_image
 def test_addift_auto_window_refuses_a_window_below_its_local_start():
     with pytest.raises(Exception, match="min_timestep"):
         JobConfig(method="addift", train_data_dir="x", addift={"max_timestep": 400})
+    with pytest.raises(Exception, match='a timestep \\(0-999\\) or "auto", got \'foo\''):
+        JobConfig(method="addift", train_data_dir="x", addift={"min_timestep": "foo"})
+    assert JobConfig(method="addift", train_data_dir="x", addift={"min_timestep": "700"}).addift.min_timestep == 700
 
 
 def test_addift_auto_window_reads_the_pairs(tmp_path):

@@ -32,7 +32,7 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..options import Strict
 from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
@@ -63,6 +63,13 @@ class AddiftOptions(Strict):
     # (bench/selfreg_mask.py), so its measured effect is small (README, "Measured comparison").
     self_reg_weight: float = Field(0.0, ge=0)
     batch_both_directions: bool = False  # run +m and -m in one forward pass (per-sample multipliers)
+
+    @field_validator("min_timestep", mode="before")
+    @classmethod
+    def _auto_or_int(cls, v):
+        if isinstance(v, str) and v != "auto" and not v.strip().lstrip("-").isdigit():
+            raise ValueError(f'addift.min_timestep must be a timestep (0-999) or "auto", got {v!r}')
+        return v
 
     @model_validator(mode="after")
     def _range(self):
@@ -155,6 +162,7 @@ class Addift(Method):
     options = AddiftOptions
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
+    t_min: int | None = None  # the window's start that ran (set by stages())
     # 40 steps at lr 6e-3 with the "auto" window: chosen on the tune subset of the quality suite, where it
     # met as many bars as the first defaults (100 steps, lr 3e-3, 500-1000) in 2.5x fewer steps; 40 steps
     # at 500-1000 lost colour changes, 700-1000 lost small local ones (README, "Measured comparison").
@@ -164,7 +172,7 @@ class Addift(Method):
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift
         t_min, why = window_start(o, data.difference_coverage() if data.difference_coverage else None)
-        if getattr(self, "t_min", None) != t_min:  # once, not once per pair of a per-pair average
+        if self.t_min != t_min:  # once, not once per pair of a per-pair average
             log.info("ADDifT timesteps %d-%d (%s)", t_min, o.max_timestep, why)
         self.t_min = t_min
         return [Stage("main", self.main_steps(data), self.spec(), addift_loss,
@@ -172,7 +180,7 @@ class Addift(Method):
 
     def metadata(self) -> dict[str, str]:
         o = self.job.addift
-        t_min = getattr(self, "t_min", o.min_timestep)
+        t_min = self.t_min if self.t_min is not None else o.min_timestep
         return {"ss_training_method": "addift", "difflora_addift_multiplier": str(o.multiplier),
                 "difflora_addift_timesteps": f"{t_min}-{o.max_timestep}",
                 # the window that ran, where kohya's readers look for it (not the job's unused 0-1000)
