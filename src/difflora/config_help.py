@@ -170,3 +170,8 @@ DESCRIPTIONS = {
     "differential.save_parts": "also save A and B",
     "differential.captions": "common (tags both captions share) or own",
 }
+
+
+def describe(key: str, field) -> str:
+    """The one line of `train --help-keys` for a key ("<method>.<key>" in a method table) and its schema field."""
+    return field.description or DESCRIPTIONS.get(key, "")

@@ -29,14 +29,11 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
     from pydantic import BaseModel
 
     from ..config import JobConfig, SubsetConfig
-    from ..config_help import DESCRIPTIONS
+    from ..config_help import describe
     from ..methods import METHODS
 
     defaults = dict(METHODS[method].defaults) if method else {}
     rows: list[tuple[str, str, str, str]] = []
-
-    def describe(key: str, field) -> str:
-        return field.description or DESCRIPTIONS.get(key, "")
 
     def show(value) -> str:
         return "(unset)" if value is None else repr(value)

@@ -65,6 +65,9 @@ def build(ctx: Context):
                 runs_page = runs.build(ctx)
         train.connect(ctx, train_page, live_page, tabs)
         runs.connect(ctx, runs_page, train_page, live_page, tabs)
+        # every page reads the registry when it is opened, not when the app was built
+        demo.load(live_page.on_load, None, live_page.pick)
+        demo.load(runs_page.on_load, None, [runs_page.table, runs_page.pick])
     return demo
 
 
