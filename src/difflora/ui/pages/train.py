@@ -205,7 +205,9 @@ def build(ctx) -> TrainPage:
         return [*out.values(), f"**{prefix}:** {problems[0]}"]
 
     page_report = report
-    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden")
+    # a method change updates many fields at once: one check for the last of them, not one per field
+    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden",
+          trigger_mode="always_last", concurrency_limit=1)
     page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status],
                      page_report)
 
