@@ -19,7 +19,7 @@ from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_mode
 from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
-from .models.registry import family_names, option_tables
+from .models.registry import family_names, family_path_keys, option_tables
 from .network.adapters import adapter_options_of, normalise_job_keys
 from .options import Strict
 
@@ -372,7 +372,7 @@ def read_toml(path: Path) -> tuple[dict, str]:
 
 
 _PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-              "logging_dir", "sample_prompts", "validation_data_dir")
+              "logging_dir", "sample_prompts", "validation_data_dir", *family_path_keys())
 
 
 def _resolve(base: Path, value: str | None) -> str | None:

@@ -27,9 +27,11 @@ class NoOptions(Strict):
 class FamilyPlugin(ABC):
     names: tuple[str, ...]  # the model_family values this family loads ("sd1", "sd2")
     title: str  # what users call it, for messages ("Stable Diffusion 1.x / 2.x")
-    # The family's own job keys, top-level in the job TOML under kohya's / musubi's names. The job schema
-    # holds every family's table; a key of another family set in a job is refused with one line.
+    # The family's job keys, top-level in the job TOML under kohya's / musubi's names; keys several families
+    # honour come from the tables of models/shared_options.py. The job schema holds every family's table; a
+    # key no table of the loaded family declares, set to another value than its default, is refused.
     options: type[Strict] = NoOptions
+    path_keys: tuple[str, ...] = ()  # keys of `options` naming files or folders (resolved against the job's folder)
     # Recommended values per method for keys a job leaves unset: {"addift": {"max_train_steps": 100, ...}};
     # a method table's keys go in a nested dict under the method's name.
     method_defaults: dict[str, dict[str, Any]] = {}

@@ -29,7 +29,17 @@ def register_family(module_path: str) -> None:
     taken = set(family_names()) & set(plugin.names)
     if taken:
         raise ValueError(f"{module_path}: model_family {', '.join(sorted(taken))} is already registered")
+    for other in FAMILIES:
+        for key in set(plugin.options.model_fields) & set(other.options.model_fields):
+            if _definition(plugin.options, key) != _definition(other.options, key):
+                raise ValueError(f"{module_path}: job key {key} differs from {other.title}'s; one key means one "
+                                 "thing (declare it once, in a table of models/shared_options.py both include)")
     FAMILIES.append(plugin)
+
+
+def _definition(table: type[Strict], key: str) -> tuple:
+    field = table.model_fields[key]
+    return field.annotation, field.default, tuple(map(repr, field.metadata))
 
 
 def family_names() -> tuple[str, ...]:
@@ -61,6 +71,11 @@ def option_tables() -> list[tuple[FamilyPlugin, type[Strict]]]:
 
 def family_keys() -> set[str]:
     return {k for _, table in option_tables() for k in table.model_fields}
+
+
+def family_path_keys() -> tuple[str, ...]:
+    """Family keys naming files or folders (resolved against the job file's folder like the others)."""
+    return tuple(dict.fromkeys(k for p in FAMILIES for k in p.path_keys))
 
 
 def family_options_of(job) -> dict[str, Any]:
