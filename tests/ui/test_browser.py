@@ -368,3 +368,13 @@ def test_start_refuses_a_missing_folder_and_an_identical_pair_at_once(page, serv
     page.wait_for_function("() => document.querySelector('#g-copier-options') && "
                            "document.querySelector('#g-copier-options').offsetParent !== null", timeout=30_000)
     assert not page.locator("#g-addift-options").is_visible()
+    # the family selector: FLUX's own keys while the family is detected or chosen, none for SD 1
+    assert page.locator("#g-FLUX-1-models").is_visible()
+    choose(page, "f-model_family", "sd1")
+    page.wait_for_function("() => document.querySelector('#g-FLUX-1-models') === null || "
+                           "document.querySelector('#g-FLUX-1-models').offsetParent === null", timeout=30_000)
+    choose(page, "f-model_family", "flux")
+    page.wait_for_function("() => document.querySelector('#g-FLUX-1-models') && "
+                           "document.querySelector('#g-FLUX-1-models').offsetParent !== null", timeout=30_000)
+    assert "t5xxl" in page.locator("#g-FLUX-1-models").inner_text()
+    page.screenshot(path=str(screenshots / "train_flux.png"), full_page=True)

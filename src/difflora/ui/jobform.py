@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from ..config import JobConfig, apply_overrides
 from ..errors import UserError
+from ..models.registry import family_path_keys
 
 # (group, keys shown open, everything else of the group is folded). README's grouping.
 GROUPS: list[tuple[str, list[str], list[str]]] = [
@@ -28,7 +29,7 @@ GROUPS: list[tuple[str, list[str], list[str]]] = [
       "caption_tag_dropout_rate", "flip_aug", "class_tokens", "is_reg", "enable_bucket", "min_bucket_reso",
       "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "train_data_dir", "reg_data_dir",
       "dataset_config", "cache_latents", "cache_latents_to_disk", "skip_bad_images"]),
-    ("Model", ["model"], ["model_family", "v_parameterization", "clip_skip", "allow_pickle", "preset_loras",
+    ("Model", ["model", "model_family"], ["v_parameterization", "clip_skip", "allow_pickle", "preset_loras",
                           "sample_without_presets"]),
     ("Method", ["method"], ["per_pair_average", "average_rank", "diff_mask_threshold", "diff_mask_dilate"]),
     ("Network", ["network_dim", "network_alpha"],
@@ -68,7 +69,7 @@ PLAUSIBLE = [
     ("train_batch_size", 1, 64, "larger batches rarely fit in memory"),
 ]
 PATH_KEYS = {"model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-             "logging_dir", "sample_prompts", "image_dir", "after_dir"}
+             "logging_dir", "sample_prompts", "image_dir", "after_dir", *family_path_keys()}
 SKIPPED = {"general", "datasets"}  # the pair folder fields and the top-level dataset keys stand for them
 
 METHOD_PURPOSE = {
@@ -138,6 +139,29 @@ def method_defaults(method: str) -> dict:
     return dict(getattr(cls, "defaults", {}) or {})
 
 
+def family_groups() -> dict[str, str]:
+    """Each model family's job key -> its form group, named after the families that honour the key."""
+    from ..models.registry import option_tables
+
+    owners: dict[str, list[str]] = {}
+    for plugin, table in option_tables():
+        for key in table.model_fields:
+            owners.setdefault(key, []).append(plugin.title)
+    return {key: f"{' / '.join(titles)} models" for key, titles in owners.items()}
+
+
+def family_group_names() -> dict[str, set[str]]:
+    """Each family form group -> the model_family values whose plug-in honours its keys."""
+    from ..models.registry import option_tables
+
+    names: dict[str, set[str]] = {}
+    groups = family_groups()
+    for plugin, table in option_tables():
+        for key in table.model_fields:
+            names.setdefault(groups[key], set()).update(plugin.names)
+    return names
+
+
 def build_fields() -> list[FieldSpec]:
     """One FieldSpec per job key, in group order (unknown keys land in a folded 'Other' group)."""
     from ..config import SubsetConfig
@@ -148,6 +172,7 @@ def build_fields() -> list[FieldSpec]:
             placed[k] = (group, False)
         for k in advanced:
             placed.setdefault(k, (group, True))
+    families = family_groups()
     nested = _nested_models()
     specs: list[FieldSpec] = []
     for key in SUBSET_KEYS:
@@ -163,9 +188,12 @@ def build_fields() -> list[FieldSpec]:
             for sub, sf in nested[name].model_fields.items():
                 specs.append(_spec(f"{name}.{sub}", sf, sf.default, f"{name} options", True))
             continue
-        group, advanced = placed.get(name, ("Other", True))
+        group, advanced = placed.get(name, (families[name], True) if name in families else ("Other", True))
         specs.append(_spec(name, f, f.default, group, advanced))
     order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
+    model_at = order["Model"]
+    family_names = list(dict.fromkeys(families.values()))
+    order.update({g: model_at + (i + 1) / 100 for i, g in enumerate(family_names)})  # right after Model
     method_at = order["Method"]
     order.update({f"{n} options": method_at + (i + 1) / 100 for i, n in enumerate(nested)})  # right after Method
     order["Other"] = len(order) + 1

@@ -9,6 +9,7 @@ can be imported into the form.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -52,6 +53,11 @@ def _component(gr, spec: J.FieldSpec):
         placeholder = "runs/<run>/output"
     return gr.Textbox(label=spec.label, value="", placeholder=placeholder, info=info, lines=1, max_lines=4,
                       elem_id=elem_id)
+
+
+def group_id(group: str) -> str:
+    """A form group's name as an element id: 'addift options' -> 'addift-options', 'FLUX.1 models' -> 'FLUX-1-models'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", group).strip("-")
 
 
 def presets_dir(ctx):
@@ -151,14 +157,18 @@ def build(ctx) -> TrainPage:
         groups.setdefault(s.group, []).append(s)
     by_key = {}
     method_groups = {}  # method -> the accordion of its option table
+    family_groups = {}  # a family's option group -> (its accordion, the model_family values it serves)
+    served = J.family_group_names()
     for group, members in groups.items():
         nested = group.endswith(" options")
         method_of_group = group[:-len(" options")] if nested else None
-        with gr.Accordion(group, open=not nested, elem_id="g-" + group.replace(" ", "-"),
+        with gr.Accordion(group, open=not nested and group not in served, elem_id="g-" + group_id(group),
                           visible=method_of_group in (None, DEFAULT_METHOD)) as accordion:
             if method_of_group in J.methods():
                 method_groups[method_of_group] = accordion
-            errors[group] = gr.Markdown(elem_id="err-" + group.replace(" ", "-"), elem_classes=["field-error"])
+            if group in served:
+                family_groups[group] = (accordion, served[group])
+            errors[group] = gr.Markdown(elem_id="err-" + group_id(group), elem_classes=["field-error"])
             basic = [s for s in members if not s.advanced or nested]
             advanced = [s for s in members if s.advanced and not nested]
             with gr.Row():
@@ -228,6 +238,11 @@ def build(ctx) -> TrainPage:
     method_field.change(on_method, method_field, [by_key[k] for k in affected])
     method_field.change(lambda m: [gr.update(visible=m == name) for name in method_groups], method_field,
                         list(method_groups.values()))
+    # the family selector: a family's own keys show when it is chosen (all of them while it is detected)
+    by_key["model_family"].change(
+        lambda family: [gr.update(visible=not family or family in names, open=bool(family))
+                        for _, names in family_groups.values()],
+        by_key["model_family"], [accordion for accordion, _ in family_groups.values()])
 
     def on_preset_save(name, *values):
         try:
