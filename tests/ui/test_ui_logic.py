@@ -338,3 +338,55 @@ def test_the_toy_demo_job_spends_at_most_a_quarter_of_its_time_sampling(ws):
     total = seen[-1]["time"] - seen[0]["time"]
     print(f"\nsampling {sampling:.1f} s of {total:.1f} s ({sampling / total:.0%})")
     assert sampling / total <= 0.25
+
+
+def write_lora(path, rank: int = 4, seed: int = 0):
+    """A small kohya LoRA file (two linear modules) and a training state's tensors beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("lora_unet_a_proj", "lora_unet_b_proj"):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, 8, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(8, rank, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    state = path.parent / f"{path.stem}-state"
+    state.mkdir(exist_ok=True)
+    save_file({"optimizer.exp_avg.0": torch.zeros(3)}, str(state / "state.safetensors"))
+
+
+def test_tools_pick_loras_by_run_guard_outputs_and_say_what_they_wrote(ws):
+    from difflora.ui.pages.tools import file_rank, notes_after, refuse_overwrite, tool_argv
+    from difflora.ui.pickers import lora_choices, model_choices
+    from difflora.ui.subcommand import run_cli
+
+    ctx = page_context(ws)
+    write_lora(ws.root / "runs" / "20260101-a" / "output" / "eyes.safetensors")
+    write_lora(ws.root / "runs" / "20260102-b" / "output" / "smile.safetensors", seed=1)
+    write_lora(ws.root / "loras" / "mine.safetensors", seed=2)
+    assert lora_choices(ws) == [("smile · run 20260102-b", "runs/20260102-b/output/smile.safetensors"),
+                                ("eyes · run 20260101-a", "runs/20260101-a/output/eyes.safetensors"),
+                                ("loras/mine.safetensors", "loras/mine.safetensors")]  # no training state
+    assert model_choices(ws) == [("the embedded toy model", "")]
+
+    eyes = "runs/20260101-a/output/eyes.safetensors"
+    assert file_rank(ctx, eyes) == 4
+    f = {"lora": eyes, "new_rank": 8, "dynamic": "", "param": 0.9, "save_to": "tools/resized.safetensors"}
+    run_cli(tool_argv(ctx, "resize", f), ws.root)
+    assert notes_after(ctx, "resize", f, 4) == [
+        "the file's rank is 4: asking for 8 wrote rank 4 (a resize never adds rank)"]
+    assert file_rank(ctx, "tools/resized.safetensors") == 4
+    assert notes_after(ctx, "resize", dict(f, new_rank=2), 4) == []
+    with pytest.raises(UserError, match="tools/resized.safetensors exists; tick 'overwrite'"):
+        refuse_overwrite(ctx, "tools/resized.safetensors", False)
+    refuse_overwrite(ctx, "tools/resized.safetensors", True)
+
+    f = {"loras": [eyes, eyes], "ratios": "1 -1", "model": "", "mode": "exact", "save_to": "tools/zero.safetensors"}
+    run_cli(tool_argv(ctx, "merge", f), ws.root)
+    assert notes_after(ctx, "merge", f, None) == ["the merged LoRA is zero everywhere: the inputs cancel at these ratios"]
+    f = dict(f, ratios="1 0.5", save_to="tools/sum.safetensors")
+    run_cli(tool_argv(ctx, "merge", f), ws.root)
+    assert notes_after(ctx, "merge", f, None) == []
