@@ -61,11 +61,6 @@ DESCRIPTIONS = {
     "network_module": "kohya's network module: networks.lora, or lycoris.kohya for LoHa/LoKr/DoRA (with network_args)",
     "network_args": "kohya/LyCORIS network_args strings: algo=, conv_dim=, conv_alpha=, factor=, dora_wd=, use_tucker=, ...",
     "network_algo": "adapter algorithm: lora (LoCon with conv_dim), loha, lokr, dora",
-    "network_use_tucker": "3x3 convs with a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)",
-    "network_factor": "LoKr Kronecker factor (-1: most square split)",
-    "network_decompose_both": "LoKr: the small Kronecker factor low-rank too",
-    "network_full_matrix": "LoKr: both Kronecker factors full matrices (scale 1)",
-    "network_dora": "DoRA weight decomposition on lora, loha or lokr (LyCORIS dora_wd)",
     # optimisation
     "learning_rate": "learning rate",
     "unet_lr": "learning rate of the denoiser's LoRA (default: learning_rate)",

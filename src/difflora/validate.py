@@ -51,7 +51,7 @@ def image_size(value: int | None, option: str, path=None) -> int | None:
 
 
 def sampler(name: str, option: str = "--sampler", path=None) -> str:
-    from .models.sd.model import SCHEDULERS
+    from .models.samplers import SCHEDULERS
 
     if name.lower() not in SCHEDULERS:
         raise UserError(f"{option}: unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}", path=path)
@@ -182,7 +182,7 @@ def clip_skip(model, value: int | None, option: str = "--clip-skip", path=None) 
     if value is None:
         return
     at_least(value, 1, option, path)
-    for name, encoder in getattr(model, "text_encoders", {}).items():
+    for name, encoder in model.text_encoders.items():
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if layers is not None and value > layers:
             raise UserError(f"{option} {value} is beyond the {layers} layers of the model's {name}", path=path,
