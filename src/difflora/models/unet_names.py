@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-SD_NAMES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
-SDXL_NAMES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
+SD_NAMES = ("lora_te_text_model_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
+SDXL_NAMES = ("lora_te1_text_model_", "lora_te2_text_model_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
               "lora_unet_middle_block_")
 # kxk convs whose LyCORIS factors flatten the kernel
 KXK_SUFFIXES = ("_conv", "_conv1", "_conv2", "_conv_in", "_conv_out", "_in_layers_2", "_out_layers_3", "_op")

@@ -355,11 +355,11 @@ class FluxModel(ModelFamily):
         img = self.decode_latents(lat).float().clamp(-1, 1)
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
-    @torch.no_grad()
     def sample_timesteps(self, n, generator, latent_hw, window):
         """kohya's timestep_sampling (flow_matching.py); the job's min/max_timestep window does not apply."""
         return self.objective.sample_timesteps(n, generator, latent_hw)
 
+    @torch.no_grad()
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
         """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
