@@ -105,7 +105,7 @@ def _build_sdxl(folder: Path) -> None:
 
 # ---------------------------------------------------------------------------- FLUX
 def _read_flux(model, args, kwargs) -> DenoiserInputs:
-    from difflora.models.flux import unpack_latents
+    from difflora.models.flux.model import unpack_latents
 
     img, img_ids, txt, _txt_ids, timesteps, pooled, guidance = args[:7]
     h = int(img_ids[0, :, 1].max()) + 1

@@ -189,17 +189,9 @@ def step_context(run, network, step: int, batch: Batch) -> StepContext:
 
 
 def default_timesteps(job, model) -> TimestepDraw:
-    """The timestep draw of a stage without its own rule: the family's own sampling (FLUX's timestep_sampling)
-    squeezed into [min_timestep, max_timestep) as musubi-tuner does, else uniform over that window."""
-    low, high = job.min_timestep, job.max_timestep
-    if hasattr(model.objective, "sample_timesteps"):
-        scale = model.objective.num_train_timesteps
-
-        def family(index, gen, latent_hw):
-            t = model.objective.sample_timesteps(1, gen, latent_hw)[0]
-            return t if (low, high) == (0, scale) else low + t * (high - low) / scale
-        return family
-    return lambda index, gen, latent_hw: torch.randint(low, high, (1,), generator=gen)[0]  # noqa: E731
+    """The timestep draw of a stage without its own rule: the family's (uniform over the job's window by default)."""
+    window = (job.min_timestep, job.max_timestep)
+    return lambda index, gen, latent_hw: model.sample_timesteps(1, gen, latent_hw, window)[0]  # noqa: E731
 
 
 def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: int, job, stage_index: int, step: int,
