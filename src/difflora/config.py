@@ -210,7 +210,7 @@ class JobOptions(DatasetOptions):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_at_first: bool = False
     sample_prompts: str | None = None
-    sample_sampler: str = "ddim"
+    sample_sampler: str | None = None  # None: the family's (ddim; FLUX: euler)
     sample_sweep: list[float] | None = Field(None, min_length=1)  # a grid per sampling step at these multipliers
     logging_dir: str | None = None
     log_with: Literal["tensorboard", "none"] = "tensorboard"

@@ -66,7 +66,8 @@ def sample_prompts(prompts, source, default_sampler: str | None = None) -> None:
         image_size(sp.height, f"{what}: height (--h)", source)
         if sp.seed is not None:
             seed(sp.seed, f"{what}: seed (--d)", source)
-        finite(sp.cfg, f"{what}: guidance scale (--l)", source)
+        if sp.cfg is not None:
+            finite(sp.cfg, f"{what}: guidance scale (--l)", source)
         at_least(sp.steps, 1, f"{what}: steps (--s)", source)
         if sp.sampler or default_sampler:
             sampler(sp.sampler or default_sampler, f"{what}: sampler (--ss)", source)
@@ -257,7 +258,7 @@ def job(job, path=None) -> None:
                              "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
     _optimizer_dry_run(job, error)
     _job_paths(job, error)
-    if job.sample_prompts or job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first:
+    if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
     if job.sample_prompts:
         from .data.prompts import load_prompt_file
