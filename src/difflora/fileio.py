@@ -209,17 +209,63 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def refuse_overwriting_inputs(output: str | os.PathLike, inputs, option: str = "--save-to") -> None:
-    """A command never writes over one of its own inputs, nor into an input folder."""
-    out = Path(output)
-    for given in inputs:
+def _identity(path: str | os.PathLike) -> str:
+    """One key for every name of a file: the real path (symlinks, '..'), case-folded, so that a case
+    variant counts as the same file (it is one on case-insensitive file systems)."""
+    return os.path.normcase(os.path.realpath(path)).casefold()
+
+
+def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_writes(writes, reads, option: str = "--save-to") -> None:
+    """Refuse, before the first write, a command whose outputs would touch what it reads.
+
+    `writes`: the paths it will write, each a path or (path, option naming it). `reads`: the files it
+    reads, and the folders it reads whole (a model folder: nothing may be written inside one; pass
+    the files, not the folder, where a command writes beside its inputs, as prep does).
+    An output is refused when it is an input (also through symlinks, hard links and case variants),
+    lies inside an input folder, or is the output of two inputs (`face.png` and `face.jpg` cropped to
+    `face.png`).
+    """
+    read_keys: dict[str, Path] = {}
+    read_inodes: dict[tuple[int, int], Path] = {}
+    read_folders: list[tuple[str, Path]] = []
+    for given in reads:
         if given is None:
             continue
         src = Path(given)
-        inside = src.is_dir() and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep)
-        if same_file(out, src) or inside:
-            raise UserError(f"{option} would overwrite the input {src}", path=out,
-                            hint=f"choose another {option} path; inputs are never replaced")
+        read_keys[_identity(src)] = src
+        inode = _inode(src)
+        if inode is not None:
+            read_inodes[inode] = src
+        if src.is_dir():
+            read_folders.append((_identity(src) + os.sep, src))
+    seen: dict[str, str] = {}
+    for item in writes:
+        out, what = (item if isinstance(item, tuple) else (item, option))
+        out = Path(out)
+        key = _identity(out)
+        src = read_keys.get(key) or read_inodes.get(_inode(out))
+        if src is None:
+            src = next((folder for prefix, folder in read_folders if key.startswith(prefix)), None)
+        if src is not None:
+            raise UserError(f"{what} would overwrite the input {src}; nothing was written", path=out,
+                            hint="choose another output path; inputs are never replaced")
+        if key in seen:
+            raise UserError(f"{seen[key]} and {what} would both be written to this one file (names that differ "
+                            "only by extension or case); nothing was written", path=out, hint="rename one of them")
+        seen[key] = what
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, inputs, option: str = "--save-to") -> None:
+    """A command never writes over one of its own inputs, nor into an input folder."""
+    check_writes([(output, option)], inputs)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
