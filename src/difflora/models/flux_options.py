@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..options import Strict
+from ..options import ReadPath, Strict
 
 
 def _f(default, description: str, **kw):
@@ -20,10 +20,10 @@ def _f(default, description: str, **kw):
 
 class FluxJobOptions(Strict):
     # the files FLUX users have (kohya: --clip_l --t5xxl --ae); unused with a diffusers folder
-    clip_l: str | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
-    t5xxl: str | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
-    ae: str | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
-    t5xxl_tokenizer: str | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
+    clip_l: ReadPath | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
+    t5xxl: ReadPath | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
+    ae: ReadPath | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
+    t5xxl_tokenizer: ReadPath | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
     # flow matching (kohya's defaults)
     guidance_scale: float = _f(3.5, "FLUX.1-dev: the guidance embedding's value during training")
     t5xxl_max_token_length: int | None = _f(None, "FLUX: T5 tokens (unset: 512 dev, 256 schnell)", ge=1)

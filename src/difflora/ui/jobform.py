@@ -261,7 +261,7 @@ def validate(data: dict, workspace) -> str | None:
     tmp = workspace.root / ".gradio" / f"validate-{uuid.uuid4().hex}.toml"
     try:
         tmp.write_text(job_toml(data), encoding="utf-8")
-        load_job(tmp, restrict_paths_to=workspace.root)
+        load_job(tmp, restrict_paths_to=workspace.policy)
     except UserError as e:
         return str(e).replace(str(tmp), "job.toml")
     finally:
