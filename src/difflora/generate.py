@@ -100,8 +100,15 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
         raise ValueError("one seed per prompt")
     with lora_multipliers(networks):
         if hasattr(model, "generate_request"):  # families with their own sampler (FLUX: flow-matching Euler)
-            return model.generate_request(networks, req, batch_size, output, progress=progress)
-        return _generate(model, networks, req, batch_size, output, progress)
+            images = model.generate_request(networks, req, batch_size, "float", progress=progress)
+        else:
+            images = _generate(model, networks, req, batch_size, "float", progress)
+        # for every family, its own sampler included: a NaN weight or an overflow never becomes a black image
+        if not all(np.isfinite(img).all() for img in images):
+            raise _overflow_report(networks)
+    if output == "float":
+        return images
+    return [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
 
 
 def progress_total(req: GenerationRequest, batch_size: int = 64) -> int:

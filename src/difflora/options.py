@@ -7,15 +7,41 @@ which assembles the job schema from them, do not import each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Iterator, get_args
+from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+
+def _accepts(annotation, kind: type) -> bool:
+    """Whether a field's annotation takes a value of `kind` as itself (Any, the type, a Literal of one)."""
+    if annotation is Any or annotation is kind:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(v, kind) for v in get_args(annotation))
+    if get_origin(annotation) in (list, tuple, dict, set):
+        return False
+    return any(_accepts(a, kind) for a in get_args(annotation))
 
 
 class Strict(BaseModel):
-    """Unknown keys are refused (a misspelt key never silently does nothing); assignments are validated."""
+    """Unknown keys are refused (a misspelt key never silently does nothing); assignments are validated.
+
+    Booleans are not numbers (pydantic would read `min_timestep = true` as 1), and a boolean key takes
+    a TOML boolean, not a word (kohya would read `flip_aug = "no"` as true).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed(cls, value, info: ValidationInfo):
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _accepts(annotation, bool):
+            raise ValueError(f"takes {'a number' if _accepts(annotation, int) or _accepts(annotation, float) else 'a value'}"
+                             f", not the boolean {str(value).lower()}")
+        if isinstance(value, str) and _accepts(annotation, bool) and not _accepts(annotation, str):
+            raise ValueError(f"takes true or false (a TOML boolean, unquoted), not the text {value!r}")
+        return value
 
 
 @dataclass(frozen=True)

@@ -250,8 +250,10 @@ def job(job, path=None) -> None:
     for key, value in _walk(job):
         if isinstance(value, float) and not math.isfinite(value):
             raise error(key, f"must be a finite number, got {value}")
-    if not 0 <= job.seed <= MAX_SEED:
-        raise error("seed", f"must be between 0 and 2^63-1, got {job.seed}")
+    for key in ("seed", "validation_seed"):
+        value = getattr(job, key)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise error(key, f"must be between 0 and 2^63-1, got {value}")
     for key, value in _walk(job):
         leaf = key.rsplit(".", 1)[-1].split("[")[0]
         if leaf == "resolution" and value is not None and (value < SIZE_MULTIPLE or value > MAX_SIZE
