@@ -84,8 +84,17 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def _disk_full(e: BaseException | None) -> bool:
+    """A full disk or quota, as an OSError, as the Rust writers' errors (safetensors: "... (os error 28)"), or
+    as the UserError an inner save made of one."""
+    if e is None:
+        return False
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, UserError):
+        return _disk_full(e.__cause__)
+    text = str(e)
+    return f"(os error {errno.ENOSPC})" in text or f"(os error {errno.EDQUOT})" in text or "No space left" in text
 
 
 def make_parent(final: Path) -> None:
@@ -115,22 +124,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = temp_sibling(final)
     try:
         os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp_path.stat().st_mode & 0o777  # 0o666 less the umask
     except OSError as e:
         raise UserError(f"cannot write here ({e.strerror})", path=final) from None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, mode)  # a writer that replaced the file (safetensors does) made it 0600
         os.replace(tmp_path, final)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
         if _disk_full(e):
             raise UserError(
                 "could not save: no space left on device; the previous file (if any) is intact", path=final
             ) from e
-        raise UserError(f"could not save ({e.strerror or e}); the previous file (if any) is intact", path=final) from e
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not save ({e.strerror or e}); the previous file (if any) is intact",
+                            path=final) from e
         raise
 
 
@@ -142,6 +153,44 @@ def make_temp_dir(final: str | os.PathLike) -> Path:
     tmp = temp_sibling(final)
     tmp.mkdir(mode=0o777)
     return tmp
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`, renamed onto it once complete (all or nothing).
+
+    `final` must not exist. The folder has the umask's permissions and a name `clean_stale_temps`
+    knows, so the leftovers of a killed save are removed by the next one. On failure it is removed;
+    a full disk becomes one line naming `final`.
+    """
+    final = Path(final)
+    if final.exists():
+        raise UserError("output folder already exists; choose another path", path=final)
+    tmp = make_temp_dir(final)
+    try:
+        yield tmp
+        if final.exists():
+            raise UserError("output folder already exists; choose another path", path=final)
+        _follow_umask(tmp)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise UserError("could not save: no space left on device; nothing was written", path=final) from e
+        raise
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give everything inside `folder` the umask's permissions: libraries writing through temporary files
+    (safetensors, huggingface's savers) leave them 0600. `folder` was made 0o777 less the umask."""
+    dir_mode = folder.stat().st_mode & 0o777
+    for current, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(current, name), dir_mode)
+        for name in files:
+            path = os.path.join(current, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode & 0o666)
 
 
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
