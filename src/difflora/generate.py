@@ -99,9 +99,8 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
     with lora_multipliers(networks):
-        if hasattr(model, "generate_request"):  # families with their own sampler (FLUX: flow-matching Euler)
-            images = model.generate_request(networks, req, batch_size, "float", progress=progress)
-        else:
+        images = model.generate_request(networks, req, batch_size, "float", progress=progress)
+        if images is None:  # no sampler of the family's own
             images = _generate(model, networks, req, batch_size, "float", progress)
         # for every family, its own sampler included: a NaN weight or an overflow never becomes a black image
         if not all(np.isfinite(img).all() for img in images):
