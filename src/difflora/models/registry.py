@@ -73,11 +73,6 @@ def family_keys() -> set[str]:
     return {k for _, table in option_tables() for k in table.model_fields}
 
 
-def family_path_keys() -> tuple[str, ...]:
-    """Family keys naming files or folders (resolved against the job file's folder like the others)."""
-    return tuple(dict.fromkeys(k for p in FAMILIES for k in p.path_keys))
-
-
 def family_options_of(job) -> dict[str, Any]:
     """The family keys a job sets (the others keep their tables' defaults)."""
     return {k: getattr(job, k) for k in family_keys() & job.model_fields_set}
