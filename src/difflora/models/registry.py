@@ -45,6 +45,7 @@ def register_family(names: tuple[str, ...] | str, module_path: str, title: str) 
 
 
 register_family("flux", "difflora.models.flux", "FLUX.1")  # before SDXL: FLUX folders have a text_encoder_2 too
+register_family("zimage", "difflora.models.zimage", "Z-Image (Turbo, Base)")
 register_family(("sd1", "sd2"), "difflora.models.sd", "Stable Diffusion 1.x / 2.x")
 register_family("sdxl", "difflora.models.sdxl", "SDXL")
 
@@ -112,6 +113,14 @@ def detect_single_file(keys: set[str], metadata: dict[str, str], path) -> str:
                             f"(supported: {supported_titles()})", path=path)
     raise UserError(f"not a checkpoint of a supported model family ({supported_titles()}): none of their "
                     "tensor names were found", path=path)
+
+
+def family_only_keys() -> tuple[str, ...]:
+    """Job keys of the family option tables (FLUX's, Z-Image's): a model refuses those it does not read."""
+    from .flux_options import FLUX_ONLY_KEYS
+    from .zimage.options import ZIMAGE_ONLY_KEYS
+
+    return FLUX_ONLY_KEYS + ZIMAGE_ONLY_KEYS
 
 
 def method_defaults(family: str | None, method: str) -> dict:
