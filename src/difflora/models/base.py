@@ -143,6 +143,11 @@ class ModelFamily(ABC):
     def save(self, path: str, single_file: bool | None = None, dtype: torch.dtype | None = None) -> None:
         """Save the model (diffusers folder, or original-layout single file)."""
 
+    def reads_job_keys(self) -> frozenset[str]:
+        """Keys of the family option tables (registry.family_only_keys) this model reads; a job setting any
+        other of them is refused."""
+        return frozenset()
+
     def check_complete(self) -> None:
         """Raise a UserError when a component that training and generation need was not loaded."""
 

@@ -284,6 +284,11 @@ class FluxModel(ModelFamily):
             raise UserError(f"this FLUX transformer was loaded without {', '.join('`' + k + '`' for k in missing)}: "
                             "set the clip_l, t5xxl and ae files (as in kohya's FLUX training)", path=self.source)
 
+    def reads_job_keys(self) -> frozenset[str]:
+        from .flux_options import FLUX_ONLY_KEYS
+
+        return frozenset(FLUX_ONLY_KEYS)
+
     def check_complete(self) -> None:
         """Training and generation need every component (the text encoders' cached outputs stand for them)."""
         self.require(*(() if self.text_encoders_dropped else ("clip_l", "t5xxl")), "ae")
@@ -393,6 +398,8 @@ class FluxModel(ModelFamily):
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
+        if save_format != "diffusers":
+            raise UserError(f"save_format = {save_format!r} is not a FLUX.1 LoRA layout (kohya or diffusers)")
         from .flux_lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)
