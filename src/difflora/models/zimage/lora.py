@@ -147,7 +147,7 @@ def export(tensors: dict[str, torch.Tensor], table: NameTable, save_format: str)
             if path.endswith(".attention.qkv"):
                 stem = path[: -len("qkv")]
                 for part, rows in zip(_SPLIT, up.chunk(3, dim=0)):
-                    out[f"transformer.{stem}{part}.lora_A.weight"] = down
+                    out[f"transformer.{stem}{part}.lora_A.weight"] = down.clone()
                     out[f"transformer.{stem}{part}.lora_B.weight"] = rows.contiguous()
             else:
                 out[f"transformer.{path}.lora_A.weight"] = down

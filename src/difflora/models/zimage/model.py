@@ -172,7 +172,8 @@ class ZImageModel(ModelFamily):
         """ε − x0 for latents (B, C, h, w) at difflora's t = σ·1000: the transformer runs at 1 − σ and its
         output (x0 − ε) is negated."""
         dtype = self.compute_dtype or self.transformer.dtype
-        model_t = 1.0 - timesteps.float().to(noisy.device) / self.objective.num_train_timesteps
+        n = self.objective.num_train_timesteps
+        model_t = (n - timesteps.float().to(noisy.device)) / n
         cap, mask = cond.tensors["cap"], cond.tensors["cap_mask"].bool()
         caps = [c[m].to(dtype) for c, m in zip(cap, mask)]
         x = list(noisy.to(dtype).unsqueeze(2).unbind(0))  # (C, 1, h, w) each: one frame
@@ -196,8 +197,8 @@ class ZImageModel(ModelFamily):
     # ---- sampling
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         """The pipeline's schedule: linspace(1, 1/steps, steps) through the static shift, then 0."""
-        s = shift_sigma(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), self.sampling_shift)
-        return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+        s = torch.linspace(1.0, 1.0 / steps, steps)  # float32, as the scheduler computes it
+        return torch.cat([shift_sigma(s, self.sampling_shift), torch.zeros(1)])
 
     @torch.no_grad()
     def sample_latents(self, cond: Conditioning, uncond: Conditioning | None, seeds: list[int], steps: int,
@@ -210,11 +211,11 @@ class ZImageModel(ModelFamily):
         x = x.to(self.device)
         sig = self.sampling_sigmas(steps)
         for cur, nxt in zip(sig[:-1], sig[1:]):
-            t = torch.full((x.shape[0],), float(cur) * self.objective.num_train_timesteps, device=x.device)
+            t = (cur * self.objective.num_train_timesteps).expand(x.shape[0]).to(x.device)
             v = self.predict(x, t, cond).float()
             if guidance > 0 and uncond is not None:
                 v = v + guidance * (v - self.predict(x, t, uncond).float())
-            x = x + (float(nxt) - float(cur)) * v
+            x = x + (nxt - cur).to(x.device) * v
         return x
 
     @torch.no_grad()
