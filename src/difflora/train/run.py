@@ -260,4 +260,5 @@ def _check_family_keys(job, model) -> None:
     stray = sorted(k for k in set(family_only_keys()) & job.model_fields_set
                    if getattr(job, k) != defaults[k].default and k not in model.reads_job_keys())
     if stray:
-        raise UserError(f"{', '.join(stray)} do not apply to this model ({model.base_model_version})")
+        raise UserError(f"{', '.join(stray)} do not apply to this model ({model.base_model_version})",
+                        path=job._source)
