@@ -61,12 +61,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     flux.add_argument("--ae", default=None, help="FLUX autoencoder file (ae.safetensors)")
     flux.add_argument("--t5xxl-tokenizer", default=None, help="folder with T5's tokenizer.json or spiece.model")
     flux.add_argument("--guidance-scale", type=float, default=None, help="FLUX.1-dev's embedded guidance (default 3.5)")
+    zimage = p.add_argument_group("Z-Image (musubi's names; --cfg is Base's guidance, Turbo runs without CFG)")
+    zimage.add_argument("--zimage-variant", choices=["turbo", "base"], default=None,
+                        help="Z-Image Turbo or Base (the weights cannot tell)")
+    zimage.add_argument("--text-encoder", default=None, help="Qwen3-4B file for a single-file Z-Image transformer")
+    zimage.add_argument("--vae", default=None, help="FLUX.1 ae file for a single-file Z-Image transformer")
+    zimage.add_argument("--qwen3-tokenizer", default=None, help="folder with Qwen3's tokenizer.json")
 
 
 def load_model_from_args(args):
     from ..models import load_model
 
-    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer", "zimage_variant",
+                                                 "text_encoder", "vae", "qwen3_tokenizer")}
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
                        **{k: v for k, v in flux.items() if v})

@@ -41,13 +41,10 @@ def strip_prefix(keys):
     return out
 
 
-def resolve_variant(variant: str | None, metadata: dict[str, str], path) -> str:
-    found = variant or metadata.get(VARIANT_KEY)
-    if found not in ("turbo", "base"):
-        raise UserError("Z-Image Turbo and Base have the same weights and names, so the variant cannot be read from "
-                        "the files: set zimage_variant = \"turbo\" or \"base\" (--zimage-variant for generate)",
-                        path=path)
-    return found
+def resolve_variant(variant: str | None, metadata: dict[str, str]) -> str | None:
+    """The job's zimage_variant, else the one difflora wrote into its own file; None when neither says
+    (tools do not need it; training and generation refuse it in ZImageModel.check_complete)."""
+    return variant or metadata.get(VARIANT_KEY)
 
 
 # ------------------------------------------------------------------ diffusers folders
@@ -77,7 +74,7 @@ def load_folder(path: Path, *, dtype: torch.dtype, variant: str | None, flow: Fl
     if sched.exists():
         shift = float(json.loads(sched.read_text(encoding="utf-8")).get("shift", SAMPLING_SHIFT))
     fuse_attention(transformer)
-    model = ZImageModel(transformer, vae, text_encoder, tokenizer, variant=resolve_variant(variant, {}, path),
+    model = ZImageModel(transformer, vae, text_encoder, tokenizer, variant=resolve_variant(variant, {}),
                         source=str(path), flow=flow, sampling_shift=shift)
     model.freeze()
     return model
@@ -101,11 +98,11 @@ def save_diffusers_folder(model: ZImageModel, path: Path, dtype: torch.dtype | N
     import shutil
     import tempfile
 
-    model.check_complete()
     if model.text_encoders_dropped:
         raise UserError("the text encoder was dropped (cache_text_encoder_outputs); cannot save a folder")
     if path.exists():
         raise UserError("output folder already exists; choose another path", path=path)
+    model.require("text_encoder", "vae")
     with torch.device("meta"):
         plain = ZImageTransformer2DModel.from_config(model.transformer.config)
     sd = split_fused_keys({k: v.to(dtype) if dtype else v for k, v in model.transformer.state_dict().items()})
@@ -227,7 +224,7 @@ def load_single_file(path: Path, *, checkpoint, dtype: torch.dtype, variant: str
         te, tok = load_text_encoder(Path(text_encoder), dtype, Path(qwen3_tokenizer) if qwen3_tokenizer else None)
         ae = load_ae(Path(vae), dtype)
         _check_widths(tr, te, ae, text_encoder)
-    model = ZImageModel(tr, ae, te, tok, variant=resolve_variant(variant, md, path), source=str(path), flow=flow)
+    model = ZImageModel(tr, ae, te, tok, variant=resolve_variant(variant, md), source=str(path), flow=flow)
     model.freeze()
     return model
 
@@ -238,7 +235,7 @@ def save_native_transformer(model: ZImageModel, path: Path, dtype: torch.dtype |
                                      for k, v in model.transformer.state_dict().items()})
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.transformer.config).items()
            if not k.startswith("_")}
-    save_safetensors(sd, path, {CONFIG_KEY: json.dumps(cfg), VARIANT_KEY: model.variant})
+    save_safetensors(sd, path, {CONFIG_KEY: json.dumps(cfg), **({VARIANT_KEY: model.variant} if model.variant else {})})
 
 
 def save_component_files(model: ZImageModel, folder: Path) -> dict[str, Path]:

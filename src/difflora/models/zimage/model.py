@@ -41,7 +41,7 @@ TRAIN_TARGETS = ("attention.qkv", "attention.to_out.0", "feed_forward.w1", "feed
 class ZImageModel(ModelFamily):
     family = "zimage"
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, *, variant: str, source: str = "",
+    def __init__(self, transformer, vae, text_encoder, tokenizer, *, variant: str | None, source: str = "",
                  flow: FlowMatchOptions | None = None, sampling_shift: float = SAMPLING_SHIFT):
         self.denoiser = transformer
         self.vae = vae
@@ -84,7 +84,7 @@ class ZImageModel(ModelFamily):
     def lora_metadata(self) -> dict[str, str]:
         f = self.objective.options
         return {"ss_base_model_version": self.base_model_version, "ss_v2": "False",
-                "ss_zimage_variant": self.variant, "ss_timestep_sampling": f.timestep_sampling,
+                "ss_zimage_variant": str(self.variant), "ss_timestep_sampling": f.timestep_sampling,
                 "ss_discrete_flow_shift": str(f.discrete_flow_shift), "ss_sigmoid_scale": str(f.sigmoid_scale),
                 "ss_model_prediction_type": f.model_prediction_type,
                 "modelspec.architecture": self.modelspec_architecture,
@@ -166,6 +166,11 @@ class ZImageModel(ModelFamily):
         return frozenset(ZIMAGE_ONLY_KEYS + SHARED_FLOW_KEYS)
 
     def check_complete(self) -> None:
+        """Training and generation need the variant (its sampling) and every component."""
+        if self.variant not in VARIANT_SAMPLING:
+            raise UserError("Z-Image Turbo and Base have the same weights and names, so the variant cannot be read "
+                            "from the files: set zimage_variant = \"turbo\" or \"base\" (--zimage-variant for "
+                            "generate)", path=self.source)
         self.require(*(() if self.text_encoders_dropped else ("text_encoder",)), "vae")
 
     def predict(self, noisy, timesteps, cond):
