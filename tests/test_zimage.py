@@ -335,3 +335,30 @@ def test_lora_of_another_family_is_refused(model, tmp_path):
     with pytest.raises(UserError, match="flux1"):
         network_from_file(model, flux_md)
     assert load_lora(flux_md).module_names()  # the file itself is fine: the refusal is about the model
+
+
+def test_comfyui_scaled_fp8_file_loads_dequantized(zimage_files, model, tmp_path):
+    """A ComfyUI scaled-fp8 transformer (fp8 weights, per-tensor `scale_weight`, `scaled_fp8` marker) loads as the
+    weights times their scales."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(zimage_files["transformer"]))
+    from difflora.fileio import read_safetensors_header
+
+    _, md = read_safetensors_header(zimage_files["transformer"])
+    scaled = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2 and k.startswith("layers."):
+            scale = v.abs().max() / 448
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            scaled[k] = v
+    path = tmp_path / "z_image_fp8_scaled.safetensors"
+    save_file(scaled, str(path), metadata=md)
+    loaded = load_model(path)
+    w = loaded.transformer.layers[3].feed_forward.w1.weight
+    ref = model.transformer.layers[3].feed_forward.w1.weight
+    assert float((w - ref).abs().max()) < 0.07 * float(ref.abs().max())  # fp8's 3-bit mantissa
+    assert float((w - ref).abs().max()) > 0  # it is the fp8 copy, not the original
+    assert torch.equal(loaded.transformer.x_pad_token, model.transformer.x_pad_token)

@@ -141,10 +141,28 @@ def transformer_config(shapes: dict[str, tuple], metadata: dict[str, str], path)
                 n_kv_heads=dim // head, cap_feat_dim=cap, in_channels=in_ch, axes_dims=REAL_AXES)
 
 
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's scaled fp8 (older / QUANTIZATION.md layouts)
+_QUANT_EXTRAS = (".scale_input", ".input_scale", ".comfy_quant")
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled fp8 files: each fp8 weight times its per-tensor scale, markers dropped; plain files pass."""
+    scales = {k[: -len(s)]: v for k, v in sd.items() for s in _SCALE_SUFFIXES if k.endswith(s)}
+    if not scales and "scaled_fp8" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith(_SCALE_SUFFIXES + _QUANT_EXTRAS):
+            continue
+        layer = k[: -len(".weight")] if k.endswith(".weight") else None
+        out[k] = v.float() * scales[layer].float() if layer in scales else v
+    return out
+
+
 def load_native_transformer(sd: dict[str, torch.Tensor], metadata: dict[str, str], dtype: torch.dtype, path):
     from diffusers import ZImageTransformer2DModel
 
-    sd = strip_prefix(sd)
+    sd = dequantize_scaled_fp8(strip_prefix(sd))
     if any(".attention.to_q." in k for k in sd):  # a diffusers-layout single file
         native = fused_model_to_native_keys(fuse_split_keys(sd))
     else:
