@@ -32,7 +32,7 @@ def zimage_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(zimage_files):
-    return load_model(zimage_files["folder"], zimage_variant="turbo")
+    return load_model(zimage_files["folder"], options={"zimage_variant": "turbo"})
 
 
 def plain_transformer(model):
@@ -116,15 +116,15 @@ def test_musubi_training_defaults_without_job_keys(model):
 
 # ------------------------------------------------------------------ files and detection
 def test_folder_and_comfyui_files_load_the_same_model_and_name_the_variant(zimage_files, model):
-    single = load_model(zimage_files["transformer"], text_encoder=str(zimage_files["text_encoder"]),
-                        vae=str(zimage_files["vae"]))
+    single = load_model(zimage_files["transformer"], options={"text_encoder": str(zimage_files["text_encoder"]),
+                                                          "vae": str(zimage_files["vae"])})
     assert single.family == "zimage" and single.variant == "turbo"  # difflora's file says; the folder needs the key
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a = model.predict(x, torch.tensor([600.0]), model.encode_prompts(["a cat"]))
         b = single.predict(x, torch.tensor([600.0]), single.encode_prompts(["a cat"]))
     assert torch.equal(a, b)
-    base = load_model(zimage_files["folder"], zimage_variant="base")
+    base = load_model(zimage_files["folder"], options={"zimage_variant": "base"})
     assert base.variant == "base"
 
 
@@ -257,7 +257,7 @@ def test_diffusers_loader_lands_every_module_and_the_pipeline_matches_generate(m
 def test_base_uses_the_pipelines_cfg(zimage_files):
     from difflora.generate import GenerationRequest, generate
 
-    base = load_model(zimage_files["folder"], zimage_variant="base")
+    base = load_model(zimage_files["folder"], options={"zimage_variant": "base"})
     ref = pipeline(base)("a cat", negative_prompt="", num_inference_steps=2, guidance_scale=4.0, height=64, width=64,
                          generator=torch.Generator().manual_seed(3), output_type="np").images[0]
     ours = generate(base, [], GenerationRequest(["a cat"], [3], steps=2, cfg=4.0, width=64, height=64),

@@ -22,7 +22,7 @@ def zfiles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zmodel(zfiles):
-    return load_model(zfiles["folder"], zimage_variant="turbo")
+    return load_model(zfiles["folder"], options={"zimage_variant": "turbo"})
 
 
 def _predict(model):
@@ -50,9 +50,9 @@ def test_merge_into_the_model_equals_the_attached_lora(zfiles, zmodel, tmp_path,
     code, _, err = run_cli("merge", "--model", str(zfiles[target]), "--models", str(lora), "--save-to", str(out))
     assert code == 0, err
     if target == "transformer":
-        merged = load_model(out, text_encoder=str(zfiles["text_encoder"]), vae=str(zfiles["vae"]))
+        merged = load_model(out, options={"text_encoder": str(zfiles["text_encoder"]), "vae": str(zfiles["vae"])})
     else:
-        merged = load_model(out, zimage_variant="turbo")
+        merged = load_model(out, options={"zimage_variant": "turbo"})
     net = network_from_file(zmodel, lora)
     try:
         attached = _predict(zmodel)

@@ -42,6 +42,12 @@ def _job(zenv, out: Path, method: str, **extra):
     return apply_method_defaults(JobConfig.model_validate(job))
 
 
+def _load(job):
+    from difflora.models.registry import family_options_of
+
+    return load_model(job.model, options=family_options_of(job), mixed_precision=job.mixed_precision)
+
+
 def _image(model, networks, m):
     from difflora.generate import GenerationRequest, generate
 
@@ -65,7 +71,7 @@ def test_each_method_trains_native_names_that_change_the_output(zenv, tmp_path, 
     job = _job(zenv, tmp_path, method, **METHOD_CASES[method])
     path = train(job)
     assert set(by_module(load_file(str(path)))) == KOHYA_COMFY  # ComfyUI's and diffusers' loaders take all
-    model = load_model(zenv[1]["folder"], job=job)
+    model = _load(job)
     net = network_from_file(model, path, 1.0)
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 1e-3, method
     md = read_metadata_only(path)
@@ -79,7 +85,7 @@ def test_addift_takes_traintrains_values_on_zimage(zenv, tmp_path):
     job = apply_method_defaults(JobConfig.model_validate({
         "model": str(zenv[1]["folder"]), "zimage_variant": "turbo", "method": "addift", "output_dir": str(tmp_path),
         "datasets": [{"subsets": [{"image_dir": str(zenv[0] / "pairs")}]}]}))
-    job = apply_family_defaults(job, load_model(zenv[1]["folder"], job=job).family)
+    job = apply_family_defaults(job, _load(job).family)
     assert (job.max_train_steps, job.learning_rate, job.network_dim, job.network_alpha) == (100, 2e-4, 4, 1.0)
     assert (job.addift.min_timestep, job.addift.max_timestep, job.addift.multiplier) == (500, 1000, 0.25)
 
@@ -91,7 +97,7 @@ def test_standard_lowers_the_denoising_loss(zenv, tmp_path):
 
     job = _job(zenv, tmp_path, "standard", max_train_steps=16, learning_rate=3e-2)
     path = train(job)
-    model = load_model(zenv[1]["folder"], job=job)
+    model = _load(job)
     befores = sorted(p for p in (zenv[0] / "pairs").glob("*.png") if not p.stem.endswith("_after"))
     x = torch.cat([model.encode_images(to_tensor(load_image(p))[None], sample=False) for p in befores])
     caps = [p.with_suffix(".txt").read_text() for p in befores]
@@ -119,7 +125,7 @@ def test_standard_lowers_the_denoising_loss(zenv, tmp_path):
 def test_each_adapter_trains_on_the_fused_modules(zenv, tmp_path, adapter):
     path = train(_job(zenv, tmp_path, "standard", max_train_steps=3, **adapter))
     assert set(by_module(load_file(str(path)))) == KOHYA_COMFY
-    model = load_model(zenv[1]["folder"], zimage_variant="turbo")
+    model = load_model(zenv[1]["folder"], options={"zimage_variant": "turbo"})
     net = network_from_file(model, path, 1.0)
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 1e-4
 
@@ -151,13 +157,13 @@ def test_base_training_with_an_assistant_preset_applies_to_turbo(zenv, tmp_path)
     assert md["ss_zimage_variant"] == "base" and "assistant.safetensors" in md["difflora_preset_loras"]
     samples = sorted((tmp_path / "sample").glob("*.png"))
     assert samples, "previews were written"
-    turbo = load_model(zenv[1]["folder"], zimage_variant="turbo")
+    turbo = load_model(zenv[1]["folder"], options={"zimage_variant": "turbo"})
     net = network_from_file(turbo, path, 1.0)
     assert np.abs(_image(turbo, [net], 1.0) - _image(turbo, [net], 0.0)).max() > 1e-4
     # the preview is the trained LoRA alone: what the base model with it (no assistant) makes
     from PIL import Image
 
-    base = load_model(zenv[1]["folder"], zimage_variant="base")
+    base = load_model(zenv[1]["folder"], options={"zimage_variant": "base"})
     preview = np.asarray(Image.open(samples[-1]).convert("RGB"), dtype=np.float32) / 255
     from difflora.generate import GenerationRequest, generate
 
@@ -185,11 +191,11 @@ def test_low_vram_settings_give_the_same_lora(zenv, tmp_path):
 
 
 def test_family_keys_are_refused_where_they_do_not_apply(zenv, tmp_path, tiny_sd1_dir):
-    with pytest.raises(UserError, match="guidance_scale"):
+    with pytest.raises(UserError, match="guidance_scale is FLUX.1-dev's"):
         train(_job(zenv, tmp_path / "a", "standard", guidance_scale=2.0))
     job = JobConfig.model_validate({"model": str(tiny_sd1_dir), "zimage_variant": "base", "method": "standard",
                                     "output_dir": str(tmp_path / "b"), "max_train_steps": 1, "resolution": 32,
                                     "datasets": [{"subsets": [{"image_dir": str(zenv[0] / "pairs")}]}]})
-    with pytest.raises(UserError, match="zimage_variant"):
+    with pytest.raises(UserError, match="zimage_variant applies to Z-Image"):
         train(job)
     assert not list((tmp_path / "b").glob("*.safetensors"))

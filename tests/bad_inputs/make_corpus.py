@@ -1264,13 +1264,14 @@ def _(ws):
     return ws.train(model=_q(_zimage_folder(ws)), resolution="32")
 
 
-@case("zimage_key_on_sd", "zimage_variant set for an SD model", names="job.toml", needles=("zimage_variant", "do not apply"))
+@case("zimage_key_on_sd", "zimage_variant set for an SD model", names="job.toml",
+      needles=("zimage_variant", "applies to Z-Image"))
 def _(ws):
     return ws.train(zimage_variant='"base"')
 
 
-@case("flux_key_on_zimage", "FLUX.1's guidance_scale set for a Z-Image model", names="job.toml",
-      needles=("guidance_scale", "do not apply"))
+@case("flux_key_on_zimage", "FLUX.1's guidance_scale set for a Z-Image model", names="zimage",
+      needles=("guidance_scale", "z-image has none"))
 def _(ws):
     return ws.train(model=_q(_zimage_folder(ws)), resolution="32", zimage_variant='"turbo"', guidance_scale="2.0")
 

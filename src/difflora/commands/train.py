@@ -32,8 +32,15 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
     from ..config_help import DESCRIPTIONS
     from ..methods import METHODS
 
+    from ..models.registry import option_tables
+
     defaults = dict(METHODS[method].defaults) if method else {}
     rows: list[tuple[str, str, str, str]] = []
+    owners: dict[str, list[str]] = {}  # a model family's key -> the families that honour it
+    for plugin, table in option_tables():
+        for key in table.model_fields:
+            owners.setdefault(key, []).append(plugin.title)
+    family_rows: list[tuple[str, str, str, str]] = []
 
     def describe(key: str, field) -> str:
         return field.description or DESCRIPTIONS.get(key, "")
@@ -58,6 +65,9 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
         if isinstance(default, BaseModel) or name == "datasets":  # [general] / [[datasets]]: their keys are listed
             rows.append((f"[{name}]" if name == "general" else "[[datasets]]", "", "job", describe(name, field)))
             continue
+        if name in owners:
+            family_rows.append((name, show(default), f"job ({' / '.join(owners[name])})", describe(name, field)))
+            continue
         level = "job, [general], [[datasets]]" if name in dataset_keys else "job"
         if name in SubsetConfig.model_fields:
             level += ", [[datasets.subsets]]"
@@ -65,7 +75,7 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
     for name, field in subset_only.items():
         rows.append((name, "(required)" if field.is_required() else show(field.default), "[[datasets.subsets]]",
                      describe(name, field)))
-    return rows
+    return rows + sorted(family_rows, key=lambda r: r[2])  # grouped by the families that honour them
 
 
 def help_keys(method: str | None = None) -> str:

@@ -143,11 +143,6 @@ class ModelFamily(ABC):
     def save(self, path: str, single_file: bool | None = None, dtype: torch.dtype | None = None) -> None:
         """Save the model (diffusers folder, or original-layout single file)."""
 
-    def reads_job_keys(self) -> frozenset[str]:
-        """Keys of the family option tables (registry.family_only_keys) this model reads; a job setting any
-        other of them is refused."""
-        return frozenset()
-
     def check_complete(self) -> None:
         """Raise a UserError when a component that training and generation need was not loaded."""
 
@@ -165,6 +160,18 @@ class ModelFamily(ABC):
         """Free the text encoders; `cached` (every prompt the run will encode) answers encode_prompts from now
         on. Returns the LoRA components that are gone."""
         raise NotImplementedError(f"{self.family} keeps its text encoders (drops_cached_text_encoders is False)")
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None, latent_hw: tuple[int, int],
+                         window: tuple[int, int]) -> torch.Tensor:
+        """Training timesteps for `n` samples: integers drawn uniformly from the job's [min_timestep, max_timestep)
+        `window`; a family with its own sampling (FLUX: timestep_sampling, on the latent size) overrides it."""
+        return torch.randint(window[0], window[1], (n,), generator=generator)
+
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
+                         progress=None) -> list | None:
+        """Images for a `generate.GenerationRequest` from the family's own sampler (FLUX: flow-matching Euler),
+        or None: `generate()` then runs the diffusers pipeline (`pipeline`, `pipeline_embeddings`)."""
+        return None
 
     def adapt_lora_file(self, lora):
         """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""

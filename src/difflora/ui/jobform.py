@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from ..config import JobConfig, apply_overrides
 from ..errors import UserError
+from ..models.registry import family_path_keys
 
 # (group, keys shown open, everything else of the group is folded). README's grouping.
 GROUPS: list[tuple[str, list[str], list[str]]] = [
@@ -53,7 +54,7 @@ UI_KEYS = {
 }
 UI_DEFAULTS = {"sample_prompt": "a face", "sample_multipliers": "-1,0,1"}
 PATH_KEYS = {"model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-             "logging_dir", "sample_prompts", "image_dir", "after_dir"}
+             "logging_dir", "sample_prompts", "image_dir", "after_dir", *family_path_keys()}
 SKIPPED = {"general", "datasets"}  # the pair folder fields and the top-level dataset keys stand for them
 
 METHOD_PURPOSE = {
@@ -120,6 +121,17 @@ def method_defaults(method: str) -> dict:
     return dict(getattr(cls, "defaults", {}) or {})
 
 
+def family_groups() -> dict[str, str]:
+    """Each model family's job key -> its form group, named after the families that honour the key."""
+    from ..models.registry import option_tables
+
+    owners: dict[str, list[str]] = {}
+    for plugin, table in option_tables():
+        for key in table.model_fields:
+            owners.setdefault(key, []).append(plugin.title)
+    return {key: f"{' / '.join(titles)} models" for key, titles in owners.items()}
+
+
 def build_fields() -> list[FieldSpec]:
     """One FieldSpec per job key, in group order (unknown keys land in a folded 'Other' group)."""
     from ..config import SubsetConfig
@@ -130,6 +142,7 @@ def build_fields() -> list[FieldSpec]:
             placed[k] = (group, False)
         for k in advanced:
             placed.setdefault(k, (group, True))
+    families = family_groups()
     nested = _nested_models()
     specs: list[FieldSpec] = []
     for key in SUBSET_KEYS:
@@ -145,9 +158,12 @@ def build_fields() -> list[FieldSpec]:
             for sub, sf in nested[name].model_fields.items():
                 specs.append(_spec(f"{name}.{sub}", sf.annotation, sf.default, f"{name} options", True))
             continue
-        group, advanced = placed.get(name, ("Other", True))
+        group, advanced = placed.get(name, (families[name], True) if name in families else ("Other", True))
         specs.append(_spec(name, f.annotation, f.default, group, advanced))
     order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
+    model_at = order["Model"]
+    family_names = list(dict.fromkeys(families.values()))
+    order.update({g: model_at + (i + 1) / 100 for i, g in enumerate(family_names)})  # right after Model
     method_at = order["Method"]
     order.update({f"{n} options": method_at + (i + 1) / 100 for i, n in enumerate(nested)})  # right after Method
     order["Other"] = len(order) + 1

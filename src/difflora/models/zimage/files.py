@@ -225,7 +225,7 @@ def load_text_encoder(path: Path, dtype: torch.dtype, tokenizer_folder: Path | N
 def load_single_file(path: Path, *, checkpoint, dtype: torch.dtype, variant: str | None, text_encoder=None, vae=None,
                      qwen3_tokenizer=None, flow: FlowMatchOptions | None = None) -> ZImageModel:
     """The native transformer file, with text_encoder and vae files (both, or neither: transformer only)."""
-    from ..flux_files import load_ae
+    from ..flux.files import load_ae
 
     sd, md = checkpoint if checkpoint is not None else load_safetensors(path)
     given = {k: v for k, v in (("text_encoder", text_encoder), ("vae", vae)) if v}
@@ -258,16 +258,39 @@ def save_native_transformer(model: ZImageModel, path: Path, dtype: torch.dtype |
 
 def save_component_files(model: ZImageModel, folder: Path) -> dict[str, Path]:
     """The text-encoder and ae files ComfyUI users have (difflora's configs and tokenizer in the metadata)."""
-    from ..flux_files import _config_dict
     from ..ldm import VAE_PREFIX, vae_to_ldm
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {"text_encoder": folder / "qwen_3_4b.safetensors", "vae": folder / "ae.safetensors"}
     te = model.text_encoders["text_encoder"]
     save_safetensors({"model." + k: v.contiguous() for k, v in te.state_dict().items()}, out["text_encoder"],
-                     {CONFIG_KEY: json.dumps(_config_dict(te.config)),
+                     {CONFIG_KEY: json.dumps({k: v for k, v in te.config.to_dict().items() if not k.startswith("_") and k not in (
+                         "transformers_version", "architectures", "dtype", "torch_dtype")}),
                       "difflora.tokenizer": model.tokenizer.backend_tokenizer.to_str()})
     vcfg = {k: v for k, v in dict(model.vae.config).items() if not k.startswith("_")}
     ldm = vae_to_ldm(model.vae.state_dict(), vcfg)
     save_safetensors({k[len(VAE_PREFIX):]: v for k, v in ldm.items()}, out["vae"], {CONFIG_KEY: json.dumps(vcfg)})
     return out
+
+
+def load_zimage(path: Path, *, dtype: torch.dtype, checkpoint, options, mixed_precision: str = "no") -> ZImageModel:
+    """The plug-in's loader: `options` is the job's Z-Image table (models/zimage/options.py)."""
+    from .model import TRAIN_FLOW
+
+    if mixed_precision == "bf16" or options.fp8_base:
+        dtype = torch.bfloat16  # the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+    given = options.model_fields_set  # a FLUX default is not a Z-Image one: only keys the job sets count
+    flow = FlowMatchOptions(*(getattr(options if k in given else TRAIN_FLOW, k)
+                              for k in ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift",
+                                        "model_prediction_type")))
+    if path.is_dir():
+        model = load_folder(path, dtype=dtype, variant=options.zimage_variant, flow=flow)
+    else:
+        model = load_single_file(path, checkpoint=checkpoint, dtype=dtype, variant=options.zimage_variant, flow=flow,
+                                 text_encoder=options.text_encoder, vae=options.vae,
+                                 qwen3_tokenizer=options.qwen3_tokenizer)
+    if options.fp8_base:
+        model.store_base_fp8()
+    if options.nf4_base:
+        model.store_base_nf4()
+    return model

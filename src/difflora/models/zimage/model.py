@@ -124,6 +124,10 @@ class ZImageModel(ModelFamily):
     def export_lora(self, tensors, save_format: str = "kohya"):
         return names.export(tensors, self._names, save_format)
 
+    def sample_timesteps(self, n, generator, latent_hw, window):
+        """musubi's timestep sampling (flow_matching.py, shift 2.0 by default) as σ·1000."""
+        return self.objective.sample_timesteps(n, generator, latent_hw)
+
     # ---- conditioning
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Qwen3's second-to-last hidden state of the chat-wrapped prompt, padded to 512 tokens with its mask
@@ -159,11 +163,6 @@ class ZImageModel(ModelFamily):
         if missing:
             raise UserError(f"this Z-Image transformer was loaded without {', '.join('`' + k + '`' for k in missing)}:"
                             " set the text_encoder and vae files (and qwen3_tokenizer)", path=self.source)
-
-    def reads_job_keys(self) -> frozenset[str]:
-        from .options import SHARED_FLOW_KEYS, ZIMAGE_ONLY_KEYS
-
-        return frozenset(ZIMAGE_ONLY_KEYS + SHARED_FLOW_KEYS)
 
     def check_complete(self) -> None:
         """Training and generation need the variant (its sampling) and every component."""
