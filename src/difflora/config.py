@@ -201,7 +201,8 @@ class JobOptions(DatasetOptions):
     save_every_n_epochs: int | None = Field(None, ge=1)
     save_every_n_steps: int | None = Field(None, ge=1)
     save_state: bool = False
-    save_format: Literal["kohya", "diffusers"] = "kohya"  # LoRA file layout (diffusers: for families that have one)
+    # LoRA file layout: diffusers (FLUX, Z-Image) and comfyui (Z-Image) for families that have one
+    save_format: Literal["kohya", "comfyui", "diffusers"] = "kohya"
     save_state_every_n_steps: int | None = Field(None, ge=1)
     overwrite: bool = False
     training_comment: str | None = None

@@ -428,6 +428,8 @@ class FluxModel(ModelFamily):
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
+        if save_format != "diffusers":
+            raise UserError(f"save_format = {save_format!r} is not a FLUX.1 LoRA layout (kohya or diffusers)")
         from .lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)
