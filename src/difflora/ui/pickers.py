@@ -51,13 +51,24 @@ def lora_choices(ws) -> list[tuple[str, str]]:
 
 
 def model_choices(ws) -> list[tuple[str, str]]:
-    """(label, workspace path) of the workspace's models: diffusers folders and single-file checkpoints."""
+    """(label, workspace path) of the workspace's models: diffusers folders and single-file checkpoints, also
+    through symlinks to folders trusted with --allow-path."""
+    import os
+
     out = [("the embedded toy model", "")]
-    folders = [i.parent for i in sorted(ws.root.rglob("model_index.json"))
-               if not any(part.startswith(".") for part in i.relative_to(ws.root).parts)]
-    out += [(f"{ws.relative(f)} (diffusers folder)", ws.relative(f)) for f in folders]
-    for p in _candidates(ws):
-        inside = p.relative_to(ws.root).parts[0] == "runs" or any(f in p.parents for f in folders)
-        if not inside and _header_keys(p) and not is_adapter_file(p):
-            out.append((f"{ws.relative(p)} (single file)", ws.relative(p)))
+    for top, dirs, files in os.walk(ws.root, followlinks=True):
+        rel = Path(top).relative_to(ws.root)
+        if rel.parts[:1] in (("runs",), ("tools",), ("compare",)) or any(p.startswith(".") or p.endswith("-state") \
+                                                                          for p in rel.parts) \
+                or len(rel.parts) > 4:
+            dirs[:] = []
+            continue
+        if "model_index.json" in files:
+            out.append((f"{rel.as_posix()} (diffusers folder)", rel.as_posix()))
+            dirs[:] = []  # its components are not models of their own
+            continue
+        for name in sorted(files):
+            path = Path(top) / name
+            if name.endswith(".safetensors") and _header_keys(path) and not is_adapter_file(path):
+                out.append((f"{(rel / name).as_posix()} (single file)", (rel / name).as_posix()))
     return out

@@ -19,7 +19,7 @@ def compare(ctx, model: str, loras: list[str], prompt: str, seed: int, sweep: st
     if not prompt.strip():
         raise UserError("give a prompt")
     out = ctx.ws.root / "compare" / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4])
-    base = ["--model", str(ctx.ws.resolve(model, "model"))] if model.strip() else []
+    base = ["--model", str(ctx.ws.resolve(model, "model", role="read"))] if model.strip() else []
     grids = []
     for i, lora in enumerate(loras):
         progress(i / len(loras), f"LoRA {i + 1} of {len(loras)}: {Path(lora).stem}")
