@@ -411,3 +411,42 @@ def test_the_model_picker_lists_folders_single_files_and_allowed_symlinks(tmp_pa
                                 ("models/sd15 (diffusers folder)", "models/sd15")]
     assert w.resolve("models/sd15", "model", role="read") == outside  # trusted with --allow-path
     assert [v for _, v in lora_choices(w)] == ["models/not_a_model.safetensors"]
+
+
+def test_pairs_page_makes_toy_pairs_adds_a_pair_from_slots_aligns_and_diffs_tags(ws, tmp_path):
+    from difflora.ui.pages.pairs import add_pair, make_toy_pairs, prep_folder, tag_diff
+
+    ctx = page_context(ws)
+    dest = make_toy_pairs(ctx, "glasses", 2, "specs")
+    assert sorted(p.name for p in dest.iterdir()) == ["000.png", "000.txt", "000_after.png", "000_after.txt",
+                                                      "001.png", "001.txt", "001_after.png", "001_after.txt"]
+    with pytest.raises(UserError, match="already holds files"):
+        make_toy_pairs(ctx, "glasses", 2, "specs")
+
+    # two slots, the user's own file names: saved as NAME.png / NAME_after.png
+    x = np.asarray(Image.open(dest / "000.png"))
+    Image.fromarray(x).save(tmp_path / "IMG_0001.PNG")
+    Image.fromarray(np.roll(np.asarray(Image.open(dest / "000_after.png")), (0, 2), axis=(0, 1))).save(
+        tmp_path / "edited.png")
+    assert add_pair(ctx, "pairs/specs", "", str(tmp_path / "IMG_0001.PNG"), str(tmp_path / "edited.png")) == \
+        ["IMG_0001.png: 64x64", "IMG_0001_after.png: 64x64"]
+    assert P.find_pairs(dest)[-1].name == "IMG_0001"
+    with pytest.raises(UserError, match="IMG_0001.png"):  # never over a file without the replace box
+        add_pair(ctx, "pairs/specs", "IMG_0001", str(tmp_path / "edited.png"), str(tmp_path / "edited.png"))
+    with pytest.raises(UserError, match="both slots"):
+        add_pair(ctx, "pairs/specs", "x", str(tmp_path / "edited.png"), None)
+    assert not list((ws.root / ".gradio").glob("pair-*"))  # the staging folders are gone
+
+    # align: a new folder beside the pairs, the shifted pair registered, the originals untouched
+    original = (dest / "IMG_0001_after.png").read_bytes()
+    out, report = prep_folder(ctx, "pairs/specs", "align")
+    assert out == "pairs/specs_aligned" and "IMG_0001" in report
+    assert (dest / "IMG_0001_after.png").read_bytes() == original
+    aligned = np.asarray(Image.open(ws.root / out / "IMG_0001_after.png")).astype(int)
+    shifted = np.asarray(Image.open(dest / "IMG_0001_after.png")).astype(int)
+    unshifted = np.asarray(Image.open(dest / "000_after.png")).astype(int)
+    assert np.abs(aligned - unshifted).mean() < np.abs(shifted - unshifted).mean() / 4
+
+    assert tag_diff("a face, eyes open, red hair", "a face, eyes closed, red hair") == \
+        "**only before:** `eyes open`  \n**only after:** `eyes closed`"
+    assert tag_diff("a, b", "b, a").startswith("The captions have the same tags")
