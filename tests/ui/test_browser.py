@@ -134,7 +134,7 @@ def test_pairs_train_live_runs_and_every_page(page, server_factory, tmp_path, sc
     # Compare: the LoRA at -1/0/+1 from the base model
     tab(page, "Compare")
     rel = lora.relative_to(ws).as_posix()
-    choose(page, "cmp-loras", rel)
+    choose(page, "cmp-loras", f"last · run {run.name}")  # picked by run and name
     page.keyboard.press("Escape")
     page.locator("#cmp-go").click()
     wait_text(page, "#cmp-message", lambda t: "grid" in t or "Refused" in t, 120, "the comparison")
