@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import _write_faces
 from difflora.config import load_job
+from difflora.errors import UserError
 from difflora.network.files import load_lora
 
 KOHYA_CONFIG = """\
@@ -118,3 +123,74 @@ def test_help_keys_lists_every_key_with_level_description_and_method_defaults(ru
     assert any(line.split()[:2] == ["max_train_steps", "40"] for line in out.splitlines())
     code, _, err = run_cli("train", "--help-keys", "--method", "adift")
     assert code == 2 and "unknown method 'adift'" in err
+
+
+# ------------------------------------------------------------------ kohya_ss GUI configs
+GUI_SDXL = Path(__file__).parent / "data" / "kohya_ss_gui_sdxl.toml"
+
+
+@pytest.fixture(scope="module")
+def gui_sdxl_tree(tmp_path_factory):
+    """The GUI's SDXL LoRA config beside what it names: the model, one `<repeats>_<name>` image folder, and the
+    empty prompt file the GUI writes into the output folder when no sample prompts are given."""
+    from difflora.toy.tiny_sdxl import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("kohya_ss_gui")
+    build_tiny_sdxl().save(root / "model")
+    _write_faces(root / "img" / "1_face", 2, 32)
+    (root / "output" / "sample").mkdir(parents=True)
+    (root / "output" / "sample" / "prompt.txt").write_text("")
+    shutil.copy(GUI_SDXL, root / "config_lora-20261207-133000.toml")
+    return root
+
+
+def test_kohya_ss_gui_sdxl_config_trains_unchanged(gui_sdxl_tree, run_cli, caplog):
+    cfg = gui_sdxl_tree / "config_lora-20261207-133000.toml"
+    with caplog.at_level(logging.INFO, logger="difflora"):
+        code, _, err = run_cli("train", cfg)
+    assert code == 0, err
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kohya key")]
+    assert len(notes) == len(set(notes))  # each once
+    noted = {n.split("'")[1] for n in notes}
+    # every key sd-scripts reads but difflora has no use for is named, and the GUI's own bookkeeping keys too
+    assert {"dynamo_backend", "epoch", "noise_offset_type", "wandb_run_name", "huber_c", "max_token_length"} <= noted
+    lora = load_lora(gui_sdxl_tree / "output" / "last.safetensors")
+    md = lora.metadata
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "16" and md["ss_network_alpha"] == "8"
+    assert json.loads(md["ss_network_args"]) == {"rank_dropout": "0.1", "module_dropout": "0.1", "dropout": None}
+    assert float(md["ss_text_encoder_lr"]) == 5e-5 and float(md["ss_unet_lr"]) == 1e-4 and md["ss_seed"] == "1234"
+    assert {k.split("_")[1] for k in lora.tensors} == {"te1", "te2", "unet"}  # both text encoders: TE lr > 0
+    assert all(t.dtype == torch.bfloat16 for t in lora.tensors.values())  # save_precision = "bf16"
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('dynamo_backend = "inductor"', "'dynamo_backend = 'inductor'' is a kohya option"),
+    ("text_encoder_lr = [ 5e-5, 1e-5,]", "with a different rate per text encoder"),
+    ('network_args = [ "block_dims=2,4,4,4,8,8,8,8,8,8,4,4,2",]', "block_dims=2,4,4,4,8,8,8,8,8,8,4,4,2: per-block ranks"),
+    ('network_args = [ "down_lr_weight=sine",]', "per-block learning rates are not supported"),
+    ('model_type = "chroma"', "'model_type = 'chroma''"),
+])
+def test_gui_values_difflora_cannot_apply_are_refused_by_name(gui_sdxl_tree, tmp_path, run_cli, line, problem):
+    key = line.split()[0]
+    text = "".join(x + "\n" for x in GUI_SDXL.read_text().splitlines() if not x.startswith(key + " "))
+    cfg = gui_sdxl_tree / f"refused_{key}.toml"
+    cfg.write_text(text + line + "\n")
+    code, _, err = run_cli("train", cfg, "--set", f'output_dir="{tmp_path / "out"}"')
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert problem in err and str(cfg) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gui_lycoris_switches_are_accepted_off_and_refused_on():
+    from difflora.network.adapters import parse_network_args
+
+    # kohya_ss's LyCORIS/LoKr line, as the GUI writes it with its defaults
+    gui = ("preset=full conv_dim=4 conv_alpha=1 use_tucker=False rank_dropout=0 bypass_mode=False dora_wd=False "
+           "module_dropout=0 factor=-1 use_cp=False use_scalar=False decompose_both=False rank_dropout_scale=False "
+           "algo=lokr train_norm=False").split()
+    assert parse_network_args(gui) == {"conv_dim": 4, "conv_alpha": 1.0, "use_tucker": False, "rank_dropout": 0.0,
+                                       "dora_wd": False, "module_dropout": 0.0, "factor": -1,
+                                       "decompose_both": False, "algo": "lokr"}
+    for switch in ("use_scalar", "bypass_mode", "train_norm", "rank_dropout_scale"):
+        with pytest.raises(UserError, match=f"network_args {switch}=True: "):
+            parse_network_args([*gui, f"{switch}=True"])

@@ -8,6 +8,7 @@ Relative paths are resolved against the folder of the file that names them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -23,6 +24,8 @@ from .models.registry import family_names
 from .network.adapters import adapter_options_of, normalise_job_keys
 from .models.flux_options import FluxJobOptions
 from .options import Strict
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ dataset (kohya layout)
@@ -465,6 +468,7 @@ def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
     resolve_dataset_paths(job.datasets, base)
     if root is not None:
         _check_paths_inside(job, root, path)
+    _drop_unused_empty_prompt_file(job)
     if job.dataset_config:
         if job.datasets:
             raise UserError("give either dataset_config or inline [[datasets]], not both", path=path)
@@ -484,6 +488,19 @@ def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
         job.datasets = ds.datasets
     if not job.datasets and not job.train_data_dir:
         raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
+
+
+def _drop_unused_empty_prompt_file(job: JobConfig) -> None:
+    """kohya_ss's GUI names an (often empty) prompt file in every config; sd-scripts reads it only when it
+    samples. An empty file with no sampling scheduled is ignored, as there; otherwise validation reads it."""
+    scheduled = job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first
+    prompt_file = Path(job.sample_prompts) if job.sample_prompts else None
+    if scheduled or prompt_file is None or not prompt_file.is_file():
+        return
+    lines = prompt_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not any(line.strip() and not line.strip().startswith("#") for line in lines):
+        log.info("sample_prompts %s has no prompts and no sampling is scheduled: ignored", prompt_file)
+        job.sample_prompts = None
 
 
 def _check_paths_inside(job: JobConfig, root: Path, config: Path) -> None:

@@ -100,6 +100,25 @@ _NETWORK_ARGS = {
 }
 
 
+# network_args kohya's networks.lora (block-wise) and kohya_ss's LyCORIS presets pass, which difflora does not do:
+# key -> why. The switches among them are accepted while off (the GUI writes every one, `use_scalar=False`).
+_REFUSED_ARGS = {
+    **dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"),
+                    "per-block ranks are not supported: every module trains at network_dim / conv_dim"),
+    **dict.fromkeys(("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"),
+                    "per-block learning rates are not supported: every module learns at unet_lr"),
+    "use_scalar": "LyCORIS' trained scalar per module is not supported",
+    "rank_dropout_scale": "rank dropout is not rescaled here",
+    "bypass_mode": "difflora's adapters always run beside the frozen layer, never fused into it",
+    "train_norm": "normalisation layers are not trained",
+    "constraint": "a Diag-OFT option (difflora does not train OFT)",
+    "rescaled": "a Diag-OFT option (difflora does not train OFT)",
+    "block_size": "a DyLoRA option (difflora does not train DyLoRA)",
+    "train_on_input": "an IA3 option (difflora does not train IA3)",
+}
+_SWITCHES = ("use_scalar", "rank_dropout_scale", "bypass_mode", "train_norm", "rescaled", "train_on_input")
+
+
 def parse_network_args(args) -> dict[str, object]:
     """kohya's `network_args` ("key=value" strings, or a table) -> normalised, typed options.
 
@@ -116,6 +135,10 @@ def parse_network_args(args) -> dict[str, object]:
             pairs.append((k.strip(), v.strip()))
     out: dict[str, object] = {}
     for key, value in pairs:
+        if key in _REFUSED_ARGS:
+            if key in _SWITCHES and not _parse_bool(key, value):
+                continue
+            raise UserError(f"network_args {key}={value}: {_REFUSED_ARGS[key]}; remove it")
         if key not in _NETWORK_ARGS:
             close = difflib.get_close_matches(key, list(_NETWORK_ARGS), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]}?)" if close else ""
