@@ -21,6 +21,7 @@ from .flux import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_
 from .flux_convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
 from .flux_transformer import FluxParams, FluxTransformer
+from .folders import publish_layout
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        publish_layout(tmp)  # CLIP-L with `text_model.` keys, tokenizer files transformers 4 and kohya read
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
