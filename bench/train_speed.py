@@ -68,7 +68,7 @@ def build_sd15_random(folder: Path) -> str:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from difflora.models.ldm import clip_tokenizer
-    from difflora.models.sd import StableDiffusion
+    from difflora.models.sd.model import StableDiffusion
     from difflora.toy.tiny import SD15_TE, SD15_UNET, SD_VAE
     from difflora.toy.base_model import SCHEDULER_CONFIG
 
@@ -86,7 +86,7 @@ def build_sdxl_random(folder: Path, width: int | None) -> str:
     import torch
 
     from difflora.models.ldm import clip_tokenizer
-    from difflora.models.sdxl import StableDiffusionXL
+    from difflora.models.sdxl.model import StableDiffusionXL
     from difflora.toy.tiny_sdxl import build_sdxl_components
 
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_non_finite_loss_stops_with_the_last_good_lora_and_state(kind, tmp_path, tiny_sd1_dir, faces16, run_cli,
                                                                    monkeypatch):
     """A NaN at step 3 (injected into the denoiser's output): exit 2, the weights after step 2 are saved."""
-    from difflora.models.sd import StableDiffusion
+    from difflora.models.sd.model import StableDiffusion
 
     out = tmp_path / "out"
     out.mkdir()

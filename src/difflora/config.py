@@ -20,9 +20,8 @@ from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_mode
 from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
-from .models.registry import family_names
+from .models.registry import family_names, option_tables
 from .network.adapters import adapter_options_of, normalise_job_keys
-from .models.flux_options import FluxJobOptions
 from .options import Strict
 
 log = logging.getLogger(__name__)
@@ -110,8 +109,8 @@ OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
-class JobOptions(DatasetOptions, FluxJobOptions):
-    """Every job key except the method tables (see JobConfig); the FLUX keys are in models/flux_options.py."""
+class JobOptions(DatasetOptions):
+    """Every job key except the method tables and the model families' keys (see JobConfig)."""
 
     _source: str | None = PrivateAttr(None)  # the job file, for errors about its values
 
@@ -209,6 +208,7 @@ class JobOptions(DatasetOptions, FluxJobOptions):
     save_every_n_epochs: int | None = Field(None, ge=1)
     save_every_n_steps: int | None = Field(None, ge=1)
     save_state: bool = False
+    save_format: Literal["kohya", "diffusers"] = "kohya"  # LoRA file layout (diffusers: for families that have one)
     save_state_every_n_steps: int | None = Field(None, ge=1)
     overwrite: bool = False
     training_comment: str | None = None
@@ -256,9 +256,12 @@ class JobOptions(DatasetOptions, FluxJobOptions):
 
 
 def _job_schema() -> type[JobOptions]:
-    """JobOptions + `method` + each registered method's option table under the method's name."""
+    """JobOptions + `method` + each registered method's option table under the method's name + every model
+    family's keys, top-level (models/registry.py refuses a key of another family than the model's)."""
     tables = {name: (m.options, m.options()) for name, m in METHODS.items() if m.options is not None}
-    return create_model("JobConfig", __base__=JobOptions, __module__=__name__, __doc__="A validated job TOML.",
+    families = tuple(dict.fromkeys(table for _, table in option_tables()))
+    return create_model("JobConfig", __base__=(JobOptions, *families), __module__=__name__,
+                        __doc__="A validated job TOML.",
                         method=(Literal[tuple(METHODS)], "standard"), **tables)
 
 

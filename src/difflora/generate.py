@@ -99,9 +99,8 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
     with lora_multipliers(networks):
-        if hasattr(model, "generate_request"):  # families with their own sampler (FLUX: flow-matching Euler)
-            return model.generate_request(networks, req, batch_size, output, progress=progress)
-        return _generate(model, networks, req, batch_size, output, progress)
+        images = model.generate_request(networks, req, batch_size, output, progress=progress)
+        return images if images is not None else _generate(model, networks, req, batch_size, output, progress)
 
 
 def progress_total(req: GenerationRequest, batch_size: int = 64) -> int:

@@ -51,7 +51,7 @@ def image_size(value: int | None, option: str, path=None) -> int | None:
 
 
 def sampler(name: str, option: str = "--sampler", path=None) -> str:
-    from .models.sd import SCHEDULERS
+    from .models.sd.model import SCHEDULERS
 
     if name.lower() not in SCHEDULERS:
         raise UserError(f"{option}: unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}", path=path)

@@ -55,25 +55,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files (weights_only)")
     p.add_argument("--v-parameterization", action="store_true", help="the model predicts v (SD2 768-v)")
     p.add_argument("--clip-skip", type=int, default=None, help="use the n-th text encoder layer from the end (kohya)")
-    flux = p.add_argument_group("FLUX.1 single-file transformers (kohya's names)")
-    flux.add_argument("--clip-l", default=None, help="CLIP-L text encoder file (clip_l.safetensors)")
-    flux.add_argument("--t5xxl", default=None, help="T5-XXL encoder file (t5xxl_fp16.safetensors)")
-    flux.add_argument("--ae", default=None, help="FLUX autoencoder file (ae.safetensors)")
-    flux.add_argument("--t5xxl-tokenizer", default=None, help="folder with T5's tokenizer.json or spiece.model")
-    flux.add_argument("--guidance-scale", type=float, default=None, help="FLUX.1-dev's embedded guidance (default 3.5)")
+    from ..models.registry import FAMILIES
+
+    for plugin in FAMILIES:
+        plugin.add_generate_arguments(p)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def load_model_from_args(args):
     from ..models import load_model
+    from ..models.registry import FAMILIES
 
-    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    options = {k: v for plugin in FAMILIES for k, v in plugin.generate_options(args).items()}
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
-                       **{k: v for k, v in flux.items() if v})
-    if getattr(args, "guidance_scale", None) is not None:
-        if model.family != "flux":
-            raise UserError("--guidance-scale is FLUX.1-dev's embedded guidance; use --cfg for this model")
-        model.options.guidance_scale = args.guidance_scale
+                       options=options, key_label=_flag)
     model.check_complete()  # before any output folder exists
     return model
 

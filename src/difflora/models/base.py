@@ -164,6 +164,18 @@ class ModelFamily(ABC):
         on. Returns the LoRA components that are gone."""
         raise NotImplementedError(f"{self.family} keeps its text encoders (drops_cached_text_encoders is False)")
 
+    def sample_timesteps(self, n: int, generator: torch.Generator | None, latent_hw: tuple[int, int],
+                         window: tuple[int, int]) -> torch.Tensor:
+        """Training timesteps for `n` samples: integers drawn uniformly from the job's [min_timestep, max_timestep)
+        `window`; a family with its own sampling (FLUX: timestep_sampling, on the latent size) overrides it."""
+        return torch.randint(window[0], window[1], (n,), generator=generator)
+
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
+                         progress=None) -> list | None:
+        """Images for a `generate.GenerationRequest` from the family's own sampler (FLUX: flow-matching Euler),
+        or None: `generate()` then runs the diffusers pipeline (`pipeline`, `pipeline_embeddings`)."""
+        return None
+
     def adapt_lora_file(self, lora):
         """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""
         return lora

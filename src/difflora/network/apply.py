@@ -55,9 +55,7 @@ def network_from_file(model, lora: LoraFile | str | os.PathLike, multiplier: flo
                       attach: bool = True) -> LoRANetwork:
     if not isinstance(lora, LoraFile):
         lora = load_lora(lora)
-    adapt = getattr(model, "adapt_lora_file", None)  # a family's own checks and layouts (FLUX: diffusers names)
-    if adapt is not None:
-        lora = adapt(lora)
+    lora = model.adapt_lora_file(lora)  # the family's own checks and layouts (FLUX: diffusers names)
     check_lora_fits(model, lora)
     net = LoRANetwork.from_weights(model.lora_targets(conv=True), lora.tensors, source=lora.path)
     net.to(model.device)

@@ -149,10 +149,8 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         noise.append(eps)
         if timesteps is not None:
             ts.append(timesteps(step, 1, gen)[0])
-        elif hasattr(model.objective, "sample_timesteps"):  # the family's own sampling (FLUX: timestep_sampling)
-            ts.append(model.objective.sample_timesteps(1, gen, tuple(shape[-2:]))[0])
         else:
-            ts.append(torch.randint(job.min_timestep, job.max_timestep, (1,), generator=gen)[0])
+            ts.append(model.sample_timesteps(1, gen, tuple(shape[-2:]), (job.min_timestep, job.max_timestep))[0])
         weights.append(job.prior_loss_weight if it.is_reg else 1.0)
     device = model.device
     latent_hw = tuple(latents["x"][-1].shape[-2:])

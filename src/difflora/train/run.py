@@ -17,6 +17,7 @@ from ..data.dataset import TrainingData, difference_mask
 from ..errors import UserError
 from ..methods import DataSizes, Method, make_method
 from ..models import load_model
+from ..models.registry import family_options_of
 from ..network.apply import check_lora_fits, network_from_file
 from ..network.files import load_lora
 from .batches import PromptCache
@@ -92,10 +93,10 @@ def prepare(job, resume: str | None = None) -> Run:
 
     model = load_model(job.model, allow_pickle=job.allow_pickle, family=job.model_family,
                        prediction_type="v_prediction" if job.v_parameterization else None, clip_skip=job.clip_skip,
-                       zero_terminal_snr=job.zero_terminal_snr or None, job=job)
+                       zero_terminal_snr=job.zero_terminal_snr or None, options=family_options_of(job),
+                       options_source=job._source, mixed_precision=job.mixed_precision)
     apply_family_defaults(job, model.family)
     validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
-    _check_family_keys(job, model)
     model.check_complete()  # a component missing for training stops here, before anything is encoded
     device = accelerator.device
     if not _caches_prompts(job):
@@ -250,13 +251,3 @@ def run_prompts(job, data: TrainingData) -> list[str]:
     if job.sample_prompts:
         prompts += [p.prompt for p in load_prompt_file(job.sample_prompts)]
     return list(dict.fromkeys(prompts))
-
-
-def _check_family_keys(job, model) -> None:
-    """A FLUX key set for another family would silently do nothing: refuse it."""
-    from ..models.flux_options import FLUX_ONLY_KEYS
-
-    defaults = type(job).model_fields
-    stray = sorted(k for k in set(FLUX_ONLY_KEYS) & job.model_fields_set if getattr(job, k) != defaults[k].default)
-    if model.family != "flux" and stray:
-        raise UserError(f"{', '.join(stray)} apply to FLUX models only; this model is {model.base_model_version}")

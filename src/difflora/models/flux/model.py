@@ -9,7 +9,7 @@ Two layouts load, fully offline:
   vocabulary; T5's comes from `t5xxl_tokenizer` (a folder with tokenizer.json, e.g. a FLUX
   diffusers folder's tokenizer_2/) or from beside the t5xxl file.
 
-The transformer is kept in BFL's layout (models/flux_transformer.py), so kohya's LoRA names
+The transformer is kept in BFL's layout (transformer.py), so kohya's LoRA names
 (`lora_unet_double_blocks_0_img_attn_qkv`, ...) are module paths.
 """
 
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from ..network.lora import LoRATarget
-from .base import Conditioning, ModelFamily
-from .flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
-from .flux_transformer import FluxTransformer
+from ...errors import UserError
+from ...network.lora import LoRATarget
+from ..base import Conditioning, ModelFamily
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
+from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class FluxModel(ModelFamily):
                 rank = ranks[name.split(".")[0]]
                 if isinstance(lin, nn.Linear) and (conv or rank != 0):
                     out.append(LoRATarget(f"lora_unet_{name}".replace(".", "_"), lin, "unet", None if conv else rank))
-        from .sd import text_encoder_lora_targets
+        from ..sd.model import text_encoder_lora_targets
 
         if self.text_encoders.get("clip_l") is not None:
             out += text_encoder_lora_targets(self.text_encoders["clip_l"], prefix="lora_te1", component="clip_l")
@@ -207,9 +207,9 @@ class FluxModel(ModelFamily):
 
     def adapt_lora_file(self, lora):
         """Check a LoRA file is for FLUX.1 (this variant) and bring diffusers/ai-toolkit names to kohya's."""
-        from ..fileio import load_safetensors as _load
-        from ..network.files import LoraFile
-        from .flux_lora import diffusers_to_kohya, is_diffusers_flux_lora
+        from ...fileio import load_safetensors as _load
+        from ...network.files import LoraFile
+        from .lora import diffusers_to_kohya, is_diffusers_flux_lora
 
         version = lora.metadata.get("ss_base_model_version", "")
         if version and not version.startswith("flux"):
@@ -356,6 +356,10 @@ class FluxModel(ModelFamily):
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.no_grad()
+    def sample_timesteps(self, n, generator, latent_hw, window):
+        """kohya's timestep_sampling (flow_matching.py); the job's min/max_timestep window does not apply."""
+        return self.objective.sample_timesteps(n, generator, latent_hw)
+
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
         """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
@@ -377,7 +381,7 @@ class FluxModel(ModelFamily):
         return out
 
     def prepare_training(self, job, device) -> None:
-        from .low_vram import enable_block_swap
+        from ..low_vram import enable_block_swap
 
         self.check_complete()
         if self.variant == "schnell" and self.options.in_dims and self.options.in_dims[3]:
@@ -393,7 +397,7 @@ class FluxModel(ModelFamily):
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
-        from .flux_lora import kohya_to_diffusers
+        from .lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)
 
@@ -409,7 +413,7 @@ class FluxModel(ModelFamily):
 
     def store_base_fp8(self) -> None:
         """kohya's fp8_base: frozen block weights in float8_e4m3fn, computed in bf16."""
-        from .low_vram import store_fp8
+        from ..low_vram import store_fp8
 
         store_fp8(self.transformer, torch.bfloat16)
         for m in self.transformer.modules():  # norms, embedders etc. compute in bf16 too
@@ -420,7 +424,7 @@ class FluxModel(ModelFamily):
 
     def store_base_nf4(self) -> None:
         """4-bit NF4 frozen blocks (bitsandbytes, CUDA only); the LoRA stays in fp32."""
-        from .low_vram import store_nf4
+        from ..low_vram import store_nf4
 
         for block in self.transformer.blocks():
             store_nf4(block, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -457,7 +461,7 @@ class FluxModel(ModelFamily):
         path = Path(path)
         if single_file is None:
             single_file = path.suffix.lower() == ".safetensors"
-        from .flux_files import save_bfl_transformer, save_diffusers_folder
+        from .files import save_bfl_transformer, save_diffusers_folder
 
         if single_file:
             save_bfl_transformer(self.transformer, path, dtype=dtype)
@@ -474,41 +478,23 @@ def _has(module: nn.Module, name: str) -> bool:
 
 
 
-# ------------------------------------------------------------------ the model-family registry's entry points
-def detect_folder(path: Path, index: dict | None = None) -> str | None:
-    """"flux" for a diffusers folder of a FLUX pipeline (FLUX.2 / Kontext too: the loader then says what is supported)."""
-    if index is None:
-        try:
-            index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-    return "flux" if str(index.get("_class_name", "")).startswith("Flux") else None
-
-
-def detect_single_file(keys, metadata: dict[str, str] | None = None) -> str | None:
-    bare = {k.split("diffusion_model.", 1)[-1] for k in keys}
-    if any(k.startswith(("double_blocks.", "single_blocks.", "double_stream_modulation")) for k in bare):
-        return "flux"
-    return None
-
-
-def load(path, *, family: str = "flux", dtype=torch.float32, allow_pickle: bool = False, prediction_type=None,
-         clip_skip=None, checkpoint=None, zero_terminal_snr=None, job=None, **options) -> "FluxModel":
-    """The registry's loader. The job's FLUX keys (models/flux_options.py) set the files and options;
-    `options` (load_flux's keywords: clip_l, t5xxl, ae, t5xxl_tokenizer, fp8_base) override them."""
-    from .flux_files import load_flux
+# ------------------------------------------------------------------ the loader (models/flux/__init__.py)
+def load(path, *, dtype=torch.float32, checkpoint=None, options=None, prediction_type=None,
+         mixed_precision: str = "no") -> "FluxModel":
+    """The plugin's loader. `options` (FluxJobOptions: the job's FLUX keys, or generate's flags) names the files
+    and sets the options; None keeps every default."""
+    from .files import load_flux
+    from .options import FluxJobOptions
 
     if prediction_type not in (None, "flow"):
         raise UserError(f"FLUX.1 is a flow-matching model; prediction type {prediction_type!r} does not apply",
                         path=path)
-    if job is not None:
-        if job.mixed_precision == "bf16" or job.fp8_base:
-            dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
-        base = {"clip_l": job.clip_l, "t5xxl": job.t5xxl, "ae": job.ae, "t5xxl_tokenizer": job.t5xxl_tokenizer,
-                "fp8_base": job.fp8_base, "options": FluxOptions.from_job(job)}
-        options = {**base, **{k: v for k, v in options.items() if v is not None}}
-    options = {k: v for k, v in options.items() if v is not None}
-    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, **options)
-    if job is not None and job.nf4_base:
+    options = options or FluxJobOptions()
+    if mixed_precision == "bf16" or options.fp8_base:
+        dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+    files = {k: getattr(options, k) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, fp8_base=options.fp8_base,
+                      options=FluxOptions.from_job(options), **{k: v for k, v in files.items() if v is not None})
+    if options.nf4_base:
         model.store_base_nf4()
     return model

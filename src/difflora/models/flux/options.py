@@ -1,8 +1,8 @@
 """FLUX.1 job keys, with kohya's names and defaults (flux_train_network.py and lora_flux's network_args).
 
 They are top-level job keys, as in kohya's FLUX TOML files; a job on another model family that
-sets one of them to something other than its default is refused (train/run.py) rather than
-silently ignoring it.
+sets one of them to something other than its default is refused rather than
+silently ignoring it (models/registry.py: family_options).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..options import Strict
+from ...options import Strict
 
 
 def _f(default, description: str, **kw):
@@ -43,8 +43,3 @@ class FluxJobOptions(Strict):
     nf4_base: bool = _f(False, "FLUX: frozen transformer blocks in 4-bit NF4 (CUDA, bitsandbytes)")
     blocks_to_swap: int | None = _f(None, "FLUX: transformer blocks kept on the CPU, brought in per forward", ge=0)
     cpu_offload_checkpointing: bool = _f(False, "FLUX: gradient checkpointing with the saved inputs on the CPU")
-    # LoRA file layout
-    save_format: Literal["kohya", "diffusers"] = _f("kohya", "LoRA file layout: kohya, or diffusers (FLUX: transformer. peft keys)")
-
-
-FLUX_ONLY_KEYS = tuple(k for k in FluxJobOptions.model_fields if k != "save_format")
