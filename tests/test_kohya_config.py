@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,78 @@ def test_gui_lycoris_switches_are_accepted_off_and_refused_on():
     for switch in ("use_scalar", "bypass_mode", "train_norm", "rank_dropout_scale"):
         with pytest.raises(UserError, match=f"network_args {switch}=True: "):
             parse_network_args([*gui, f"{switch}=True"])
+
+
+# ------------------------------------------------------------------ kohya FLUX configs (flux_train_network.py)
+KOHYA_FLUX = Path(__file__).parent / "data" / "kohya_flux_lora.toml"
+FLUX_DATASET = """\
+[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 32
+batch_size = 1
+
+  [[datasets.subsets]]
+  image_dir = "img"
+  num_repeats = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def kohya_flux_tree(tmp_path_factory):
+    """sd-scripts' FLUX config beside the files it names: a BFL transformer, clip_l / t5xxl / ae, a dataset TOML."""
+    from difflora.models.flux.files import save_component_files
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("kohya_flux")
+    model = build_tiny_flux("dev", 1, 1)
+    model.save(root / "flux1-tiny.safetensors")
+    save_component_files(model, root / "components")
+    _write_faces(root / "img", 2, 32)
+    (root / "dataset.toml").write_text(FLUX_DATASET)
+    shutil.copy(KOHYA_FLUX, root / "flux_lora.toml")
+    return root
+
+
+def test_kohya_flux_config_with_lora_flux_and_train_t5xxl_trains_unchanged(kohya_flux_tree):
+    log = _train_in_a_process(kohya_flux_tree / "flux_lora.toml", kohya_flux_tree)
+    assert "network_args train_t5xxl=True read as train_t5xxl = True" in log
+    lora = load_lora(kohya_flux_tree / "out" / "flux-lora.safetensors")
+    md = lora.metadata
+    assert {k.split("_")[1] for k in lora.tensors} == {"te1", "te3", "unet"}  # CLIP-L, T5 (train_t5xxl), transformer
+    assert md["ss_network_module"] == "networks.lora_flux" and md["ss_base_model_version"] == "flux1"
+    assert json.loads(md["ss_network_args"]) == {"train_t5xxl": "True", "split_qkv": "False", "verbose": "True",
+                                                 "dropout": None}
+    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "4"
+
+
+@pytest.mark.parametrize("args,problem", [
+    ('["train_t5xxl=true"]', "sd-scripts reads only train_t5xxl=True as true"),
+    ('["split_qkv=True"]', "network_args split_qkv=True (networks.lora_flux): difflora trains FLUX's fused qkv"),
+    ('["img_attn_dim=8"]', "per-module-type ranks are not supported"),
+    ('["train_double_block_indices=0-3"]', "blocks are chosen with train_blocks"),
+])
+def test_lora_flux_network_args_difflora_cannot_apply_are_refused_with_the_reason(kohya_flux_tree, args, problem):
+    cfg = kohya_flux_tree / "refused.toml"
+    cfg.write_text(KOHYA_FLUX.read_text().replace('["train_t5xxl=True", "split_qkv=False", "verbose=True"]', args))
+    with pytest.raises(UserError, match=re.escape(problem)):
+        load_job(cfg)
+
+
+def test_a_family_network_module_on_another_family_is_refused(gui_sdxl_tree, tmp_path, run_cli):
+    cfg = gui_sdxl_tree / "lora_flux_on_sdxl.toml"
+    cfg.write_text(GUI_SDXL.read_text().replace('"networks.lora"', '"networks.lora_flux"').replace(
+        'mixed_precision = "bf16"', 'mixed_precision = "no"'))
+    code, _, err = run_cli("train", cfg, "--set", f'output_dir="{tmp_path / "out"}"')
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'networks.lora_flux' is sd-scripts' LoRA module for FLUX.1; this model is SDXL" in err
+    assert not list(tmp_path.rglob("*.safetensors"))  # refused once the model's family is known, before training
+
+
+def test_clip_l_component_carries_text_projection(kohya_flux_tree):
+    from safetensors import safe_open
+
+    with safe_open(str(kohya_flux_tree / "components" / "clip_l.safetensors"), "pt") as f:
+        width = f.get_tensor("text_model.final_layer_norm.weight").shape[0]
+        assert f.get_tensor("text_projection.weight").shape == (width, width)

@@ -244,7 +244,7 @@ class JobOptions(DatasetOptions):
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError('full_bf16 needs mixed_precision = "bf16"')
         try:
-            normalised = normalise_job_keys(self)
+            normalised = normalise_job_keys(self, _family_network_modules())
         except UserError as e:
             raise ValueError(str(e)) from None
         self.__dict__.update(normalised)  # not setattr: an assignment validates the model again
@@ -253,6 +253,14 @@ class JobOptions(DatasetOptions):
     def adapter_options(self):
         """The job's adapter (algorithm and options), normalised."""
         return adapter_options_of(self)
+
+
+def _family_network_modules() -> dict[str, tuple[str, ...]]:
+    """Each family's own sd-scripts network module -> the network_args it reads (kohya_config applied them)."""
+    from .models.registry import FAMILIES
+
+    return {p.kohya_network_module: (*p.kohya_network_args, *p.refused_network_args) for p in FAMILIES
+            if p.kohya_network_module != "networks.lora"}
 
 
 def _job_schema() -> type[JobOptions]:

@@ -159,10 +159,42 @@ def normalise(data: dict, fields: set[str]) -> dict:
             notes.append(f"kohya key '{key}' has no effect: {why}")
         elif key not in fields and is_kohya_option(key):
             raise _unsupported(key, value)
+    _family_network_args(data, notes)
     _normalise_values(data, notes)
     for note in notes:
         log.info(note)
     return data
+
+
+def _family_network_args(data: dict, notes: list[str]) -> None:
+    """A family's sd-scripts network module (`networks.lora_flux`): its network_args that are the family's option
+    keys set them (`train_t5xxl=True` -> train_t5xxl = true), the ones difflora does not do are refused with the
+    reason. The strings stay in network_args, which the LoRA's ss_network_args repeats as given."""
+    from .models.registry import FAMILIES
+
+    plugin = next((p for p in FAMILIES if p.kohya_network_module == data.get("network_module")), None)
+    args = data.get("network_args")
+    if plugin is None or not isinstance(args, list):
+        return
+    for item in args:
+        key, _, text = str(item).partition("=")
+        key, text = key.strip(), text.strip()
+        if key in plugin.refused_network_args and text not in ("False", "None", ""):
+            raise UserError(f"network_args {key}={text} ({plugin.kohya_network_module}): "
+                            f"{plugin.refused_network_args[key]}; remove it")
+        if key not in plugin.kohya_network_args:
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if plugin.options.model_fields[key].annotation is bool and not isinstance(value, bool):
+            # sd-scripts compares with the string "True": any other spelling trains without the option
+            raise UserError(f"network_args {key}={text}: sd-scripts reads only {key}=True as true; write True or False")
+        if key in data and data[key] != value:
+            raise UserError(f"both '{key} = {data[key]!r}' and network_args {key}={text} are set; keep one")
+        data[key] = value
+        notes.append(f"kohya network_args {key}={text} read as {key} = {value!r}")
 
 
 def _normalise_values(data: dict, notes: list[str]) -> None:

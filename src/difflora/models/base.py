@@ -94,9 +94,6 @@ class ModelFamily(ABC):
         """Model-dependent metadata of a LoRA trained on this model."""
         return {}
 
-    # sd-scripts' network module for this family's plain LoRA files (ss_network_module; FLUX: networks.lora_flux)
-    kohya_network_module: str = "networks.lora"
-
     # ---- LoRA
     @abstractmethod
     def lora_targets(self, conv: bool = False) -> list[LoRATarget]:

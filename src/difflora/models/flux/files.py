@@ -212,7 +212,11 @@ def save_component_files(model: FluxModel, folder: Path) -> dict[str, Path]:
     clip, t5 = model.text_encoders["clip_l"], model.text_encoders["t5xxl"]
     out = {"clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors", "ae": folder / "ae.safetensors"}
     tok_json = lambda t: t.backend_tokenizer.to_str()  # noqa: E731
-    save_safetensors({"text_model." + k: v for k, v in clip.state_dict().items()}, out["clip_l"],
+    # published clip_l.safetensors carry CLIP's text_projection (ComfyUI warns "clip missing" without it); FLUX
+    # reads the unprojected pooled output, so the identity stands in for the one this CLIPTextModel does not have
+    width = clip.config.hidden_size
+    save_safetensors({**{"text_model." + k: v for k, v in clip.state_dict().items()},
+                      "text_projection.weight": torch.eye(width, dtype=clip.dtype)}, out["clip_l"],
                      {"difflora.config": json.dumps(_config_dict(clip.config)), "difflora.tokenizer": tok_json(model.clip_tokenizer)})
     save_safetensors({k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}, out["t5xxl"],
                      {"difflora.config": json.dumps(_config_dict(t5.config)), "difflora.tokenizer": tok_json(model.t5_tokenizer)})

@@ -119,10 +119,11 @@ _REFUSED_ARGS = {
 _SWITCHES = ("use_scalar", "rank_dropout_scale", "bypass_mode", "train_norm", "rescaled", "train_on_input")
 
 
-def parse_network_args(args) -> dict[str, object]:
+def parse_network_args(args, handled: tuple[str, ...] = ()) -> dict[str, object]:
     """kohya's `network_args` ("key=value" strings, or a table) -> normalised, typed options.
 
     A misspelt or unsupported key is refused with one line naming it (and the closest known key).
+    `handled`: keys a family's network module reads, already applied to the job (config.py).
     """
     pairs: list[tuple[str, object]] = []
     if isinstance(args, Mapping):
@@ -135,6 +136,8 @@ def parse_network_args(args) -> dict[str, object]:
             pairs.append((k.strip(), v.strip()))
     out: dict[str, object] = {}
     for key, value in pairs:
+        if key in handled or key == "verbose":  # verbose: sd-scripts prints its module list
+            continue
         if key in _REFUSED_ARGS:
             if key in _SWITCHES and not _parse_bool(key, value):
                 continue
@@ -306,7 +309,7 @@ _LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encod
 _LYCORIS_ONLY = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd")
 
 
-def normalise_job_keys(job) -> dict[str, object]:
+def normalise_job_keys(job, family_modules: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, object]:
     """Fold kohya's `network_module` / `network_args` into difflora's keys and check them.
 
     Returns the job fields to update: `network_algo` becomes the canonical algorithm (`lora`,
@@ -316,12 +319,14 @@ def normalise_job_keys(job) -> dict[str, object]:
     unknown option is refused with one line.
     """
     module = job.network_module
-    if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE):
-        raise UserError(f"'network_module = {module!r}' is a kohya option difflora does not support; use "
-                        f"{KOHYA_LORA_MODULE!r} or {LYCORIS_MODULE!r}")
-    args = parse_network_args(job.network_args)
+    family_modules = dict(family_modules or {})
+    if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE, *family_modules):
+        known = ", ".join(repr(m) for m in (KOHYA_LORA_MODULE, LYCORIS_MODULE, *family_modules))
+        raise UserError(f"'network_module = {module!r}' is a kohya option difflora does not support; use one of "
+                        f"{known}")
+    args = parse_network_args(job.network_args, family_modules.get(module, ()))
     lycoris_args = [k for k in _LYCORIS_ONLY if k in args]
-    if module == KOHYA_LORA_MODULE and lycoris_args:
+    if module != LYCORIS_MODULE and lycoris_args:
         raise UserError(f"network_args {lycoris_args[0]}=... is a LyCORIS option; set network_module = "
                         f"\"{LYCORIS_MODULE}\" (or use network_algo = ...)")
     given = job.model_fields_set
