@@ -122,3 +122,25 @@ def test_presets_may_be_any_adapter(example_tree, tiny_sd1_dir, run_cli):  # noq
     diffs = [float((runs["with"].tensors[k] - runs["without"].tensors[k]).abs().max()) for k in runs["without"].tensors
              if k.endswith("hada_w2_a")]
     assert max(diffs) > 1e-6
+
+
+def test_lokr_tucker_core_only_when_asked_and_then_a_warning(tmp_path, tiny_sd1_dir, pairs16, run_cli, caplog):
+    """Forge cannot apply `lokr_t2` and ComfyUI skips it: a LoKr job writes none unless network_use_tucker asks for
+    it, and then says so once, before training."""
+    import logging
+
+    def run(name, **keys):
+        job = _addift_job(tmp_path, tiny_sd1_dir, pairs16, network_algo='"lokr"', conv_dim=1, max_train_steps=1,
+                          output_name=f'"{name}"', **keys)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difflora"):
+            code, _, err = run_cli("train", job)
+        assert code == 0, err
+        warned = [r for r in caplog.records if "lokr_t2" in r.getMessage()]
+        return load_lora(tmp_path / "out" / f"{name}.safetensors"), warned
+
+    plain, warned = run("plain")
+    assert not any(k.endswith(".lokr_t2") for k in plain.tensors) and not warned
+    tucker, warned = run("tucker", network_use_tucker="true")
+    assert any(k.endswith(".lokr_t2") for k in tucker.tensors)
+    assert len(warned) == 1 and "Forge cannot apply" in warned[0].getMessage()
