@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from .adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE, AdapterOptions
+from .adapters import KOHYA_LORA_MODULE, LYCORIS_ARGS, LYCORIS_MODULE, AdapterOptions
 
 
 def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: float | None,
@@ -51,9 +51,6 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-_LYCORIS_ARGS = ("algo", "preset", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd", "wd_on_output", "dropout")
-
-
 def describe_plain_lora(md: dict[str, str]) -> None:
     """Metadata of a file whose tensors are plain LoRA (a LoHa difference written as LoRA, a resize):
     `networks.lora`, without LyCORIS' algorithm arguments."""
@@ -64,8 +61,9 @@ def describe_plain_lora(md: dict[str, str]) -> None:
         args = json.loads(md.get("ss_network_args") or "{}")
     except ValueError:
         return
-    if isinstance(args, dict) and any(k in args for k in _LYCORIS_ARGS):
-        kept = {k: v for k, v in args.items() if k not in _LYCORIS_ARGS}
+    lycoris_only = (*LYCORIS_ARGS, "preset")
+    if isinstance(args, dict) and any(k in args for k in lycoris_only):
+        kept = {k: v for k, v in args.items() if k not in lycoris_only}
         if kept:
             md["ss_network_args"] = json.dumps(kept)
         else:

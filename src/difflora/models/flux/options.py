@@ -11,35 +11,23 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...options import Strict
+from ...options import ReadPath
+from ..shared_options import FlowMatchingKeys, LowVramKeys
 
 
 def _f(default, description: str, **kw):
     return Field(default, description=description, **kw)
 
 
-class FluxJobOptions(Strict):
+class FluxJobOptions(FlowMatchingKeys, LowVramKeys):
     # the files FLUX users have (kohya: --clip_l --t5xxl --ae); unused with a diffusers folder
-    clip_l: str | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
-    t5xxl: str | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
-    ae: str | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
-    t5xxl_tokenizer: str | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
-    # flow matching (kohya's defaults)
-    guidance_scale: float = _f(3.5, "FLUX.1-dev: the guidance embedding's value during training")
+    clip_l: ReadPath | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
+    t5xxl: ReadPath | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
+    ae: ReadPath | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
+    t5xxl_tokenizer: ReadPath | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
     t5xxl_max_token_length: int | None = _f(None, "FLUX: T5 tokens (unset: 512 dev, 256 schnell)", ge=1)
     apply_t5_attn_mask: bool = _f(False, "FLUX: mask T5 padding in the T5 encoder and the transformer's attention")
-    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = _f(
-        "sigma", "FLUX: how σ is drawn (sigma, uniform, sigmoid, shift, flux_shift)")
-    sigmoid_scale: float = _f(1.0, "FLUX: scale of the normal draw for sigmoid / shift / flux_shift sampling")
-    discrete_flow_shift: float = _f(3.0, "FLUX: shift of the sigma and shift samplings", gt=0)
-    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = _f(
-        "sigma_scaled", "FLUX: model output as the loss sees it (raw, additive: +x_t, sigma_scaled: x_t - σ·out)")
     # which modules (kohya network_args)
     train_blocks: Literal["all", "double", "single"] = _f("all", "FLUX: LoRA on all, double or single blocks")
     in_dims: list[int] | None = _f(None, "FLUX: ranks of img_in, time_in, vector_in, guidance_in, txt_in (0: none)")
     train_t5xxl: bool = _f(False, "FLUX: also a T5-XXL LoRA (lora_te3_)")
-    # low VRAM
-    fp8_base: bool = _f(False, "FLUX: frozen transformer stored in float8_e4m3fn, computed in bf16")
-    nf4_base: bool = _f(False, "FLUX: frozen transformer blocks in 4-bit NF4 (CUDA, bitsandbytes)")
-    blocks_to_swap: int | None = _f(None, "FLUX: transformer blocks kept on the CPU, brought in per forward", ge=0)
-    cpu_offload_checkpointing: bool = _f(False, "FLUX: gradient checkpointing with the saved inputs on the CPU")
