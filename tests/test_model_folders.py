@@ -51,8 +51,10 @@ def _tiny(family: str):
     from difflora.toy.tiny_flux import build_tiny_flux
     from difflora.toy.tiny_sdxl import build_tiny_sdxl
 
+    from difflora.models.zimage.tiny import build_tiny_zimage
+
     builders = {"sd1": lambda: build_tiny_sd("sd1", layout="small"), "sd2": lambda: build_tiny_sd("sd2", layout="small"),
-                "sdxl": build_tiny_sdxl, "flux": lambda: build_tiny_flux("dev", 1, 1)}
+                "sdxl": build_tiny_sdxl, "flux": lambda: build_tiny_flux("dev", 1, 1), "zimage": build_tiny_zimage}
     return builders[family]() if family in builders else None
 
 
@@ -91,6 +93,18 @@ def transformers4_keys(config: dict) -> tuple[set[str], set[str]]:
                                                                             block + "1.layer_norm.weight"}
             keys |= {block + f"1.DenseReluDense.{p}.weight" for p in (("wi_0", "wi_1", "wo") if gated else ("wi", "wo"))}
         return keys, {"encoder.embed_tokens.weight"}
+    if arch == "Qwen3Model":  # embed_tokens, layers (attention with q/k norms, gated MLP, two RMSNorms), norm
+        keys = {"embed_tokens.weight", "norm.weight"}
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+        for i in range(config["num_hidden_layers"]):
+            layer = f"layers.{i}."
+            keys |= {layer + f"self_attn.{p}.weight" for p in projections}
+            if config.get("attention_bias"):
+                keys |= {layer + f"self_attn.{p}.bias" for p in projections}
+            keys |= {layer + f"self_attn.{n}.weight" for n in ("q_norm", "k_norm")}
+            keys |= {layer + f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+            keys |= {layer + f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        return keys, set()
     raise AssertionError(f"text encoder architecture {arch}: add its transformers-4 layout to transformers4_keys")
 
 
@@ -161,8 +175,8 @@ def _from_files(tokenizer_dir, names, tmp_path):
 def test_written_tokenizer_folders_hold_the_files_older_readers_load(written_folder, tmp_path):
     import json
 
+    import transformers
     from tokenizers import Tokenizer
-    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import T5Converter
 
     _, folder = written_folder
@@ -173,9 +187,9 @@ def test_written_tokenizer_folders_hold_the_files_older_readers_load(written_fol
         config = json.loads((tok_dir / "tokenizer_config.json").read_text())
         assert not isinstance(config.get("extra_special_tokens"), list)  # transformers 4 needs a dict there
         kind = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["type"]
-        if kind == "BPE":  # CLIP: the slow tokenizer's vocab.json + merges.txt
+        if kind == "BPE":  # CLIP, Qwen: the slow tokenizer's vocab.json + merges.txt
             alone = _from_files(tok_dir, ("vocab.json", "merges.txt", "tokenizer_config.json"), tmp_path)
-            slow = CLIPTokenizer.from_pretrained(str(alone))
+            slow = getattr(transformers, config["tokenizer_class"]).from_pretrained(str(alone))
             assert not (alone / "tokenizer.json").exists()
             for text in TEXTS:
                 assert slow(text).input_ids == fast.encode(text).ids, (tok_dir.name, text)
