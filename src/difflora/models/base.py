@@ -151,6 +151,9 @@ class ModelFamily(ABC):
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), before the denoiser
         moves to `device`: `to` then leaves on the CPU what the family keeps there (FLUX's swapped blocks)."""
 
+    # the family-only job keys (registry.family_only_keys) this model honours; others set in a job are refused
+    job_keys: frozenset[str] = frozenset()
+
     # cache_text_encoder_outputs: True for a family whose text encoders are too big to keep once the run's
     # prompts are encoded (FLUX's T5-XXL, 9.5 GB); the others move theirs off the GPU.
     drops_cached_text_encoders = False

@@ -44,7 +44,8 @@ class FluxJobOptions(Strict):
     blocks_to_swap: int | None = _f(None, "FLUX: transformer blocks kept on the CPU, brought in per forward", ge=0)
     cpu_offload_checkpointing: bool = _f(False, "FLUX: gradient checkpointing with the saved inputs on the CPU")
     # LoRA file layout
-    save_format: Literal["kohya", "diffusers"] = _f("kohya", "LoRA file layout: kohya, or diffusers (FLUX: transformer. peft keys)")
+    save_format: Literal["kohya", "comfyui", "diffusers"] = _f(
+        "kohya", "LoRA file layout: kohya, comfyui (FLUX.2: diffusion_model. keys) or diffusers (transformer. peft keys)")
 
 
 FLUX_ONLY_KEYS = tuple(k for k in FluxJobOptions.model_fields if k != "save_format")
