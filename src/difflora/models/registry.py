@@ -44,6 +44,7 @@ def register_family(names: tuple[str, ...] | str, module_path: str, title: str) 
     FAMILIES.append(FamilyEntry(names, module_path, title))
 
 
+register_family("flux2", "difflora.models.flux2", "FLUX.2")  # before FLUX.1, whose detection claims Flux* folders
 register_family("flux", "difflora.models.flux", "FLUX.1")  # before SDXL: FLUX folders have a text_encoder_2 too
 register_family(("sd1", "sd2"), "difflora.models.sd", "Stable Diffusion 1.x / 2.x")
 register_family("sdxl", "difflora.models.sdxl", "SDXL")
@@ -112,6 +113,14 @@ def detect_single_file(keys: set[str], metadata: dict[str, str], path) -> str:
                             f"(supported: {supported_titles()})", path=path)
     raise UserError(f"not a checkpoint of a supported model family ({supported_titles()}): none of their "
                     "tensor names were found", path=path)
+
+
+def family_only_keys() -> set[str]:
+    """Job keys that only some families honour (each model's `job_keys` says which it takes)."""
+    from .flux2.options import FLUX2_ONLY_KEYS
+    from .flux_options import FLUX_ONLY_KEYS
+
+    return set(FLUX_ONLY_KEYS) | set(FLUX2_ONLY_KEYS)
 
 
 def method_defaults(family: str | None, method: str) -> dict:
