@@ -134,15 +134,19 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def load_tokenizer(folder: Path, kind: str, path_for_errors):
-    from transformers import AutoProcessor, AutoTokenizer
+    """The tokenizer alone (dev's folder holds a Pixtral processor; text prompts need only its tokenizer and
+    chat template)."""
+    from transformers import AutoTokenizer
 
     try:
-        if kind == "mistral3":
-            return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
         raise UserError(f"could not load the {kind} tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         path=path_for_errors) from None
+    if not tok.chat_template:
+        raise UserError(f"the {kind} tokenizer has no chat template (FLUX.2 formats prompts with it)",
+                        path=path_for_errors)
+    return tok
 
 
 def _qwen3_config_from(sd: dict[str, torch.Tensor]):

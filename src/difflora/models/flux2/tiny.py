@@ -44,15 +44,14 @@ def tiny_qwen3_tokenizer():
     return tok
 
 
-def tiny_mistral_processor():
-    """A PixtralProcessor over a byte-level tokenizer with Mistral's control tokens and a template for the dev
-    pipeline's system + user messages."""
-    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+def tiny_mistral_tokenizer():
+    """A byte-level tokenizer with Mistral's control tokens and a chat template for the dev pipeline's system +
+    user messages (the real folder's processor wraps such a tokenizer; text prompts use only the tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
-               "[IMG_BREAK]", "[IMG_END]"]
+    special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
     vocab = {t: i for i, t in enumerate(special)}
     for c in bytes_to_unicode().values():
         vocab[c] = len(vocab)
@@ -62,9 +61,8 @@ def tiny_mistral_processor():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>")
     tok.add_special_tokens({"additional_special_tokens": special[4:]})
-    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=16,
-                            chat_template=MISTRAL_TEMPLATE, image_token="[IMG]", image_break_token="[IMG_BREAK]",
-                            image_end_token="[IMG_END]")
+    tok.chat_template = MISTRAL_TEMPLATE
+    return tok
 
 
 def tiny_text_encoder(size_name: str, vocab: int):
@@ -124,9 +122,8 @@ def build_tiny_flux2(size_name: str = "klein-4b", seed: int = 0, distilled: bool
         for p in tr.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    tok = tiny_qwen3_tokenizer() if size.text_encoder == "qwen3" else tiny_mistral_processor()
-    vocab = len(tok) if size.text_encoder == "qwen3" else len(tok.tokenizer)
-    te = tiny_text_encoder(size_name, vocab)
+    tok = tiny_qwen3_tokenizer() if size.text_encoder == "qwen3" else tiny_mistral_tokenizer()
+    te = tiny_text_encoder(size_name, len(tok))
     options = options or Flux2Options(max_token_length=32)
     options.distilled = distilled
     model = Flux2Model(tr, tiny_vae(), te, tok, size, source=f"tiny-flux2-{size_name}", options=options)
