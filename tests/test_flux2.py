@@ -200,3 +200,74 @@ def _deltas(tensors) -> dict[str, torch.Tensor]:
             alpha = float(tensors.get(f"{n}.alpha", down.shape[0]))
             out[n] = up @ down * alpha / down.shape[0]
     return out
+
+
+# ------------------------------------------------------------------ layouts on disk, detection
+def test_folder_and_single_files_load_the_same_model_and_name_the_variant(klein_files):
+    from difflora.models.registry import detect_folder, detect_single_file
+    from difflora.fileio import read_safetensors_header
+
+    folder = load_model(klein_files["folder"])
+    single = load_model(klein_files["single"], text_encoder=str(klein_files["text_encoder"]),
+                        vae=str(klein_files["vae"]), tokenizer=str(klein_files["tokenizer"]))
+    assert detect_folder(klein_files["folder"]) == "flux2"
+    header, md = read_safetensors_header(klein_files["single"])
+    assert detect_single_file(set(header), md, klein_files["single"]) == "flux2"
+    assert (folder.family, folder.size.name, folder.version) == ("flux2", "klein-4b", "klein-base-4b")
+    assert single.version == "klein-base-4b"  # base and distilled share weights: base unless model_version says
+    distilled = load_model(klein_files["single"], model_version="klein-4b")
+    assert distilled.version == "klein-4b" and distilled.sampling_defaults() == (4, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, 2, 3, generator=g)
+    outs = []
+    for m in (folder, single):
+        m.options.max_token_length = 32
+        cond = m.encode_prompts(["a face, red hair"])
+        assert cond.tensors["txt"].shape == (1, 32, 48)
+        outs.append(m.predict(x, torch.tensor([600.0]), cond))
+        pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        outs.append(m.encode_images(pixels, sample=False))
+    assert outs[0].abs().mean() > 0.05
+    assert (outs[0] - outs[2]).abs().max() < 1e-6  # the text encoders' two loaders round alike to ~1e-7
+    assert torch.equal(outs[1], outs[3])
+    # the BFL file written from the folder equals the original file
+    assert load_file(str(klein_files["single"])).keys() == set(_ref("klein-4b", "native_statedict"))
+
+
+def test_single_file_without_encoders_is_a_transformer_only(klein_files):
+    model = load_model(klein_files["single"])
+    assert len(model.lora_targets()) == 80
+    with pytest.raises(UserError, match="text_encoder.*vae"):
+        model.check_complete()
+
+
+def test_diffusers_pipeline_with_the_lora_gives_difflora_generate_s_image(klein_files, tmp_path):
+    """Flux2KleinPipeline + load_lora_weights(our kohya file) == `generate` with it (klein base: CFG 4)."""
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.generate import GenerationRequest, generate
+    from difflora.network.apply import network_from_file
+    from difflora.network.files import save_lora
+
+    model = load_model(klein_files["folder"])
+    model.options.max_token_length = 32
+    net = _random_lora(model, rank=4)
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        path = tmp_path / f"{fmt}.safetensors"
+        save_lora(model.export_lora(net.kohya_state_dict(), fmt), path, {"ss_base_model_version": "flux2_klein_base_4b"})
+        pipe = Flux2KleinPipeline.from_pretrained(klein_files["folder"], local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(path))
+        want = pipe(prompt="a face, red hair", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(3), max_sequence_length=32, output_type="np").images[0]
+        lora = network_from_file(model, path)
+        try:
+            got = generate(model, [lora], GenerationRequest(["a face, red hair"], [3], steps=3, cfg=4.0, width=64,
+                                                           height=64), output="float")[0]
+        finally:
+            lora.remove()
+        without = pipe.__class__.from_pretrained(klein_files["folder"], local_files_only=True)(
+            prompt="a face, red hair", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(3), max_sequence_length=32, output_type="np").images[0]
+        assert np.abs(want - without).max() > 1e-2  # the LoRA changes the image
+        assert np.abs(got - want).max() <= 1e-4, fmt
