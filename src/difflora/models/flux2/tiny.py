@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .model import Flux2Model, Flux2Options
+from .model import Flux2Model, Flux2Options, patchify
 from .variants import LATENT_CHANNELS, SIZES
 
 WIDTH = 32  # 2 heads of 16
@@ -93,8 +93,9 @@ def tiny_transformer_config(size_name: str) -> dict:
 
 
 def tiny_vae():
-    """AutoencoderKLFlux2 with 32 latent channels and the real 8x (4 blocks), 8 wide; BatchNorm statistics away
-    from (0, 1) so the normalisation is exercised; near-zero latent variance (an untrained VAE's sampling noise
+    """AutoencoderKLFlux2 with 32 latent channels and the real 8x (4 blocks), 8 wide; BatchNorm statistics
+    measured on random images (as BFL's are on real ones: normalised latents of about unit variance, away from
+    (0, 1) so the normalisation is exercised); near-zero latent variance (an untrained VAE's sampling noise
     would swamp the tiny images)."""
     from diffusers import AutoencoderKLFlux2
 
@@ -102,11 +103,12 @@ def tiny_vae():
                              norm_num_groups=4, sample_size=32)
     with torch.no_grad():
         c = LATENT_CHANNELS
-        vae.encoder.conv_out.weight[c:] = 0
-        vae.encoder.conv_out.bias[c:] = -30.0
-        g = torch.Generator().manual_seed(7)
-        vae.bn.running_mean.copy_(0.1 * torch.randn(4 * c, generator=g))
-        vae.bn.running_var.copy_(0.5 + torch.rand(4 * c, generator=g))
+        vae.quant_conv.weight[c:] = 0  # the log-variance half of the moments (after the encoder's quant conv)
+        vae.quant_conv.bias[c:] = -30.0
+        pixels = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1
+        z = patchify(vae.encode(pixels).latent_dist.mode())
+        vae.bn.running_mean.copy_(z.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(z.var(dim=(0, 2, 3)))
     return vae
 
 
