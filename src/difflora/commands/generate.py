@@ -61,12 +61,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     flux.add_argument("--ae", default=None, help="FLUX autoencoder file (ae.safetensors)")
     flux.add_argument("--t5xxl-tokenizer", default=None, help="folder with T5's tokenizer.json or spiece.model")
     flux.add_argument("--guidance-scale", type=float, default=None, help="FLUX.1-dev's embedded guidance (default 3.5)")
+    flux2 = p.add_argument_group("FLUX.2 single-file transformers (musubi's names; --cfg is klein base's CFG and "
+                                 "dev's embedded guidance)")
+    flux2.add_argument("--text-encoder", default=None, help="Qwen3 file or folder (klein), Mistral folder (dev)")
+    flux2.add_argument("--vae", default=None, help="FLUX.2 VAE file (flux2-vae.safetensors) or vae/ folder")
+    flux2.add_argument("--tokenizer", default=None, help="the text encoder's tokenizer folder if not beside it")
+    flux2.add_argument("--model-version", default=None,
+                       choices=["dev", "klein-4b", "klein-base-4b", "klein-9b", "klein-base-9b"],
+                       help="which FLUX.2 a single file is (klein base and distilled share weights)")
 
 
 def load_model_from_args(args):
     from ..models import load_model
 
-    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer", "text_encoder", "vae",
+                                                "tokenizer", "model_version")}
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
                        **{k: v for k, v in flux.items() if v})
