@@ -208,14 +208,15 @@ def test_folder_and_single_files_load_the_same_model_and_name_the_variant(klein_
     from difflora.fileio import read_safetensors_header
 
     folder = load_model(klein_files["folder"])
-    single = load_model(klein_files["single"], text_encoder=str(klein_files["text_encoder"]),
-                        vae=str(klein_files["vae"]), tokenizer=str(klein_files["tokenizer"]))
+    single = load_model(klein_files["single"], options={"text_encoder": str(klein_files["text_encoder"]),
+                                                        "vae": str(klein_files["vae"]),
+                                                        "qwen3_tokenizer": str(klein_files["tokenizer"])})
     assert detect_folder(klein_files["folder"]) == "flux2"
     header, md = read_safetensors_header(klein_files["single"])
     assert detect_single_file(set(header), md, klein_files["single"]) == "flux2"
     assert (folder.family, folder.size.name, folder.version) == ("flux2", "klein-4b", "klein-base-4b")
     assert single.version == "klein-base-4b"  # base and distilled share weights: base unless model_version says
-    distilled = load_model(klein_files["single"], model_version="klein-4b")
+    distilled = load_model(klein_files["single"], options={"model_version": "klein-4b"})
     assert distilled.version == "klein-4b" and distilled.sampling_defaults() == (4, 1.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 128, 2, 3, generator=g)

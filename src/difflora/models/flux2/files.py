@@ -171,7 +171,7 @@ def load_text_encoder(path, kind: str, size: Size, dtype, tokenizer=None):
         raise UserError("`text_encoder` not found", path=path)
     tok_folder = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent / "tokenizer")
     if not _has_tokenizer(tok_folder):
-        raise UserError(f"no tokenizer for the {kind} text encoder: set `tokenizer` to its folder (tokenizer.json; "
+        raise UserError(f"no tokenizer for the {kind} text encoder: set `qwen3_tokenizer` to its folder (tokenizer.json; "
                         "difflora never downloads one)", path=tok_folder)
     if path.is_dir():
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").exists() else {}
@@ -385,3 +385,34 @@ def save_component_files(model: Flux2Model, folder: Path) -> dict[str, Path]:
     save_safetensors(tensors, out["vae"], {"difflora.config": json.dumps(vcfg)})
     return out
 
+
+
+def load_flux2(path: Path, *, dtype=torch.float32, checkpoint=None, options=None, mixed_precision: str = "no"):
+    """The plug-in's loader: `options` (Flux2JobOptions: the job's keys or generate's flags) names the files and
+    sets the options; keys a job leaves unset take musubi's FLUX.2 defaults (model.Flux2Options)."""
+    from ..flow_matching import FlowMatchOptions
+    from .options import Flux2JobOptions
+
+    options = options or Flux2JobOptions()
+    given = options.model_fields_set
+    if mixed_precision == "bf16" or options.fp8_base:
+        dtype = torch.bfloat16  # the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+    opts = Flux2Options(max_token_length=options.text_encoder_max_token_length, train_blocks=options.train_blocks)
+    flow = opts.flow
+    opts.flow = FlowMatchOptions(
+        options.timestep_sampling if "timestep_sampling" in given else flow.timestep_sampling,
+        options.sigmoid_scale, options.discrete_flow_shift,
+        options.model_prediction_type if "model_prediction_type" in given else flow.model_prediction_type)
+    if "guidance_scale" in given:
+        opts.guidance_scale = options.guidance_scale
+    if path.is_dir():
+        model = load_diffusers_folder(path, dtype=dtype, options=opts)
+    else:
+        model = load_single_file(path, checkpoint=checkpoint, text_encoder=options.text_encoder, vae=options.vae,
+                                 tokenizer=options.qwen3_tokenizer, dtype=dtype, options=opts,
+                                 model_version=options.model_version)
+    if options.fp8_base:
+        model.store_base_fp8()
+    if options.nf4_base:
+        model.store_base_nf4()
+    return model

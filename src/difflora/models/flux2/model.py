@@ -19,9 +19,8 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu, squeeze_to_window
 from . import names
-from .options import FLUX2_ONLY_KEYS
 from .variants import MAX_TOKENS, SAMPLING, Size, version_name
 
 log = logging.getLogger(__name__)
@@ -87,10 +86,8 @@ class Flux2Model(ModelFamily):
     """FLUX.2 dev or klein 4B / 9B (step-distilled or base)."""
 
     family = "flux2"
-    # its own keys, and the FLUX.1 keys it shares (flow matching, blocks, low VRAM)
-    job_keys = frozenset(FLUX2_ONLY_KEYS) | {
-        "guidance_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
-        "train_blocks", "fp8_base", "nf4_base", "blocks_to_swap", "cpu_offload_checkpointing"}
+    default_sampler = "euler"
+    default_cfg = 4.0  # klein base's CFG, dev's embedded guidance (the pipelines' default)
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, size: Size, *, source: str = "",
                  options: Flux2Options | None = None):
@@ -318,6 +315,12 @@ class Flux2Model(ModelFamily):
         latents = latents.to(self.vae.dtype)
         mean, std = self._bn(latents)
         return self.vae.decode(unpatchify(latents * std + mean)).sample
+
+    def sample_timesteps(self, n, generator, latent_hw, window):
+        """The flow-matching timestep_sampling (musubi's flux2_shift by default), squeezed into the job's
+        min/max_timestep window."""
+        return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
+                                 self.objective.num_train_timesteps)
 
     # ---- sampling
     def sampling_defaults(self) -> tuple[int, float]:
