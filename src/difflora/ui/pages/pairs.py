@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from .. import pairs as P
+from ..progress import GALLERY_HEIGHT
 from ..subcommand import run_cli
 
 
@@ -167,8 +168,9 @@ def build(ctx) -> None:
             crop = gr.Button("Crop pairs (prep crop --mode focus) into FOLDER_cropped", elem_id="pairs-crop")
             tag = gr.Button("Caption untagged images (prep tag --tagger toy)", elem_id="pairs-tag")
     status = gr.Markdown(elem_id="pairs-status")
-    gallery = gr.Gallery(label="pairs: before and after, below them the difference and the training mask (click one to see it whole)",
-                         columns=2, height="auto", object_fit="contain", elem_id="pairs-gallery")
+    gallery = gr.Gallery(label="pairs: before and after, below them the difference and the training mask "
+                               "(click one to see it whole)",
+                         columns=2, height=GALLERY_HEIGHT, object_fit="contain", elem_id="pairs-gallery")
     with gr.Row():
         pick = gr.Dropdown(label="pair", choices=[], elem_id="pairs-pick")
         before_caption = gr.Textbox(label="before caption", elem_id="pairs-caption-before")
