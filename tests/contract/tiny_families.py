@@ -78,11 +78,11 @@ def _client_unet_sd(pipeline_class: str):
         import diffusers
 
         x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
         added = None
         if "text_embeds" in cond:  # SDXL, at the pipeline's own time_ids: no crop, the output size
-            h, w = (s * 8 for s in x.shape[-2:])
+            h, w = (s * pipe.vae_scale_factor for s in x.shape[-2:])
             added = {"text_embeds": cond["text_embeds"], "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype)}
-        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
         pipe.load_lora_weights(str(lora_path), adapter_name="x")
         with torch.no_grad():
             return pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample

@@ -170,6 +170,9 @@ class ModelFamily(ABC):
         `window`; a family with its own sampling (FLUX: timestep_sampling, on the latent size) overrides it."""
         return torch.randint(window[0], window[1], (n,), generator=generator)
 
+    def check_sampler(self, name: str) -> None:
+        """Raise a UserError when this family cannot sample with `name` (validate.sampler checked the name)."""
+
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list | None:
         """Images for a `generate.GenerationRequest` from the family's own sampler (FLUX: flow-matching Euler),
