@@ -123,7 +123,7 @@ DESCRIPTIONS = {
     "sample_every_n_epochs": "render sample_prompts every N epochs",
     "sample_at_first": "render samples before the first step",
     "sample_prompts": "prompt file (kohya syntax: --n --w --h --d --l --s --ss)",
-    "sample_sampler": "sampler of the training samples (kohya names)",
+    "sample_sampler": "sampler of the training samples (kohya names; default ddim, FLUX: euler)",
     "sample_sweep": "LoRA weights of a sample grid per sampling step, e.g. [-1, 0, 1]",
     "logging_dir": "TensorBoard folder (default <output_dir>/logs)",
     "log_with": "tensorboard or none",

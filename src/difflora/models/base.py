@@ -74,6 +74,9 @@ class ModelFamily(ABC):
     denoiser: nn.Module  # the U-Net / transformer
     vae: nn.Module
     text_encoders: dict[str, nn.Module]  # component name -> module ("text_encoder", ...)
+    # generation when neither the command nor the prompt names them (FLUX: Euler, no true CFG)
+    default_sampler: str = "ddim"
+    default_cfg: float = 7.5
 
     # ---- identity and metadata
     @property

@@ -30,8 +30,9 @@ class FamilyPlugin(ABC):
     # The family's job keys, top-level in the job TOML under kohya's / musubi's names; keys several families
     # honour come from the tables of models/shared_options.py. The job schema holds every family's table; a
     # key no table of the loaded family declares, set to another value than its default, is refused.
+    # A key naming a file or folder is typed options.ReadPath (an input) or WritePath: relative values resolve
+    # from the job file's folder and --restrict-paths / the UI keep it inside their folder (pathpolicy.py).
     options: type[Strict] = NoOptions
-    path_keys: tuple[str, ...] = ()  # keys of `options` naming files or folders (resolved against the job's folder)
     # Recommended values per method for keys a job leaves unset: {"addift": {"max_train_steps": 100, ...}};
     # a method table's keys go in a nested dict under the method's name.
     method_defaults: dict[str, dict[str, Any]] = {}

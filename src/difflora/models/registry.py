@@ -59,6 +59,7 @@ def supported_titles() -> str:
 
 
 register_family("difflora.models.flux")  # before SDXL: FLUX folders have a text_encoder_2 too
+register_family("difflora.models.zimage")
 register_family("difflora.models.sd")
 register_family("difflora.models.sdxl")
 
@@ -71,11 +72,6 @@ def option_tables() -> list[tuple[FamilyPlugin, type[Strict]]]:
 
 def family_keys() -> set[str]:
     return {k for _, table in option_tables() for k in table.model_fields}
-
-
-def family_path_keys() -> tuple[str, ...]:
-    """Family keys naming files or folders (resolved against the job file's folder like the others)."""
-    return tuple(dict.fromkeys(k for p in FAMILIES for k in p.path_keys))
 
 
 def family_options_of(job) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def prepare(job, resume: str | None = None) -> Run:
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)  # into the weights as loaded (before the half cast)
-    _set_precision(model, job)
+    _set_precision(model, job, accelerator.native_amp or accelerator.mixed_precision != "fp16")
 
     data = TrainingData(job, model.resolution, model.latent_multiple, pairs=method.needs_pairs)
     log.info("%d training images (%d with repeats), %d regularisation, method %s", len(data.unique_items()),
@@ -146,11 +146,16 @@ def _caches_prompts(job) -> bool:
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _set_precision(model, job) -> None:
+def _set_precision(model, job, autocast: bool) -> None:
     """kohya's mixed precision: frozen weights in the half dtype (the VAE too unless no_half_vae); the LoRA
-    weights stay fp32 (bf16 with full_bf16) and autocast runs the maths."""
+    weights stay fp32 (bf16 with full_bf16) and autocast runs the maths. Without autocast (accelerate has
+    none for fp16 on the CPU) the weights stay fp32: half weights would meet fp32 activations."""
     half = HALF.get(job.mixed_precision)
     if half is None:
+        return
+    if not autocast:
+        log.warning('mixed_precision = "%s" has no autocast on this device (fp16 needs a GPU); training in fp32 '
+                    '(use "bf16" for mixed precision on the CPU)', job.mixed_precision)
         return
     for module in [model.denoiser, *model.text_encoders.values()]:
         module.to(dtype=half)

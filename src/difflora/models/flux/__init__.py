@@ -23,7 +23,6 @@ class FluxPlugin(FamilyPlugin):
     names = ("flux",)
     title = "FLUX.1"
     options = FluxJobOptions
-    path_keys = ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")
 
     def detect_folder(self, path, index):
         # FLUX.2 / Kontext folders too: the loader then says what is supported
