@@ -27,6 +27,8 @@ class UserError(Exception):
 class TrainingStopped(UserError):
     """Training stopped on purpose (non-finite loss, interrupted); what was saved is intact."""
 
+    requested = False  # the user asked for the stop (a signal, a UI's button): not an error
+
 
 # Failures of the machine or of a library, not of a file: loaders that turn a library's exception about a file
 # into a UserError let these through (the CLI: one line, exit 1, -v for the traceback).

@@ -18,6 +18,7 @@ from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, 
 from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
 from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
+from ..folders import publish_layout
 from .transformer import FluxParams, FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        publish_layout(tmp)  # CLIP-L with `text_model.` keys, tokenizer files transformers 4 and kohya read
 
 
 # ------------------------------------------------------------------ loading
@@ -206,7 +208,11 @@ def save_component_files(model: FluxModel, folder: Path) -> dict[str, Path]:
     clip, t5 = model.text_encoders["clip_l"], model.text_encoders["t5xxl"]
     out = {"clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors", "ae": folder / "ae.safetensors"}
     tok_json = lambda t: t.backend_tokenizer.to_str()  # noqa: E731
-    save_safetensors({"text_model." + k: v for k, v in clip.state_dict().items()}, out["clip_l"],
+    # published clip_l.safetensors carry CLIP's text_projection (ComfyUI warns "clip missing" without it); FLUX
+    # reads the unprojected pooled output, so the identity stands in for the one this CLIPTextModel does not have
+    width = clip.config.hidden_size
+    save_safetensors({**{"text_model." + k: v for k, v in clip.state_dict().items()},
+                      "text_projection.weight": torch.eye(width, dtype=clip.dtype)}, out["clip_l"],
                      {"difflora.config": json.dumps(_config_dict(clip.config)), "difflora.tokenizer": tok_json(model.clip_tokenizer)})
     save_safetensors({k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}, out["t5xxl"],
                      {"difflora.config": json.dumps(_config_dict(t5.config)), "difflora.tokenizer": tok_json(model.t5_tokenizer)})
