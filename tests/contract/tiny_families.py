@@ -129,6 +129,10 @@ def _build_flux(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the template family (tests only)
+# model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
+TEST_FAMILIES = {"template": "template_family"}
+
+
 def _read_template(model, args, kwargs) -> DenoiserInputs:
     x, t, text = args[:3]
     return DenoiserInputs(x.detach(), t.detach().float(), text.detach())
