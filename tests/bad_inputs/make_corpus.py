@@ -1191,6 +1191,122 @@ def _(ws):
 
 
 # ---------------------------------------------------------------------------- writing it out
+# ---- FLUX.2 (models/flux2): LoRAs of other families, its files, variants ---------------------
+@functools.lru_cache(maxsize=1)
+def _flux2_built() -> Path:
+    """A tiny FLUX.2 klein-4B (diffusers folder, BFL file, text encoder / VAE / tokenizer files), built once."""
+    import tempfile
+
+    from difflora.models.flux2.tiny import write_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="difflora-flux2-corpus-"))
+    write_tiny(root, "klein-4b")
+    return root
+
+
+def _flux2(ws: Workspace) -> Path:
+    """The tiny FLUX.2 files inside this case's workspace."""
+    dest = ws.root / "flux2"
+    if not dest.exists():
+        shutil.copytree(_flux2_built(), dest)
+    return dest
+
+
+def _flux2_generate(ws: Workspace, model: Path, *args) -> list:
+    return ["generate", "--model", model, "--prompt", "a face", "--steps", "1", "--width", "32", "--height", "32",
+            "--out", ws.out, *args]
+
+
+def _flux2_lora(path: Path) -> Path:
+    import torch
+
+    from difflora.models.flux2.tiny import build_tiny_flux2
+    from difflora.network.files import save_lora
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+
+    model = build_tiny_flux2("klein-4b")
+    torch.manual_seed(0)
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0))
+    save_lora(net.kohya_state_dict(), path, model.lora_metadata())
+    return path
+
+
+@case("flux2_lora_on_sd1", "a FLUX.2 LoRA given to an SD1 model (generate --lora)", names="flux2.safetensors",
+      needles=("does not exist in this model",))
+def _(ws):
+    return ws.generate("--lora", _flux2_lora(ws.root / "flux2.safetensors"))
+
+
+@case("sd1_lora_on_flux2", "an SD1 LoRA given to a FLUX.2 model (generate --lora)", names="sd1.safetensors",
+      needles=("sd_v1", "not flux.2"))
+def _(ws):
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", "--lora", write_lora(ws.root / "sd1.safetensors"))
+
+
+@case("flux1_lora_on_flux2", "a FLUX.1 LoRA without metadata given to FLUX.2 (generate --lora)",
+      names="flux1.safetensors", needles=("flux.1 lora",))
+def _(ws):
+    import torch
+    from safetensors.torch import save_file
+
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    net = LoRANetwork.create(build_tiny_flux("dev", 1, 1).lora_targets(), NetworkSpec(network_dim=2))
+    tensors = {k: v.contiguous() for k, v in net.kohya_state_dict().items() if k.startswith("lora_unet_")}
+    save_file(tensors, str(ws.root / "flux1.safetensors"))
+    del torch
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", "--lora", ws.root / "flux1.safetensors")
+
+
+@case("flux2_wrong_text_encoder", "a FLUX.2 file with its VAE given as the text encoder", names="vae.safetensors",
+      needles=("not a qwen3 text encoder",))
+def _(ws):
+    f = _flux2(ws)
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder", f / "components/vae.safetensors",
+                           "--vae", f / "components/vae.safetensors", "--qwen3-tokenizer", f / "components/tokenizer")
+
+
+@case("flux2_missing_vae", "a FLUX.2 single file with a text encoder but no VAE", names="flux2-klein-4b.safetensors",
+      needles=("set `vae`",))
+def _(ws):
+    f = _flux2(ws)
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder",
+                           f / "components/text_encoder.safetensors")
+
+
+@case("flux2_missing_tokenizer", "a Qwen3 text encoder file with no tokenizer folder beside it", names="tokenizer",
+      needles=("no tokenizer",))
+def _(ws):
+    f = _flux2(ws)
+    lone = ws.root / "lone"
+    lone.mkdir()
+    shutil.copy(f / "components/text_encoder.safetensors", lone / "qwen_3_4b.safetensors")
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder", lone / "qwen_3_4b.safetensors",
+                           "--vae", f / "components/vae.safetensors")
+
+
+@case("flux2_other_variant", "model_version of klein-9B given with a klein-4B file", names="flux2-klein-4b.safetensors",
+      needles=("klein-9b", "klein-4b"))
+def _(ws):
+    return _flux2_generate(ws, _flux2(ws) / "flux2-klein-4b.safetensors", "--model-version", "klein-9b")
+
+
+@case("flux1_file_as_flux2", "a FLUX.1 transformer file in a job with model_family = \"flux2\"",
+      names="flux1-tiny.safetensors", needles=("flux.1",))
+def _(ws):
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("dev", 1, 1).save(ws.root / "flux1-tiny.safetensors")
+    return ws.train(model=_q(ws.root / "flux1-tiny.safetensors"), model_family='"flux2"')
+
+
+@case("flux2_file_as_flux1", "a FLUX.2 transformer file in a job with model_family = \"flux\"",
+      names="flux2-klein-4b.safetensors", needles=("flux.2",))
+def _(ws):
+    return ws.train(model=_q(_flux2(ws) / "flux2-klein-4b.safetensors"), model_family='"flux"')
+
+
 # ---- Z-Image (models/zimage/) -------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _tiny_zimage_files() -> dict:
