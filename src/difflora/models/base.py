@@ -195,11 +195,8 @@ class ModelFamily(ABC):
 
     def check_save_format(self, save_format: str, adapter) -> None:
         """Before training: refuse a save_format (with the job's AdapterOptions `adapter`) whose target loader could
-        not apply the file whole, with one line saying why."""
-        if save_format != "kohya":
-            from ..errors import UserError
-
-            raise UserError(f"save_format = {save_format!r} is not available for {self.family} models (kohya is)")
+        not apply the file whole, with one line saying why. By default: the layouts `export_lora` refuses."""
+        self.export_lora({}, save_format)
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """A kohya state dict in the layout the job asked for (save_format)."""

@@ -428,6 +428,7 @@ class FluxModel(ModelFamily):
         """diffusers' FluxPipeline.load_lora_weights reads peft lora_A/lora_B keys of `transformer.` and `text_encoder.`
         (CLIP-L) only: T5 keys are skipped without a word, and its DoRA (`lora_magnitude_vector`) is the output-axis
         magnitude, not the input-axis one difflora trains (the one A1111 and ComfyUI apply)."""
+        super().check_save_format(save_format, adapter)
         if save_format != "diffusers":
             return
         if self.options.train_t5xxl:
