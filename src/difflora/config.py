@@ -22,6 +22,7 @@ from .methods import METHODS
 from .models.registry import family_names
 from .network.adapters import adapter_options_of, normalise_job_keys
 from .models.flux_options import FluxJobOptions
+from .models.qwen_image.options import QwenImageJobOptions
 from .options import Strict
 
 
@@ -107,7 +108,7 @@ OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
-class JobOptions(DatasetOptions, FluxJobOptions):
+class JobOptions(DatasetOptions, FluxJobOptions, QwenImageJobOptions):
     """Every job key except the method tables (see JobConfig); the FLUX keys are in models/flux_options.py."""
 
     _source: str | None = PrivateAttr(None)  # the job file, for errors about its values

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..network.lora import LoRATarget
 from .base import Conditioning, ModelFamily
 from .flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
+from .flux_options import FLUX_ONLY_KEYS
 from .flux_transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class FluxModel(ModelFamily):
     """FLUX.1 (dev: guidance-distilled with a guidance embedder; schnell: without)."""
 
     family = "flux"
+    honoured_job_keys = frozenset(FLUX_ONLY_KEYS)
 
     def __init__(self, transformer: FluxTransformer, vae, clip_l, t5xxl, clip_tokenizer, t5_tokenizer, *,
                  source: str = "", options: FluxOptions | None = None):
@@ -393,6 +395,8 @@ class FluxModel(ModelFamily):
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
+        if save_format != "diffusers":
+            raise UserError(f"save_format = {save_format!r} is not available for FLUX.1 (kohya, diffusers)")
         from .flux_lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)

@@ -28,10 +28,12 @@ class FluxJobOptions(Strict):
     guidance_scale: float = _f(3.5, "FLUX.1-dev: the guidance embedding's value during training")
     t5xxl_max_token_length: int | None = _f(None, "FLUX: T5 tokens (unset: 512 dev, 256 schnell)", ge=1)
     apply_t5_attn_mask: bool = _f(False, "FLUX: mask T5 padding in the T5 encoder and the transformer's attention")
-    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = _f(
-        "sigma", "FLUX: how σ is drawn (sigma, uniform, sigmoid, shift, flux_shift)")
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "qwen_shift"] = _f(
+        "sigma", "FLUX / Qwen-Image: how σ is drawn (sigma, uniform, sigmoid, shift; flux_shift on FLUX, qwen_shift "
+        "on Qwen-Image; unset on Qwen-Image: shift)")
     sigmoid_scale: float = _f(1.0, "FLUX: scale of the normal draw for sigmoid / shift / flux_shift sampling")
-    discrete_flow_shift: float = _f(3.0, "FLUX: shift of the sigma and shift samplings", gt=0)
+    discrete_flow_shift: float = _f(3.0, "FLUX / Qwen-Image: shift of the sigma and shift samplings (unset on "
+                                    "Qwen-Image: 2.2)", gt=0)
     model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = _f(
         "sigma_scaled", "FLUX: model output as the loss sees it (raw, additive: +x_t, sigma_scaled: x_t - σ·out)")
     # which modules (kohya network_args)
@@ -44,7 +46,8 @@ class FluxJobOptions(Strict):
     blocks_to_swap: int | None = _f(None, "FLUX: transformer blocks kept on the CPU, brought in per forward", ge=0)
     cpu_offload_checkpointing: bool = _f(False, "FLUX: gradient checkpointing with the saved inputs on the CPU")
     # LoRA file layout
-    save_format: Literal["kohya", "diffusers"] = _f("kohya", "LoRA file layout: kohya, or diffusers (FLUX: transformer. peft keys)")
+    save_format: Literal["kohya", "diffusers", "comfyui"] = _f(
+        "kohya", "LoRA file layout: kohya, diffusers (transformer. peft keys) or comfyui (Qwen-Image: diffusion_model.)")
 
 
 FLUX_ONLY_KEYS = tuple(k for k in FluxJobOptions.model_fields if k != "save_format")

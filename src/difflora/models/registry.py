@@ -47,6 +47,7 @@ def register_family(names: tuple[str, ...] | str, module_path: str, title: str) 
 register_family("flux", "difflora.models.flux", "FLUX.1")  # before SDXL: FLUX folders have a text_encoder_2 too
 register_family(("sd1", "sd2"), "difflora.models.sd", "Stable Diffusion 1.x / 2.x")
 register_family("sdxl", "difflora.models.sdxl", "SDXL")
+register_family("qwen_image", "difflora.models.qwen_image", "Qwen-Image / Qwen-Image-Edit")
 
 
 def family_names() -> tuple[str, ...]:
@@ -112,6 +113,14 @@ def detect_single_file(keys: set[str], metadata: dict[str, str], path) -> str:
                             f"(supported: {supported_titles()})", path=path)
     raise UserError(f"not a checkpoint of a supported model family ({supported_titles()}): none of their "
                     "tensor names were found", path=path)
+
+
+def family_job_keys() -> frozenset[str]:
+    """The job keys that belong to some families only (a model honours its `honoured_job_keys`)."""
+    from .flux_options import FLUX_ONLY_KEYS
+    from .qwen_image.options import QWEN_IMAGE_KEYS
+
+    return frozenset(FLUX_ONLY_KEYS) | frozenset(QWEN_IMAGE_KEYS)
 
 
 def method_defaults(family: str | None, method: str) -> dict:

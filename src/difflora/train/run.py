@@ -253,10 +253,12 @@ def run_prompts(job, data: TrainingData) -> list[str]:
 
 
 def _check_family_keys(job, model) -> None:
-    """A FLUX key set for another family would silently do nothing: refuse it."""
-    from ..models.flux_options import FLUX_ONLY_KEYS
+    """A key of another family (FLUX's, Qwen-Image's) would silently do nothing: refuse it."""
+    from ..models.registry import family_job_keys
 
     defaults = type(job).model_fields
-    stray = sorted(k for k in set(FLUX_ONLY_KEYS) & job.model_fields_set if getattr(job, k) != defaults[k].default)
-    if model.family != "flux" and stray:
-        raise UserError(f"{', '.join(stray)} apply to FLUX models only; this model is {model.base_model_version}")
+    stray = sorted(k for k in (family_job_keys() - model.honoured_job_keys) & job.model_fields_set
+                   if getattr(job, k) != defaults[k].default)
+    if stray:
+        raise UserError(f"{', '.join(stray)} do not apply to this model ({model.base_model_version})",
+                        path=getattr(job, "_source", None))
