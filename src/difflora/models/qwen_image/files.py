@@ -182,21 +182,16 @@ def variant_of_folder(path: Path, index: dict) -> str | None:
 
 
 def resolve_variant(found: str | None, asked: str | None, path, can_tell: bool) -> str:
-    """The variant to load: the job's `model_variant` when the files cannot say, else what they say (a job that
-    contradicts them is refused)."""
-    if asked is not None and asked not in VARIANTS:
-        raise UserError(f"model_variant must be one of {', '.join(VARIANTS)}, got {asked!r}", path=path)
+    """The variant to load: what the files say (`found`; None where they cannot tell), else the job's
+    `model_variant`; a job that contradicts the files is refused. `can_tell`: a folder (its pipeline class names
+    the variant) rather than a single file (only Edit-2511's marker says anything)."""
     if asked is None or asked == found:
         return found or "qwen_image"
-    if can_tell or found == "edit_2511" or asked == "edit_2511":
-        what = "has ComfyUI's Edit-2511 marker" if found == "edit_2511" else (
-            f"is {found}" if can_tell else "has no Edit-2511 marker (__index_timestep_zero__)")
-        if not can_tell and asked == "edit_2511":
-            log.info("%s: no Edit-2511 marker; loading it as edit_2511 as the job says", path)
-            return asked
-        raise UserError(f"model_variant = {asked!r} but this model {what}; remove model_variant or give the "
-                        "matching model", path=path)
-    return asked
+    if found is None:
+        return asked
+    what = f"is {found}" if can_tell else "has ComfyUI's Edit-2511 marker (__index_timestep_zero__)"
+    raise UserError(f"model_variant = {asked!r} but this model {what}; remove model_variant or give the "
+                    "matching model", path=path)
 
 
 # ------------------------------------------------------------------ loading

@@ -54,7 +54,7 @@ def _split(key: str, spellings: dict[str, str]) -> tuple[str, str] | None:
 
 FOREIGN = (("lora_unet_double_blocks", "FLUX.1"), ("lora_unet_single_blocks", "FLUX.1"),
            ("lora_unet_down_blocks", "Stable Diffusion"), ("lora_unet_input_blocks", "SDXL"),
-           ("lora_unet_layers_", "Z-Image"), ("lora_te", "a model with a CLIP/T5 text encoder"))
+           ("lora_unet_layers_", "Z-Image"), ("lora_te", "Stable Diffusion / SDXL / FLUX.1 text-encoder"))
 
 
 def adapt_lora_file(model, lora):

@@ -9,6 +9,7 @@ scheduler/, processor/ for the edit models) and `write_tiny_single_files` the Co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,17 +26,32 @@ TEXT_WIDTH = 32  # the tiny Qwen2.5-VL's hidden size (3584 on the 7B): the trans
 
 
 def tiny_tokenizer():
-    """A byte-level Qwen2 BPE without merges: every byte a token, plus the chat and vision special tokens."""
+    """A byte-level Qwen2 BPE trained here on the pipelines' chat templates and the toy captions (so a template's
+    system prefix is a few dozen tokens, as with the real tokenizer, and the text stream stays short), with the chat
+    and vision special tokens first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for ch in bytes_to_unicode().values():
-        vocab.setdefault(ch, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", pad_token="<|endoftext|>",
-                         eos_token="<|im_end|>", additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    from .model import EDIT_TEMPLATE, T2I_TEMPLATE
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [T2I_TEMPLATE, EDIT_TEMPLATE, "Picture 1: Picture 2: Picture 3: ", *_CAPTION_WORDS] * 4
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    model = json.loads(raw.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]],
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                         additional_special_tokens=list(SPECIAL_TOKENS[1:]))
     tok.model_max_length = 32768
     return tok
+
+
+VOCAB_SIZE = 512
+_CAPTION_WORDS = ["a face, red hair, blue background, eyes open, smiling, glasses, closed eyes, brown hair, green "
+                  "background, black hair, blond hair, yellow, white, frowning, no glasses, portrait, make it, change"]
 
 
 def tiny_image_processor():
@@ -50,7 +66,7 @@ def tiny_text_encoder_config() -> dict:
     2-block vision tower whose output is 32 wide; token ids are the tiny tokenizer's."""
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     return dict(
-        text_config=dict(vocab_size=len(SPECIAL_TOKENS) + 256, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
