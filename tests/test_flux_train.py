@@ -266,7 +266,7 @@ def test_flux_keys_on_an_sd_model_are_refused(tiny_sd1_dir, faces16, tmp_path):
     job = apply_method_defaults(JobConfig.model_validate({
         "model": str(tiny_sd1_dir), "train_data_dir": str(faces16), "resolution": 16, "max_train_steps": 2,
         "output_dir": str(tmp_path), "log_with": "none", "timestep_sampling": "shift"}))
-    with pytest.raises(UserError, match="timestep_sampling apply to FLUX"):
+    with pytest.raises(UserError, match="timestep_sampling do not apply to this model \\(sd_v1\\)"):
         train(job)
     assert not any(tmp_path.iterdir())
 

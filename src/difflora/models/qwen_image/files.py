@@ -17,7 +17,6 @@ Nothing in the weights tells Qwen-Image, Edit and Edit-2509 apart: a single file
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from accelerate import init_empty_weights
 
 from ...errors import UserError
 from ...fileio import load_safetensors, read_safetensors_header
-
-log = logging.getLogger(__name__)
 
 VARIANTS = ("qwen_image", "edit", "edit_2509", "edit_2511")
 EDIT_VARIANTS = VARIANTS[1:]

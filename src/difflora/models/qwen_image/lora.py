@@ -82,8 +82,9 @@ def adapt_lora_file(model, lora):
 def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> dict[str, torch.Tensor]:
     """kohya tensors in the layout the job asked for. "comfyui": `diffusion_model.<path>` with lora_A / lora_B and
     alpha/rank baked into lora_B (ComfyUI, ai-toolkit and diffusers read it at scale 1); LoHa / LoKr / DoRA modules
-    keep their own suffixes there (ComfyUI reads them). "diffusers": `transformer.<path>` lora_A / lora_B, baked;
-    plain LoRA only (diffusers reads no LyCORIS file for Qwen-Image)."""
+    keep kohya's names there, which ComfyUI maps too (its generic `lora_unet_` branch) and which every LoRA reader
+    here and in diffusers splits correctly. "diffusers": `transformer.<path>` lora_A / lora_B, baked; plain LoRA only
+    (diffusers reads no LyCORIS file for Qwen-Image)."""
     if save_format == "kohya":
         return tensors
     if save_format not in ("comfyui", "diffusers"):
@@ -101,7 +102,7 @@ def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> di
             out[f"{path}.lora_A.weight"] = down
             out[f"{path}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(up.dtype)
         elif save_format == "comfyui":
-            out.update({f"{path}.{suffix}": v for suffix, v in parts.items()})
+            out.update({f"{name}.{suffix}": v for suffix, v in parts.items()})
         else:
             raise UserError(f"save_format = \"diffusers\" holds plain LoRA modules only; {name} is "
                             f"{'DoRA' if 'dora_scale' in parts else 'a LyCORIS module'} (use kohya or comfyui)")
