@@ -43,7 +43,7 @@ FLUX_CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "fp8", "
 
 
 def _params(args):
-    from difflora.models.flux_transformer import FLUX_DEV, FluxParams
+    from difflora.models.flux.transformer import FLUX_DEV, FluxParams
 
     d = FLUX_DEV.to_dict()
     d.update(depth=args.flux_double, depth_single_blocks=args.flux_single)
@@ -84,7 +84,7 @@ def _inputs(args, device, dtype):
 def _bfl_transformer(args, device, dtype):
     import torch
 
-    from difflora.models.flux_transformer import FluxTransformer
+    from difflora.models.flux.transformer import FluxTransformer
 
     with torch.device("meta"):
         tr = FluxTransformer(_params(args))
@@ -97,8 +97,8 @@ def reference_step_fn(args, device, dtype):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from difflora.models.flux import image_ids, pack_latents, unpack_latents
-    from difflora.models.flux_convert import bfl_to_diffusers, diffusers_config_from_params
+    from difflora.models.flux.model import image_ids, pack_latents, unpack_latents
+    from difflora.models.flux.convert import bfl_to_diffusers, diffusers_config_from_params
 
     cfg = diffusers_config_from_params(_params(args))
     cfg.pop("_class_name")
@@ -149,7 +149,7 @@ def difflora_step_fn(args, device, dtype, method: str, fp8=False, ckpt=False, sw
     from difflora.methods.standard import denoising_loss
     from difflora.models.base import Conditioning
     from difflora.models.flow_matching import FlowMatchOptions
-    from difflora.models.flux import FluxModel, FluxOptions
+    from difflora.models.flux.model import FluxModel, FluxOptions
     from difflora.models.low_vram import enable_block_swap
     from difflora.network.lora import LoRANetwork, NetworkSpec
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from difflora.fileio import write_json_atomic
-from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
+from difflora.models.sd.model import text_encoder_lora_targets, unet_lora_targets
 from difflora.toy.tiny import build_real_architecture
 from difflora.network import lowrank as lora_math
 

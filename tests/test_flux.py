@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from difflora.errors import UserError
-from difflora.models.flux import FluxOptions, image_ids, pack_latents, unpack_latents
-from difflora.models.flux_files import build_flux_on_meta, load_flux, save_component_files
-from difflora.models.flux_convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
+from difflora.models.flux.model import FluxOptions, image_ids, pack_latents, unpack_latents
+from difflora.models.flux.files import build_flux_on_meta, load_flux, save_component_files
+from difflora.models.flux.convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                                           params_from_diffusers_config)
-from difflora.models.flux_transformer import FluxTransformer
+from difflora.models.flux.transformer import FluxTransformer
 from difflora.network.lora import LoRANetwork, NetworkSpec
 
 KEYS = Path(__file__).parent / "data" / "kohya_keys"  # kohya sd-scripts' module names, one per line
@@ -250,8 +250,8 @@ def test_diffusers_kohya_flux_converter_at_flux1_width_covers_linear1_and_embedd
     converter leaves off."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    from difflora.models.flux import FluxModel
-    from difflora.models.flux_transformer import FluxParams
+    from difflora.models.flux.model import FluxModel
+    from difflora.models.flux.transformer import FluxParams
 
     params = FluxParams(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, depth=0,
                         depth_single_blocks=1)
@@ -283,7 +283,7 @@ def test_diffusers_kohya_flux_converter_at_flux1_width_covers_linear1_and_embedd
 
 
 def test_diffusers_format_round_trip_is_exact_and_loads(tiny_flux, tmp_path):
-    from difflora.models.flux_lora import diffusers_to_kohya, kohya_to_diffusers
+    from difflora.models.flux.lora import diffusers_to_kohya, kohya_to_diffusers
     from difflora.network.apply import network_from_file
     from difflora.network.files import save_lora
 
@@ -585,6 +585,11 @@ def test_merge_into_bfl_file_and_folder_equals_the_dense_formula(tiny_flux, flux
     got = x.tensors[f"{n}.lora_up.weight"] @ x.tensors[f"{n}.lora_down.weight"] * alpha / rank
     assert (got - delta).abs().max() < 1e-4
     assert x.metadata["ss_base_model_version"] == "flux1"
+    assert x.metadata["ss_network_module"] == "networks.lora_flux"  # sd-scripts' FLUX module, as its tools write
+    # the merged folder is in the published layout too (its text encoders read as transformers 4 reads them)
+    from test_model_folders import _load_as_transformers4
+
+    _load_as_transformers4(tmp_path / "merged_folder" / "text_encoder")
 
 
 def test_generate_cli_sweep_on_bfl_files(tiny_flux, flux_files, tmp_path, run_cli):

@@ -4,6 +4,7 @@ two processes, block swap, cached text encoder outputs, diffusers-format files."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,17 @@ from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import UserError
 from difflora.methods.base import Batch, StepContext
 from difflora.models import load_model
+from difflora.models.registry import family_options_of
 from difflora.network.apply import network_from_file
 from difflora.network.files import read_metadata_only
 from difflora.train.loop import train
 
 FLOW = {"timestep_sampling": "shift", "model_prediction_type": "raw", "guidance_scale": 1.0}
+
+
+def _job_model(job):
+    """The model as training loads it: with the job's FLUX keys and precision."""
+    return load_model(job.model, options=family_options_of(job), mixed_precision=job.mixed_precision)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +109,7 @@ def test_each_method_on_flux_lowers_its_loss_and_changes_the_output(flux_env, tm
 
     job = _job(flux_env, tmp_path, method, **METHOD_CASES[method])
     path = train(job)
-    model = load_model(flux_env / "model", job=job)
+    model = _job_model(job)
     data = _latents(model, flux_env)
     out = tmp_path
     if method == "copier":  # stage 2 trains B on "after" on top of A: B must lower that loss
@@ -144,7 +151,7 @@ def test_per_pair_average_and_presets_on_flux(flux_env, tmp_path):
     job2 = _job(flux_env, tmp_path, "standard", max_train_steps=6, output_name="with_preset",
                 preset_loras=[{"path": str(avg), "multiplier": 0.5}])
     out = train(job2)
-    model = load_model(flux_env / "model", job=job2)
+    model = _job_model(job2)
     a = network_from_file(model, avg, 1.0)
     assert np.abs(_image(model, [a], 1.0) - _image(model, [a], 0.0)).max() > 1e-4
     assert len(load_file(str(out))) == 3 * (13 + 12)  # 1 double + 1 single block (10 + 3), CLIP 2 layers x 6
@@ -257,16 +264,28 @@ def test_diffusers_save_format_writes_transformer_peft_keys_that_load_back(flux_
     path = train(job)
     keys = list(load_file(str(path)))
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
-    model = load_model(flux_env / "model", job=job)
+    model = _job_model(job)
     net = network_from_file(model, path, 1.0)
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 0
+
+
+@pytest.mark.parametrize("extra,problem", [
+    ({"train_t5xxl": True}, "diffusers' FluxPipeline loads no T5 LoRA"),
+    ({"network_dora": True}, 'save_format = "diffusers" with DoRA: diffusers loads FLUX.1 LoRAs as peft lora_A/lora_B'),
+    ({"network_algo": "lokr"}, 'save_format = "diffusers" with LoKr'),
+])
+def test_diffusers_save_format_refuses_before_training_what_diffusers_cannot_load(flux_env, tmp_path, extra, problem):
+    job = _job(flux_env, tmp_path, "standard", max_train_steps=2, save_format="diffusers", output_name="d", **extra)
+    with pytest.raises(UserError, match=re.escape(problem)):
+        train(job)
+    assert not any(tmp_path.rglob("*.safetensors"))
 
 
 def test_flux_keys_on_an_sd_model_are_refused(tiny_sd1_dir, faces16, tmp_path):
     job = apply_method_defaults(JobConfig.model_validate({
         "model": str(tiny_sd1_dir), "train_data_dir": str(faces16), "resolution": 16, "max_train_steps": 2,
         "output_dir": str(tmp_path), "log_with": "none", "timestep_sampling": "shift"}))
-    with pytest.raises(UserError, match="timestep_sampling do not apply to this model \\(sd_v1\\)"):
+    with pytest.raises(UserError, match="timestep_sampling applies to FLUX.1 models only; this model is Stable Diffusion"):
         train(job)
     assert not any(tmp_path.iterdir())
 

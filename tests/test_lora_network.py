@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from difflora.models.sd import text_encoder_lora_targets, unet_lora_targets
+from difflora.models.sd.model import text_encoder_lora_targets, unet_lora_targets
 from difflora.toy.tiny import build_real_architecture, build_tiny_sd
 from difflora.network.adapters import LoRA
 from difflora.network.lora import LoRANetwork, NetworkSpec

@@ -49,7 +49,7 @@ def test_kohya_names_and_counts_match_sd_scripts():
     assert _names(plain, "lora_te2_") == _ref("sdxl_te2.txt")  # 192
     assert (len(_ref("sdxl_unet_lierla.txt")), len(_ref("sdxl_unet_c3lier.txt"))) == (722, 788)
     # the real architecture (meta device) gives the same names
-    from difflora.models.sdxl import unet_lora_targets
+    from difflora.models.sdxl.model import unet_lora_targets
 
     unet, _, _ = build_real_sdxl()
     assert {t.name for t in unet_lora_targets(unet, conv=True)} == _ref("sdxl_unet_c3lier.txt")
@@ -75,7 +75,7 @@ def _random_lora(model, path, kind: str, seed: int = 0) -> Path:
 def test_diffusers_load_lora_weights_gives_the_same_image(tmp_path, sdxl_dir, kind):
     from diffusers import StableDiffusionXLPipeline
 
-    from difflora.models.sd import make_scheduler
+    from difflora.models.samplers import make_scheduler
 
     model = load_model(sdxl_dir)
     lora = _random_lora(model, tmp_path / "l.safetensors", kind)

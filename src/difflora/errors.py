@@ -26,3 +26,5 @@ class UserError(Exception):
 
 class TrainingStopped(UserError):
     """Training stopped on purpose (non-finite loss, interrupted); what was saved is intact."""
+
+    requested = False  # the user asked for the stop (a signal, a UI's button): not an error

@@ -41,10 +41,12 @@ def check_args(args) -> None:
     validate.at_least(args.n_images, 1, "--n-images")
     validate.seed(args.seed)
     validate.seed(args.seed + args.n_images - 1, "--seed + --n-images - 1")
-    validate.finite(args.cfg, "--cfg")
+    if args.cfg is not None:
+        validate.finite(args.cfg, "--cfg")
     validate.image_size(args.width, "--width")
     validate.image_size(args.height, "--height")
-    validate.sampler(args.sampler)
+    if args.sampler is not None:
+        validate.sampler(args.sampler)
     if args.clip_skip is not None:
         validate.at_least(args.clip_skip, 1, "--clip-skip")
     validate.output_folder(args.out, "--out")
@@ -55,25 +57,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files (weights_only)")
     p.add_argument("--v-parameterization", action="store_true", help="the model predicts v (SD2 768-v)")
     p.add_argument("--clip-skip", type=int, default=None, help="use the n-th text encoder layer from the end (kohya)")
-    flux = p.add_argument_group("FLUX.1 single-file transformers (kohya's names)")
-    flux.add_argument("--clip-l", default=None, help="CLIP-L text encoder file (clip_l.safetensors)")
-    flux.add_argument("--t5xxl", default=None, help="T5-XXL encoder file (t5xxl_fp16.safetensors)")
-    flux.add_argument("--ae", default=None, help="FLUX autoencoder file (ae.safetensors)")
-    flux.add_argument("--t5xxl-tokenizer", default=None, help="folder with T5's tokenizer.json or spiece.model")
-    flux.add_argument("--guidance-scale", type=float, default=None, help="FLUX.1-dev's embedded guidance (default 3.5)")
+    from ..models.registry import FAMILIES
+
+    for plugin in FAMILIES:
+        plugin.add_generate_arguments(p)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def load_model_from_args(args):
     from ..models import load_model
+    from ..models.registry import FAMILIES
 
-    flux = {k: getattr(args, k, None) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    options = {k: v for plugin in FAMILIES for k, v in plugin.generate_options(args).items()}
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
-                       **{k: v for k, v in flux.items() if v})
-    if getattr(args, "guidance_scale", None) is not None:
-        if model.family != "flux":
-            raise UserError("--guidance-scale is FLUX.1-dev's embedded guidance; use --cfg for this model")
-        model.options.guidance_scale = args.guidance_scale
+                       options=options, key_label=_flag)
     model.check_complete()  # before any output folder exists
     return model
 
@@ -90,8 +91,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmsolver++, unipc, ... (kohya names)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default=None, help="ddim, euler, euler_a, dpmsolver++, unipc, ... (kohya names; "
+                   "default ddim; FLUX: euler or heun, default euler)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5; FLUX: 1, "
+                   "above 1 true CFG against --negative)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sweep", default=None, help="comma-separated multipliers for the last --lora, one grid")
@@ -111,7 +114,7 @@ def run(args) -> int:
     from ..data.prompts import SamplePrompt, load_prompt_file
     from ..fileio import make_parent, refuse_overwriting_inputs
     from ..generate import (GenerationRequest, NonFiniteImage, generate, make_grid, parameters_text, save_png,
-                            weight_label)
+                            weight_label, with_family_defaults)
     from ..network.apply import network_from_file
 
     check_args(args)
@@ -160,6 +163,7 @@ def run(args) -> int:
             steps=sp.steps if args.from_file else args.steps, sampler=sp.sampler or args.sampler, cfg=sp.cfg,
             width=sp.width or args.width, height=sp.height or args.height,
         )
+        req = with_family_defaults(model, req)
         if sweep:
             req.multipliers[len(networks) - 1] = [c for _, c in entries]
         try:

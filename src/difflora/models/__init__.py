@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ..dtypes import dtype_named
 from ..errors import UserError
-from .registry import detect_folder, detect_single_file, entry_for
+from .registry import detect_folder, detect_single_file, family_options, plugin_for
 
 
 def default_model_path() -> Path:
@@ -31,16 +30,21 @@ def pixels_per_latent(path: str | os.PathLike | None) -> int:
         return 8
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", allow_pickle: bool = False,
+def load_model(path: str | os.PathLike | None = None, *, dtype: "str | torch.dtype" = "fp32", allow_pickle: bool = False,
                family: str | None = None, prediction_type: str | None = None, clip_skip: int | None = None,
-               zero_terminal_snr: bool | None = None, job=None, **family_options):
+               zero_terminal_snr: bool | None = None, options: Mapping[str, Any] | None = None,
+               options_source: str | os.PathLike | None = None, key_label: Callable[[str], str] = str,
+               mixed_precision: str = "no"):
     """Load a model from a diffusers folder or a single-file checkpoint; None means the embedded default.
 
     The family is detected from the files (models/registry.py); `family` may name a variant of the
-    detected family's module (sd1 vs sd2) but not another family. `job` and `family_options` reach
-    families that take more files or options (FLUX: clip_l, t5xxl, ae, fp8_base, ...).
+    detected family (sd1 vs sd2) but not another family. `options` are family keys (of any family: a job's
+    `registry.family_options_of(job)`, generate's flags): the detected family's become its option table, a
+    key of another family with a value other than its default is refused with a line naming `options_source`
+    (the job file; the model's path by default) and the key as `key_label` spells it.
     """
     from .._quiet import quiet_libraries
+    from ..dtypes import dtype_named
 
     quiet_libraries()
     if path is None:
@@ -52,7 +56,7 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     if isinstance(dtype, str):
         dtype = dtype_named(dtype)
     if family is not None:
-        entry_for(family)  # an unknown name fails here, before any file is read
+        plugin_for(family)  # an unknown name fails here, before any file is read
     if not path.exists():
         raise UserError("model not found", path=path)
     checkpoint = None
@@ -63,23 +67,13 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
 
         checkpoint = load_state_dict_file(path, allow_pickle=allow_pickle)
         found = detect_single_file(set(checkpoint[0]), checkpoint[1], path)
-    entry = entry_for(found)
-    if family is not None and family not in entry.names:
-        raise UserError(f"model_family = {family!r} but this is a {entry.title} model ({found}); "
+    plugin = plugin_for(found)
+    if family is not None and family not in plugin.names:
+        raise UserError(f"model_family = {family!r} but this is a {plugin.title} model ({found}); "
                         "remove model_family or give a model of that family", path=path)
-    return entry.module.load(path, family=family or found, dtype=dtype, allow_pickle=allow_pickle,
-                             prediction_type=prediction_type, clip_skip=clip_skip, checkpoint=checkpoint,
-                             zero_terminal_snr=zero_terminal_snr,
-                             **_extra_options(entry.module.load, job, family_options, path))
+    table = family_options(plugin, options, options_source or path, key_label)
+    plugin.check_files(path, table)
+    return plugin.load(path, family=family or found, dtype=dtype, allow_pickle=allow_pickle, checkpoint=checkpoint,
+                       options=table, prediction_type=prediction_type, clip_skip=clip_skip,
+                       zero_terminal_snr=zero_terminal_snr, mixed_precision=mixed_precision)
 
-
-def _extra_options(loader, job, options: dict, path) -> dict:
-    """`job` and family options for the loaders that take them (FLUX); other families refuse options."""
-    import inspect
-
-    params = inspect.signature(loader).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or "job" in params:
-        return {"job": job, **options}
-    if options:
-        raise UserError(f"options {', '.join(sorted(options))} do not apply to this model", path=path)
-    return {}

@@ -83,6 +83,9 @@ class ModelFamily(ABC):
     denoiser: nn.Module  # the U-Net / transformer
     vae: nn.Module
     text_encoders: dict[str, nn.Module]  # component name -> module ("text_encoder", ...)
+    # generation when neither the command nor the prompt names them (FLUX: Euler, no true CFG)
+    default_sampler: str = "ddim"
+    default_cfg: float = 7.5
 
     # ---- identity and metadata
     @property
@@ -156,12 +159,13 @@ class ModelFamily(ABC):
         """Raise a UserError when a component that training and generation need was not loaded."""
 
     # ---- training hooks (defaults: nothing family-specific)
+    def use_plain_attention(self) -> None:
+        """sdpa = false: the denoiser's attention without scaled_dot_product_attention (diffusers' AttnProcessor);
+        a family whose denoiser has only one attention keeps it."""
+
     def prepare_training(self, job, device) -> None:
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), before the denoiser
         moves to `device`: `to` then leaves on the CPU what the family keeps there (FLUX's swapped blocks)."""
-
-    # Family job keys (models/registry.family_job_keys) this family honours; a job setting another is refused.
-    honoured_job_keys: frozenset[str] = frozenset()
 
     # cache_text_encoder_outputs: True for a family whose text encoders are too big to keep once the run's
     # prompts are encoded (FLUX's T5-XXL, 9.5 GB); the others move theirs off the GPU.
@@ -173,9 +177,38 @@ class ModelFamily(ABC):
         on. Returns the LoRA components that are gone."""
         raise NotImplementedError(f"{self.family} keeps its text encoders (drops_cached_text_encoders is False)")
 
+    def sample_timesteps(self, n: int, generator: torch.Generator | None, latent_hw: tuple[int, int],
+                         window: tuple[int, int]) -> torch.Tensor:
+        """Training timesteps for `n` samples: integers drawn uniformly from the job's [min_timestep, max_timestep)
+        `window`; a family with its own sampling (FLUX: timestep_sampling, on the latent size) overrides it."""
+        return torch.randint(window[0], window[1], (n,), generator=generator)
+
+    def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
+                         progress=None) -> list | None:
+        """Images for a `generate.GenerationRequest` from the family's own sampler (FLUX: flow-matching Euler),
+        or None: `generate()` then runs the diffusers pipeline (`pipeline`, `pipeline_embeddings`)."""
+        return None
+
     def adapt_lora_file(self, lora):
-        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""
+        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names. By
+        default: refused when its ss_base_model_version names another family than this model's."""
+        from ..errors import UserError
+        from .registry import family_of_version
+
+        version = lora.metadata.get("ss_base_model_version")
+        lora_family, model_family = family_of_version(version or ""), family_of_version(self.base_model_version)
+        if lora_family and model_family and lora_family != model_family:
+            raise UserError(f"LoRA was trained for {version} (ss_base_model_version) but the model is "
+                            f"{self.base_model_version}", path=lora.path)
         return lora
+
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """Before training: refuse a save_format (with the job's AdapterOptions `adapter`) whose target loader could
+        not apply the file whole, with one line saying why."""
+        if save_format != "kohya":
+            from ..errors import UserError
+
+            raise UserError(f"save_format = {save_format!r} is not available for {self.family} models (kohya is)")
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """A kohya state dict in the layout the job asked for (save_format)."""

@@ -177,7 +177,7 @@ def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> 
     metadata = {
         **config_metadata(model, {"text_encoder": model.text_encoder}),
         "difflora.variant": model.family,
-        **({"difflora.family": "toy"} if getattr(model, "toy", False) else {}),
+        **({"difflora.family": "toy"} if model.toy else {}),
         "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
     }
     tok_json = getattr(model.tokenizer, "backend_tokenizer", None)
@@ -307,7 +307,7 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .sd import StableDiffusion
+    from .sd.model import StableDiffusion
 
     sd, metadata = checkpoint if checkpoint is not None else load_state_dict_file(path, allow_pickle=allow_pickle)
     detected = detect_checkpoint(sd)
@@ -323,7 +323,7 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"cannot work out the model's layout from the checkpoint ({type(e).__name__}: {e})", path=path) from None
     if sched_cfg is None:
-        from .sd import SD_SCHEDULER_CONFIG
+        from .sd.model import SD_SCHEDULER_CONFIG
 
         sched_cfg = dict(SD_SCHEDULER_CONFIG)
     if prediction_type is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from tokenizers import pre_tokenizers
 
-from ..models.sd import SD_SCHEDULER_CONFIG
+from ..models.sd.model import SD_SCHEDULER_CONFIG
 from . import faces
 
 MAX_LENGTH = 77

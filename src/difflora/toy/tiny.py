@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..models.sd import SD_SCHEDULER_CONFIG, StableDiffusion
+from ..models.sd.model import SD_SCHEDULER_CONFIG, StableDiffusion
 from . import base_model
 
 SD15_UNET = dict(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.flux import FluxModel, FluxOptions
-from ..models.flux_transformer import FluxParams, FluxTransformer
+from ..models.flux.model import FluxModel, FluxOptions
+from ..models.flux.transformer import FluxParams, FluxTransformer
 
 _T5_TEXTS = ["a face, red hair, blue background, eyes open, smiling, glasses, closed eyes, "
              "brown hair, green background, black hair, yellow, white, frowning, no glasses, portrait"] * 4

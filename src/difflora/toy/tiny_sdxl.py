@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.sdxl import (SCHEDULER_CONFIG, TEXT_ENCODER_2_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG,
+from ..models.sdxl.model import (SCHEDULER_CONFIG, TEXT_ENCODER_2_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG,
                            StableDiffusionXL)
 from . import base_model
 

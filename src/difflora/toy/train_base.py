@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..fileio import load_safetensors, save_safetensors, write_json_atomic
-from ..models.sd import mark_toy_folder
+from ..models.sd.model import mark_toy_folder
 from ..statefile import load_state, save_state
 from . import base_model, faces
 

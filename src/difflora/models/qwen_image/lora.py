@@ -107,3 +107,13 @@ def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> di
             raise UserError(f"save_format = \"diffusers\" holds plain LoRA modules only; {name} is "
                             f"{'DoRA' if 'dora_scale' in parts else 'a LyCORIS module'} (use kohya or comfyui)")
     return out
+
+
+def check_save_format(save_format: str, adapter) -> None:
+    """Before training: diffusers' Qwen-Image loader reads peft lora_A / lora_B only (no LoHa, LoKr or DoRA)."""
+    if save_format == "diffusers" and adapter.is_lycoris:
+        from ...network.adapters import ADAPTERS
+
+        what = "DoRA" if adapter.dora_wd else ADAPTERS[adapter.algo].title
+        raise UserError(f'save_format = "diffusers" with {what}: diffusers loads Qwen-Image LoRAs as peft lora_A / '
+                        'lora_B, which holds no LoHa, LoKr or DoRA; save kohya or comfyui (ComfyUI applies them)')

@@ -27,7 +27,6 @@ from ..base import Conditioning, ModelFamily
 from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma
 from ..objectives import FlowMatchingObjective
 from .files import EDIT_VARIANTS
-from .options import QWEN_IMAGE_KEYS, SHARED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,6 @@ class QwenImageModel(ModelFamily):
     """Qwen-Image (text to image) and its edit models; `variant` is one of files.VARIANTS."""
 
     family = "qwen_image"
-    honoured_job_keys = frozenset(QWEN_IMAGE_KEYS + SHARED_KEYS + ("save_format",))
     drops_cached_text_encoders = True  # Qwen2.5-VL-7B is 16 GB in bf16: freed once every prompt is encoded
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, image_processor, *, source: str = "",
@@ -195,6 +193,13 @@ class QwenImageModel(ModelFamily):
         from .lora import adapt_lora_file
 
         return adapt_lora_file(self, lora)
+
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """kohya and comfyui take every adapter (LyCORIS / DoRA modules keep kohya's names in a comfyui file);
+        diffusers reads plain LoRA only."""
+        from .lora import check_save_format
+
+        check_save_format(save_format, adapter)
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya (musubi) names by default; "comfyui": `diffusion_model.` + lora_A/B with alpha kept;
@@ -288,6 +293,10 @@ class QwenImageModel(ModelFamily):
         self.text_encoders_dropped = True
         log.info("encoded %d prompt(s) once; Qwen2.5-VL freed (cache_text_encoder_outputs)", len(cached))
         return ["qwen25vl"]
+
+    def sample_timesteps(self, n, generator, latent_hw, window):
+        """musubi's timestep sampling (shift 2.2 by default, or qwen_shift) as σ·1000."""
+        return self.objective.sample_timesteps(n, generator, latent_hw)
 
     # ---- prediction
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -150,7 +150,7 @@ def write_tiny_single_files(folder, out) -> dict[str, Path]:
     from .files import save_text_encoder_file, save_transformer_file, save_vae_file
     from .loader import load_qwen_image
 
-    model = load_qwen_image(Path(folder))
+    model = load_qwen_image(Path(folder))  # every option at its default
     out = Path(out)
     files = {"diffusion_model": out / "diffusion_models" / "qwen_image_bf16.safetensors",
              "text_encoder": out / "text_encoders" / "qwen_2.5_vl_7b.safetensors",

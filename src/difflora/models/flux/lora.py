@@ -17,9 +17,9 @@ import re
 
 import torch
 
-from ..errors import UserError
-from .flux_convert import module_map, split_sizes
-from .flux_transformer import FluxParams
+from ...errors import UserError
+from .convert import module_map, split_sizes
+from .transformer import FluxParams
 
 log = logging.getLogger(__name__)
 

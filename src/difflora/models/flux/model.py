@@ -9,7 +9,7 @@ Two layouts load, fully offline:
   vocabulary; T5's comes from `t5xxl_tokenizer` (a folder with tokenizer.json, e.g. a FLUX
   diffusers folder's tokenizer_2/) or from beside the t5xxl file.
 
-The transformer is kept in BFL's layout (models/flux_transformer.py), so kohya's LoRA names
+The transformer is kept in BFL's layout (transformer.py), so kohya's LoRA names
 (`lora_unet_double_blocks_0_img_attn_qkv`, ...) are module paths.
 """
 
@@ -25,14 +25,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from ..network.lora import LoRATarget
-from .base import Conditioning, ModelFamily
-from .flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
-from .flux_options import FLUX_ONLY_KEYS
-from .flux_transformer import FluxTransformer
+from ...errors import UserError
+from ...network.lora import LoRATarget
+from ..base import Conditioning, ModelFamily
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu, squeeze_to_window
+from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
+
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of the flow-matching ODE; kohya's DDPM samplers do not apply
 
 # Bundled component configs of FLUX.1 (black-forest-labs/FLUX.1-dev's, written out; no hub).
 CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -109,7 +110,8 @@ class FluxModel(ModelFamily):
     """FLUX.1 (dev: guidance-distilled with a guidance embedder; schnell: without)."""
 
     family = "flux"
-    honoured_job_keys = frozenset(FLUX_ONLY_KEYS)
+    default_sampler = "euler"
+    default_cfg = 1.0  # no true CFG: dev's guidance is embedded (guidance_scale)
 
     def __init__(self, transformer: FluxTransformer, vae, clip_l, t5xxl, clip_tokenizer, t5_tokenizer, *,
                  source: str = "", options: FluxOptions | None = None):
@@ -197,7 +199,7 @@ class FluxModel(ModelFamily):
                 rank = ranks[name.split(".")[0]]
                 if isinstance(lin, nn.Linear) and (conv or rank != 0):
                     out.append(LoRATarget(f"lora_unet_{name}".replace(".", "_"), lin, "unet", None if conv else rank))
-        from .sd import text_encoder_lora_targets
+        from ..sd.model import text_encoder_lora_targets
 
         if self.text_encoders.get("clip_l") is not None:
             out += text_encoder_lora_targets(self.text_encoders["clip_l"], prefix="lora_te1", component="clip_l")
@@ -209,9 +211,9 @@ class FluxModel(ModelFamily):
 
     def adapt_lora_file(self, lora):
         """Check a LoRA file is for FLUX.1 (this variant) and bring diffusers/ai-toolkit names to kohya's."""
-        from ..fileio import load_safetensors as _load
-        from ..network.files import LoraFile
-        from .flux_lora import diffusers_to_kohya, is_diffusers_flux_lora
+        from ...fileio import load_safetensors as _load
+        from ...network.files import LoraFile
+        from .lora import diffusers_to_kohya, is_diffusers_flux_lora
 
         version = lora.metadata.get("ss_base_model_version", "")
         if version and not version.startswith("flux"):
@@ -328,41 +330,71 @@ class FluxModel(ModelFamily):
         return s
 
     @torch.no_grad()
-    def sample_latents(self, cond: Conditioning, seeds: list[int], steps: int, width: int, height: int) -> torch.Tensor:
-        """Euler flow-matching sampling from per-seed noise; returns latents (B, C, h, w)."""
+    def sample_latents(self, cond: Conditioning, seeds: list[int], steps: int, width: int, height: int,
+                       sampler: str = "euler", cfg: float = 1.0, uncond: Conditioning | None = None) -> torch.Tensor:
+        """Flow-matching sampling from per-seed noise; returns latents (B, C, h, w).
+
+        `sampler`: "euler" (BFL's), or "heun" (Heun's second order: a second prediction at the step's end, not on
+        the last step, which ends at σ = 0). `cfg` > 1: true classifier-free guidance against `uncond` (the
+        negative prompts), v = v_neg + cfg·(v - v_neg), what de-distilled FLUX fine-tunes sample with.
+        """
+        if sampler not in FLOW_SAMPLERS:
+            raise UserError(f"sampler {sampler!r} is not a flow-matching sampler; FLUX samples with "
+                            f"{' or '.join(FLOW_SAMPLERS)}")
         ds = self.latent_downscale
         h, w = 2 * ((height + 2 * ds - 1) // (2 * ds)), 2 * ((width + 2 * ds - 1) // (2 * ds))
         c = self.vae.config.latent_channels
         x = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         x = x.to(self.device)
-        sig = self.sigmas_for_sampling(steps, (h // 2) * (w // 2))
-        for cur, nxt in zip(sig[:-1], sig[1:]):
-            t = torch.full((x.shape[0],), float(cur) * self.objective.num_train_timesteps, device=x.device)
+
+        def velocity(x, sigma: float) -> torch.Tensor:
+            t = torch.full((x.shape[0],), sigma * self.objective.num_train_timesteps, device=x.device)
             v = self.predict(x, t, cond).float()
-            x = x + (float(nxt) - float(cur)) * v
+            if cfg > 1.0:
+                v_neg = self.predict(x, t, uncond).float()
+                v = v_neg + cfg * (v - v_neg)
+            return v
+
+        sig = [float(s) for s in self.sigmas_for_sampling(steps, (h // 2) * (w // 2))]
+        for cur, nxt in zip(sig[:-1], sig[1:]):
+            v = velocity(x, cur)
+            if sampler == "heun" and nxt > 0:
+                v = (v + velocity(x + (nxt - cur) * v, nxt)) / 2
+            x = x + (nxt - cur) * v
         return x
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int = 20, width: int | None = None,
-                      height: int | None = None, guidance: float | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model."""
+                      height: int | None = None, guidance: float | None = None, sampler: str = "euler",
+                      cfg: float = 1.0, negative: list[str] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model; `cfg` > 1 guides
+        away from `negative` (empty prompts by default)."""
         old = self.options.guidance_scale
         if guidance is not None:
             self.options.guidance_scale = guidance
         try:
             cond = self.encode_prompts(prompts)
-            lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution)
+            uncond = self.encode_prompts(negative or [""] * len(prompts)) if cfg > 1.0 else None
+            lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution,
+                                      sampler, cfg, uncond)
         finally:
             self.options.guidance_scale = old
         img = self.decode_latents(lat).float().clamp(-1, 1)
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
+    def sample_timesteps(self, n, generator, latent_hw, window):
+        """kohya's timestep_sampling (flow_matching.py), squeezed into the job's min/max_timestep window."""
+        return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
+                                 self.objective.num_train_timesteps)
+
     @torch.no_grad()
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
-        """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
-        so per-sample LoRA multipliers apply to text encoders and transformer alike."""
+        """generate.py's request on FLUX: dev's embedded guidance (guidance_scale), and true CFG against the
+        negative prompt when req.cfg > 1 (two predictions per step, each at the samples' own LoRA multipliers)."""
         self.check_complete()
+        if req.cfg <= 1.0 and any(req.negative or []):
+            log.warning("FLUX: the negative prompt has no effect at cfg %g (true CFG needs cfg > 1)", req.cfg)
         out = []
         for start in range(0, len(req.prompts), batch_size):
             sl = slice(start, min(len(req.prompts), start + batch_size))
@@ -371,7 +403,8 @@ class FluxModel(ModelFamily):
                 if values is not None:
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
-            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height)
+            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height,
+                                      sampler=req.sampler, cfg=req.cfg, negative=(req.negative or None) and req.negative[sl])
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"
@@ -379,7 +412,7 @@ class FluxModel(ModelFamily):
         return out
 
     def prepare_training(self, job, device) -> None:
-        from .low_vram import enable_block_swap
+        from ..low_vram import enable_block_swap
 
         self.check_complete()
         if self.variant == "schnell" and self.options.in_dims and self.options.in_dims[3]:
@@ -391,13 +424,30 @@ class FluxModel(ModelFamily):
         if job.blocks_to_swap:
             enable_block_swap(self.transformer, job.blocks_to_swap, torch.device(device))
 
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """diffusers' FluxPipeline.load_lora_weights reads peft lora_A/lora_B keys of `transformer.` and `text_encoder.`
+        (CLIP-L) only: T5 keys are skipped without a word, and its DoRA (`lora_magnitude_vector`) is the output-axis
+        magnitude, not the input-axis one difflora trains (the one A1111 and ComfyUI apply)."""
+        if save_format != "diffusers":
+            return
+        if self.options.train_t5xxl:
+            raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
+                            '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
+        if adapter.is_lycoris:
+            from ...network.adapters import ADAPTERS
+
+            what = "DoRA" if adapter.dora_wd else ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
+            raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
+                            'lora_A/lora_B, which holds no LoHa, LoKr or DoRA; save the kohya format (A1111, Forge and '
+                            'ComfyUI apply it)')
+
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
         if save_format != "diffusers":
-            raise UserError(f"save_format = {save_format!r} is not available for FLUX.1 (kohya, diffusers)")
-        from .flux_lora import kohya_to_diffusers
+            raise UserError(f"save_format = {save_format!r} is not a FLUX.1 LoRA layout (kohya or diffusers)")
+        from .lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)
 
@@ -413,7 +463,7 @@ class FluxModel(ModelFamily):
 
     def store_base_fp8(self) -> None:
         """kohya's fp8_base: frozen block weights in float8_e4m3fn, computed in bf16."""
-        from .low_vram import store_fp8
+        from ..low_vram import store_fp8
 
         store_fp8(self.transformer, torch.bfloat16)
         for m in self.transformer.modules():  # norms, embedders etc. compute in bf16 too
@@ -424,7 +474,7 @@ class FluxModel(ModelFamily):
 
     def store_base_nf4(self) -> None:
         """4-bit NF4 frozen blocks (bitsandbytes, CUDA only); the LoRA stays in fp32."""
-        from .low_vram import store_nf4
+        from ..low_vram import store_nf4
 
         for block in self.transformer.blocks():
             store_nf4(block, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -461,7 +511,7 @@ class FluxModel(ModelFamily):
         path = Path(path)
         if single_file is None:
             single_file = path.suffix.lower() == ".safetensors"
-        from .flux_files import save_bfl_transformer, save_diffusers_folder
+        from .files import save_bfl_transformer, save_diffusers_folder
 
         if single_file:
             save_bfl_transformer(self.transformer, path, dtype=dtype)
@@ -478,41 +528,23 @@ def _has(module: nn.Module, name: str) -> bool:
 
 
 
-# ------------------------------------------------------------------ the model-family registry's entry points
-def detect_folder(path: Path, index: dict | None = None) -> str | None:
-    """"flux" for a diffusers folder of a FLUX pipeline (FLUX.2 / Kontext too: the loader then says what is supported)."""
-    if index is None:
-        try:
-            index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-    return "flux" if str(index.get("_class_name", "")).startswith("Flux") else None
-
-
-def detect_single_file(keys, metadata: dict[str, str] | None = None) -> str | None:
-    bare = {k.split("diffusion_model.", 1)[-1] for k in keys}
-    if any(k.startswith(("double_blocks.", "single_blocks.", "double_stream_modulation")) for k in bare):
-        return "flux"
-    return None
-
-
-def load(path, *, family: str = "flux", dtype=torch.float32, allow_pickle: bool = False, prediction_type=None,
-         clip_skip=None, checkpoint=None, zero_terminal_snr=None, job=None, **options) -> "FluxModel":
-    """The registry's loader. The job's FLUX keys (models/flux_options.py) set the files and options;
-    `options` (load_flux's keywords: clip_l, t5xxl, ae, t5xxl_tokenizer, fp8_base) override them."""
-    from .flux_files import load_flux
+# ------------------------------------------------------------------ the loader (models/flux/__init__.py)
+def load(path, *, dtype=torch.float32, checkpoint=None, options=None, prediction_type=None,
+         mixed_precision: str = "no") -> "FluxModel":
+    """The plugin's loader. `options` (FluxJobOptions: the job's FLUX keys, or generate's flags) names the files
+    and sets the options; None keeps every default."""
+    from .files import load_flux
+    from .options import FluxJobOptions
 
     if prediction_type not in (None, "flow"):
         raise UserError(f"FLUX.1 is a flow-matching model; prediction type {prediction_type!r} does not apply",
                         path=path)
-    if job is not None:
-        if job.mixed_precision == "bf16" or job.fp8_base:
-            dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
-        base = {"clip_l": job.clip_l, "t5xxl": job.t5xxl, "ae": job.ae, "t5xxl_tokenizer": job.t5xxl_tokenizer,
-                "fp8_base": job.fp8_base, "options": FluxOptions.from_job(job)}
-        options = {**base, **{k: v for k, v in options.items() if v is not None}}
-    options = {k: v for k, v in options.items() if v is not None}
-    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, **options)
-    if job is not None and job.nf4_base:
+    options = options or FluxJobOptions()
+    if mixed_precision == "bf16" or options.fp8_base:
+        dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
+    files = {k: getattr(options, k) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
+    model = load_flux(path, dtype=dtype, checkpoint=checkpoint, fp8_base=options.fp8_base,
+                      options=FluxOptions.from_job(options), **{k: v for k, v in files.items() if v is not None})
+    if options.nf4_base:
         model.store_base_nf4()
     return model

@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..fileio import load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
-from .flux import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
-from .flux_convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
+from ...errors import UserError
+from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
+from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
+from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
-from .flux_transformer import FluxParams, FluxTransformer
+from ..folders import publish_layout
+from .transformer import FluxParams, FluxTransformer
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,7 @@ def save_bfl_transformer(transformer: FluxTransformer, path: Path, dtype: torch.
 
 
 def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | None = None) -> None:
-    if path.exists():
-        raise UserError("output folder already exists; choose another path", path=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:  # umask permissions; a killed save's folder is removed by the next save
         tr = model.transformer
         (tmp / "transformer").mkdir()
         sd = bfl_to_diffusers({k: (v.float() if v.dtype == torch.float8_e4m3fn else v) for k, v in tr.state_dict().items()},
@@ -61,10 +56,7 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_layout(tmp)  # CLIP-L with `text_model.` keys, tokenizer files transformers 4 and kohya read
 
 
 # ------------------------------------------------------------------ loading
@@ -123,7 +115,7 @@ def _tokenizer_from_metadata(metadata: dict[str, str], cls):
 def load_clip_l(path: Path, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .ldm import clip_tokenizer
+    from ..ldm import clip_tokenizer
 
     sd, md = load_safetensors(path)
     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
@@ -177,7 +169,7 @@ def load_ae(path: Path, dtype: torch.dtype):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from .ldm import VAE_PREFIX, infer_vae_config
+    from ..ldm import VAE_PREFIX, infer_vae_config
 
     sd, md = load_safetensors(path)
     if "encoder.conv_in.weight" in sd:
@@ -204,13 +196,17 @@ def load_ae(path: Path, dtype: torch.dtype):
 
 def save_component_files(model: FluxModel, folder: Path) -> dict[str, Path]:
     """Write clip_l, t5xxl and ae files in the layouts kohya's users have (with difflora's configs in metadata)."""
-    from .ldm import vae_to_ldm, VAE_PREFIX
+    from ..ldm import vae_to_ldm, VAE_PREFIX
 
     folder.mkdir(parents=True, exist_ok=True)
     clip, t5 = model.text_encoders["clip_l"], model.text_encoders["t5xxl"]
     out = {"clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors", "ae": folder / "ae.safetensors"}
     tok_json = lambda t: t.backend_tokenizer.to_str()  # noqa: E731
-    save_safetensors({"text_model." + k: v for k, v in clip.state_dict().items()}, out["clip_l"],
+    # published clip_l.safetensors carry CLIP's text_projection (ComfyUI warns "clip missing" without it); FLUX
+    # reads the unprojected pooled output, so the identity stands in for the one this CLIPTextModel does not have
+    width = clip.config.hidden_size
+    save_safetensors({**{"text_model." + k: v for k, v in clip.state_dict().items()},
+                      "text_projection.weight": torch.eye(width, dtype=clip.dtype)}, out["clip_l"],
                      {"difflora.config": json.dumps(_config_dict(clip.config)), "difflora.tokenizer": tok_json(model.clip_tokenizer)})
     save_safetensors({k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}, out["t5xxl"],
                      {"difflora.config": json.dumps(_config_dict(t5.config)), "difflora.tokenizer": tok_json(model.t5_tokenizer)})
@@ -343,7 +339,7 @@ def build_flux_on_meta(variant: str = "dev", options: FluxOptions | None = None)
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .flux_transformer import FLUX_DEV, FLUX_SCHNELL
+    from .transformer import FLUX_DEV, FLUX_SCHNELL
 
     if variant not in ("dev", "schnell"):
         raise UserError(f"FLUX.1 variant must be dev or schnell, got {variant!r}")

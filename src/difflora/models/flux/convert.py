@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .flux_transformer import FluxParams
+from .transformer import FluxParams
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 

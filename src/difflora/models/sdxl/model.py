@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from ..network.lora import LoRATarget
-from .base import Conditioning, SampleSize
-from .objectives import objective_for
-from .unet_family import UNetFamily, unet_lora_modules
+from ...errors import UserError
+from ...network.lora import LoRATarget
+from ..base import Conditioning, SampleSize
+from ..objectives import objective_for
+from ..unet_family import UNetFamily, unet_lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,8 @@ V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # marker tensors of v-prediction SDXL
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's ModelSpec value for SDXL LoRAs
 
-# Recommended values per method on SDXL, for keys the job leaves unset (models/registry.method_defaults).
-# ADDifT: TrainTrain's ADDifT_Action_XL preset (rank 4, alpha 1, lr 2e-4, timesteps 500-1000, m 0.25) at
-# 100 steps (the preset's 30 are with CAME at batch 1); not measured here (no SDXL weights offline), so the
-# toy world's 40 steps at lr 6e-3 and "auto" window are not carried over. Its SD1.5 preset differs only in lr.
-METHOD_DEFAULTS = {
-    "addift": {"max_train_steps": 100, "learning_rate": 2e-4, "network_dim": 4, "network_alpha": 1.0,
-               "addift": {"min_timestep": 500, "max_timestep": 1000, "multiplier": 0.25}},
-}
 
-# ---------------------------------------------------------------- registry hooks
+# ---------------------------------------------------------------- registry hooks (models/sdxl/__init__.py)
 def detect_folder(path: Path, index: dict) -> str | None:
     cls = str(index.get("_class_name", ""))
     if "text_encoder_2" not in index and "StableDiffusionXL" not in cls:
@@ -97,11 +89,6 @@ def detect_folder(path: Path, index: dict) -> str | None:
                         "encoder and is conditioned on aesthetic scores); train on an SDXL base model", path=path)
     return "sdxl"
 
-
-def detect_single_file(keys: set[str], metadata: dict[str, str]) -> str | None:
-    if not any(k.startswith("conditioner.embedders.") for k in keys):
-        return None
-    return "sdxl"
 
 
 def load(path: Path, *, family: str = "sdxl", dtype=torch.float32, allow_pickle=False, prediction_type=None,
@@ -122,7 +109,7 @@ def load(path: Path, *, family: str = "sdxl", dtype=torch.float32, allow_pickle=
 # ---------------------------------------------------------------- LoRA names
 def unet_lora_targets(unet: nn.Module, conv: bool) -> list[LoRATarget]:
     """kohya's create_modules on sd-scripts' SGM-layout SDXL U-Net, run over the diffusers U-Net."""
-    from .ldm import unet_ldm_map, unet_ldm_name
+    from ..ldm import unet_ldm_map, unet_ldm_name
 
     mapping = unet_ldm_map(dict(unet.config))
     return [LoRATarget("lora_unet_" + unet_ldm_name(path, mapping).replace(".", "_"), layer, "unet")
@@ -177,7 +164,7 @@ class StableDiffusionXL(UNetFamily):
 
     # ---- LoRA
     def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
-        from .sd import text_encoder_lora_targets
+        from ..sd.model import text_encoder_lora_targets
 
         te1, te2 = self.text_encoders["text_encoder"], self.text_encoders["text_encoder_2"]
         return (text_encoder_lora_targets(te1, "lora_te1") + text_encoder_lora_targets(te2, "lora_te2")
@@ -225,7 +212,7 @@ class StableDiffusionXL(UNetFamily):
     def pipeline(self, scheduler: str = "ddim"):
         from diffusers import StableDiffusionXLPipeline
 
-        from .sd import make_scheduler
+        from ..samplers import make_scheduler
 
         te1, te2 = self.text_encoders["text_encoder"], self.text_encoders["text_encoder_2"]
         pipe = StableDiffusionXLPipeline(
@@ -237,7 +224,7 @@ class StableDiffusionXL(UNetFamily):
         return pipe
 
     def save(self, path, single_file=None, dtype=None):
-        from .folders import save_model
+        from ..folders import save_model
 
         save_model(self, path, single_file, dtype, save_single_file, "EulerDiscreteScheduler")
 
@@ -248,7 +235,7 @@ def load_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, predicti
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .sd import _read_json, check_folder_components
+    from ..sd.model import _read_json, check_folder_components
 
     for comp, what in (("text_encoder", "first text encoder (CLIP-L)"), ("text_encoder_2", "second text encoder "
                                                                          "(OpenCLIP bigG)")):
@@ -307,7 +294,7 @@ def check_checkpoint(keys, path) -> None:
 
 def infer_configs(sd: dict[str, torch.Tensor]) -> dict[str, dict]:
     """diffusers configs of an SGM checkpoint from its tensor shapes (heads: SDXL's 64-wide heads)."""
-    from .ldm import infer_text_config, infer_unet_config, infer_vae_config
+    from ..ldm import infer_text_config, infer_unet_config, infer_vae_config
 
     unet = infer_unet_config(sd, "sd2")
     depths = []
@@ -336,8 +323,8 @@ def load_single_file(path: Path, checkpoint=None, *, dtype=torch.float32, allow_
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..fileio import load_state_dict_file
-    from .ldm import clip_tokenizer
+    from ...fileio import load_state_dict_file
+    from ..ldm import clip_tokenizer
 
     sd, metadata = checkpoint if checkpoint is not None else load_state_dict_file(path, allow_pickle=allow_pickle)
     check_checkpoint(set(sd), path)
@@ -401,8 +388,8 @@ def save_single_file(model: StableDiffusionXL, path: Path, dtype: torch.dtype | 
     """The SGM layout A1111/ComfyUI/kohya load, with the diffusers configs in the metadata."""
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_path
-    from .ldm import config_metadata, ldm_tensors
+    from ...fileio import atomic_path
+    from ..ldm import config_metadata, ldm_tensors
 
     te1, te2 = model.text_encoders["text_encoder"], model.text_encoders["text_encoder_2"]
     tensors = ldm_tensors(model, [(te1, "sd1", TE1_PREFIX), (te2, "sd2", TE2_PREFIX)], dtype)

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from ..network.lora import LoRATarget
-from .base import Conditioning
-from .objectives import objective_for
-from .unet_family import UNetFamily, unet_lora_modules
+from ...errors import UserError
+from ...network.lora import LoRATarget
+from ..base import Conditioning
+from ..objectives import objective_for
+from ..samplers import make_scheduler
+from ..unet_family import UNetFamily, unet_lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +37,6 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 _TE_ROLE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
-
-# kohya's --sample_sampler names -> (diffusers scheduler class, extra config)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config: dict):
-    import diffusers
-
-    key = name.lower()
-    if key not in SCHEDULERS:
-        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[key]
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    return getattr(diffusers, cls_name).from_config({**cfg, **extra})
-
 
 def unet_lora_targets(unet: nn.Module, conv: bool, prefix: str = "lora_unet") -> list[LoRATarget]:
     """kohya's create_modules over a diffusers-layout U-Net (SD1/SD2 names)."""
@@ -196,8 +163,8 @@ class StableDiffusion(UNetFamily):
         return pipe
 
     def save(self, path, single_file=None, dtype=None):
-        from .folders import save_model
-        from .ldm import save_sd_single_file
+        from ..folders import save_model
+        from ..ldm import save_sd_single_file
 
         save_model(self, path, single_file, dtype, save_sd_single_file, "DDIMScheduler")
         if self.toy and Path(path).is_dir():
@@ -207,7 +174,7 @@ class StableDiffusion(UNetFamily):
 # ------------------------------------------------------------------ loading
 def mark_toy_folder(path: Path) -> None:
     """Record in model_index.json that a diffusers folder holds a toy-world model (diffusers ignores "_" keys)."""
-    from ..fileio import write_json_atomic
+    from ...fileio import write_json_atomic
 
     index = Path(path) / "model_index.json"
     write_json_atomic(index, {**_read_json(index), TOY_MARKER: "toy"})
@@ -239,7 +206,7 @@ def detect_variant(unet_config: dict, te_config: dict) -> str:
     return "sd1"
 
 
-# ------------------------------------------------------------------ family registry hooks
+# ------------------------------------------------------------------ registry hooks (models/sd/__init__.py)
 def detect_folder(path: Path, index: dict) -> str | None:
     """"sd1"/"sd2" for a diffusers folder with one CLIP text encoder and a U-Net, else None."""
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
@@ -252,11 +219,6 @@ def detect_folder(path: Path, index: dict) -> str | None:
     return "sd1"  # the loader names the missing part
 
 
-def detect_single_file(keys: set[str], metadata: dict[str, str]) -> str | None:
-    from .ldm import detect_checkpoint
-
-    return detect_checkpoint(keys)
-
 
 def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, prediction_type=None, clip_skip=None,
          checkpoint=None, zero_terminal_snr: bool | None = None) -> StableDiffusion:
@@ -265,7 +227,7 @@ def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, pr
         model = load_diffusers_folder(path, dtype=dtype, allow_pickle=allow_pickle, variant=family,
                                       prediction_type=prediction_type, clip_skip=clip_skip)
     else:
-        from .ldm import load_sd_single_file
+        from ..ldm import load_sd_single_file
 
         model = load_sd_single_file(path, dtype=dtype, allow_pickle=allow_pickle, variant=family,
                                     prediction_type=prediction_type, clip_skip=clip_skip, checkpoint=checkpoint)
