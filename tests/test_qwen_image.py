@@ -19,6 +19,11 @@ from difflora.models import load_model
 from difflora.network.apply import network_from_file
 from difflora.network.files import save_lora
 
+def _load(path, **options):
+    """A model with family keys (a job's or generate's flags)."""
+    return load_model(path, options=options)
+
+
 KEYS = Path(__file__).parent / "data" / "qwen_image_keys"
 
 
@@ -30,7 +35,7 @@ def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
     folder = write_tiny_folder(root / "Qwen-Image")
     files = write_tiny_single_files(folder, root / "comfy")
-    return {"root": root, "folder": folder, "files": files, "model": load_model(folder)}
+    return {"root": root, "folder": folder, "files": files, "model": _load(folder)}
 
 
 def _random_lora(model, path: Path, seed: int = 0, rank: int = 4, alpha: float = 2.0) -> Path:
@@ -110,7 +115,7 @@ def test_folder_and_comfy_files_load_the_same_model_and_images(qwen):
 
     model, files = qwen["model"], qwen["files"]
     assert model.variant == "qwen_image" and len(model.transformer.transformer_blocks) == 60
-    single = load_model(files["diffusion_model"], text_encoder=str(files["text_encoder"]), vae=str(files["vae"]))
+    single = _load(files["diffusion_model"], text_encoder=str(files["text_encoder"]), vae=str(files["vae"]))
     a, b = model.transformer.state_dict(), single.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ta, tb = model.text_encoders["qwen25vl"].state_dict(), single.text_encoders["qwen25vl"].state_dict()
@@ -150,23 +155,23 @@ def test_variants_are_named_by_the_files_or_the_job(qwen, tmp_path):
 
     for variant in ("edit", "edit_2509", "edit_2511"):
         folder = write_tiny_folder(tmp_path / variant, variant, num_layers=2)
-        m = load_model(folder)
+        m = _load(folder)
         assert m.variant == variant and m.is_edit and m.base_model_version == "qwen_image_edit"
         assert m.transformer.zero_cond_t == (variant == "edit_2511")
         with pytest.raises(UserError, match="model_variant = 'qwen_image' but this model is " + variant):
-            load_model(folder, model_variant="qwen_image")
+            _load(folder, model_variant="qwen_image")
     # a 2511 transformer saved as ComfyUI's file carries the marker, which names the variant
-    m2511 = load_model(tmp_path / "edit_2511")
+    m2511 = _load(tmp_path / "edit_2511")
     m2511.save(tmp_path / "qwen_image_edit_2511_bf16.safetensors")
     assert "__index_timestep_zero__" in load_file(str(tmp_path / "qwen_image_edit_2511_bf16.safetensors"))
-    single = load_model(tmp_path / "qwen_image_edit_2511_bf16.safetensors")
+    single = _load(tmp_path / "qwen_image_edit_2511_bf16.safetensors")
     assert single.variant == "edit_2511" and single.transformer.zero_cond_t
     with pytest.raises(UserError, match="Edit-2511 marker"):
-        load_model(tmp_path / "qwen_image_edit_2511_bf16.safetensors", model_variant="edit_2509")
+        _load(tmp_path / "qwen_image_edit_2511_bf16.safetensors", model_variant="edit_2509")
     # weights cannot tell Qwen-Image from Edit-2509: the job says
     plain = qwen["files"]["diffusion_model"]
-    assert load_model(plain).variant == "qwen_image"
-    assert load_model(plain, model_variant="edit_2509").variant == "edit_2509"
+    assert _load(plain).variant == "qwen_image"
+    assert _load(plain, model_variant="edit_2509").variant == "edit_2509"
 
 
 def test_fp8_and_scaled_fp8_files_load_within_fp8_error(qwen, tmp_path):
@@ -183,7 +188,7 @@ def test_fp8_and_scaled_fp8_files_load_within_fp8_error(qwen, tmp_path):
             scaled[k] = v
     save_file(scaled, str(tmp_path / "scaled.safetensors"))
     for name in ("qwen_image_fp8_e4m3fn.safetensors", "scaled.safetensors"):
-        m = load_model(tmp_path / name)
+        m = _load(tmp_path / name)
         w, ref = m.transformer.state_dict()["transformer_blocks.7.attn.to_q.weight"], sd["transformer_blocks.7.attn.to_q.weight"]
         err = float((w - ref).abs().max() / ref.abs().max())
         assert w.dtype == torch.float32 and 0 < err < 0.07, (name, err)
@@ -269,7 +274,7 @@ def test_diffusers_load_lora_weights_gives_the_image_of_difflora_generate(qwen, 
 
 def test_wrong_family_loras_are_refused_both_ways(qwen, tmp_path, tiny_sd1_dir):
     model = qwen["model"]
-    sd = load_model(tiny_sd1_dir)
+    sd = _load(tiny_sd1_dir)
     sd_lora = {}
     for t in sd.lora_targets()[:3]:
         o, i = t.module.weight.shape[:2]
@@ -306,7 +311,7 @@ def test_edit_prompts_see_the_control_images_and_references_join_as_tokens(tmp_p
 
     red, blue = Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))
     for variant in ("edit_2509", "edit_2511"):
-        m = load_model(write_tiny_folder(tmp_path / variant, variant, num_layers=2))
+        m = _load(write_tiny_folder(tmp_path / variant, variant, num_layers=2))
         plain = m.encode_prompts(["make it blue"])
         one = m.encode_prompts_with_images(["make it blue"], [[red]])
         two = m.encode_prompts_with_images(["make it blue"], [[red, blue]])
@@ -325,7 +330,7 @@ def test_edit_prompts_see_the_control_images_and_references_join_as_tokens(tmp_p
             # small on 2 narrow blocks (1e-5), exactly 0 if the flag did nothing
             assert float((out - m.predict_with_references(x, t, one, [ref])).abs().max()) > 2e-6
     with pytest.raises(UserError, match="Qwen-Image-Edit models"):
-        load_model(write_tiny_folder(tmp_path / "t2i", "qwen_image", num_layers=2)).encode_prompts_with_images(
+        _load(write_tiny_folder(tmp_path / "t2i", "qwen_image", num_layers=2)).encode_prompts_with_images(
             ["x"], [[red]])
 
 
@@ -334,36 +339,36 @@ def test_bad_qwen_inputs_are_one_line_errors(qwen, tmp_path, tiny_sd1_dir):
     files, folder = qwen["files"], qwen["folder"]
     # a text encoder of the wrong model (the VAE file; an SD text encoder's weights)
     with pytest.raises(UserError, match="not a Qwen2.5-VL text-encoder file"):
-        load_model(files["diffusion_model"], text_encoder=str(files["vae"]), vae=str(files["vae"]))
+        _load(files["diffusion_model"], text_encoder=str(files["vae"]), vae=str(files["vae"]))
     # a Qwen2.5-VL of another width than the transformer takes
     te = load_file(str(files["text_encoder"]))
     wide = {k: (torch.zeros(v.shape[0], 64) if k == "model.embed_tokens.weight" else v) for k, v in te.items()}
     save_file(wide, str(tmp_path / "qwen_2.5_vl_3b.safetensors"))
     with pytest.raises(UserError, match="64 wide, but the Qwen-Image transformer takes 32"):
-        load_model(files["diffusion_model"], text_encoder=str(tmp_path / "qwen_2.5_vl_3b.safetensors"))
+        _load(files["diffusion_model"], text_encoder=str(tmp_path / "qwen_2.5_vl_3b.safetensors"))
     # a VAE file that is not Qwen-Image's
     with pytest.raises(UserError, match="not a Qwen-Image VAE file"):
-        load_model(files["diffusion_model"], vae=str(files["text_encoder"]))
+        _load(files["diffusion_model"], vae=str(files["text_encoder"]))
     # a folder without vae/ or tokenizer/
     for sub in ("vae", "tokenizer"):
         broken = tmp_path / f"no_{sub}"
         shutil.copytree(folder, broken)
         shutil.rmtree(broken / sub)
         with pytest.raises(UserError, match=f"the {sub}/ folder .* is missing"):
-            load_model(broken)
+            _load(broken)
     # the tokenizer is not beside the text encoder
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(files["text_encoder"], alone / "te.safetensors")
     with pytest.raises(UserError, match="qwen_tokenizer"):
-        load_model(files["diffusion_model"], text_encoder=str(alone / "te.safetensors"))
+        _load(files["diffusion_model"], text_encoder=str(alone / "te.safetensors"))
     # an edit-only choice on the text-to-image folder
     with pytest.raises(UserError, match="model_variant = 'edit_2511' but this model is qwen_image"):
-        load_model(folder, model_variant="edit_2511")
+        _load(folder, model_variant="edit_2511")
     # a Layered model
     index = json.loads((folder / "model_index.json").read_text())
     layered = tmp_path / "layered"
     layered.mkdir()
     (layered / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageLayeredPipeline"}))
     with pytest.raises(UserError, match="QwenImageLayeredPipeline"):
-        load_model(layered)
+        _load(layered)

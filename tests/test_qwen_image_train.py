@@ -17,9 +17,14 @@ from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import UserError
 from difflora.generate import GenerationRequest, generate
 from difflora.models import load_model
+from difflora.models.registry import family_options_of
 from difflora.network.apply import network_from_file
 from difflora.network.files import read_metadata_only
 from difflora.train.loop import train
+
+def _load(path, **options):
+    return load_model(path, options=options)
+
 
 KOHYA = set((Path(__file__).parent / "data" / "qwen_image_keys" / "qwen_image_kohya.txt").read_text().split())
 
@@ -44,7 +49,7 @@ def _job(root: Path, out: Path, method: str, **extra):
 
 
 def _changes_images(root: Path, path: Path, job) -> float:
-    model = load_model(root / "model", job=job)
+    model = _load(root / "model", **family_options_of(job))
     net = network_from_file(model, path, 1.0)
     req = GenerationRequest(prompts=["a face, red hair"], seeds=[3], steps=2, cfg=1.0, width=32, height=32)
     req.multipliers = {0: [1.0]}
@@ -86,7 +91,7 @@ def test_each_adapter_trains_and_loads_back(qwen_env, tmp_path, algo):
     # LyCORIS / DoRA modules keep kohya's names in a comfyui file (ComfyUI maps them); plain LoRA would be lora_A/B
     assert {k.split(".")[0] for k in keys} == KOHYA
     assert any(k.endswith(("hada_w1_a", "lokr_w1", "dora_scale")) for k in keys)
-    key_map = comfy_key_map(load_model(qwen_env / "model").transformer.state_dict())
+    key_map = comfy_key_map(_load(qwen_env / "model").transformer.state_dict())
     assert comfy_not_loaded(keys, key_map) == (840, [])  # ComfyUI loads every key of the file
     assert _changes_images(qwen_env, path, job) > 1e-4
 
@@ -118,7 +123,7 @@ def test_fp8_base_trains_a_lora_close_to_full_precision(qwen_env, tmp_path):
     """fp8_base: block weights stored in float8_e4m3fn (bf16 compute); the trained LoRA stays near fp32's."""
     full = load_file(str(train(_job(qwen_env, tmp_path / "a", "standard"))))
     fp8 = load_file(str(train(_job(qwen_env, tmp_path / "b", "standard", fp8_base=True))))
-    model = load_model(qwen_env / "model", fp8_base=True)
+    model = _load(qwen_env / "model", fp8_base=True)
     assert model.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     assert model.transformer.transformer_blocks[0].attn.to_q(torch.ones(1, 16, dtype=torch.bfloat16)).isfinite().all()
     ups = [k for k in full if k.endswith("lora_up.weight")]
@@ -127,11 +132,11 @@ def test_fp8_base_trains_a_lora_close_to_full_precision(qwen_env, tmp_path):
 
 
 def test_other_families_keys_are_refused(qwen_env, tmp_path, tiny_sd1_dir):
-    with pytest.raises(UserError, match="guidance_scale do not apply to this model \\(qwen_image\\)"):
+    with pytest.raises(UserError, match="guidance_scale does not apply to Qwen-Image"):
         train(_job(qwen_env, tmp_path, "standard", guidance_scale=2.0))
     sd_job = _job(qwen_env, tmp_path, "standard", model=str(tiny_sd1_dir), vae="some/qwen_image_vae.safetensors",
                   resolution=16)
-    with pytest.raises(UserError, match="vae do not apply to this model"):
+    with pytest.raises(UserError, match="vae applies to .*Qwen-Image models only; this model is Stable Diffusion"):
         train(sd_job)
     assert not (tmp_path / "standard.safetensors").exists()
 
@@ -156,11 +161,11 @@ def test_tools_take_qwen_image_files(qwen_env, tmp_path, run_cli):
     code, _, err = run_cli("extract", "--model-org", qwen_env / "model", "--model-tuned", merged, "--dim", "4",
                            "--save-to", tmp_path / "x.safetensors")
     assert code == 0, err
-    base = load_model(qwen_env / "model")
+    base = _load(qwen_env / "model")
     net = network_from_file(base, lora, 1.0)
     net.fuse(1.0)
     fused = base.transformer.state_dict()
-    written = load_model(merged).transformer.state_dict()
+    written = _load(merged).transformer.state_dict()
     assert max(float((fused[k] - written[k]).abs().max()) for k in fused) < 1e-5
     extracted = {k.split(".")[0] for k in load_file(str(tmp_path / "x.safetensors"))}
     assert extracted == KOHYA  # the extracted LoRA has the trained modules' names
