@@ -61,11 +61,6 @@ DESCRIPTIONS = {
     "network_module": "kohya's network module: networks.lora, or lycoris.kohya for LoHa/LoKr/DoRA (with network_args)",
     "network_args": "kohya/LyCORIS network_args strings: algo=, conv_dim=, conv_alpha=, factor=, dora_wd=, use_tucker=, ...",
     "network_algo": "adapter algorithm: lora (LoCon with conv_dim), loha, lokr, dora",
-    "network_use_tucker": "3x3 convs with a Tucker core (lora_mid / hada_t1,t2 / lokr_t2)",
-    "network_factor": "LoKr Kronecker factor (-1: most square split)",
-    "network_decompose_both": "LoKr: the small Kronecker factor low-rank too",
-    "network_full_matrix": "LoKr: both Kronecker factors full matrices (scale 1)",
-    "network_dora": "DoRA weight decomposition on lora, loha or lokr (LyCORIS dora_wd)",
     # optimisation
     "learning_rate": "learning rate",
     "unet_lr": "learning rate of the denoiser's LoRA (default: learning_rate)",
@@ -86,6 +81,7 @@ DESCRIPTIONS = {
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "max_grad_norm": "clip the gradient norm to this (0: off)",
     "mixed_precision": "no, fp16 or bf16: frozen weights in that dtype, autocast; LoRA weights stay fp32",
+    "save_format": "LoRA file layout: kohya (what every UI loads) or diffusers (for families that have one)",
     "full_bf16": "LoRA weights and optimizer state in bf16 too (needs mixed_precision = bf16)",
     "no_half_vae": "keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16)",
     "sdpa": "PyTorch scaled-dot-product attention (false: the plain attention processor)",
@@ -170,3 +166,8 @@ DESCRIPTIONS = {
     "differential.save_parts": "also save A and B",
     "differential.captions": "common (tags both captions share) or own",
 }
+
+
+def describe(key: str, field) -> str:
+    """The one line of `train --help-keys` for a key ("<method>.<key>" in a method table) and its schema field."""
+    return field.description or DESCRIPTIONS.get(key, "")

@@ -100,8 +100,15 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
         raise ValueError("one seed per prompt")
     req = with_family_defaults(model, req)
     with lora_multipliers(networks):
-        images = model.generate_request(networks, req, batch_size, output, progress=progress)
-        return images if images is not None else _generate(model, networks, req, batch_size, output, progress)
+        images = model.generate_request(networks, req, batch_size, "float", progress=progress)
+        if images is None:  # no sampler of the family's own
+            images = _generate(model, networks, req, batch_size, "float", progress)
+        # for every family, its own sampler included: a NaN weight or an overflow never becomes a black image
+        if not all(np.isfinite(img).all() for img in images):
+            raise _overflow_report(networks)
+    if output == "float":
+        return images
+    return [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
 
 
 def with_family_defaults(model, req: GenerationRequest) -> GenerationRequest:

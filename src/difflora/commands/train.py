@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--method", default=None, help="with --help-keys: show this method's table and defaults")
     p.add_argument("--restrict-paths", default=None, metavar="DIR",
                    help="refuse a job whose files or folders resolve outside DIR (for configs served by a UI)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="with --restrict-paths: inputs (models, data, weights) may also lie in DIR (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +31,7 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
     from pydantic import BaseModel
 
     from ..config import JobConfig, SubsetConfig
-    from ..config_help import DESCRIPTIONS
+    from ..config_help import describe
     from ..methods import METHODS
 
     from ..models.registry import option_tables
@@ -41,9 +43,6 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
         for key in table.model_fields:
             owners.setdefault(key, []).append(plugin.title)
     family_rows: list[tuple[str, str, str, str]] = []
-
-    def describe(key: str, field) -> str:
-        return field.description or DESCRIPTIONS.get(key, "")
 
     def show(value) -> str:
         return "(unset)" if value is None else repr(value)
@@ -103,7 +102,14 @@ def run(args) -> int:
         return 0
     if not args.job:
         raise UserError("give a job TOML file (see examples/ and `difflora train --help-keys`)")
-    job = load_job(args.job, args.overrides, restrict_paths_to=args.restrict_paths)  # validated once, before any process starts
+    if args.allow_path and not args.restrict_paths:
+        raise UserError("--allow-path goes with --restrict-paths DIR")
+    policy = None
+    if args.restrict_paths:
+        from ..pathpolicy import PathPolicy
+
+        policy = PathPolicy(args.restrict_paths, args.allow_path)
+    job = load_job(args.job, args.overrides, restrict_paths_to=policy)  # validated once, before any process starts
     from ..train.launch import requested_processes, run_ranks
 
     n = requested_processes()

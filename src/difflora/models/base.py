@@ -32,8 +32,10 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Batched along dim 0; tensors of unequal length along dim 1 (Qwen-Image's unpadded text and its mask)
+        are right-padded with zeros to the longest."""
         keys = items[0].tensors.keys()
-        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+        return Conditioning({k: torch.cat(_pad_dim1([c.tensors[k] for c in items])) for k in keys})
 
     def repeat(self, n: int) -> "Conditioning":
         return Conditioning({k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.tensors.items()})
@@ -50,6 +52,13 @@ class Conditioning:
             raise ValueError(f"cannot merge conditioning of {m} samples into a batch of {n}")
         extra = other.repeat(n // m) if n != m else other
         return Conditioning({**self.tensors, **extra.tensors})
+
+
+def _pad_dim1(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if len({t.shape[1:] for t in tensors}) <= 1 or any(t.dim() < 2 for t in tensors):
+        return tensors
+    n = max(t.shape[1] for t in tensors)
+    return [torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, n - t.shape[1]]) for t in tensors]
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,10 @@ class ModelFamily(ABC):
         """Raise a UserError when a component that training and generation need was not loaded."""
 
     # ---- training hooks (defaults: nothing family-specific)
+    def use_plain_attention(self) -> None:
+        """sdpa = false: the denoiser's attention without scaled_dot_product_attention (diffusers' AttnProcessor);
+        a family whose denoiser has only one attention keeps it."""
+
     def prepare_training(self, job, device) -> None:
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), before the denoiser
         moves to `device`: `to` then leaves on the CPU what the family keeps there (FLUX's swapped blocks)."""
@@ -180,8 +193,22 @@ class ModelFamily(ABC):
         return None
 
     def adapt_lora_file(self, lora):
-        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""
+        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names. By
+        default: refused when its ss_base_model_version names another family than this model's."""
+        from ..errors import UserError
+        from .registry import family_of_version
+
+        version = lora.metadata.get("ss_base_model_version")
+        lora_family, model_family = family_of_version(version or ""), family_of_version(self.base_model_version)
+        if lora_family and model_family and lora_family != model_family:
+            raise UserError(f"LoRA was trained for {version} (ss_base_model_version) but the model is "
+                            f"{self.base_model_version}", path=lora.path)
         return lora
+
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """Before training: refuse a save_format (with the job's AdapterOptions `adapter`) whose target loader could
+        not apply the file whole, with one line saying why. By default: the layouts `export_lora` refuses."""
+        self.export_lora({}, save_format)
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """A kohya state dict in the layout the job asked for (save_format)."""

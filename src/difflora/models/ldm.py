@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_internal_failure
 from ..fileio import atomic_path, load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> 
     metadata = {
         **config_metadata(model, {"text_encoder": model.text_encoder}),
         "difflora.variant": model.family,
-        **({"difflora.family": "toy"} if getattr(model, "toy", False) else {}),
+        **({"difflora.family": "toy"} if model.toy else {}),
         "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
     }
     tok_json = getattr(model.tokenizer, "backend_tokenizer", None)
@@ -350,6 +350,8 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
     except UserError:
         raise
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"checkpoint does not match an SD1/SD2 layout ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                         path=path) from None
     if "difflora.tokenizer" in metadata:

@@ -380,7 +380,6 @@ class FluxModel(ModelFamily):
         img = self.decode_latents(lat).float().clamp(-1, 1)
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
-    @torch.no_grad()
     def sample_timesteps(self, n, generator, latent_hw, window):
         """kohya's timestep_sampling (flow_matching.py), squeezed into the job's min/max_timestep window."""
         return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
@@ -391,6 +390,7 @@ class FluxModel(ModelFamily):
             raise UserError(f"sampler {name!r} is not a flow-matching sampler; FLUX samples with "
                             f"{' or '.join(FLOW_SAMPLERS)}")
 
+    @torch.no_grad()
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
         """generate.py's request on FLUX: dev's embedded guidance (guidance_scale), and true CFG against the
@@ -427,10 +427,30 @@ class FluxModel(ModelFamily):
         if job.blocks_to_swap:
             enable_block_swap(self.transformer, job.blocks_to_swap, torch.device(device))
 
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """diffusers' FluxPipeline.load_lora_weights reads peft lora_A/lora_B keys of `transformer.` and `text_encoder.`
+        (CLIP-L) only: T5 keys are skipped without a word, and its DoRA (`lora_magnitude_vector`) is the output-axis
+        magnitude, not the input-axis one difflora trains (the one A1111 and ComfyUI apply)."""
+        super().check_save_format(save_format, adapter)
+        if save_format != "diffusers":
+            return
+        if self.options.train_t5xxl:
+            raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
+                            '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
+        if adapter.is_lycoris:
+            from ...network.adapters import ADAPTERS
+
+            what = "DoRA" if adapter.dora_wd else ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
+            raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
+                            'lora_A/lora_B, which holds no LoHa, LoKr or DoRA; save the kohya format (A1111, Forge and '
+                            'ComfyUI apply it)')
+
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
         if save_format == "kohya":
             return tensors
+        if save_format != "diffusers":
+            raise UserError(f"save_format = {save_format!r} is not a FLUX.1 LoRA layout (kohya or diffusers)")
         from .lora import kohya_to_diffusers
 
         return kohya_to_diffusers(tensors, self.transformer.params)
