@@ -20,6 +20,11 @@ class StableDiffusionPlugin(FamilyPlugin):
 
         return detect_checkpoint(keys)
 
+    def check_files(self, path, options):
+        from ..folders import check_unet_folder
+
+        check_unet_folder(path, ("text_encoder",))
+
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):
         from .model import load

@@ -25,6 +25,11 @@ class StableDiffusionXLPlugin(FamilyPlugin):
     def detect_single_file(self, keys, metadata):
         return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else None
 
+    def check_files(self, path, options):
+        from ..folders import check_unet_folder
+
+        check_unet_folder(path, ("text_encoder", "text_encoder_2"))
+
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):
         from .model import load
