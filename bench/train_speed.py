@@ -51,6 +51,8 @@ CONTENDERS = ("reference", "difflora_standard", "difflora_addift", "difflora_noc
 DEFAULT_CONTENDERS = CONTENDERS[:-1]  # difflora_lowmem joins with --arch sdxl (its memory target)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_speed import FLUX_CONTENDERS, add_flux_arguments, flux_main, flux_worker  # noqa: E402
+from zimage_speed import CONTENDERS as ZIMAGE_CONTENDERS, add_zimage_arguments, zimage_main  # noqa: E402
+from zimage_speed import worker as zimage_worker  # noqa: E402
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -450,9 +452,9 @@ def run_lock_step(args, contenders: list[str]) -> tuple[dict[str, list[float]], 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
-    ap.add_argument("--arch", choices=["sd15", "sdxl", "flux"], default=None,
+    ap.add_argument("--arch", choices=["sd15", "sdxl", "flux", "zimage"], default=None,
                     help="build the real SD1.5 / SDXL architecture with random weights instead of --model (GPU runs); "
-                         "flux: the FLUX.1-dev transformer, see bench/flux_speed.py")
+                         "flux: the FLUX.1-dev transformer, see bench/flux_speed.py; zimage: bench/zimage_speed.py")
     ap.add_argument("--width", type=int, default=None,
                     help="with --arch sdxl: U-Net width instead of the real 320 (same block layout; for machines that "
                          "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
@@ -471,22 +473,30 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default="bench/results/train_speed.json")
-    ap.add_argument("--worker", choices=CONTENDERS + FLUX_CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=CONTENDERS + FLUX_CONTENDERS + ZIMAGE_CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--free-running", action="store_true",
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     add_flux_arguments(ap)
+    add_zimage_arguments(ap)
     args = ap.parse_args()
     flux_cuda = args.arch == "flux" and args.device.startswith("cuda")
     sdxl_cuda = args.arch == "sdxl" and args.device.startswith("cuda")
     if args.batch is None:
-        args.batch = 1 if flux_cuda or sdxl_cuda else 4  # FLUX's and SDXL's GPU targets are stated at batch 1
+        args.batch = 1 if flux_cuda or sdxl_cuda or args.arch == "zimage" else 4  # FLUX's and SDXL's GPU targets are stated at batch 1
     if args.steps is None:  # a whole FLUX.1 step takes seconds: fewer rounds keep a GPU run to minutes
-        args.steps = (10 if flux_cuda else 5) if args.arch == "flux" else 20 if sdxl_cuda else 60
+        args.steps = (10 if flux_cuda else 5) if args.arch in ("flux", "zimage") else 20 if sdxl_cuda else 60
     if args.warmup is None:
-        args.warmup = (3 if flux_cuda else 2) if args.arch == "flux" else 3 if sdxl_cuda else 5
+        args.warmup = (3 if flux_cuda or args.device.startswith("cuda") else 2) if args.arch in ("flux", "zimage") \
+            else 3 if sdxl_cuda else 5
     if args.arch == "flux":
         return flux_worker(args) if args.worker else flux_main(args)
+    if args.arch == "zimage":
+        if args.worker:
+            args.contender = args.worker
+            zimage_worker(args)
+            return 0
+        return zimage_main(args)
     if args.arch == "sdxl" and args.width is None and args.device == "cpu":
         args.width = 32
     if args.contenders is None:

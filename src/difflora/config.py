@@ -22,6 +22,8 @@ from .errors import UserError
 from .methods import METHODS
 from .models.registry import family_names, option_tables
 from .network.adapters import adapter_options_of, normalise_job_keys
+from .network.adapters import job_keys as adapter_job_keys
+from .network.adapters import option_tables as adapter_option_tables
 from .options import ReadPath, Strict, WritePath, path_values
 from .pathpolicy import PathPolicy
 
@@ -100,9 +102,7 @@ class PresetLora(Strict):
 # a training state saved under other values cannot be resumed.
 SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
               "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
-              "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
-              "network_dora", "network_module", "network_args", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-              "loraplus_text_encoder_lr_ratio")
+              *adapter_job_keys(), "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -143,12 +143,7 @@ class JobOptions(DatasetOptions):
     # adapter (network/adapters): difflora's keys, or kohya's network_module + network_args
     network_module: str = "networks.lora"  # "lycoris.kohya" for LoHa/LoKr/DoRA, as sd-scripts
     network_args: list[str] = []  # kohya/LyCORIS "key=value" strings: algo, conv_dim, factor, dora_wd, ...
-    network_algo: str = "lora"  # lora (locon), loha, lokr, dora
-    network_use_tucker: bool = False  # kxk convs with a Tucker core
-    network_factor: int = -1  # LoKr Kronecker factor (-1: most square)
-    network_decompose_both: bool = False  # LoKr: the small factor low-rank too
-    network_full_matrix: bool = False  # LoKr: both factors full
-    network_dora: bool = False  # DoRA weight decomposition (LyCORIS dora_wd)
+    network_algo: str = "lora"  # network/adapters: the algorithms' names; their options are their own tables
 
     # optimisation
     learning_rate: float = Field(1e-4, gt=0)
@@ -207,7 +202,8 @@ class JobOptions(DatasetOptions):
     save_every_n_epochs: int | None = Field(None, ge=1)
     save_every_n_steps: int | None = Field(None, ge=1)
     save_state: bool = False
-    save_format: Literal["kohya", "diffusers"] = "kohya"  # LoRA file layout (diffusers: for families that have one)
+    # LoRA file layout: diffusers (FLUX, Z-Image) and comfyui (Z-Image) for families that have one
+    save_format: Literal["kohya", "comfyui", "diffusers"] = "kohya"
     save_state_every_n_steps: int | None = Field(None, ge=1)
     overwrite: bool = False
     training_comment: str | None = None
@@ -217,7 +213,7 @@ class JobOptions(DatasetOptions):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_at_first: bool = False
     sample_prompts: ReadPath | None = None
-    sample_sampler: str = "ddim"
+    sample_sampler: str | None = None  # None: the family's (ddim; FLUX: euler)
     sample_sweep: list[float] | None = Field(None, min_length=1)  # a grid per sampling step at these multipliers
     logging_dir: WritePath | None = None
     log_with: Literal["tensorboard", "none"] = "tensorboard"
@@ -263,11 +259,13 @@ class JobOptions(DatasetOptions):
 
 
 def _job_schema() -> type[JobOptions]:
-    """JobOptions + `method` + each registered method's option table under the method's name + every model
-    family's keys, top-level (models/registry.py refuses a key of another family than the model's)."""
+    """JobOptions + `method` + each registered method's option table under the method's name + every adapter
+    algorithm's and model family's keys, top-level (models/registry.py refuses a key of another family than
+    the model's)."""
     tables = {name: (m.options, m.options()) for name, m in METHODS.items() if m.options is not None}
-    families = tuple(dict.fromkeys(table for _, table in option_tables()))
-    return create_model("JobConfig", __base__=(JobOptions, *families), __module__=__name__,
+    keys = list(dict.fromkeys([*adapter_option_tables(), *(table for _, table in option_tables())]))
+    keys = [t for t in keys if not any(o is not t and issubclass(o, t) for o in keys)]  # one MRO: leaves only
+    return create_model("JobConfig", __base__=(JobOptions, *keys), __module__=__name__,
                         __doc__="A validated job TOML.",
                         method=(Literal[tuple(METHODS)], "standard"), **tables)
 

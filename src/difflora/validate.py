@@ -58,7 +58,7 @@ def image_size(value: int | None, option: str, path=None) -> int | None:
 
 
 def sampler(name: str, option: str = "--sampler", path=None) -> str:
-    from .models.sd.model import SCHEDULERS
+    from .models.samplers import SCHEDULERS
 
     if name.lower() not in SCHEDULERS:
         raise UserError(f"{option}: unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}", path=path)
@@ -73,7 +73,8 @@ def sample_prompts(prompts, source, default_sampler: str | None = None) -> None:
         image_size(sp.height, f"{what}: height (--h)", source)
         if sp.seed is not None:
             seed(sp.seed, f"{what}: seed (--d)", source)
-        finite(sp.cfg, f"{what}: guidance scale (--l)", source)
+        if sp.cfg is not None:
+            finite(sp.cfg, f"{what}: guidance scale (--l)", source)
         at_least(sp.steps, 1, f"{what}: steps (--s)", source)
         if sp.sampler or default_sampler:
             sampler(sp.sampler or default_sampler, f"{what}: sampler (--ss)", source)
@@ -189,7 +190,7 @@ def clip_skip(model, value: int | None, option: str = "--clip-skip", path=None) 
     if value is None:
         return
     at_least(value, 1, option, path)
-    for name, encoder in getattr(model, "text_encoders", {}).items():
+    for name, encoder in model.text_encoders.items():
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if layers is not None and value > layers:
             raise UserError(f"{option} {value} is beyond the {layers} layers of the model's {name}", path=path,
@@ -266,7 +267,7 @@ def job(job, path=None) -> None:
                              "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
     _optimizer_dry_run(job, error)
     _job_paths(job, error)
-    if job.sample_prompts or job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first:
+    if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
     if job.sample_prompts:
         from .data.prompts import load_prompt_file

@@ -1734,6 +1734,91 @@ def _(ws):
 
 
 # ---------------------------------------------------------------------------- writing it out
+# ---- Z-Image (models/zimage/) -------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _tiny_zimage_files() -> dict:
+    """The tiny Z-Image's diffusers folder and ComfyUI files, built once per process (cases copy them)."""
+    import tempfile
+
+    from difflora.models.zimage.tiny import write_tiny_zimage
+
+    return write_tiny_zimage(Path(tempfile.mkdtemp(prefix="difflora-zimage-corpus-")))
+
+
+def _zimage_folder(ws: Workspace, without: str | None = None) -> Path:
+    folder = ws.root / "zimage"
+    shutil.copytree(_tiny_zimage_files()["folder"], folder)
+    if without:
+        shutil.rmtree(folder / without)
+    return folder
+
+
+def _zimage_lora(path: Path) -> Path:
+    import torch
+
+    from difflora.network.files import save_lora
+
+    t = {}
+    for i in range(30):
+        t[f"lora_unet_layers_{i}_attention_qkv.lora_down.weight"] = torch.zeros(2, 32)
+        t[f"lora_unet_layers_{i}_attention_qkv.lora_up.weight"] = torch.full((96, 2), 0.01)
+    save_lora(t, path, {"ss_base_model_version": "zimage"})
+    return path
+
+
+@case("zimage_lora_on_sd", "a Z-Image LoRA given to an SD model", names="zimage_lora.safetensors",
+      needles=("does not exist", "another architecture"))
+def _(ws):
+    return ws.generate("--lora", _zimage_lora(ws.root / "zimage_lora.safetensors"))
+
+
+@case("sd_lora_on_zimage", "an SD LoRA as a preset on a Z-Image model", names="sd_lora.safetensors",
+      needles=("sd_v1", "not z-image"))
+def _(ws):
+    lora = write_lora(ws.root / "sd_lora.safetensors")
+    return ws.train(model=_q(_zimage_folder(ws)), resolution="32", zimage_variant='"turbo"',
+                    extra=f"[[preset_loras]]\npath = {_q(lora)}\n")
+
+
+@case("zimage_wrong_text_encoder", "a Z-Image single file with the ae file as its text encoder",
+      names="ae.safetensors", needles=("not a qwen3 text encoder",))
+def _(ws):
+    files = _tiny_zimage_files()
+    ae = ws.root / "ae.safetensors"
+    shutil.copy(files["vae"], ae)
+    return ws.train(model=_q(files["transformer"]), resolution="32", text_encoder=_q(ae), vae=_q(ae))
+
+
+@case("zimage_missing_vae_folder", "a Z-Image diffusers folder without vae/", names="zimage",
+      needles=("without vae/",))
+def _(ws):
+    return ws.train(model=_q(_zimage_folder(ws, without="vae")), resolution="32", zimage_variant='"turbo"')
+
+
+@case("zimage_missing_tokenizer_folder", "a Z-Image diffusers folder without tokenizer/", names="zimage",
+      needles=("without tokenizer/",))
+def _(ws):
+    return ws.train(model=_q(_zimage_folder(ws, without="tokenizer")), resolution="32", zimage_variant='"base"')
+
+
+@case("zimage_variant_unknown", "a Z-Image folder without zimage_variant (the weights cannot tell)",
+      names="zimage", needles=("zimage_variant", "turbo", "base"))
+def _(ws):
+    return ws.train(model=_q(_zimage_folder(ws)), resolution="32")
+
+
+@case("zimage_key_on_sd", "zimage_variant set for an SD model", names="job.toml",
+      needles=("zimage_variant", "applies to Z-Image"))
+def _(ws):
+    return ws.train(zimage_variant='"base"')
+
+
+@case("flux_key_on_zimage", "FLUX.1's guidance_scale set for a Z-Image model", names="zimage",
+      needles=("guidance_scale", "z-image has none"))
+def _(ws):
+    return ws.train(model=_q(_zimage_folder(ws)), resolution="32", zimage_variant='"turbo"', guidance_scale="2.0")
+
+
 def readme_table() -> str:
     rows = ["| case | input | expected |", "|---|---|---|"]
     for c in CASES:

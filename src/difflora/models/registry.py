@@ -59,6 +59,7 @@ def supported_titles() -> str:
 
 
 register_family("difflora.models.flux")  # before SDXL: FLUX folders have a text_encoder_2 too
+register_family("difflora.models.zimage")
 register_family("difflora.models.sd")
 register_family("difflora.models.sdxl")
 
@@ -101,6 +102,17 @@ def family_options(plugin: FamilyPlugin, values: Mapping[str, Any] | None, path=
         first = e.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
         raise UserError(f"{key_label(key)}: {first['msg']}", path=path) from None
+
+
+# ------------------------------------------------------------------ LoRA files
+def lora_owner(names: set[str], metadata: dict[str, str]) -> FamilyPlugin | None:
+    """The family whose kohya module names a LoRA file uses (first in registry order), None when none does."""
+    return next((p for p in FAMILIES if p.owns_lora_names(names, metadata)), None)
+
+
+def family_of_version(version: str) -> str | None:
+    """The model_family a kohya ss_base_model_version names ("sd_v1" -> "sd1"), None when no family knows it."""
+    return next((f for p in FAMILIES if (f := p.family_of_version(version))), None)
 
 
 # ------------------------------------------------------------------ detection

@@ -57,15 +57,6 @@ UI_DEFAULTS = {"sample_prompt": "a face", "sample_multipliers": "-1,0,1"}
 PATH_KEYS = {key.rsplit(".", 1)[-1] for key, _ in path_keys(JobConfig)}
 SKIPPED = {"general", "datasets"}  # the pair folder fields and the top-level dataset keys stand for them
 
-METHOD_PURPOSE = {
-    "addift": "The default for any difference: the LoRA at +m on the noised 'after' image is regressed onto the "
-              "frozen model on the noised 'before' image. Fast; a few pairs are enough.",
-    "slider": "Concept Sliders' image slider: +s on 'after', -s on 'before'. A symmetric slider from pairs.",
-    "copier": "The copy-machine workflow: stage 1 overfits A on 'before', stage 2 trains B on 'after' with A on.",
-    "differential": "Overfit A on 'before' and B on 'after'; the result is B - A exactly (kohya's differential merge "
-                    "without its maths errors).",
-    "standard": "Plain LoRA training (kohya train_network.py): character or style LoRAs, or a baseline.",
-}
 
 
 @dataclass
@@ -117,8 +108,14 @@ def methods() -> list[str]:
 def method_defaults(method: str) -> dict:
     from ..methods import METHODS
 
-    cls = METHODS.get(method)
-    return dict(getattr(cls, "defaults", {}) or {})
+    return dict(METHODS[method].defaults) if method in METHODS else {}
+
+
+def method_purpose(method: str) -> str:
+    """What the method is for, as its module says (Method.purpose)."""
+    from ..methods import METHODS
+
+    return METHODS[method].purpose if method in METHODS else ""
 
 
 def family_groups() -> dict[str, str]:

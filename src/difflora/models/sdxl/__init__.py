@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .. import unet_names
 from ..plugin import FamilyPlugin
 
 
@@ -29,6 +30,18 @@ class StableDiffusionXLPlugin(FamilyPlugin):
         from ..folders import check_unet_folder
 
         check_unet_folder(path, ("text_encoder", "text_encoder_2"))
+
+    def owns_lora_names(self, names, metadata):
+        return any(n.startswith(unet_names.SDXL_NAMES) for n in names)
+
+    def family_of_version(self, version):
+        return "sdxl" if version.lower().startswith("sdxl") else None
+
+    def lora_block(self, name):
+        return unet_names.block_of(name)
+
+    def is_kxk_conv(self, name):
+        return name.endswith(unet_names.KXK_SUFFIXES)
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

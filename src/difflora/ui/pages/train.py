@@ -50,7 +50,7 @@ def _component(gr, spec: J.FieldSpec):
 def _card_text(method: str) -> str:
     d = J.method_defaults(method)
     defaults = ", ".join(f"{k} {J.display(v)}" for k, v in d.items()) or "kohya's defaults"
-    return f"**{method}**  \n{J.METHOD_PURPOSE.get(method, '')}  \n*defaults:* {defaults}"
+    return f"**{method}**  \n{J.method_purpose(method)}  \n*defaults:* {defaults}"
 
 
 def build(ctx) -> TrainPage:
