@@ -38,7 +38,13 @@ def _tiny_zimage():
     return build_tiny_zimage()
 
 
-FAMILY_BUILDERS = {"zimage": _tiny_zimage}
+def _tiny_flux2():
+    from difflora.models.flux2.tiny import build_tiny_flux2
+
+    return build_tiny_flux2()
+
+
+FAMILY_BUILDERS = {"zimage": _tiny_zimage, "flux2": _tiny_flux2}
 
 
 @pytest.mark.parametrize("family", family_names())
