@@ -428,3 +428,67 @@ def test_an_unreadable_lock_counts_as_held(lock_job, run_cli):
     code, _, err = run_cli("train", job)
     line = _one_line(err)
     assert code == 2 and "r.lock" in line and "--ignore-lock" in line
+
+
+# ---------------------------------------------------------------------------- folder saves, model files, the umask
+def _safetensors_disk_full(monkeypatch):
+    """safetensors' Rust writer on a full disk (its message, measured on a 64 KiB tmpfs)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("family,form", [("sdxl", "model.safetensors"), ("flux", "folder"), ("sd1", "folder")])
+def test_disk_full_while_saving_a_model_is_one_line_and_leaves_nothing(family, form, tmp_path, monkeypatch):
+    from difflora.fileio import atomic_path
+
+    if family == "sdxl":
+        from difflora.toy.tiny_sdxl import build_tiny_sdxl as build
+    elif family == "flux":
+        from difflora.toy.tiny_flux import build_tiny_flux as build
+    else:
+        from difflora.toy.tiny import build_tiny_sd as build
+    model = build()
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / form
+    with atomic_path(out / "model.safetensors") as tmp:  # an earlier save that must survive
+        tmp.write_bytes(b"an earlier model")
+    if form == "model.safetensors":
+        _safetensors_disk_full(monkeypatch)
+    else:
+        _enospc_on_fsync(monkeypatch)
+        _safetensors_disk_full(monkeypatch)
+    with pytest.raises(UserError, match="no space left on device") as e:
+        model.save(target)
+    monkeypatch.undo()
+    assert "\n" not in str(e.value) and str(target) in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # no temporary file or folder left
+    assert (out / "model.safetensors").read_bytes() == b"an earlier model"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd1"])
+def test_folder_saves_follow_the_umask_and_a_killed_saves_folder_is_cleaned(family, tmp_path):
+    from difflora.fileio import clean_stale_temps
+
+    if family == "flux":
+        from difflora.toy.tiny_flux import build_tiny_flux as build
+    else:
+        from difflora.toy.tiny import build_tiny_sd as build
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".model.difflora-{int(dead.stdout)}-0000abcd.tmp"  # a folder save killed half-way
+    (leftover / "transformer").mkdir(parents=True)
+    old = os.umask(0o027)
+    try:
+        build().save(tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert not leftover.exists()
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "model").rglob("*")}
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o750
+    wrong = {path: oct(mode) for path, mode in modes.items() if mode != (0o750 if (tmp_path / path).is_dir() else 0o640)}
+    assert modes and not wrong, wrong

@@ -30,7 +30,7 @@ def _random_lora(model, path, conv: bool, seed: int = 0):
 def test_diffusers_load_lora_weights_gives_the_same_image(tmp_path, sd15_layout_dirs, variant, conv):
     from diffusers import StableDiffusionPipeline
 
-    from difflora.models.sd.model import make_scheduler
+    from difflora.models.samplers import make_scheduler
 
     model_dir = sd15_layout_dirs[variant]
     model = load_model(model_dir)

@@ -75,7 +75,7 @@ def _random_lora(model, path, kind: str, seed: int = 0) -> Path:
 def test_diffusers_load_lora_weights_gives_the_same_image(tmp_path, sdxl_dir, kind):
     from diffusers import StableDiffusionXLPipeline
 
-    from difflora.models.sd.model import make_scheduler
+    from difflora.models.samplers import make_scheduler
 
     model = load_model(sdxl_dir)
     lora = _random_lora(model, tmp_path / "l.safetensors", kind)

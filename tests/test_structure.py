@@ -107,3 +107,110 @@ def test_train_function_is_an_outline():
     tree = ast.parse((ROOT / "train" / "loop.py").read_text(encoding="utf-8"))
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert fn.end_lineno - fn.lineno + 1 <= 80
+
+
+# ------------------------------------------------------------------ plug-ins: families, adapters, methods
+# The toy world is an SD1 model, and its tiny builders (SD, SDXL, FLUX) build their text encoders from its
+# vocabulary, so they sit in toy/ (models/ must not import toy/): the only code outside models/ that may name a
+# family or import a family module.
+_TOY_FAMILY_USERS = {"toy/base_model.py", "toy/train_base.py", "toy/tiny.py", "toy/tiny_sdxl.py", "toy/tiny_flux.py"}
+
+
+def _sources(outside: str):
+    """(path relative to the package, its AST) of every module outside the `outside` folder."""
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith(outside + "/"):
+            yield rel, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _strings(node) -> list[str]:
+    """The string constants a comparison operand or a startswith() argument stands for."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def _tested_strings(tree) -> list[tuple[int, str]]:
+    """(line, string) for every string compared (==, !=, in, not in) or prefix/suffix-tested in a module."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                found += [(node.lineno, s) for s in _strings(operand)]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith") and node.args):
+            found += [(node.lineno, s) for s in _strings(node.args[0])]
+    return found
+
+
+def _violations(outside: str, names: set[str], allowed: set[str] = frozenset()) -> list[str]:
+    return [f"{rel}:{line} tests {s!r}" for rel, tree in _sources(outside) if rel not in allowed
+            for line, s in _tested_strings(tree) if s in names]
+
+
+def test_the_string_finder_sees_comparisons_and_prefix_tests():
+    tree = ast.parse('if a == "sdxl" or b in ("x", "flux"): pass\nv.startswith(("sd_v1", "y"))\nc = "sd2"')
+    assert sorted(s for _, s in _tested_strings(tree)) == ["flux", "sd_v1", "sdxl", "x", "y"]
+
+
+def test_no_family_name_is_compared_and_no_family_module_imported_outside_models():
+    from difflora.models.registry import FAMILIES
+
+    names = {n for p in FAMILIES for n in p.names} | {p.title for p in FAMILIES}
+    assert _violations("models", names, _TOY_FAMILY_USERS) == []
+    family_modules = {type(p).__module__ for p in FAMILIES}
+    assert family_modules == {"difflora.models.flux", "difflora.models.sd", "difflora.models.sdxl"}
+    imports = []
+    for rel, tree in _sources("models"):
+        if rel in _TOY_FAMILY_USERS:
+            continue
+        package = ["difflora", *rel.split("/")[:-1]]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+                targets = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            imports += [f"{rel}: {t}" for t in targets if any(t == m or t.startswith(m + ".") for m in family_modules)]
+    assert imports == []
+
+
+def test_no_adapter_algorithm_is_tested_outside_network_adapters():
+    from difflora.network.adapters import ADAPTERS, ALGO_NAMES
+
+    names = set(ALGO_NAMES) | {k for cls in ADAPTERS.values() for k in (*cls.keys, *cls.markers)}
+    assert _violations("network/adapters", names) == []
+
+
+def test_no_method_name_is_tested_outside_methods_and_the_ui_describes_methods_from_their_modules():
+    from difflora.methods import METHODS
+    from difflora.ui import jobform
+
+    assert _violations("methods", set(METHODS)) == []
+    tables = [f"{rel}:{node.lineno}" for rel, tree in _sources("methods") if rel.startswith("ui/")
+              for node in ast.walk(tree)
+              if isinstance(node, ast.Dict) and len({s for k in node.keys for s in _strings(k)} & set(METHODS)) > 1]
+    assert tables == []  # the UI keeps no table keyed by method names (descriptions, defaults): the modules say
+    for name, cls in METHODS.items():
+        assert cls.purpose and jobform.method_purpose(name) == cls.purpose
+
+
+def test_families_are_never_probed_for_hooks():
+    """Every hook is a declared method with a default: no hasattr/getattr on a model, no inspect.signature."""
+    probes = []
+    for rel, tree in _sources("ui"):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "signature":
+                probes.append(f"{rel}:{node.lineno} inspect.signature")
+            if (isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") and node.args
+                    and "model" in ast.unparse(node.args[0]).split(".")[-1].lower()):
+                probes.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    assert probes == []

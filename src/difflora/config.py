@@ -19,9 +19,12 @@ from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_mode
 from . import kohya_config
 from .errors import UserError
 from .methods import METHODS
-from .models.registry import family_names, family_path_keys, option_tables
+from .models.registry import family_names, option_tables
 from .network.adapters import adapter_options_of, normalise_job_keys
-from .options import Strict
+from .network.adapters import job_keys as adapter_job_keys
+from .network.adapters import option_tables as adapter_option_tables
+from .options import ReadPath, Strict, WritePath, path_values
+from .pathpolicy import PathPolicy
 
 
 # ------------------------------------------------------------------ dataset (kohya layout)
@@ -67,10 +70,10 @@ class DatasetOptions(SubsetOptions):
 
 
 class SubsetConfig(SubsetOptions):
-    image_dir: str
+    image_dir: ReadPath
     # Pairs for the difference methods: the "after" image of NAME.png is NAME<after_suffix>.png in
     # the same folder, or NAME.png in `after_dir`.
-    after_dir: str | None = None
+    after_dir: ReadPath | None = None
     after_suffix: str | None = None
 
     @field_validator("after_suffix")
@@ -90,7 +93,7 @@ class DatasetFile(Strict):
 
 # ------------------------------------------------------------------ the job
 class PresetLora(Strict):
-    path: str
+    path: ReadPath
     multiplier: float = 1.0
 
 
@@ -98,9 +101,7 @@ class PresetLora(Strict):
 # a training state saved under other values cannot be resumed.
 SHAPE_KEYS = ("method", "network_dim", "conv_dim", "network_train_unet_only", "network_train_text_encoder_only",
               "network_only_if_contains", "network_ignore_if_contains", "per_pair_average", "optimizer_type",
-              "network_algo", "network_factor", "network_use_tucker", "network_decompose_both", "network_full_matrix",
-              "network_dora", "network_module", "network_args", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-              "loraplus_text_encoder_lr_ratio")
+              *adapter_job_keys(), "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -112,7 +113,7 @@ class JobOptions(DatasetOptions):
     _source: str | None = PrivateAttr(None)  # the job file, for errors about its values
 
     # model
-    model: str | None = None  # None: the embedded toy model
+    model: ReadPath | None = None  # None: the embedded toy model
     model_family: Literal[family_names()] | None = None  # detected from the files when unset
     v_parameterization: bool = False
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (kohya's option)
@@ -137,16 +138,11 @@ class JobOptions(DatasetOptions):
     network_ignore_if_contains: list[str] = []  # drop modules whose kohya name contains one of these
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
-    network_weights: str | None = None
+    network_weights: ReadPath | None = None
     # adapter (network/adapters): difflora's keys, or kohya's network_module + network_args
     network_module: str = "networks.lora"  # "lycoris.kohya" for LoHa/LoKr/DoRA, as sd-scripts
     network_args: list[str] = []  # kohya/LyCORIS "key=value" strings: algo, conv_dim, factor, dora_wd, ...
-    network_algo: str = "lora"  # lora (locon), loha, lokr, dora
-    network_use_tucker: bool = False  # kxk convs with a Tucker core
-    network_factor: int = -1  # LoKr Kronecker factor (-1: most square)
-    network_decompose_both: bool = False  # LoKr: the small factor low-rank too
-    network_full_matrix: bool = False  # LoKr: both factors full
-    network_dora: bool = False  # DoRA weight decomposition (LyCORIS dora_wd)
+    network_algo: str = "lora"  # network/adapters: the algorithms' names; their options are their own tables
 
     # optimisation
     learning_rate: float = Field(1e-4, gt=0)
@@ -181,9 +177,9 @@ class JobOptions(DatasetOptions):
     torch_compile: bool = False
 
     # data
-    train_data_dir: str | None = None
-    reg_data_dir: str | None = None
-    dataset_config: str | None = None
+    train_data_dir: ReadPath | None = None
+    reg_data_dir: ReadPath | None = None
+    dataset_config: ReadPath | None = None
     general: DatasetOptions = DatasetOptions()
     datasets: list[DatasetConfig] = []
     cache_latents: bool = True
@@ -195,11 +191,11 @@ class JobOptions(DatasetOptions):
     # validation (kohya's names; validation_data_dir is difflora's: a held-out folder instead of a split)
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
     validation_seed: int | None = None  # None: the job's seed
-    validation_data_dir: str | None = None
+    validation_data_dir: ReadPath | None = None
     validate_every_n_steps: int | None = Field(None, ge=1)
 
     # output
-    output_dir: str = "output"
+    output_dir: WritePath = "output"
     output_name: str = "last"
     save_precision: Literal["float", "fp16", "bf16"] | None = None
     save_every_n_epochs: int | None = Field(None, ge=1)
@@ -215,10 +211,10 @@ class JobOptions(DatasetOptions):
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_at_first: bool = False
-    sample_prompts: str | None = None
-    sample_sampler: str = "ddim"
+    sample_prompts: ReadPath | None = None
+    sample_sampler: str | None = None  # None: the family's (ddim; FLUX: euler)
     sample_sweep: list[float] | None = Field(None, min_length=1)  # a grid per sampling step at these multipliers
-    logging_dir: str | None = None
+    logging_dir: WritePath | None = None
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 
     @field_validator("output_name")
@@ -254,11 +250,13 @@ class JobOptions(DatasetOptions):
 
 
 def _job_schema() -> type[JobOptions]:
-    """JobOptions + `method` + each registered method's option table under the method's name + every model
-    family's keys, top-level (models/registry.py refuses a key of another family than the model's)."""
+    """JobOptions + `method` + each registered method's option table under the method's name + every adapter
+    algorithm's and model family's keys, top-level (models/registry.py refuses a key of another family than
+    the model's)."""
     tables = {name: (m.options, m.options()) for name, m in METHODS.items() if m.options is not None}
-    families = tuple(dict.fromkeys(table for _, table in option_tables()))
-    return create_model("JobConfig", __base__=(JobOptions, *families), __module__=__name__,
+    keys = list(dict.fromkeys([*adapter_option_tables(), *(table for _, table in option_tables())]))
+    keys = [t for t in keys if not any(o is not t and issubclass(o, t) for o in keys)]  # one MRO: leaves only
+    return create_model("JobConfig", __base__=(JobOptions, *keys), __module__=__name__,
                         __doc__="A validated job TOML.",
                         method=(Literal[tuple(METHODS)], "standard"), **tables)
 
@@ -372,10 +370,6 @@ def read_toml(path: Path) -> tuple[dict, str]:
         raise UserError("invalid TOML: arrays or tables nested too deeply", path=path) from None
 
 
-_PATH_KEYS = ("model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-              "logging_dir", "sample_prompts", "validation_data_dir", *family_path_keys())
-
-
 def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
@@ -385,22 +379,18 @@ def _resolve(base: Path, value: str | None) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def check_inside(value: str | None, root: Path, config: Path, key: str) -> None:
-    """Refuse a path that resolves (symlinks, '..', absolute, '~') outside `root`."""
-    if value is None:
-        return
-    real = Path(os.path.realpath(value))
-    if not real.is_relative_to(root):
-        raise UserError(f"'{key}' = {value!r} resolves to {real}, outside the allowed folder {root}", path=config,
-                        hint="paths in this config must stay inside that folder")
+def resolve_paths(table: Strict, base: Path) -> None:
+    """Every path-typed key of `table` (nested tables too) resolved against `base`, the folder of its file."""
+    for _, owner, name, _ in list(path_values(table)):
+        value = getattr(owner, name)
+        if value is not None:
+            setattr(owner, name, _resolve(base, value))
 
 
-def resolve_dataset_paths(datasets: list[DatasetConfig], base: Path) -> None:
-    for ds in datasets:
-        for sub in ds.subsets:
-            sub.image_dir = _resolve(base, sub.image_dir)
-            if sub.after_dir:
-                sub.after_dir = _resolve(base, sub.after_dir)
+def check_paths(table: Strict, policy: PathPolicy, config: Path) -> None:
+    """Every path-typed key of `table` against the restricted-paths policy."""
+    for key, owner, name, role in path_values(table):
+        policy.check(getattr(owner, name), key, role, config)
 
 
 def apply_method_defaults(job: JobConfig) -> JobConfig:
@@ -431,17 +421,19 @@ def apply_family_defaults(job: JobConfig, family: str) -> JobConfig:
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None,
-             restrict_paths_to: str | Path | None = None) -> JobConfig:
+             restrict_paths_to: str | Path | PathPolicy | None = None) -> JobConfig:
     """Read, validate and resolve a job TOML.
 
     Relative paths are resolved against the folder of the file that names them. With
-    `restrict_paths_to` (for a UI that serves configs), the config file and every path it
-    names must resolve (symlinks followed) inside that folder, else a UserError.
+    `restrict_paths_to` (a folder, or a PathPolicy with trusted folders; for the UI and
+    `--restrict-paths`), the config file and every path it names must resolve (symlinks followed)
+    inside it, else a UserError.
     """
     path = Path(path)
-    root = Path(os.path.realpath(restrict_paths_to)) if restrict_paths_to is not None else None
-    if root is not None:
-        check_inside(str(path), root, path, "config file")
+    policy = restrict_paths_to if isinstance(restrict_paths_to, PathPolicy) or restrict_paths_to is None \
+        else PathPolicy(restrict_paths_to)
+    if policy is not None:
+        policy.check(str(path), "config file", "read", path)
     data, text = read_toml(path)
     data = apply_overrides(data, overrides or [])
     try:
@@ -453,22 +445,17 @@ def load_job(path: str | Path, overrides: list[str] | None = None,
     except ValidationError as e:
         raise format_errors(e, text, str(path)) from None
     try:
-        _resolve_job_paths(job, path, root)
+        _resolve_job_paths(job, path, policy)
     except UserError as e:
         raise e if e.path else UserError(str(e), path=path) from None
     job._source = str(path)
     return job
 
 
-def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
-    base = path.resolve().parent
-    for key in _PATH_KEYS:
-        setattr(job, key, _resolve(base, getattr(job, key)))
-    for preset in job.preset_loras:
-        preset.path = _resolve(base, preset.path)
-    resolve_dataset_paths(job.datasets, base)
-    if root is not None:
-        _check_paths_inside(job, root, path)
+def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) -> None:
+    resolve_paths(job, path.resolve().parent)
+    if policy is not None:
+        check_paths(job, policy, path)
     if job.dataset_config:
         if job.datasets:
             raise UserError("give either dataset_config or inline [[datasets]], not both", path=path)
@@ -479,27 +466,12 @@ def _resolve_job_paths(job: JobConfig, path: Path, root: Path | None) -> None:
         except ValidationError as e:
             raise format_errors(e, ds_text, str(ds_path)) from None
         try:
-            resolve_dataset_paths(ds.datasets, ds_path.resolve().parent)
+            resolve_paths(ds, ds_path.resolve().parent)
         except UserError as e:
             raise e if e.path else UserError(str(e), path=ds_path) from None
-        if root is not None:
-            _check_dataset_paths_inside(ds.datasets, root, ds_path)
+        if policy is not None:
+            check_paths(ds, policy, ds_path)
         job.general = ds.general
         job.datasets = ds.datasets
     if not job.datasets and not job.train_data_dir:
         raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
-
-
-def _check_paths_inside(job: JobConfig, root: Path, config: Path) -> None:
-    for key in _PATH_KEYS:
-        check_inside(getattr(job, key), root, config, key)
-    for i, preset in enumerate(job.preset_loras):
-        check_inside(preset.path, root, config, f"preset_loras[{i}].path")
-    _check_dataset_paths_inside(job.datasets, root, config)
-
-
-def _check_dataset_paths_inside(datasets: list[DatasetConfig], root: Path, config: Path) -> None:
-    for di, ds in enumerate(datasets):
-        for si, sub in enumerate(ds.subsets):
-            check_inside(sub.image_dir, root, config, f"datasets[{di}].subsets[{si}].image_dir")
-            check_inside(sub.after_dir, root, config, f"datasets[{di}].subsets[{si}].after_dir")

@@ -84,8 +84,17 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def _disk_full(e: BaseException | None) -> bool:
+    """A full disk or quota, as an OSError, as the Rust writers' errors (safetensors: "... (os error 28)"), or
+    as the UserError an inner save made of one."""
+    if e is None:
+        return False
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, UserError):
+        return _disk_full(e.__cause__)
+    text = str(e)
+    return f"(os error {errno.ENOSPC})" in text or f"(os error {errno.EDQUOT})" in text or "No space left" in text
 
 
 def make_parent(final: Path) -> None:
@@ -115,22 +124,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = temp_sibling(final)
     try:
         os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp_path.stat().st_mode & 0o777  # 0o666 less the umask
     except OSError as e:
         raise UserError(f"cannot write here ({e.strerror})", path=final) from None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, mode)  # a writer that replaced the file (safetensors does) made it 0600
         os.replace(tmp_path, final)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
         if _disk_full(e):
             raise UserError(
                 "could not save: no space left on device; the previous file (if any) is intact", path=final
             ) from e
-        raise UserError(f"could not save ({e.strerror or e}); the previous file (if any) is intact", path=final) from e
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not save ({e.strerror or e}); the previous file (if any) is intact",
+                            path=final) from e
         raise
 
 
@@ -142,6 +153,44 @@ def make_temp_dir(final: str | os.PathLike) -> Path:
     tmp = temp_sibling(final)
     tmp.mkdir(mode=0o777)
     return tmp
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`, renamed onto it once complete (all or nothing).
+
+    `final` must not exist. The folder has the umask's permissions and a name `clean_stale_temps`
+    knows, so the leftovers of a killed save are removed by the next one. On failure it is removed;
+    a full disk becomes one line naming `final`.
+    """
+    final = Path(final)
+    if final.exists():
+        raise UserError("output folder already exists; choose another path", path=final)
+    tmp = make_temp_dir(final)
+    try:
+        yield tmp
+        if final.exists():
+            raise UserError("output folder already exists; choose another path", path=final)
+        _follow_umask(tmp)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise UserError("could not save: no space left on device; nothing was written", path=final) from e
+        raise
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give everything inside `folder` the umask's permissions: libraries writing through temporary files
+    (safetensors, huggingface's savers) leave them 0600. `folder` was made 0o777 less the umask."""
+    dir_mode = folder.stat().st_mode & 0o777
+    for current, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(current, name), dir_mode)
+        for name in files:
+            path = os.path.join(current, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode & 0o666)
 
 
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
@@ -209,17 +258,63 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def refuse_overwriting_inputs(output: str | os.PathLike, inputs, option: str = "--save-to") -> None:
-    """A command never writes over one of its own inputs, nor into an input folder."""
-    out = Path(output)
-    for given in inputs:
+def _identity(path: str | os.PathLike) -> str:
+    """One key for every name of a file: the real path (symlinks, '..'), case-folded, so that a case
+    variant counts as the same file (it is one on case-insensitive file systems)."""
+    return os.path.normcase(os.path.realpath(path)).casefold()
+
+
+def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_writes(writes, reads, option: str = "--save-to") -> None:
+    """Refuse, before the first write, a command whose outputs would touch what it reads.
+
+    `writes`: the paths it will write, each a path or (path, option naming it). `reads`: the files it
+    reads, and the folders it reads whole (a model folder: nothing may be written inside one; pass
+    the files, not the folder, where a command writes beside its inputs, as prep does).
+    An output is refused when it is an input (also through symlinks, hard links and case variants),
+    lies inside an input folder, or is the output of two inputs (`face.png` and `face.jpg` cropped to
+    `face.png`).
+    """
+    read_keys: dict[str, Path] = {}
+    read_inodes: dict[tuple[int, int], Path] = {}
+    read_folders: list[tuple[str, Path]] = []
+    for given in reads:
         if given is None:
             continue
         src = Path(given)
-        inside = src.is_dir() and os.path.realpath(out).startswith(os.path.realpath(src) + os.sep)
-        if same_file(out, src) or inside:
-            raise UserError(f"{option} would overwrite the input {src}", path=out,
-                            hint=f"choose another {option} path; inputs are never replaced")
+        read_keys[_identity(src)] = src
+        inode = _inode(src)
+        if inode is not None:
+            read_inodes[inode] = src
+        if src.is_dir():
+            read_folders.append((_identity(src) + os.sep, src))
+    seen: dict[str, str] = {}
+    for item in writes:
+        out, what = (item if isinstance(item, tuple) else (item, option))
+        out = Path(out)
+        key = _identity(out)
+        src = read_keys.get(key) or read_inodes.get(_inode(out))
+        if src is None:
+            src = next((folder for prefix, folder in read_folders if key.startswith(prefix)), None)
+        if src is not None:
+            raise UserError(f"{what} would overwrite the input {src}; nothing was written", path=out,
+                            hint="choose another output path; inputs are never replaced")
+        if key in seen:
+            raise UserError(f"{seen[key]} and {what} would both be written to this one file (names that differ "
+                            "only by extension or case); nothing was written", path=out, hint="rename one of them")
+        seen[key] = what
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, inputs, option: str = "--save-to") -> None:
+    """A command never writes over one of its own inputs, nor into an input folder."""
+    check_writes([(output, option)], inputs)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

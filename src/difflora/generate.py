@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,8 @@ class GenerationRequest:
     negative: list[str] | None = None
     multipliers: dict[int, list[float]] = field(default_factory=dict)  # network index -> per-sample value
     steps: int = 20
-    sampler: str = "ddim"
-    cfg: float = 7.5
+    sampler: str | None = None  # None: the family's default_sampler
+    cfg: float | None = None  # None: the family's default_cfg
     width: int | None = None
     height: int | None = None
 
@@ -98,9 +98,23 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
     n = len(req.prompts)
     if len(req.seeds) != n:
         raise ValueError("one seed per prompt")
+    req = with_family_defaults(model, req)
     with lora_multipliers(networks):
-        images = model.generate_request(networks, req, batch_size, output, progress=progress)
-        return images if images is not None else _generate(model, networks, req, batch_size, output, progress)
+        images = model.generate_request(networks, req, batch_size, "float", progress=progress)
+        if images is None:  # no sampler of the family's own
+            images = _generate(model, networks, req, batch_size, "float", progress)
+        # for every family, its own sampler included: a NaN weight or an overflow never becomes a black image
+        if not all(np.isfinite(img).all() for img in images):
+            raise _overflow_report(networks)
+    if output == "float":
+        return images
+    return [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
+
+
+def with_family_defaults(model, req: GenerationRequest) -> GenerationRequest:
+    """The request with the family's sampler and guidance scale where it names none."""
+    return replace(req, sampler=req.sampler or model.default_sampler,
+                               cfg=model.default_cfg if req.cfg is None else req.cfg)
 
 
 def progress_total(req: GenerationRequest, batch_size: int = 64) -> int:

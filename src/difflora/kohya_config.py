@@ -118,6 +118,8 @@ def normalise(data: dict, fields: set[str]) -> dict:
             del data[key]
             if value:
                 take(key, "model_family", "sd2", "kohya key 'v2 = true' read as model_family = \"sd2\"")
+        elif key in ("use_8bit_adam", "use_lion_optimizer") and key not in fields and not isinstance(value, bool):
+            raise UserError(f"'{key}' takes true or false (a TOML boolean, unquoted), not {value!r}")
         elif key in ("use_8bit_adam", "use_lion_optimizer") and key not in fields and value:
             del data[key]
             take(key, "optimizer_type", "AdamW8bit" if key == "use_8bit_adam" else "Lion",
@@ -128,6 +130,11 @@ def normalise(data: dict, fields: set[str]) -> dict:
             mults = mults if isinstance(mults, list) else [1.0 if mults is None else mults] * len(paths)
             if len(mults) != len(paths):
                 raise UserError(f"'base_weights' has {len(paths)} file(s) but 'base_weights_multiplier' has {len(mults)}")
+            bad = next((m for m in mults if isinstance(m, bool) or not isinstance(m, (int, float))), None)
+            if bad is not None:
+                raise UserError(f"'base_weights_multiplier' takes numbers, got {bad!r}")
+            if not all(isinstance(p, str) for p in paths):
+                raise UserError(f"'base_weights' takes file paths, got {paths!r}")
             del data[key]
             take(key, "preset_loras", [{"path": p, "multiplier": float(m)} for p, m in zip(paths, mults)],
                  "kohya key 'base_weights' read as preset_loras")

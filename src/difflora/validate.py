@@ -34,6 +34,13 @@ def at_least(value: int, minimum: int, option: str, path=None) -> int:
     return value
 
 
+def probability(value: float, option: str, path=None) -> float:
+    """A threshold or rate between 0 and 1 (NaN fails every comparison, so it is refused by name)."""
+    if not 0 <= value <= 1:  # False for NaN too
+        raise UserError(f"{option} must be between 0 and 1, got {value}", path=path)
+    return value
+
+
 def seed(value: int, option: str = "--seed", path=None) -> int:
     if not 0 <= value <= MAX_SEED:
         raise UserError(f"{option} must be between 0 and 2^63-1, got {value}", path=path)
@@ -51,7 +58,7 @@ def image_size(value: int | None, option: str, path=None) -> int | None:
 
 
 def sampler(name: str, option: str = "--sampler", path=None) -> str:
-    from .models.sd.model import SCHEDULERS
+    from .models.samplers import SCHEDULERS
 
     if name.lower() not in SCHEDULERS:
         raise UserError(f"{option}: unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}", path=path)
@@ -66,7 +73,8 @@ def sample_prompts(prompts, source, default_sampler: str | None = None) -> None:
         image_size(sp.height, f"{what}: height (--h)", source)
         if sp.seed is not None:
             seed(sp.seed, f"{what}: seed (--d)", source)
-        finite(sp.cfg, f"{what}: guidance scale (--l)", source)
+        if sp.cfg is not None:
+            finite(sp.cfg, f"{what}: guidance scale (--l)", source)
         at_least(sp.steps, 1, f"{what}: steps (--s)", source)
         if sp.sampler or default_sampler:
             sampler(sp.sampler or default_sampler, f"{what}: sampler (--ss)", source)
@@ -182,7 +190,7 @@ def clip_skip(model, value: int | None, option: str = "--clip-skip", path=None) 
     if value is None:
         return
     at_least(value, 1, option, path)
-    for name, encoder in getattr(model, "text_encoders", {}).items():
+    for name, encoder in model.text_encoders.items():
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if layers is not None and value > layers:
             raise UserError(f"{option} {value} is beyond the {layers} layers of the model's {name}", path=path,
@@ -243,8 +251,10 @@ def job(job, path=None) -> None:
     for key, value in _walk(job):
         if isinstance(value, float) and not math.isfinite(value):
             raise error(key, f"must be a finite number, got {value}")
-    if not 0 <= job.seed <= MAX_SEED:
-        raise error("seed", f"must be between 0 and 2^63-1, got {job.seed}")
+    for key in ("seed", "validation_seed"):
+        value = getattr(job, key)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise error(key, f"must be between 0 and 2^63-1, got {value}")
     for key, value in _walk(job):
         leaf = key.rsplit(".", 1)[-1].split("[")[0]
         if leaf == "resolution" and value is not None and (value < SIZE_MULTIPLE or value > MAX_SIZE
@@ -257,7 +267,7 @@ def job(job, path=None) -> None:
                              "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
     _optimizer_dry_run(job, error)
     _job_paths(job, error)
-    if job.sample_prompts or job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first:
+    if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
     if job.sample_prompts:
         from .data.prompts import load_prompt_file
@@ -307,5 +317,22 @@ def _job_paths(job, error) -> None:
             continue  # a missing data folder is reported by the data loader, naming the folder
         try:
             check(value, key)
+        except UserError as e:
+            raise error(key, e) from None
+    _job_writes(job, error)
+
+
+def _job_writes(job, error) -> None:
+    """The run's outputs never land on what it reads: the LoRA over its network_weights, output_dir inside
+    the model folder or a data folder."""
+    from .fileio import check_writes
+
+    reads = [job.model, job.network_weights, job.sample_prompts, job.dataset_config, job.train_data_dir,
+             job.reg_data_dir, job.validation_data_dir, *(preset.path for preset in job.preset_loras)]
+    reads += [path for ds in job.datasets for sub in ds.subsets for path in (sub.image_dir, sub.after_dir)]
+    out = Path(job.output_dir)
+    for key, target in (("output_dir", out), ("output_name", out / f"{job.output_name}.safetensors")):
+        try:
+            check_writes([(target, key)], [r for r in reads if r is not None and os.path.lexists(r)])
         except UserError as e:
             raise error(key, e) from None

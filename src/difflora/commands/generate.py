@@ -41,10 +41,12 @@ def check_args(args) -> None:
     validate.at_least(args.n_images, 1, "--n-images")
     validate.seed(args.seed)
     validate.seed(args.seed + args.n_images - 1, "--seed + --n-images - 1")
-    validate.finite(args.cfg, "--cfg")
+    if args.cfg is not None:
+        validate.finite(args.cfg, "--cfg")
     validate.image_size(args.width, "--width")
     validate.image_size(args.height, "--height")
-    validate.sampler(args.sampler)
+    if args.sampler is not None:
+        validate.sampler(args.sampler)
     if args.clip_skip is not None:
         validate.at_least(args.clip_skip, 1, "--clip-skip")
     validate.output_folder(args.out, "--out")
@@ -89,8 +91,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmsolver++, unipc, ... (kohya names)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default=None, help="ddim, euler, euler_a, dpmsolver++, unipc, ... (kohya names; "
+                   "default ddim; FLUX: euler or heun, default euler)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5; FLUX: 1, "
+                   "above 1 true CFG against --negative)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sweep", default=None, help="comma-separated multipliers for the last --lora, one grid")
@@ -110,7 +114,7 @@ def run(args) -> int:
     from ..data.prompts import SamplePrompt, load_prompt_file
     from ..fileio import make_parent, refuse_overwriting_inputs
     from ..generate import (GenerationRequest, NonFiniteImage, generate, make_grid, parameters_text, save_png,
-                            weight_label)
+                            weight_label, with_family_defaults)
     from ..network.apply import network_from_file
 
     check_args(args)
@@ -159,6 +163,7 @@ def run(args) -> int:
             steps=sp.steps if args.from_file else args.steps, sampler=sp.sampler or args.sampler, cfg=sp.cfg,
             width=sp.width or args.width, height=sp.height or args.height,
         )
+        req = with_family_defaults(model, req)
         if sweep:
             req.multipliers[len(networks) - 1] = [c for _, c in entries]
         try:

@@ -3,42 +3,36 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 
+from ..models.plugin import FamilyPlugin
+from ..models.registry import lora_owner
 from ..network.adapters import module_shapes
 from ..network.files import load_lora
 
-# kohya names of kxk convs whose LyCORIS factors flatten the kernel (SD1/2 and SDXL U-Nets)
-_KXK_NAMES = ("_conv", "_conv1", "_conv2", "_conv_in", "_conv_out", "_in_layers_2", "_out_layers_3", "_op")
-
-_BLOCK = re.compile(r"^lora_(unet|te\d?)_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|"
-                    r"output_blocks_\d+|text_model_encoder_layers_\d+|double_blocks_\d+|single_blocks_\d+|encoder_block_\d+)")
-
-
-def block_of(name: str) -> str:
-    m = _BLOCK.match(name)
-    if not m:
+def block_of(name: str, family: FamilyPlugin | None) -> str:
+    """The module's block as its family names it; outside the blocks (or for no known family) its component."""
+    block = family.lora_block(name) if family is not None else None
+    if block is None:
         return name.split("_")[1] if name.startswith("lora_") else "other"
-    return f"{m.group(1)}:{m.group(2).replace('text_model_encoder_layers_', 'layer_')}"
+    return block
 
 
 def _algorithm(cls, parts) -> str:
     """'LoHa', 'LoRA/LoCon+DoRA', 'LoKr (tucker)', ... for one module."""
-    shapes = module_shapes(parts)
-    extras = [x for x, on in (("tucker", any(k in shapes for k in ("lora_mid.weight", "hada_t1", "lokr_t2"))),
-                              ("w1 low-rank", "lokr_w1_a" in shapes), ("w2 full", "lokr_w2" in shapes)) if on]
+    extras = cls.traits(module_shapes(parts))
     return cls.title + ("+DoRA" if "dora_scale" in parts else "") + (f" ({', '.join(extras)})" if extras else "")
 
 
 def summarize(lora) -> dict:
+    family = lora_owner(set(lora.module_names()), lora.metadata)
     blocks: dict[str, dict] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set(), "conv": 0,
                                                    "algos": set()})
     algos: dict[str, int] = defaultdict(int)
     for name in lora.module_names():
         cls, parts = lora.modules[name]
         rank, alpha = lora.rank_alpha(name)
-        b = blocks[block_of(name)]
+        b = blocks[block_of(name, family)]
         b["modules"] += 1
         b["ranks"].add(rank)
         b["alphas"].add(alpha)
@@ -47,7 +41,7 @@ def summarize(lora) -> dict:
         algos[algo] += 1
         if cls.kernel(module_shapes(parts)) not in ((), None) or (
                 cls.kernel(module_shapes(parts)) is None and cls.flat_shape(module_shapes(parts))[1] % 9 == 0
-                and name.endswith(_KXK_NAMES)):
+                and family is not None and family.is_kxk_conv(name)):
             b["conv"] += 1
     args = lora.metadata.get("ss_network_args")
     try:
@@ -65,6 +59,7 @@ def summarize(lora) -> dict:
         "network_module": lora.metadata.get("ss_network_module", "unknown"),
         "network_args": network_args if isinstance(network_args, dict) else {},
         "base_model_version": lora.metadata.get("ss_base_model_version", "unknown"),
+        "model_family": family.title if family is not None else "unknown",
         "modules": dict(comps),
         "total_modules": len(lora.module_names()),
         "dtypes": dtypes,

@@ -154,15 +154,63 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def _copy_captions(image: Path, out_image: Path) -> None:
-    from ..fileio import atomic_path
+def _caption_copies(image: Path, out_image: Path) -> list[tuple[Path, Path]]:
+    """(caption file beside `image`, where its copy beside `out_image` goes) for each caption it has."""
     from ..prep.files import CAPTION_EXTENSIONS
 
-    for ext in CAPTION_EXTENSIONS:
-        src = image.with_name(image.stem + ext)
-        if src.is_file():
-            with atomic_path(out_image.with_name(out_image.stem + ext)) as tmp:
-                shutil.copyfile(src, tmp)
+    found = [image.with_name(image.stem + ext) for ext in CAPTION_EXTENSIONS]
+    return [(src, out_image.with_name(out_image.stem + src.suffix)) for src in found if src.is_file()]
+
+
+def _copy_captions(image: Path, out_image: Path) -> None:
+    from ..fileio import atomic_path
+
+    for src, dst in _caption_copies(image, out_image):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _check_copies(entries, out: Path, report: Path | None, report_option: str) -> None:
+    """Every file a crop or an alignment will write (each image as OUT/<stem>.png with its captions, the
+    report), against every file it reads, before the first write: `face.png` and `face.jpg` would
+    both become OUT/face.png, and a report path may name an input or one of the outputs."""
+    from ..fileio import check_writes
+
+    reads, writes = [], []
+    for entry in entries:
+        for path in entry.paths:
+            target = out / (path.stem + ".png")
+            reads.append(path)
+            writes.append((target, f"the output of {path.name}"))
+            for src, dst in _caption_copies(path, target):
+                reads.append(src)
+                writes.append((dst, f"the copy of {src.name}"))
+    if report is not None:
+        writes.append((report, report_option))
+    check_writes(writes, reads)
+
+
+def _caption_extension(text: str) -> str:
+    """--caption-extension as ".ext": a name part, and never an image's extension (captions would replace images)."""
+    from .. import validate
+    from ..data.images import IMAGE_EXTENSIONS
+
+    ext = text if text.startswith(".") else "." + text
+    validate.name_part(ext, "--caption-extension")
+    if ext.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"--caption-extension {ext} is an image extension: the captions would replace the images",
+                        hint="use .txt or .caption")
+    return ext
+
+
+def _report_path(path: Path, option: str, reads) -> Path:
+    """A report file the command will write: writable, and none of the files it reads."""
+    from .. import validate
+    from ..fileio import check_writes
+
+    validate.output_file(path, option)
+    check_writes([(path, option)], reads)
+    return path
 
 
 def _pair_arrays(entry) -> list[np.ndarray]:
@@ -200,6 +248,7 @@ def cmd_crop(args) -> int:
         raise UserError(f"--size: {e}") from None
     entries = entries_in(args.dir, args.after_suffix)
     _check_out_dir(args.out, args.overwrite, args.dir)
+    _check_copies(entries, args.out, args.out / "crop_report.json", "the crop report")
     plans = []
     for entry in tqdm(entries, desc="planning crops", dynamic_ncols=True, disable=len(entries) < 20):
         arrays = _pair_arrays(entry)
@@ -244,6 +293,7 @@ def cmd_crop(args) -> int:
 def cmd_pairs(args) -> int:
     from tqdm import tqdm
 
+    from .. import validate
     from ..fileio import write_json_atomic
     from ..data.alignment import align, measure
     from ..prep.files import entries_in
@@ -255,6 +305,13 @@ def cmd_pairs(args) -> int:
         if args.out is None:
             raise UserError("--align writes the aligned pairs to --out OUT (the originals are kept)")
         _check_out_dir(args.out, args.overwrite, args.dir)
+    out = args.json or ((args.out if args.align else args.dir) / "pairs_report.json")
+    validate.output_file(out, "--json")
+    if args.align:
+        _check_copies(pairs, args.out, out, "--json")
+    else:
+        images = [p for e in pairs for p in e.paths]
+        _report_path(out, "--json", images + [src for p in images for src, _ in _caption_copies(p, p)])
     rows, report = [], []
     for entry in tqdm(pairs, desc="measuring pairs", dynamic_ncols=True, disable=len(pairs) < 20):
         before, after = _pair_arrays(entry)
@@ -273,7 +330,6 @@ def cmd_pairs(args) -> int:
     if bad:
         print(f"\n{bad} of {len(report)} pairs are misaligned: "
               + ("aligned copies written" if args.align else "fix them with --align --out OUT"))
-    out = args.json or ((args.out if args.align else args.dir) / "pairs_report.json")
     write_json_atomic(out, {"folder": str(args.dir), "aligned_to": str(args.out) if args.align else None,
                             "pairs": report})
     print(f"wrote {out}")
@@ -284,23 +340,30 @@ def cmd_pairs(args) -> int:
 def cmd_tag(args) -> int:
     from tqdm import tqdm
 
-    from ..fileio import write_text_atomic
+    from .. import validate
+    from ..data.images import load_image
+    from ..fileio import check_writes, write_text_atomic
     from ..prep.captions import join_tags, split_tags
     from ..prep.files import images_in
     from ..prep.taggers import CHARACTER_THRESHOLD, GENERAL_THRESHOLD, open_tagger
 
+    ext = _caption_extension(args.caption_extension)
+    general = GENERAL_THRESHOLD if args.threshold is None else validate.probability(args.threshold, "--threshold")
+    character = (CHARACTER_THRESHOLD if args.character_threshold is None
+                 else validate.probability(args.character_threshold, "--character-threshold"))
+    validate.at_least(args.batch_size, 1, "--batch-size")
     files = images_in(args.dir, args.recursive)
     if not files:
         raise UserError("no images in folder", path=args.dir)
-    tagger = open_tagger(args.tagger, general_threshold=GENERAL_THRESHOLD if args.threshold is None else args.threshold,
-                         character_threshold=(CHARACTER_THRESHOLD if args.character_threshold is None
-                                              else args.character_threshold),
-                         keep_underscores=args.keep_underscores, include_rating=args.include_rating)
-    ext = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
     todo = [p for p in files if args.overwrite or args.append or not p.with_name(p.stem + ext).exists()]
+    check_writes([(p.with_name(p.stem + ext), f"the caption of {p.name}") for p in todo], files)
+    tagger = open_tagger(args.tagger, general_threshold=general, character_threshold=character,
+                         keep_underscores=args.keep_underscores, include_rating=args.include_rating)
     kept = len(files) - len(todo)
-    written = 0
-    bs = max(1, args.batch_size)
+    for path in todo:  # every image readable before the first caption is written
+        load_image(path)
+    captions = []
+    bs = args.batch_size
     with tqdm(total=len(todo), desc=f"tagging ({tagger.name})", dynamic_ncols=True) as bar:
         for i in range(0, len(todo), bs):
             chunk = todo[i:i + bs]
@@ -312,10 +375,11 @@ def cmd_tag(args) -> int:
                     old = split_tags(read_caption(cap))
                     seen = {t.lower() for t in old}
                     tags = old + [t for t in tags if t.lower() not in seen]
-                write_text_atomic(cap, join_tags(tags) + "\n")
-                written += 1
+                captions.append((cap, join_tags(tags) + "\n"))
             bar.update(len(chunk))
-    print(f"wrote {written} caption files ({tagger.name})"
+    for cap, text in captions:
+        write_text_atomic(cap, text)
+    print(f"wrote {len(captions)} caption files ({tagger.name})"
           + (f"; kept {kept} existing (pass --overwrite or --append)" if kept else ""))
     return 0
 
@@ -336,6 +400,8 @@ def cmd_captions(args) -> int:
     edits = CaptionEdits(trigger=args.trigger.strip() if args.trigger else None,
                          remove=[t for spec in args.remove for t in split_tags(spec)], replace=replace,
                          dedupe=not args.no_dedupe, sort_by_frequency=args.sort)
+    if args.caption_extension is not None:
+        _caption_extension(args.caption_extension)
     entries = entries_in(args.dir, args.after_suffix, args.recursive)
     files: dict[Path, Path] = {}
     for e in entries:
@@ -346,6 +412,8 @@ def cmd_captions(args) -> int:
     if not files:
         raise UserError("no caption files beside the images (NAME.txt or NAME.caption)", path=args.dir,
                         hint="write them with `difflora prep tag`")
+    report = None if args.dry_run else _report_path(args.report or (args.dir / "captions_report.json"), "--report",
+                                                    [*files, *files.values()])
     tags = {img: split_tags(read_caption(cap)) for img, cap in files.items()}
     # frequency after replace/remove, so sorting ranks the tags that stay
     staged = CaptionEdits(remove=edits.remove, replace=edits.replace, dedupe=True)
@@ -372,9 +440,8 @@ def cmd_captions(args) -> int:
             print(f"  {same} pair(s) have identical captions: the difference is not named (fine for ADDifT).")
     verb = "would change" if args.dry_run else "changed"
     print(f"\n{verb} {len(changed)} of {n} caption files")
-    if not args.dry_run:
-        out = args.report or (args.dir / "captions_report.json")
-        write_json_atomic(out, {"captions": n, "changed": len(changed), "frequency": dict(final_freq.most_common()),
+    if report is not None:
+        write_json_atomic(report, {"captions": n, "changed": len(changed), "frequency": dict(final_freq.most_common()),
                                 "pairs": pairs})
-        print(f"wrote {out}")
+        print(f"wrote {report}")
     return 0

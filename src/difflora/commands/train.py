@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--method", default=None, help="with --help-keys: show this method's table and defaults")
     p.add_argument("--restrict-paths", default=None, metavar="DIR",
                    help="refuse a job whose files or folders resolve outside DIR (for configs served by a UI)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="with --restrict-paths: inputs (models, data, weights) may also lie in DIR (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -103,7 +105,14 @@ def run(args) -> int:
         return 0
     if not args.job:
         raise UserError("give a job TOML file (see examples/ and `difflora train --help-keys`)")
-    job = load_job(args.job, args.overrides, restrict_paths_to=args.restrict_paths)  # validated once, before any process starts
+    if args.allow_path and not args.restrict_paths:
+        raise UserError("--allow-path goes with --restrict-paths DIR")
+    policy = None
+    if args.restrict_paths:
+        from ..pathpolicy import PathPolicy
+
+        policy = PathPolicy(args.restrict_paths, args.allow_path)
+    job = load_job(args.job, args.overrides, restrict_paths_to=policy)  # validated once, before any process starts
     from ..train.launch import requested_processes, run_ranks
 
     n = requested_processes()

@@ -296,6 +296,7 @@ class TrainingData:
         items = self._subset_items(sub, dict(opts, is_reg=False), di)
         for it in items:
             it.bucket = bucket_of(it)
+            it.original_size = self._sizes[it.path]  # SDXL's validation loss runs on the trained size conditioning
         self.validation_items += items
 
     def _add_with_repeats(self, train_items, reg_items) -> None:

@@ -17,7 +17,7 @@ class SamplePrompt:
     width: int | None = None
     height: int | None = None
     seed: int | None = None
-    cfg: float = 7.5
+    cfg: float | None = None  # None: the family's default (7.5; FLUX: 1, no true CFG)
     steps: int = 30
     sampler: str | None = None
     extra: dict = field(default_factory=dict)
@@ -71,7 +71,7 @@ def _json_prompt(item: dict, index: int, path: Path) -> SamplePrompt:
         raise UserError(f"entry {index}: sample_sampler must be a name, got {sampler!r}", path=path)
     return SamplePrompt(prompt=item["prompt"], negative=str(item.get("negative_prompt", "")),
                         width=number("width", int), height=number("height", int), seed=number("seed", int),
-                        cfg=number("scale", float, 7.5), steps=number("sample_steps", int, 30), sampler=sampler)
+                        cfg=number("scale", float), steps=number("sample_steps", int, 30), sampler=sampler)
 
 
 def load_prompt_file(path: str | Path) -> list[SamplePrompt]:

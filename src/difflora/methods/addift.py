@@ -35,7 +35,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..options import Strict
-from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
+from .base import (Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, pair_caption_keys,
+                   per_sample_mse)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ def addift_timesteps(opts, t_min: int, t_max: int):
 
 class Addift(Method):
     name = "addift"
+    purpose = ("The default for any difference: the LoRA at +m on the noised 'after' image is regressed onto the "
+               "frozen model on the noised 'before' image. Fast; a few pairs are enough.")
     options = AddiftOptions
     needs_pairs = True
     unet_only = True  # the text encoder only runs to make conditions; a TE LoRA would get no gradient (B7)
@@ -168,6 +171,9 @@ class Addift(Method):
     # at 500-1000 lost colour changes, 700-1000 lost small local ones (README, "Measured comparison").
     defaults = {"max_train_steps": 40, "learning_rate": 6e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
+
+    def caption_keys(self):
+        return pair_caption_keys(self.job.addift.captions)
 
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift

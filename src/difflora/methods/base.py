@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 # on its own caption ("own"; TrainTrain's ADDifT calls this "fixed_roles", accepted as an alias), or none.
 CaptionMode = Annotated[Literal["common", "own", "empty"],
                         BeforeValidator(lambda v: "own" if v == "fixed_roles" else v)]
+# The captions a batch's prompts are made of (Method.caption_keys): an item's own ("x"), a pair's "after"
+# caption, the tags a pair's two captions share ("common"), or none ("empty").
+CAPTION_KEYS = ("x", "after", "common", "empty")
+
+
+def pair_caption_keys(mode: str) -> tuple[str, ...]:
+    """The captions a pair method in caption mode `mode` (CaptionMode) encodes."""
+    return {"common": ("common",), "empty": ("empty",)}.get(mode, ("x", "after"))
 
 
 @dataclass
@@ -152,6 +160,7 @@ class Method:
     needs_pairs = False
     unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
     defaults: ClassVar[dict] = {}  # recommended job values, used for keys the user did not set
+    purpose: ClassVar[str] = ""  # one or two sentences for people choosing a method (the UI shows it)
 
     def __init__(self, job):
         self.job = job
@@ -165,6 +174,11 @@ class Method:
         if "network_train_unet_only" in job.model_fields_set and not job.network_train_unet_only:
             log.warning("method %s trains the U-Net only (its loss gives a text-encoder LoRA no gradient): "
                         "network_train_unet_only = false is ignored", self.name)
+
+    def caption_keys(self) -> tuple[str, ...]:
+        """The captions (CAPTION_KEYS) this method's losses encode, for training and validation items alike:
+        with cached text-encoder outputs exactly these are encoded before the text encoders leave."""
+        return ("x",)
 
     def main_steps(self, data: DataSizes, items: list[int] | None = None) -> int:
         """A single-stage method's length: max_train_epochs epochs when set (kohya: it wins), else max_train_steps."""

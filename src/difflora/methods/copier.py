@@ -37,6 +37,7 @@ class CopierOptions(Strict):
 
 class Copier(Method):
     name = "copier"
+    purpose = "The copy-machine workflow: stage 1 overfits A on 'before', stage 2 trains B on 'after' with A on."
     options = CopierOptions
     needs_pairs = True
     defaults = {"network_dim": 4, "network_alpha": 4.0, "min_snr_gamma": 5.0}

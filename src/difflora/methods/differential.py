@@ -39,9 +39,14 @@ class DifferentialOptions(Strict):
 
 class Differential(Method):
     name = "differential"
+    purpose = ("Overfit A on 'before' and B on 'after'; the result is B - A exactly (kohya's differential merge "
+               "without its maths errors).")
     options = DifferentialOptions
     needs_pairs = True
     defaults = {"network_dim": 8, "network_alpha": 8.0, "min_snr_gamma": 5.0}
+
+    def caption_keys(self):
+        return ("common",) if self.job.differential.captions == "common" else ("x", "after")
 
     def stages(self, data: DataSizes) -> list[Stage]:
         d = self.job.differential

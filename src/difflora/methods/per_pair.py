@@ -25,6 +25,9 @@ class PerPairAverage(Method):
         self.unet_only = inner.unet_only
         self.groups: list[list[str]] = []
 
+    def caption_keys(self):
+        return self.inner.caption_keys()
+
     def stages(self, data: DataSizes) -> list[Stage]:
         out, self.groups = [], []
         for i in range(data.n_items):

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from ..options import Strict
-from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, per_sample_mse
+from .base import Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, pair_caption_keys, per_sample_mse
 
 
 class SliderOptions(Strict):
@@ -46,11 +46,15 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
 
 class Slider(Method):
     name = "slider"
+    purpose = "Concept Sliders' image slider: +s on 'after', -s on 'before'. A symmetric slider from pairs."
     options = SliderOptions
     needs_pairs = True
     unet_only = True
     defaults = {"max_train_steps": 200, "learning_rate": 1e-3, "lr_scheduler": "cosine", "min_snr_gamma": 5.0,
                 "network_dim": 4, "network_alpha": 4.0}
+
+    def caption_keys(self):
+        return pair_caption_keys(self.job.slider.captions)
 
     def stages(self, data: DataSizes) -> list[Stage]:
         return [Stage("main", self.main_steps(data), self.spec(), slider_loss, init_from_job_weights=True)]

@@ -23,6 +23,7 @@ def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: st
 
 class Standard(Method):
     name = "standard"
+    purpose = "Plain LoRA training (kohya train_network.py): character or style LoRAs, or a baseline."
 
     def stages(self, data: DataSizes) -> list[Stage]:
         return [Stage("main", self.main_steps(data), self.spec(), denoising_loss, init_from_job_weights=True)]

@@ -74,6 +74,9 @@ class ModelFamily(ABC):
     denoiser: nn.Module  # the U-Net / transformer
     vae: nn.Module
     text_encoders: dict[str, nn.Module]  # component name -> module ("text_encoder", ...)
+    # generation when neither the command nor the prompt names them (FLUX: Euler, no true CFG)
+    default_sampler: str = "ddim"
+    default_cfg: float = 7.5
 
     # ---- identity and metadata
     @property
@@ -147,6 +150,10 @@ class ModelFamily(ABC):
         """Raise a UserError when a component that training and generation need was not loaded."""
 
     # ---- training hooks (defaults: nothing family-specific)
+    def use_plain_attention(self) -> None:
+        """sdpa = false: the denoiser's attention without scaled_dot_product_attention (diffusers' AttnProcessor);
+        a family whose denoiser has only one attention keeps it."""
+
     def prepare_training(self, job, device) -> None:
         """Family-specific training settings (FLUX: block swap, offloaded checkpointing), before the denoiser
         moves to `device`: `to` then leaves on the CPU what the family keeps there (FLUX's swapped blocks)."""
@@ -174,7 +181,16 @@ class ModelFamily(ABC):
         return None
 
     def adapt_lora_file(self, lora):
-        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names."""
+        """Check a LoRA file (network/files.LoraFile) belongs to this family and bring it to kohya names. By
+        default: refused when its ss_base_model_version names another family than this model's."""
+        from ..errors import UserError
+        from .registry import family_of_version
+
+        version = lora.metadata.get("ss_base_model_version")
+        lora_family, model_family = family_of_version(version or ""), family_of_version(self.base_model_version)
+        if lora_family and model_family and lora_family != model_family:
+            raise UserError(f"LoRA was trained for {version} (ss_base_model_version) but the model is "
+                            f"{self.base_model_version}", path=lora.path)
         return lora
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:

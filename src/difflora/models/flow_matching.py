@@ -110,3 +110,10 @@ class FluxFlowObjective(FlowMatchingObjective):
             return model_output + noisy
         s = self.sigma(t).to(model_output.device, model_output.dtype).view(-1, *([1] * (model_output.dim() - 1)))
         return model_output * (-s) + noisy
+
+
+def squeeze_to_window(t: torch.Tensor, window: tuple[int, int], scale: int = 1000) -> torch.Tensor:
+    """Timesteps drawn over [0, scale] mapped linearly into the job's [min_timestep, max_timestep] (musubi-tuner's
+    rule for flow models); the full window leaves them untouched."""
+    low, high = window
+    return t if (low, high) == (0, scale) else low + t * ((high - low) / scale)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..fileio import make_temp_dir
+from ..fileio import atomic_folder
 
 TEXT_MODEL_PREFIX = "text_model."
 _CLIP_ARCHITECTURES = ("CLIPTextModel",)  # CLIPTextModelWithProjection still saves text_model.*
@@ -53,23 +51,13 @@ def prefix_text_encoder_keys(folder: Path) -> list[Path]:
 
 def save_pipeline_folder(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """`pipe.save_pretrained` into a new folder, text encoders in the published layout, all or nothing."""
-    path = Path(path)
-    if path.exists():
-        raise UserError("output folder already exists; choose another path", path=path)
-    tmp = make_temp_dir(path)  # beside the target, umask permissions; stale ones from killed saves are removed
-    try:
+    with atomic_folder(path) as tmp:  # beside the target, umask permissions; stale ones from killed saves are removed
         if dtype is not None:
             pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if dtype is not None:
             pipe.to(dtype=torch.float32)
         prefix_text_encoder_keys(tmp)
-        if path.exists():
-            raise UserError("output folder already exists; choose another path", path=path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_model(model, path: str | os.PathLike, single_file: bool | None, dtype: torch.dtype | None,

@@ -177,7 +177,7 @@ def save_sd_single_file(model, path: Path, dtype: torch.dtype | None = None) -> 
     metadata = {
         **config_metadata(model, {"text_encoder": model.text_encoder}),
         "difflora.variant": model.family,
-        **({"difflora.family": "toy"} if getattr(model, "toy", False) else {}),
+        **({"difflora.family": "toy"} if model.toy else {}),
         "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
     }
     tok_json = getattr(model.tokenizer, "backend_tokenizer", None)

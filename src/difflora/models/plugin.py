@@ -30,8 +30,9 @@ class FamilyPlugin(ABC):
     # The family's job keys, top-level in the job TOML under kohya's / musubi's names; keys several families
     # honour come from the tables of models/shared_options.py. The job schema holds every family's table; a
     # key no table of the loaded family declares, set to another value than its default, is refused.
+    # A key naming a file or folder is typed options.ReadPath (an input) or WritePath: relative values resolve
+    # from the job file's folder and --restrict-paths / the UI keep it inside their folder (pathpolicy.py).
     options: type[Strict] = NoOptions
-    path_keys: tuple[str, ...] = ()  # keys of `options` naming files or folders (resolved against the job's folder)
     # Recommended values per method for keys a job leaves unset: {"addift": {"max_train_steps": 100, ...}};
     # a method table's keys go in a nested dict under the method's name.
     method_defaults: dict[str, dict[str, Any]] = {}
@@ -46,8 +47,24 @@ class FamilyPlugin(ABC):
         """The same for a single-file checkpoint, from its tensor names and safetensors metadata."""
         return None
 
+    @abstractmethod
     def owns_lora_names(self, names: set[str], metadata: dict[str, str]) -> bool:
-        """Whether a LoRA file with these tensor names (any layout the family reads) was made for this family."""
+        """Whether a LoRA file with these kohya module names (network/files.LoraFile.module_names()) or, in the
+        layouts the family reads, tensor names was made for this family. Every family answers: a LoRA no family
+        owns is refused by the tools that combine files, never silently passed."""
+
+    def family_of_version(self, version: str) -> str | None:
+        """The model_family a kohya `ss_base_model_version` names when it is one of this family's ("sd_v2_v" ->
+        "sd2"), else None; a LoRA whose version names another family than the model's is refused."""
+        return None
+
+    def lora_block(self, name: str) -> str | None:
+        """The block a kohya module name belongs to ("unet:down_blocks_1", "double_blocks_3"), for `inspect` and
+        block-wise options; None outside the blocks."""
+        return None
+
+    def is_kxk_conv(self, name: str) -> bool:
+        """Whether a kohya module name is a kxk convolution (LyCORIS flattens its kernel into the factors)."""
         return False
 
     # ---- `difflora generate`

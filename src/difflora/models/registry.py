@@ -74,11 +74,6 @@ def family_keys() -> set[str]:
     return {k for _, table in option_tables() for k in table.model_fields}
 
 
-def family_path_keys() -> tuple[str, ...]:
-    """Family keys naming files or folders (resolved against the job file's folder like the others)."""
-    return tuple(dict.fromkeys(k for p in FAMILIES for k in p.path_keys))
-
-
 def family_options_of(job) -> dict[str, Any]:
     """The family keys a job sets (the others keep their tables' defaults)."""
     return {k: getattr(job, k) for k in family_keys() & job.model_fields_set}
@@ -107,6 +102,17 @@ def family_options(plugin: FamilyPlugin, values: Mapping[str, Any] | None, path=
         first = e.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
         raise UserError(f"{key_label(key)}: {first['msg']}", path=path) from None
+
+
+# ------------------------------------------------------------------ LoRA files
+def lora_owner(names: set[str], metadata: dict[str, str]) -> FamilyPlugin | None:
+    """The family whose kohya module names a LoRA file uses (first in registry order), None when none does."""
+    return next((p for p in FAMILIES if p.owns_lora_names(names, metadata)), None)
+
+
+def family_of_version(version: str) -> str | None:
+    """The model_family a kohya ss_base_model_version names ("sd_v1" -> "sd1"), None when no family knows it."""
+    return next((f for p in FAMILIES if (f := p.family_of_version(version))), None)
 
 
 # ------------------------------------------------------------------ detection

@@ -34,6 +34,8 @@ def unet_lora_modules(unet: nn.Module, conv: bool) -> list[tuple[str, nn.Module]
 class UNetFamily(ModelFamily):
     """A model whose denoiser is a diffusers U-Net over VAE latents."""
 
+    toy = False  # a model of the embedded toy world (its LoRAs carry their own base model version)
+
     @property
     def unet(self):
         return self.denoiser
@@ -53,6 +55,11 @@ class UNetFamily(ModelFamily):
     @property
     def latent_multiple(self) -> int:
         return self.latent_downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def use_plain_attention(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.unet.set_attn_processor(AttnProcessor())
 
     # ---- prediction
     def added_conditions(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor] | None:

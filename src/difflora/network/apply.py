@@ -11,24 +11,9 @@ from .files import LoraFile, load_lora
 from .lora import LoRANetwork
 
 
-def family_of(version: str) -> str:
-    """The model family (sd1, sd2, sdxl, ...) of a kohya ss_base_model_version."""
-    v = version.lower()
-    if v.startswith("difflora_toy"):
-        return "toy"
-    return "sdxl" if v.startswith("sdxl") else "sd2" if v.startswith("sd_v2") else "sd1" if v.startswith("sd_v1") else v
-
-
 def check_lora_fits(model, lora: LoraFile) -> None:
-    """Raise a UserError naming the file when the LoRA cannot belong to `model`."""
-    version = lora.metadata.get("ss_base_model_version")
-    known = ("sd1", "sd2", "sdxl")  # the toy world's LoRAs are told apart by their module names instead
-    lora_family, model_family = family_of(version or ""), family_of(model.base_model_version)
-    if lora_family in known and model_family in known and lora_family != model_family:
-        raise UserError(
-            f"LoRA was trained for {version} (ss_base_model_version) but the model is {model.base_model_version}",
-            path=lora.path,
-        )
+    """Raise a UserError naming the file when the LoRA's modules do not fit `model` (after the model's own
+    `adapt_lora_file`, which checks the family)."""
     targets = {t.name: t.module for t in model.lora_targets(conv=True)}
     for name, (cls, parts) in lora.modules.items():
         module = targets.get(name)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .adapters import Adapter, AdapterOptions, adapter_class, group_modules, module_shapes
+from .adapters import Adapter, AdapterOptions, adapter_class, group_modules, module_shapes, split_key
 
 
 @dataclass
@@ -137,9 +137,15 @@ class LoRANetwork(nn.Module):
             raise UserError(f"{len(unexpected)} key(s) do not belong to this network, e.g. {unexpected[0]}", path=source)
         if strict and missing:
             raise UserError(f"{len(missing)} key(s) are missing, e.g. {missing[0]}", path=source)
-        if not any(k in own for k in tensors):
-            algos = sorted({lora.title for lora in self.loras()})
-            raise UserError(f"none of the file's keys belong to this {'/'.join(algos)} network (another adapter "
+        algos = "/".join(sorted({lora.title for lora in self.loras()}))
+        own_modules = {split_key(k)[0] for k in own}
+        foreign = next((k for k in unexpected if split_key(k)[0] in own_modules), None)
+        if foreign is not None:  # a module of this network stored by another algorithm: its weights would be dropped
+            raise UserError(f"module {split_key(foreign)[0]} is stored as another adapter algorithm "
+                            f"({split_key(foreign)[1]}) than this job's {algos} network; set network_algo "
+                            "(or network_module / network_args) to the file's algorithm", path=source)
+        if not any(k in own for k in tensors if not k.endswith(".alpha")):  # an alpha alone is no weight
+            raise UserError(f"none of the file's keys belong to this {algos} network (another adapter "
                             "algorithm or another architecture?)", path=source)
         with torch.no_grad():
             for k, v in tensors.items():

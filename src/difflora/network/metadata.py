@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from .adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE, AdapterOptions
+from .adapters import KOHYA_LORA_MODULE, LYCORIS_ARGS, LYCORIS_MODULE, AdapterOptions
 
 
 def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: float | None,
@@ -31,9 +31,6 @@ def network_metadata(options: AdapterOptions, conv_dim: int | None, conv_alpha: 
     return md
 
 
-_LYCORIS_ARGS = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd", "wd_on_output", "dropout")
-
-
 def describe_plain_lora(md: dict[str, str]) -> None:
     """Metadata of a file whose tensors are plain LoRA (a LoHa difference written as LoRA, a resize):
     `networks.lora`, without LyCORIS' algorithm arguments."""
@@ -42,8 +39,8 @@ def describe_plain_lora(md: dict[str, str]) -> None:
         args = json.loads(md.get("ss_network_args") or "{}")
     except ValueError:
         return
-    if isinstance(args, dict) and any(k in args for k in _LYCORIS_ARGS):
-        kept = {k: v for k, v in args.items() if k not in _LYCORIS_ARGS}
+    if isinstance(args, dict) and any(k in args for k in LYCORIS_ARGS):
+        kept = {k: v for k, v in args.items() if k not in LYCORIS_ARGS}
         if kept:
             md["ss_network_args"] = json.dumps(kept)
         else:

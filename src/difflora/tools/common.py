@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models.plugin import FamilyPlugin
 from ..network.adapters import module_shapes
-from ..network.apply import family_of
+from ..models.registry import family_of_version, lora_owner
 from ..network.files import LoraFile, load_lora
 
 # modelspec keys describing the base model, carried from the inputs to a merged LoRA
 _MODELSPEC_BASE_KEYS = ("modelspec.architecture", "modelspec.implementation", "modelspec.prediction_type",
                         "modelspec.resolution")
-_SDXL_NAMES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
-_SD_NAMES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
 
 
 def check_ratios(models: list, ratios: list[float] | None) -> list[float]:
@@ -62,16 +61,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def _naming(lora: LoraFile) -> str | None:
-    """'sdxl' for kohya's SDXL (LDM-style) names, 'sd' for SD1/SD2 names, None when no name says."""
-    names = lora.module_names()
-    if any(n.startswith(_SDXL_NAMES) for n in names):
-        return "sdxl"
-    if any(n.startswith(_SD_NAMES) for n in names):
-        return "sd"
-    return None
-
-
 def _layout(lora: LoraFile, name: str) -> tuple[int, int]:
     """(out, in·kh·kw) of a module's delta, whatever its algorithm."""
     cls, parts = lora.modules[name]
@@ -81,24 +70,25 @@ def _layout(lora: LoraFile, name: str) -> tuple[int, int]:
 def check_compatible(loras: list[LoraFile]) -> None:
     """Refuse LoRA files made for different architectures, naming the file that disagrees."""
     first_version: tuple[str, LoraFile] | None = None
-    first_naming: tuple[str, LoraFile] | None = None
+    first_naming: tuple[FamilyPlugin, LoraFile] | None = None
     for lora in loras:
         v = lora.metadata.get("ss_base_model_version")
         if v:
             if first_version is None:
                 first_version = (v, lora)
-            elif family_of(v) != family_of(first_version[0]):
+            elif (family_of_version(v) or v) != (family_of_version(first_version[0]) or first_version[0]):
                 raise UserError(f"LoRA is for {v} but {Path(first_version[1].path).name} is for {first_version[0]} "
                                 "(ss_base_model_version); LoRAs of different model families cannot be combined",
                                 path=lora.path)
-        naming = _naming(lora)
-        if naming:
-            if first_naming is None:
-                first_naming = (naming, lora)
-            elif naming != first_naming[0]:
-                raise UserError(f"LoRA uses {naming.upper()} module names but {Path(first_naming[1].path).name} uses "
-                                f"{first_naming[0].upper()} names; LoRAs of different architectures cannot be combined",
-                                path=lora.path)
+        owner = lora_owner(set(lora.module_names()), lora.metadata)  # None: no family's names (the shapes decide)
+        if owner is None:
+            continue
+        if first_naming is None:
+            first_naming = (owner, lora)
+        elif owner is not first_naming[0]:
+            raise UserError(f"LoRA uses {owner.title} module names but {Path(first_naming[1].path).name} uses "
+                            f"{first_naming[0].title} names; LoRAs of different architectures cannot be combined",
+                            path=lora.path)
     seen: dict[str, tuple[tuple[int, int], LoraFile]] = {}
     for lora in loras:
         for name in lora.module_names():
@@ -166,6 +156,6 @@ def base_weights(model_path: str | os.PathLike | None, loras: list[LoraFile], al
 
     model = load_model(model_path, allow_pickle=allow_pickle)
     for lora in loras:
-        check_lora_fits(model, lora)
+        check_lora_fits(model, model.adapt_lora_file(lora))
     wanted = {n for lora in loras for n in lora.module_names()}
     return {t.name: t.module.weight.detach().float() for t in model.lora_targets(conv=True) if t.name in wanted}

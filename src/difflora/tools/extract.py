@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..network.apply import family_of
+from ..models.registry import family_of_version
 from ..network.files import save_dtype, save_lora
 from ..network import lowrank
 from .common import check_lora_output, check_rank, network_args, resolve_device
@@ -49,24 +49,24 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 def _is_text_encoder(model, target) -> bool:
-    return target.component in getattr(model, "text_encoders", {})
+    return target.component in model.text_encoders
 
 
 def _check_pair(org, tuned, targets_o, targets_t) -> None:
-    fo, ft = family_of(org.base_model_version), family_of(tuned.base_model_version)
+    fo, ft = (family_of_version(m.base_model_version) or m.base_model_version for m in (org, tuned))
     if fo != ft:
         raise UserError(f"the tuned model is {tuned.base_model_version} but the original is {org.base_model_version}; "
-                        "both models must be of one family", path=getattr(tuned, "source", None))
+                        "both models must be of one family", path=tuned.source)
     names_o, names_t = [t.name for t in targets_o], [t.name for t in targets_t]
     if names_o != names_t:
         missing = sorted(set(names_o) ^ set(names_t))
         raise UserError(f"the two models have different module layouts (e.g. {missing[0] if missing else 'order'}); "
-                        "they are not the same architecture", path=getattr(tuned, "source", None))
+                        "they are not the same architecture", path=tuned.source)
     for a, b in zip(targets_o, targets_t):
         if tuple(a.module.weight.shape) != tuple(b.module.weight.shape):
             raise UserError(f"module {a.name} is {tuple(b.module.weight.shape)} in the tuned model but "
                             f"{tuple(a.module.weight.shape)} in the original; they are not the same architecture",
-                            path=getattr(tuned, "source", None))
+                            path=tuned.source)
 
 
 def truncated_svd_factors(diff: torch.Tensor, rank: int, clamp_quantile: float | None = None

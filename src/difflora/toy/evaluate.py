@@ -281,6 +281,13 @@ def _variant(label: str) -> Variant:
     return VARIANTS[label]
 
 
+def _trains_on_pairs(label: str) -> bool:
+    """Whether the variant's method learns from pairs (the others get the 'after' images as a plain dataset)."""
+    from ..methods import METHODS
+
+    return METHODS[_variant(label).keys["method"]].needs_pairs
+
+
 def _merge(into: dict, keys: dict) -> dict:
     for k, v in keys.items():
         into[k] = _merge(dict(into.get(k, {})), v) if isinstance(v, dict) else v
@@ -298,7 +305,7 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
     keys = _variant(method).keys
     job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
                 "seed": seed, "overwrite": True, "model": str(model_path) if model_path else None}
-    if keys["method"] == "standard":
+    if not _trains_on_pairs(method):  # the standard-LoRA baseline: the 'after' halves alone
         job_data["train_data_dir"] = str(work / f"after_{task}_{n_pairs}")
     else:
         job_data["datasets"] = [{"subsets": [{"image_dir": str(work / f"pairs_{task}_{n_pairs}"),
@@ -386,7 +393,7 @@ def train_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed
     pairs = work / f"pairs_{task}_{n_pairs}"
     if not pairs.exists():
         write_pairs(pairs, task, n_pairs, seed if pair_seed is None else pair_seed)
-    if _variant(method).keys["method"] == "standard":
+    if not _trains_on_pairs(method):
         data = work / f"after_{task}_{n_pairs}"
         if not data.exists():
             write_after_images(data, pairs)

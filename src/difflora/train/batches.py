@@ -12,16 +12,21 @@ per forward call, so with them N processes draw other masks than one process doe
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..data.captions import process_caption
-from ..data.dataset import TrainingData, difference_mask, seed_of
+from ..data.dataset import Item, TrainingData, difference_mask, seed_of
 from ..errors import UserError
-from ..methods import Batch
+from ..methods import Batch, StepContext
 from ..models.base import Conditioning
+
+# (sample index, its generator, latent (h, w)) -> its timestep
+TimestepDraw = Callable[[int, torch.Generator, tuple[int, int]], torch.Tensor]
 
 
 class PromptCache:
@@ -118,40 +123,46 @@ def batch_at(data: TrainingData, position: int, world: int, allowed) -> tuple[in
         epoch += 1
 
 
-def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: int, job, stage_index: int, step: int,
-               micro: int, epoch: int, timesteps, model) -> Batch:
-    """This process's slice of a global batch, with every random draw derived from its position.
+@dataclass
+class Sample:
+    """One sample of a batch and the random sources its draws come from.
 
-    `timesteps`: the stage's (step, n, generator) -> timesteps rule, or None for uniform [min_timestep, max_timestep).
+    `noise_gen` draws, in this order, the noise, the noise offset and the timestep; `latent_gen` samples the
+    VAE when latents are not cached (training uses one generator for both, validation keeps the latent fixed).
     """
-    per = len(global_batch) // world
+
+    item: Item
+    flip: bool
+    captions: dict[str, str]  # "x" (and "after"), already processed
+    noise_gen: torch.Generator
+    latent_gen: torch.Generator
+    weight: float = 1.0
+
+
+def assemble(data: TrainingData, samples: list[Sample], model, step: int, timestep: TimestepDraw,
+             noise_offset: float = 0.0) -> Batch:
+    """The model inputs of a batch: the one assembly for training steps, validation and the non-finite recheck.
+
+    `timestep(index, generator, latent_hw)` draws sample `index`'s timestep (after its noise).
+    """
     latents: dict[str, list] = {}
     captions: dict[str, list[str]] = {}
-    noise, ts, weights, diffs, sizes = [], [], [], [], []
-    for j in range(rank * per, (rank + 1) * per):
-        it = data.items[global_batch[j]]
-        seed = seed_of(job.seed, stage_index, step, micro, j)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator().manual_seed(seed)
-        flip = it.flip_aug and rng.random() < 0.5
-        sizes.append(data.sample_size(it, flip))
-        keys = ["x", "after"] if it.is_pair else ["x"]
-        for k in keys:
-            latents.setdefault(k, []).append(data.latent_for(it, k, flip, model, gen))
-        captions.setdefault("x", []).append(process_caption(it.caption, it.rules, rng, epoch))
+    noise, ts, diffs, sizes = [], [], [], []
+    for index, s in enumerate(samples):
+        it = s.item
+        sizes.append(data.sample_size(it, s.flip))
+        for k in (["x", "after"] if it.is_pair else ["x"]):
+            latents.setdefault(k, []).append(data.latent_for(it, k, s.flip, model, s.latent_gen))
+        for k, caption in s.captions.items():
+            captions.setdefault(k, []).append(caption)
         if it.is_pair:
-            captions.setdefault("after", []).append(process_caption(it.after_caption, it.rules, rng, epoch))
-            diffs.append(it.latents["pixel_diff"].flip(-1) if flip else it.latents["pixel_diff"])
+            diffs.append(it.latents["pixel_diff"].flip(-1) if s.flip else it.latents["pixel_diff"])
         shape = latents["x"][-1].shape
-        eps = torch.randn(shape, generator=gen)
-        if job.noise_offset:
-            eps = eps + job.noise_offset * torch.randn(shape[0], 1, 1, generator=gen)
+        eps = torch.randn(shape, generator=s.noise_gen)
+        if noise_offset:
+            eps = eps + noise_offset * torch.randn(shape[0], 1, 1, generator=s.noise_gen)
         noise.append(eps)
-        if timesteps is not None:
-            ts.append(timesteps(step, 1, gen)[0])
-        else:
-            ts.append(model.sample_timesteps(1, gen, tuple(shape[-2:]), (job.min_timestep, job.max_timestep))[0])
-        weights.append(job.prior_loss_weight if it.is_reg else 1.0)
+        ts.append(torch.as_tensor(timestep(index, s.noise_gen, tuple(shape[-2:]))))
     device = model.device
     latent_hw = tuple(latents["x"][-1].shape[-2:])
 
@@ -164,11 +175,47 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         noise=torch.stack(noise).to(device),
         # flow matching keeps σ·1000 continuous (kohya); DDPM timesteps are indices
         timesteps=torch.stack(ts).to(torch.float32 if model.objective.prediction_type == "flow" else torch.long).to(device),
-        loss_weight=torch.tensor(weights, dtype=torch.float32, device=device),
+        loss_weight=torch.tensor([s.weight for s in samples], dtype=torch.float32, device=device),
         step=step,
         mask_fn=masks if diffs else None,
         sizes=sizes,
     )
+
+
+def step_context(run, network, step: int, batch: Batch) -> StepContext:
+    """What a stage's loss gets for `batch`: with the batch's own per-sample conditioning (SDXL's time_ids)."""
+    return StepContext(model=run.model, network=network, job=run.job, step=step, encode=run.encode,
+                       sample_cond=run.model.sample_conditioning(batch.sizes))
+
+
+def default_timesteps(job, model) -> TimestepDraw:
+    """The timestep draw of a stage without its own rule: the family's (uniform over the job's window by default)."""
+    window = (job.min_timestep, job.max_timestep)
+    return lambda index, gen, latent_hw: model.sample_timesteps(1, gen, latent_hw, window)[0]  # noqa: E731
+
+
+def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: int, job, stage_index: int, step: int,
+               micro: int, epoch: int, timesteps, model) -> Batch:
+    """This process's slice of a global batch, with every random draw derived from its position.
+
+    `timesteps`: the stage's (step, n, generator) -> timesteps rule, or None for the family's own sampling or
+    uniform [min_timestep, max_timestep).
+    """
+    per = len(global_batch) // world
+    samples = []
+    for j in range(rank * per, (rank + 1) * per):
+        it = data.items[global_batch[j]]
+        seed = seed_of(job.seed, stage_index, step, micro, j)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        flip = bool(it.flip_aug and rng.random() < 0.5)
+        captions = {"x": process_caption(it.caption, it.rules, rng, epoch)}
+        if it.is_pair:
+            captions["after"] = process_caption(it.after_caption, it.rules, rng, epoch)
+        samples.append(Sample(it, flip, captions, gen, gen, job.prior_loss_weight if it.is_reg else 1.0))
+    draw = (lambda index, gen, latent_hw: timesteps(step, 1, gen)[0]) if timesteps is not None \
+        else default_timesteps(job, model)
+    return assemble(data, samples, model, step, draw, job.noise_offset)
 
 
 def all_reduce(params, loss: torch.Tensor, world: int) -> torch.Tensor:

@@ -107,7 +107,7 @@ def prepare(job, resume: str | None = None) -> Run:
         check_lora_fits(model, initial_weights)
     for preset, spec in zip(presets, job.preset_loras):
         preset.fuse(spec.multiplier)  # into the weights as loaded (before the half cast)
-    _set_precision(model, job)
+    _set_precision(model, job, accelerator.native_amp or accelerator.mixed_precision != "fp16")
 
     data = TrainingData(job, model.resolution, model.latent_multiple, pairs=method.needs_pairs)
     log.info("%d training images (%d with repeats), %d regularisation, method %s", len(data.unique_items()),
@@ -117,7 +117,7 @@ def prepare(job, resume: str | None = None) -> Run:
     # Encoding first: with cached text-encoder outputs the text encoders are alone on the device while every
     # prompt is encoded, and gone (or on the CPU) before the denoiser arrives (FLUX: T5-XXL 9.5 GB and the
     # fp8 transformer ~12 GB are never on the GPU together, as in kohya).
-    encode = _prompt_cache(model, job, out_dir, device, data, presets)
+    encode = _prompt_cache(model, job, out_dir, device, data, presets, method)
     _prepare_denoiser(model, job, device)
     return Run(job=job, accelerator=accelerator, rank=accelerator.process_index, world=accelerator.num_processes,
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
@@ -129,10 +129,8 @@ def _prepare_denoiser(model, job, device) -> None:
     """Attention, checkpointing and the family's settings (block swap: its blocks stay on the CPU), then the
     denoiser and the VAE (and the text encoders unless their outputs are cached) to the device, then
     torch_compile."""
-    if not job.sdpa and hasattr(model.denoiser, "set_attn_processor"):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        model.denoiser.set_attn_processor(AttnProcessor())
+    if not job.sdpa:
+        model.use_plain_attention()
     if job.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     model.prepare_training(job, device)
@@ -148,11 +146,16 @@ def _caches_prompts(job) -> bool:
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _set_precision(model, job) -> None:
+def _set_precision(model, job, autocast: bool) -> None:
     """kohya's mixed precision: frozen weights in the half dtype (the VAE too unless no_half_vae); the LoRA
-    weights stay fp32 (bf16 with full_bf16) and autocast runs the maths."""
+    weights stay fp32 (bf16 with full_bf16) and autocast runs the maths. Without autocast (accelerate has
+    none for fp16 on the CPU) the weights stay fp32: half weights would meet fp32 activations."""
     half = HALF.get(job.mixed_precision)
     if half is None:
+        return
+    if not autocast:
+        log.warning('mixed_precision = "%s" has no autocast on this device (fp16 needs a GPU); training in fp32 '
+                    '(use "bf16" for mixed precision on the CPU)', job.mixed_precision)
         return
     for module in [model.denoiser, *model.text_encoders.values()]:
         module.to(dtype=half)
@@ -160,7 +163,7 @@ def _set_precision(model, job) -> None:
         model.vae.to(dtype=half)
 
 
-def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets: list) -> PromptCache:
+def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets: list, method: Method) -> PromptCache:
     """The prompt encoder of the run. With cache_text_encoder_outputs every prompt of the run is encoded here, by
     the text encoders alone on the device; then a family that drops them (FLUX: T5-XXL is 9.5 GB) frees them and
     the others move them to the CPU. Captions that change at every step (shuffle_caption) leave nothing to encode
@@ -168,7 +171,7 @@ def _prompt_cache(model, job, out_dir: Path, device, data: TrainingData, presets
     if not _caches_prompts(job):
         return PromptCache(model)
     up_front = model.drops_cached_text_encoders or _varying_caption(data) is None
-    prompts = run_prompts(job, data) if up_front else None
+    prompts = run_prompts(job, data, method.caption_keys()) if up_front else None
     if up_front:
         for te in _text_encoders(model):
             te.to(device)
@@ -223,10 +226,11 @@ def _varying_caption(data: TrainingData):
     return None
 
 
-def run_prompts(job, data: TrainingData) -> list[str]:
-    """Every prompt a run can encode: each caption as processed (and "" where captions drop out), each pair's
-    "after" caption and the tags the two share (the methods' caption modes), the validation captions and the
-    sample prompts. Refused when captions change randomly at every step: there is no fixed set to encode."""
+def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[str]:
+    """Every prompt a run can encode: "" (caption dropout), each item's captions of the kinds the method declares
+    (Method.caption_keys: its own, a pair's "after" caption, the tags the two share) as processed, for training and
+    validation items, and the sample prompts. Refused when captions change randomly at every step: there is no
+    fixed set to encode."""
     import dataclasses
 
     from ..data.prompts import load_prompt_file
@@ -238,16 +242,16 @@ def run_prompts(job, data: TrainingData) -> list[str]:
         raise UserError(f"cache_text_encoder_outputs encodes every caption once and then frees the text "
                         f"encoders, so {key} (a new caption at every step) cannot be used with it, as in "
                         "kohya; turn one of them off", path=it.path)
-    prompts = [""]  # the "empty" caption mode, caption dropout, and pairs sharing no tag
+    prompts = [""]
     rng = np.random.default_rng(0)  # unused: the rules below draw nothing
     for it in data.unique_items() + data.validation_items:
         rules = dataclasses.replace(it.rules, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
                                     shuffle_caption=False, caption_tag_dropout_rate=0.0)
-        before = process_caption(it.caption, rules, rng)
-        prompts.append(before)
+        captions = {"x": process_caption(it.caption, rules, rng), "empty": ""}
         if it.is_pair:
-            after = process_caption(it.after_caption, rules, rng)
-            prompts += [after, common_caption(before, after)]
+            captions["after"] = process_caption(it.after_caption, rules, rng)
+            captions["common"] = common_caption(captions["x"], captions["after"])
+        prompts += [captions[k] for k in caption_keys if k in captions]
     if job.sample_prompts:
         prompts += [p.prompt for p in load_prompt_file(job.sample_prompts)]
     return list(dict.fromkeys(prompts))

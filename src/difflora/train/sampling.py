@@ -47,7 +47,7 @@ class Samples:
     @torch.no_grad()
     def write(self, networks: list[LoRANetwork], step: int) -> list[Path]:
         """Samples with networks[0] at each prompt's multiplier (or the sweep's), the others as they are."""
-        from ..generate import GenerationRequest, generate, parameters_text, save_png
+        from ..generate import GenerationRequest, generate, parameters_text, save_png, with_family_defaults
 
         run, job = self.run, self.run.job
         sweep = job.sample_sweep
@@ -57,9 +57,10 @@ class Samples:
                 seed = sp.seed if sp.seed is not None else job.seed + i
                 multipliers = list(sweep) if sweep else [sp.extra.get("multiplier", 1.0)]
                 k = len(multipliers)
-                req = GenerationRequest(prompts=[sp.prompt] * k, seeds=[seed] * k, negative=[sp.negative] * k,
-                                        steps=sp.steps, sampler=sp.sampler or job.sample_sampler, cfg=sp.cfg,
-                                        width=sp.width, height=sp.height, multipliers={0: multipliers})
+                req = with_family_defaults(run.model, GenerationRequest(
+                    prompts=[sp.prompt] * k, seeds=[seed] * k, negative=[sp.negative] * k, steps=sp.steps,
+                    sampler=sp.sampler or job.sample_sampler, cfg=sp.cfg, width=sp.width, height=sp.height,
+                    multipliers={0: multipliers}))
                 images = generate(run.model, networks[:1], req)
                 if sweep:
                     rows.append(images)

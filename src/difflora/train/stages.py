@@ -9,11 +9,18 @@ import torch
 
 from ..data.dataset import seed_of
 from ..errors import TrainingStopped, UserError
-from ..methods import Stage, StepContext
+from ..methods import Batch, Stage
 from ..network.lora import LoRANetwork
-from .batches import all_reduce, any_process, batch_at, make_batch
+from .batches import all_reduce, any_process, batch_at, make_batch, step_context
 from .events import StageEnded, StageStarted, Step, Stopped, Validation
 from ..optim import make_optimizer, make_scheduler, param_groups
+
+# Steps between copies of the weights a step verified (finite loss and gradient). The copy is restored only when
+# an update ruins the weights; copying every step cost as much as the LoRA's forward on a CPU.
+GOOD_COPY_EVERY = 20
+# On an accelerator the step losses stay on the device and are read (all of them at once) this often, and before
+# any other event; on the CPU reading one waits for nothing, so every step's is read at once.
+LOSS_READ_EVERY_S = 1.0
 
 
 @dataclass
@@ -30,7 +37,19 @@ class StageProgress:
     multi_stage: bool
     allowed: set[int] | None  # ids of the unique items this stage sees (None: all)
     params: list
-    verified: list | None = None  # the weights a step last computed a finite loss and gradient from
+    verified: list | None = None  # a copy of weights a step computed a finite loss and gradient from...
+    verified_step: int = 0  # ...the weights after this many steps
+    update_finite: torch.Tensor | None = None  # whether the last update left every weight finite (not read yet)
+
+
+@dataclass
+class PendingStep:
+    """A finished step whose loss is still on the device."""
+
+    step: int
+    loss: torch.Tensor
+    lrs: dict[str, float]
+    seconds: float  # since the stage (or resumed run) started
 
 
 class StageRunner:
@@ -43,6 +62,9 @@ class StageRunner:
         self.results: dict[str, LoRANetwork] = {}
         self.total_steps = sum(s.steps for s in stages)
         self.last: StageProgress | None = None
+        self.next_batch: tuple[tuple[int, int, int], Batch] | None = None  # ((stage, step, micro), its batch)
+        self.pending: list[PendingStep] = []  # finished steps whose losses were not read yet
+        self.t0, self.last_read, self.loss_avg = 0.0, 0.0, None
 
     def run_all(self) -> dict[str, LoRANetwork]:
         offset = 0
@@ -109,29 +131,35 @@ class StageRunner:
                                       start_step=start))
         if start == 0:
             self._validate(sp, 0)  # the starting point of the curve
-        t0, loss_avg = time.perf_counter(), None
+        self.t0, self.loss_avg, self.pending, self.last_read = time.perf_counter(), None, [], 0.0
         for step in range(start, stage.steps):
             loss = self._step(sp, step)
             done = step + 1
-            loss_avg = loss if loss_avg is None else 0.95 * loss_avg + 0.05 * loss
-            rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
             lrs = {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(sp.optimizer.param_groups)}
-            self.events.emit(Step(stage=stage.name, step=done, steps=stage.steps, global_step=sp.offset + done,
-                                  total_steps=self.total_steps, loss=loss, loss_avg=loss_avg, lr=next(iter(lrs.values())),
-                                  steps_per_s=rate, eta_s=(self.total_steps - sp.offset - done) / rate, lrs=lrs))
-            if self.validator is not None and self.validator.due(done, stage.steps):
-                self._validate(sp, done)
+            self.pending.append(PendingStep(done, loss, lrs, time.perf_counter() - self.t0))
+            validate = self.validator is not None and self.validator.due(done, stage.steps)
             due = self.schedule.after_step(done, stage.steps, sp.per_epoch)
+            if validate or due.sample or due.lora_tag or due.state or done == stage.steps:
+                self._confirm_update(sp, step)  # nothing is validated, sampled or saved from non-finite weights
+                self._report_steps(sp, start)
+            elif self.run.device.type == "cpu" or time.perf_counter() - self.last_read >= LOSS_READ_EVERY_S:
+                self._report_steps(sp, start)
+            stop = any_process(self.stop.requested, self.run.world)  # (a listener of this step may ask)
+            if stop:
+                self._confirm_update(sp, step)
+                self._report_steps(sp, start)
+            if validate:
+                self._validate(sp, done)
             if due.sample and main:
                 self.samples.write([sp.network] + list(self.results.values()), sp.offset + done)
-            if any_process(self.stop.requested, self.run.world):
+            if stop:
                 self.checkpointer.save(sp, self.results, done, "interrupted", with_state=True)
                 self.events.emit(Stopped(step=sp.offset + done, state_dir=str(self.run.state_dir)))
                 raise TrainingStopped(f"stopped at step {done} of stage {stage.name}; the LoRA and training state "
                                       f"were saved to {self.run.out_dir}; continue with --resume")
             if due.lora_tag or due.state:
                 self.checkpointer.save(sp, self.results, done, due.lora_tag, due.state)
-        self.events.emit(StageEnded(stage=stage.name, seconds=time.perf_counter() - t0))
+        self.events.emit(StageEnded(stage=stage.name, seconds=time.perf_counter() - self.t0))
         sp.network.eval().requires_grad_(False)
         self.results[stage.name] = sp.network
         self.last = sp
@@ -144,33 +172,84 @@ class StageRunner:
         loss = self.validator.loss(sp.stage, sp.network)
         self.events.emit(Validation(stage=sp.stage.name, step=done, global_step=sp.offset + done, loss=loss))
 
-    def _step(self, sp: StageProgress, step: int) -> float:
-        """One optimizer step (gradient accumulation, all-reduce, clipping); returns the step's mean loss."""
+    def _report_steps(self, sp: StageProgress, start: int) -> None:
+        """Step events for the steps whose losses are still on the device: one read for all of them."""
+        if not self.pending:
+            return
+        losses = torch.stack([p.loss for p in self.pending]).tolist()
+        for p, loss in zip(self.pending, losses):
+            self.loss_avg = loss if self.loss_avg is None else 0.95 * self.loss_avg + 0.05 * loss
+            rate = (p.step - start) / max(p.seconds, 1e-9)
+            self.events.emit(Step(stage=sp.stage.name, step=p.step, steps=sp.stage.steps,
+                                  global_step=sp.offset + p.step, total_steps=self.total_steps, loss=loss,
+                                  loss_avg=self.loss_avg, lr=next(iter(p.lrs.values())), steps_per_s=rate,
+                                  eta_s=(self.total_steps - sp.offset - p.step) / rate, lrs=p.lrs))
+        self.pending = []
+        self.last_read = time.perf_counter()
+
+    def _step(self, sp: StageProgress, step: int) -> torch.Tensor:
+        """One optimizer step (gradient accumulation, all-reduce, clipping); returns the step's mean loss, unread.
+
+        The step reads the device once: whether its loss and gradient, and the previous update's weights, are
+        finite. The next micro-batch is assembled while the device still runs this one's backward.
+        """
         run, job, stage = self.run, self.run.job, sp.stage
         torch.manual_seed(seed_of(job.seed, "dropout", sp.index, step, run.rank))  # network dropouts
         sp.optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=run.device)
         for micro in range(job.gradient_accumulation_steps):
-            position = step * job.gradient_accumulation_steps + micro
-            epoch, global_batch = batch_at(run.data, position, run.world, sp.allowed)
-            batch = make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, micro, epoch,
-                               stage.timesteps, run.model)
-            ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode,
-                              sample_cond=run.model.sample_conditioning(batch.sizes))
+            batch = self._batch(sp, step, micro)
+            ctx = step_context(run, sp.network, step, batch)
             with run.accelerator.autocast():
                 loss = stage.loss(ctx, batch).mean() / job.gradient_accumulation_steps
             loss.backward()
             step_loss += loss.detach().float()
+            self._prefetch(sp, step, micro + 1)
         step_loss = all_reduce(sp.params, step_loss, run.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(sp.params, job.max_grad_norm if job.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):
-            self._stop_non_finite(sp, step, "loss" if not torch.isfinite(step_loss) else "gradient")
-        sp.verified = [p.detach().clone() for p in sp.params]  # a finite loss and gradient came from these
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm).to(step_loss.device)
+        if sp.update_finite is not None:
+            finite = finite & sp.update_finite
+        if not bool(finite):
+            self._confirm_update(sp, step - 1)
+            self._stop_non_finite(sp, step, "loss" if not bool(torch.isfinite(step_loss)) else "gradient")
+        if sp.verified is None or step - sp.verified_step >= GOOD_COPY_EVERY:
+            self._keep_verified(sp, step)
         sp.optimizer.step()
         sp.scheduler.step()
-        if not all(bool(torch.isfinite(p).all()) for p in sp.params):
+        sp.update_finite = weights_finite(sp.params)
+        return step_loss
+
+    def _batch(self, sp: StageProgress, step: int, micro: int) -> Batch:
+        """The micro-batch at (step, micro) of this stage: the one prefetched, else assembled now."""
+        ready, self.next_batch = self.next_batch, None
+        if ready is not None and ready[0] == (sp.index, step, micro):
+            return ready[1]
+        run, job = self.run, self.run.job
+        epoch, global_batch = batch_at(run.data, step * job.gradient_accumulation_steps + micro, run.world, sp.allowed)
+        return make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, micro, epoch,
+                          sp.stage.timesteps, run.model)
+
+    def _prefetch(self, sp: StageProgress, step: int, micro: int) -> None:
+        if micro == self.run.job.gradient_accumulation_steps:
+            step, micro = step + 1, 0
+        if step < sp.stage.steps:
+            self.next_batch = ((sp.index, step, micro), self._batch(sp, step, micro))
+
+    def _keep_verified(self, sp: StageProgress, step: int) -> None:
+        """Copy the weights this step verified (into the same buffers each time: nothing is allocated)."""
+        with torch.no_grad():
+            if sp.verified is None:
+                sp.verified = [p.detach().clone() for p in sp.params]
+            else:
+                torch._foreach_copy_(sp.verified, [p.detach() for p in sp.params])
+        sp.verified_step = step
+
+    def _confirm_update(self, sp: StageProgress, step: int) -> None:
+        """Stop when the update of step `step` (0-based) left a weight non-finite."""
+        if sp.update_finite is not None and not bool(sp.update_finite):
             self._stop_non_finite(sp, step, "weights after the update", updated=True)
-        return float(step_loss)
+        sp.update_finite = None
 
     def _stop_non_finite(self, sp: StageProgress, step: int, what: str, updated: bool = False) -> None:
         """Save the last weights known to be good as <name>-last-good, then stop.
@@ -178,8 +257,8 @@ class StageRunner:
         The weights before a failing step are kept (with the state, so --resume continues) when
         they still give a finite loss, as after a one-off fault. When they do not (the previous
         update ruined them: a learning rate far too high), or the update itself made them
-        non-finite, the weights of the last step that computed a finite loss are saved instead,
-        and the state on disk stays the last regular one.
+        non-finite, the last copy of weights that computed a finite loss is saved instead (at most
+        GOOD_COPY_EVERY steps old), and the state on disk stays the last regular one.
         """
         name = f"{self.run.job.output_name}-last-good.safetensors"
         tips = "Try a lower learning_rate, max_grad_norm = 1.0, or mixed_precision = 'no'/'bf16'"
@@ -193,9 +272,8 @@ class StageRunner:
             raise TrainingStopped(f"non-finite {what} at step {step + 1} of stage {sp.stage.name}, from the starting "
                                   f"weights; nothing was saved. {tips}")
         with torch.no_grad():
-            for p, good in zip(sp.params, sp.verified):
-                p.copy_(good)
-        good_step = step if updated else step - 1
+            torch._foreach_copy_([p.detach() for p in sp.params], sp.verified)
+        good_step = sp.verified_step
         self.checkpointer.save(sp, self.results, good_step, "last-good", with_state=False)
         raise TrainingStopped(
             f"non-finite {what} at step {step + 1} of stage {sp.stage.name}; training stopped and the last weights "
@@ -205,12 +283,13 @@ class StageRunner:
     @torch.no_grad()
     def _loss_is_finite(self, sp: StageProgress, step: int) -> bool:
         """The current weights' loss on the failing step's first batch, computed again."""
-        run, job = self.run, self.run.job
-        if not all(bool(torch.isfinite(p).all()) for p in sp.params):
+        if not bool(weights_finite(sp.params)):
             return False
-        epoch, global_batch = batch_at(run.data, step * job.gradient_accumulation_steps, run.world, sp.allowed)
-        batch = make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, 0, epoch,
-                           sp.stage.timesteps, run.model)
-        ctx = StepContext(model=run.model, network=sp.network, job=job, step=step, encode=run.encode)
-        with run.accelerator.autocast():
-            return bool(torch.isfinite(sp.stage.loss(ctx, batch).mean()))
+        batch = self._batch(sp, step, 0)
+        with self.run.accelerator.autocast():
+            return bool(torch.isfinite(sp.stage.loss(step_context(self.run, sp.network, step, batch), batch).mean()))
+
+
+def weights_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every weight is finite, as one boolean on the device (the largest magnitude of each tensor)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))).all()

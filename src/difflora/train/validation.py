@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..data.captions import process_caption
-from ..data.dataset import difference_mask, seed_of
-from ..methods import Batch, StepContext
+from ..data.dataset import seed_of
+from ..methods import Batch
+from .batches import Sample, assemble, step_context
 from .events import Event, Finished, StageStarted, Validation
 
 log = logging.getLogger(__name__)
@@ -55,61 +56,45 @@ class Validator:
 
     @torch.no_grad()
     def loss(self, stage, network) -> float:
-        run, job = self.run, self.run.job
+        run = self.run
         was_training = network.training
         network.eval()  # dropouts off: the value must not depend on the step's random draws
         try:
             draws = DRAWS if stage.timesteps is not None else len(KOHYA_TIMESTEPS)
-            total, count = 0.0, 0
+            total, count = torch.zeros((), dtype=torch.float64), 0  # summed on the device: one read at the end
             groups: dict[tuple, list[int]] = {}
             for i, it in enumerate(self.items):
                 groups.setdefault(tuple(it.bucket), []).append(i)
             for s in range(draws):
                 for idx in groups.values():
                     batch = self._batch(idx, s, stage)
-                    ctx = StepContext(model=run.model, network=network, job=job, step=s, encode=run.encode)
+                    ctx = step_context(run, network, s, batch)
                     with run.accelerator.autocast():
                         per_sample = stage.loss(ctx, batch)
-                    total += float(per_sample.float().sum())
+                    total += per_sample.detach().double().sum().cpu()
                     count += len(idx)
-            return total / max(count, 1)
+            return float(total) / max(count, 1)
         finally:
             network.train(was_training)
 
     def _batch(self, idx: list[int], draw: int, stage) -> Batch:
-        run, job = self.run, self.run.job
-        latents: dict[str, list] = {}
-        captions: dict[str, list[str]] = {}
-        noise, ts, diffs = [], [], []
+        samples = []
         for i in idx:
             it = self.items[i]
-            gen = torch.Generator().manual_seed(seed_of(self.seed, "validation", i, draw))
             rules = dataclasses.replace(it.rules, shuffle_caption=False, caption_dropout_rate=0.0,
                                         caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0)
             rng = np.random.default_rng(0)  # unused: the rules draw nothing
-            keys = ["x", "after"] if it.is_pair else ["x"]
-            latent_gen = torch.Generator().manual_seed(seed_of(self.seed, "validation-latent", i))
-            for k in keys:
-                latents.setdefault(k, []).append(run.data.latent_for(it, k, False, run.model, latent_gen))
-            captions.setdefault("x", []).append(process_caption(it.caption, rules, rng))
+            captions = {"x": process_caption(it.caption, rules, rng)}
             if it.is_pair:
-                captions.setdefault("after", []).append(process_caption(it.after_caption, rules, rng))
-                diffs.append(it.latents["pixel_diff"])
-            noise.append(torch.randn(latents["x"][-1].shape, generator=gen))
-            if stage.timesteps is not None:
-                ts.append(stage.timesteps(draw, 1, gen)[0])
-            else:
-                ts.append(torch.tensor(KOHYA_TIMESTEPS[draw]))
-        device = run.model.device
-        latent_hw = tuple(latents["x"][-1].shape[-2:])
-
-        def masks(threshold: float, dilate: int) -> torch.Tensor:
-            return torch.stack([difference_mask(d, latent_hw, threshold, dilate) for d in diffs])[:, None].to(device)
-
-        return Batch(latents={k: torch.stack(v).to(device) for k, v in latents.items()}, captions=captions,
-                     noise=torch.stack(noise).to(device), timesteps=torch.stack(ts).long().to(device),
-                     loss_weight=torch.ones(len(idx), device=device), step=draw,
-                     mask_fn=masks if diffs else None)
+                captions["after"] = process_caption(it.after_caption, rules, rng)
+            samples.append(Sample(it, False, captions,
+                                  noise_gen=torch.Generator().manual_seed(seed_of(self.seed, "validation", i, draw)),
+                                  latent_gen=torch.Generator().manual_seed(seed_of(self.seed, "validation-latent", i))))
+        if stage.timesteps is not None:
+            timestep = lambda index, gen, latent_hw: stage.timesteps(draw, 1, gen)[0]  # noqa: E731
+        else:
+            timestep = lambda index, gen, latent_hw: torch.tensor(KOHYA_TIMESTEPS[draw])  # noqa: E731
+        return assemble(self.run.data, samples, self.run.model, draw, timestep)
 
 
 # ---------------------------------------------------------------------------- reading the curve

@@ -39,6 +39,7 @@ class Context:
     ws: Workspace
     store: RunStore
     runner: Runner
+    lock: object = None  # the workspace's ServerLock, when serve() does not block (tests release it)
 
 
 def build(ctx: Context):
@@ -69,8 +70,50 @@ def build(ctx: Context):
 
 
 def serve(workspace: str | os.PathLike, port: int = 7860, host: str = "127.0.0.1",
-          auth: tuple[str, str] | None = None, block: bool = True):
-    ws = Workspace(workspace)
+          auth: tuple[str, str] | None = None, block: bool = True, allowed=()):
+    ws = Workspace(workspace, allowed)
+    _check_port(host, port)
+    lock = ws.lock()
+    lock.__enter__()  # released when the server stops (or, if it is killed, taken over as stale)
+    try:
+        demo, ctx = _launch(ws, port, host, auth)
+    except BaseException:
+        lock.__exit__()
+        raise
+    print(f"difflora ui: http://{host}:{port}/ (workspace {ws.root})", flush=True)
+    if not block:
+        ctx.lock = lock
+        return demo, ctx
+    done = threading.Event()
+
+    def _stop(signum, frame):
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    print("difflora ui: stopping; a running training saves its state", flush=True)
+    ctx.runner.shutdown()
+    demo.close()
+    lock.__exit__()
+    return None
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line when the port is taken, before anything starts (Gradio's own error is a traceback)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            from ..errors import UserError
+
+            raise UserError(f"--port {port}: cannot serve on {host}:{port} ({e.strerror}); another program uses it",
+                            hint="choose another --port") from None
+
+
+def _launch(ws: Workspace, port: int, host: str, auth):
     offline_environment(ws)
     import gradio as gr
 
@@ -85,18 +128,4 @@ def serve(workspace: str | os.PathLike, port: int = 7860, host: str = "127.0.0.1
                 allowed_paths=[str(ws.root)], blocked_paths=[], max_file_size=MAX_UPLOAD, quiet=True,
                 show_error=True, ssr_mode=False, mcp_server=False, enable_monitoring=False, pwa=False,
                 run_history=False, theme=gr.themes.Default())
-    print(f"difflora ui: http://{host}:{port}/ (workspace {ws.root})", flush=True)
-    if not block:
-        return demo, ctx
-    done = threading.Event()
-
-    def _stop(signum, frame):
-        done.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    done.wait()
-    print("difflora ui: stopping; a running training saves its state", flush=True)
-    runner.shutdown()
-    demo.close()
-    return None
+    return demo, ctx

@@ -11,6 +11,8 @@ def register(sub) -> None:
                                    "Everything it reads or writes stays inside --workspace.")
     p.add_argument("--workspace", default="difflora_workspace", metavar="DIR",
                    help="the folder the UI reads and writes (created if missing; default difflora_workspace)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="also read models and data from DIR (repeatable; outputs stay in the workspace)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--listen", action="store_true", help="serve on every network interface (needs --auth)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this user name and password")
@@ -38,5 +40,6 @@ def run(args) -> int:
     auth = parse_auth(args.auth)
     from .app import serve
 
-    serve(args.workspace, port=args.port, host="0.0.0.0" if args.listen else "127.0.0.1", auth=auth)
+    serve(args.workspace, port=args.port, host="0.0.0.0" if args.listen else "127.0.0.1", auth=auth,
+          allowed=args.allow_path)
     return 0

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from ..config import JobConfig, apply_overrides
 from ..errors import UserError
-from ..models.registry import family_path_keys
+from ..options import path_keys
 
 # (group, keys shown open, everything else of the group is folded). README's grouping.
 GROUPS: list[tuple[str, list[str], list[str]]] = [
@@ -53,19 +53,10 @@ UI_KEYS = {
     "sample_multipliers": "LoRA multipliers of the sample grid, comma-separated",
 }
 UI_DEFAULTS = {"sample_prompt": "a face", "sample_multipliers": "-1,0,1"}
-PATH_KEYS = {"model", "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
-             "logging_dir", "sample_prompts", "image_dir", "after_dir", *family_path_keys()}
+# Keys naming files or folders (marked in the schema, every family's included): relative to the workspace.
+PATH_KEYS = {key.rsplit(".", 1)[-1] for key, _ in path_keys(JobConfig)}
 SKIPPED = {"general", "datasets"}  # the pair folder fields and the top-level dataset keys stand for them
 
-METHOD_PURPOSE = {
-    "addift": "The default for any difference: the LoRA at +m on the noised 'after' image is regressed onto the "
-              "frozen model on the noised 'before' image. Fast; a few pairs are enough.",
-    "slider": "Concept Sliders' image slider: +s on 'after', -s on 'before'. A symmetric slider from pairs.",
-    "copier": "The copy-machine workflow: stage 1 overfits A on 'before', stage 2 trains B on 'after' with A on.",
-    "differential": "Overfit A on 'before' and B on 'after'; the result is B - A exactly (kohya's differential merge "
-                    "without its maths errors).",
-    "standard": "Plain LoRA training (kohya train_network.py): character or style LoRAs, or a baseline.",
-}
 
 
 @dataclass
@@ -117,8 +108,14 @@ def methods() -> list[str]:
 def method_defaults(method: str) -> dict:
     from ..methods import METHODS
 
-    cls = METHODS.get(method)
-    return dict(getattr(cls, "defaults", {}) or {})
+    return dict(METHODS[method].defaults) if method in METHODS else {}
+
+
+def method_purpose(method: str) -> str:
+    """What the method is for, as its module says (Method.purpose)."""
+    from ..methods import METHODS
+
+    return METHODS[method].purpose if method in METHODS else ""
 
 
 def family_groups() -> dict[str, str]:
@@ -277,7 +274,7 @@ def validate(data: dict, workspace) -> str | None:
     tmp = workspace.root / ".gradio" / f"validate-{uuid.uuid4().hex}.toml"
     try:
         tmp.write_text(job_toml(data), encoding="utf-8")
-        load_job(tmp, restrict_paths_to=workspace.root)
+        load_job(tmp, restrict_paths_to=workspace.policy)
     except UserError as e:
         return str(e).replace(str(tmp), "job.toml")
     finally:

@@ -146,30 +146,62 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
-def import_uploads(files: list[str], dest: Path) -> list[str]:
-    """Copy uploaded images/captions into a pair folder after the CLI's checks; one line per file."""
-    report = []
-    dest.mkdir(parents=True, exist_ok=True)
+def import_uploads(files: list[str], dest: Path, replace: bool = False) -> list[str]:
+    """Copy uploaded images/captions into a pair folder; one line per file.
+
+    The whole batch is checked first (the CLI's image checks, UTF-8 captions, sizes, two uploads of
+    one name, names already in the folder unless `replace`), so a refused batch writes nothing; a
+    write that fails (a full disk) removes the files this batch created, and the folder if it made it.
+    """
+    checked, report, names = [], [], {}
     for f in files:
         src = Path(f)
         name = os.path.basename(src.name)
+        key = name.casefold()  # one file on case-insensitive file systems
+        if key in names:
+            raise UserError(f"two uploads are named {names[key]!r} and {name!r}; nothing was added", path=name)
+        names[key] = name
         size = src.stat().st_size
         if size > MAX_UPLOAD_BYTES:
-            raise UserError(f"upload is {size / 2**20:.1f} MiB, over the {MAX_UPLOAD_BYTES // 2**20} MiB limit", path=name)
+            raise UserError(f"upload is {size / 2**20:.1f} MiB, over the {MAX_UPLOAD_BYTES // 2**20} MiB limit; "
+                            "nothing was added", path=name)
         suffix = src.suffix.lower()
         if suffix in CAPTION_EXTENSIONS:
             try:
                 text = src.read_text(encoding="utf-8")
             except UnicodeDecodeError:
-                raise UserError("caption is not UTF-8 text", path=name) from None
-            write_text_atomic(dest / name, text)
+                raise UserError("caption is not UTF-8 text; nothing was added", path=name) from None
+            checked.append((src, name, text))
+            report.append(name)
         elif suffix in IMAGE_EXTENSIONS:
             img = load_image(src)  # the CLI's checks: format, size limit, truncation, minimum size
-            with atomic_path(dest / name) as tmp:
-                shutil.copyfile(src, tmp)
+            checked.append((src, name, None))
             report.append(f"{name}: {img.size[0]}x{img.size[1]}")
-            continue
         else:
-            raise UserError(f"not an image ({', '.join(IMAGE_EXTENSIONS)}) or caption (.txt, .caption)", path=name)
-        report.append(name)
+            raise UserError(f"not an image ({', '.join(IMAGE_EXTENSIONS)}) or caption (.txt, .caption); "
+                            "nothing was added", path=name)
+    if not replace and dest.is_dir():
+        present = {p.name.casefold(): p.name for p in dest.iterdir()}
+        clash = [present[n] for n in names if n in present]
+        if clash:
+            raise UserError(f"{len(clash)} upload(s) would replace files in the folder (first: {clash[0]}); "
+                            "nothing was added", path=dest, hint="tick 'replace existing files' to replace them")
+    made_folder = not dest.exists()
+    created = []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for src, name, text in checked:
+            if not (dest / name).exists():
+                created.append(dest / name)
+            if text is not None:
+                write_text_atomic(dest / name, text)
+            else:
+                with atomic_path(dest / name) as tmp:
+                    shutil.copyfile(src, tmp)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        if made_folder and dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()
+        raise
     return report

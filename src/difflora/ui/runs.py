@@ -57,8 +57,24 @@ class Run:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Run":
+        """A run record read back; ValueError naming the first field of the wrong type (a damaged record)."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for name, value in known.items():
+            kinds = _FIELD_TYPES[name]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise ValueError(f"field {name!r} holds {type(value).__name__} {str(value)[:40]!r}")
+        if not all(isinstance(a, str) for a in known.get("argv", [])):
+            raise ValueError("field 'argv' holds a value that is not a string")
         return cls(**known)
+
+
+_NUMBER = (int, float)
+_FIELD_TYPES = {"id": (str,), "kind": (str,), "title": (str,), "argv": (list,), "status": (str,),
+                "created": _NUMBER, "started": (*_NUMBER, type(None)), "ended": (*_NUMBER, type(None)),
+                "pid": (int, type(None)), "returncode": (int, type(None)), "error": (str, type(None)),
+                "result": (str, type(None)), "resume": (bool,), "attempts": (int,), "info": (dict,)}
 
 
 def new_run_id(title: str) -> str:

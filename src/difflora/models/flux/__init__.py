@@ -4,6 +4,8 @@ lora.py (kohya <-> diffusers LoRA names), options.py (job keys)."""
 
 from __future__ import annotations
 
+import re
+
 from ..plugin import FamilyPlugin
 from .options import FluxJobOptions
 
@@ -13,12 +15,14 @@ _FILE_FLAGS = (("--clip-l", "CLIP-L text encoder file (clip_l.safetensors)"),
                ("--ae", "FLUX autoencoder file (ae.safetensors)"),
                ("--t5xxl-tokenizer", "folder with T5's tokenizer.json or spiece.model"))
 
+_KOHYA_NAMES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_")
+_BLOCK = re.compile(r"^lora_(unet|te\d)_(double_blocks_\d+|single_blocks_\d+|text_model_encoder_layers_\d+|encoder_block_\d+)")
+
 
 class FluxPlugin(FamilyPlugin):
     names = ("flux",)
     title = "FLUX.1"
     options = FluxJobOptions
-    path_keys = ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")
 
     def detect_folder(self, path, index):
         # FLUX.2 / Kontext folders too: the loader then says what is supported
@@ -29,6 +33,17 @@ class FluxPlugin(FamilyPlugin):
         if any(k.startswith(("double_blocks.", "single_blocks.", "double_stream_modulation")) for k in bare):
             return "flux"
         return None
+
+    def owns_lora_names(self, names, metadata):
+        # kohya's names, or diffusers' / ai-toolkit's transformer paths as network/files.py reads them
+        return any(n.startswith(_KOHYA_NAMES) or "transformer_blocks_" in n for n in names)
+
+    def family_of_version(self, version):
+        return "flux" if version.lower().startswith("flux1") else None
+
+    def lora_block(self, name):
+        m = _BLOCK.match(name)
+        return f"{m.group(1)}:{m.group(2).replace('text_model_encoder_layers_', 'layer_')}" if m else None
 
     def add_generate_arguments(self, parser):
         group = parser.add_argument_group("FLUX.1 (single-file transformers: kohya's names)")

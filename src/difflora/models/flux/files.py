@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ...errors import UserError
-from ...fileio import load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
+from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
 from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
 from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
@@ -33,11 +31,7 @@ def save_bfl_transformer(transformer: FluxTransformer, path: Path, dtype: torch.
 
 
 def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | None = None) -> None:
-    if path.exists():
-        raise UserError("output folder already exists; choose another path", path=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:  # umask permissions; a killed save's folder is removed by the next save
         tr = model.transformer
         (tmp / "transformer").mkdir()
         sd = bfl_to_diffusers({k: (v.float() if v.dtype == torch.float8_e4m3fn else v) for k, v in tr.state_dict().items()},
@@ -61,10 +55,6 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------ loading

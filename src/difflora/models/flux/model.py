@@ -28,10 +28,12 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu, squeeze_to_window
 from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
+
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of the flow-matching ODE; kohya's DDPM samplers do not apply
 
 # Bundled component configs of FLUX.1 (black-forest-labs/FLUX.1-dev's, written out; no hub).
 CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -108,6 +110,8 @@ class FluxModel(ModelFamily):
     """FLUX.1 (dev: guidance-distilled with a guidance embedder; schnell: without)."""
 
     family = "flux"
+    default_sampler = "euler"
+    default_cfg = 1.0  # no true CFG: dev's guidance is embedded (guidance_scale)
 
     def __init__(self, transformer: FluxTransformer, vae, clip_l, t5xxl, clip_tokenizer, t5_tokenizer, *,
                  source: str = "", options: FluxOptions | None = None):
@@ -326,45 +330,71 @@ class FluxModel(ModelFamily):
         return s
 
     @torch.no_grad()
-    def sample_latents(self, cond: Conditioning, seeds: list[int], steps: int, width: int, height: int) -> torch.Tensor:
-        """Euler flow-matching sampling from per-seed noise; returns latents (B, C, h, w)."""
+    def sample_latents(self, cond: Conditioning, seeds: list[int], steps: int, width: int, height: int,
+                       sampler: str = "euler", cfg: float = 1.0, uncond: Conditioning | None = None) -> torch.Tensor:
+        """Flow-matching sampling from per-seed noise; returns latents (B, C, h, w).
+
+        `sampler`: "euler" (BFL's), or "heun" (Heun's second order: a second prediction at the step's end, not on
+        the last step, which ends at σ = 0). `cfg` > 1: true classifier-free guidance against `uncond` (the
+        negative prompts), v = v_neg + cfg·(v - v_neg), what de-distilled FLUX fine-tunes sample with.
+        """
+        if sampler not in FLOW_SAMPLERS:
+            raise UserError(f"sampler {sampler!r} is not a flow-matching sampler; FLUX samples with "
+                            f"{' or '.join(FLOW_SAMPLERS)}")
         ds = self.latent_downscale
         h, w = 2 * ((height + 2 * ds - 1) // (2 * ds)), 2 * ((width + 2 * ds - 1) // (2 * ds))
         c = self.vae.config.latent_channels
         x = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         x = x.to(self.device)
-        sig = self.sigmas_for_sampling(steps, (h // 2) * (w // 2))
-        for cur, nxt in zip(sig[:-1], sig[1:]):
-            t = torch.full((x.shape[0],), float(cur) * self.objective.num_train_timesteps, device=x.device)
+
+        def velocity(x, sigma: float) -> torch.Tensor:
+            t = torch.full((x.shape[0],), sigma * self.objective.num_train_timesteps, device=x.device)
             v = self.predict(x, t, cond).float()
-            x = x + (float(nxt) - float(cur)) * v
+            if cfg > 1.0:
+                v_neg = self.predict(x, t, uncond).float()
+                v = v_neg + cfg * (v - v_neg)
+            return v
+
+        sig = [float(s) for s in self.sigmas_for_sampling(steps, (h // 2) * (w // 2))]
+        for cur, nxt in zip(sig[:-1], sig[1:]):
+            v = velocity(x, cur)
+            if sampler == "heun" and nxt > 0:
+                v = (v + velocity(x + (nxt - cur) * v, nxt)) / 2
+            x = x + (nxt - cur) * v
         return x
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int = 20, width: int | None = None,
-                      height: int | None = None, guidance: float | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model."""
+                      height: int | None = None, guidance: float | None = None, sampler: str = "euler",
+                      cfg: float = 1.0, negative: list[str] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model; `cfg` > 1 guides
+        away from `negative` (empty prompts by default)."""
         old = self.options.guidance_scale
         if guidance is not None:
             self.options.guidance_scale = guidance
         try:
             cond = self.encode_prompts(prompts)
-            lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution)
+            uncond = self.encode_prompts(negative or [""] * len(prompts)) if cfg > 1.0 else None
+            lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution,
+                                      sampler, cfg, uncond)
         finally:
             self.options.guidance_scale = old
         img = self.decode_latents(lat).float().clamp(-1, 1)
         return ((img + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
-    @torch.no_grad()
     def sample_timesteps(self, n, generator, latent_hw, window):
-        """kohya's timestep_sampling (flow_matching.py); the job's min/max_timestep window does not apply."""
-        return self.objective.sample_timesteps(n, generator, latent_hw)
+        """kohya's timestep_sampling (flow_matching.py), squeezed into the job's min/max_timestep window."""
+        return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
+                                 self.objective.num_train_timesteps)
 
+    @torch.no_grad()
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
-        """generate.py's request on FLUX: no classifier-free guidance (dev's guidance is embedded: guidance_scale),
-        so per-sample LoRA multipliers apply to text encoders and transformer alike."""
+        """generate.py's request on FLUX: dev's embedded guidance (guidance_scale), and true CFG against the
+        negative prompt when req.cfg > 1 (two predictions per step, each at the samples' own LoRA multipliers)."""
         self.check_complete()
+        if req.cfg <= 1.0 and any(req.negative or []):
+            log.warning("FLUX: the negative prompt has no effect at cfg %g (true CFG needs cfg > 1)", req.cfg)
         out = []
         for start in range(0, len(req.prompts), batch_size):
             sl = slice(start, min(len(req.prompts), start + batch_size))
@@ -373,7 +403,8 @@ class FluxModel(ModelFamily):
                 if values is not None:
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
-            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height)
+            imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height,
+                                      sampler=req.sampler, cfg=req.cfg, negative=(req.negative or None) and req.negative[sl])
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"

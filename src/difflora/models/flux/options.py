@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...options import ReadPath
 from ..shared_options import FlowMatchingKeys, LowVramKeys
 
 
@@ -20,10 +21,10 @@ def _f(default, description: str, **kw):
 
 class FluxJobOptions(FlowMatchingKeys, LowVramKeys):
     # the files FLUX users have (kohya: --clip_l --t5xxl --ae); unused with a diffusers folder
-    clip_l: str | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
-    t5xxl: str | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
-    ae: str | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
-    t5xxl_tokenizer: str | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
+    clip_l: ReadPath | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
+    t5xxl: ReadPath | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")
+    ae: ReadPath | None = _f(None, "FLUX: autoencoder file for a single-file transformer (kohya's ae)")
+    t5xxl_tokenizer: ReadPath | None = _f(None, "FLUX: folder with T5's tokenizer.json or spiece.model (never downloaded)")
     t5xxl_max_token_length: int | None = _f(None, "FLUX: T5 tokens (unset: 512 dev, 256 schnell)", ge=1)
     apply_t5_attn_mask: bool = _f(False, "FLUX: mask T5 padding in the T5 encoder and the transformer's attention")
     # which modules (kohya network_args)

@@ -3,6 +3,7 @@ single files through the shared ldm.py."""
 
 from __future__ import annotations
 
+from .. import unet_names
 from ..plugin import FamilyPlugin
 
 
@@ -19,6 +20,19 @@ class StableDiffusionPlugin(FamilyPlugin):
         from ..ldm import detect_checkpoint
 
         return detect_checkpoint(keys)
+
+    def owns_lora_names(self, names, metadata):
+        return any(n.startswith(unet_names.SD_NAMES) for n in names)
+
+    def family_of_version(self, version):
+        v = version.lower()  # the toy world's "difflora_toy_v1" LoRAs are told apart by their module names
+        return "sd1" if v.startswith("sd_v1") else "sd2" if v.startswith("sd_v2") else None
+
+    def lora_block(self, name):
+        return unet_names.block_of(name)
+
+    def is_kxk_conv(self, name):
+        return name.endswith(unet_names.KXK_SUFFIXES)
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

@@ -15,6 +15,7 @@ from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning
 from ..objectives import objective_for
+from ..samplers import make_scheduler
 from ..unet_family import UNetFamily, unet_lora_modules
 
 log = logging.getLogger(__name__)
@@ -36,40 +37,6 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 _TE_ROLE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
-
-# kohya's --sample_sampler names -> (diffusers scheduler class, extra config)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config: dict):
-    import diffusers
-
-    key = name.lower()
-    if key not in SCHEDULERS:
-        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[key]
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    return getattr(diffusers, cls_name).from_config({**cfg, **extra})
-
 
 def unet_lora_targets(unet: nn.Module, conv: bool, prefix: str = "lora_unet") -> list[LoRATarget]:
     """kohya's create_modules over a diffusers-layout U-Net (SD1/SD2 names)."""

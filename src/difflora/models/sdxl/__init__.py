@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .. import unet_names
 from ..plugin import FamilyPlugin
 
 
@@ -24,6 +25,18 @@ class StableDiffusionXLPlugin(FamilyPlugin):
 
     def detect_single_file(self, keys, metadata):
         return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else None
+
+    def owns_lora_names(self, names, metadata):
+        return any(n.startswith(unet_names.SDXL_NAMES) for n in names)
+
+    def family_of_version(self, version):
+        return "sdxl" if version.lower().startswith("sdxl") else None
+
+    def lora_block(self, name):
+        return unet_names.block_of(name)
+
+    def is_kxk_conv(self, name):
+        return name.endswith(unet_names.KXK_SUFFIXES)
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

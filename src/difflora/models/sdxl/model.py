@@ -212,7 +212,7 @@ class StableDiffusionXL(UNetFamily):
     def pipeline(self, scheduler: str = "ddim"):
         from diffusers import StableDiffusionXLPipeline
 
-        from ..sd.model import make_scheduler
+        from ..samplers import make_scheduler
 
         te1, te2 = self.text_encoders["text_encoder"], self.text_encoders["text_encoder_2"]
         pipe = StableDiffusionXLPipeline(

@@ -31,10 +31,24 @@ ALGO_NAMES: dict[str, tuple[str, dict]] = {
 }
 # LyCORIS algorithms difflora does not train (the reference's support matrix says why they are risky)
 _LYCORIS_OTHERS = ("ia3", "glora", "diag-oft", "boft", "full", "dylora")
-# detection order of the clients (A1111, ComfyUI): LoRA, LoHa, LoKr
-_MARKERS = (("lora_down.weight", LoRA), ("hada_w1_a", LoHa), ("hada_w1_b", LoHa), ("lokr_w1", LoKr),
-            ("lokr_w1_a", LoKr), ("lokr_w2", LoKr), ("lokr_w2_a", LoKr), ("lora_up.weight", LoRA))
+# detection order of the clients (A1111, ComfyUI): each class's markers in registry order, then the weak ones
+_MARKERS = tuple((m, cls) for cls in ADAPTERS.values() for m in cls.markers) + tuple(
+    (m, cls) for cls in ADAPTERS.values() for m in cls.weak_markers)
 KNOWN_SUFFIXES = {k for cls in ADAPTERS.values() for k in cls.keys} | {"alpha", "dora_scale"}
+# the network_args of LyCORIS files (kohya metadata): the algorithms' own, DoRA's, and sd-scripts' dropout
+LYCORIS_ARGS = ("algo", *dict.fromkeys(a for cls in ADAPTERS.values() for a in cls.lycoris_args), "dora_wd",
+                "wd_on_output", "dropout")
+
+
+def option_tables() -> list[type]:
+    """Each algorithm's job-key table (composed into the job schema by config.py), without repeats."""
+    return list(dict.fromkeys(cls.job_options for cls in ADAPTERS.values()))
+
+
+def job_keys() -> tuple[str, ...]:
+    """Every job key that chooses the adapter or its options (a state saved under others cannot resume)."""
+    return ("network_algo", "network_module", "network_args",
+            *dict.fromkeys(k for table in option_tables() for k in table.model_fields))
 LYCORIS_MODULE = "lycoris.kohya"
 KOHYA_LORA_MODULE = "networks.lora"
 
@@ -265,7 +279,7 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
     return dora_delta(w, delta.reshape(w.shape), d.float()).reshape(delta.shape)
 
 
-__all__ = ["ADAPTERS", "ALGO_NAMES", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
+__all__ = ["ADAPTERS", "ALGO_NAMES", "LYCORIS_ARGS", "job_keys", "option_tables", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
            "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
            "has_factors", "is_kohya_lora", "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
            "parse_network_args", "resolve_algo", "split_key"]

@@ -28,6 +28,18 @@ from typing import ClassVar, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
+
+from ...options import Strict
+
+
+class AdapterJobKeys(Strict):
+    """The job keys of options every algorithm takes (LyCORIS' use_tucker / dora_wd, difflora's spelling)."""
+
+    network_use_tucker: bool = Field(False, description="kxk convs with a Tucker core (lora_mid / hada_t1,t2 / "
+                                                        "lokr_t2)")
+    network_dora: bool = Field(False, description="DoRA weight decomposition on lora, loha or lokr (LyCORIS "
+                                                  "dora_wd)")
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,12 @@ class Adapter(nn.Module):
     keys: ClassVar[tuple[str, ...]]  # every tensor key it may own, `alpha` and `dora_scale` aside
     required: ClassVar[tuple[str, ...]]  # keys a file must have
     low_rank: ClassVar[bool] = False  # ΔW = up @ down with explicit factors (the LoRA tools' input)
+    # keys that identify the algorithm in a file, in the clients' (A1111, ComfyUI) detection order; weak ones
+    # decide only when no algorithm's markers are present
+    markers: ClassVar[tuple[str, ...]]
+    weak_markers: ClassVar[tuple[str, ...]] = ()
+    lycoris_args: ClassVar[tuple[str, ...]] = ("use_tucker",)  # the network_args it reads besides algo, dora_wd
+    job_options: ClassVar[type[Strict]] = AdapterJobKeys  # their job keys (difflora's spelling)
 
     def __init__(self, name: str, org: nn.Module, shapes: Mapping[str, tuple[int, ...]], alpha: float,
                  dora: tuple[int, ...] | None = None, dropout: float | None = None, rank_dropout: float | None = None,
@@ -146,6 +164,11 @@ class Adapter(nn.Module):
     def plan(cls, org: nn.Module, rank: int, options: AdapterOptions) -> dict[str, tuple[int, ...]]:
         """Tensor shapes of a fresh module on `org` (LyCORIS' layout for these options)."""
         raise NotImplementedError
+
+    @classmethod
+    def traits(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
+        """What a file's module shows of its options beyond the algorithm ("tucker", ...), for `inspect`."""
+        return ()
 
     def init_fresh(self) -> None:
         """LyCORIS' initialisation: ΔW = 0 at step 0."""

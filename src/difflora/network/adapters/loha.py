@@ -25,6 +25,11 @@ class LoHa(Adapter):
     title = "LoHa"
     keys = (*_PAIRS, "hada_t1", "hada_t2")
     required = _PAIRS
+    markers = ("hada_w1_a", "hada_w1_b")
+
+    @classmethod
+    def traits(cls, shapes):
+        return ("tucker",) if "hada_t1" in shapes else ()
 
     @classmethod
     def plan(cls, org: nn.Module, rank: int, options: AdapterOptions) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .base import Adapter, AdapterOptions
+from pydantic import Field
+
+from .base import Adapter, AdapterJobKeys, AdapterOptions
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -40,11 +42,25 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
+class LoKrJobKeys(AdapterJobKeys):
+    network_factor: int = Field(-1, description="LoKr Kronecker factor (-1: most square split)")
+    network_decompose_both: bool = Field(False, description="LoKr: the small Kronecker factor low-rank too")
+    network_full_matrix: bool = Field(False, description="LoKr: both Kronecker factors full matrices (scale 1)")
+
+
 class LoKr(Adapter):
     algo = "lokr"
     title = "LoKr"
     keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     required = ()  # one of each alternative; see check_shapes
+    markers = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
+    lycoris_args = ("use_tucker", "factor", "decompose_both", "full_matrix")
+    job_options = LoKrJobKeys
+
+    @classmethod
+    def traits(cls, shapes):
+        return tuple(t for t, on in (("tucker", "lokr_t2" in shapes), ("w1 low-rank", "lokr_w1_a" in shapes),
+                                     ("w2 full", "lokr_w2" in shapes)) if on)
 
     @classmethod
     def plan(cls, org: nn.Module, rank: int, options: AdapterOptions) -> dict[str, tuple[int, ...]]:

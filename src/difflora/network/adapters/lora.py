@@ -27,6 +27,12 @@ class LoRA(Adapter):
     keys = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
     required = ("lora_down.weight", "lora_up.weight")
     low_rank = True
+    markers = ("lora_down.weight",)
+    weak_markers = ("lora_up.weight",)
+
+    @classmethod
+    def traits(cls, shapes):
+        return ("tucker",) if "lora_mid.weight" in shapes else ()
 
     @classmethod
     def plan(cls, org: nn.Module, rank: int, options: AdapterOptions) -> dict[str, tuple[int, ...]]:

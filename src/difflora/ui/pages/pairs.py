@@ -61,6 +61,7 @@ def build(ctx) -> None:
         with gr.Column(scale=1):
             new_name = gr.Textbox(label="new folder under pairs/", placeholder="eyes", elem_id="pairs-new-name")
             upload = gr.File(label="upload images and captions", file_count="multiple", elem_id="pairs-upload")
+            replace = gr.Checkbox(label="replace existing files", value=False, elem_id="pairs-replace")
             add = gr.Button("Add to folder", elem_id="pairs-add")
     status = gr.Markdown(elem_id="pairs-status")
     gallery = gr.Gallery(label="pairs", columns=3, height="auto", object_fit="contain", elem_id="pairs-gallery")
@@ -78,12 +79,12 @@ def build(ctx) -> None:
             return [], f"**Refused:** {e}", gr.update(choices=[])
         return items, text, gr.update(choices=names, value=names[0] if names else None)
 
-    def on_add(name, files, s, t, d, m):
+    def on_add(name, files, replace_existing, s, t, d, m):
         if not files:
             return gr.update(), "**Refused:** choose files to upload", [], gr.update()
         try:
-            dest = ctx.ws.new_folder("pairs", (name or "").strip())
-            report = P.import_uploads([getattr(f, "name", f) for f in files], dest)
+            dest = ctx.ws.new_folder("pairs", (name or "").strip(), create=False)  # made once the batch passes
+            report = P.import_uploads([getattr(f, "name", f) for f in files], dest, replace=bool(replace_existing))
             rel = ctx.ws.relative(dest)
             items, text, names = show_pairs(ctx, rel, s, t, d, m)
         except UserError as e:
@@ -118,7 +119,7 @@ def build(ctx) -> None:
         return f"Saved the captions of {name}."
 
     show.click(on_show, [folder, suffix, threshold, dilate, model], [gallery, status, pick])
-    add.click(on_add, [new_name, upload, suffix, threshold, dilate, model], [folder, status, gallery, pick])
+    add.click(on_add, [new_name, upload, replace, suffix, threshold, dilate, model], [folder, status, gallery, pick])
     pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption])
     save.click(on_save, [folder, suffix, pick, before_caption, after_caption], saved)
     folder.focus(refresh_folders, None, folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from dataclasses import dataclass
 
 from ...errors import UserError
@@ -49,7 +50,7 @@ def _component(gr, spec: J.FieldSpec):
 def _card_text(method: str) -> str:
     d = J.method_defaults(method)
     defaults = ", ".join(f"{k} {J.display(v)}" for k, v in d.items()) or "kohya's defaults"
-    return f"**{method}**  \n{J.METHOD_PURPOSE.get(method, '')}  \n*defaults:* {defaults}"
+    return f"**{method}**  \n{J.method_purpose(method)}  \n*defaults:* {defaults}"
 
 
 def build(ctx) -> TrainPage:
@@ -139,10 +140,12 @@ def build(ctx) -> TrainPage:
         text = J.job_toml(data)
         if not cli:
             return text
-        name = data.get("output_name", "last")
-        path = ctx.ws.root / "jobs" / f"{name}.toml"
+        try:
+            path = cli_job_path(ctx.ws, data.get("output_name", "last"))
+        except UserError as e:
+            return f"# {e}"
         write_text_atomic(path, text)
-        return (f"difflora train {shlex.quote(str(path))} --restrict-paths {shlex.quote(str(ctx.ws.root))}\n"
+        return (f"difflora train {shlex.join([str(path), *ctx.ws.restrict_arguments()])}\n"
                 "# (the job was saved to that file; set sample_prompts to sample outside the UI)")
 
     as_toml.click(lambda *v: copy(v, False), fields, copy_out)
@@ -170,6 +173,14 @@ def build(ctx) -> TrainPage:
     return page
 
 
+def cli_job_path(ws, output_name: str) -> Path:
+    """Where "Copy as CLI command" saves the job: jobs/<output_name>.toml, a plain name inside the workspace."""
+    from ... import validate
+
+    validate.name_part(output_name, "output_name")
+    return ws.resolve(f"jobs/{output_name}.toml", "output_name")
+
+
 def start_run(ctx, specs, values) -> Run:
     """Validate the form and queue its run; UserError with the CLI's message when it is not valid."""
     data, ui = J.form_to_job(specs, list(values), ctx.ws, ctx.ws.runs / "RUN")
@@ -189,8 +200,7 @@ def start_run(ctx, specs, values) -> Run:
     else:
         layout = None
     write_text_atomic(folder / "job.toml", J.job_toml(data))
-    argv = ["train", str(folder / "job.toml"), "--events", str(folder / "events.jsonl"),
-            "--restrict-paths", str(ctx.ws.root)]
+    argv = ["train", str(folder / "job.toml"), "--events", str(folder / "events.jsonl"), *ctx.ws.restrict_arguments()]
     lora = os.path.join(data["output_dir"], data.get("output_name", "last") + ".safetensors")
     run = Run(run_id, "train", title, argv, info={"layout": layout, "ui": ui, "expected_result": lora})
     return ctx.runner.submit(run)

@@ -1,0 +1,342 @@
+"""The contract between the training runner and every family, adapter and method, checked at the denoiser.
+
+In the style of diffusers' PeftLoraLoaderMixinTests: parametrised from the registries themselves
+(`models.registry.family_names()`, `network.adapters.ALGO_NAMES`, `methods.METHODS`), so a family, adapter or
+method added later is covered by adding it to its registry (a family also needs its `TinyFamily` entry in
+tiny_families.py, which `test_every_registered_family_takes_part` demands).
+
+What each training step's denoiser forward really receives is recorded by a forward pre-hook and checked against
+the step's assembled batch and the stage that runs:
+
+- every input row is the noised latent of an image of one of the stage's items (per-pair stages: that pair only),
+  with the batch's noise, at the batch's timestep, inside the job's timestep window;
+- its text (and pooled text) is an encoding of one of that item's captions;
+- the family's own per-sample conditioning (SDXL's time_ids of that image's size, FLUX's guidance);
+- the multiplier: per sample, non-zero on a trained prediction, zero on a frozen one; earlier stages' networks at
+  1 where the stage keeps them active, else 0.
+
+Then: the saved file, loaded onto a fresh model, gives the output the trained network gave in memory; the client's
+own loader (diffusers `load_lora_weights`) gives it too where the family has one; stopping and resuming gives the
+uninterrupted run's LoRA. Cross product (1-2 steps each, tiny models): every method on every family with LoRA,
+every adapter on every family with the standard method, a per-pair average on every family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from difflora.config import JobConfig, apply_method_defaults
+from difflora.errors import TrainingStopped
+from difflora.methods import METHODS
+from difflora.methods.base import common_caption
+from difflora.models import load_model
+from difflora.models.registry import family_names
+from difflora.network.adapters import ALGO_NAMES
+from difflora.network.apply import network_from_file
+from difflora.train.loop import train
+from difflora.train.stop import StopRequest
+from tiny_families import TINY_FAMILIES
+
+FAMILIES = family_names()
+WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
+IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
+STANDARD = "standard"
+PAIR_METHOD = next(name for name, m in METHODS.items() if m.needs_pairs)
+
+
+def test_every_registered_family_takes_part():
+    assert set(FAMILIES) <= set(TINY_FAMILIES), f"families without a tiny model: {set(FAMILIES) - set(TINY_FAMILIES)}"
+    assert STANDARD in METHODS and {"lora", "locon", "loha", "lokr", "dora"} <= set(ALGO_NAMES)
+
+
+# ---------------------------------------------------------------------------- the world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Three pairs of 40x48 face images with a caption naming each, and each family's tiny model (built once)."""
+    from difflora.toy import faces as F
+
+    root = tmp_path_factory.mktemp("contract")
+    pairs = root / "pairs"
+    pairs.mkdir()
+    for i in range(3):
+        _, _, before, after = F.make_pair(100 + i, "eyes", "open", "closed")
+        for name, img, state in ((f"{i:03d}", before, "open"), (f"{i:03d}_after", after, "closed")):
+            Image.fromarray(img).resize(IMAGE_WH, Image.BILINEAR).save(pairs / f"{name}.png")
+            (pairs / f"{name}.txt").write_text(f"a face, pair{i}, eyes {state}", encoding="utf-8")
+    built: dict[str, Path] = {}
+
+    def model_dir(family: str) -> Path:
+        if family not in built:
+            built[family] = root / "models" / family
+            TINY_FAMILIES[family].build(built[family])
+        return built[family]
+
+    return root, model_dir
+
+
+def make_job(world, family: str, method: str, out: Path, algo: str = "lora", **extra):
+    root, model_dir = world
+    spec = TINY_FAMILIES[family]
+    # every method's own step counts ("stage1_steps", ...) shortened to 2, whichever method it is
+    options = METHODS[method].options
+    method_table = {k: 2 for k in (options.model_fields if options else {}) if k.endswith("_steps")}
+    if options and "min_timestep" in options.model_fields:
+        method_table.update(min_timestep=WINDOW[0], max_timestep=WINDOW[1])
+    job = {"model": str(model_dir(family)), "method": method, "resolution": spec.resolution, "train_batch_size": 2,
+           "max_train_steps": 2, "learning_rate": 1e-2, "network_dim": 2, "network_alpha": 2.0, "network_algo": algo,
+           "conv_dim": 2, "conv_alpha": 2.0, "min_timestep": WINDOW[0], "max_timestep": WINDOW[1],
+           "output_dir": str(out), "output_name": "c", "log_with": "none", "seed": 3, "cache_latents": True,
+           "datasets": [{"subsets": [{"image_dir": str(root / "pairs"), "caption_extension": ".txt"}]}],
+           **spec.job_keys, **extra}
+    if method_table:
+        job[method] = {**method_table, **job.get(method, {})}
+    return apply_method_defaults(JobConfig.model_validate(job))
+
+
+# ---------------------------------------------------------------------------- recording the denoiser's inputs
+@dataclasses.dataclass
+class Seen:
+    """One forward of the denoiser inside a training step."""
+
+    stage: object  # methods.Stage
+    batch: object  # methods.Batch the step assembled
+    inputs: object  # tiny_families.DenoiserInputs
+    encoded: list[tuple[str, object]]  # (caption, its Conditioning) the step's losses encoded so far
+    trained_multiplier: float | torch.Tensor
+    others: dict[str, float | torch.Tensor]  # earlier stages' networks -> multiplier
+    grad: bool
+
+
+class Probe:
+    """Hooks the run (its model, its steps) and records every denoiser forward a training step makes."""
+
+    def __init__(self, monkeypatch, family: str):
+        import difflora.train.batches as batches
+        import difflora.train.loop as loop
+        import difflora.train.stages as stages
+
+        self.spec = TINY_FAMILIES[family]
+        self.seen: list[Seen] = []
+        self.run = None
+        self.current = None  # (runner, stage progress, batch) while a step runs
+        self.encoded: list[tuple[str, object]] = []
+        real_prepare, real_step, real_context = loop.prepare, stages.StageRunner._step, stages.step_context
+        real_encode = batches.PromptCache.__call__
+
+        def encode(cache, captions):
+            cond = real_encode(cache, captions)
+            if self.current is not None:
+                self.encoded += [(c, cond[i:i + 1]) for i, c in enumerate(captions)]
+            return cond
+
+        def prepare(job, resume=None):
+            self.run = real_prepare(job, resume)
+            self.run.model.denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
+            return self.run
+
+        def step(runner, sp, index):
+            self.current, self.encoded = (runner, sp, None), []
+            try:
+                return real_step(runner, sp, index)
+            finally:
+                self.current = None
+
+        def step_context(run, network, index, batch):
+            if self.current is not None:
+                self.current = (*self.current[:2], batch)
+            return real_context(run, network, index, batch)
+
+        monkeypatch.setattr(loop, "prepare", prepare)
+        monkeypatch.setattr(stages.StageRunner, "_step", step)
+        monkeypatch.setattr(stages, "step_context", step_context)
+        monkeypatch.setattr(batches.PromptCache, "__call__", encode)
+
+    def _record(self, module, args, kwargs):
+        if self.current is None or self.current[2] is None:
+            return
+        runner, sp, batch = self.current
+        self.seen.append(Seen(sp.stage, batch, self.spec.read(self.run.model, args, kwargs), list(self.encoded),
+                              _multiplier(sp.network), {n: _multiplier(net) for n, net in runner.results.items()},
+                              torch.is_grad_enabled()))
+
+
+def _multiplier(network):
+    m = network.loras()[0].multiplier
+    return m.detach().clone() if isinstance(m, torch.Tensor) else float(m)
+
+
+# ---------------------------------------------------------------------------- checking what was seen
+def contract_problems(probe: Probe, job) -> list[str]:
+    """Every way the recorded forwards break the contract (empty: none)."""
+    run, spec = probe.run, probe.spec
+    model, unique = run.model, run.data.unique_items()
+    problems = []
+    for k, s in enumerate(probe.seen):
+        where = f"forward {k} (stage {s.stage.name}, step {s.batch.step})"
+        allowed = range(len(unique)) if s.stage.items is None else s.stage.items
+        n, rows = len(s.batch), s.inputs.latents.shape[0]
+        if rows % n:
+            problems.append(f"{where}: {rows} rows for a batch of {n}")
+            continue
+        for r in range(rows):
+            t = s.batch.timesteps[r % n]
+            if not torch.allclose(s.inputs.timesteps[r].float(), t.float(), rtol=1e-5, atol=1e-3):
+                problems.append(f"{where} row {r}: timestep {float(s.inputs.timesteps[r])}, batch drew {float(t)}")
+            if not WINDOW[0] <= float(t) < WINDOW[1]:
+                problems.append(f"{where} row {r}: timestep {float(t)} outside the window {WINDOW}")
+            item = _identify(model, s.inputs.latents[r], s.batch.noise[r % n], t, unique)
+            if item is None:
+                problems.append(f"{where} row {r}: not the noised latent of any training image")
+                continue
+            if item not in allowed:
+                problems.append(f"{where} row {r}: an image of item {item}, outside the stage's items {list(allowed)}")
+            own = set(_captions(unique[item]))
+            if not _encodes_own(s.inputs.text[r], s.encoded, spec.text_key, own):
+                problems.append(f"{where} row {r}: the text is no encoding of item {item}'s captions {sorted(own)}")
+            if spec.pooled_key is not None:
+                if s.inputs.pooled is None:
+                    problems.append(f"{where}: no pooled text")
+                elif not _encodes_own(s.inputs.pooled[r], s.encoded, spec.pooled_key, own):
+                    problems.append(f"{where} row {r}: the pooled text is no encoding of item {item}'s captions")
+            with Image.open(unique[item].path) as im:
+                image_hw = (im.height, im.width)
+            extra = spec.check_extras(s.inputs, r, image_hw, job)
+            if extra:
+                problems.append(f"{where} row {r}: {extra}")
+        problems += [f"{where}: {p}" for p in _multiplier_problems(s, rows)]
+    return problems
+
+
+def _captions(item) -> list[str]:
+    out = [item.caption, ""]
+    if item.is_pair:
+        out += [item.after_caption, common_caption(item.caption, item.after_caption)]
+    return out
+
+
+def _identify(model, row, noise, t, unique) -> int | None:
+    """The unique item one of whose images, noised with the batch's noise at t, is this input row."""
+    for index, it in enumerate(unique):
+        for key in ("x", "after"):
+            if key not in it.latents:
+                continue
+            expected = model.objective.add_noise(it.latents[key][None].to(row), noise[None].to(row), t[None])[0]
+            if torch.allclose(row, expected, rtol=1e-4, atol=1e-4):
+                return index
+    return None
+
+
+def _encodes_own(value: torch.Tensor, encoded: list[tuple[str, object]], key: str, own: set[str]) -> bool:
+    """Whether `value` is what the step encoded for one of the item's own captions (a tiny tokenizer may give
+    captions that differ in one unknown word the same encoding: any caption with this encoding may be the one)."""
+    same = {c for c, cond in encoded if torch.allclose(cond.tensors[key][0].to(value), value, rtol=1e-4, atol=1e-5)}
+    return bool(same & own)
+
+
+def _multiplier_problems(s: Seen, rows: int) -> list[str]:
+    out = []
+    m = s.trained_multiplier
+    values = m if isinstance(m, torch.Tensor) else torch.full((rows,), m)
+    if values.shape != (rows,):
+        out.append(f"multiplier of shape {tuple(values.shape)} for {rows} rows")
+    elif s.grad and not bool((values != 0).all()):
+        out.append(f"a trained prediction with multiplier {values.tolist()}")
+    elif not s.grad and bool((values != 0).any()):
+        out.append(f"a frozen prediction with the trained network at {values.tolist()}")
+    for name, other in s.others.items():
+        want = 1.0 if name in s.stage.keep_active else 0.0
+        got = other if isinstance(other, float) else other.tolist()
+        if got != want:
+            out.append(f"earlier stage {name} at multiplier {got}, expected {want}")
+    return out
+
+
+def _train_and_check(world, monkeypatch, tmp_path, family, method, algo="lora", **extra):
+    probe = Probe(monkeypatch, family)
+    job = make_job(world, family, method, tmp_path / "out", algo, **extra)
+    path = train(job)
+    assert probe.seen, "no training forward was recorded"
+    stages = {s.stage.name for s in probe.seen}
+    assert stages == {st.name for st in probe.run.method.stages(probe.run.data_sizes())}, stages
+    assert contract_problems(probe, job) == []
+    return probe, job, path
+
+
+# ---------------------------------------------------------------------------- the suite
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_method_step_receives_its_stage_data_and_conditioning(world, monkeypatch, tmp_path, family, method):
+    _train_and_check(world, monkeypatch, tmp_path, family, method)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, family):
+    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
+    assert {tuple(s.stage.items) for s in probe.seen} == {(0,), (1,), (2,)}
+
+
+@pytest.mark.parametrize("algo", list(ALGO_NAMES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkeypatch, tmp_path, family, algo):
+    """The file loaded on a fresh model = the network in memory at the end of training (= diffusers' loader)."""
+    import difflora.train.checkpoint as checkpoint
+
+    in_memory = {}
+    real_save = checkpoint.Checkpointer.save_result
+
+    def save_result(self, tensors, global_step, per_epoch):  # the trained network is still attached, at 1
+        in_memory["out"] = _fixed_output(self.run.model)
+        return real_save(self, tensors, global_step, per_epoch)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save_result", save_result)
+    _, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
+    fresh = load_model(world[1](family))
+    base = _fixed_output(fresh)
+    net = network_from_file(fresh, path, 1.0)
+    loaded = _fixed_output(fresh)
+    assert float((loaded - base).abs().max()) > 1e-4  # the LoRA changes the output
+    torch.testing.assert_close(loaded, in_memory["out"], rtol=1e-4, atol=1e-5)
+    client = TINY_FAMILIES[family].client_unet
+    if client is not None and ALGO_NAMES[algo] == ("lora", {}):
+        x, t, cond = _fixed_inputs(fresh)
+        with torch.no_grad():
+            ours = fresh.predict(x, t, cond)
+        net.remove()
+        torch.testing.assert_close(client(world[1](family), path, {"x": x, "t": t, "cond": cond}), ours,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _fixed_inputs(model):
+    """A 4x4 latent of 4 channels (every tiny family's), t = 500 and one caption's encoding."""
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor([500]), model.encode_prompts(["a face, pair1, eyes open"])
+
+
+@torch.no_grad()
+def _fixed_output(model) -> torch.Tensor:
+    x, t, cond = _fixed_inputs(model)
+    return model.predict(x, t, cond)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_gives_the_uninterrupted_lora(world, tmp_path, family):
+    full = load_file(str(train(make_job(world, family, STANDARD, tmp_path / "full", max_train_steps=3))))
+    stop = StopRequest()
+
+    def stop_after_first(event):
+        if event.type == "step" and event.global_step == 1:
+            stop.request()
+
+    job = make_job(world, family, STANDARD, tmp_path / "cut", max_train_steps=3)
+    with pytest.raises(TrainingStopped):
+        train(job, listeners=[stop_after_first], stop=stop)
+    resumed = load_file(str(train(job, resume="auto")))
+    assert set(resumed) == set(full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -1,0 +1,141 @@
+"""How each registered model family takes part in the contract suite: its tiny model and how to read its denoiser.
+
+A family joins the suite with one `TinyFamily` entry in `TINY_FAMILIES`, keyed by each of its `model_family`
+names; `test_every_registered_family_takes_part` fails for a registered family without one (nothing is skipped).
+
+- `build(folder)`: save a tiny model of the family there (the real block counts at narrow widths, fast: a training
+  step well under a second on one CPU thread);
+- `resolution`: the training side in pixels the tiny model runs at;
+- `read(model, args, kwargs)`: what the denoiser's forward received, as `DenoiserInputs` on the training scale
+  (latents unpacked to (B, C, h, w), timesteps 0-1000, the text tokens, the pooled text if any, the rest by name);
+- `text_key` / `pooled_key`: where `encode_prompts` puts what `read` returns as `text` / `pooled`;
+- `check_extras(inputs, row, image_hw, job)`: the family's own per-sample conditioning of one row, for the image
+  of `image_hw` (pixels of the file before resizing) it was identified as; returns a problem or None;
+- `client_unet(model_dir, lora_path, inputs)`: the denoiser output of the client's own LoRA loader (diffusers'
+  `load_lora_weights`) on inputs {"x", "t", "cond"} (what `ModelFamily.predict` takes), or None where the family
+  has none here.
+
+The plug-in interface (models/plugin.py) may later give a family a `tiny_model(folder)` hook; this table is then
+its test-side half (the reader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class DenoiserInputs:
+    latents: torch.Tensor  # (B, C, h, w)
+    timesteps: torch.Tensor  # (B,) on the 0-1000 training scale
+    text: torch.Tensor  # (B, tokens, dim)
+    pooled: torch.Tensor | None = None  # (B, dim)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TinyFamily:
+    build: Callable[[Path], None]
+    resolution: int
+    read: Callable[[object, tuple, dict], DenoiserInputs]
+    text_key: str
+    pooled_key: str | None = None
+    check_extras: Callable[[DenoiserInputs, int, tuple[int, int], object], str | None] = lambda *a: None
+    client_unet: Callable[[Path, Path, dict], torch.Tensor] | None = None
+    job_keys: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- U-Net families
+def _read_unet(model, args, kwargs) -> DenoiserInputs:
+    sample, timestep = args[0], args[1]
+    hs = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+    added = kwargs.get("added_cond_kwargs") or {}
+    t = timestep.expand(sample.shape[0]) if timestep.dim() == 0 else timestep
+    return DenoiserInputs(sample.detach(), t.detach().float(), hs.detach(),
+                          added["text_embeds"].detach() if "text_embeds" in added else None,
+                          {k: v.detach() for k, v in added.items() if k != "text_embeds"})
+
+
+def _sdxl_size_conditioning(inputs: DenoiserInputs, row: int, image_hw: tuple[int, int], job) -> str | None:
+    """SDXL's time_ids: the image's size before resizing, (crop), the size trained at (the suite's jobs do not
+    bucket: the job's resolution)."""
+    ids = inputs.extras.get("time_ids")
+    if ids is None:
+        return "no time_ids"
+    h = w = job.resolution
+    got = [float(v) for v in ids[row]]
+    if got[0:2] != [float(image_hw[0]), float(image_hw[1])] or got[4:6] != [float(h), float(w)]:
+        return f"time_ids {got}, expected original {image_hw} and target {(h, w)}"
+    return None
+
+
+def _client_unet_sd(pipeline_class: str):
+    def run(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+        import diffusers
+
+        x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+        added = None
+        if "text_embeds" in cond:  # SDXL, at the pipeline's own time_ids: no crop, the output size
+            h, w = (s * 8 for s in x.shape[-2:])
+            added = {"text_embeds": cond["text_embeds"], "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype)}
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
+        pipe.load_lora_weights(str(lora_path), adapter_name="x")
+        with torch.no_grad():
+            return pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+    return run
+
+
+def _build_sd(variant: str) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        from difflora.toy.tiny import build_tiny_sd
+
+        build_tiny_sd(variant, layout="small").save(folder)
+    return build
+
+
+def _build_sdxl(folder: Path) -> None:
+    from difflora.toy.tiny_sdxl import build_tiny_sdxl
+
+    build_tiny_sdxl().save(folder)
+
+
+# ---------------------------------------------------------------------------- FLUX
+def _read_flux(model, args, kwargs) -> DenoiserInputs:
+    from difflora.models.flux.model import unpack_latents
+
+    img, img_ids, txt, _txt_ids, timesteps, pooled, guidance = args[:7]
+    h = int(img_ids[0, :, 1].max()) + 1
+    w = int(img_ids[0, :, 2].max()) + 1
+    extras = {} if guidance is None else {"guidance": guidance.detach()}
+    return DenoiserInputs(unpack_latents(img.detach(), 2 * h, 2 * w), timesteps.detach().float() * 1000,
+                          txt.detach(), pooled.detach(), extras)
+
+
+def _flux_guidance(inputs: DenoiserInputs, row: int, image_hw, job) -> str | None:
+    g = inputs.extras.get("guidance")
+    if g is None:
+        return "no guidance"
+    return None if float(g[row]) == float(job.guidance_scale) else f"guidance {float(g[row])}, job {job.guidance_scale}"
+
+
+def _build_flux(folder: Path) -> None:
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("dev", 1, 1).save(folder)
+
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "sd1": TinyFamily(_build_sd("sd1"), 16, _read_unet, "encoder_hidden_states",
+                      client_unet=_client_unet_sd("StableDiffusionPipeline")),
+    "sd2": TinyFamily(_build_sd("sd2"), 16, _read_unet, "encoder_hidden_states",
+                      client_unet=_client_unet_sd("StableDiffusionPipeline")),
+    "sdxl": TinyFamily(_build_sdxl, 32, _read_unet, "encoder_hidden_states", "text_embeds",
+                       check_extras=_sdxl_size_conditioning,
+                       client_unet=_client_unet_sd("StableDiffusionXLPipeline")),
+    "flux": TinyFamily(_build_flux, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
+                       job_keys={"guidance_scale": 2.5}),
+}
