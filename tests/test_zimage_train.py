@@ -168,7 +168,7 @@ def test_base_training_with_an_assistant_preset_applies_to_turbo(zenv, tmp_path)
     from difflora.generate import GenerationRequest, generate
 
     net2 = network_from_file(base, path, 1.0)
-    alone = generate(base, [net2], GenerationRequest(["a face"], [1], steps=2, cfg=7.5, width=32, height=32),
+    alone = generate(base, [net2], GenerationRequest(["a face"], [1], steps=2, width=32, height=32),
                      output="float")[0]
     assert np.abs(preview - alone).max() <= 1 / 255 + 1e-6
 
