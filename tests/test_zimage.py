@@ -369,7 +369,9 @@ def test_a_lora_outside_the_blocks_is_refused_with_its_reason(model, tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "embedder.safetensors"
-    save_file({"diffusion_model.x_embedder.lora_A.weight": torch.zeros(2, 16),
+    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 32),
+               "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(32, 2),
+               "diffusion_model.x_embedder.lora_A.weight": torch.zeros(2, 16),
                "diffusion_model.x_embedder.lora_B.weight": torch.zeros(32, 2)}, path)
     with pytest.raises(UserError, match="x_embedder.*outside Z-Image's 34 transformer blocks") as e:
         network_from_file(model, path)
