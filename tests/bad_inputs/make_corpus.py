@@ -1190,7 +1190,206 @@ def _(ws):
     return ws.train("--resume")
 
 
+# ---- Qwen-Image (models/qwen_image/): a 2-block tiny model built in the workspace ---------------------------
+@functools.lru_cache(maxsize=None)
+def _tiny_qwen_source() -> Path:
+    import tempfile
+
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    return write_tiny_folder(Path(tempfile.mkdtemp(prefix="difflora-corpus-qwen-")) / "Qwen-Image", num_layers=2)
+
+
+def _qwen_folder(ws: Workspace, name: str = "Qwen-Image") -> Path:
+    folder = ws.root / name
+    shutil.copytree(_tiny_qwen_source(), folder)
+    return folder
+
+
+def _qwen_lora(path: Path) -> Path:
+    """A Qwen-Image LoRA with musubi's names (block 0's attention) and a Qwen-Image base version."""
+    import torch
+
+    from difflora.network.files import save_lora
+
+    tensors = {}
+    for m in ("attn_to_q", "attn_to_k"):
+        name = f"lora_unet_transformer_blocks_0_{m}"
+        tensors.update({f"{name}.lora_down.weight": torch.zeros(2, 16), f"{name}.lora_up.weight": torch.zeros(16, 2),
+                        f"{name}.alpha": torch.tensor(1.0)})
+    save_lora(tensors, path, {"ss_base_model_version": "qwen_image"})
+    return path
+
+
+@case("qwen_lora_on_sd", "a Qwen-Image LoRA given to an SD model", names="qwen_lora.safetensors",
+      needles=("lora_unet_transformer_blocks_0", "another architecture"))
+def _(ws):
+    return ws.generate("--lora", _qwen_lora(ws.root / "qwen_lora.safetensors"))
+
+
+@case("sd_lora_on_qwen", "an SD LoRA given to a Qwen-Image model", names="sd_lora.safetensors",
+      needles=("trained for sd_v1", "not Qwen-Image"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    lora = write_lora(ws.root / "sd_lora.safetensors")
+    return ["generate", "--model", folder, "--prompt", "a face", "--steps", "2", "--width", "32", "--height", "32",
+            "--out", ws.out, "--lora", lora]
+
+
+@case("qwen_text_encoder_of_another_model", "a Qwen-Image transformer file with a VAE file as its text_encoder",
+      names="qwen_image_vae.safetensors", needles=("not a Qwen2.5-VL text-encoder file",))
+def _(ws):
+    from difflora.models import load_model
+
+    model = load_model(_tiny_qwen_source())
+    from difflora.models.qwen_image.files import save_vae_file
+
+    model.save(ws.root / "qwen_image_bf16.safetensors")
+    save_vae_file(model, ws.root / "qwen_image_vae.safetensors")
+    return ws.train(model=_q(ws.root / "qwen_image_bf16.safetensors"),
+                    text_encoder=_q(ws.root / "qwen_image_vae.safetensors"),
+                    vae=_q(ws.root / "qwen_image_vae.safetensors"), resolution="32")
+
+
+@case("qwen_folder_without_vae", "a Qwen-Image folder whose vae/ is missing", names="Qwen-Image",
+      needles=("vae/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "vae")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_folder_without_tokenizer", "a Qwen-Image folder whose tokenizer/ is missing", names="Qwen-Image",
+      needles=("tokenizer/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "tokenizer")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_edit_variant_on_text_to_image", "model_variant = edit_2511 on the text-to-image Qwen-Image folder",
+      names="Qwen-Image", needles=("model_variant = 'edit_2511'", "qwen_image"))
+def _(ws):
+    return ws.train(model=_q(_qwen_folder(ws)), model_variant='"edit_2511"', resolution="32")
+
+
 # ---------------------------------------------------------------------------- writing it out
+# ---- FLUX.2 (models/flux2): LoRAs of other families, its files, variants ---------------------
+@functools.lru_cache(maxsize=1)
+def _flux2_built() -> Path:
+    """A tiny FLUX.2 klein-4B (diffusers folder, BFL file, text encoder / VAE / tokenizer files), built once."""
+    import tempfile
+
+    from difflora.models.flux2.tiny import write_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="difflora-flux2-corpus-"))
+    write_tiny(root, "klein-4b")
+    return root
+
+
+def _flux2(ws: Workspace) -> Path:
+    """The tiny FLUX.2 files inside this case's workspace."""
+    dest = ws.root / "flux2"
+    if not dest.exists():
+        shutil.copytree(_flux2_built(), dest)
+    return dest
+
+
+def _flux2_generate(ws: Workspace, model: Path, *args) -> list:
+    return ["generate", "--model", model, "--prompt", "a face", "--steps", "1", "--width", "32", "--height", "32",
+            "--out", ws.out, *args]
+
+
+def _flux2_lora(path: Path) -> Path:
+    import torch
+
+    from difflora.models.flux2.tiny import build_tiny_flux2
+    from difflora.network.files import save_lora
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+
+    model = build_tiny_flux2("klein-4b")
+    torch.manual_seed(0)
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0))
+    save_lora(net.kohya_state_dict(), path, model.lora_metadata())
+    return path
+
+
+@case("flux2_lora_on_sd1", "a FLUX.2 LoRA given to an SD1 model (generate --lora)", names="flux2.safetensors",
+      needles=("does not exist in this model",))
+def _(ws):
+    return ws.generate("--lora", _flux2_lora(ws.root / "flux2.safetensors"))
+
+
+@case("sd1_lora_on_flux2", "an SD1 LoRA given to a FLUX.2 model (generate --lora)", names="sd1.safetensors",
+      needles=("sd_v1", "not flux.2"))
+def _(ws):
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", "--lora", write_lora(ws.root / "sd1.safetensors"))
+
+
+@case("flux1_lora_on_flux2", "a FLUX.1 LoRA without metadata given to FLUX.2 (generate --lora)",
+      names="flux1.safetensors", needles=("flux.1 lora",))
+def _(ws):
+    import torch
+    from safetensors.torch import save_file
+
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    net = LoRANetwork.create(build_tiny_flux("dev", 1, 1).lora_targets(), NetworkSpec(network_dim=2))
+    tensors = {k: v.contiguous() for k, v in net.kohya_state_dict().items() if k.startswith("lora_unet_")}
+    save_file(tensors, str(ws.root / "flux1.safetensors"))
+    del torch
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", "--lora", ws.root / "flux1.safetensors")
+
+
+@case("flux2_wrong_text_encoder", "a FLUX.2 file with its VAE given as the text encoder", names="vae.safetensors",
+      needles=("not a qwen3 text encoder",))
+def _(ws):
+    f = _flux2(ws)
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder", f / "components/vae.safetensors",
+                           "--vae", f / "components/vae.safetensors", "--qwen3-tokenizer", f / "components/tokenizer")
+
+
+@case("flux2_missing_vae", "a FLUX.2 single file with a text encoder but no VAE", names="flux2-klein-4b.safetensors",
+      needles=("set `vae`",))
+def _(ws):
+    f = _flux2(ws)
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder",
+                           f / "components/text_encoder.safetensors")
+
+
+@case("flux2_missing_tokenizer", "a Qwen3 text encoder file with no tokenizer folder beside it", names="tokenizer",
+      needles=("no tokenizer",))
+def _(ws):
+    f = _flux2(ws)
+    lone = ws.root / "lone"
+    lone.mkdir()
+    shutil.copy(f / "components/text_encoder.safetensors", lone / "qwen_3_4b.safetensors")
+    return _flux2_generate(ws, f / "flux2-klein-4b.safetensors", "--text-encoder", lone / "qwen_3_4b.safetensors",
+                           "--vae", f / "components/vae.safetensors")
+
+
+@case("flux2_other_variant", "model_version of klein-9B given with a klein-4B file", names="flux2-klein-4b.safetensors",
+      needles=("klein-9b", "klein-4b"))
+def _(ws):
+    return _flux2_generate(ws, _flux2(ws) / "flux2-klein-4b.safetensors", "--model-version", "klein-9b")
+
+
+@case("flux1_file_as_flux2", "a FLUX.1 transformer file in a job with model_family = \"flux2\"",
+      names="flux1-tiny.safetensors", needles=("flux.1",))
+def _(ws):
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("dev", 1, 1).save(ws.root / "flux1-tiny.safetensors")
+    return ws.train(model=_q(ws.root / "flux1-tiny.safetensors"), model_family='"flux2"')
+
+
+@case("flux2_file_as_flux1", "a FLUX.2 transformer file in a job with model_family = \"flux\"",
+      names="flux2-klein-4b.safetensors", needles=("flux.2",))
+def _(ws):
+    return ws.train(model=_q(_flux2(ws) / "flux2-klein-4b.safetensors"), model_family='"flux"')
+
+
 # ---- Z-Image (models/zimage/) -------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _tiny_zimage_files() -> dict:

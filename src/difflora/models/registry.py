@@ -58,8 +58,10 @@ def supported_titles() -> str:
     return ", ".join(p.title for p in FAMILIES)
 
 
+register_family("difflora.models.flux2")  # before FLUX.1, whose detection claims every Flux* folder
 register_family("difflora.models.flux")  # before SDXL: FLUX folders have a text_encoder_2 too
 register_family("difflora.models.zimage")
+register_family("difflora.models.qwen_image")
 register_family("difflora.models.sd")
 register_family("difflora.models.sdxl")
 

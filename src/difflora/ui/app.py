@@ -61,11 +61,15 @@ def build(ctx: Context):
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 tools.build(ctx)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
-                evaluate.build(ctx)
+                eval_pick, eval_on_load = evaluate.build(ctx)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 runs_page = runs.build(ctx)
         train.connect(ctx, train_page, live_page, tabs)
         runs.connect(ctx, runs_page, train_page, live_page, tabs)
+        # every page reads the registry when it is opened, not when the app was built
+        demo.load(live_page.on_load, None, live_page.pick)
+        demo.load(runs_page.on_load, None, [runs_page.table, runs_page.pick])
+        demo.load(eval_on_load, None, eval_pick)
     return demo
 
 
