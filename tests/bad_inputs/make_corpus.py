@@ -1966,7 +1966,7 @@ def _zimage_lora(path: Path) -> Path:
 
 
 @case("zimage_lora_on_sd", "a Z-Image LoRA given to an SD model", names="zimage_lora.safetensors",
-      needles=("does not exist", "another architecture"))
+      needles=("trained for zimage", "sd_v1"))
 def _(ws):
     return ws.generate("--lora", _zimage_lora(ws.root / "zimage_lora.safetensors"))
 

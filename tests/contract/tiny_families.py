@@ -128,6 +128,38 @@ def _build_flux(folder: Path) -> None:
     build_tiny_flux("dev", 1, 1).save(folder)
 
 
+# ---------------------------------------------------------------------------- Z-Image
+def _read_zimage(model, args, kwargs) -> DenoiserInputs:
+    """ZImageTransformer2DModel(x: [(C, 1, h, w)], t = 1 - σ, caps: [(tokens, dim)]): back on the training scale,
+    the captions zero-padded to the stored encoding's length."""
+    from difflora.models.zimage.model import MAX_SEQUENCE_LENGTH
+
+    x, t, caps = args[:3]
+    text = torch.zeros(len(caps), MAX_SEQUENCE_LENGTH, caps[0].shape[-1], dtype=caps[0].dtype)
+    for i, c in enumerate(caps):
+        text[i, : c.shape[0]] = c.detach()
+    return DenoiserInputs(torch.stack([xi.detach().squeeze(1) for xi in x]), (1 - t.detach().float()) * 1000, text)
+
+
+def _build_zimage(folder: Path) -> None:
+    from difflora.models.zimage.tiny import build_tiny_zimage
+
+    build_tiny_zimage("turbo").save(folder)
+
+
+def _client_zimage(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    """diffusers' ZImagePipeline.load_lora_weights; its transformer at 1 - σ, output negated (the pipeline's)."""
+    from diffusers import ZImagePipeline
+
+    x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+    pipe = ZImagePipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    caps = [c[m] for c, m in zip(cond["cap"], cond["cap_mask"].bool())]
+    with torch.no_grad():
+        out = pipe.transformer(list(x.unsqueeze(2).unbind(0)), (1000 - t.float()) / 1000, caps, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
 # ---------------------------------------------------------------------------- the template family (tests only)
 # model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
 TEST_FAMILIES = {"template": "template_family"}
@@ -189,5 +221,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                        client_unet=_client_unet_sd("StableDiffusionXLPipeline")),
     "flux": TinyFamily(_build_flux, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
                        job_keys={"guidance_scale": 2.5}),
+    "zimage": TinyFamily(_build_zimage, 32, _read_zimage, "cap", client_unet=_client_zimage,
+                         job_keys={"zimage_variant": "turbo"}),
     "template": TinyFamily(_build_template, 16, _read_template, "text"),
 }
