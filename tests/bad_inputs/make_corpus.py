@@ -1190,6 +1190,89 @@ def _(ws):
     return ws.train("--resume")
 
 
+# ---- Qwen-Image (models/qwen_image/): a 2-block tiny model built in the workspace ---------------------------
+@functools.lru_cache(maxsize=None)
+def _tiny_qwen_source() -> Path:
+    import tempfile
+
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    return write_tiny_folder(Path(tempfile.mkdtemp(prefix="difflora-corpus-qwen-")) / "Qwen-Image", num_layers=2)
+
+
+def _qwen_folder(ws: Workspace, name: str = "Qwen-Image") -> Path:
+    folder = ws.root / name
+    shutil.copytree(_tiny_qwen_source(), folder)
+    return folder
+
+
+def _qwen_lora(path: Path) -> Path:
+    """A Qwen-Image LoRA with musubi's names (block 0's attention) and a Qwen-Image base version."""
+    import torch
+
+    from difflora.network.files import save_lora
+
+    tensors = {}
+    for m in ("attn_to_q", "attn_to_k"):
+        name = f"lora_unet_transformer_blocks_0_{m}"
+        tensors.update({f"{name}.lora_down.weight": torch.zeros(2, 16), f"{name}.lora_up.weight": torch.zeros(16, 2),
+                        f"{name}.alpha": torch.tensor(1.0)})
+    save_lora(tensors, path, {"ss_base_model_version": "qwen_image"})
+    return path
+
+
+@case("qwen_lora_on_sd", "a Qwen-Image LoRA given to an SD model", names="qwen_lora.safetensors",
+      needles=("lora_unet_transformer_blocks_0", "another architecture"))
+def _(ws):
+    return ws.generate("--lora", _qwen_lora(ws.root / "qwen_lora.safetensors"))
+
+
+@case("sd_lora_on_qwen", "an SD LoRA given to a Qwen-Image model", names="sd_lora.safetensors",
+      needles=("trained for sd_v1", "not Qwen-Image"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    lora = write_lora(ws.root / "sd_lora.safetensors")
+    return ["generate", "--model", folder, "--prompt", "a face", "--steps", "2", "--width", "32", "--height", "32",
+            "--out", ws.out, "--lora", lora]
+
+
+@case("qwen_text_encoder_of_another_model", "a Qwen-Image transformer file with a VAE file as its text_encoder",
+      names="qwen_image_vae.safetensors", needles=("not a Qwen2.5-VL text-encoder file",))
+def _(ws):
+    from difflora.models import load_model
+
+    model = load_model(_tiny_qwen_source())
+    from difflora.models.qwen_image.files import save_vae_file
+
+    model.save(ws.root / "qwen_image_bf16.safetensors")
+    save_vae_file(model, ws.root / "qwen_image_vae.safetensors")
+    return ws.train(model=_q(ws.root / "qwen_image_bf16.safetensors"),
+                    text_encoder=_q(ws.root / "qwen_image_vae.safetensors"),
+                    vae=_q(ws.root / "qwen_image_vae.safetensors"), resolution="32")
+
+
+@case("qwen_folder_without_vae", "a Qwen-Image folder whose vae/ is missing", names="Qwen-Image",
+      needles=("vae/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "vae")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_folder_without_tokenizer", "a Qwen-Image folder whose tokenizer/ is missing", names="Qwen-Image",
+      needles=("tokenizer/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "tokenizer")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_edit_variant_on_text_to_image", "model_variant = edit_2511 on the text-to-image Qwen-Image folder",
+      names="Qwen-Image", needles=("model_variant = 'edit_2511'", "qwen_image"))
+def _(ws):
+    return ws.train(model=_q(_qwen_folder(ws)), model_variant='"edit_2511"', resolution="32")
+
+
 # ---------------------------------------------------------------------------- writing it out
 # ---- FLUX.2 (models/flux2): LoRAs of other families, its files, variants ---------------------
 @functools.lru_cache(maxsize=1)

@@ -42,9 +42,9 @@ from difflora.network.adapters import ALGO_NAMES
 from difflora.network.apply import network_from_file
 from difflora.train.loop import train
 from difflora.train.stop import StopRequest
-from tiny_families import TINY_FAMILIES
+from tiny_families import TEST_FAMILIES, TINY_FAMILIES
 
-FAMILIES = family_names()
+FAMILIES = family_names() + tuple(TEST_FAMILIES)  # the test-only ones are registered by conftest.py
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"

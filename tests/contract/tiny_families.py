@@ -128,7 +128,58 @@ def _build_flux(folder: Path) -> None:
     build_tiny_flux("dev", 1, 1).save(folder)
 
 
+# ---------------------------------------------------------------------------- the template family (tests only)
+# model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
+TEST_FAMILIES = {"template": "template_family"}
+
+
+def _read_template(model, args, kwargs) -> DenoiserInputs:
+    x, t, text = args[:3]
+    return DenoiserInputs(x.detach(), t.detach().float(), text.detach())
+
+
+def _build_template(folder: Path) -> None:
+    from template_family.model import build
+
+    build(seed=4).save(folder)
+
+
+# ---------------------------------------------------------------------------- Qwen-Image
+def _read_qwen_image(model, args, kwargs) -> DenoiserInputs:
+    """diffusers' QwenImageTransformer2DModel.forward keywords: packed tokens (the target's first), the text
+    before txt_norm, σ as the timestep."""
+    from difflora.models.qwen_image.model import unpack_latents
+
+    _, h, w = kwargs["img_shapes"][0][0]
+    tokens = kwargs["hidden_states"][:, : h * w].detach()
+    return DenoiserInputs(unpack_latents(tokens, 2 * h, 2 * w), kwargs["timestep"].detach().float() * 1000,
+                          kwargs["encoder_hidden_states"].detach())
+
+
+def _build_qwen_image(folder: Path) -> None:
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    write_tiny_folder(folder)  # the real 60 blocks, 16 wide
+
+
+def _client_qwen_image(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    from diffusers import QwenImagePipeline
+
+    from difflora.models.qwen_image.model import pack_latents, unpack_latents
+
+    x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+    pipe = QwenImagePipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=pack_latents(x), encoder_hidden_states=cond["txt"],
+                               encoder_hidden_states_mask=cond["txt_mask"], timestep=t.float() / 1000,
+                               img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0], return_dict=False)[0]
+    return unpack_latents(out, h, w)
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image),
     "sd1": TinyFamily(_build_sd("sd1"), 16, _read_unet, "encoder_hidden_states",
                       client_unet=_client_unet_sd("StableDiffusionPipeline")),
     "sd2": TinyFamily(_build_sd("sd2"), 16, _read_unet, "encoder_hidden_states",
@@ -138,4 +189,5 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                        client_unet=_client_unet_sd("StableDiffusionXLPipeline")),
     "flux": TinyFamily(_build_flux, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
                        job_keys={"guidance_scale": 2.5}),
+    "template": TinyFamily(_build_template, 16, _read_template, "text"),
 }

@@ -32,8 +32,10 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Batched along dim 0; tensors of unequal length along dim 1 (Qwen-Image's unpadded text and its mask)
+        are right-padded with zeros to the longest."""
         keys = items[0].tensors.keys()
-        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+        return Conditioning({k: torch.cat(_pad_dim1([c.tensors[k] for c in items])) for k in keys})
 
     def repeat(self, n: int) -> "Conditioning":
         return Conditioning({k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.tensors.items()})
@@ -50,6 +52,13 @@ class Conditioning:
             raise ValueError(f"cannot merge conditioning of {m} samples into a batch of {n}")
         extra = other.repeat(n // m) if n != m else other
         return Conditioning({**self.tensors, **extra.tensors})
+
+
+def _pad_dim1(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if len({t.shape[1:] for t in tensors}) <= 1 or any(t.dim() < 2 for t in tensors):
+        return tensors
+    n = max(t.shape[1] for t in tensors)
+    return [torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, n - t.shape[1]]) for t in tensors]
 
 
 @dataclass(frozen=True)

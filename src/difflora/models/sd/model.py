@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ...errors import UserError
+from ...errors import UserError, is_internal_failure
 from ...network.lora import LoRATarget
 from ..base import Conditioning
 from ..objectives import objective_for
@@ -270,6 +270,8 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
     except UserError:
         raise
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not load the model folder ({type(e).__name__}: {str(e).splitlines()[0]})", path=path) from None
     if not isinstance(tok.model_max_length, int) or tok.model_max_length > 10_000:
         tok.model_max_length = te.config.max_position_embeddings
