@@ -1858,7 +1858,7 @@ def _flux2_lora(path: Path) -> Path:
 
 
 @case("flux2_lora_on_sd1", "a FLUX.2 LoRA given to an SD1 model (generate --lora)", names="flux2.safetensors",
-      needles=("does not exist in this model",))
+      needles=("flux2_klein_base_4b", "sd_v1"))
 def _(ws):
     return ws.generate("--lora", _flux2_lora(ws.root / "flux2.safetensors"))
 

@@ -210,8 +210,45 @@ def _client_qwen_image(model_dir: Path, lora_path: Path, inputs: dict) -> torch.
     return unpack_latents(out, h, w)
 
 
+# ---------------------------------------------------------------------------- FLUX.2
+def _read_flux2(model, args, kwargs) -> DenoiserInputs:
+    """diffusers' Flux2Transformer2DModel takes keywords: tokens (B, h·w, 128) with their (t, row, column, 0) ids."""
+    x, ids = kwargs["hidden_states"], kwargs["img_ids"]
+    ids = ids[0] if ids.dim() == 3 else ids
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    lat = x[:, : h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+    g = kwargs.get("guidance")
+    return DenoiserInputs(lat, kwargs["timestep"].detach().float() * 1000, kwargs["encoder_hidden_states"].detach(),
+                          None, {} if g is None else {"guidance": g.detach()})
+
+
+def _build_flux2(folder: Path) -> None:
+    from difflora.models.flux2.tiny import build_tiny_flux2
+
+    build_tiny_flux2("klein-4b").save(folder)
+
+
+def _client_flux2(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.models.flux2.model import text_ids, token_ids
+
+    x, t, txt = inputs["x"], inputs["t"], inputs["cond"].tensors["txt"]
+    b, c, h, w = x.shape
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=txt,
+                               timestep=t.float() / 1000, img_ids=token_ids(b, h, w), txt_ids=text_ids(b, txt.shape[1]),
+                               guidance=None, return_dict=False)[0]
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image),
+    # no conv_dim: FLUX.2 has no convs, and lora_targets(conv=True) is every Linear a file may hold (the embedders
+    # and global modulation too, which diffusers' loader drops): the client comparison is on musubi's block set
+    "flux2": TinyFamily(_build_flux2, 32, _read_flux2, "txt", client_unet=_client_flux2, job_keys={"conv_dim": None}),
     "sd1": TinyFamily(_build_sd("sd1"), 16, _read_unet, "encoder_hidden_states",
                       client_unet=_client_unet_sd("StableDiffusionPipeline")),
     "sd2": TinyFamily(_build_sd("sd2"), 16, _read_unet, "encoder_hidden_states",
