@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
+from ...errors import UserError, is_internal_failure
 from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
 from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
 from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
@@ -68,6 +68,8 @@ def _transformer_from_bfl(sd: dict[str, torch.Tensor], params: FluxParams, dtype
     try:
         tr.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"transformer weights do not match a FLUX.1 layout ({str(e).splitlines()[0][:200]}); {SUPPORTED}",
                         path=path) from None
     return tr
@@ -144,6 +146,8 @@ def _t5_tokenizer_from(path: Path | None, t5_path: Path):
             try:
                 return AutoTokenizer.from_pretrained(str(c), local_files_only=True)
             except Exception as e:
+                if is_internal_failure(e):
+                    raise
                 raise UserError(f"could not load the T5 tokenizer ({type(e).__name__}: {e})", path=c) from None
     raise UserError("no T5 tokenizer: set `t5xxl_tokenizer` to a folder with tokenizer.json or spiece.model "
                     "(e.g. a FLUX diffusers folder's tokenizer_2/); difflora never downloads one", path=t5_path)
@@ -189,6 +193,8 @@ def load_ae(path: Path, dtype: torch.dtype):
     try:
         vae.load_state_dict(convert_ldm_vae_checkpoint({k: v.float() for k, v in ldm.items()}, dict(vae.config)))
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"`ae` does not match FLUX's autoencoder ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         path=path) from None
     return vae if dtype == torch.float32 else vae.to(dtype)
@@ -304,6 +310,8 @@ def load_diffusers_flux(path: Path, *, dtype=torch.float32, options: FluxOptions
         tok1 = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         tok3 = AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not load the FLUX folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                         path=path) from None
     tok1.model_max_length = 77
