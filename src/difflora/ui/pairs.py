@@ -174,7 +174,10 @@ def import_uploads(files: list[str], dest: Path, replace: bool = False) -> list[
             checked.append((src, name, text))
             report.append(name)
         elif suffix in IMAGE_EXTENSIONS:
-            img = load_image(src)  # the CLI's checks: format, size limit, truncation, minimum size
+            try:
+                img = load_image(src)  # the CLI's checks: format, size limit, truncation, minimum size
+            except UserError as e:  # named as the user named the file, not by Gradio's upload copy
+                raise UserError(f"{str(e).replace(f'{src}: ', '', 1)}; nothing was added", path=name) from None
             checked.append((src, name, None))
             report.append(f"{name}: {img.size[0]}x{img.size[1]}")
         else:

@@ -171,8 +171,9 @@ def build(ctx) -> TrainPage:
             if group in served:
                 family_groups[group] = (accordion, served[group])
             errors[group] = gr.Markdown(elem_id="err-" + group_id(group), elem_classes=["field-error"])
-            basic = [s for s in members if not s.advanced or nested]
-            advanced = [s for s in members if s.advanced and not nested]
+            flat = nested or group in served  # a method's or a family's own keys: shown once their group is
+            basic = [s for s in members if not s.advanced or flat]
+            advanced = [s for s in members if s.advanced and not flat]
             with gr.Row():
                 for s in basic:
                     by_key[s.key] = _component(gr, s)
