@@ -162,7 +162,8 @@ def test_no_family_name_is_compared_and_no_family_module_imported_outside_models
     names = {n for p in FAMILIES for n in p.names} | {p.title for p in FAMILIES}
     assert _violations("models", names, _TOY_FAMILY_USERS) == []
     family_modules = {type(p).__module__ for p in FAMILIES}
-    assert family_modules == {"difflora.models.flux", "difflora.models.sd", "difflora.models.sdxl"}
+    assert family_modules == {"difflora.models.flux", "difflora.models.flux2", "difflora.models.sd", "difflora.models.sdxl",
+                              "difflora.models.zimage"}
     imports = []
     for rel, tree in _sources("models"):
         if rel in _TOY_FAMILY_USERS:
