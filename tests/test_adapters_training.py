@@ -66,11 +66,16 @@ def test_kohya_lycoris_spelling_trains_the_same_as_difflora_spelling_and_resumes
     """network_module = "lycoris.kohya" + network_args equals network_algo + clear keys; ADDifT with
     per-sample multipliers (batch_both_directions) on DoKr; resume from step 5 ends with the same file."""
     monkeypatch.chdir(tmp_path)
-    kohya = _addift_job(tmp_path, tiny_sd1_dir, pairs16, network_module='"lycoris.kohya"',
-                        network_args='["algo=lokr", "factor=4", "dora_wd=true", "conv_dim=2", "conv_alpha=1"]')
+    kohya = _addift_job(tmp_path, tiny_sd1_dir, pairs16, network_module='"lycoris.kohya"', network_dim=4,
+                        network_alpha=2, network_args='["algo=lokr", "preset=full", "factor=4", "dora_wd=true", '
+                                                      '"conv_dim=2", "conv_alpha=1"]')
     code, _, err = run_cli("train", kohya)
     assert code == 0, err
     full = load_file(str(tmp_path / "out" / "r.safetensors"))
+    md = load_lora(tmp_path / "out" / "r.safetensors").metadata  # as sd-scripts writes it for this config
+    assert (md["ss_network_module"], md["ss_network_dim"], md["ss_network_alpha"]) == ("lycoris.kohya", "4", "2")
+    assert {k: v for k, v in json.loads(md["ss_network_args"]).items() if k in ("preset", "conv_alpha", "dropout")} == \
+        {"preset": "full", "conv_alpha": "1", "dropout": None}
     assert any(k.endswith(".dora_scale") for k in full) and any(".lokr_w1" in k for k in full)
     shutil.copytree(tmp_path / "out" / "r-state", tmp_path / "state5")
     (tmp_path / "out" / "r.safetensors").unlink()
@@ -80,7 +85,7 @@ def test_kohya_lycoris_spelling_trains_the_same_as_difflora_spelling_and_resumes
     assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
 
     ours = _addift_job(tmp_path, tiny_sd1_dir, pairs16, network_algo='"lokr"', network_factor=4, network_dora="true",
-                       conv_dim=2, conv_alpha=1, output_name='"d"', overwrite="true")
+                       conv_dim=2, conv_alpha=1, output_name='"d"', overwrite="true", network_dim=4, network_alpha=2)
     assert run_cli("train", ours)[0] == 0
     same = load_file(str(tmp_path / "out" / "d.safetensors"))
     assert set(full) == set(same) and all(torch.equal(full[k], same[k]) for k in full)
@@ -122,3 +127,25 @@ def test_presets_may_be_any_adapter(example_tree, tiny_sd1_dir, run_cli):  # noq
     diffs = [float((runs["with"].tensors[k] - runs["without"].tensors[k]).abs().max()) for k in runs["without"].tensors
              if k.endswith("hada_w2_a")]
     assert max(diffs) > 1e-6
+
+
+def test_lokr_tucker_core_only_when_asked_and_then_a_warning(tmp_path, tiny_sd1_dir, pairs16, run_cli, caplog):
+    """Forge cannot apply `lokr_t2` and ComfyUI skips it: a LoKr job writes none unless network_use_tucker asks for
+    it, and then says so once, before training."""
+    import logging
+
+    def run(name, **keys):
+        job = _addift_job(tmp_path, tiny_sd1_dir, pairs16, network_algo='"lokr"', conv_dim=1, max_train_steps=1,
+                          output_name=f'"{name}"', **keys)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difflora"):
+            code, _, err = run_cli("train", job)
+        assert code == 0, err
+        warned = [r for r in caplog.records if "lokr_t2" in r.getMessage()]
+        return load_lora(tmp_path / "out" / f"{name}.safetensors"), warned
+
+    plain, warned = run("plain")
+    assert not any(k.endswith(".lokr_t2") for k in plain.tensors) and not warned
+    tucker, warned = run("tucker", network_use_tucker="true")
+    assert any(k.endswith(".lokr_t2") for k in tucker.tensors)
+    assert len(warned) == 1 and "Forge cannot apply" in warned[0].getMessage()

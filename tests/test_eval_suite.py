@@ -12,9 +12,14 @@ from difflora.toy import evaluate as E
 def test_smallest_suite_runs_and_writes_every_field(tmp_path, run_cli):
     out = tmp_path / "ev"
     args = ("eval", "--suite", "ci", "--method", "addift", "--train-seeds", "0", "--m", "4",
-            "--set", "max_train_steps=4", "--out", out)
+            "--set", "max_train_steps=4", "--out", out, "--grids", "--keep-loras")
     code, stdout, _ = run_cli(*args)
     assert code == 0, stdout
+    # the UI's Evaluate page shows the -w/0/+w grid and offers the trained LoRA (kept beside the cell)
+    (cell_json,) = (out / "cells").glob("*.json")
+    lora = cell_json.with_suffix(".safetensors")
+    assert cell_json.with_suffix(".png").is_file() and lora.is_file()
+    assert any(k.endswith("lora_up.weight") for k in __import__("safetensors").safe_open(str(lora), "pt").keys())
     data = json.loads((out / "eval.json").read_text())
     (cell,) = data["cells"]
     assert cell["task"] == "eyes" and cell["method"] == "addift" and cell["n_pairs"] == 8

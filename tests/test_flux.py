@@ -585,6 +585,11 @@ def test_merge_into_bfl_file_and_folder_equals_the_dense_formula(tiny_flux, flux
     got = x.tensors[f"{n}.lora_up.weight"] @ x.tensors[f"{n}.lora_down.weight"] * alpha / rank
     assert (got - delta).abs().max() < 1e-4
     assert x.metadata["ss_base_model_version"] == "flux1"
+    assert x.metadata["ss_network_module"] == "networks.lora_flux"  # sd-scripts' FLUX module, as its tools write
+    # the merged folder is in the published layout too (its text encoders read as transformers 4 reads them)
+    from test_model_folders import _load_as_transformers4
+
+    _load_as_transformers4(tmp_path / "merged_folder" / "text_encoder")
 
 
 def test_generate_cli_sweep_on_bfl_files(tiny_flux, flux_files, tmp_path, run_cli):

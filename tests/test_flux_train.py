@@ -4,6 +4,7 @@ two processes, block swap, cached text encoder outputs, diffusers-format files."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -268,11 +269,23 @@ def test_diffusers_save_format_writes_transformer_peft_keys_that_load_back(flux_
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 0
 
 
+@pytest.mark.parametrize("extra,problem", [
+    ({"train_t5xxl": True}, "diffusers' FluxPipeline loads no T5 LoRA"),
+    ({"network_dora": True}, 'save_format = "diffusers" with DoRA: diffusers loads FLUX.1 LoRAs as peft lora_A/lora_B'),
+    ({"network_algo": "lokr"}, 'save_format = "diffusers" with LoKr'),
+])
+def test_diffusers_save_format_refuses_before_training_what_diffusers_cannot_load(flux_env, tmp_path, extra, problem):
+    job = _job(flux_env, tmp_path, "standard", max_train_steps=2, save_format="diffusers", output_name="d", **extra)
+    with pytest.raises(UserError, match=re.escape(problem)):
+        train(job)
+    assert not any(tmp_path.rglob("*.safetensors"))
+
+
 def test_flux_keys_on_an_sd_model_are_refused(tiny_sd1_dir, faces16, tmp_path):
     job = apply_method_defaults(JobConfig.model_validate({
         "model": str(tiny_sd1_dir), "train_data_dir": str(faces16), "resolution": 16, "max_train_steps": 2,
         "output_dir": str(tmp_path), "log_with": "none", "timestep_sampling": "shift"}))
-    with pytest.raises(UserError, match="timestep_sampling applies to FLUX.1 models only; this model is Stable Diffusion"):
+    with pytest.raises(UserError, match="timestep_sampling applies to FLUX.1( / [^;]+)? models only; this model is Stable Diffusion"):
         train(job)
     assert not any(tmp_path.iterdir())
 

@@ -162,8 +162,7 @@ def test_no_family_name_is_compared_and_no_family_module_imported_outside_models
     names = {n for p in FAMILIES for n in p.names} | {p.title for p in FAMILIES}
     assert _violations("models", names, _TOY_FAMILY_USERS) == []
     family_modules = {type(p).__module__ for p in FAMILIES}
-    assert family_modules == {"difflora.models.flux", "difflora.models.flux2", "difflora.models.sd", "difflora.models.sdxl",
-                              "difflora.models.zimage"}
+    assert {"difflora.models.flux", "difflora.models.sd", "difflora.models.sdxl"} <= family_modules
     imports = []
     for rel, tree in _sources("models"):
         if rel in _TOY_FAMILY_USERS:
@@ -185,6 +184,7 @@ def test_no_family_name_is_compared_and_no_family_module_imported_outside_models
 def test_no_adapter_algorithm_is_tested_outside_network_adapters():
     from difflora.network.adapters import ADAPTERS, ALGO_NAMES
 
+    # a family's LoRA name map reads the key names from the classes (LoRA.keys), never spells them
     names = set(ALGO_NAMES) | {k for cls in ADAPTERS.values() for k in (*cls.keys, *cls.markers)}
     assert _violations("network/adapters", names) == []
 

@@ -177,7 +177,9 @@ def test_loraplus_moves_lora_up_at_ratio_times_the_learning_rate(tmp_path, tiny_
     assert all(torch.equal(files["key"][k], plus[k]) for k in plus)
     from difflora.network.files import read_metadata_only
 
-    assert '"loraplus_lr_ratio": "16.0"' in read_metadata_only(tmp_path / "out" / "plus.safetensors")["ss_network_args"]
+    # as sd-scripts writes them: the network_args as given, the job key as its value
+    assert '"loraplus_lr_ratio": "16"' in read_metadata_only(tmp_path / "out" / "plus.safetensors")["ss_network_args"]
+    assert '"loraplus_lr_ratio": "16.0"' in read_metadata_only(tmp_path / "out" / "key.safetensors")["ss_network_args"]
 
 
 @pytest.mark.parametrize("keys, message", [

@@ -140,7 +140,7 @@ def test_training_writes_a_loss_curve_and_sweep_grids(tmp_path, tiny_sd1_dir, fa
     curve = Image.open(out / "ev-loss.png")
     assert curve.size == (800, 450)
     written = [e for e in seen if e.type == "sample_written"]
-    assert [e.step for e in written] == [2, 4, 4]  # steps 2 and 4, then the finished LoRA
+    assert [e.step for e in written] == [2, 4]  # step 2, then the finished LoRA at step 4 (once)
     grid_path = out / "sample" / "ev_000004_sweep.png"
     assert written[-1].paths == [str(grid_path)]
     grid = Image.open(grid_path)

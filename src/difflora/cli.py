@@ -17,7 +17,7 @@ import re
 import sys
 import traceback
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 # (module, attribute) of each command's register function, in --help order.
 COMMANDS = [
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not at exit
     except UserError as e:
         _end_progress_bars()
-        print(f"difflora: error: {e}", file=sys.stderr)
+        stopped_on_request = isinstance(e, TrainingStopped) and e.requested
+        print(f"difflora: {'' if stopped_on_request else 'error: '}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         _end_progress_bars()

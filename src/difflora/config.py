@@ -8,13 +8,15 @@ Relative paths are resolved against the folder of the file that names them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (PrivateAttr, BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from . import kohya_config
 from .errors import UserError
@@ -25,6 +27,8 @@ from .network.adapters import job_keys as adapter_job_keys
 from .network.adapters import option_tables as adapter_option_tables
 from .options import ReadPath, Strict, WritePath, path_values
 from .pathpolicy import PathPolicy
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ dataset (kohya layout)
@@ -238,15 +242,31 @@ class JobOptions(DatasetOptions):
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError('full_bf16 needs mixed_precision = "bf16"')
         try:
-            normalised = normalise_job_keys(self)
+            normalised = normalise_job_keys(self, _family_network_modules())
         except UserError as e:
             raise ValueError(str(e)) from None
+        for name, value in normalised.items():  # values from network_args meet their field's limits too
+            if value != getattr(self, name):
+                field = type(self).model_fields[name]
+                try:
+                    TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)\
+                        .validate_python(value)
+                except ValidationError as e:
+                    raise ValueError(f"{name} (from network_args) = {value!r}: {e.errors()[0]['msg'].lower()}") from None
         self.__dict__.update(normalised)  # not setattr: an assignment validates the model again
         return self
 
     def adapter_options(self):
         """The job's adapter (algorithm and options), normalised."""
         return adapter_options_of(self)
+
+
+def _family_network_modules() -> dict[str, tuple[str, ...]]:
+    """Each family's own sd-scripts network module -> the network_args it reads (kohya_config applied them)."""
+    from .models.registry import FAMILIES
+
+    return {p.kohya_network_module: (*p.kohya_network_args, *p.refused_network_args) for p in FAMILIES
+            if p.kohya_network_module != "networks.lora"}
 
 
 def _job_schema() -> type[JobOptions]:
@@ -456,6 +476,7 @@ def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) ->
     resolve_paths(job, path.resolve().parent)
     if policy is not None:
         check_paths(job, policy, path)
+    _drop_unused_empty_prompt_file(job)
     if job.dataset_config:
         if job.datasets:
             raise UserError("give either dataset_config or inline [[datasets]], not both", path=path)
@@ -475,3 +496,16 @@ def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) ->
         job.datasets = ds.datasets
     if not job.datasets and not job.train_data_dir:
         raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
+
+
+def _drop_unused_empty_prompt_file(job: JobConfig) -> None:
+    """kohya_ss's GUI names an (often empty) prompt file in every config; sd-scripts reads it only when it
+    samples. An empty file with no sampling scheduled is ignored, as there; otherwise validation reads it."""
+    scheduled = job.sample_every_n_steps or job.sample_every_n_epochs or job.sample_at_first
+    prompt_file = Path(job.sample_prompts) if job.sample_prompts else None
+    if scheduled or prompt_file is None or not prompt_file.is_file():
+        return
+    lines = prompt_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not any(line.strip() and not line.strip().startswith("#") for line in lines):
+        log.info("sample_prompts %s has no prompts and no sampling is scheduled: ignored", prompt_file)
+        job.sample_prompts = None

@@ -26,3 +26,17 @@ class UserError(Exception):
 
 class TrainingStopped(UserError):
     """Training stopped on purpose (non-finite loss, interrupted); what was saved is intact."""
+
+    requested = False  # the user asked for the stop (a signal, a UI's button): not an error
+
+
+# Failures of the machine or of a library, not of a file: loaders that turn a library's exception about a file
+# into a UserError let these through (the CLI: one line, exit 1, -v for the traceback).
+_INTERNAL = (MemoryError, ImportError, AttributeError, NotImplementedError, AssertionError, RecursionError)
+
+
+def is_internal_failure(e: BaseException) -> bool:
+    """Whether an exception raised while reading a user's file is ours or the machine's (memory ran out, a CUDA
+    error, a library missing or broken) rather than a sign that the file is wrong."""
+    text = str(e).lower()
+    return isinstance(e, _INTERNAL) or "out of memory" in text or "cuda error" in text  # torch's OOM: RuntimeError

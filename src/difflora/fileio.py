@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import UserError, is_internal_failure
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +386,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not read safetensors file ({e})", path=path) from None
     return tensors, metadata
 
@@ -407,6 +409,8 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
+            if is_internal_failure(e):
+                raise
             raise UserError(f"could not load checkpoint with weights_only=True ({e})", path=path) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]

@@ -52,6 +52,14 @@ INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_config": (_OFF, "at kohya's default"),
     "no_metadata": (_OFF, "at kohya's default"),
     "dim_from_weights": (_OFF, "at kohya's default"),
+    "wandb_run_name": (_ANY, "used only with log_with = \"wandb\""),  # kohya_ss's GUI always writes it
+    "dynamo_backend": (lambda v: str(v).lower() == "no", "torch.compile is off (difflora's key: torch_compile)"),
+    "skip_cache_check": (_ANY, "a speed setting of latent caching"),
+    "disable_mmap_load_safetensors": (_ANY, "a loading-speed setting"),
+    "mem_eff_save": (_ANY, "a memory setting of saving"),
+    # kohya_ss's GUI writes these for itself; sd-scripts does not read them either
+    "epoch": (_ANY, "a kohya_ss GUI setting sd-scripts does not read (its step count is in max_train_steps)"),
+    "noise_offset_type": (_ANY, "a kohya_ss GUI setting sd-scripts does not read (noise_offset applies)"),
 }
 # Options that are off by default in kohya and have no difflora counterpart: fine while off.
 for _key in ("full_fp16", "fp8_base", "fp8_base_unet", "color_aug", "random_crop",
@@ -66,14 +74,26 @@ for _key in ("full_fp16", "fp8_base", "fp8_base_unet", "color_aug", "random_crop
              "huggingface_repo_id",
              "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
              "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "wandb_api_key", "wandb_run_name",
-             "max_validation_steps", "validate_every_n_epochs", "lowvram"):
+             "max_validation_steps", "validate_every_n_epochs", "lowvram", "log_config", "log_tracker_config",
+             "fused_backward_pass", "stop_text_encoder_training", "train_inpainting", "vae", "split_mode",
+             "single_blocks_to_swap", "double_blocks_to_swap", "show_timesteps", "show_timesteps_resolution"):
     INERT.setdefault(_key, (_OFF, "off, as kohya's default"))
 
 # Every other train_network.py option (the ones with the same name in difflora are fields and never get here).
 KOHYA_ONLY = {"base_weights", "text_encoder_lr", "optimizer_args", "resolution", "log_with",
               "mixed_precision", "optimizer_type", "lr_warmup_steps", "ddp_timeout", "ddp_gradient_as_bucket_view",
               "ddp_static_graph", "sample_every_n_epochs", "metadata_title", "metadata_author", "metadata_description",
-              "metadata_license", "metadata_tags", "network_dropout", "caption_separator", "config_file"}
+              "metadata_license", "metadata_tags", "network_dropout", "caption_separator", "config_file",
+              # other families' scripts (SD3, Lumina, HunyuanImage, Anima), as kohya_ss's GUI writes them
+              "clip_g", "clip_g_dropout_rate", "clip_l_dropout_rate", "t5_dropout_rate", "save_clip", "save_t5xxl",
+              "t5xxl_device", "t5xxl_dtype", "text_encoder_batch_size", "enable_scaled_pos_embed",
+              "pos_emb_random_crop_rate", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "gemma2",
+              "gemma2_max_token_length", "system_prompt", "use_flash_attn", "use_sage_attn", "byt5", "fp8_scaled",
+              "fp8_vl", "text_encoder_cpu", "attn_mode", "split_attn", "vae_chunk_size", "vae_disable_cache", "qwen3",
+              "qwen3_max_token_length", "llm_adapter_path", "t5_tokenizer_path", "t5_max_token_length",
+              "unsloth_offload_checkpointing", "qwen_image_vae_2d", "compile", "compile_backend", "compile_mode",
+              "compile_dynamic", "compile_fullgraph", "compile_cache_size_limit",
+              "model_type"}  # flux_train_network.py's other models (chroma); its default needs no key
 _OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "prodigy": "Prodigy", "sgd": "SGD"}
 
 
@@ -146,10 +166,42 @@ def normalise(data: dict, fields: set[str]) -> dict:
             notes.append(f"kohya key '{key}' has no effect: {why}")
         elif key not in fields and is_kohya_option(key):
             raise _unsupported(key, value)
+    _family_network_args(data, notes)
     _normalise_values(data, notes)
     for note in notes:
         log.info(note)
     return data
+
+
+def _family_network_args(data: dict, notes: list[str]) -> None:
+    """A family's sd-scripts network module (`networks.lora_flux`): its network_args that are the family's option
+    keys set them (`train_t5xxl=True` -> train_t5xxl = true), the ones difflora does not do are refused with the
+    reason. The strings stay in network_args, which the LoRA's ss_network_args repeats as given."""
+    from .models.registry import FAMILIES
+
+    plugin = next((p for p in FAMILIES if p.kohya_network_module == data.get("network_module")), None)
+    args = data.get("network_args")
+    if plugin is None or not isinstance(args, list):
+        return
+    for item in args:
+        key, _, text = str(item).partition("=")
+        key, text = key.strip(), text.strip()
+        if key in plugin.refused_network_args and text not in ("False", "None", ""):
+            raise UserError(f"network_args {key}={text} ({plugin.kohya_network_module}): "
+                            f"{plugin.refused_network_args[key]}; remove it")
+        if key not in plugin.kohya_network_args:
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if plugin.options.model_fields[key].annotation is bool and not isinstance(value, bool):
+            # sd-scripts compares with the string "True": any other spelling trains without the option
+            raise UserError(f"network_args {key}={text}: sd-scripts reads only {key}=True as true; write True or False")
+        if key in data and data[key] != value:
+            raise UserError(f"both '{key} = {data[key]!r}' and network_args {key}={text} are set; keep one")
+        data[key] = value
+        notes.append(f"kohya network_args {key}={text} read as {key} = {value!r}")
 
 
 def _normalise_values(data: dict, notes: list[str]) -> None:
@@ -171,7 +223,10 @@ def _normalise_values(data: dict, notes: list[str]) -> None:
         data["optimizer_type"] = "AdamW"  # kohya's "" means AdamW
     te_lr = data.get("text_encoder_lr")
     if isinstance(te_lr, list):
-        data["text_encoder_lr"] = te_lr[0] if te_lr else None  # kohya uses the first value
+        # kohya: one rate per text encoder (SDXL's two, FLUX's CLIP-L and T5); difflora has one for all
+        if len(set(te_lr)) > 1:
+            raise _unsupported("text_encoder_lr", te_lr, " with a different rate per text encoder")
+        data["text_encoder_lr"] = te_lr[0] if te_lr else None
     warm = data.get("lr_warmup_steps")
     if isinstance(warm, str) and warm.endswith("%"):
         try:

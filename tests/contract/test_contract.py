@@ -36,15 +36,14 @@ from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import TrainingStopped
 from difflora.methods import METHODS
 from difflora.methods.base import common_caption
-from difflora.models import load_model
 from difflora.models.registry import family_names
 from difflora.network.adapters import ALGO_NAMES
 from difflora.network.apply import network_from_file
 from difflora.train.loop import train
 from difflora.train.stop import StopRequest
-from tiny_families import TINY_FAMILIES
+from tiny_families import TEST_FAMILIES, TINY_FAMILIES
 
-FAMILIES = family_names()
+FAMILIES = family_names() + tuple(TEST_FAMILIES)  # the test-only ones are registered by conftest.py
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"
@@ -285,7 +284,7 @@ def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, f
 @pytest.mark.parametrize("algo", list(ALGO_NAMES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkeypatch, tmp_path, family, algo):
-    """The file loaded on a fresh model = the network in memory at the end of training (= diffusers' loader)."""
+    """The file loaded onto the model = the network in memory at the end of training = diffusers' loader."""
     import difflora.train.checkpoint as checkpoint
 
     in_memory = {}
@@ -296,18 +295,18 @@ def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkey
         return real_save(self, tensors, global_step, per_epoch)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save_result", save_result)
-    _, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
-    fresh = load_model(world[1](family))
-    base = _fixed_output(fresh)
-    net = network_from_file(fresh, path, 1.0)
-    loaded = _fixed_output(fresh)
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
+    model = probe.run.model  # training left it as loaded (its networks removed), with the job's family options
+    base = _fixed_output(model)
+    net = network_from_file(model, path, 1.0)
+    loaded = _fixed_output(model)
     assert float((loaded - base).abs().max()) > 1e-4  # the LoRA changes the output
     torch.testing.assert_close(loaded, in_memory["out"], rtol=1e-4, atol=1e-5)
     client = TINY_FAMILIES[family].client_unet
     if client is not None and ALGO_NAMES[algo] == ("lora", {}):
-        x, t, cond = _fixed_inputs(fresh)
+        x, t, cond = _fixed_inputs(model)
         with torch.no_grad():
-            ours = fresh.predict(x, t, cond)
+            ours = model.predict(x, t, cond)
         net.remove()
         torch.testing.assert_close(client(world[1](family), path, {"x": x, "t": t, "cond": cond}), ours,
                                    rtol=1e-4, atol=1e-5)

@@ -194,3 +194,261 @@ def test_ui_command_refuses_listen_without_auth(run_cli):
     assert code == 2 and err.count("\n") == 1 and "--listen" in err and "--auth USER:PASS" in err
     code, _, err = run_cli("ui", "--listen", "--auth", "nopassword")
     assert code == 2 and "--auth takes USER:PASS" in err
+
+
+class FakeRunner:
+    """Takes submitted runs without starting them (what the Train page queues)."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+
+    def submit(self, run: Run) -> Run:
+        self.store.save(run)
+        return run
+
+
+def page_context(ws):
+    from types import SimpleNamespace
+
+    store = RunStore(ws.runs)
+    return SimpleNamespace(ws=ws, store=store, runner=FakeRunner(store))
+
+
+def test_every_form_field_has_its_help_keys_line():
+    from difflora.commands.train import help_keys
+
+    listing = help_keys()
+    specs = J.build_fields()
+    assert len(specs) > 150
+    for s in specs:
+        assert s.help, s.key
+        if s.key not in J.UI_KEYS:
+            assert s.help in listing, s.key  # the same words as `difflora train --help-keys`
+
+
+def test_start_refuses_bad_data_in_the_forms_words_and_queues_nothing(ws):
+    from difflora.ui.pages.train import start_run
+
+    ctx = page_context(ws)
+    specs = J.build_fields()
+    folder = ws.root / "pairs" / "eyes"
+
+    def refused(**given) -> str:
+        with pytest.raises(UserError) as info:
+            start_run(ctx, specs, form_values(specs, **given))
+        assert list(ws.runs.iterdir()) == []  # nothing queued, no run folder
+        return str(info.value)
+
+    assert refused(image_dir="pairs/missing") == "image_dir: pairs/missing: image folder not found"
+    x = np.asarray(Image.open(folder / "000.png"))
+    Image.fromarray(x).save(folder / "000_after.png")
+    message = refused(image_dir="pairs/eyes")
+    assert message.startswith("image_dir: pairs/eyes/000.png: the pair 000.png / 000_after.png is two identical")
+    (folder / "000_after.png").unlink()
+    assert "the pair partner of 000.png is missing" in refused(image_dir="pairs/eyes")
+    Image.fromarray(255 - x).save(folder / "000_after.png")
+    assert refused(image_dir="pairs/eyes", learning_rate="-1") == "learning_rate: Input should be greater than 0"
+    assert refused(image_dir="pairs/eyes", learning_rate="1e9") == \
+        "learning_rate: 1e+09 is outside 1e-07 to 1 (LoRA learning rates are 1e-5 to 1e-2)"
+    assert refused(image_dir="pairs/eyes", max_train_steps="1000000").startswith(
+        "max_train_steps: 1e+06 is outside 1 to 100000")
+    message = refused(image_dir="pairs/eyes", resolution="17")
+    assert message == "resolution 17x17 must be a multiple of 8 for this model"
+    for message in ("learning_rate: Input", "image_dir: pairs/missing", message):
+        assert J.group_of_error(message, specs) == ("Optimisation" if "rate" in message else "Data")
+
+    run = start_run(ctx, specs, form_values(specs, image_dir="pairs/eyes"))
+    job = (ctx.store.folder(run.id) / "job.toml").read_text()
+    prompts = (ctx.store.folder(run.id) / "prompts.txt").read_text()
+    # the preview: the first pair's "before" caption, at the sweep's weights, sampled as often as stays cheap
+    before = " ".join((folder / "000.txt").read_text().split())
+    assert prompts == f"{before} --d 42 --s {J.PREVIEW_STEPS} --l 4\n"
+    assert "sample_sweep = [\n    -1.0,\n    0.0,\n    1.0,\n]" in job and "sample_every_n_steps" not in job
+
+
+def test_presets_and_imports_fill_the_form(ws):
+    from difflora.ui.pages.train import import_job, load_preset, preset_names, save_preset
+
+    ctx = page_context(ws)
+    specs = J.build_fields()
+    values = form_values(specs, image_dir="pairs/eyes", learning_rate="0.002", **{"addift.multiplier": "0.5"})
+    assert save_preset(ctx, specs, values, "my eyes") == "my_eyes"
+    assert preset_names(ctx) == ["my_eyes"]
+    assert load_preset(ctx, specs, "my_eyes") == values
+    with pytest.raises(UserError, match="no such preset"):
+        load_preset(ctx, specs, "other")
+
+    # a kohya sd-scripts config: kohya's names read as difflora's, paths relative to the file
+    (ws.root / "jobs" / "kohya.toml").write_text(
+        'pretrained_model_name_or_path = "../models/base"\nlearning_rate = 3e-4\nmax_train_steps = 120\n'
+        'xformers = true\nmethod = "addift"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "../pairs/eyes"\n')
+    imported = dict(zip((s.key for s in specs), import_job(ctx, specs, "jobs/kohya.toml")))
+    assert imported["model"] == "models/base" and imported["image_dir"] == "pairs/eyes"
+    assert imported["learning_rate"] == "0.0003" and imported["max_train_steps"] == "120"
+    (ws.root / "jobs" / "bad.toml").write_text("use_dreambooth_method = 3\n")
+    with pytest.raises(UserError, match="^jobs/bad.toml: line 1: .*use_dreambooth_method"):
+        import_job(ctx, specs, "jobs/bad.toml")
+
+
+def test_pages_show_the_running_run_and_the_queue_from_the_registry():
+    from difflora.ui.runs import default_run, queue_position, status_text
+
+    runs = [Run("d", "train", "t", [], status="finished", created=4.0), Run("c", "train", "t", [], created=3.0),
+            Run("b", "train", "t", [], created=2.0), Run("a", "train", "t", [], status="running", created=1.0)]
+    assert default_run(runs).id == "a"
+    assert [queue_position(runs, r) for r in "abcd"] == [None, 1, 2, None]
+    assert status_text(runs, runs[1]) == "queued (2 run(s) ahead)" and status_text(runs, runs[3]) == "running"
+    runs[3].status = "finished"
+    assert default_run(runs).id == "b" and status_text(runs, runs[2]) == "queued (next)"
+
+
+def test_eta_counts_the_sampling_still_to_come():
+    from difflora.ui.progress import summarize
+
+    events = [{"type": "stage_started", "time": 0.0, "steps": 40}]
+    t = 0.0
+    for step in range(1, 21):
+        t += 1.0  # a second per step
+        events.append({"type": "step", "time": t, "step": step, "steps": 40, "total_steps": 40, "loss": 0.1})
+        if step in (10, 20):
+            t += 5.0  # a five-second sampling pass every 10 steps
+            events.append({"type": "sample_written", "time": t, "step": step, "paths": []})
+    p = summarize(events)
+    assert p.step_s == 1.0 and p.sample_pass_s == [5.0, 5.0]
+    assert p.eta_s == 20 * 1.0 + 2 * 5.0  # steps 21-40, the pass at 30 and the final one at 40
+
+
+def test_the_toy_demo_job_spends_at_most_a_quarter_of_its_time_sampling(ws):
+    """The UI's default job on four toy pairs (ADDifT, 40 steps), from the event timestamps of a real run."""
+    from difflora.config import load_job
+    from difflora.train.loop import train
+    from difflora.ui.pages.train import start_run
+    from difflora.toy.evaluate import write_pairs
+
+    write_pairs(ws.root / "pairs" / "four", "eyes", 4, seed=0)
+    ctx = page_context(ws)
+    specs = J.build_fields()
+    run = start_run(ctx, specs, form_values(specs, image_dir="pairs/four"))
+    seen = []
+    train(load_job(ctx.store.folder(run.id) / "job.toml"), listeners=[lambda e: seen.append(e.to_dict())])
+    steps = [e for e in seen if e["type"] == "step"]
+    passes = [i for i, e in enumerate(seen) if e["type"] == "sample_written"]
+    assert len(steps) == 40 and [seen[i]["step"] for i in passes] == [40]  # one pass: the finished LoRA
+    sampling = sum(seen[i]["time"] - seen[i - 1]["time"] for i in passes)
+    total = seen[-1]["time"] - seen[0]["time"]
+    print(f"\nsampling {sampling:.1f} s of {total:.1f} s ({sampling / total:.0%})")
+    assert sampling / total <= 0.25
+
+
+def write_lora(path, rank: int = 4, seed: int = 0):
+    """A small kohya LoRA file (two linear modules) and a training state's tensors beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("lora_unet_a_proj", "lora_unet_b_proj"):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, 8, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(8, rank, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    state = path.parent / f"{path.stem}-state"
+    state.mkdir(exist_ok=True)
+    save_file({"optimizer.exp_avg.0": torch.zeros(3)}, str(state / "state.safetensors"))
+
+
+def test_tools_pick_loras_by_run_guard_outputs_and_say_what_they_wrote(ws):
+    from difflora.ui.pages.tools import file_rank, notes_after, refuse_overwrite, tool_argv
+    from difflora.ui.pickers import lora_choices, model_choices
+    from difflora.ui.subcommand import run_cli
+
+    ctx = page_context(ws)
+    write_lora(ws.root / "runs" / "20260101-a" / "output" / "eyes.safetensors")
+    write_lora(ws.root / "runs" / "20260102-b" / "output" / "smile.safetensors", seed=1)
+    write_lora(ws.root / "loras" / "mine.safetensors", seed=2)
+    assert lora_choices(ws) == [("smile · run 20260102-b", "runs/20260102-b/output/smile.safetensors"),
+                                ("eyes · run 20260101-a", "runs/20260101-a/output/eyes.safetensors"),
+                                ("loras/mine.safetensors", "loras/mine.safetensors")]  # no training state
+    assert model_choices(ws) == [("the embedded toy model", "")]
+
+    eyes = "runs/20260101-a/output/eyes.safetensors"
+    assert file_rank(ctx, eyes) == 4
+    f = {"lora": eyes, "new_rank": 8, "dynamic": "", "param": 0.9, "save_to": "tools/resized.safetensors"}
+    run_cli(tool_argv(ctx, "resize", f), ws.root)
+    assert notes_after(ctx, "resize", f, 4) == [
+        "the file's rank is 4: asking for 8 wrote rank 4 (a resize never adds rank)"]
+    assert file_rank(ctx, "tools/resized.safetensors") == 4
+    assert notes_after(ctx, "resize", dict(f, new_rank=2), 4) == []
+    with pytest.raises(UserError, match="tools/resized.safetensors exists; tick 'overwrite'"):
+        refuse_overwrite(ctx, "tools/resized.safetensors", False)
+    refuse_overwrite(ctx, "tools/resized.safetensors", True)
+
+    f = {"loras": [eyes, eyes], "ratios": "1 -1", "model": "", "mode": "exact", "save_to": "tools/zero.safetensors"}
+    run_cli(tool_argv(ctx, "merge", f), ws.root)
+    assert notes_after(ctx, "merge", f, None) == [
+        "the merged LoRA is zero everywhere: the inputs cancel at these ratios"]
+    f = dict(f, ratios="1 0.5", save_to="tools/sum.safetensors")
+    run_cli(tool_argv(ctx, "merge", f), ws.root)
+    assert notes_after(ctx, "merge", f, None) == []
+
+
+def test_the_model_picker_lists_folders_single_files_and_allowed_symlinks(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from difflora.ui.pickers import lora_choices, model_choices
+
+    outside = tmp_path / "shared_models" / "sd15"
+    outside.mkdir(parents=True)
+    (outside / "model_index.json").write_text("{}")
+    save_file({"unet.w": torch.zeros(1)}, str(outside / "unet.safetensors"))  # a component, not a model
+    w = Workspace(tmp_path / "ws", allowed=[tmp_path / "shared_models"])
+    (w.root / "models").mkdir()
+    os.symlink(outside, w.root / "models" / "sd15")
+    save_file({"model.diffusion_model.x.weight": torch.zeros(1)}, str(w.root / "models" / "one.safetensors"))
+    write_lora(w.root / "models" / "not_a_model.safetensors")
+    assert model_choices(w) == [("the embedded toy model", ""),
+                                ("models/one.safetensors (single file)", "models/one.safetensors"),
+                                ("models/sd15 (diffusers folder)", "models/sd15")]
+    assert w.resolve("models/sd15", "model", role="read") == outside  # trusted with --allow-path
+    assert [v for _, v in lora_choices(w)] == ["models/not_a_model.safetensors"]
+
+
+def test_pairs_page_makes_toy_pairs_adds_a_pair_from_slots_aligns_and_diffs_tags(ws, tmp_path):
+    from difflora.ui.pages.pairs import add_pair, make_toy_pairs, prep_folder, tag_diff
+
+    ctx = page_context(ws)
+    dest = make_toy_pairs(ctx, "glasses", 2, "specs")
+    assert sorted(p.name for p in dest.iterdir()) == ["000.png", "000.txt", "000_after.png", "000_after.txt",
+                                                      "001.png", "001.txt", "001_after.png", "001_after.txt"]
+    with pytest.raises(UserError, match="already holds files"):
+        make_toy_pairs(ctx, "glasses", 2, "specs")
+
+    # two slots, the user's own file names: saved as NAME.png / NAME_after.png
+    x = np.asarray(Image.open(dest / "000.png"))
+    Image.fromarray(x).save(tmp_path / "IMG_0001.PNG")
+    Image.fromarray(np.roll(np.asarray(Image.open(dest / "000_after.png")), (0, 2), axis=(0, 1))).save(
+        tmp_path / "edited.png")
+    assert add_pair(ctx, "pairs/specs", "", str(tmp_path / "IMG_0001.PNG"), str(tmp_path / "edited.png")) == \
+        ["IMG_0001.png: 64x64", "IMG_0001_after.png: 64x64"]
+    assert P.find_pairs(dest)[-1].name == "IMG_0001"
+    with pytest.raises(UserError, match="IMG_0001.png"):  # never over a file without the replace box
+        add_pair(ctx, "pairs/specs", "IMG_0001", str(tmp_path / "edited.png"), str(tmp_path / "edited.png"))
+    with pytest.raises(UserError, match="both slots"):
+        add_pair(ctx, "pairs/specs", "x", str(tmp_path / "edited.png"), None)
+    assert not list((ws.root / ".gradio").glob("pair-*"))  # the staging folders are gone
+
+    # align: a new folder beside the pairs, the shifted pair registered, the originals untouched
+    original = (dest / "IMG_0001_after.png").read_bytes()
+    out, report = prep_folder(ctx, "pairs/specs", "align")
+    assert out == "pairs/specs_aligned" and "IMG_0001" in report
+    assert (dest / "IMG_0001_after.png").read_bytes() == original
+    aligned = np.asarray(Image.open(ws.root / out / "IMG_0001_after.png")).astype(int)
+    shifted = np.asarray(Image.open(dest / "IMG_0001_after.png")).astype(int)
+    unshifted = np.asarray(Image.open(dest / "000_after.png")).astype(int)
+    assert np.abs(aligned - unshifted).mean() < np.abs(shifted - unshifted).mean() / 4
+
+    assert tag_diff("a face, eyes open, red hair", "a face, eyes closed, red hair") == \
+        "**only before:** `eyes open`  \n**only after:** `eyes closed`"
+    assert tag_diff("a, b", "b, a").startswith("The captions have the same tags")

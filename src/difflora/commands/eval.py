@@ -35,6 +35,7 @@ def register(sub) -> None:
                    help="override a job key for every method (TOML value; dotted keys reach tables: "
                         "slider.captions='own')")
     p.add_argument("--grids", action="store_true", help="also write a -w/0/+w image grid per cell")
+    p.add_argument("--keep-loras", action="store_true", help="keep each trained LoRA in OUT/cells/ (<cell>.safetensors)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="eval_results")
     p.set_defaults(func=run)
@@ -90,7 +91,7 @@ def run(args) -> int:
     results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=m,
                        overrides=overrides, train_seeds=train_seeds, pair_seed=args.pair_seed,
                        prompt_seed=args.prompt_seed, weights=weights,
-                       grids=args.grids)
+                       grids=args.grids, keep_loras=args.keep_loras)
     print(summary_table(summarize(results)))
     print(markdown_table(results))
     print(f"wrote {args.out}/eval.json, eval.md and cells/")

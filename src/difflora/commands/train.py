@@ -31,7 +31,7 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
     from pydantic import BaseModel
 
     from ..config import JobConfig, SubsetConfig
-    from ..config_help import DESCRIPTIONS
+    from ..config_help import describe
     from ..methods import METHODS
 
     from ..models.registry import option_tables
@@ -43,9 +43,6 @@ def key_rows(method: str | None = None) -> list[tuple[str, str, str, str]]:
         for key in table.model_fields:
             owners.setdefault(key, []).append(plugin.title)
     family_rows: list[tuple[str, str, str, str]] = []
-
-    def describe(key: str, field) -> str:
-        return field.description or DESCRIPTIONS.get(key, "")
 
     def show(value) -> str:
         return "(unset)" if value is None else repr(value)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_internal_failure
 from ..fileio import atomic_path, load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,8 @@ def load_sd_single_file(path: Path, *, dtype=torch.float32, allow_pickle=False, 
     except UserError:
         raise
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"checkpoint does not match an SD1/SD2 layout ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                         path=path) from None
     if "difflora.tokenizer" in metadata:

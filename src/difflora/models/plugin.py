@@ -36,6 +36,13 @@ class FamilyPlugin(ABC):
     # Recommended values per method for keys a job leaves unset: {"addift": {"max_train_steps": 100, ...}};
     # a method table's keys go in a nested dict under the method's name.
     method_defaults: dict[str, dict[str, Any]] = {}
+    # sd-scripts' network module for this family's LoRA ("networks.lora_flux"): a kohya config naming it trains
+    # this family's LoRA, and plain LoRA files say it in ss_network_module. Its network_args that are option keys
+    # of this family (same name: train_t5xxl) set them; the ones difflora does not do are refused with the reason
+    # (accepted while off: kohya_ss's GUI writes `split_qkv=False`).
+    kohya_network_module: str = "networks.lora"
+    kohya_network_args: tuple[str, ...] = ()
+    refused_network_args: dict[str, str] = {}
 
     # ---- recognising files (cheap: configs and tensor names, never weights)
     def detect_folder(self, path: Path, index: dict) -> str | None:

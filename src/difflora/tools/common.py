@@ -121,7 +121,11 @@ def merged_metadata(loras: list[LoraFile], extra_sources: list[str] | None = Non
     ss_v2 / ss_base_model_version and the base-model ModelSpec keys come from the first file that
     has them; ss_network_dim / ss_network_alpha are left to `save_lora` (value or "Dynamic").
     """
-    md: dict[str, str] = {"ss_network_module": "networks.lora"}
+    # a family's own sd-scripts module (networks.lora_flux) when every input says it; plain kohya LoRA otherwise
+    modules = {lf.metadata.get("ss_network_module") for lf in loras}
+    module = modules.pop() if len(modules) == 1 else None
+    md: dict[str, str] = {"ss_network_module": module if module and module.startswith("networks.lora_") else
+                          "networks.lora"}
     for key in ("ss_v2", "ss_base_model_version", *_MODELSPEC_BASE_KEYS):
         for lf in loras:
             if key in lf.metadata:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..models.registry import family_of_version
+from ..models.registry import family_of_version, plugin_for
 from ..network.files import save_dtype, save_lora
 from ..network import lowrank
 from .common import check_lora_output, check_rank, network_args, resolve_device
@@ -128,7 +128,7 @@ def extract_lora(org, tuned, dim: int = 4, conv_dim: int | None = None, clamp_qu
         raise UserError("nothing to extract: the models have no target modules left")
 
     md = {k: str(v) for k, v in tuned.lora_metadata().items()}
-    md["ss_network_module"] = "networks.lora"
+    md["ss_network_module"] = plugin_for(tuned.family).kohya_network_module  # networks.lora_flux for FLUX
     md.update(network_args(conv_dim))
     md["ss_training_comment"] = (f"extracted by difflora: {Path(str(tuned.source)).name} - {Path(str(org.source)).name}, "
                                  f"dim {dim}{f', conv_dim {conv_dim}' if conv_dim else ''}, "

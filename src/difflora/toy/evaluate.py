@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -427,9 +428,9 @@ def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, ju
 
 
 def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids: bool = False,
-              cached_only: bool = False) -> list[TaskResult]:
+              cached_only: bool = False, keep_loras: bool = False) -> list[TaskResult]:
     """Cells that differ only in load weight: cached results, the rest from one training, then cached
-    (`cached_only`: only the cached ones)."""
+    (`cached_only`: only the cached ones; `keep_loras`: the trained LoRA kept as <first cell's key>.safetensors)."""
     from ..fileio import write_json_atomic
     from ..generate import make_grid
 
@@ -449,6 +450,11 @@ def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids:
         with tempfile.TemporaryDirectory(prefix="difflora-eval-") as tmp:
             lora, steps, seconds = train_one(c0.task, c0.label, c0.n_pairs, Path(tmp), model_path, c0.train_seed,
                                              list(c0.overrides), c0.pair_seed)
+            if keep_loras:
+                from ..fileio import atomic_path
+
+                with atomic_path(cache / f"{c0.key()}.safetensors") as kept:
+                    shutil.copyfile(lora, kept)
             for i in todo:
                 r, images = _scored(cells[i], lora, steps, seconds, model_path, judge, model)
                 log.info("  weight %g: edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", r.weight,
@@ -549,7 +555,8 @@ def summary_table(summary: dict) -> str:
 def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: Path, model_path=None, seed: int = 0,
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
              pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
-             grids: bool = False, cached_only: bool = False, write_summary: bool = True) -> list[TaskResult]:
+             grids: bool = False, cached_only: bool = False, write_summary: bool = True,
+             keep_loras: bool = False) -> list[TaskResult]:
     """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
     training serves every weight); writes eval.json (cells and summary) and eval.md (summary and
     per-cell tables) unless `write_summary` is false (a caller that reports several runs together)."""
@@ -573,6 +580,7 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
                                   seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w)
                              for w in (weights or [None])]
                     results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids,
+                                         keep_loras=keep_loras,
                                          cached_only=cached_only)
                     if write_summary:
                         write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results],

@@ -28,7 +28,7 @@ from .lock import OutputLock
 from .metadata import RunMetadata, job_fingerprint
 from .run import prepare
 from .sampling import Samples
-from .schedule import SaveSchedule
+from .schedule import OnDemand, SaveSchedule, signals_on_demand
 from .stages import StageRunner
 from .stop import StopRequest, signals_request
 from .validation import ValidationReport, Validator
@@ -45,6 +45,7 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
     with TrainingStopped; `resume` ("auto" or a state folder) continues such a run exactly.
     """
     stop = stop or StopRequest()
+    on_demand = OnDemand()  # "sample now" / "save now": SIGUSR1 / SIGUSR2
     events = EventBus(listeners)
     try:
         validate.job(job, getattr(job, "_source", None))  # every value, path and prompt, before anything is loaded
@@ -52,7 +53,7 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
         # so a second run cannot pass the check, wait, and then replace this run's LoRA.
         main = int(os.environ.get("RANK", "0")) == 0
         with OutputLock(Path(job.output_dir), job.output_name, ignore_lock) if main else contextlib.nullcontext(), \
-                signals_request(stop):
+                signals_request(stop), signals_on_demand(on_demand):
             state_dir = Path(job.output_dir) / f"{job.output_name}-state" if resume == "auto" else resume
             state = load_state(state_dir) if state_dir else None  # a state that cannot be resumed stops here
             if state is not None:
@@ -71,8 +72,10 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
             stages = run.method.stages(run.data_sizes())
             metadata = RunMetadata(job, run.model, run.data, run.method, stages, started, session_id)
             checkpointer = Checkpointer(run, metadata, events, job_fingerprint(job))
-            schedule = SaveSchedule(job, has_prompts=bool(job.sample_prompts))
-            samples = Samples(run, _sample_prompts(job), events)
+            prompts = _sample_prompts(job)
+            # a request seen by one process alone would send the ranks different ways
+            schedule = SaveSchedule(job, prompts, sum(s.steps for s in stages), on_demand if run.world == 1 else None)
+            samples = Samples(run, prompts, events)
             runner = StageRunner(run, stages, state, checkpointer, schedule, samples, events, stop, validator)
             results = runner.run_all()
 
@@ -93,7 +96,9 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
         events.emit(Finished(lora=str(run.final_path)))
         return run.final_path
     except BaseException as e:
-        if not (isinstance(e, TrainingStopped) and stop.requested):
+        if isinstance(e, TrainingStopped) and stop.requested:
+            e.requested = True
+        else:
             events.emit(Failed(error=str(e) or type(e).__name__, kind="user" if isinstance(e, (UserError, KeyboardInterrupt)) else "internal"))
         raise
     finally:

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ..models.registry import plugin_for
 from ..network.metadata import network_metadata
 
 FINGERPRINT_EXCLUDES = {"output_dir", "logging_dir", "sample_every_n_steps", "sample_every_n_epochs", "sample_prompts",
@@ -52,7 +53,10 @@ class RunMetadata:
             **network_metadata(job.adapter_options(), job.conv_dim, job.conv_alpha,
                                {"rank_dropout": job.rank_dropout, "module_dropout": job.module_dropout,
                                 **{k: getattr(job, k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-                                                                "loraplus_text_encoder_lr_ratio")}}),
+                                                                "loraplus_text_encoder_lr_ratio")}},
+                               given_args=job.network_args, network_dim=job.network_dim,
+                               network_alpha=job.network_alpha, network_dropout=job.network_dropout,
+                               lora_module=plugin_for(model.family).kohya_network_module),
             "ss_clip_skip": job.clip_skip, "ss_learning_rate": lr, "ss_unet_lr": unet_lr,
             "ss_text_encoder_lr": te_lr, "ss_optimizer": job.optimizer_type + (
                 f"({','.join(f'{k}={v}' for k, v in job.optimizer_args.items())})" if job.optimizer_args else ""),

@@ -96,6 +96,9 @@ def prepare(job, resume: str | None = None) -> Run:
                        zero_terminal_snr=job.zero_terminal_snr or None, options=family_options_of(job),
                        options_source=job._source, mixed_precision=job.mixed_precision)
     apply_family_defaults(job, model.family)
+    _check_network_module(job, model)
+    model.check_save_format(job.save_format, job.adapter_options())
+    _warn_client_limits(job, model)
     validate.clip_skip(model, job.clip_skip, "clip_skip", getattr(job, "_source", None))
     model.check_complete()  # a component missing for training stops here, before anything is encoded
     device = accelerator.device
@@ -123,6 +126,31 @@ def prepare(job, resume: str | None = None) -> Run:
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
                data=data, encode=encode)
+
+
+def _check_network_module(job, model) -> None:
+    """sd-scripts' network module of another family (`networks.lora_flux` on SDXL) is refused: kohya would not
+    train that model with it either."""
+    from ..models.registry import FAMILIES, plugin_for
+    from ..network.adapters import KOHYA_LORA_MODULE, LYCORIS_MODULE
+
+    own = plugin_for(model.family)
+    if job.network_module in (KOHYA_LORA_MODULE, LYCORIS_MODULE, own.kohya_network_module):
+        return  # networks.lora: any family's LoRA, as difflora has always read it
+    other = next((p for p in FAMILIES if p.kohya_network_module == job.network_module), None)
+    if other is not None:
+        raise UserError(f"network_module = {job.network_module!r} is sd-scripts' LoRA module for {other.title}; this "
+                        f"model is {own.title} (use {own.kohya_network_module!r})", path=getattr(job, "_source", None))
+
+
+def _warn_client_limits(job, model) -> None:
+    """Once per run, before training: what the save_format's clients cannot apply of the file (LoKr's Tucker core)."""
+    from ..network.adapters import client_limits
+
+    kxk = bool(job.conv_dim) and any(t.module.weight.dim() == 4 and t.module.weight.shape[2:] != (1, 1)
+                                     for t in model.lora_targets(conv=True))
+    for line in client_limits(job.adapter_options(), kxk):
+        log.warning(line)
 
 
 def _prepare_denoiser(model, job, device) -> None:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from .runs import RunStore, Runner
-from .workspace import Workspace
+from .workspace import ServerLock, Workspace, make_root
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,26 @@ def build(ctx: Context):
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 tools.build(ctx)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
-                evaluate.build(ctx)
+                eval_pick, eval_on_load = evaluate.build(ctx)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 runs_page = runs.build(ctx)
         train.connect(ctx, train_page, live_page, tabs)
         runs.connect(ctx, runs_page, train_page, live_page, tabs)
+        # every page reads the registry when it is opened, not when the app was built
+        demo.load(live_page.on_load, None, live_page.pick)
+        demo.load(runs_page.on_load, None, [runs_page.table, runs_page.pick])
+        demo.load(eval_on_load, None, eval_pick)
     return demo
 
 
 def serve(workspace: str | os.PathLike, port: int = 7860, host: str = "127.0.0.1",
           auth: tuple[str, str] | None = None, block: bool = True, allowed=()):
-    ws = Workspace(workspace, allowed)
-    _check_port(host, port)
-    lock = ws.lock()
-    lock.__enter__()  # released when the server stops (or, if it is killed, taken over as stale)
+    allowed = [Workspace.trusted_folder(a) for a in allowed]
+    lock = ServerLock.of(make_root(workspace))
+    lock.__enter__()  # before anything is written in the workspace; released when the server stops
     try:
+        ws = Workspace(workspace, allowed)
+        _check_port(host, port)
         demo, ctx = _launch(ws, port, host, auth)
     except BaseException:
         lock.__exit__()

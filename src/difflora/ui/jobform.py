@@ -8,6 +8,7 @@ the CLI's own `load_job(..., restrict_paths_to=workspace)`, so the messages are 
 
 from __future__ import annotations
 
+import re
 import typing
 import uuid
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ GROUPS: list[tuple[str, list[str], list[str]]] = [
       "caption_tag_dropout_rate", "flip_aug", "class_tokens", "is_reg", "enable_bucket", "min_bucket_reso",
       "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "train_data_dir", "reg_data_dir",
       "dataset_config", "cache_latents", "cache_latents_to_disk", "skip_bad_images"]),
-    ("Model", ["model"], ["model_family", "v_parameterization", "clip_skip", "allow_pickle", "preset_loras",
+    ("Model", ["model", "model_family"], ["v_parameterization", "clip_skip", "allow_pickle", "preset_loras",
                           "sample_without_presets"]),
     ("Method", ["method"], ["per_pair_average", "average_rank", "diff_mask_threshold", "diff_mask_dilate"]),
     ("Network", ["network_dim", "network_alpha"],
@@ -49,10 +50,24 @@ GROUPS: list[tuple[str, list[str], list[str]]] = [
 SUBSET_KEYS = ("image_dir", "after_dir", "after_suffix")
 # Keys the UI turns into a prompt file (kohya syntax, `--m` per multiplier) when sample_prompts is blank.
 UI_KEYS = {
-    "sample_prompt": "the sample prompt(s), one per line (the UI writes the prompt file)",
-    "sample_multipliers": "LoRA multipliers of the sample grid, comma-separated",
+    "sample_prompt": "preview prompt(s), one per line; blank: the 'before' caption of the first pair, so the "
+                     "preview shows the change",
+    "sample_multipliers": "LoRA weights of the preview grid's columns, comma-separated",
 }
-UI_DEFAULTS = {"sample_prompt": "a face", "sample_multipliers": "-1,0,1"}
+UI_DEFAULTS = {"sample_prompt": "", "sample_multipliers": "-1,0,1"}
+FALLBACK_PROMPT = "a face"  # a folder without captions
+CHECK_RESOLUTION = 512  # pairs are checked at this size when the job sets none
+PREVIEW_STEPS = 8  # sampler steps of a preview: DDIM at 8 looks like 20 on the toy faces, and keeps sampling cheap
+# Values the schema accepts that are almost surely a slip: (key, low, high, why). The form refuses them, naming
+# the range (the CLI takes them: a job file is deliberate).
+PLAUSIBLE = [
+    ("learning_rate", 1e-7, 1.0, "LoRA learning rates are 1e-5 to 1e-2"),
+    ("unet_lr", 1e-7, 1.0, "LoRA learning rates are 1e-5 to 1e-2"),
+    ("text_encoder_lr", 1e-7, 1.0, "LoRA learning rates are 1e-5 to 1e-2"),
+    ("max_train_steps", 1, 100_000, "a difference LoRA needs tens to thousands of steps"),
+    ("network_dim", 1, 256, "usual ranks are 4 to 128"),
+    ("train_batch_size", 1, 64, "larger batches rarely fit in memory"),
+]
 # Keys naming files or folders (marked in the schema, every family's included): relative to the workspace.
 PATH_KEYS = {key.rsplit(".", 1)[-1] for key, _ in path_keys(JobConfig)}
 SKIPPED = {"general", "datasets"}  # the pair folder fields and the top-level dataset keys stand for them
@@ -81,14 +96,17 @@ def _unwrap(annotation) -> tuple[list, bool]:
     return [a for a in args if a is not type(None)], any(a is type(None) for a in args)
 
 
-def _spec(key: str, annotation, default, group: str, advanced: bool) -> FieldSpec:
-    members, optional = _unwrap(annotation)
+def _spec(key: str, field, default, group: str, advanced: bool) -> FieldSpec:
+    from ..config_help import describe
+
+    members, optional = _unwrap(field.annotation)
+    text = describe(key, field)  # the line of `difflora train --help-keys`
     if len(members) == 1 and typing.get_origin(members[0]) is Literal:
         choices = [str(c) for c in typing.get_args(members[0])]
-        return FieldSpec(key, group, advanced, "choice", ([""] if optional else []) + choices, default, True)
+        return FieldSpec(key, group, advanced, "choice", ([""] if optional else []) + choices, default, True, text)
     if members == [bool]:
-        return FieldSpec(key, group, advanced, "optional_bool" if optional else "bool", None, default, False)
-    return FieldSpec(key, group, advanced, "text", None, default, members == [str])
+        return FieldSpec(key, group, advanced, "optional_bool" if optional else "bool", None, default, False, text)
+    return FieldSpec(key, group, advanced, "text", None, default, members == [str], text)
 
 
 def _nested_models() -> dict[str, type[BaseModel]]:
@@ -129,6 +147,18 @@ def family_groups() -> dict[str, str]:
     return {key: f"{' / '.join(titles)} models" for key, titles in owners.items()}
 
 
+def family_group_names() -> dict[str, set[str]]:
+    """Each family form group -> the model_family values whose plug-in honours its keys."""
+    from ..models.registry import option_tables
+
+    names: dict[str, set[str]] = {}
+    groups = family_groups()
+    for plugin, table in option_tables():
+        for key in table.model_fields:
+            names.setdefault(groups[key], set()).update(plugin.names)
+    return names
+
+
 def build_fields() -> list[FieldSpec]:
     """One FieldSpec per job key, in group order (unknown keys land in a folded 'Other' group)."""
     from ..config import SubsetConfig
@@ -144,7 +174,7 @@ def build_fields() -> list[FieldSpec]:
     specs: list[FieldSpec] = []
     for key in SUBSET_KEYS:
         f = SubsetConfig.model_fields[key]
-        specs.append(_spec(key, f.annotation, None, *placed[key]))
+        specs.append(_spec(key, f, None, *placed[key]))
     for key, text in UI_KEYS.items():
         s = FieldSpec(key, *placed[key], "text", None, UI_DEFAULTS[key], True, text)
         specs.append(s)
@@ -153,10 +183,10 @@ def build_fields() -> list[FieldSpec]:
             continue
         if name in nested:
             for sub, sf in nested[name].model_fields.items():
-                specs.append(_spec(f"{name}.{sub}", sf.annotation, sf.default, f"{name} options", True))
+                specs.append(_spec(f"{name}.{sub}", sf, sf.default, f"{name} options", True))
             continue
         group, advanced = placed.get(name, (families[name], True) if name in families else ("Other", True))
-        specs.append(_spec(name, f.annotation, f.default, group, advanced))
+        specs.append(_spec(name, f, f.default, group, advanced))
     order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
     model_at = order["Model"]
     family_names = list(dict.fromkeys(families.values()))
@@ -242,23 +272,49 @@ def form_to_job(specs: list[FieldSpec], values: list, workspace, run_folder: Pat
     return data, ui
 
 
-def sample_layout(ui: dict) -> list[dict]:
-    """The (prompt, multiplier) of each line of the prompt file the UI writes."""
-    prompt_text = ui.get("sample_prompt") or UI_DEFAULTS["sample_prompt"]
-    mult_text = ui.get("sample_multipliers") or UI_DEFAULTS["sample_multipliers"]
-    prompts = [p.strip() for p in prompt_text.splitlines() if p.strip()]
+def preview_prompts(ui: dict, data: dict) -> list[str]:
+    """The preview's prompts: as typed, else the 'before' caption of the job's first pair."""
+    typed = [p.strip() for p in (ui.get("sample_prompt") or "").splitlines() if p.strip()]
+    if typed:
+        return typed
+    subset = ((data.get("datasets") or [{}])[0].get("subsets") or [{}])[0]
+    folder = Path(subset.get("image_dir") or "")
+    suffix = subset.get("after_suffix") or "_after"
+    extension = data.get("caption_extension") or ".txt"
+    if folder.is_dir():
+        from ..data.images import IMAGE_EXTENSIONS
+
+        befores = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                         and not p.stem.endswith(suffix))
+        for image in befores:
+            caption = image.with_suffix(extension)
+            if caption.is_file():
+                text = " ".join(caption.read_text(encoding="utf-8", errors="replace").split())
+                if text:
+                    return [text]
+    return [FALLBACK_PROMPT]
+
+
+def sample_multipliers(ui: dict) -> list[float]:
+    text = ui.get("sample_multipliers") or UI_DEFAULTS["sample_multipliers"]
     try:
-        mults = [float(m) for m in mult_text.split(",") if m.strip()]
+        mults = [float(m) for m in text.split(",") if m.strip()]
     except ValueError:
-        raise UserError(f"sample_multipliers: comma-separated numbers, got {mult_text!r}") from None
+        raise UserError(f"sample_multipliers: comma-separated numbers, got {text!r}") from None
     if not mults:
         raise UserError("sample_multipliers: give at least one multiplier")
-    return [{"prompt": p, "multiplier": m} for p in prompts for m in mults]
+    return mults
 
 
-def prompt_file_text(layout: list[dict], seed: int = 1, steps: int = 20, cfg: float = 4.0) -> str:
-    """kohya prompt syntax, the same seed on every line so the grid's columns differ only by multiplier."""
-    return "".join(f"{x['prompt']} --d {seed} --s {steps} --l {cfg:g} --m {x['multiplier']:g}\n" for x in layout)
+def sample_layout(ui: dict, data: dict | None = None) -> list[dict]:
+    """The (prompt, multiplier) of each image of the preview grid, row by row."""
+    prompts = preview_prompts(ui, data or {})
+    return [{"prompt": p, "multiplier": m} for p in prompts for m in sample_multipliers(ui)]
+
+
+def prompt_file_text(prompts: list[str], seed: int = 1, steps: int = PREVIEW_STEPS, cfg: float = 4.0) -> str:
+    """kohya prompt syntax, one line per prompt (the job's sample_sweep gives the columns), one seed for all."""
+    return "".join(f"{p} --d {seed} --s {steps} --l {cfg:g}\n" for p in prompts)
 
 
 def job_toml(data: dict) -> str:
@@ -267,14 +323,30 @@ def job_toml(data: dict) -> str:
     return tomli_w.dumps(data)
 
 
-def validate(data: dict, workspace) -> str | None:
-    """None, or the CLI's one-line error for this job (the job file named as 'job.toml')."""
+def validate(data: dict, workspace, with_data: bool = False) -> str | None:
+    """None, or the CLI's one-line error for this job (the job file named as 'job.toml').
+
+    With `with_data`, the training's own loader (data/dataset.py) also reads every image and pair as a
+    run would, without a model: missing folders and partners, unreadable images, identical pairs.
+    """
     from ..config import load_job
+    from ..data.dataset import TrainingData
+    from ..methods import METHODS
 
     tmp = workspace.root / ".gradio" / f"validate-{uuid.uuid4().hex}.toml"
     try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(job_toml(data), encoding="utf-8")
-        load_job(tmp, restrict_paths_to=workspace.policy)
+        job = load_job(tmp, restrict_paths_to=workspace.policy)
+        if with_data:
+            # the model's size is not known before loading it: pairs are compared at SD's 512 unless set
+            resolution = job.resolution if isinstance(job.resolution, int) else CHECK_RESOLUTION
+            try:
+                loaded = TrainingData(job, resolution, 8, pairs=METHODS[job.method].needs_pairs)
+                loaded.cache_latents(None, encode=False)  # reads the pixels and refuses identical pairs
+            except UserError as e:  # paths as the form shows them; a problem naming no field is the pair folder's
+                text = str(e).replace(str(workspace.root) + "/", "")
+                return text if field_of_error(text, build_fields()) else f"image_dir: {text}"
     except UserError as e:
         return str(e).replace(str(tmp), "job.toml")
     finally:
@@ -282,11 +354,42 @@ def validate(data: dict, workspace) -> str | None:
     return None
 
 
+def form_message(message: str, specs: list[FieldSpec]) -> str:
+    """A CLI message in the form's words: no job file or line, a dataset key named by its field."""
+    import re
+
+    text = re.sub(r"^(job\.toml: )?(line \d+: )?", "", message)
+    text = re.sub(r"datasets\[0\]\.subsets\[0\]\.", "", text)
+    text = re.sub(r"'datasets', 0, 'subsets', 0, '(\w+)'", r"'\1'", text)
+    labels = {s.key: s.label for s in specs}
+    m = re.match(r"^'?([\w.]+)'?: ", text)
+    if m and m.group(1) in labels:
+        text = f"{labels[m.group(1)]}: " + text[m.end():]
+    return text
+
+
+def field_of_error(message: str, specs: list[FieldSpec]) -> FieldSpec | None:
+    for spec in sorted(specs, key=lambda s: -len(s.key)):  # 'addift.multiplier' before 'multiplier'
+        if re.search(rf"(^|[^\w.]){re.escape(spec.key)}([^\w]|$)", message):
+            return spec
+    return None
+
+
+def implausible(data: dict) -> list[str]:
+    """Values the schema accepts but nobody means, each with the range that makes sense."""
+    out = []
+    for key, low, high, why in PLAUSIBLE:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            out.append(f"{key}: {value:g} is outside {low:g} to {high:g} ({why})")
+    return out
+
+
 def group_of_error(message: str, specs: list[FieldSpec]) -> str | None:
     """The form group whose key an error names ('learning_rate', 'addift.multiplier', 'datasets...')."""
-    for spec in sorted(specs, key=lambda s: -len(s.key)):  # 'addift.multiplier' before 'multiplier'
-        if f"'{spec.key}'" in message:
-            return spec.group
+    spec = field_of_error(message, specs)
+    if spec is not None:
+        return spec.group
     if "datasets" in message or "training data" in message:
         return "Data"
     return None

@@ -46,6 +46,8 @@ class Progress:
     samples: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, paths)
     checkpoints: list[dict] = field(default_factory=list)
     outcome: dict | None = None  # the last finished / stopped / failed event
+    step_s: float | None = None  # seconds per training step, sampling left out
+    sample_pass_s: list[float] = field(default_factory=list)  # seconds of each sampling pass
 
     @property
     def fraction(self) -> float:
@@ -54,8 +56,12 @@ class Progress:
 
 def summarize(events: list[dict]) -> Progress:
     p = Progress()
+    previous = None
+    step_times: list[float] = []  # the seconds of each step, measured from the event before it
     for e in events:
         t = e.get("type")
+        if t == "step" and previous is not None and previous.get("type") == "step" and "time" in e:
+            step_times.append(e["time"] - previous["time"])
         if t == "stage_started":
             p.stage, p.stage_index, p.stages = e.get("stage"), int(e.get("index", 0)), int(e.get("stages", 1))
             p.steps, p.step = int(e.get("steps", 0)), int(e.get("start_step", 0))
@@ -75,11 +81,33 @@ def summarize(events: list[dict]) -> Progress:
             p.validation.append((int(e.get("global_step", e.get("step", 0))), float(e["loss"])))
         elif t == "sample_written":
             p.samples.append((int(e.get("step", 0)), list(e.get("paths") or [])))
+            if previous is not None and "time" in e and "time" in previous:
+                p.sample_pass_s.append(max(0.0, e["time"] - previous["time"]))
         elif t == "checkpoint_written":
             p.checkpoints.append(e)
         elif t in ("finished", "stopped", "failed"):
             p.outcome = e
+        previous = e
+    if step_times:
+        p.step_s = float(np.median(step_times))
+        p.eta_s = eta_with_sampling(p)
     return p
+
+
+def eta_with_sampling(p: Progress) -> float | None:
+    """Seconds left: the steps at their own pace, plus the sampling passes still due at the pace of those seen
+    (the interval between them as observed, and the final pass)."""
+    if p.step_s is None or not p.total_steps:
+        return p.eta_s
+    left = max(0, p.total_steps - p.global_step)
+    eta = left * p.step_s
+    if p.sample_pass_s and p.outcome is None:
+        steps = sorted({s for s, _ in p.samples if 0 < s < p.total_steps})
+        gaps = [b - a for a, b in zip([0, *steps], steps)]
+        every = min(gaps) if gaps else None
+        due = (left - 1) // every if every and left else 0  # intermediate passes still to come
+        eta += (due + 1) * float(np.mean(p.sample_pass_s))
+    return eta
 
 
 def curve_frame(points: list[tuple[int, float]], name: str):
@@ -95,8 +123,25 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
 
 
+MIN_PREVIEW_PX = 256  # a grid is shown at least this tall: the toy world's 64 px faces are unreadable smaller
+# A gallery's visible height in px: Gradio scrolls a taller one inside this box ("auto" gave ~310 px, less than
+# one row of two square cells on a 1280 px page), so one full row of whole images shows without scrolling.
+GALLERY_HEIGHT = 680
+
+
+def readable(image: np.ndarray) -> np.ndarray:
+    """The image enlarged by a whole factor (nearest pixel, nothing cropped) until it is MIN_PREVIEW_PX tall."""
+    factor = -(-MIN_PREVIEW_PX // image.shape[0])
+    return image.repeat(factor, 0).repeat(factor, 1) if factor > 1 else image
+
+
 def sample_grid(paths: list[str], layout: list[dict] | None, scale: int = 2):
-    """One step's samples as a grid: a row per prompt, a column per multiplier (from the run's layout)."""
+    """One step's samples as a grid: a row per prompt, a column per multiplier (from the run's layout); a grid
+    the training wrote itself (sample_sweep) as it is. Enlarged to a readable height."""
+    return None if (grid := _grid(paths, layout, scale)) is None else readable(grid)
+
+
+def _grid(paths: list[str], layout: list[dict] | None, scale: int):
     from PIL import Image
 
     from ..generate import make_grid
@@ -110,6 +155,8 @@ def sample_grid(paths: list[str], layout: list[dict] | None, scale: int = 2):
             return None
     if not images:
         return None
+    if len(images) == 1:
+        return images[0]
     if layout and len(layout) == len(images):
         prompts = list(dict.fromkeys(x["prompt"] for x in layout))
         mults = list(dict.fromkeys(x["multiplier"] for x in layout))

@@ -126,6 +126,30 @@ class RunStore:
             return run
 
 
+def queue_position(runs: list[Run], run_id: str) -> int | None:
+    """1 for the next queued run to start, 2 for the one after, ...; None for a run that is not queued."""
+    queued = sorted((r for r in runs if r.status == QUEUED), key=lambda r: r.created)
+    return next((i for i, r in enumerate(queued, 1) if r.id == run_id), None)
+
+
+def status_text(runs: list[Run], run: Run) -> str:
+    """A run's status as the pages show it: a queued run says where it is in the queue."""
+    position = queue_position(runs, run.id)
+    if position is None:
+        return run.status
+    ahead = position - 1 + sum(r.status in ACTIVE for r in runs)
+    return f"queued ({'next' if not ahead else f'{ahead} run(s) ahead'})"
+
+
+def default_run(runs: list[Run]) -> Run | None:
+    """The run a page shows first: the one training now, else the next queued, else the newest."""
+    for wanted in (ACTIVE, (QUEUED,)):
+        found = sorted((r for r in runs if r.status in wanted), key=lambda r: r.created)
+        if found:
+            return found[0]
+    return runs[0] if runs else None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         import ctypes
@@ -211,6 +235,22 @@ class Runner:
         if self.current == run_id and self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return run
+
+    def request(self, run_id: str, what: str) -> None:
+        """'sample' or 'save' now: the training serves it after its current step (SIGUSR1 / SIGUSR2)."""
+        signals = {"sample": signal.SIGUSR1, "save": signal.SIGUSR2}
+        run = self.store.get(run_id)
+        if run.kind != "train" or run.status != RUNNING or self.current != run_id or self.proc is None \
+                or self.proc.poll() is not None:
+            raise UserError(f"run {run_id} is {run.status}; only a running training samples or saves on request")
+        from .progress import read_events
+
+        # before its loop starts the process has no handler yet, and SIGUSR1/2 would end it
+        started = [e for e in read_events(self.store.folder(run_id) / "events.jsonl") if e.get("type") == "stage_started"
+                   and e.get("time", 0) >= (run.started or 0) - 1]
+        if not started:
+            raise UserError("the run is still loading; ask again once its first step is logged")
+        self.proc.send_signal(signals[what])
 
     def resume(self, run_id: str) -> Run:
         run = self.store.get(run_id)

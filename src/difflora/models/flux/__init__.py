@@ -19,10 +19,26 @@ _KOHYA_NAMES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te
 _BLOCK = re.compile(r"^lora_(unet|te\d)_(double_blocks_\d+|single_blocks_\d+|text_model_encoder_layers_\d+|encoder_block_\d+)")
 
 
+_TYPE_DIMS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim",
+              "single_mod_dim")
+
+
 class FluxPlugin(FamilyPlugin):
     names = ("flux",)
     title = "FLUX.1"
     options = FluxJobOptions
+    kohya_network_module = "networks.lora_flux"
+    kohya_network_args = ("train_blocks", "train_t5xxl", "in_dims")
+    refused_network_args = {
+        "split_qkv": "difflora trains FLUX's fused qkv as one module (exact in every client; sd-scripts' split_qkv "
+                     "files load at 1/3 strength elsewhere)",
+        **dict.fromkeys(_TYPE_DIMS, "per-module-type ranks are not supported: every module trains at network_dim"),
+        **dict.fromkeys(("train_double_block_indices", "train_single_block_indices"),
+                        "blocks are chosen with train_blocks or network_only_if_contains / network_ignore_if_contains"),
+        **dict.fromkeys(("ggpo_sigma", "ggpo_beta"), "GGPO's weight perturbation is not supported"),
+        **dict.fromkeys(("network_reg_lrs", "network_reg_dims"),
+                        "per-module learning rates and ranks by regular expression are not supported"),
+    }
 
     def detect_folder(self, path, index):
         # FLUX.2 / Kontext folders too: the loader then says what is supported
@@ -56,6 +72,24 @@ class FluxPlugin(FamilyPlugin):
         keys = [flag[2:].replace("-", "_") for flag, _ in _FILE_FLAGS] + ["guidance_scale"]
         given = vars(args)
         return {k: given[k] for k in keys if given.get(k) is not None}
+
+    def check_files(self, path, options):
+        """A folder's transformer / VAE / text-encoder configs; a single file's component files (clip_l, t5xxl, ae)."""
+        from ...fileio import read_safetensors_header
+        from ..folders import CHANNEL_LISTS, VAE_INTS, check_config
+
+        if path.is_dir():
+            check_config(path / "transformer" / "config.json",
+                         ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
+                          "joint_attention_dim", "pooled_projection_dim", "patch_size"), bools=("guidance_embeds",))
+            check_config(path / "vae" / "config.json", VAE_INTS, CHANNEL_LISTS)
+            check_config(path / "text_encoder" / "config.json", ("hidden_size", "num_hidden_layers"))
+            check_config(path / "text_encoder_2" / "config.json", ("d_model", "num_layers", "num_heads", "d_ff"))
+            return
+        for key in ("clip_l", "t5xxl", "ae"):
+            component = getattr(options, key)
+            if component is not None:
+                read_safetensors_header(component)  # there, a file, a sane header: before the transformer is read
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
+from ...errors import UserError, is_internal_failure
 from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, save_safetensors, write_json_atomic
 from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
 from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
+from ..folders import publish_layout
 from .transformer import FluxParams, FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        publish_layout(tmp)  # CLIP-L with `text_model.` keys, tokenizer files transformers 4 and kohya read
 
 
 # ------------------------------------------------------------------ loading
@@ -66,6 +68,8 @@ def _transformer_from_bfl(sd: dict[str, torch.Tensor], params: FluxParams, dtype
     try:
         tr.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"transformer weights do not match a FLUX.1 layout ({str(e).splitlines()[0][:200]}); {SUPPORTED}",
                         path=path) from None
     return tr
@@ -142,6 +146,8 @@ def _t5_tokenizer_from(path: Path | None, t5_path: Path):
             try:
                 return AutoTokenizer.from_pretrained(str(c), local_files_only=True)
             except Exception as e:
+                if is_internal_failure(e):
+                    raise
                 raise UserError(f"could not load the T5 tokenizer ({type(e).__name__}: {e})", path=c) from None
     raise UserError("no T5 tokenizer: set `t5xxl_tokenizer` to a folder with tokenizer.json or spiece.model "
                     "(e.g. a FLUX diffusers folder's tokenizer_2/); difflora never downloads one", path=t5_path)
@@ -187,6 +193,8 @@ def load_ae(path: Path, dtype: torch.dtype):
     try:
         vae.load_state_dict(convert_ldm_vae_checkpoint({k: v.float() for k, v in ldm.items()}, dict(vae.config)))
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"`ae` does not match FLUX's autoencoder ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         path=path) from None
     return vae if dtype == torch.float32 else vae.to(dtype)
@@ -200,7 +208,11 @@ def save_component_files(model: FluxModel, folder: Path) -> dict[str, Path]:
     clip, t5 = model.text_encoders["clip_l"], model.text_encoders["t5xxl"]
     out = {"clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors", "ae": folder / "ae.safetensors"}
     tok_json = lambda t: t.backend_tokenizer.to_str()  # noqa: E731
-    save_safetensors({"text_model." + k: v for k, v in clip.state_dict().items()}, out["clip_l"],
+    # published clip_l.safetensors carry CLIP's text_projection (ComfyUI warns "clip missing" without it); FLUX
+    # reads the unprojected pooled output, so the identity stands in for the one this CLIPTextModel does not have
+    width = clip.config.hidden_size
+    save_safetensors({**{"text_model." + k: v for k, v in clip.state_dict().items()},
+                      "text_projection.weight": torch.eye(width, dtype=clip.dtype)}, out["clip_l"],
                      {"difflora.config": json.dumps(_config_dict(clip.config)), "difflora.tokenizer": tok_json(model.clip_tokenizer)})
     save_safetensors({k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}, out["t5xxl"],
                      {"difflora.config": json.dumps(_config_dict(t5.config)), "difflora.tokenizer": tok_json(model.t5_tokenizer)})
@@ -298,6 +310,8 @@ def load_diffusers_flux(path: Path, *, dtype=torch.float32, options: FluxOptions
         tok1 = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         tok3 = AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not load the FLUX folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                         path=path) from None
     tok1.model_max_length = 77

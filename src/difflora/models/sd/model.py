@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ...errors import UserError
+from ...errors import UserError, is_internal_failure
 from ...network.lora import LoRATarget
 from ..base import Conditioning
 from ..objectives import objective_for
@@ -239,9 +239,12 @@ def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, pr
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"unreadable config ({e})", path=path) from None
+    if not isinstance(config, dict):
+        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
+    return config
 
 
 def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, variant=None,
@@ -270,6 +273,8 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
     except UserError:
         raise
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not load the model folder ({type(e).__name__}: {str(e).splitlines()[0]})", path=path) from None
     if not isinstance(tok.model_max_length, int) or tok.model_max_length > 10_000:
         tok.model_max_length = te.config.max_position_embeddings

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ...errors import UserError
+from ...errors import UserError, is_internal_failure
 from ...network.lora import LoRATarget
 from ..base import Conditioning, SampleSize
 from ..objectives import objective_for
@@ -260,6 +260,8 @@ def load_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, predicti
         tok1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"could not load the SDXL model folder ({type(e).__name__}: {str(e).splitlines()[0]})",
                         path=path) from None
     _check_unet_is_base(dict(unet.config), path)
@@ -351,6 +353,8 @@ def load_single_file(path: Path, checkpoint=None, *, dtype=torch.float32, allow_
     except UserError:
         raise
     except Exception as e:
+        if is_internal_failure(e):
+            raise
         raise UserError(f"checkpoint does not match an SDXL layout ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})", path=path) from None
     toks = []

@@ -98,6 +98,8 @@ def save_diffusers_folder(model: ZImageModel, path: Path, dtype: torch.dtype | N
     import shutil
     import tempfile
 
+    from ..folders import publish_layout
+
     if model.text_encoders_dropped:
         raise UserError("the text encoder was dropped (cache_text_encoder_outputs); cannot save a folder")
     if path.exists():
@@ -115,6 +117,7 @@ def save_diffusers_folder(model: ZImageModel, path: Path, dtype: torch.dtype | N
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        publish_layout(tmp)  # tokenizer files transformers 4 reads (vocab.json, merges.txt)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

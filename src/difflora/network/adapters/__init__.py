@@ -114,10 +114,41 @@ _NETWORK_ARGS = {
 }
 
 
-def parse_network_args(args) -> dict[str, object]:
+# network_args kohya's networks.lora (block-wise) and kohya_ss's LyCORIS presets pass, which difflora does not do:
+# key -> why. The switches among them are accepted while off (the GUI writes every one, `use_scalar=False`).
+_REFUSED_ARGS = {
+    **dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"),
+                    "per-block ranks are not supported: every module trains at network_dim / conv_dim"),
+    **dict.fromkeys(("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"),
+                    "per-block learning rates are not supported: every module learns at unet_lr"),
+    "use_scalar": "LyCORIS' trained scalar per module is not supported",
+    "rank_dropout_scale": "rank dropout is not rescaled here",
+    "bypass_mode": "difflora's adapters always run beside the frozen layer, never fused into it",
+    "train_norm": "normalisation layers are not trained",
+    "constraint": "a Diag-OFT option (difflora does not train OFT)",
+    "rescaled": "a Diag-OFT option (difflora does not train OFT)",
+    "block_size": "a DyLoRA option (difflora does not train DyLoRA)",
+    "train_on_input": "an IA3 option (difflora does not train IA3)",
+}
+_SWITCHES = ("use_scalar", "rank_dropout_scale", "bypass_mode", "train_norm", "rescaled", "train_on_input")
+
+
+def client_limits(options: AdapterOptions, trains_kxk_convs: bool) -> list[str]:
+    """What the usual clients cannot apply of a file these options write (one warning each, before training).
+    LoKr's Tucker core (`lokr_t2`, on kxk convs with use_tucker): Forge raises on each such layer and drops the
+    whole LoRA, ComfyUI skips those layers; A1111 applies it (measured with each client's code)."""
+    if options.algo == "lokr" and options.use_tucker and trains_kxk_convs:
+        return ["LoKr with network_use_tucker writes a Tucker core (lokr_t2) on the kxk convs: Forge cannot apply such "
+                "a file (the whole LoRA fails) and ComfyUI skips those layers; only A1111 applies it. Leave "
+                "network_use_tucker off for those clients"]
+    return []
+
+
+def parse_network_args(args, handled: tuple[str, ...] = ()) -> dict[str, object]:
     """kohya's `network_args` ("key=value" strings, or a table) -> normalised, typed options.
 
     A misspelt or unsupported key is refused with one line naming it (and the closest known key).
+    `handled`: keys a family's network module reads, already applied to the job (config.py).
     """
     pairs: list[tuple[str, object]] = []
     if isinstance(args, Mapping):
@@ -130,6 +161,12 @@ def parse_network_args(args) -> dict[str, object]:
             pairs.append((k.strip(), v.strip()))
     out: dict[str, object] = {}
     for key, value in pairs:
+        if key in handled or key == "verbose":  # verbose: sd-scripts prints its module list
+            continue
+        if key in _REFUSED_ARGS:
+            if key in _SWITCHES and not _parse_bool(key, value):
+                continue
+            raise UserError(f"network_args {key}={value}: {_REFUSED_ARGS[key]}; remove it")
         if key not in _NETWORK_ARGS:
             close = difflib.get_close_matches(key, list(_NETWORK_ARGS), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -279,7 +316,7 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
     return dora_delta(w, delta.reshape(w.shape), d.float()).reshape(delta.shape)
 
 
-__all__ = ["ADAPTERS", "ALGO_NAMES", "LYCORIS_ARGS", "job_keys", "option_tables", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
+__all__ = ["ADAPTERS", "ALGO_NAMES", "client_limits", "LYCORIS_ARGS", "job_keys", "option_tables", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
            "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
            "has_factors", "is_kohya_lora", "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
            "parse_network_args", "resolve_algo", "split_key"]
@@ -297,7 +334,7 @@ _LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encod
 _LYCORIS_ONLY = ("algo", "use_tucker", "factor", "decompose_both", "full_matrix", "dora_wd")
 
 
-def normalise_job_keys(job) -> dict[str, object]:
+def normalise_job_keys(job, family_modules: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, object]:
     """Fold kohya's `network_module` / `network_args` into difflora's keys and check them.
 
     Returns the job fields to update: `network_algo` becomes the canonical algorithm (`lora`,
@@ -307,12 +344,14 @@ def normalise_job_keys(job) -> dict[str, object]:
     unknown option is refused with one line.
     """
     module = job.network_module
-    if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE):
-        raise UserError(f"'network_module = {module!r}' is a kohya option difflora does not support; use "
-                        f"{KOHYA_LORA_MODULE!r} or {LYCORIS_MODULE!r}")
-    args = parse_network_args(job.network_args)
+    family_modules = dict(family_modules or {})
+    if module not in (KOHYA_LORA_MODULE, LYCORIS_MODULE, *family_modules):
+        known = ", ".join(repr(m) for m in (KOHYA_LORA_MODULE, LYCORIS_MODULE, *family_modules))
+        raise UserError(f"'network_module = {module!r}' is a kohya option difflora does not support; use one of "
+                        f"{known}")
+    args = parse_network_args(job.network_args, family_modules.get(module, ()))
     lycoris_args = [k for k in _LYCORIS_ONLY if k in args]
-    if module == KOHYA_LORA_MODULE and lycoris_args:
+    if module != LYCORIS_MODULE and lycoris_args:
         raise UserError(f"network_args {lycoris_args[0]}=... is a LyCORIS option; set network_module = "
                         f"\"{LYCORIS_MODULE}\" (or use network_algo = ...)")
     given = job.model_fields_set

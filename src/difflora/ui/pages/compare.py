@@ -7,20 +7,22 @@ import uuid
 from pathlib import Path
 
 from ...errors import UserError
+from ..pickers import lora_choices, model_choices
 from ..subcommand import run_cli
 from ..workspace import safe_name
 
 
 def compare(ctx, model: str, loras: list[str], prompt: str, seed: int, sweep: str, n_images: int,
-            steps: int, cfg: float) -> list[tuple[str, str]]:
+            steps: int, cfg: float, progress=lambda fraction, desc: None) -> list[tuple[str, str]]:
     if not loras:
         raise UserError("choose at least one LoRA")
     if not prompt.strip():
         raise UserError("give a prompt")
     out = ctx.ws.root / "compare" / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4])
-    base = ["--model", str(ctx.ws.resolve(model, "model"))] if model.strip() else []
+    base = ["--model", str(ctx.ws.resolve(model, "model", role="read"))] if model.strip() else []
     grids = []
-    for lora in loras:
+    for i, lora in enumerate(loras):
+        progress(i / len(loras), f"LoRA {i + 1} of {len(loras)}: {Path(lora).stem}")
         path = ctx.ws.resolve(lora, "LoRA")
         folder = out / safe_name(Path(lora).stem)
         run_cli(["generate", *base, "--lora", f"{path}:1", "--sweep", sweep, "--prompt", prompt, "--seed", str(int(seed)),
@@ -33,12 +35,11 @@ def compare(ctx, model: str, loras: list[str], prompt: str, seed: int, sweep: st
 def build(ctx) -> None:
     import gradio as gr
 
-    def lora_choices():
-        return ctx.ws.files(".safetensors")
-
     with gr.Row():
-        model = gr.Textbox(label="base model (blank: the embedded toy model)", elem_id="cmp-model")
-        loras = gr.Dropdown(label="LoRAs", choices=lora_choices(), multiselect=True, elem_id="cmp-loras")
+        model = gr.Dropdown(label="base model", choices=model_choices(ctx.ws), value="", allow_custom_value=True,
+                            elem_id="cmp-model")
+        loras = gr.Dropdown(label="LoRAs (by run and name)", choices=lora_choices(ctx.ws), multiselect=True,
+                            elem_id="cmp-loras")
     with gr.Row():
         prompt = gr.Textbox(label="prompt", value="a face", elem_id="cmp-prompt")
         seed = gr.Number(label="seed", value=1, precision=0, elem_id="cmp-seed")
@@ -51,12 +52,14 @@ def build(ctx) -> None:
     grids = gr.Gallery(label="one grid per LoRA, side by side", columns=2, height="auto", object_fit="contain",
                        elem_id="cmp-grids")
 
-    def on_go(m, ls, p, s, sw, n, st, c):
+    def on_go(m, ls, p, s, sw, n, st, c, progress=gr.Progress()):
         try:
-            items = compare(ctx, m or "", ls or [], p or "", s or 0, sw or "-1,0,1", n or 1, st or 20, c or 4.0)
+            items = compare(ctx, m or "", ls or [], p or "", s or 0, sw or "-1,0,1", n or 1, st or 20, c or 4.0,
+                            lambda fraction, desc: progress(fraction, desc=desc))
         except UserError as e:
             return [], f"**Refused:** {e}"
         return items, f"{len(items)} grid(s); rows are seeds, columns multipliers."
 
     go.click(on_go, [model, loras, prompt, seed, sweep, n_images, steps, cfg], [grids, message])
-    loras.focus(lambda: gr.update(choices=lora_choices()), None, loras)
+    loras.focus(lambda: gr.update(choices=lora_choices(ctx.ws)), None, loras)
+    model.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, model)

@@ -1,12 +1,14 @@
-"""Evaluate (embedded world): queue `difflora eval` for a task and method; its table and grids show on Runs."""
+"""Evaluate (embedded world): queue `difflora eval` for a task and method; its progress, table, before/after
+grids and trained LoRA show here (and on Runs). The LoRA is kept (`--keep-loras`), so it can be compared."""
 
 from __future__ import annotations
 
 from ...errors import UserError
-from ..runs import Run, new_run_id
+from ..runs import Run, log_tail, new_run_id, status_text
 
 
-def build(ctx) -> None:
+def build(ctx):
+    """The page; returns (its run picker, the picker's update on page load: the newest evaluation)."""
     import gradio as gr
 
     from ...toy.evaluate import METHOD_ROWS, TASKS
@@ -22,6 +24,7 @@ def build(ctx) -> None:
     go = gr.Button("Queue evaluation", variant="primary", elem_id="eval-go")
     message = gr.Markdown(elem_id="eval-message")
     pick = gr.Dropdown(label="evaluation run", choices=[], elem_id="eval-pick")
+    state = gr.Markdown(elem_id="eval-progress")
     table = gr.Markdown(elem_id="eval-table")
     grids = gr.Gallery(label="before/after grids", columns=1, height="auto", object_fit="contain", elem_id="eval-grids")
 
@@ -35,7 +38,7 @@ def build(ctx) -> None:
             run_id = new_run_id(f"eval-{t}-{me}")
             folder = ctx.store.folder(run_id)
             argv = ["eval", "--task", t, "--method", me, "--pairs", str(int(n)), "--m", str(int(k)),
-                    "--out", str(folder / "results")]
+                    "--out", str(folder / "results"), "--grids", "--keep-loras"]
             ctx.runner.submit(Run(run_id, "eval", f"eval {t} {me}", argv,
                                   info={"expected_result": str(folder / "results")}))
         except UserError as e:
@@ -44,17 +47,28 @@ def build(ctx) -> None:
 
     def show(run_id):
         if not run_id:
-            return "", []
+            return "", "", []
         try:
             run = ctx.store.get(run_id)
         except UserError as e:
-            return f"**{e}**", []
+            return f"**{e}**", "", []
         folder = ctx.store.folder(run_id) / "results"
         md = folder / "eval.md"
-        text = md.read_text(encoding="utf-8") if md.is_file() else f"*{run.status}*" + (f": {run.error}" if run.error else "")
-        return text, [(str(p), p.name) for p in sorted(folder.glob("*.png"))]
+        text = md.read_text(encoding="utf-8") if md.is_file() else ""
+        # the log's last line is tqdm's bar with its ETA while it trains and judges
+        last = (log_tail(ctx.store.folder(run_id) / "log.txt", 1) or [""])[-1]
+        kept = sorted(folder.glob("cells/*.safetensors"))
+        state_text = (f"**{status_text(ctx.store.all(), run)}**" + (f": {run.error}" if run.error else "")
+                      + (f"  \n`{last.strip()}`" if run.status in ("running", "stopping") and last else "")
+                      + "".join(f"  \nLoRA kept: `{ctx.ws.relative(p)}`" for p in kept))
+        return state_text, text, [(str(p), p.stem) for p in sorted(folder.glob("cells/*.png"))]
+
+    def on_load():
+        runs = choices()
+        return gr.update(choices=runs, value=runs[0] if runs else None)
 
     go.click(on_go, [task, method, pairs, m], [message, pick])
-    pick.change(show, pick, [table, grids])
+    pick.change(show, pick, [state, table, grids])
     pick.focus(lambda: gr.update(choices=choices()), None, pick)
-    gr.Timer(2.0).tick(show, pick, [table, grids], show_progress="hidden")
+    gr.Timer(2.0).tick(show, pick, [state, table, grids], show_progress="hidden")
+    return pick, on_load

@@ -1,4 +1,8 @@
-"""Live run: progress, steps/s and ETA, loss and learning-rate curves, sample grids as written, log tail."""
+"""Live run: progress, steps/s and ETA, loss and learning-rate curves, sample grids as written, log tail.
+
+Everything is read from the run registry and the run's files on page load and on a timer, never
+kept from when the app was built: a reload, a second tab or a restarted server show the truth.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ..progress import curve_frame, format_eta, read_events, sample_grid, summarize
-from ..runs import ACTIVE, log_tail
+from ..progress import GALLERY_HEIGHT, curve_frame, format_eta, read_events, sample_grid, summarize
+from ..runs import default_run, log_tail, status_text
+
+
+LOG_LINES = 12  # the tail shown; the box is this tall, so its last line is the log's last line
 
 
 @dataclass
 class LivePage:
     pick: object
     run_choices: object  # () -> list of (label, id)
+    on_load: object  # () -> the pick's update: every run, the running one selected
 
 
 def run_samples(ctx, run, progress) -> list[tuple[int, list[str]]]:
@@ -27,18 +35,18 @@ def run_samples(ctx, run, progress) -> list[tuple[int, list[str]]]:
     folder = Path(out).parent / "sample"
     by_step: dict[int, list[str]] = {}
     for p in sorted(folder.glob("*.png")):
-        m = re.search(r"_(\d{6})_(\d{2})\.png$", p.name)
+        m = re.search(r"_(\d{6})_(\d{2}|sweep)\.png$", p.name)
         if m:
             by_step.setdefault(int(m.group(1)), []).append(str(p))
     return sorted(by_step.items())
 
 
-def status_html(run, progress) -> str:
+def status_html(run, progress, runs=()) -> str:
     pct = 100 * progress.fraction
     rate = f"{progress.steps_per_s:.2f} steps/s" if progress.steps_per_s else "- steps/s"
     stage = f"stage {progress.stage} ({progress.stage_index + 1}/{progress.stages}) · " if progress.stage else ""
     error = f"<div class='run-error'>error: {_esc(run.error)}</div>" if run.error else ""
-    return (f"<div id='live-summary'><b>{_esc(run.id)}</b> · <span id='live-state'>{run.status}</span><br>"
+    return (f"<div id='live-summary'><b>{_esc(run.id)}</b> · <span id='live-state'>{_esc(status_text(list(runs), run))}</span><br>"
             f"{stage}step <span id='live-step'>{progress.global_step}</span>/{progress.total_steps} · {rate} · "
             f"ETA {format_eta(progress.eta_s)} · loss points <span id='live-points'>{len(progress.loss)}</span>"
             f"<div style='background:#ddd;height:10px;border-radius:5px'><div style='background:#f97316;height:10px;"
@@ -66,35 +74,39 @@ def build(ctx) -> LivePage:
     def run_choices():
         return [r.id for r in ctx.store.all()]
 
-    def default_run():
+    def on_load():
         runs = ctx.store.all()
-        active = [r for r in runs if r.status in ACTIVE]
-        return (active or runs or [None])[0]
+        first = default_run(runs)
+        return gr.update(choices=[r.id for r in runs], value=first.id if first else None)
 
-    first = default_run()
     with gr.Row():
-        pick = gr.Dropdown(label="run", choices=run_choices(), value=first.id if first else None,
-                           elem_id="live-pick", scale=4)
+        pick = gr.Dropdown(label="run", choices=[], value=None, elem_id="live-pick", scale=4)
         stop = gr.Button("Stop (saves state)", variant="stop", elem_id="live-stop", scale=1)
         resume = gr.Button("Resume", elem_id="live-resume", scale=1)
+        sample_now = gr.Button("Sample now", elem_id="live-sample-now", scale=1)
+        save_now = gr.Button("Save now", elem_id="live-save-now", scale=1)
     summary = gr.HTML(elem_id="live-status")
     message = gr.Markdown(elem_id="live-message")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="live-loss", height=260)
         lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="live-lr", height=260)
-    samples = gr.Gallery(label="samples (newest first; columns are the multipliers)", columns=4, height="auto",
+    latest = gr.Image(label="latest samples (rows: prompts; columns: LoRA weights)", type="numpy", interactive=False,
+                      height=None, buttons=["fullscreen", "download"], elem_id="live-latest")
+    samples = gr.Gallery(label="every sampling (newest first); click one to see it whole", columns=2,
+                         height=GALLERY_HEIGHT,
                          object_fit="contain", elem_id="live-samples")
-    log = gr.Textbox(label="log tail", lines=10, max_lines=10, autoscroll=True, elem_id="live-log")
+    log = gr.Textbox(label="log tail (follows the end)", lines=LOG_LINES, max_lines=LOG_LINES, autoscroll=True,
+                     elem_id="live-log")
     timer = gr.Timer(1.0)
     cache: dict = {}
 
     def refresh(run_id):
         if not run_id:
-            return "<div id='live-summary'>No run yet: start one on the Train page.</div>", None, None, [], ""
+            return "<div id='live-summary'>No run yet: start one on the Train page.</div>", None, None, None, [], ""
         try:
             run = ctx.store.get(run_id)
         except UserError as e:
-            return f"<div id='live-summary'>{_esc(e)}</div>", None, None, [], ""
+            return f"<div id='live-summary'>{_esc(e)}</div>", None, None, None, [], ""
         folder = ctx.store.folder(run_id)
         progress = summarize(read_events(folder / "events.jsonl"))
         grids = []
@@ -104,13 +116,33 @@ def build(ctx) -> LivePage:
                 cache[key] = sample_grid(paths, run.info.get("layout"))
             if cache[key] is not None:
                 grids.append((cache[key], f"step {step}"))
-        return (status_html(run, progress), curve_frame(progress.loss, "loss"), curve_frame(progress.lr, "lr"),
-                grids, "\n".join(log_tail(folder / "log.txt", 30)))
+        return (status_html(run, progress, ctx.store.all()), curve_frame(progress.loss, "loss"),
+                curve_frame(progress.lr, "lr"), grids[0][0] if grids else None, grids,
+                "\n".join(log_tail(folder / "log.txt", LOG_LINES)))
 
-    outputs = [summary, loss_plot, lr_plot, samples, log]
-    timer.tick(refresh, pick, outputs, show_progress="hidden")
-    pick.change(refresh, pick, outputs)
+    def tick(run_id):
+        """The picked run's state; with none picked, the run a fresh page would show."""
+        if not run_id:
+            first = default_run(ctx.store.all())
+            if first is not None:
+                return gr.update(choices=run_choices(), value=first.id), *refresh(first.id)
+        return gr.update(), *refresh(run_id)
+
+    outputs = [summary, loss_plot, lr_plot, latest, samples, log]
+    timer.tick(tick, pick, [pick, *outputs], show_progress="hidden")
+    pick.change(refresh, pick, outputs, show_progress="hidden")
     pick.focus(lambda: gr.update(choices=run_choices()), None, pick)
+
+    def on_request(run_id, what):
+        try:
+            ctx.runner.request(run_id or "", what)
+        except UserError as e:
+            return f"**Refused:** {e}"
+        return ("Sampling after this step." if what == "sample" else
+                "Saving the LoRA and the training state after this step.")
+
+    sample_now.click(lambda r: on_request(r, "sample"), pick, message)
+    save_now.click(lambda r: on_request(r, "save"), pick, message)
 
     def on_stop(run_id):
         try:
@@ -121,4 +153,4 @@ def build(ctx) -> LivePage:
 
     stop.click(on_stop, pick, message)
     resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
-    return LivePage(pick, run_choices)
+    return LivePage(pick, run_choices, on_load)

@@ -1,19 +1,30 @@
-"""Pairs: upload or pick a pair folder; each pair with its difference heat map, training mask and warnings."""
+"""Pairs: upload or pick a pair folder; each pair with its difference heat map, training mask and warnings.
+
+Also: toy pairs made in one click, a pair added from a before and an after slot (saved as NAME.png /
+NAME_after.png), the `prep` commands' align, crop and tag buttons (writing to a new folder, never over
+the pairs), and caption editing per pair with the tags each side has that the other lacks.
+"""
 
 from __future__ import annotations
 
 
+import shutil
+import uuid
+from pathlib import Path
+
 from ...errors import UserError
 from .. import pairs as P
+from ..progress import GALLERY_HEIGHT
+from ..subcommand import run_cli
 
 
 def _composite(view: P.PairView):
-
+    """before | after above difference | mask: near square, so a gallery cell shows it large and whole."""
     from ...generate import make_grid
 
     h = view.before.shape[0]
-    scale = max(1, 128 // h)
-    return make_grid([[view.before, view.after, view.heat, view.mask]], ["before", "after", "difference", "mask"],
+    scale = max(1, 192 // h)  # small pairs enlarged so a face can be seen
+    return make_grid([[view.before, view.after], [view.heat, view.mask]], ["before | difference", "after | mask"],
                      scale=scale)
 
 
@@ -40,6 +51,76 @@ def show_pairs(ctx, folder: str, after_suffix: str, threshold: float, dilate: fl
     return items, summary + ("\n\n**Warnings**\n" + "\n".join(lines) if lines else "\n\nNo warnings."), names
 
 
+def make_toy_pairs(ctx, task: str, n: int, name: str) -> Path:
+    """`n` procedural pairs of a toy task in pairs/<name> (a new or empty folder)."""
+    from ...toy.evaluate import TASKS, write_pairs
+
+    if task not in TASKS:
+        raise UserError(f"unknown toy task {task!r}; choose one of: {', '.join(TASKS)}")
+    if not 1 <= int(n) <= 64:
+        raise UserError(f"number of toy pairs: 1 to 64, got {n}")
+    dest = ctx.ws.new_folder("pairs", (name or task).strip(), create=False)
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError("the folder already holds files; choose another name", path=ctx.ws.relative(dest))
+    write_pairs(dest, task, int(n), seed=0)
+    return dest
+
+
+def add_pair(ctx, folder: str, name: str, before: str | None, after: str | None, replace: bool = False) -> list[str]:
+    """One pair from the two slots, saved as NAME<ext> and NAME_after<ext> through the upload checks."""
+    from ..workspace import safe_name
+
+    if not before or not after:
+        raise UserError("drop an image in both slots, 'before' and 'after'")
+    stem = safe_name((name or "").strip() or Path(before).stem)
+    dest = ctx.ws.resolve(folder or "", "pair folder")
+    staging = ctx.ws.root / ".gradio" / f"pair-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        staged = []
+        for src, suffix in ((Path(before), ""), (Path(after), "_after")):
+            staged.append(staging / f"{stem}{suffix}{src.suffix.lower()}")
+            shutil.copyfile(src, staged[-1])
+        return P.import_uploads([str(p) for p in staged], dest, replace=replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+PREP_ACTIONS = {"align": "_aligned", "crop": "_cropped"}
+
+
+def prep_folder(ctx, folder: str, action: str, size: int = 512, after_suffix: str = "_after") -> tuple[str, str]:
+    """Run `difflora prep pairs --align` or `prep crop --mode focus` on a pair folder into a new sibling folder;
+    (the new folder, the command's report). The pairs themselves are never rewritten."""
+    src = ctx.ws.resolve(folder or "", "pair folder")
+    out = src.with_name(src.name + PREP_ACTIONS[action])
+    if action == "align":
+        argv = ["prep", "pairs", str(src), "--align", "--out", str(out), "--after-suffix", after_suffix]
+    else:
+        argv = ["prep", "crop", str(src), "--out", str(out), "--mode", "focus", "--size", str(int(size)),
+                "--after-suffix", after_suffix]
+    report = run_cli(argv, ctx.ws.root)
+    return ctx.ws.relative(out), report
+
+
+def tag_folder(ctx, folder: str) -> str:
+    """Captions for the images that have none, from the toy tagger (`difflora prep tag --tagger toy`)."""
+    return run_cli(["prep", "tag", str(ctx.ws.resolve(folder or "", "pair folder")), "--tagger", "toy"], ctx.ws.root)
+
+
+def tag_diff(before: str, after: str) -> str:
+    """What the two captions of a pair say differently: the tags only one of them has."""
+    from ...prep.captions import split_tags
+
+    b, a = split_tags(before or ""), split_tags(after or "")
+    gone = [t for t in b if t not in a]
+    new = [t for t in a if t not in b]
+    if not gone and not new:
+        return "The captions have the same tags: the difference is left to the images."
+    return ("**only before:** " + (", ".join(f"`{t}`" for t in gone) or "none") + "  \n"
+            "**only after:** " + (", ".join(f"`{t}`" for t in new) or "none"))
+
+
 def build(ctx) -> None:
     import gradio as gr
 
@@ -63,13 +144,39 @@ def build(ctx) -> None:
             upload = gr.File(label="upload images and captions", file_count="multiple", elem_id="pairs-upload")
             replace = gr.Checkbox(label="replace existing files", value=False, elem_id="pairs-replace")
             add = gr.Button("Add to folder", elem_id="pairs-add")
+    with gr.Accordion("make toy pairs, add one pair, align, crop, tag", open=False, elem_id="pairs-more"):
+        with gr.Row():
+            from ...toy.evaluate import TASKS
+
+            toy_task = gr.Dropdown(label="toy task", choices=list(TASKS), value="eyes", elem_id="pairs-toy-task")
+            toy_n = gr.Number(label="pairs", value=4, precision=0, minimum=1, maximum=64, elem_id="pairs-toy-n")
+            toy_name = gr.Textbox(label="folder under pairs/", placeholder="the task's name", elem_id="pairs-toy-name")
+            toy_go = gr.Button("Make toy pairs", elem_id="pairs-toy-go")
+        with gr.Row():
+            slot_before = gr.File(label="before image", file_count="single", file_types=["image"],
+                                  elem_id="pairs-slot-before")
+            slot_after = gr.File(label="after image", file_count="single", file_types=["image"],
+                                 elem_id="pairs-slot-after")
+            with gr.Column():
+                slot_name = gr.Textbox(label="pair name", placeholder="the before file's name",
+                                       info="saved as NAME.png and NAME_after.png in the pair folder",
+                                       elem_id="pairs-slot-name")
+                slot_add = gr.Button("Add this pair to the folder", elem_id="pairs-slot-add")
+        with gr.Row():
+            crop_size = gr.Number(label="crop size", value=512, precision=0, elem_id="pairs-crop-size")
+            align = gr.Button("Align pairs (prep pairs --align) into FOLDER_aligned", elem_id="pairs-align")
+            crop = gr.Button("Crop pairs (prep crop --mode focus) into FOLDER_cropped", elem_id="pairs-crop")
+            tag = gr.Button("Caption untagged images (prep tag --tagger toy)", elem_id="pairs-tag")
     status = gr.Markdown(elem_id="pairs-status")
-    gallery = gr.Gallery(label="pairs", columns=3, height="auto", object_fit="contain", elem_id="pairs-gallery")
+    gallery = gr.Gallery(label="pairs: before and after, below them the difference and the training mask "
+                               "(click one to see it whole)",
+                         columns=2, height=GALLERY_HEIGHT, object_fit="contain", elem_id="pairs-gallery")
     with gr.Row():
         pick = gr.Dropdown(label="pair", choices=[], elem_id="pairs-pick")
         before_caption = gr.Textbox(label="before caption", elem_id="pairs-caption-before")
         after_caption = gr.Textbox(label="after caption", elem_id="pairs-caption-after")
         save = gr.Button("Save captions", elem_id="pairs-save")
+    diff = gr.Markdown(elem_id="pairs-tag-diff")
     saved = gr.Markdown(elem_id="pairs-saved")
 
     def on_show(f, s, t, d, m):
@@ -118,6 +225,58 @@ def build(ctx) -> None:
             return f"**Refused:** {e}"
         return f"Saved the captions of {name}."
 
+    def shown(rel, prefix, s, t, d, m):
+        """The page after an action that made or changed the folder `rel`."""
+        items, text, names = show_pairs(ctx, rel, s, t, d, m)
+        return (gr.update(choices=ctx.ws.folders(), value=rel), f"{prefix}\n\n{text}", items,
+                gr.update(choices=names, value=names[0] if names else None))
+
+    def refused(e):
+        return gr.update(), f"**Refused:** {e}", gr.update(), gr.update()
+
+    def on_toy(task, n, name, s, t, d, m, progress=gr.Progress()):
+        try:
+            progress(0.1, desc=f"rendering {int(n or 0)} toy pair(s)")
+            dest = make_toy_pairs(ctx, task, n or 0, name)
+            return shown(ctx.ws.relative(dest), f"Made {int(n)} toy pair(s) of '{task}'.", s, t, d, m)
+        except UserError as e:
+            return refused(e)
+
+    def on_slots(f, name, before, after, replace_existing, s, t, d, m):
+        try:
+            report = add_pair(ctx, f, name, getattr(before, "name", before), getattr(after, "name", after),
+                              bool(replace_existing))
+            return shown(f, "Added " + ", ".join(report) + ".", s, t, d, m)
+        except UserError as e:
+            return refused(e)
+
+    def on_prep(action):
+        def go(f, size, s, t, d, m, progress=gr.Progress()):
+            try:
+                progress(0.1, desc=f"{action}: running")
+                out, report = prep_folder(ctx, f, action, size or 512, s or "_after")
+                return shown(out, f"Wrote `{out}`:\n```\n{report[-1500:]}\n```", s, t, d, m)
+            except UserError as e:
+                return refused(e)
+        return go
+
+    def on_tag(f, s, t, d, m, progress=gr.Progress()):
+        try:
+            progress(0.1, desc="tagging")
+            report = tag_folder(ctx, f)
+            return shown(f, f"```\n{report[-1500:]}\n```", s, t, d, m)
+        except UserError as e:
+            return refused(e)
+
+    after_action = [folder, status, gallery, pick]
+    toy_go.click(on_toy, [toy_task, toy_n, toy_name, suffix, threshold, dilate, model], after_action)
+    slot_add.click(on_slots, [folder, slot_name, slot_before, slot_after, replace, suffix, threshold, dilate, model],
+                   after_action)
+    align.click(on_prep("align"), [folder, crop_size, suffix, threshold, dilate, model], after_action)
+    crop.click(on_prep("crop"), [folder, crop_size, suffix, threshold, dilate, model], after_action)
+    tag.click(on_tag, [folder, suffix, threshold, dilate, model], after_action)
+    for box in (before_caption, after_caption):
+        box.change(tag_diff, [before_caption, after_caption], diff, show_progress="hidden")
     show.click(on_show, [folder, suffix, threshold, dilate, model], [gallery, status, pick])
     add.click(on_add, [new_name, upload, replace, suffix, threshold, dilate, model], [folder, status, gallery, pick])
     pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption])

@@ -1,4 +1,8 @@
-"""Runs: every run in the workspace with its job, status, curves, outputs and samples; re-open or clone."""
+"""Runs: every run in the workspace with its job, status, curves, outputs and samples; re-open, clone, continue.
+
+The table is read from the run registry on page load and every few seconds (never kept from when
+the app was built), so a finished run reads "finished" in every tab and after a server restart.
+"""
 
 import time
 import tomllib
@@ -6,7 +10,8 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from .. import jobform as J
-from ..progress import curve_frame, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, read_events, sample_grid, summarize
+from ..runs import status_text
 from .live import resume_message, run_samples
 
 
@@ -16,15 +21,19 @@ class RunsPage:
     pick: object
     open_live: object
     clone: object
+    extend: object
+    more_steps: object
+    on_load: object  # () -> (table rows, the pick's choices)
 
 
 def table_rows(ctx) -> list[list]:
     rows = []
-    for r in ctx.store.all():
+    runs = ctx.store.all()
+    for r in runs:
         p = summarize(read_events(ctx.store.folder(r.id) / "events.jsonl")) if r.kind == "train" else None
         last_loss = f"{p.loss[-1][1]:.4f}" if p and p.loss else ""
         steps = f"{p.global_step}/{p.total_steps}" if p and p.total_steps else ""
-        rows.append([r.id, r.kind, r.status, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), steps,
+        rows.append([r.id, r.kind, status_text(runs, r), time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), steps,
                      last_loss, ctx.ws.relative(r.result) if r.result else "", r.error or ""])
     return rows
 
@@ -36,19 +45,25 @@ def build(ctx) -> RunsPage:
     import gradio as gr
 
     refresh = gr.Button("Refresh", elem_id="runs-refresh")
-    table = gr.Dataframe(headers=HEADERS, value=table_rows(ctx), interactive=False, wrap=True, elem_id="runs-table")
+    table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row():
-        pick = gr.Dropdown(label="run", choices=[r.id for r in ctx.store.all()], elem_id="runs-pick", scale=4)
+        pick = gr.Dropdown(label="run", choices=[], elem_id="runs-pick", scale=4)
         open_live = gr.Button("Open in Live run", elem_id="runs-open", scale=1)
         clone = gr.Button("Clone job into Train", elem_id="runs-clone", scale=1)
         resume = gr.Button("Resume", elem_id="runs-resume", scale=1)
+    with gr.Row():
+        more_steps = gr.Number(label="more steps", value=40, precision=0, minimum=1, elem_id="runs-more-steps",
+                               info="continue a finished run: its LoRA is the starting point (network_weights)")
+        extend = gr.Button("Continue into Train", elem_id="runs-continue")
     message = gr.Markdown(elem_id="runs-message")
     with gr.Row():
         job = gr.Code(label="job", language=None, interactive=False, elem_id="runs-job")
         with gr.Column():
             details = gr.Markdown(elem_id="runs-details")
             loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="runs-loss", height=220)
-    samples = gr.Gallery(label="samples", columns=4, height="auto", object_fit="contain", elem_id="runs-samples")
+    samples = gr.Gallery(label="samples (newest first); click one to see it whole", columns=2,
+                         height=GALLERY_HEIGHT,
+                         object_fit="contain", elem_id="runs-samples")
     outputs = gr.File(label="outputs", file_count="multiple", interactive=False, elem_id="runs-outputs")
 
     def on_refresh():
@@ -83,9 +98,10 @@ def build(ctx) -> RunsPage:
         return job_text, md, curve_frame(p.loss, "loss"), grids, files or None
 
     refresh.click(on_refresh, None, [table, pick])
+    gr.Timer(3.0).tick(lambda: table_rows(ctx), None, table, show_progress="hidden")
     pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs])
     resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
-    return RunsPage(table, pick, open_live, clone)
+    return RunsPage(table, pick, open_live, clone, extend, more_steps, on_refresh)
 
 
 def connect(ctx, page: RunsPage, train, live, tabs) -> None:
@@ -102,18 +118,44 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
             return gr.update(), gr.update()
         return gr.Tabs(selected="live"), gr.update(choices=live.run_choices(), value=run_id)
 
+    def job_values(run_id, continued_steps: int | None = None):
+        """The Train form's values for a run's job; continued: from its LoRA, for more steps."""
+        run = ctx.store.get(run_id or "")
+        folder = ctx.store.folder(run.id)
+        try:
+            data = tomllib.loads((folder / "job.toml").read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"cannot read the run's job ({e})", path=folder / "job.toml") from None
+        if str(data.get("sample_prompts", "")).startswith(str(folder)):  # the UI wrote it: the form makes it again
+            data.pop("sample_prompts")
+            data.pop("sample_sweep", None)
+        if continued_steps is not None:
+            if run.kind != "train" or run.status != "finished" or not run.result:
+                raise UserError(f"run {run.id} is {run.status}; only a finished training continues "
+                                "(resume a stopped one)")
+            if int(continued_steps or 0) < 1:
+                raise UserError("more steps: at least 1")
+            data["network_weights"] = run.result
+            data["max_train_steps"] = int(continued_steps)
+        return run, J.job_to_values(train.specs, data, run.info.get("ui") or {}, ctx.ws, folder)
+
     def on_clone(run_id):
         try:
-            run = ctx.store.get(run_id or "")
-            folder = ctx.store.folder(run.id)
-            data = tomllib.loads((folder / "job.toml").read_text(encoding="utf-8"))
-        except (UserError, OSError, tomllib.TOMLDecodeError) as e:
+            run, values = job_values(run_id)
+        except UserError as e:
             return [gr.update()] * len(train.fields) + [gr.update(), f"**Cannot clone:** {e}"]
-        if str(data.get("sample_prompts", "")).startswith(str(folder)):  # the UI wrote it from sample_prompt
-            data.pop("sample_prompts")
-        values = J.job_to_values(train.specs, data, run.info.get("ui") or {}, ctx.ws, folder)
         return [*values, gr.Tabs(selected="train"), f"Cloned the job of `{run.id}` into the Train form."]
+
+    def on_continue(run_id, steps):
+        try:
+            run, values = job_values(run_id, steps)
+        except UserError as e:
+            return [gr.update()] * len(train.fields) + [gr.update(), f"**Cannot continue:** {e}"]
+        return [*values, gr.Tabs(selected="train"),
+                f"The Train form continues `{run.id}` from its LoRA for {int(steps)} more steps: press Start."]
 
     page.open_live.click(on_open, page.pick, [tabs, live.pick])
     page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status]).then(
+        train.check, train.fields, train.check_outputs)
+    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status]).then(
         train.check, train.fields, train.check_outputs)

@@ -1,9 +1,56 @@
-"""Tools: merge, svd-merge, resize, extract and inspect, run as the CLI with the CLI's checks."""
+"""Tools: merge, svd-merge, resize, extract and inspect, run as the CLI with the CLI's checks.
+
+An existing output is replaced only with "overwrite" ticked; a resize to a rank at or above the
+file's says which rank it wrote; a merge whose result is zero everywhere says so.
+"""
 
 from __future__ import annotations
 
+import json
+
 from ...errors import UserError
+from ..pickers import lora_choices, model_choices
 from ..subcommand import run_cli
+
+WRITING = ("merge", "svd-merge", "resize", "extract")
+
+
+def refuse_overwrite(ctx, save_to: str, overwrite: bool) -> None:
+    path = ctx.ws.resolve(save_to or "", "save to")
+    if path.exists() and not overwrite:
+        raise UserError(f"{ctx.ws.relative(path)} exists; tick 'overwrite' to replace it, or choose another name")
+
+
+def file_rank(ctx, lora: str) -> int:
+    """The largest rank of a LoRA file's modules, read by `difflora inspect`."""
+    info = json.loads(run_cli(["inspect", str(ctx.ws.resolve(lora, "LoRA")), "--json"], ctx.ws.root))
+    return max(r for block in info["blocks"].values() for r in block["rank"])
+
+
+def is_zero(path) -> bool:
+    """Every module's effective delta is zero up to rounding (e.g. a LoRA merged with its negative): below 1e-5
+    of what its factors could add up to (the delta of their absolute values)."""
+    from ...network.adapters import group_modules, module_dense
+    from ...network.files import load_lora
+
+    lora = load_lora(path)
+    for cls, parts in group_modules(lora.tensors, str(path)).values():
+        if "dora_scale" in parts:
+            return False  # a DoRA module rescales the base weight: never a zero change
+        bound = float(module_dense(cls, {k: v.abs() for k, v in parts.items()}).abs().max())
+        if float(module_dense(cls, parts).abs().max()) > 1e-5 * bound:
+            return False
+    return True
+
+
+def notes_after(ctx, tool: str, f: dict, rank_before: int | None) -> list[str]:
+    notes = []
+    if tool == "resize" and rank_before is not None and int(f["new_rank"]) >= rank_before and not f.get("dynamic"):
+        notes.append(f"the file's rank is {rank_before}: asking for {int(f['new_rank'])} wrote rank {rank_before} "
+                     "(a resize never adds rank)")
+    if tool in ("merge", "svd-merge") and is_zero(ctx.ws.resolve(f["save_to"], "save to")):
+        notes.append("the merged LoRA is zero everywhere: the inputs cancel at these ratios")
+    return notes
 
 
 def _numbers(text: str, what: str) -> list[str]:
@@ -51,64 +98,84 @@ def build(ctx) -> None:
     import gradio as gr
 
     def loras():
-        return gr.update(choices=ctx.ws.files(".safetensors"))
+        return gr.update(choices=lora_choices(ctx.ws))
 
     def runner(tool, names):
-        def go(*values):
+        def go(*values, progress=gr.Progress()):
+            f = dict(zip(names, values))
             try:
-                text = run_cli(tool_argv(ctx, tool, dict(zip(names, values))), ctx.ws.root)
+                progress(0.05, desc=f"{tool}: checking")
+                if tool in WRITING:
+                    refuse_overwrite(ctx, f["save_to"], f.get("overwrite", False))
+                rank_before = file_rank(ctx, f["lora"]) if tool == "resize" else None
+                progress(0.2, desc=f"{tool}: running")
+                text = run_cli(tool_argv(ctx, tool, f), ctx.ws.root)
+                progress(0.95, desc=f"{tool}: checking the result")
+                notes = notes_after(ctx, tool, f, rank_before) if tool in WRITING else []
             except UserError as e:
                 return f"**Refused:** {e}"
-            return f"```\n{text}\n```"
+            return "".join(f"**Warning:** {n}  \n" for n in notes) + f"```\n{text}\n```"
         return go
 
+    def overwrite_box(elem_id):
+        return gr.Checkbox(label="overwrite", value=False, info="replace the file if it exists", elem_id=elem_id)
+
     with gr.Tab("Merge"):
-        m_loras = gr.Dropdown(label="LoRAs", multiselect=True, choices=ctx.ws.files(".safetensors"), elem_id="tool-merge-loras")
+        m_loras = gr.Dropdown(label="LoRAs", multiselect=True, choices=lora_choices(ctx.ws), elem_id="tool-merge-loras")
         with gr.Row():
             m_ratios = gr.Textbox(label="ratios (one per LoRA)", placeholder="1 -1", elem_id="tool-merge-ratios")
-            m_model = gr.Textbox(label="merge into model (blank: LoRA + LoRA)", elem_id="tool-merge-model")
+            m_model = gr.Dropdown(label="merge into model (blank: LoRA + LoRA)", choices=model_choices(ctx.ws),
+                                  value="", allow_custom_value=True, elem_id="tool-merge-model")
             m_mode = gr.Dropdown(label="mode", choices=["exact", "kohya"], value="exact")
             m_save = gr.Textbox(label="save to", value="tools/merged.safetensors", elem_id="tool-merge-save")
+            m_over = overwrite_box("tool-merge-overwrite")
         m_go = gr.Button("Merge", variant="primary", elem_id="tool-merge-go")
         m_out = gr.Markdown(elem_id="tool-merge-out")
-        m_go.click(runner("merge", ["loras", "ratios", "model", "mode", "save_to"]),
-                   [m_loras, m_ratios, m_model, m_mode, m_save], m_out)
+        m_go.click(runner("merge", ["loras", "ratios", "model", "mode", "save_to", "overwrite"]),
+                   [m_loras, m_ratios, m_model, m_mode, m_save, m_over], m_out)
         m_loras.focus(loras, None, m_loras)
+        m_model.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, m_model)
     with gr.Tab("SVD merge"):
-        s_loras = gr.Dropdown(label="LoRAs", multiselect=True, choices=ctx.ws.files(".safetensors"))
+        s_loras = gr.Dropdown(label="LoRAs", multiselect=True, choices=lora_choices(ctx.ws))
         with gr.Row():
             s_ratios = gr.Textbox(label="ratios", placeholder="0.6 0.4")
             s_rank = gr.Number(label="new rank", value=4, precision=0)
             s_save = gr.Textbox(label="save to", value="tools/svd_merged.safetensors")
+            s_over = overwrite_box("tool-svd-overwrite")
         s_go = gr.Button("SVD merge", variant="primary")
         s_out = gr.Markdown()
-        s_go.click(runner("svd-merge", ["loras", "ratios", "new_rank", "save_to"]), [s_loras, s_ratios, s_rank, s_save],
-                   s_out)
+        s_go.click(runner("svd-merge", ["loras", "ratios", "new_rank", "save_to", "overwrite"]),
+                   [s_loras, s_ratios, s_rank, s_save, s_over], s_out)
         s_loras.focus(loras, None, s_loras)
     with gr.Tab("Resize"):
         with gr.Row():
-            r_lora = gr.Dropdown(label="LoRA", choices=ctx.ws.files(".safetensors"), allow_custom_value=True)
-            r_rank = gr.Number(label="new rank", value=2, precision=0)
+            r_lora = gr.Dropdown(label="LoRA", choices=lora_choices(ctx.ws), allow_custom_value=True,
+                                 elem_id="tool-resize-lora")
+            r_rank = gr.Number(label="new rank", value=2, precision=0, elem_id="tool-resize-rank")
             r_dyn = gr.Dropdown(label="dynamic", choices=["", "sv_ratio", "sv_fro", "sv_cumulative"], value="")
             r_param = gr.Number(label="param", value=0.9)
-            r_save = gr.Textbox(label="save to", value="tools/resized.safetensors")
-        r_go = gr.Button("Resize", variant="primary")
-        r_out = gr.Markdown()
-        r_go.click(runner("resize", ["lora", "new_rank", "dynamic", "param", "save_to"]),
-                   [r_lora, r_rank, r_dyn, r_param, r_save], r_out)
+            r_save = gr.Textbox(label="save to", value="tools/resized.safetensors", elem_id="tool-resize-save")
+            r_over = overwrite_box("tool-resize-overwrite")
+        r_go = gr.Button("Resize", variant="primary", elem_id="tool-resize-go")
+        r_out = gr.Markdown(elem_id="tool-resize-out")
+        r_go.click(runner("resize", ["lora", "new_rank", "dynamic", "param", "save_to", "overwrite"]),
+                   [r_lora, r_rank, r_dyn, r_param, r_save, r_over], r_out)
         r_lora.focus(loras, None, r_lora)
     with gr.Tab("Extract"):
         with gr.Row():
-            e_org = gr.Textbox(label="original model")
-            e_tuned = gr.Textbox(label="tuned model")
+            e_org = gr.Dropdown(label="original model", choices=model_choices(ctx.ws), allow_custom_value=True)
+            e_tuned = gr.Dropdown(label="tuned model", choices=model_choices(ctx.ws), allow_custom_value=True)
             e_dim = gr.Number(label="dim", value=4, precision=0)
             e_save = gr.Textbox(label="save to", value="tools/extracted.safetensors")
+            e_over = overwrite_box("tool-extract-overwrite")
         e_go = gr.Button("Extract", variant="primary")
         e_out = gr.Markdown()
-        e_go.click(runner("extract", ["model_org", "model_tuned", "dim", "save_to"]), [e_org, e_tuned, e_dim, e_save],
-                   e_out)
+        e_go.click(runner("extract", ["model_org", "model_tuned", "dim", "save_to", "overwrite"]),
+                   [e_org, e_tuned, e_dim, e_save, e_over], e_out)
+        for picker in (e_org, e_tuned):
+            picker.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, picker)
     with gr.Tab("Inspect"):
-        i_lora = gr.Dropdown(label="LoRA", choices=ctx.ws.files(".safetensors"), allow_custom_value=True,
+        i_lora = gr.Dropdown(label="LoRA", choices=lora_choices(ctx.ws), allow_custom_value=True,
                              elem_id="tool-inspect-lora")
         i_go = gr.Button("Inspect", variant="primary", elem_id="tool-inspect-go")
         i_out = gr.Markdown(elem_id="tool-inspect-out")

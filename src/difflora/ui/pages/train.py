@@ -1,14 +1,22 @@
-"""Train: method cards, the job form generated from the schema, live validation, start / stop / resume."""
+"""Train: method cards, the job form generated from the schema, live validation, start / stop / resume.
+
+Every field carries its line of `difflora train --help-keys`; only the chosen method's table is shown.
+Start runs the CLI's checks of the job and of its data (the training's own loader) before anything
+is queued. Presets are form values saved under `<workspace>/presets/`; a job TOML or a kohya config
+can be imported into the form.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from ...errors import UserError
 from ...fileio import write_text_atomic
+from ..workspace import safe_name
 from .. import jobform as J
 from ..runs import ACTIVE, RESUMABLE, Run, new_run_id
 
@@ -26,25 +34,105 @@ class TrainPage:
     resume: object
     check: object  # validates the form: (*values) -> (one Markdown per group, status)
     check_outputs: list
+    report: object  # (problems, prefix) -> the values of check_outputs
 
 
 def _component(gr, spec: J.FieldSpec):
     default = J.effective_default(spec, DEFAULT_METHOD)
     elem_id = "f-" + spec.key.replace(".", "-")
-    info = spec.help or None
+    info = spec.help
     if spec.kind == "bool":
-        return gr.Checkbox(label=spec.key, value=bool(default), info=info, elem_id=elem_id)
+        return gr.Checkbox(label=spec.label, value=bool(default), info=info, elem_id=elem_id)
     if spec.kind == "optional_bool":
-        return gr.Dropdown(label=spec.key, choices=["", "true", "false"], value="", info="blank: default",
+        return gr.Dropdown(label=spec.label, choices=["", "true", "false"], value="", info=f"{info} (blank: default)",
                            elem_id=elem_id)
     if spec.kind == "choice":
         value = DEFAULT_METHOD if spec.key == "method" else (default if default is not None else "")
-        return gr.Dropdown(label=spec.key, choices=spec.choices, value=value, info=info, elem_id=elem_id)
-    placeholder = J.display(default) or ("pairs/eyes" if spec.key == "image_dir" else "")
+        return gr.Dropdown(label=spec.label, choices=spec.choices, value=value, info=info, elem_id=elem_id)
+    placeholder = J.display(default) or {"image_dir": "pairs/eyes",
+                                          "sample_prompt": "the first pair's 'before' caption"}.get(spec.key, "")
     if spec.key == "output_dir":
         placeholder = "runs/<run>/output"
-    return gr.Textbox(label=spec.key, value="", placeholder=placeholder, info=info, lines=1, max_lines=4,
+    return gr.Textbox(label=spec.label, value="", placeholder=placeholder, info=info, lines=1, max_lines=4,
                       elem_id=elem_id)
+
+
+def group_id(group: str) -> str:
+    """A form group's name as an element id: 'addift options' -> 'addift-options', 'FLUX.1 models' -> 'FLUX-1-models'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", group).strip("-")
+
+
+def presets_dir(ctx):
+    return ctx.ws.root / "presets"
+
+
+def preset_names(ctx) -> list[str]:
+    return sorted(p.stem for p in presets_dir(ctx).glob("*.toml"))
+
+
+def save_preset(ctx, specs, values, name: str) -> str:
+    """The form's non-blank values as `<workspace>/presets/<name>.toml`; returns the name used."""
+    import tomli_w
+
+    name = safe_name((name or "").strip())
+    if not (name or "").strip() or name == "untitled":
+        raise UserError("give the preset a name")
+    kept = {s.key: v for s, v in zip(specs, values) if v not in (None, "") and not (
+        s.kind == "bool" and bool(v) == bool(J.effective_default(s, DEFAULT_METHOD)))}
+    write_text_atomic(presets_dir(ctx) / f"{name}.toml", tomli_w.dumps(kept))
+    return name
+
+
+def load_preset(ctx, specs, name: str) -> list:
+    import tomllib
+
+    path = presets_dir(ctx) / f"{safe_name(name or '')}.toml"
+    try:
+        kept = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("no such preset", path=ctx.ws.relative(path)) from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"unreadable preset ({e})", path=ctx.ws.relative(path)) from None
+    method = kept.get("method", DEFAULT_METHOD)
+    out = []
+    for s in specs:
+        if s.key in kept:
+            out.append(kept[s.key])
+        elif s.kind == "bool":
+            out.append(bool(J.effective_default(s, method)))
+        elif s.kind == "choice":
+            out.append(method if s.key == "method" else (J.effective_default(s, method) or ""))
+        else:
+            out.append("")
+    return out
+
+
+def import_job(ctx, specs, path_text: str) -> list:
+    """The form's values for a job TOML or a kohya sd-scripts config in the workspace (kohya keys renamed)."""
+    from pydantic import ValidationError
+
+    from ... import kohya_config
+    from ...config import JobConfig, format_errors, read_toml
+
+    path = ctx.ws.resolve(path_text or "", "job file")
+    data, text = read_toml(path)
+    try:
+        data = kohya_config.normalise(data, set(JobConfig.model_fields))
+        JobConfig.model_validate(data)  # unknown keys and bad values are refused here, not dropped
+    except ValidationError as e:
+        raise format_errors(e, text, ctx.ws.relative(path)) from None
+    except UserError as e:
+        raise e if e.path else UserError(str(e), path=ctx.ws.relative(path)) from None
+    base = path.parent
+    for key in J.PATH_KEYS & set(data):
+        if isinstance(data[key], str) and data[key]:
+            data[key] = str((base / data[key]).resolve())
+    for ds in data.get("datasets") or []:
+        for sub in ds.get("subsets") or []:
+            for key in ("image_dir", "after_dir"):
+                if isinstance(sub.get(key), str):
+                    sub[key] = str((base / sub[key]).resolve())
+    return J.job_to_values(specs, data, {}, ctx.ws)
 
 
 def _card_text(method: str) -> str:
@@ -70,10 +158,19 @@ def build(ctx) -> TrainPage:
     for s in specs:
         groups.setdefault(s.group, []).append(s)
     by_key = {}
+    method_groups = {}  # method -> the accordion of its option table
+    family_groups = {}  # a family's option group -> (its accordion, the model_family values it serves)
+    served = J.family_group_names()
     for group, members in groups.items():
         nested = group.endswith(" options")
-        with gr.Accordion(group, open=not nested, elem_id="g-" + group.replace(" ", "-")):
-            errors[group] = gr.Markdown(elem_id="err-" + group.replace(" ", "-"), elem_classes=["field-error"])
+        method_of_group = group[:-len(" options")] if nested else None
+        with gr.Accordion(group, open=not nested and group not in served, elem_id="g-" + group_id(group),
+                          visible=method_of_group in (None, DEFAULT_METHOD)) as accordion:
+            if method_of_group in J.methods():
+                method_groups[method_of_group] = accordion
+            if group in served:
+                family_groups[group] = (accordion, served[group])
+            errors[group] = gr.Markdown(elem_id="err-" + group_id(group), elem_classes=["field-error"])
             basic = [s for s in members if not s.advanced or nested]
             advanced = [s for s in members if s.advanced and not nested]
             with gr.Row():
@@ -85,6 +182,17 @@ def build(ctx) -> TrainPage:
                         for s in advanced:
                             by_key[s.key] = _component(gr, s)
     fields = [by_key[s.key] for s in specs]
+    with gr.Accordion("presets and import", open=False, elem_id="g-presets"):
+        with gr.Row():
+            preset_pick = gr.Dropdown(label="preset", choices=[], allow_custom_value=True, elem_id="preset-pick",
+                                      info="form values saved in this workspace (presets/NAME.toml)")
+            preset_load = gr.Button("Load preset", elem_id="preset-load")
+            preset_save = gr.Button("Save form as preset", elem_id="preset-save")
+        with gr.Row():
+            import_path = gr.Textbox(label="job TOML or kohya config to import", placeholder="jobs/my_job.toml",
+                                     info="a difflora job or a kohya sd-scripts --config_file TOML in the workspace",
+                                     elem_id="import-path")
+            import_go = gr.Button("Import into the form", elem_id="import-go")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -98,21 +206,22 @@ def build(ctx) -> TrainPage:
 
     def check(*values):
         """(one Markdown per group, status) for the form as it stands."""
-        out = {g: "" for g in group_names}
-        try:
-            data, ui = J.form_to_job(specs, list(values), ctx.ws, ctx.ws.runs / "RUN")
-            J.sample_layout(ui)
-            message = J.validate(data, ctx.ws)
-        except UserError as e:
-            message = str(e)
-        if message:
-            group = J.group_of_error(message, specs) or group_names[0]
-            out[group] = f"⚠ {message}"
-            return [*out.values(), f"**Not ready:** {message}"]
-        return [*out.values(), "Ready to start."]
+        return report(check_form(ctx, specs, values))
 
-    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden")
-    page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status])
+    def report(problems: list[str], prefix: str = "Not ready") -> list:
+        """The first problem next to its field's group and in the status line."""
+        out = {g: "" for g in group_names}
+        if not problems:
+            return [*out.values(), "Ready to start."]
+        out[J.group_of_error(problems[0], specs) or group_names[0]] = f"⚠ {problems[0]}"
+        return [*out.values(), f"**{prefix}:** {problems[0]}"]
+
+    page_report = report
+    # a method change updates many fields at once: one check for the last of them, not one per field
+    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden",
+          trigger_mode="always_last", concurrency_limit=1)
+    page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status],
+                     page_report)
 
     method_field = by_key["method"]
     affected = sorted({k for m in J.methods() for k in J.method_defaults(m)} & set(by_key))
@@ -129,6 +238,37 @@ def build(ctx) -> TrainPage:
         return updates
 
     method_field.change(on_method, method_field, [by_key[k] for k in affected])
+    method_field.change(lambda m: [gr.update(visible=m == name) for name in method_groups], method_field,
+                        list(method_groups.values()))
+    # the family selector: a family's own keys show when it is chosen (all of them while it is detected)
+    by_key["model_family"].change(
+        lambda family: [gr.update(visible=not family or family in names, open=bool(family))
+                        for _, names in family_groups.values()],
+        by_key["model_family"], [accordion for accordion, _ in family_groups.values()])
+
+    def on_preset_save(name, *values):
+        try:
+            saved = save_preset(ctx, specs, values, name)
+        except UserError as e:
+            return gr.update(), f"**Refused:** {e}"
+        return gr.update(choices=preset_names(ctx), value=saved), f"Saved the preset `{saved}`."
+
+    def on_preset_load(name):
+        try:
+            return [*load_preset(ctx, specs, name), f"Loaded the preset `{name}`."]
+        except UserError as e:
+            return [*(gr.update() for _ in specs), f"**Refused:** {e}"]
+
+    def on_import(path_text):
+        try:
+            return [*import_job(ctx, specs, path_text), f"Imported `{path_text}` into the form."]
+        except UserError as e:
+            return [*(gr.update() for _ in specs), f"**Not imported:** {e}"]
+
+    preset_save.click(on_preset_save, [preset_pick, *fields], [preset_pick, status])
+    preset_load.click(on_preset_load, preset_pick, [*fields, status])
+    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick)
+    import_go.click(on_import, import_path, [*fields, status])
     for m, button in card_buttons.items():
         button.click(lambda m=m: m, None, method_field)
 
@@ -181,24 +321,36 @@ def cli_job_path(ws, output_name: str) -> Path:
     return ws.resolve(f"jobs/{output_name}.toml", "output_name")
 
 
-def start_run(ctx, specs, values) -> Run:
-    """Validate the form and queue its run; UserError with the CLI's message when it is not valid."""
-    data, ui = J.form_to_job(specs, list(values), ctx.ws, ctx.ws.runs / "RUN")
-    layout = J.sample_layout(ui)
-    message = J.validate(data, ctx.ws)
+def check_form(ctx, specs, values, with_data: bool = False) -> list[str]:
+    """The form's problems in its own words (empty: it may start); with_data also reads the pairs as a run would."""
+    try:
+        data, ui = J.form_to_job(specs, list(values), ctx.ws, ctx.ws.runs / "RUN")
+        J.sample_multipliers(ui)
+        message = J.validate(data, ctx.ws, with_data=with_data)
+    except UserError as e:
+        message = str(e)
     if message:
-        raise UserError(message)
+        return [J.form_message(message, specs)]
+    return J.implausible(data)
+
+
+def start_run(ctx, specs, values) -> Run:
+    """Check the form and its data, and queue its run; UserError in the form's words when it cannot start."""
+    problems = check_form(ctx, specs, values, with_data=True)
+    if problems:
+        raise UserError(problems[0])
+    data, ui = J.form_to_job(specs, list(values), ctx.ws, ctx.ws.runs / "RUN")
     title = f"{data.get('method', 'standard')}-{data.get('output_name', 'last')}"
     run_id = new_run_id(title)
     folder = ctx.store.folder(run_id)
     data, ui = J.form_to_job(specs, list(values), ctx.ws, folder)
-    if "sample_prompts" not in data:
-        write_text_atomic(folder / "prompts.txt", J.prompt_file_text(layout, seed=int(data.get("seed", 42))))
+    layout = None
+    if "sample_prompts" not in data:  # the preview grid: the training samples as often as stays cheap
+        prompts = J.preview_prompts(ui, data)
+        write_text_atomic(folder / "prompts.txt", J.prompt_file_text(prompts, seed=int(data.get("seed", 42))))
         data["sample_prompts"] = str(folder / "prompts.txt")
-        steps = J.effective_default(next(s for s in specs if s.key == "max_train_steps"), data.get("method"))
-        data.setdefault("sample_every_n_steps", max(1, int(data.get("max_train_steps", steps)) // 4))
-    else:
-        layout = None
+        data.setdefault("sample_sweep", J.sample_multipliers(ui))
+        layout = J.sample_layout(ui, data)
     write_text_atomic(folder / "job.toml", J.job_toml(data))
     argv = ["train", str(folder / "job.toml"), "--events", str(folder / "events.jsonl"), *ctx.ws.restrict_arguments()]
     lora = os.path.join(data["output_dir"], data.get("output_name", "last") + ".safetensors")
@@ -213,8 +365,8 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
         try:
             run = start_run(ctx, page.specs, values)
         except UserError as e:
-            return f"**Not started:** {e}", gr.update(), gr.update()
-        return (f"Queued `{run.id}`.", gr.Tabs(selected="live"),
-                gr.update(choices=live.run_choices(), value=run.id))
+            return [*page.report([str(e)], prefix="Not started"), gr.update(), gr.update()]
+        return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
+                gr.update(choices=live.run_choices(), value=run.id)]
 
-    page.start.click(on_start, page.fields, [page.status, tabs, live.pick])
+    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick])
