@@ -129,7 +129,7 @@ def _build_flux(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the template family (tests only)
-# model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
+# model_family name -> module of the families that exist only in the tests (test_contract registers them)
 TEST_FAMILIES = {"template": "template_family"}
 
 
