@@ -325,8 +325,12 @@ def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkey
 
 
 def _fixed_inputs(model):
-    """A 4x4 latent of 4 channels (every tiny family's), t = 500 and one caption's encoding."""
-    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    """A 4x4 latent of the family's channels (4 for most tiny families, FLUX.2's 128), t = 500 and one caption's
+    encoding."""
+    side = 4 * model.latent_downscale
+    with torch.no_grad():
+        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
+    x = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0))
     return x, torch.tensor([500]), model.encode_prompts(["a face, pair1, eyes open"])
 
 

@@ -24,7 +24,6 @@ class QwenImagePlugin(FamilyPlugin):
     names = ("qwen_image",)
     title = "Qwen-Image / Qwen-Image-Edit"
     options = QwenImageJobOptions
-    path_keys = ("text_encoder", "vae", "qwen_tokenizer")
     kohya_network_module = "networks.lora_qwen_image"  # musubi-tuner's
 
     def detect_folder(self, path, index):

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...options import ReadPath
 from ..shared_options import FlowMatchingKeys, LowVramKeys
 
 
@@ -20,12 +21,12 @@ class QwenImageJobOptions(FlowMatchingKeys, LowVramKeys):
     model_variant: Literal["qwen_image", "edit", "edit_2509", "edit_2511"] | None = Field(
         None, description="Qwen-Image: which model the weights are (qwen_image, edit, edit_2509, edit_2511); "
                           "unset: what the files say (a single file without the 2511 marker: qwen_image)")
-    text_encoder: str | None = Field(
+    text_encoder: ReadPath | None = Field(
         None, description="Qwen-Image: Qwen2.5-VL-7B file for a single-file transformer (musubi's --text_encoder, "
                           "ComfyUI's qwen_2.5_vl_7b.safetensors)")
-    vae: str | None = Field(None, description="Qwen-Image: VAE file for a single-file transformer (musubi's --vae, "
+    vae: ReadPath | None = Field(None, description="Qwen-Image: VAE file for a single-file transformer (musubi's --vae, "
                                               "ComfyUI's qwen_image_vae.safetensors)")
-    qwen_tokenizer: str | None = Field(
+    qwen_tokenizer: ReadPath | None = Field(
         None, description="Qwen-Image: folder with Qwen2.5-VL's tokenizer.json (a Qwen-Image folder's tokenizer/; "
                           "unset: tokenizer/ beside the text_encoder file; never downloaded)")
 
