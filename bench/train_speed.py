@@ -52,6 +52,7 @@ DEFAULT_CONTENDERS = CONTENDERS[:-1]  # difflora_lowmem joins with --arch sdxl (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_speed import FLUX_CONTENDERS, add_flux_arguments, flux_main, flux_worker  # noqa: E402
 from flux2_speed import FLUX2_CONTENDERS, add_flux2_arguments, flux2_main, flux2_worker  # noqa: E402
+from qwen_image_speed import QWEN_CONTENDERS, add_qwen_arguments, qwen_main, qwen_worker  # noqa: E402
 from zimage_speed import CONTENDERS as ZIMAGE_CONTENDERS, add_zimage_arguments, zimage_main  # noqa: E402
 from zimage_speed import worker as zimage_worker  # noqa: E402
 
@@ -453,10 +454,10 @@ def run_lock_step(args, contenders: list[str]) -> tuple[dict[str, list[float]], 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded toy model)")
-    ap.add_argument("--arch", choices=["sd15", "sdxl", "flux", "zimage", "flux2"], default=None,
+    ap.add_argument("--arch", choices=["sd15", "sdxl", "flux", "zimage", "flux2", "qwen_image"], default=None,
                     help="build the real SD1.5 / SDXL architecture with random weights instead of --model (GPU runs); "
                          "flux: the FLUX.1-dev transformer, see bench/flux_speed.py; zimage: bench/zimage_speed.py; "
-                         "flux2: FLUX.2 (--variant), see bench/flux2_speed.py")
+                         "flux2: FLUX.2 (--variant), see bench/flux2_speed.py; qwen_image: bench/qwen_image_speed.py")
     ap.add_argument("--width", type=int, default=None,
                     help="with --arch sdxl: U-Net width instead of the real 320 (same block layout; for machines that "
                          "cannot hold the real model; default 32 on CPU, the real width on CUDA)")
@@ -475,28 +476,32 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default="bench/results/train_speed.json")
-    ap.add_argument("--worker", choices=CONTENDERS + FLUX_CONTENDERS + ZIMAGE_CONTENDERS + FLUX2_CONTENDERS,
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=CONTENDERS + FLUX_CONTENDERS + ZIMAGE_CONTENDERS + FLUX2_CONTENDERS
+                    + QWEN_CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--free-running", action="store_true",
                     help="with --worker and --data DIR: one contender alone, no driver (to time whole processes)")
     add_flux_arguments(ap)
     add_zimage_arguments(ap)
     add_flux2_arguments(ap)
+    add_qwen_arguments(ap)
     args = ap.parse_args()
-    flux_cuda = args.arch in ("flux", "flux2") and args.device.startswith("cuda")
+    flux_cuda = args.arch in ("flux", "flux2", "qwen_image") and args.device.startswith("cuda")
     sdxl_cuda = args.arch == "sdxl" and args.device.startswith("cuda")
-    if args.batch is None:
-        args.batch = 1 if flux_cuda or sdxl_cuda or args.arch == "zimage" else 4  # FLUX's and SDXL's GPU targets are stated at batch 1
+    if args.batch is None:  # FLUX's, SDXL's and Qwen-Image's GPU targets are stated at batch 1
+        args.batch = 1 if flux_cuda or sdxl_cuda or args.arch in ("zimage", "qwen_image") else 4
     if args.steps is None:  # a whole FLUX.1 step takes seconds: fewer rounds keep a GPU run to minutes
-        args.steps = (10 if flux_cuda else 5) if args.arch in ("flux", "zimage", "flux2") else 20 if sdxl_cuda else 60
+        args.steps = (10 if flux_cuda else 5) if args.arch in ("flux", "zimage", "flux2", "qwen_image") \
+            else 20 if sdxl_cuda else 60
     if args.warmup is None:
         args.warmup = (3 if flux_cuda or args.device.startswith("cuda") else 2) \
-            if args.arch in ("flux", "zimage", "flux2") else 3 if sdxl_cuda else 5
+            if args.arch in ("flux", "zimage", "flux2", "qwen_image") else 3 if sdxl_cuda else 5
     if args.arch == "flux2":
         return flux2_worker(args) if args.worker else flux2_main(args)
     if args.arch == "flux":
         return flux_worker(args) if args.worker else flux_main(args)
+    if args.arch == "qwen_image":
+        return qwen_worker(args) if args.worker else qwen_main(args)
     if args.arch == "zimage":
         if args.worker:
             args.contender = args.worker

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,18 @@ from make_corpus import CASES, Workspace, readme_table  # noqa: E402
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
-                                         p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+    """Every entry under `folder` (symlinks as themselves, never followed: cases hold loops) with its content."""
+    out = {}
+    for current, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(current) / name
+            if p.is_symlink():
+                out[str(p.relative_to(folder))] = ("link " + os.readlink(p), p.lstat().st_mtime_ns)
+            else:
+                # a folder's own mtime moves when a lock or temporary file comes and goes: its entries are compared
+                out[str(p.relative_to(folder))] = ((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                                                   if p.is_file() else ("dir", 0))
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -29,6 +40,7 @@ def test_corpus_case(case, tmp_path, tiny_sd1_dir, run_cli, caplog, monkeypatch)
     monkeypatch.chdir(tmp_path)
     args = case.build(ws)
     before = _snapshot(ws.out)
+    everything = _snapshot(ws.root)  # the inputs too: a refused command reads, never writes
     model_before = _snapshot(tiny_sd1_dir)
     with caplog.at_level(logging.WARNING):
         code, out, err = run_cli(*args)
@@ -44,6 +56,7 @@ def test_corpus_case(case, tmp_path, tiny_sd1_dir, run_cli, caplog, monkeypatch)
             assert needle.lower() in line.lower(), (needle, line)
         assert "Traceback" not in err
         assert _snapshot(ws.out) == before  # nothing written, nothing touched, no lock left behind
+        assert _snapshot(ws.root) == everything  # no input changed, no report or caption written anywhere
     else:
         assert code == 0, err
         for needle in case.log:
@@ -56,7 +69,7 @@ def test_corpus_case(case, tmp_path, tiny_sd1_dir, run_cli, caplog, monkeypatch)
 
 
 def test_corpus_is_large_and_covers_both_outcomes():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 210
     assert len({c.name for c in CASES}) == len(CASES)
     assert {c.outcome for c in CASES} == {"error", "ok"}
     for c in CASES:

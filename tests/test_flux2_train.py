@@ -18,6 +18,7 @@ from conftest import _write_pairs
 from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import UserError
 from difflora.models import load_model
+from difflora.models.registry import family_options_of
 from difflora.network.apply import network_from_file
 from difflora.network.files import read_metadata_only
 from difflora.train.loop import train
@@ -77,7 +78,7 @@ def test_standard_lora_lowers_its_loss_and_changes_the_image(env, tmp_path):
 
     job = _job(env, tmp_path, "standard", max_train_steps=40, train_batch_size=4, learning_rate=5e-2)
     path = train(job)
-    model = load_model(env[1]["folder"], job=job)
+    model = load_model(env[1]["folder"], options=family_options_of(job))
     befores = [p for p in sorted((env[0] / "pairs").glob("*.png")) if not p.stem.endswith("_after")]
     x0 = torch.cat([model.encode_images(to_tensor(load_image(p))[None], sample=False) for p in befores])
     caps = [p.with_suffix(".txt").read_text() for p in befores]
@@ -126,5 +127,5 @@ def test_cli_train_and_refusals(env, tmp_path):
     saved = load_file(str(tmp_path / "out" / "cli.safetensors"))
     assert all(k.startswith("diffusion_model.") and not k.endswith(".alpha") for k in saved)
     # a FLUX.1 key on FLUX.2 and a FLUX.2 key on SD are refused with one line
-    with pytest.raises(UserError, match="t5xxl_max_token_length"):
+    with pytest.raises(UserError, match="t5xxl_max_token_length applies to FLUX.1"):
         train(_job(env, tmp_path, "standard", t5xxl_max_token_length=64))

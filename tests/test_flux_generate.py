@@ -18,7 +18,7 @@ def flux():
     return build_tiny_flux("dev", 1, 1)
 
 
-def _image(model, counter=None, **request) -> np.ndarray:
+def _image(model, **request) -> np.ndarray:
     req = GenerationRequest(prompts=["a face, red hair"], seeds=[4], steps=4, width=32, height=32, **request)
     return generate(model, [], req, output="float")[0]
 
@@ -87,3 +87,23 @@ def test_generate_cli_on_flux_uses_cfg_negative_and_sampler(tmp_path, run_cli, f
     code, _, err = run_cli(*base, "--out", tmp_path / "ddim", "--sampler", "ddim")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "euler or heun" in lines[0]
+
+
+def test_a_sample_sampler_flux_cannot_use_stops_training_before_the_first_step(tmp_path, flux):
+    from conftest import _write_pairs
+    from difflora.config import JobConfig, apply_method_defaults
+    from difflora.train.loop import train
+
+    flux.save(tmp_path / "flux")
+    _write_pairs(tmp_path / "data", 2, 32)
+    (tmp_path / "prompts.txt").write_text("a face\n", encoding="utf-8")
+    out = tmp_path / "out"
+    job = apply_method_defaults(JobConfig.model_validate({
+        "model": str(tmp_path / "flux"), "method": "standard", "resolution": 32, "max_train_steps": 2,
+        "output_dir": str(out), "output_name": "r", "log_with": "none", "sample_sampler": "ddim",
+        "sample_prompts": str(tmp_path / "prompts.txt"), "sample_every_n_steps": 1,
+        "datasets": [{"subsets": [{"image_dir": str(tmp_path / "data"), "caption_extension": ".txt"}]}]}))
+    with pytest.raises(UserError) as info:
+        train(job)
+    assert "'ddim'" in str(info.value) and "euler or heun" in str(info.value)
+    assert not out.exists() or not any(out.glob("*.safetensors"))

@@ -73,7 +73,7 @@ def test_predict_runs_the_transformer_at_one_minus_sigma_and_negates_it(model):
     plain = plain_transformer(model)
     cond = model.encode_prompts(["a face, red hair"])
     caps = [cond.tensors["cap"][0][cond.tensors["cap_mask"][0]]]
-    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = 0.2
     with torch.no_grad():
         ours = model.predict(x, torch.tensor([sigma * 1000]), cond)
@@ -92,7 +92,7 @@ def test_the_training_target_is_what_the_pipeline_integrates(model):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    x0, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     sched.set_timesteps(sigmas=[0.3], mu=0.0)
     timestep = sched.timesteps[0]
@@ -119,7 +119,7 @@ def test_folder_and_comfyui_files_load_the_same_model_and_name_the_variant(zimag
     single = load_model(zimage_files["transformer"], options={"text_encoder": str(zimage_files["text_encoder"]),
                                                           "vae": str(zimage_files["vae"])})
     assert single.family == "zimage" and single.variant == "turbo"  # difflora's file says; the folder needs the key
-    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a = model.predict(x, torch.tensor([600.0]), model.encode_prompts(["a cat"]))
         b = single.predict(x, torch.tensor([600.0]), single.encode_prompts(["a cat"]))
@@ -297,7 +297,7 @@ def test_peer_files_give_what_diffusers_gives(model, tmp_path, peer, suffixes):
     pipe.load_lora_weights(str(file))
     cond = model.encode_prompts(["a face"])
     caps = [cond.tensors["cap"][0][cond.tensors["cap_mask"][0]]]
-    x = torch.randn(1, 16, 8, 8, generator=g)
+    x = torch.randn(1, 4, 8, 8, generator=g)
     net = network_from_file(model, file)
     try:
         with torch.no_grad():
@@ -362,3 +362,17 @@ def test_comfyui_scaled_fp8_file_loads_dequantized(zimage_files, model, tmp_path
     assert float((w - ref).abs().max()) < 0.07 * float(ref.abs().max())  # fp8's 3-bit mantissa
     assert float((w - ref).abs().max()) > 0  # it is the fp8 copy, not the original
     assert torch.equal(loaded.transformer.x_pad_token, model.transformer.x_pad_token)
+
+
+def test_a_lora_outside_the_blocks_is_refused_with_its_reason(model, tmp_path):
+    """x_embedder sees every sample's tokens concatenated (a per-sample multiplier cannot apply there)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "embedder.safetensors"
+    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 32),
+               "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(32, 2),
+               "diffusion_model.x_embedder.lora_A.weight": torch.zeros(2, 16),
+               "diffusion_model.x_embedder.lora_B.weight": torch.zeros(32, 2)}, path)
+    with pytest.raises(UserError, match="x_embedder.*outside Z-Image's 34 transformer blocks") as e:
+        network_from_file(model, path)
+    assert str(path) in str(e.value)

@@ -26,7 +26,7 @@ def zmodel(zfiles):
 
 
 def _predict(model):
-    x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model.predict(x, torch.tensor([500.0]), model.encode_prompts(["a face"]))
 

@@ -56,16 +56,11 @@ def _image(model, networks, m):
     return generate(model, networks, req, output="float")[0]
 
 
-METHOD_CASES = {
-    "standard": {},
-    "addift": {"max_train_steps": 4, "learning_rate": 1e-2},
-    "slider": {},
-    "copier": {"copier": {"stage1_steps": 2, "stage2_steps": 2, "stage1_learning_rate": 1e-2,
-                          "stage2_learning_rate": 1e-2}},
-    "differential": {"differential": {"before_steps": 2, "after_steps": 2, "learning_rate": 1e-2}},
-}
+METHOD_CASES = {"standard": {}, "addift": {"max_train_steps": 4, "learning_rate": 1e-2}}
 
 
+# The contract suite (tests/contract) steps every method and adapter on this tiny model; here the saved names and
+# the output change are checked end to end for a ground-truth method and a difference method.
 @pytest.mark.parametrize("method", list(METHOD_CASES))
 def test_each_method_trains_native_names_that_change_the_output(zenv, tmp_path, method):
     job = _job(zenv, tmp_path, method, **METHOD_CASES[method])
@@ -95,7 +90,7 @@ def test_standard_lowers_the_denoising_loss(zenv, tmp_path):
     from difflora.methods.standard import denoising_loss
     from difflora.data.images import load_image, to_tensor
 
-    job = _job(zenv, tmp_path, "standard", max_train_steps=16, learning_rate=3e-2)
+    job = _job(zenv, tmp_path, "standard", max_train_steps=10, learning_rate=3e-2)
     path = train(job)
     model = _load(job)
     befores = sorted(p for p in (zenv[0] / "pairs").glob("*.png") if not p.stem.endswith("_after"))
@@ -117,12 +112,11 @@ def test_standard_lowers_the_denoising_loss(zenv, tmp_path):
 
     trained, base = loss(True), loss(False)
     print(f"denoising loss {base:.4f} -> {trained:.4f}")
-    assert trained < 0.995 * base  # the tiny random model leaves little to learn: 1.2380 -> 1.2285 measured
+    assert trained < 0.99 * base  # the tiny random model leaves little to learn: 1.2671 -> 1.2420 measured
 
 
-@pytest.mark.parametrize("adapter", [{"network_algo": "loha"}, {"network_algo": "lokr", "network_factor": 4},
-                                     {"network_dora": True}])
-def test_each_adapter_trains_on_the_fused_modules(zenv, tmp_path, adapter):
+@pytest.mark.parametrize("adapter", [{"network_algo": "lokr", "network_factor": 4}, {"network_dora": True}])
+def test_adapters_train_on_the_fused_modules(zenv, tmp_path, adapter):
     path = train(_job(zenv, tmp_path, "standard", max_train_steps=3, **adapter))
     assert set(by_module(load_file(str(path)))) == KOHYA_COMFY
     model = load_model(zenv[1]["folder"], options={"zimage_variant": "turbo"})
@@ -168,7 +162,7 @@ def test_base_training_with_an_assistant_preset_applies_to_turbo(zenv, tmp_path)
     from difflora.generate import GenerationRequest, generate
 
     net2 = network_from_file(base, path, 1.0)
-    alone = generate(base, [net2], GenerationRequest(["a face"], [1], steps=2, cfg=7.5, width=32, height=32),
+    alone = generate(base, [net2], GenerationRequest(["a face"], [1], steps=2, width=32, height=32),
                      output="float")[0]
     assert np.abs(preview - alone).max() <= 1 / 255 + 1e-6
 

@@ -13,9 +13,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import PrivateAttr, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (PrivateAttr, BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from . import kohya_config
 from .errors import UserError
@@ -244,6 +245,14 @@ class JobOptions(DatasetOptions):
             normalised = normalise_job_keys(self, _family_network_modules())
         except UserError as e:
             raise ValueError(str(e)) from None
+        for name, value in normalised.items():  # values from network_args meet their field's limits too
+            if value != getattr(self, name):
+                field = type(self).model_fields[name]
+                try:
+                    TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)\
+                        .validate_python(value)
+                except ValidationError as e:
+                    raise ValueError(f"{name} (from network_args) = {value!r}: {e.errors()[0]['msg'].lower()}") from None
         self.__dict__.update(normalised)  # not setattr: an assignment validates the model again
         return self
 

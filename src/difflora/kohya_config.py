@@ -57,7 +57,6 @@ INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "skip_cache_check": (_ANY, "a speed setting of latent caching"),
     "disable_mmap_load_safetensors": (_ANY, "a loading-speed setting"),
     "mem_eff_save": (_ANY, "a memory setting of saving"),
-    "model_type": (lambda v: v == "flux", "FLUX.1 is the only model_type of flux_train_network.py difflora trains"),
     # kohya_ss's GUI writes these for itself; sd-scripts does not read them either
     "epoch": (_ANY, "a kohya_ss GUI setting sd-scripts does not read (its step count is in max_train_steps)"),
     "noise_offset_type": (_ANY, "a kohya_ss GUI setting sd-scripts does not read (noise_offset applies)"),
@@ -93,7 +92,8 @@ KOHYA_ONLY = {"base_weights", "text_encoder_lr", "optimizer_args", "resolution",
               "fp8_vl", "text_encoder_cpu", "attn_mode", "split_attn", "vae_chunk_size", "vae_disable_cache", "qwen3",
               "qwen3_max_token_length", "llm_adapter_path", "t5_tokenizer_path", "t5_max_token_length",
               "unsloth_offload_checkpointing", "qwen_image_vae_2d", "compile", "compile_backend", "compile_mode",
-              "compile_dynamic", "compile_fullgraph", "compile_cache_size_limit"}
+              "compile_dynamic", "compile_fullgraph", "compile_cache_size_limit",
+              "model_type"}  # flux_train_network.py's other models (chroma); its default needs no key
 _OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "prodigy": "Prodigy", "sgd": "SGD"}
 
 

@@ -304,7 +304,7 @@ def _job_paths(job, error) -> None:
     checks = [("output_dir", job.output_dir, output_folder)]
     if job.log_with == "tensorboard":
         checks.append(("logging_dir", job.logging_dir or str(Path(job.output_dir) / "logs"), output_folder))
-    for key in ("train_data_dir", "reg_data_dir"):
+    for key in ("train_data_dir", "reg_data_dir", "validation_data_dir"):
         if getattr(job, key):
             checks.append((key, getattr(job, key), input_folder))
     for di, ds in enumerate(job.datasets):

@@ -1190,6 +1190,632 @@ def _(ws):
     return ws.train("--resume")
 
 
+# ---------------------------------------------------------------------------- issue 33: nothing read is written
+def _prep_data(ws: Workspace) -> Path:
+    """root/prep: two pairs and a single image (24 px), each with a caption."""
+    d = ws.root / "prep"
+    d.mkdir(exist_ok=True)
+    for i, name in enumerate(("a", "a_after", "b", "b_after", "c")):
+        write_image(d / f"{name}.png", _face(i, 24))
+        (d / f"{name}.txt").write_text(f"a face, {name}", encoding="utf-8")
+    return d
+
+
+@case("prep_tag_caption_ext_png", "prep tag --caption-extension .png --overwrite (captions over the images)",
+      names="--caption-extension", needles=("image extension",))
+def _(ws):
+    return ["prep", "tag", _prep_data(ws), "--tagger", "toy", "--caption-extension", ".png", "--overwrite"]
+
+
+@case("prep_tag_caption_ext_jpg_upper", "prep tag --caption-extension JPG (an image extension in capitals)",
+      names="--caption-extension", needles=("image extension",))
+def _(ws):
+    return ["prep", "tag", _prep_data(ws), "--tagger", "toy", "--caption-extension", "JPG", "--append"]
+
+
+@case("prep_tag_caption_ext_with_separator", "prep tag --caption-extension '/../x.txt'", names="--caption-extension",
+      needles=("path separator",))
+def _(ws):
+    return ["prep", "tag", _prep_data(ws), "--tagger", "toy", "--caption-extension", "/../x.txt"]
+
+
+@case("prep_tag_two_images_one_caption", "prep tag: face.png and face.jpg would write one face.txt",
+      names="face.txt", needles=("face.jpg", "face.png", "both be written"))
+def _(ws):
+    d = ws.root / "two"
+    d.mkdir()
+    write_image(d / "face.png", _face(1, 24))
+    write_image(d / "face.jpg", _face(2, 24))
+    return ["prep", "tag", d, "--tagger", "toy"]
+
+
+@case("prep_tag_bad_image_after_good_ones", "prep tag: a truncated image after five good ones (no caption written)",
+      names="005.png", needles=("truncated",))
+def _(ws):
+    d = ws.root / "seven"
+    d.mkdir()
+    for i in range(7):
+        write_image(d / f"{i:03d}.png", _face(i, 24))
+    (d / "005.png").write_bytes((d / "005.png").read_bytes()[:60])
+    return ["prep", "tag", d, "--tagger", "toy", "--batch-size", "2"]
+
+
+def _prep_tag_option(name: str, what: str, flag: str, value: str, needle: str) -> None:
+    def build(ws):
+        return ["prep", "tag", _prep_data(ws), "--tagger", "toy", flag, value]
+
+    CASES.append(Case(name, what, build, "error", flag, (needle,)))
+
+
+_prep_tag_option("prep_tag_threshold_nan", "prep tag --threshold nan (would tag everything)", "--threshold", "nan",
+                 "between 0 and 1")
+_prep_tag_option("prep_tag_threshold_above_one", "prep tag --threshold 1.5", "--threshold", "1.5", "between 0 and 1")
+_prep_tag_option("prep_tag_character_threshold_negative", "prep tag --character-threshold -0.2",
+                 "--character-threshold", "-0.2", "between 0 and 1")
+_prep_tag_option("prep_tag_batch_size_zero", "prep tag --batch-size 0", "--batch-size", "0", "at least 1")
+
+
+@case("prep_tag_tagger_folder_without_model", "prep tag --tagger an empty folder", names="empty_tagger",
+      needles=("not a tagger folder",))
+def _(ws):
+    (ws.root / "empty_tagger").mkdir()
+    return ["prep", "tag", _prep_data(ws), "--tagger", ws.root / "empty_tagger"]
+
+
+@case("prep_tag_wd14_tags_csv_missing", "a WD14 folder with model.onnx but no selected_tags.csv",
+      names="selected_tags.csv", needles=("tags file not found",))
+def _(ws):
+    (ws.root / "wd14").mkdir()
+    (ws.root / "wd14" / "model.onnx").write_bytes(b"not onnx")
+    return ["prep", "tag", _prep_data(ws), "--tagger", ws.root / "wd14"]
+
+
+@case("prep_tag_wd14_tags_csv_bad_header", "a WD14 tags CSV without name/category columns", names="selected_tags.csv",
+      needles=("not a WD14 tags file",))
+def _(ws):
+    (ws.root / "wd14").mkdir()
+    (ws.root / "wd14" / "model.onnx").write_bytes(b"not onnx")
+    (ws.root / "wd14" / "selected_tags.csv").write_text("id,label\n1,cat\n", encoding="utf-8")
+    return ["prep", "tag", _prep_data(ws), "--tagger", ws.root / "wd14"]
+
+
+@case("prep_tag_wd14_model_not_onnx", "a WD14 folder whose model.onnx is not an ONNX model", names="model.onnx",
+      needles=("cannot load the ONNX model",))
+def _(ws):
+    (ws.root / "wd14").mkdir()
+    (ws.root / "wd14" / "model.onnx").write_bytes(b"not onnx at all")
+    (ws.root / "wd14" / "selected_tags.csv").write_text("tag_id,name,category,count\n1,cat,0,5\n", encoding="utf-8")
+    return ["prep", "tag", _prep_data(ws), "--tagger", ws.root / "wd14"]
+
+
+@case("prep_tag_captioner_config_broken", "a captioner folder whose config.json is not JSON", names="captioner",
+      needles=("cannot load an image-captioning model",))
+def _(ws):
+    (ws.root / "captioner").mkdir()
+    (ws.root / "captioner" / "config.json").write_text("{ not json", encoding="utf-8")
+    return ["prep", "tag", _prep_data(ws), "--tagger", ws.root / "captioner"]
+
+
+@case("prep_pairs_json_is_an_input_image", "prep pairs --json naming one of its input images", names="a.png",
+      needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "pairs", d, "--json", d / "a.png"]
+
+
+@case("prep_pairs_json_is_a_caption", "prep pairs --json naming a caption file of the folder", names="b.txt",
+      needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "pairs", d, "--json", d / "b.txt"]
+
+
+@case("prep_pairs_json_symlink_to_an_input", "prep pairs --json: a symlink to an input image", names="report.json",
+      needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    (ws.root / "report.json").symlink_to(d / "a_after.png")
+    return ["prep", "pairs", d, "--json", ws.root / "report.json"]
+
+
+@case("prep_pairs_json_case_variant", "prep pairs --json A.PNG beside a.png (one file on case-insensitive disks)",
+      names="A.PNG", needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "pairs", d, "--json", d / "A.PNG"]
+
+
+@case("prep_pairs_align_report_over_an_aligned_image", "prep pairs --align --json OUT/a_after.png",
+      names="a_after.png", needles=("both be written",))
+def _(ws):
+    return ["prep", "pairs", _prep_data(ws), "--align", "--out", ws.root / "aligned",
+            "--json", ws.root / "aligned" / "a_after.png"]
+
+
+@case("prep_pairs_align_without_out", "prep pairs --align without --out", names="--align", needles=("--out OUT",))
+def _(ws):
+    return ["prep", "pairs", _prep_data(ws), "--align"]
+
+
+@case("prep_pairs_no_pairs", "prep pairs on a folder of single images", names="singles", needles=("no pairs",))
+def _(ws):
+    d = ws.root / "singles"
+    d.mkdir()
+    write_image(d / "x.png", _face(3, 24))
+    return ["prep", "pairs", d]
+
+
+@case("prep_captions_report_is_an_input_image", "prep captions --report naming an image of the folder", names="c.png",
+      needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "captions", d, "--trigger", "zkw", "--report", d / "c.png"]
+
+
+@case("prep_captions_report_hard_link", "prep captions --report: a hard link to an input image", names="hard.json",
+      needles=("would overwrite the input",))
+def _(ws):
+    d = _prep_data(ws)
+    os.link(d / "b.png", ws.root / "hard.json")
+    return ["prep", "captions", d, "--trigger", "zkw", "--report", ws.root / "hard.json"]
+
+
+@case("prep_captions_caption_ext_png", "prep captions --caption-extension .png (images read as captions)",
+      names="--caption-extension", needles=("image extension",))
+def _(ws):
+    return ["prep", "captions", _prep_data(ws), "--caption-extension", ".png", "--trigger", "zkw"]
+
+
+@case("prep_captions_replace_without_equals", "prep captions --replace without OLD=NEW", names="--replace",
+      needles=("OLD=NEW",))
+def _(ws):
+    return ["prep", "captions", _prep_data(ws), "--replace", "red hair"]
+
+
+@case("prep_crop_two_inputs_one_output", "prep crop: face.png and face.jpg would both become OUT/face.png",
+      names="face.png", needles=("face.jpg", "both be written"))
+def _(ws):
+    d = ws.root / "two"
+    d.mkdir()
+    write_image(d / "face.png", _face(1, 40))
+    write_image(d / "face.jpg", _face(2, 40))
+    return ["prep", "crop", d, "--out", ws.root / "cropped", "--size", "16", "--mode", "center"]
+
+
+@case("prep_crop_case_variants_one_output", "prep crop: Face.png and face.webp (one output on case-insensitive disks)",
+      names="face.png", needles=("both be written",))
+def _(ws):
+    d = ws.root / "two"
+    d.mkdir()
+    write_image(d / "Face.png", _face(1, 40))
+    write_image(d / "face.webp", _face(2, 40))
+    return ["prep", "crop", d, "--out", ws.root / "cropped", "--size", "16", "--mode", "center"]
+
+
+@case("prep_crop_size_zero", "prep crop --size 0", names="--size", needles=("--size",))
+def _(ws):
+    return ["prep", "crop", _prep_data(ws), "--out", ws.root / "cropped", "--size", "0"]
+
+
+@case("prep_crop_size_text", "prep crop --size big", names="--size", needles=("--size",))
+def _(ws):
+    return ["prep", "crop", _prep_data(ws), "--out", ws.root / "cropped", "--size", "big"]
+
+
+@case("prep_crop_out_is_its_folder", "prep crop --out DIR itself", names="prep", needles=("another folder than DIR",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "crop", d, "--out", d, "--size", "16"]
+
+
+@case("prep_crop_out_is_a_file", "prep crop --out an existing file", names="a.txt", needles=("not a folder",))
+def _(ws):
+    d = _prep_data(ws)
+    return ["prep", "crop", d, "--out", d / "a.txt", "--size", "16"]
+
+
+@case("prep_crop_out_not_empty", "prep crop into a non-empty folder without --overwrite", names="out",
+      needles=("not empty", "--overwrite"))
+def _(ws):
+    return ["prep", "crop", _prep_data(ws), "--out", ws.out, "--size", "16"]
+
+
+@case("merge_save_to_case_variant", "merge --save-to OWN.SAFETENSORS beside its input own.safetensors",
+      names="OWN.SAFETENSORS", needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    return ["merge", "--models", own, "--save-to", ws.out / "OWN.SAFETENSORS"]
+
+
+@case("merge_save_to_hard_link", "merge --save-to a hard link to its input", names="linked.safetensors",
+      needles=("would overwrite the input",))
+def _(ws):
+    own = write_lora(ws.out / "own.safetensors")
+    os.link(own, ws.out / "linked.safetensors")
+    return ["merge", "--models", own, "--save-to", ws.out / "linked.safetensors"]
+
+
+@case("gen_out_inside_the_model_folder", "generate --out a folder inside --model", names="unet",
+      needles=("would overwrite the input",))
+def _(ws):
+    return ws.generate()[:-1] + [ws.model / "unet"]
+
+
+@case("job_output_over_its_network_weights", "output_dir/output_name.safetensors is its own network_weights",
+      names="job.toml", needles=("output_name", "would overwrite the input"))
+def _(ws):
+    lora = write_lora(ws.out / "last.safetensors")
+    return ws.train(network_weights=_q(lora), overwrite="true")
+
+
+@case("job_output_dir_inside_the_model", "output_dir inside the model folder", names="job.toml",
+      needles=("output_dir", "would overwrite the input"))
+def _(ws):
+    return ws.train(output_dir=_q(ws.model / "unet"))
+
+
+@case("job_output_dir_is_the_data", "output_dir = train_data_dir", names="job.toml",
+      needles=("output_dir", "would overwrite the input"))
+def _(ws):
+    return ws.train(output_dir=_q(ws.data))
+
+
+# ---------------------------------------------------------------------------- issue 33: typed, finite, ranges
+def _job_case(name: str, what: str, keys: dict, needles, extra: str = "") -> None:
+    def build(ws):
+        return ws.train(extra=extra, **keys)
+
+    CASES.append(Case(name, what, build, "error", "job.toml", tuple(needles)))
+
+
+_job_case("job_min_timestep_boolean", "[addift] min_timestep = true (read as 1 before)", {"method": '"addift"'},
+          ("min_timestep", "not the boolean true"), extra="[addift]\nmin_timestep = true\n")
+_job_case("job_network_dim_boolean", "network_dim = true", {"network_dim": "true"}, ("network_dim", "not the boolean"))
+_job_case("job_learning_rate_boolean", "learning_rate = false", {"learning_rate": "false"},
+          ("learning_rate", "not the boolean false"))
+_job_case("job_flip_aug_word", 'flip_aug = "no" (kohya would read it as true)', {"flip_aug": '"no"'},
+          ("flip_aug", "not the text 'no'"))
+_job_case("job_cache_latents_word", 'cache_latents = "yes"', {"cache_latents": '"yes"'},
+          ("cache_latents", "true or false"))
+_job_case("job_use_8bit_adam_word", 'use_8bit_adam = "no" (read as true before)', {"use_8bit_adam": '"no"'},
+          ("use_8bit_adam", "true or false"))
+_job_case("job_base_weights_multiplier_word", 'base_weights_multiplier = "strong"',
+          {"base_weights": '["preset.safetensors"]', "base_weights_multiplier": '"strong"'},
+          ("base_weights_multiplier", "takes numbers"))
+_job_case("job_validation_seed_negative", "validation_seed = -1", {"validation_seed": "-1"},
+          ("validation_seed", "between 0 and"))
+_job_case("job_network_args_conv_dim_negative", 'network_args = ["conv_dim=-4"]',
+          {"network_args": '["conv_dim=-4"]'}, ("conv_dim", "greater than or equal to 1"))
+_job_case("job_network_args_dropout_above_one", 'network_args = ["dropout=2.5"]',
+          {"network_args": '["dropout=2.5"]'}, ("network_dropout", "less than 1"))
+_job_case("job_network_args_rank_dropout_negative", 'network_args = ["rank_dropout=-0.1"]',
+          {"network_args": '["rank_dropout=-0.1"]'}, ("rank_dropout", "greater than or equal to 0"))
+_job_case("job_network_args_not_key_value", 'network_args = ["conv_dim"]', {"network_args": '["conv_dim"]'},
+          ("network_args", "key=value"))
+_job_case("job_network_args_conv_alpha_nan", 'network_args = ["conv_alpha=nan"]',
+          {"network_args": '["conv_alpha=nan"]'}, ("conv_alpha", "finite"))
+_job_case("job_network_args_unknown", 'network_args = ["conv_dimm=4"]', {"network_args": '["conv_dimm=4"]'},
+          ("unknown network_args option",))
+_job_case("job_mixed_precision_unknown", 'mixed_precision = "fp8"', {"mixed_precision": '"fp8"'},
+          ("mixed_precision",))
+
+
+@case("job_network_weights_loha_for_a_lora_job", "a LoHa file as network_weights of a LoRA job (its alpha was used)",
+      names="loha.safetensors", needles=("another adapter algorithm", "network_algo"))
+def _(ws):
+    import torch
+
+    from difflora.network.adapters import adapter_options
+    from difflora.network.files import save_lora
+    from difflora.network.lora import LoRANetwork, NetworkSpec
+
+    model = _tiny("sd1")
+    torch.manual_seed(0)
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=8.0,
+                                                               adapter=adapter_options("loha")))
+    save_lora(net.kohya_state_dict(), ws.root / "loha.safetensors", model.lora_metadata())
+    return ws.train(network_weights=_q(ws.root / "loha.safetensors"))
+
+
+@case("job_validation_data_dir_symlink_loop", "validation_data_dir is a symlink loop", names="job.toml",
+      needles=("validation_data_dir", "symlink loop"))
+def _(ws):
+    (ws.root / "loop").symlink_to(ws.root / "loop")
+    return ws.train(validation_data_dir=_q(ws.root / "loop"))
+
+
+# ---------------------------------------------------------------------------- issue 33: the path policy
+def _restricted(ws: Workspace, *args, **keys) -> list:
+    """A job under --restrict-paths on the embedded model (the corpus's tiny model lies outside the folder)."""
+    return ["train", ws.job(**{"model": None, **keys}), "--restrict-paths", ws.root, *args]
+
+
+def _outside(ws: Workspace) -> Path:
+    elsewhere = ws.root.parent / f"{ws.root.name}-elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    (elsewhere / "file.safetensors").write_bytes(b"x")
+    (elsewhere / "secret.png").write_bytes(b"x")
+    return elsewhere
+
+
+for _key in ("clip_l", "t5xxl", "ae"):
+    def _build(ws, key=_key):
+        return _restricted(ws, **{key: _q(_outside(ws) / "file.safetensors")})
+
+    CASES.append(Case(f"restrict_flux_{_key}_outside", f"--restrict-paths: FLUX's {_key} file outside the folder",
+                      _build, "error", "job.toml", (_key, "outside the allowed folder")))
+
+
+@case("restrict_t5xxl_tokenizer_dotdot", "--restrict-paths: t5xxl_tokenizer = '../elsewhere'", names="job.toml",
+      needles=("t5xxl_tokenizer", "outside the allowed folder"))
+def _(ws):
+    return _restricted(ws, t5xxl_tokenizer=_q(f"../{_outside(ws).name}"))
+
+
+@case("restrict_network_weights_outside", "--restrict-paths: network_weights outside", names="job.toml",
+      needles=("network_weights", "outside the allowed folder"))
+def _(ws):
+    return _restricted(ws, network_weights=_q(_outside(ws) / "file.safetensors"))
+
+
+@case("restrict_validation_data_dir_outside", "--restrict-paths: validation_data_dir outside", names="job.toml",
+      needles=("validation_data_dir", "outside the allowed folder"))
+def _(ws):
+    return _restricted(ws, validation_data_dir=_q(_outside(ws)))
+
+
+@case("restrict_preset_lora_outside", "--restrict-paths: a preset LoRA outside", names="job.toml",
+      needles=("preset_loras[0].path", "outside the allowed folder"))
+def _(ws):
+    return _restricted(ws, extra=f'[[preset_loras]]\npath = {_q(_outside(ws) / "file.safetensors")}\n')
+
+
+@case("restrict_symlinked_image_in_data", "--restrict-paths: an image in the data folder symlinked outside",
+      names="job.toml", needles=("train_data_dir", "a symlink to", "outside the allowed folder"))
+def _(ws):
+    (ws.images / "stolen.png").symlink_to(_outside(ws) / "secret.png")
+    return _restricted(ws)
+
+
+@case("restrict_symlinked_caption_in_pair_folder", "--restrict-paths: a caption in a pair folder symlinked outside",
+      names="job.toml", needles=("image_dir", "a symlink to", "outside the allowed folder"))
+def _(ws):
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    write_image(pairs / "001.png", _face(1))
+    write_image(pairs / "001_after.png", _face(2))
+    (pairs / "001.txt").symlink_to(_outside(ws) / "secret.png")
+    return _restricted(ws, train_data_dir=None, extra='[[datasets]]\n[[datasets.subsets]]\nimage_dir = "pairs"\n')
+
+
+@case("restrict_model_weights_index_outside", "--restrict-paths: a model folder whose weights index names a file "
+      "outside", names="job.toml", needles=("model", "weights index", "outside the allowed folder"))
+def _(ws):
+    model = ws.root / "model"
+    shutil.copytree(ws.model, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"conv_in.weight": f"../../../{_outside(ws).name}/file.safetensors"}}))
+    return _restricted(ws, model=_q(model))
+
+
+@case("restrict_allow_path_is_for_inputs", "--allow-path trusts inputs only: output_dir there is refused",
+      names="job.toml", needles=("output_dir", "outside the allowed folder"))
+def _(ws):
+    elsewhere = _outside(ws)
+    return _restricted(ws, "--allow-path", elsewhere, output_dir=_q(elsewhere / "out"))
+
+
+@case("restrict_allow_path_without_restrict", "--allow-path without --restrict-paths", names="--allow-path",
+      needles=("--restrict-paths",))
+def _(ws):
+    return ws.train("--allow-path", ws.root)
+
+
+@case("restrict_dataset_config_image_dir_outside", "--restrict-paths: a dataset_config whose image_dir is outside",
+      names="datasets.toml", needles=("image_dir", "outside the allowed folder"))
+def _(ws):
+    (ws.root / "datasets.toml").write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(_outside(ws))}\n')
+    return _restricted(ws, train_data_dir=None, dataset_config=_q(ws.root / "datasets.toml"))
+
+
+# ---------------------------------------------------------------------------- issue 33: model folders and files
+def _model_copy(ws: Workspace, mutate: Callable[[Path], None]) -> Path:
+    model = ws.root / "model"
+    shutil.copytree(ws.model, model)
+    mutate(model)
+    return model
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _model_case(name: str, what: str, mutate: Callable[[Path], None], file: str, needles) -> None:
+    def build(ws):
+        return ["generate", "--model", _model_copy(ws, mutate), "--prompt", "a face", "--steps", "1", "--out", ws.out]
+
+    CASES.append(Case(name, what, build, "error", file, tuple(needles)))
+
+
+_model_case("model_unet_config_a_list", "unet/config.json holds a JSON list",
+            lambda m: (m / "unet" / "config.json").write_text("[1, 2]"), "config.json", ("expected an object",))
+_model_case("model_unet_channels_text", 'unet/config.json: block_out_channels = "wide"',
+            lambda m: _edit_json(m / "unet" / "config.json", block_out_channels="wide"), "config.json",
+            ("block_out_channels", "list of positive integers"))
+_model_case("model_unet_in_channels_zero", "unet/config.json: in_channels = 0",
+            lambda m: _edit_json(m / "unet" / "config.json", in_channels=0), "config.json",
+            ("in_channels", "positive integer"))
+_model_case("model_vae_latent_channels_text", 'vae/config.json: latent_channels = "four"',
+            lambda m: _edit_json(m / "vae" / "config.json", latent_channels="four"), "config.json",
+            ("latent_channels", "positive integer"))
+_model_case("model_vae_config_not_json", "vae/config.json is not JSON",
+            lambda m: (m / "vae" / "config.json").write_text("{ nope"), "config.json", ("not a readable JSON config",))
+_model_case("model_text_encoder_layers_negative", "text_encoder/config.json: num_hidden_layers = -1",
+            lambda m: _edit_json(m / "text_encoder" / "config.json", num_hidden_layers=-1), "config.json",
+            ("num_hidden_layers", "positive integer"))
+_model_case("model_scheduler_timesteps_text", 'scheduler_config.json: num_train_timesteps = "many"',
+            lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", num_train_timesteps="many"),
+            "scheduler_config.json", ("num_train_timesteps", "positive integer"))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_flux_folder() -> Path:
+    import tempfile
+
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    folder = Path(tempfile.mkdtemp(prefix="difflora-corpus-flux-")) / "flux"
+    build_tiny_flux("dev").save(folder)
+    return folder
+
+
+def _flux_case(name: str, what: str, mutate: Callable[[Path], None], file: str, needles) -> None:
+    def build(ws):
+        model = ws.root / "flux"
+        shutil.copytree(_tiny_flux_folder(), model)
+        mutate(model)
+        return ["generate", "--model", model, "--prompt", "a face", "--steps", "1", "--width", "32", "--height", "32",
+                "--out", ws.out]
+
+    CASES.append(Case(name, what, build, "error", file, tuple(needles)))
+
+
+_flux_case("flux_transformer_config_a_list", "FLUX transformer/config.json holds a JSON list",
+           lambda m: (m / "transformer" / "config.json").write_text("[1, 2]"), "config.json", ("expected an object",))
+_flux_case("flux_transformer_layers_text", 'FLUX transformer/config.json: num_layers = "two"',
+           lambda m: _edit_json(m / "transformer" / "config.json", num_layers="two"), "config.json",
+           ("num_layers", "positive integer"))
+_flux_case("flux_transformer_heads_negative", "FLUX transformer/config.json: num_attention_heads = -1",
+           lambda m: _edit_json(m / "transformer" / "config.json", num_attention_heads=-1), "config.json",
+           ("num_attention_heads", "positive integer"))
+_flux_case("flux_transformer_guidance_word", 'FLUX transformer/config.json: guidance_embeds = "yes"',
+           lambda m: _edit_json(m / "transformer" / "config.json", guidance_embeds="yes"), "config.json",
+           ("guidance_embeds", "true or false"))
+_flux_case("flux_t5_config_d_model_text", 'FLUX text_encoder_2/config.json: d_model = "x"',
+           lambda m: _edit_json(m / "text_encoder_2" / "config.json", d_model="x"), "config.json",
+           ("d_model", "positive integer"))
+_flux_case("flux_model_index_a_list", "FLUX model_index.json holds a JSON list",
+           lambda m: (m / "model_index.json").write_text("[]"), "flux", ("not a JSON object",))
+
+
+def _nan_transformer(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(k for k in tensors if tensors[k].is_floating_point() and tensors[k].dim() == 2)[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))
+
+
+_flux_case("flux_transformer_nan_weight", "a FLUX transformer with a NaN weight (drew a black image)", _nan_transformer,
+           "NaN/inf", ("NaN/inf", "the model itself overflows"))
+
+
+# ---------------------------------------------------------------------------- issue 33: the UI's server
+@case("ui_workspace_is_a_file", "difflora ui --workspace naming a file", names="afile", needles=("a file",))
+def _(ws):
+    (ws.root / "afile").write_text("x")
+    return ["ui", "--workspace", ws.root / "afile"]
+
+
+@case("ui_allow_path_not_a_folder", "difflora ui --allow-path naming nothing", names="nowhere",
+      needles=("--allow-path", "not a folder"))
+def _(ws):
+    return ["ui", "--workspace", ws.root / "uiws", "--allow-path", ws.root / "nowhere"]
+
+
+@case("ui_second_server_on_a_workspace", "a second difflora ui on a workspace another one serves", names="uiws",
+      needles=("another difflora ui", "serves this workspace"))
+def _(ws):
+    (ws.root / "uiws").mkdir()
+    (ws.root / "uiws" / ".server.lock").write_text(f"{os.getpid()}\n")  # a live server's lock
+    return ["ui", "--workspace", ws.root / "uiws"]
+
+
+# ---- Qwen-Image (models/qwen_image/): a 2-block tiny model built in the workspace ---------------------------
+@functools.lru_cache(maxsize=None)
+def _tiny_qwen_source() -> Path:
+    import tempfile
+
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    return write_tiny_folder(Path(tempfile.mkdtemp(prefix="difflora-corpus-qwen-")) / "Qwen-Image", num_layers=2)
+
+
+def _qwen_folder(ws: Workspace, name: str = "Qwen-Image") -> Path:
+    folder = ws.root / name
+    shutil.copytree(_tiny_qwen_source(), folder)
+    return folder
+
+
+def _qwen_lora(path: Path) -> Path:
+    """A Qwen-Image LoRA with musubi's names (block 0's attention) and a Qwen-Image base version."""
+    import torch
+
+    from difflora.network.files import save_lora
+
+    tensors = {}
+    for m in ("attn_to_q", "attn_to_k"):
+        name = f"lora_unet_transformer_blocks_0_{m}"
+        tensors.update({f"{name}.lora_down.weight": torch.zeros(2, 16), f"{name}.lora_up.weight": torch.zeros(16, 2),
+                        f"{name}.alpha": torch.tensor(1.0)})
+    save_lora(tensors, path, {"ss_base_model_version": "qwen_image"})
+    return path
+
+
+@case("qwen_lora_on_sd", "a Qwen-Image LoRA given to an SD model", names="qwen_lora.safetensors",
+      needles=("lora_unet_transformer_blocks_0", "another architecture"))
+def _(ws):
+    return ws.generate("--lora", _qwen_lora(ws.root / "qwen_lora.safetensors"))
+
+
+@case("sd_lora_on_qwen", "an SD LoRA given to a Qwen-Image model", names="sd_lora.safetensors",
+      needles=("trained for sd_v1", "not Qwen-Image"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    lora = write_lora(ws.root / "sd_lora.safetensors")
+    return ["generate", "--model", folder, "--prompt", "a face", "--steps", "2", "--width", "32", "--height", "32",
+            "--out", ws.out, "--lora", lora]
+
+
+@case("qwen_text_encoder_of_another_model", "a Qwen-Image transformer file with a VAE file as its text_encoder",
+      names="qwen_image_vae.safetensors", needles=("not a Qwen2.5-VL text-encoder file",))
+def _(ws):
+    from difflora.models import load_model
+
+    model = load_model(_tiny_qwen_source())
+    from difflora.models.qwen_image.files import save_vae_file
+
+    model.save(ws.root / "qwen_image_bf16.safetensors")
+    save_vae_file(model, ws.root / "qwen_image_vae.safetensors")
+    return ws.train(model=_q(ws.root / "qwen_image_bf16.safetensors"),
+                    text_encoder=_q(ws.root / "qwen_image_vae.safetensors"),
+                    vae=_q(ws.root / "qwen_image_vae.safetensors"), resolution="32")
+
+
+@case("qwen_folder_without_vae", "a Qwen-Image folder whose vae/ is missing", names="Qwen-Image",
+      needles=("vae/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "vae")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_folder_without_tokenizer", "a Qwen-Image folder whose tokenizer/ is missing", names="Qwen-Image",
+      needles=("tokenizer/ folder", "missing"))
+def _(ws):
+    folder = _qwen_folder(ws)
+    shutil.rmtree(folder / "tokenizer")
+    return ws.train(model=_q(folder), resolution="32")
+
+
+@case("qwen_edit_variant_on_text_to_image", "model_variant = edit_2511 on the text-to-image Qwen-Image folder",
+      names="Qwen-Image", needles=("model_variant = 'edit_2511'", "qwen_image"))
+def _(ws):
+    return ws.train(model=_q(_qwen_folder(ws)), model_variant='"edit_2511"', resolution="32")
+
+
 # ---------------------------------------------------------------------------- writing it out
 # ---- FLUX.2 (models/flux2): LoRAs of other families, its files, variants ---------------------
 @functools.lru_cache(maxsize=1)
@@ -1232,7 +1858,7 @@ def _flux2_lora(path: Path) -> Path:
 
 
 @case("flux2_lora_on_sd1", "a FLUX.2 LoRA given to an SD1 model (generate --lora)", names="flux2.safetensors",
-      needles=("does not exist in this model",))
+      needles=("flux2_klein_base_4b", "sd_v1"))
 def _(ws):
     return ws.generate("--lora", _flux2_lora(ws.root / "flux2.safetensors"))
 
@@ -1340,7 +1966,7 @@ def _zimage_lora(path: Path) -> Path:
 
 
 @case("zimage_lora_on_sd", "a Z-Image LoRA given to an SD model", names="zimage_lora.safetensors",
-      needles=("does not exist", "another architecture"))
+      needles=("trained for zimage", "sd_v1"))
 def _(ws):
     return ws.generate("--lora", _zimage_lora(ws.root / "zimage_lora.safetensors"))
 

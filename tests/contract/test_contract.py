@@ -36,7 +36,6 @@ from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import TrainingStopped
 from difflora.methods import METHODS
 from difflora.methods.base import common_caption
-from difflora.models import load_model
 from difflora.models.registry import family_names
 from difflora.network.adapters import ALGO_NAMES
 from difflora.network.apply import network_from_file
@@ -44,11 +43,23 @@ from difflora.train.loop import train
 from difflora.train.stop import StopRequest
 from tiny_families import TEST_FAMILIES, TINY_FAMILIES
 
-FAMILIES = family_names() + tuple(TEST_FAMILIES)  # the test-only ones are registered by conftest.py
+FAMILIES = family_names() + tuple(TEST_FAMILIES)  # test-only ones: registered_test_families
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"
 PAIR_METHOD = next(name for name, m in METHODS.items() if m.needs_pairs)
+
+
+@pytest.fixture(autouse=True)
+def registered_test_families(monkeypatch):
+    """Test-only families (tiny_families.TEST_FAMILIES) registered around each contract test and gone afterwards,
+    so the rest of the session sees the registry as the package has it. (Here, not in a conftest.py: a second
+    module named conftest shadows tests/conftest.py for the test modules collected after it.)"""
+    from difflora.models import registry
+
+    monkeypatch.setattr(registry, "FAMILIES", list(registry.FAMILIES))
+    for module in TEST_FAMILIES.values():
+        registry.register_family(module)
 
 
 def test_every_registered_family_takes_part():
@@ -285,7 +296,7 @@ def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, f
 @pytest.mark.parametrize("algo", list(ALGO_NAMES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkeypatch, tmp_path, family, algo):
-    """The file loaded on a fresh model = the network in memory at the end of training (= diffusers' loader)."""
+    """The file loaded onto the model = the network in memory at the end of training = diffusers' loader."""
     import difflora.train.checkpoint as checkpoint
 
     in_memory = {}
@@ -296,26 +307,30 @@ def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkey
         return real_save(self, tensors, global_step, per_epoch)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save_result", save_result)
-    _, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
-    fresh = load_model(world[1](family))
-    base = _fixed_output(fresh)
-    net = network_from_file(fresh, path, 1.0)
-    loaded = _fixed_output(fresh)
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
+    model = probe.run.model  # training left it as loaded (its networks removed), with the job's family options
+    base = _fixed_output(model)
+    net = network_from_file(model, path, 1.0)
+    loaded = _fixed_output(model)
     assert float((loaded - base).abs().max()) > 1e-4  # the LoRA changes the output
     torch.testing.assert_close(loaded, in_memory["out"], rtol=1e-4, atol=1e-5)
     client = TINY_FAMILIES[family].client_unet
     if client is not None and ALGO_NAMES[algo] == ("lora", {}):
-        x, t, cond = _fixed_inputs(fresh)
+        x, t, cond = _fixed_inputs(model)
         with torch.no_grad():
-            ours = fresh.predict(x, t, cond)
+            ours = model.predict(x, t, cond)
         net.remove()
         torch.testing.assert_close(client(world[1](family), path, {"x": x, "t": t, "cond": cond}), ours,
                                    rtol=1e-4, atol=1e-5)
 
 
 def _fixed_inputs(model):
-    """A 4x4 latent of 4 channels (every tiny family's), t = 500 and one caption's encoding."""
-    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    """A 4x4 latent of the family's channels (4 for most tiny families, FLUX.2's 128), t = 500 and one caption's
+    encoding."""
+    side = 4 * model.latent_downscale
+    with torch.no_grad():
+        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
+    x = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0))
     return x, torch.tensor([500]), model.encode_prompts(["a face, pair1, eyes open"])
 
 

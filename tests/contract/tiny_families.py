@@ -78,11 +78,11 @@ def _client_unet_sd(pipeline_class: str):
         import diffusers
 
         x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
         added = None
         if "text_embeds" in cond:  # SDXL, at the pipeline's own time_ids: no crop, the output size
-            h, w = (s * 8 for s in x.shape[-2:])
+            h, w = (s * pipe.vae_scale_factor for s in x.shape[-2:])
             added = {"text_embeds": cond["text_embeds"], "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype)}
-        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_dir, local_files_only=True)
         pipe.load_lora_weights(str(lora_path), adapter_name="x")
         with torch.no_grad():
             return pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
@@ -128,8 +128,40 @@ def _build_flux(folder: Path) -> None:
     build_tiny_flux("dev", 1, 1).save(folder)
 
 
+# ---------------------------------------------------------------------------- Z-Image
+def _read_zimage(model, args, kwargs) -> DenoiserInputs:
+    """ZImageTransformer2DModel(x: [(C, 1, h, w)], t = 1 - σ, caps: [(tokens, dim)]): back on the training scale,
+    the captions zero-padded to the stored encoding's length."""
+    from difflora.models.zimage.model import MAX_SEQUENCE_LENGTH
+
+    x, t, caps = args[:3]
+    text = torch.zeros(len(caps), MAX_SEQUENCE_LENGTH, caps[0].shape[-1], dtype=caps[0].dtype)
+    for i, c in enumerate(caps):
+        text[i, : c.shape[0]] = c.detach()
+    return DenoiserInputs(torch.stack([xi.detach().squeeze(1) for xi in x]), (1 - t.detach().float()) * 1000, text)
+
+
+def _build_zimage(folder: Path) -> None:
+    from difflora.models.zimage.tiny import build_tiny_zimage
+
+    build_tiny_zimage("turbo").save(folder)
+
+
+def _client_zimage(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    """diffusers' ZImagePipeline.load_lora_weights; its transformer at 1 - σ, output negated (the pipeline's)."""
+    from diffusers import ZImagePipeline
+
+    x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+    pipe = ZImagePipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    caps = [c[m] for c, m in zip(cond["cap"], cond["cap_mask"].bool())]
+    with torch.no_grad():
+        out = pipe.transformer(list(x.unsqueeze(2).unbind(0)), (1000 - t.float()) / 1000, caps, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
 # ---------------------------------------------------------------------------- the template family (tests only)
-# model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
+# model_family name -> module of the families that exist only in the tests (test_contract registers them)
 TEST_FAMILIES = {"template": "template_family"}
 
 
@@ -144,7 +176,79 @@ def _build_template(folder: Path) -> None:
     build(seed=4).save(folder)
 
 
+# ---------------------------------------------------------------------------- Qwen-Image
+def _read_qwen_image(model, args, kwargs) -> DenoiserInputs:
+    """diffusers' QwenImageTransformer2DModel.forward keywords: packed tokens (the target's first), the text
+    before txt_norm, σ as the timestep."""
+    from difflora.models.qwen_image.model import unpack_latents
+
+    _, h, w = kwargs["img_shapes"][0][0]
+    tokens = kwargs["hidden_states"][:, : h * w].detach()
+    return DenoiserInputs(unpack_latents(tokens, 2 * h, 2 * w), kwargs["timestep"].detach().float() * 1000,
+                          kwargs["encoder_hidden_states"].detach())
+
+
+def _build_qwen_image(folder: Path) -> None:
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    write_tiny_folder(folder)  # the real 60 blocks, 16 wide
+
+
+def _client_qwen_image(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    from diffusers import QwenImagePipeline
+
+    from difflora.models.qwen_image.model import pack_latents, unpack_latents
+
+    x, t, cond = inputs["x"], inputs["t"], inputs["cond"].tensors
+    pipe = QwenImagePipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=pack_latents(x), encoder_hidden_states=cond["txt"],
+                               encoder_hidden_states_mask=cond["txt_mask"], timestep=t.float() / 1000,
+                               img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0], return_dict=False)[0]
+    return unpack_latents(out, h, w)
+
+
+# ---------------------------------------------------------------------------- FLUX.2
+def _read_flux2(model, args, kwargs) -> DenoiserInputs:
+    """diffusers' Flux2Transformer2DModel takes keywords: tokens (B, h·w, 128) with their (t, row, column, 0) ids."""
+    x, ids = kwargs["hidden_states"], kwargs["img_ids"]
+    ids = ids[0] if ids.dim() == 3 else ids
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    lat = x[:, : h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+    g = kwargs.get("guidance")
+    return DenoiserInputs(lat, kwargs["timestep"].detach().float() * 1000, kwargs["encoder_hidden_states"].detach(),
+                          None, {} if g is None else {"guidance": g.detach()})
+
+
+def _build_flux2(folder: Path) -> None:
+    from difflora.models.flux2.tiny import build_tiny_flux2
+
+    build_tiny_flux2("klein-4b").save(folder)
+
+
+def _client_flux2(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.models.flux2.model import text_ids, token_ids
+
+    x, t, txt = inputs["x"], inputs["t"], inputs["cond"].tensors["txt"]
+    b, c, h, w = x.shape
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=txt,
+                               timestep=t.float() / 1000, img_ids=token_ids(b, h, w), txt_ids=text_ids(b, txt.shape[1]),
+                               guidance=None, return_dict=False)[0]
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image),
+    # no conv_dim: FLUX.2 has no convs, and lora_targets(conv=True) is every Linear a file may hold (the embedders
+    # and global modulation too, which diffusers' loader drops): the client comparison is on musubi's block set
+    "flux2": TinyFamily(_build_flux2, 32, _read_flux2, "txt", client_unet=_client_flux2, job_keys={"conv_dim": None}),
     "sd1": TinyFamily(_build_sd("sd1"), 16, _read_unet, "encoder_hidden_states",
                       client_unet=_client_unet_sd("StableDiffusionPipeline")),
     "sd2": TinyFamily(_build_sd("sd2"), 16, _read_unet, "encoder_hidden_states",
@@ -154,5 +258,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                        client_unet=_client_unet_sd("StableDiffusionXLPipeline")),
     "flux": TinyFamily(_build_flux, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
                        job_keys={"guidance_scale": 2.5}),
+    "zimage": TinyFamily(_build_zimage, 32, _read_zimage, "cap", client_unet=_client_zimage,
+                         job_keys={"zimage_variant": "turbo"}),
     "template": TinyFamily(_build_template, 16, _read_template, "text"),
 }

@@ -137,7 +137,7 @@ def test_pairs_train_live_runs_and_every_page(page, server_factory, tmp_path, sc
     choose(page, "cmp-loras", f"last · run {run.name}")  # picked by run and name
     page.keyboard.press("Escape")
     page.locator("#cmp-go").click()
-    wait_text(page, "#cmp-message", lambda t: "grid" in t or "Refused" in t, 120, "the comparison")
+    wait_text(page, "#cmp-message", lambda t: "grid(s)" in t or "Refused" in t, 400, "the comparison")
     assert "1 grid(s)" in text_of(page, "#cmp-message")
     grid = next((ws / "compare").rglob("000_grid.png"))
     assert Image.open(grid).size[0] >= 3 * 64  # three multipliers side by side
@@ -360,6 +360,23 @@ def test_start_refuses_a_missing_folder_and_an_identical_pair_at_once(page, serv
         assert elapsed < 10
         page.screenshot(path=str(screenshots / f"train_refused_{folder.split('/')[-1]}.png"), full_page=True)
     assert list((ws / "runs").iterdir()) == []  # nothing queued
+
+    # a refused upload (one image of the batch is cut short) leaves the pair folder byte-identical
+    def snapshot(folder: Path) -> dict:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    before = snapshot(ws / "pairs" / "eyes")
+    good, broken = tmp_path / "new.png", tmp_path / "new_after.png"
+    shutil.copyfile(ws / "pairs" / "eyes" / "000.png", good)
+    broken.write_bytes((ws / "pairs" / "eyes" / "000_after.png").read_bytes()[:80])
+    tab(page, "Pairs")
+    fill(page, "pairs-new-name", "eyes")
+    page.locator("#pairs-upload input[type=file]").set_input_files([str(good), str(broken)])
+    page.locator("#pairs-add").click()
+    status = wait_text(page, "#pairs-status", lambda t: "Refused" in t or "Added" in t, 60, "the upload")
+    assert "Refused" in status and "new_after.png" in status and "nothing was added" in status, status
+    assert snapshot(ws / "pairs" / "eyes") == before
+    tab(page, "Train")
 
     # every field says what it is; only the chosen method's table is on the page
     assert "learning rate" in page.locator("#f-learning_rate").inner_text()

@@ -386,7 +386,8 @@ def test_tools_pick_loras_by_run_guard_outputs_and_say_what_they_wrote(ws):
 
     f = {"loras": [eyes, eyes], "ratios": "1 -1", "model": "", "mode": "exact", "save_to": "tools/zero.safetensors"}
     run_cli(tool_argv(ctx, "merge", f), ws.root)
-    assert notes_after(ctx, "merge", f, None) == ["the merged LoRA is zero everywhere: the inputs cancel at these ratios"]
+    assert notes_after(ctx, "merge", f, None) == [
+        "the merged LoRA is zero everywhere: the inputs cancel at these ratios"]
     f = dict(f, ratios="1 0.5", save_to="tools/sum.safetensors")
     run_cli(tool_argv(ctx, "merge", f), ws.root)
     assert notes_after(ctx, "merge", f, None) == []
@@ -407,7 +408,8 @@ def test_the_model_picker_lists_folders_single_files_and_allowed_symlinks(tmp_pa
     os.symlink(outside, w.root / "models" / "sd15")
     save_file({"model.diffusion_model.x.weight": torch.zeros(1)}, str(w.root / "models" / "one.safetensors"))
     write_lora(w.root / "models" / "not_a_model.safetensors")
-    assert model_choices(w) == [("the embedded toy model", ""), ("models/one.safetensors (single file)", "models/one.safetensors"),
+    assert model_choices(w) == [("the embedded toy model", ""),
+                                ("models/one.safetensors (single file)", "models/one.safetensors"),
                                 ("models/sd15 (diffusers folder)", "models/sd15")]
     assert w.resolve("models/sd15", "model", role="read") == outside  # trusted with --allow-path
     assert [v for _, v in lora_choices(w)] == ["models/not_a_model.safetensors"]

@@ -32,8 +32,10 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Batched along dim 0; tensors of unequal length along dim 1 (Qwen-Image's unpadded text and its mask)
+        are right-padded with zeros to the longest."""
         keys = items[0].tensors.keys()
-        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+        return Conditioning({k: torch.cat(_pad_dim1([c.tensors[k] for c in items])) for k in keys})
 
     def repeat(self, n: int) -> "Conditioning":
         return Conditioning({k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.tensors.items()})
@@ -50,6 +52,13 @@ class Conditioning:
             raise ValueError(f"cannot merge conditioning of {m} samples into a batch of {n}")
         extra = other.repeat(n // m) if n != m else other
         return Conditioning({**self.tensors, **extra.tensors})
+
+
+def _pad_dim1(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if len({t.shape[1:] for t in tensors}) <= 1 or any(t.dim() < 2 for t in tensors):
+        return tensors
+    n = max(t.shape[1] for t in tensors)
+    return [torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, n - t.shape[1]]) for t in tensors]
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,9 @@ class ModelFamily(ABC):
         `window`; a family with its own sampling (FLUX: timestep_sampling, on the latent size) overrides it."""
         return torch.randint(window[0], window[1], (n,), generator=generator)
 
+    def check_sampler(self, name: str) -> None:
+        """Raise a UserError when this family cannot sample with `name` (validate.sampler checked the name)."""
+
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list | None:
         """Images for a `generate.GenerationRequest` from the family's own sampler (FLUX: flow-matching Euler),
@@ -195,11 +207,8 @@ class ModelFamily(ABC):
 
     def check_save_format(self, save_format: str, adapter) -> None:
         """Before training: refuse a save_format (with the job's AdapterOptions `adapter`) whose target loader could
-        not apply the file whole, with one line saying why."""
-        if save_format != "kohya":
-            from ..errors import UserError
-
-            raise UserError(f"save_format = {save_format!r} is not available for {self.family} models (kohya is)")
+        not apply the file whole, with one line saying why. By default: the layouts `export_lora` refuses."""
+        self.export_lora({}, save_format)
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """A kohya state dict in the layout the job asked for (save_format)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_folder
+from ..errors import UserError
 
 TEXT_MODEL_PREFIX = "text_model."
 _CLIP_ARCHITECTURES = ("CLIPTextModel",)  # CLIPTextModelWithProjection still saves text_model.*
@@ -175,3 +176,50 @@ def save_model(model, path: str | os.PathLike, single_file: bool | None, dtype: 
     pipe = model.pipeline("ddim")
     pipe.scheduler = getattr(diffusers, scheduler_class).from_config(model.scheduler_config)
     save_pipeline_folder(pipe, path, dtype)
+
+
+def check_config(path: Path, positive_ints: tuple[str, ...] = (), int_lists: tuple[str, ...] = (),
+                 bools: tuple[str, ...] = ()) -> None:
+    """A component's config file before a loader reads it: a JSON object, and each listed key that it holds of
+    the type the model needs (a positive integer, a list of them, true/false). Missing keys are the loader's
+    defaults; a file that is absent is the loader's to report."""
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not a readable JSON config ({str(e)[:80]})", path=path) from None
+    if not isinstance(config, dict):
+        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
+
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for key in positive_ints:
+        if key in config and not positive(config[key]):
+            raise UserError(f"{key} = {config[key]!r}: expected a positive integer", path=path)
+    for key in int_lists:
+        value = config.get(key, [1])
+        if not isinstance(value, list) or not value or not all(positive(v) for v in value):
+            raise UserError(f"{key} = {value!r}: expected a list of positive integers", path=path)
+    for key in bools:
+        if key in config and not isinstance(config[key], bool):
+            raise UserError(f"{key} = {config[key]!r}: expected true or false", path=path)
+
+
+# The keys of a diffusers U-Net / VAE config that size its layers (read by every U-Net family's loader)
+UNET_INTS = ("in_channels", "out_channels")
+VAE_INTS = ("in_channels", "out_channels", "latent_channels")
+CHANNEL_LISTS = ("block_out_channels",)
+
+
+def check_unet_folder(path: Path, text_encoders: tuple[str, ...]) -> None:
+    """A U-Net family's folder: the configs of its U-Net, VAE and text encoders, before diffusers reads them."""
+    if not path.is_dir():
+        return
+    check_config(path / "unet" / "config.json", UNET_INTS, CHANNEL_LISTS)
+    check_config(path / "vae" / "config.json", VAE_INTS, CHANNEL_LISTS)
+    for name in text_encoders:
+        check_config(path / name / "config.json", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "intermediate_size", "max_position_embeddings"))
+    check_config(path / "scheduler" / "scheduler_config.json", ("num_train_timesteps",))

@@ -61,6 +61,7 @@ def supported_titles() -> str:
 register_family("difflora.models.flux2")  # before FLUX.1, whose detection claims every Flux* folder
 register_family("difflora.models.flux")  # before SDXL: FLUX folders have a text_encoder_2 too
 register_family("difflora.models.zimage")
+register_family("difflora.models.qwen_image")
 register_family("difflora.models.sd")
 register_family("difflora.models.sdxl")
 

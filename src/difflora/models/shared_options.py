@@ -16,8 +16,8 @@ class FlowMatchingKeys(Strict):
 
     guidance_scale: float = Field(3.5, description="guidance-distilled models (FLUX.1-dev): the guidance "
                                                    "embedding's value during training")
-    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = Field(
-        "sigma", description="how σ is drawn (sigma, uniform, sigmoid, shift, flux_shift)")
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "qwen_shift"] = Field(
+        "sigma", description="how σ is drawn (sigma, uniform, sigmoid, shift, flux_shift; qwen_shift on Qwen-Image)")
     sigmoid_scale: float = Field(1.0, description="scale of the normal draw for sigmoid / shift / flux_shift sampling")
     discrete_flow_shift: float = Field(3.0, description="shift of the sigma and shift samplings", gt=0)
     model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = Field(

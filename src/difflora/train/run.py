@@ -144,16 +144,13 @@ def _check_network_module(job, model) -> None:
 
 
 def _warn_client_limits(job, model) -> None:
-    """Once per run, before training: a file the save_format's clients cannot apply whole. LoKr with a Tucker core
-    (`lokr_t2`, only with network_use_tucker on kxk convs): Forge raises on each such layer and drops the whole LoRA,
-    ComfyUI skips those layers; A1111 applies it (measured with each client's code, README)."""
-    opts = job.adapter_options()
-    if opts.algo != "lokr" or not opts.use_tucker or not job.conv_dim:
-        return
-    if any(t.module.weight.dim() == 4 and t.module.weight.shape[2:] != (1, 1) for t in model.lora_targets(conv=True)):
-        log.warning("LoKr with network_use_tucker writes a Tucker core (lokr_t2) on the kxk convs: Forge cannot apply "
-                    "such a file (the whole LoRA fails) and ComfyUI skips those layers; only A1111 applies it. Leave "
-                    "network_use_tucker off for those clients")
+    """Once per run, before training: what the save_format's clients cannot apply of the file (LoKr's Tucker core)."""
+    from ..network.adapters import client_limits
+
+    kxk = bool(job.conv_dim) and any(t.module.weight.dim() == 4 and t.module.weight.shape[2:] != (1, 1)
+                                     for t in model.lora_targets(conv=True))
+    for line in client_limits(job.adapter_options(), kxk):
+        log.warning(line)
 
 
 def _prepare_denoiser(model, job, device) -> None:

@@ -23,6 +23,8 @@ class Samples:
         self.run = run
         self.prompts = prompts
         self.events = events
+        for sp in prompts:  # a sampler the family cannot use stops the run before its first step
+            run.model.check_sampler(sp.sampler or run.job.sample_sampler or run.model.default_sampler)
 
     @contextlib.contextmanager
     def _sampling(self, networks: list[LoRANetwork]):

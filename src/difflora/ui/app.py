@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from .runs import RunStore, Runner
-from .workspace import Workspace
+from .workspace import ServerLock, Workspace, make_root
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,12 @@ def build(ctx: Context):
 
 def serve(workspace: str | os.PathLike, port: int = 7860, host: str = "127.0.0.1",
           auth: tuple[str, str] | None = None, block: bool = True, allowed=()):
-    ws = Workspace(workspace, allowed)
-    _check_port(host, port)
-    lock = ws.lock()
-    lock.__enter__()  # released when the server stops (or, if it is killed, taken over as stale)
+    allowed = [Workspace.trusted_folder(a) for a in allowed]
+    lock = ServerLock.of(make_root(workspace))
+    lock.__enter__()  # before anything is written in the workspace; released when the server stops
     try:
+        ws = Workspace(workspace, allowed)
+        _check_port(host, port)
         demo, ctx = _launch(ws, port, host, auth)
     except BaseException:
         lock.__exit__()

@@ -124,6 +124,9 @@ def format_eta(seconds: float | None) -> str:
 
 
 MIN_PREVIEW_PX = 256  # a grid is shown at least this tall: the toy world's 64 px faces are unreadable smaller
+# A gallery's visible height in px: Gradio scrolls a taller one inside this box ("auto" gave ~310 px, less than
+# one row of two square cells on a 1280 px page), so one full row of whole images shows without scrolling.
+GALLERY_HEIGHT = 680
 
 
 def readable(image: np.ndarray) -> np.ndarray:

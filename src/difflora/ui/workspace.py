@@ -22,15 +22,14 @@ class Workspace:
     def __init__(self, root: str | os.PathLike, allowed=()):
         from ..fileio import make_parent
 
-        root = Path(root).expanduser()
-        make_parent(root / "x")  # one line naming the path when --workspace is a file or cannot be made
-        self.root = Path(os.path.realpath(root))
-        self.policy = PathPolicy(self.root, [self._trusted(a) for a in allowed])
+        trusted = [self.trusted_folder(a) for a in allowed]  # checked before anything is made
+        self.root = make_root(root)
+        self.policy = PathPolicy(self.root, trusted)
         for sub in ("pairs", "runs", "jobs", "compare", "tools", "eval", ".gradio"):
             make_parent(self.root / sub / "x")
 
     @staticmethod
-    def _trusted(folder) -> Path:
+    def trusted_folder(folder) -> Path:
         if not Path(folder).is_dir():
             raise UserError("--allow-path: not a folder", path=folder)
         return Path(folder)
@@ -43,7 +42,7 @@ class Workspace:
         return out
 
     def lock(self) -> "ServerLock":
-        return ServerLock(self.root / ".server.lock")
+        return ServerLock.of(self.root)
 
     @property
     def runs(self) -> Path:
@@ -99,6 +98,15 @@ def safe_name(name: str) -> str:
     return cleaned or "untitled"
 
 
+def make_root(root: str | os.PathLike) -> Path:
+    """The workspace folder, made if missing, as a real path; one line naming it when it is a file or cannot be made."""
+    from ..fileio import make_parent
+
+    root = Path(root).expanduser()
+    make_parent(root / "x")
+    return Path(os.path.realpath(root))
+
+
 class ServerLock:
     """`<workspace>/.server.lock`: one `difflora ui` per workspace (two would both launch its queued runs).
 
@@ -108,6 +116,10 @@ class ServerLock:
     def __init__(self, path: Path):
         self.path = path
         self.held = False
+
+    @classmethod
+    def of(cls, root: Path) -> "ServerLock":
+        return cls(root / ".server.lock")
 
     def __enter__(self):
         from ..fileio import create_exclusive, pid_alive

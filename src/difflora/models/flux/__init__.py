@@ -73,6 +73,24 @@ class FluxPlugin(FamilyPlugin):
         given = vars(args)
         return {k: given[k] for k in keys if given.get(k) is not None}
 
+    def check_files(self, path, options):
+        """A folder's transformer / VAE / text-encoder configs; a single file's component files (clip_l, t5xxl, ae)."""
+        from ...fileio import read_safetensors_header
+        from ..folders import CHANNEL_LISTS, VAE_INTS, check_config
+
+        if path.is_dir():
+            check_config(path / "transformer" / "config.json",
+                         ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
+                          "joint_attention_dim", "pooled_projection_dim", "patch_size"), bools=("guidance_embeds",))
+            check_config(path / "vae" / "config.json", VAE_INTS, CHANNEL_LISTS)
+            check_config(path / "text_encoder" / "config.json", ("hidden_size", "num_hidden_layers"))
+            check_config(path / "text_encoder_2" / "config.json", ("d_model", "num_layers", "num_heads", "d_ff"))
+            return
+        for key in ("clip_l", "t5xxl", "ae"):
+            component = getattr(options, key)
+            if component is not None:
+                read_safetensors_header(component)  # there, a file, a sane header: before the transformer is read
+
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):
         from .model import load

@@ -338,9 +338,7 @@ class FluxModel(ModelFamily):
         the last step, which ends at σ = 0). `cfg` > 1: true classifier-free guidance against `uncond` (the
         negative prompts), v = v_neg + cfg·(v - v_neg), what de-distilled FLUX fine-tunes sample with.
         """
-        if sampler not in FLOW_SAMPLERS:
-            raise UserError(f"sampler {sampler!r} is not a flow-matching sampler; FLUX samples with "
-                            f"{' or '.join(FLOW_SAMPLERS)}")
+        self.check_sampler(sampler)
         ds = self.latent_downscale
         h, w = 2 * ((height + 2 * ds - 1) // (2 * ds)), 2 * ((width + 2 * ds - 1) // (2 * ds))
         c = self.vae.config.latent_channels
@@ -387,6 +385,11 @@ class FluxModel(ModelFamily):
         return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
                                  self.objective.num_train_timesteps)
 
+    def check_sampler(self, name):
+        if name not in FLOW_SAMPLERS:
+            raise UserError(f"sampler {name!r} is not a flow-matching sampler; FLUX samples with "
+                            f"{' or '.join(FLOW_SAMPLERS)}")
+
     @torch.no_grad()
     def generate_request(self, networks, req, batch_size: int = 64, output: str = "uint8",
                          progress=None) -> list[np.ndarray]:
@@ -428,6 +431,7 @@ class FluxModel(ModelFamily):
         """diffusers' FluxPipeline.load_lora_weights reads peft lora_A/lora_B keys of `transformer.` and `text_encoder.`
         (CLIP-L) only: T5 keys are skipped without a word, and its DoRA (`lora_magnitude_vector`) is the output-axis
         magnitude, not the input-axis one difflora trains (the one A1111 and ComfyUI apply)."""
+        super().check_save_format(save_format, adapter)
         if save_format != "diffusers":
             return
         if self.options.train_t5xxl:

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import UserError
 from ...fileio import load_safetensors, save_safetensors, write_json_atomic
+from ..folders import publish_layout
 from . import names
 from .model import SCHEDULER_CONFIG, Flux2Model, Flux2Options
 from .variants import HEAD_DIM, MODEL_VERSIONS, Size, size_from_counts
@@ -359,6 +360,7 @@ def save_diffusers_folder(model: Flux2Model, path: Path, dtype=None) -> None:
         if klein:
             index["is_distilled"] = model.options.distilled
         write_json_atomic(tmp / "model_index.json", index)
+        publish_layout(tmp)  # tokenizer files transformers 4 reads (vocab.json, merges.txt)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

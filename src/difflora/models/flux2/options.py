@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...options import ReadPath
 from ..shared_options import FlowMatchingKeys, LowVramKeys
 
 
@@ -20,12 +21,12 @@ class Flux2JobOptions(FlowMatchingKeys, LowVramKeys):
     model_version: Literal["dev", "klein-4b", "klein-base-4b", "klein-9b", "klein-base-9b"] | None = Field(
         None, description="FLUX.2: which model a single file is (klein base and distilled share their weights); "
                           "a diffusers folder says it itself")
-    text_encoder: str | None = Field(
+    text_encoder: ReadPath | None = Field(
         None, description="FLUX.2: text encoder of a single-file transformer (a Qwen3 file or folder for klein, "
                           "the Mistral Small 3.1 folder for dev)")
-    vae: str | None = Field(None, description="FLUX.2: its VAE (flux2-vae.safetensors or a diffusers vae/ folder) "
+    vae: ReadPath | None = Field(None, description="FLUX.2: its VAE (flux2-vae.safetensors or a diffusers vae/ folder) "
                                               "for a single-file transformer")
-    qwen3_tokenizer: str | None = Field(
+    qwen3_tokenizer: ReadPath | None = Field(
         None, description="FLUX.2 klein: folder with Qwen3's tokenizer.json (beside a text_encoder file when unset)")
     text_encoder_max_token_length: int = Field(512, ge=1, description="FLUX.2: prompt tokens (the pipelines' 512)")
     train_blocks: Literal["all", "double", "single"] = Field("all", description="FLUX: LoRA on all, double or "

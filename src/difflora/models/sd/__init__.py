@@ -21,6 +21,11 @@ class StableDiffusionPlugin(FamilyPlugin):
 
         return detect_checkpoint(keys)
 
+    def check_files(self, path, options):
+        from ..folders import check_unet_folder
+
+        check_unet_folder(path, ("text_encoder",))
+
     def owns_lora_names(self, names, metadata):
         return any(n.startswith(unet_names.SD_NAMES) for n in names)
 

@@ -239,9 +239,12 @@ def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, pr
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"unreadable config ({e})", path=path) from None
+    if not isinstance(config, dict):
+        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
+    return config
 
 
 def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, variant=None,

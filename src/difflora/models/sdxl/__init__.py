@@ -26,6 +26,11 @@ class StableDiffusionXLPlugin(FamilyPlugin):
     def detect_single_file(self, keys, metadata):
         return "sdxl" if any(k.startswith("conditioner.embedders.") for k in keys) else None
 
+    def check_files(self, path, options):
+        from ..folders import check_unet_folder
+
+        check_unet_folder(path, ("text_encoder", "text_encoder_2"))
+
     def owns_lora_names(self, names, metadata):
         return any(n.startswith(unet_names.SDXL_NAMES) for n in names)
 

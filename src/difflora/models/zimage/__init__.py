@@ -7,12 +7,14 @@ files.py (folders and ComfyUI's files), lora.py (LoRA names), options.py (job ke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ...errors import UserError
 from ..plugin import FamilyPlugin
 from .options import ZImageJobOptions
 
+_BLOCK = re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_")
 # generate's flags (their dests are option-table keys)
 _FLAGS = (("--text-encoder", "Qwen3-4B file for a single-file Z-Image transformer (qwen_3_4b.safetensors)"),
           ("--vae", "FLUX.1 autoencoder file for a single-file Z-Image transformer (ae.safetensors)"),
@@ -23,7 +25,6 @@ class ZImagePlugin(FamilyPlugin):
     names = ("zimage",)
     title = "Z-Image (Turbo, Base)"
     options = ZImageJobOptions
-    path_keys = ("text_encoder", "vae", "qwen3_tokenizer")
     # ADDifT: TrainTrain (hako-mikan/sd-webui-traintrain 7b58929, "fix zimage") has no Z-Image preset; its
     # Z-Image path trains only modules named "layers" (difflora's default set), turns the SNR weighting off and
     # is used with the Action_XL preset's values: rank 4, alpha 1, lr 2e-4, timesteps 500-1000, multiplier
@@ -57,6 +58,13 @@ class ZImagePlugin(FamilyPlugin):
         if metadata.get("ss_base_model_version"):
             return metadata["ss_base_model_version"] == "zimage"
         return looks_like_zimage(sorted({n.split(".lora_")[0].split(".alpha")[0] for n in names}))
+
+    def family_of_version(self, version):
+        return "zimage" if version == "zimage" else None
+
+    def lora_block(self, name):
+        m = _BLOCK.match(name)
+        return f"{m[1]}_{m[2]}" if m else None
 
     def add_generate_arguments(self, parser):
         group = parser.add_argument_group("Z-Image (musubi's names; --cfg is Base's guidance, Turbo runs without CFG)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import UserError
-from .transformer import native_name
+from .transformer import in_blocks, native_name
 
 PREFIXES = ("transformer_", "diffusion_model_", "lycoris_")
 _SPLIT = ("to_q", "to_k", "to_v")
@@ -64,7 +64,7 @@ def to_model_names(tensors: dict[str, torch.Tensor], table: NameTable, path) -> 
     """A file's modules (kohya-style names as network/files.py reads them) -> this model's kohya names.
 
     Returns the renamed tensors and how many split q/k/v modules were fused."""
-    from ...network.adapters import group_modules
+    from ...network.adapters import group_modules, is_kohya_lora
 
     modules = group_modules(tensors, str(path))
     out: dict[str, torch.Tensor] = {}
@@ -74,12 +74,16 @@ def to_model_names(tensors: dict[str, torch.Tensor], table: NameTable, path) -> 
         if hit is None:
             raise UserError(f"module {name} is not a Z-Image module; the LoRA was made for another model", path=path)
         target, index = hit
+        if not in_blocks(table.diffusers[target]):
+            raise UserError(f"module {name} ({native_name(table.diffusers[target])}) is outside Z-Image's 34 "
+                            "transformer blocks, where difflora applies LoRAs (no peer's default set goes there)",
+                            path=path)
         if index is None:
             if any(k.startswith(target + ".") for k in out):
                 raise UserError(f"module {target} appears twice in the file (as {name} too)", path=path)
             out.update({f"{target}.{k}": v for k, v in parts.items()})
             continue
-        if "lora_down.weight" not in parts or "dora_scale" in parts:
+        if not is_kohya_lora(cls, parts):
             raise UserError(f"{cls.title} module {name} is one of a split q/k/v projection; only plain LoRA can be "
                             "fused into Z-Image's qkv", path=path)
         split.setdefault(target, {})[index] = parts
@@ -113,11 +117,11 @@ def fuse_split_lora(parts: dict[int, dict[str, torch.Tensor]], target: str) -> d
 
 
 def _plain_lora_modules(tensors: dict[str, torch.Tensor], save_format: str) -> dict[str, dict[str, torch.Tensor]]:
-    from ...network.adapters import by_module
+    from ...network.adapters import by_module, detect, is_kohya_lora
 
     modules = by_module(tensors)
     for name, parts in modules.items():
-        if "lora_down.weight" not in parts or "dora_scale" in parts or parts["lora_down.weight"].dim() != 2:
+        if not is_kohya_lora(detect(parts), parts):
             raise UserError(f"save_format = {save_format!r} holds plain LoRA modules only ({name} is not); use "
                             "save_format = \"kohya\", which ComfyUI loads for every adapter")
     return modules

@@ -19,9 +19,9 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma, squeeze_to_window
 from . import lora as names
-from .transformer import blocks
+from .transformer import blocks, in_blocks
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ VARIANT_SAMPLING = {"turbo": (8, 0.0), "base": (28, 4.0)}
 TRAIN_TARGETS = ("attention.qkv", "attention.to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
+
 class ZImageModel(ModelFamily):
     family = "zimage"
+    default_sampler = "euler"  # the pipeline's flow-matching Euler, the only sampler here
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, *, variant: str | None, source: str = "",
                  flow: FlowMatchOptions | None = None, sampling_shift: float = SAMPLING_SHIFT):
@@ -98,10 +100,11 @@ class ZImageModel(ModelFamily):
     # ---- LoRA
     def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
         """musubi's default set (the 30 layers' attention and feed-forward; refiners and modulation left out)
-        with native fused names; conv=True: every Linear of the transformer (what a peer's file may hold)."""
+        with native fused names; conv=True: every Linear of the 34 blocks (refiners and modulation too: what a
+        peer's file may hold; transformer.in_blocks says why nothing outside them)."""
         out = []
         for path, module in self.transformer.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) or not in_blocks(path):
                 continue
             if conv or (path.startswith("layers.") and path.split(".", 2)[2] in TRAIN_TARGETS):
                 out.append(LoRATarget(names.kohya_name(path), module, "unet"))
@@ -124,9 +127,16 @@ class ZImageModel(ModelFamily):
     def export_lora(self, tensors, save_format: str = "kohya"):
         return names.export(tensors, self._names, save_format)
 
+    @property
+    def default_cfg(self) -> float:
+        """Base: the pipeline's guidance 4 (pos + 4·(pos − neg)); Turbo runs without CFG."""
+        return VARIANT_SAMPLING.get(self.variant, (0, 0.0))[1]
+
     def sample_timesteps(self, n, generator, latent_hw, window):
-        """musubi's timestep sampling (flow_matching.py, shift 2.0 by default) as σ·1000."""
-        return self.objective.sample_timesteps(n, generator, latent_hw)
+        """musubi's timestep sampling (flow_matching.py, shift 2.0 by default) as σ·1000, squeezed into the
+        job's min/max_timestep window."""
+        return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
+                                 self.objective.num_train_timesteps)
 
     # ---- conditioning
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -145,7 +155,9 @@ class ZImageModel(ModelFamily):
                              max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt")
         mask = tok.attention_mask.to(te.device).bool()
         hidden = te(input_ids=tok.input_ids.to(te.device), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return Conditioning({"cap": hidden, "cap_mask": mask})
+        # zeros where the mask is off: the transformer never sees those rows, and a prompt's stored encoding is
+        # then exactly what reaches the transformer, padded
+        return Conditioning({"cap": hidden * mask[..., None], "cap_mask": mask})
 
     drops_cached_text_encoders = True
 
@@ -242,6 +254,9 @@ class ZImageModel(ModelFamily):
         """generate.py's request with Z-Image's own sampler: Turbo without CFG, Base with req.cfg as the
         pipeline's guidance_scale (pos + cfg·(pos − neg)); per-sample LoRA multipliers apply to both passes."""
         self.check_complete()
+        if req.sampler not in (None, "euler"):
+            raise UserError(f"sampler {req.sampler!r}: Z-Image samples with the pipeline's flow-matching Euler "
+                            "(euler) only")
         guidance = 0.0 if self.variant == "turbo" else float(req.cfg)
         out = []
         for start in range(0, len(req.prompts), batch_size):

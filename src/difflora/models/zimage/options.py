@@ -12,14 +12,15 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...options import ReadPath
 from ..shared_options import FlowMatchingKeys, LowVramKeys
 
 
 class ZImageJobOptions(FlowMatchingKeys, LowVramKeys):
     zimage_variant: Literal["turbo", "base"] | None = Field(
         None, description="Z-Image: turbo (distilled, 8 steps, no CFG) or base (CFG); the weights cannot tell")
-    text_encoder: str | None = Field(
+    text_encoder: ReadPath | None = Field(
         None, description="Z-Image: Qwen3-4B text-encoder file for a single-file transformer (musubi's text_encoder)")
-    vae: str | None = Field(None, description="Z-Image: FLUX.1 autoencoder file (ae.safetensors) for a single file")
-    qwen3_tokenizer: str | None = Field(
+    vae: ReadPath | None = Field(None, description="Z-Image: FLUX.1 autoencoder file (ae.safetensors) for a single file")
+    qwen3_tokenizer: ReadPath | None = Field(
         None, description="Z-Image: folder with Qwen3's tokenizer.json (beside a text_encoder file when unset)")

@@ -1,5 +1,6 @@
 """A tiny Z-Image built offline (tests, benchmarks): the real 30 layers + 2 noise refiners + 2 context refiners
-and module names (diffusers' ZImageTransformer2DModel), 32 wide; a 3-layer Qwen3; a 16-channel FLUX-style ae;
+and module names (diffusers' ZImageTransformer2DModel), 32 wide, 4 latent channels (every tiny family's);
+a 3-layer Qwen3; a FLUX-style ae;
 a byte-level BPE tokenizer trained on the toy captions with Qwen's chat tokens."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .model import ZImageModel
 from .transformer import fuse_attention
 
 TINY_TRANSFORMER = dict(dim=32, n_layers=30, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
-                        in_channels=16, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+                        in_channels=4, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
 TINY_QWEN3 = dict(vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=True)
@@ -50,7 +51,7 @@ def build_tiny_zimage(variant: str = "turbo", seed: int = 0) -> ZImageModel:
     fuse_attention(tr)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-                        latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
         c = vae.config.latent_channels

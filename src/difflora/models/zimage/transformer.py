@@ -25,6 +25,13 @@ _RENAMES = (
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
 
+def in_blocks(path: str) -> bool:
+    """A module path inside the 34 transformer blocks, where difflora puts LoRA modules. Outside them: the token
+    embedders see every sample's tokens concatenated (a per-sample multiplier cannot apply), diffusers' LoRA
+    converter loses the final layer's names, and no peer's default set goes there."""
+    return path.startswith(tuple(b + "." for b in BLOCK_LISTS))
+
+
 class _SplitView:
     """What diffusers' ZSingleStreamAttnProcessor reads from its `attn`, with q/k/v cut from one fused matmul."""
 

@@ -133,6 +133,17 @@ _REFUSED_ARGS = {
 _SWITCHES = ("use_scalar", "rank_dropout_scale", "bypass_mode", "train_norm", "rescaled", "train_on_input")
 
 
+def client_limits(options: AdapterOptions, trains_kxk_convs: bool) -> list[str]:
+    """What the usual clients cannot apply of a file these options write (one warning each, before training).
+    LoKr's Tucker core (`lokr_t2`, on kxk convs with use_tucker): Forge raises on each such layer and drops the
+    whole LoRA, ComfyUI skips those layers; A1111 applies it (measured with each client's code)."""
+    if options.algo == "lokr" and options.use_tucker and trains_kxk_convs:
+        return ["LoKr with network_use_tucker writes a Tucker core (lokr_t2) on the kxk convs: Forge cannot apply such "
+                "a file (the whole LoRA fails) and ComfyUI skips those layers; only A1111 applies it. Leave "
+                "network_use_tucker off for those clients"]
+    return []
+
+
 def parse_network_args(args, handled: tuple[str, ...] = ()) -> dict[str, object]:
     """kohya's `network_args` ("key=value" strings, or a table) -> normalised, typed options.
 
@@ -305,7 +316,7 @@ def module_dense(cls: type[Adapter], parts: Mapping[str, torch.Tensor], base_wei
     return dora_delta(w, delta.reshape(w.shape), d.float()).reshape(delta.shape)
 
 
-__all__ = ["ADAPTERS", "ALGO_NAMES", "LYCORIS_ARGS", "job_keys", "option_tables", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
+__all__ = ["ADAPTERS", "ALGO_NAMES", "client_limits", "LYCORIS_ARGS", "job_keys", "option_tables", "Adapter", "AdapterOptions", "KOHYA_LORA_MODULE", "LYCORIS_MODULE", "LoHa",
            "LoKr", "LoRA", "adapter_class", "adapter_options", "by_module", "detect", "dora_scale_shape", "group_modules",
            "has_factors", "is_kohya_lora", "module_dense", "module_rank_alpha", "module_shapes", "normalise_job_keys", "adapter_options_of",
            "parse_network_args", "resolve_algo", "split_key"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ..progress import curve_frame, format_eta, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, format_eta, read_events, sample_grid, summarize
 from ..runs import default_run, log_tail, status_text
 
 
@@ -92,7 +92,8 @@ def build(ctx) -> LivePage:
         lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="live-lr", height=260)
     latest = gr.Image(label="latest samples (rows: prompts; columns: LoRA weights)", type="numpy", interactive=False,
                       height=None, buttons=["fullscreen", "download"], elem_id="live-latest")
-    samples = gr.Gallery(label="every sampling (newest first); click one to see it whole", columns=2, height="auto",
+    samples = gr.Gallery(label="every sampling (newest first); click one to see it whole", columns=2,
+                         height=GALLERY_HEIGHT,
                          object_fit="contain", elem_id="live-samples")
     log = gr.Textbox(label="log tail (follows the end)", lines=LOG_LINES, max_lines=LOG_LINES, autoscroll=True,
                      elem_id="live-log")

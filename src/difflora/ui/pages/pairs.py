@@ -14,16 +14,17 @@ from pathlib import Path
 
 from ...errors import UserError
 from .. import pairs as P
+from ..progress import GALLERY_HEIGHT
 from ..subcommand import run_cli
 
 
 def _composite(view: P.PairView):
-
+    """before | after above difference | mask: near square, so a gallery cell shows it large and whole."""
     from ...generate import make_grid
 
     h = view.before.shape[0]
     scale = max(1, 192 // h)  # small pairs enlarged so a face can be seen
-    return make_grid([[view.before, view.after, view.heat, view.mask]], ["before", "after", "difference", "mask"],
+    return make_grid([[view.before, view.after], [view.heat, view.mask]], ["before | difference", "after | mask"],
                      scale=scale)
 
 
@@ -167,8 +168,9 @@ def build(ctx) -> None:
             crop = gr.Button("Crop pairs (prep crop --mode focus) into FOLDER_cropped", elem_id="pairs-crop")
             tag = gr.Button("Caption untagged images (prep tag --tagger toy)", elem_id="pairs-tag")
     status = gr.Markdown(elem_id="pairs-status")
-    gallery = gr.Gallery(label="pairs: before, after, difference, training mask (click one to see it whole)",
-                         columns=2, height="auto", object_fit="contain", elem_id="pairs-gallery")
+    gallery = gr.Gallery(label="pairs: before and after, below them the difference and the training mask "
+                               "(click one to see it whole)",
+                         columns=2, height=GALLERY_HEIGHT, object_fit="contain", elem_id="pairs-gallery")
     with gr.Row():
         pick = gr.Dropdown(label="pair", choices=[], elem_id="pairs-pick")
         before_caption = gr.Textbox(label="before caption", elem_id="pairs-caption-before")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from .. import jobform as J
-from ..progress import curve_frame, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, read_events, sample_grid, summarize
 from ..runs import status_text
 from .live import resume_message, run_samples
 
@@ -61,7 +61,8 @@ def build(ctx) -> RunsPage:
         with gr.Column():
             details = gr.Markdown(elem_id="runs-details")
             loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="runs-loss", height=220)
-    samples = gr.Gallery(label="samples (newest first); click one to see it whole", columns=2, height="auto",
+    samples = gr.Gallery(label="samples (newest first); click one to see it whole", columns=2,
+                         height=GALLERY_HEIGHT,
                          object_fit="contain", elem_id="runs-samples")
     outputs = gr.File(label="outputs", file_count="multiple", interactive=False, elem_id="runs-outputs")
 

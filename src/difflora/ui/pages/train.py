@@ -49,7 +49,8 @@ def _component(gr, spec: J.FieldSpec):
     if spec.kind == "choice":
         value = DEFAULT_METHOD if spec.key == "method" else (default if default is not None else "")
         return gr.Dropdown(label=spec.label, choices=spec.choices, value=value, info=info, elem_id=elem_id)
-    placeholder = J.display(default) or ("pairs/eyes" if spec.key == "image_dir" else "")
+    placeholder = J.display(default) or {"image_dir": "pairs/eyes",
+                                          "sample_prompt": "the first pair's 'before' caption"}.get(spec.key, "")
     if spec.key == "output_dir":
         placeholder = "runs/<run>/output"
     return gr.Textbox(label=spec.label, value="", placeholder=placeholder, info=info, lines=1, max_lines=4,
@@ -365,7 +366,7 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
             run = start_run(ctx, page.specs, values)
         except UserError as e:
             return [*page.report([str(e)], prefix="Not started"), gr.update(), gr.update()]
-        return [*page.report([]), gr.Tabs(selected="live"),
+        return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
                 gr.update(choices=live.run_choices(), value=run.id)]
 
     page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick])
