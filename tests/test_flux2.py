@@ -57,7 +57,13 @@ def test_state_dicts_match_the_reference_layouts(sized):
     sd = sized.transformer.state_dict()
     bfl = names.fused_to_bfl(sd, cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"])
     assert set(bfl) == _ref(sized.size.name, "native_statedict")
-    assert set(names.fused_to_diffusers(sd)) == _ref(sized.size.name, "diffusers_statedict")
+    ours = names.fused_to_diffusers(sd)
+    assert set(ours) == _ref(sized.size.name, "diffusers_statedict")
+    # diffusers' own single-file converter reads our BFL tensors to our diffusers tensors (adaLN halves swapped)
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 def test_fused_transformer_equals_diffusers_own(sized):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,9 +55,16 @@ def _tiny(family: str):
     from difflora.models.flux2.tiny import build_tiny_flux2
     from difflora.models.zimage.tiny import build_tiny_zimage
 
+    def qwen_image():  # its tiny model is a diffusers folder; the family's own loader reads it
+        import tempfile
+
+        from difflora.models.qwen_image.tiny import write_tiny_folder
+
+        return load_model(write_tiny_folder(Path(tempfile.mkdtemp(prefix="tiny_qwen_")) / "model"))
+
     builders = {"sd1": lambda: build_tiny_sd("sd1", layout="small"), "sd2": lambda: build_tiny_sd("sd2", layout="small"),
                 "sdxl": build_tiny_sdxl, "flux": lambda: build_tiny_flux("dev", 1, 1), "zimage": build_tiny_zimage,
-                "flux2": build_tiny_flux2}
+                "flux2": build_tiny_flux2, "qwen_image": qwen_image}
     return builders[family]() if family in builders else None
 
 
@@ -114,7 +122,34 @@ def transformers4_keys(config: dict) -> tuple[set[str], dict[str, str]]:
         if not config.get("tie_word_embeddings"):
             return keys | {"lm_head.weight"}, {}
         return keys, {"lm_head.weight": "model.embed_tokens.weight"}
+    if arch == "Qwen2_5_VLForConditionalGeneration":  # 4.x: model.* (the language model), visual.*, lm_head
+        text, vision = config.get("text_config", config), config["vision_config"]
+        keys = {"model.embed_tokens.weight", "model.norm.weight", "visual.patch_embed.proj.weight",
+                "visual.merger.ln_q.weight"} | {f"visual.merger.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+        for i in range(text["num_hidden_layers"]):
+            layer = f"model.layers.{i}."
+            keys |= {layer + f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")}
+            keys |= {layer + "self_attn.o_proj.weight", layer + "input_layernorm.weight",
+                     layer + "post_attention_layernorm.weight"}
+            keys |= {layer + f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        for i in range(vision["depth"]):
+            block = f"visual.blocks.{i}."
+            keys |= {block + "norm1.weight", block + "norm2.weight"}
+            keys |= {block + f"{p}.{w}" for p in ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj",
+                                                   "mlp.down_proj") for w in ("weight", "bias")}
+        if not (text.get("tie_word_embeddings") or config.get("tie_word_embeddings")):
+            return keys | {"lm_head.weight"}, {}
+        return keys, {"lm_head.weight": "model.embed_tokens.weight"}
     raise AssertionError(f"text encoder architecture {arch}: add its transformers-4 layout to transformers4_keys")
+
+
+# Where transformers 5's module tree puts what transformers 4 names otherwise (it renames on load and on save).
+_TO_TRANSFORMERS5 = {
+    "CLIPTextModel": lambda k: k.removeprefix("text_model."),
+    "Qwen2_5_VLForConditionalGeneration": lambda k: ("model." + k if k.startswith("visual.") else
+                                                     "model.language_model." + k.removeprefix("model.")
+                                                     if k.startswith("model.") else k),
+}
 
 
 def _load_as_transformers4(sub):
@@ -134,8 +169,9 @@ def _load_as_transformers4(sub):
                                             len(unexpected))
     arch = config["architectures"][0]
     model = getattr(transformers, arch)(getattr(transformers, arch).config_class.from_dict(config)).eval()
-    own = {k.removeprefix("text_model.") if arch == "CLIPTextModel" else k: v for k, v in tensors.items()}
-    own.update({k: own[source] for k, source in tied.items() if k in model.state_dict()})
+    tensors.update({k: tensors[source] for k, source in tied.items() if k not in tensors})
+    rename = _TO_TRANSFORMERS5.get(arch, lambda k: k)
+    own = {rename(k): v for k, v in tensors.items()}
     model.load_state_dict(own, strict=True)
     return model
 
@@ -163,7 +199,7 @@ def test_written_text_encoders_load_in_the_transformers4_layout_with_equal_outpu
         arch = type(original).__name__
         assert arch in subs, (arch, sorted(subs))
         read = _load_as_transformers4(subs[arch])
-        ids = torch.randint(0, original.config.vocab_size, (2, 9))
+        ids = torch.randint(0, original.get_input_embeddings().num_embeddings, (2, 9))
         with torch.no_grad():
             want, got = original(input_ids=ids), read(input_ids=ids)
         outputs = [(a, b) for a, b in zip(want.to_tuple(), got.to_tuple()) if isinstance(a, torch.Tensor)]

@@ -136,7 +136,7 @@ def test_other_families_keys_are_refused(qwen_env, tmp_path, tiny_sd1_dir):
         train(_job(qwen_env, tmp_path, "standard", guidance_scale=2.0))
     sd_job = _job(qwen_env, tmp_path, "standard", model=str(tiny_sd1_dir), vae="some/qwen_image_vae.safetensors",
                   resolution=16)
-    with pytest.raises(UserError, match="vae applies to .*Qwen-Image models only; this model is Stable Diffusion"):
+    with pytest.raises(UserError, match="vae applies to .*Qwen-Image-Edit models only; this model is Stable Diffusion"):
         train(sd_job)
     assert not (tmp_path / "standard.safetensors").exists()
 

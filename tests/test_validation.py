@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -128,3 +129,43 @@ def test_advice_rules():
     assert "no progress" in advice(steps, [1.0] * 11)
     assert "flattened" in advice(steps, [1.0, 0.8, 0.7, 0.65, 0.64, 0.63, 0.63, 0.63, 0.63, 0.63, 0.63])
     assert "too few" in advice([0, 10], [1.0, 0.9])
+
+
+def test_sdxl_validation_loss_runs_on_each_images_own_size_conditioning(tmp_path, monkeypatch):
+    """The validation batch is assembled like a training batch: SDXL's time_ids carry each held-out image's size
+    (they were the defaults, the output size, before; a validation folder's images did not even know theirs)."""
+    from difflora.config import load_job
+    from difflora.models.sdxl.model import StableDiffusionXL
+    from difflora.toy.tiny_sdxl import build_tiny_sdxl
+    from difflora.train.loop import train
+    from difflora.train.validation import Validator
+
+    build_tiny_sdxl().save(tmp_path / "xl")
+    for folder, n in (("train", 2), ("held", 2)):
+        _write_faces(tmp_path / folder, n, 32, seed=n)
+        for png in (tmp_path / folder).glob("*.png"):
+            Image.open(png).resize((40, 48)).save(png)  # (w, h): larger than the training side, not square
+    seen, validating = [], [False]
+    real_predict, real_loss = StableDiffusionXL.predict, Validator.loss
+
+    def predict(self, noisy, t, cond):
+        if validating[0]:
+            seen.append(cond.tensors.get("time_ids"))
+        return real_predict(self, noisy, t, cond)
+
+    def loss(self, stage, network):
+        validating[0] = True
+        try:
+            return real_loss(self, stage, network)
+        finally:
+            validating[0] = False
+
+    monkeypatch.setattr(StableDiffusionXL, "predict", predict)
+    monkeypatch.setattr(Validator, "loss", loss)
+    job = _job(tmp_path, tmp_path / "xl", tmp_path / "train", resolution=32, max_train_steps=1,
+               validation_split=0.0, validation_data_dir=str(tmp_path / "held"))
+    train(load_job(job))
+    assert seen and all(ids is not None for ids in seen)
+    rows = torch.cat(seen)
+    assert rows[:, :2].tolist() == [[48.0, 40.0]] * len(rows)  # original (h, w)
+    assert rows[:, 4:].tolist() == [[32.0, 32.0]] * len(rows)  # the size trained at

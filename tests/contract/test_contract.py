@@ -43,11 +43,23 @@ from difflora.train.loop import train
 from difflora.train.stop import StopRequest
 from tiny_families import TEST_FAMILIES, TINY_FAMILIES
 
-FAMILIES = family_names() + tuple(TEST_FAMILIES)  # the test-only ones are registered by conftest.py
+FAMILIES = family_names() + tuple(TEST_FAMILIES)  # test-only ones: registered_test_families
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"
 PAIR_METHOD = next(name for name, m in METHODS.items() if m.needs_pairs)
+
+
+@pytest.fixture(autouse=True)
+def registered_test_families(monkeypatch):
+    """Test-only families (tiny_families.TEST_FAMILIES) registered around each contract test and gone afterwards,
+    so the rest of the session sees the registry as the package has it. (Here, not in a conftest.py: a second
+    module named conftest shadows tests/conftest.py for the test modules collected after it.)"""
+    from difflora.models import registry
+
+    monkeypatch.setattr(registry, "FAMILIES", list(registry.FAMILIES))
+    for module in TEST_FAMILIES.values():
+        registry.register_family(module)
 
 
 def test_every_registered_family_takes_part():

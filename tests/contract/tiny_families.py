@@ -161,7 +161,7 @@ def _client_zimage(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------- the template family (tests only)
-# model_family name -> module of families that exist only in the tests (registered by conftest.py around each test)
+# model_family name -> module of the families that exist only in the tests (test_contract registers them)
 TEST_FAMILIES = {"template": "template_family"}
 
 

@@ -233,26 +233,22 @@ def _diffusers_path(mod: str) -> str:
     return mod
 
 
-def _scale(tensors: dict[str, torch.Tensor], name: str) -> float:
-    rank = tensors[f"{name}.lora_down.weight"].shape[0]
-    a = tensors.get(f"{name}.alpha")
-    return (float(a) if a is not None else float(rank)) / rank
-
-
 def kohya_to_comfyui(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`diffusion_model.<bfl>`: LoRA modules as lora_A / lora_B with the scale baked into lora_B and no alpha
     (diffusers' FLUX.2 loader refuses `.alpha` in this spelling); other adapters keep their keys and alpha."""
+    from ...network.adapters import group_modules, module_rank_alpha
+
     out: dict[str, torch.Tensor] = {}
-    names = {k.split(".", 1)[0] for k in tensors}
-    for name in sorted(names):
+    for name, (cls, parts) in group_modules(tensors, "LoRA").items():
         if not name.startswith("lora_unet_"):
             raise UserError(f"module {name} has no ComfyUI FLUX.2 name")
         mod = "diffusion_model." + bfl_of_kohya(name)
-        own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
-        if "lora_down.weight" in own:
-            out[f"{mod}.lora_A.weight"] = own.pop("lora_down.weight")
-            out[f"{mod}.lora_B.weight"] = (own.pop("lora_up.weight").float() * _scale(tensors, name)).to(
-                out[f"{mod}.lora_A.weight"].dtype)
+        own = dict(parts)
+        if cls.low_rank:  # up @ down: the scale goes into the up factor, as ai-toolkit writes it
+            _, _, scale = module_rank_alpha(cls, parts)
+            down, up = (own.pop(k) for k in cls.required)
+            out[f"{mod}.lora_A.weight"] = down
+            out[f"{mod}.lora_B.weight"] = (up.float() * scale).to(down.dtype)
             own.pop("alpha", None)
         for suffix, v in own.items():
             out[f"{mod}.{suffix}"] = v
@@ -277,15 +273,17 @@ def bfl_of_kohya(name: str) -> str:
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor], modules: dict[str, str]) -> dict[str, torch.Tensor]:
     """`transformer.<diffusers>` peft keys: fused q/k/v split into diffusers' to_q/k/v (each gets the whole
     lora_A and its rows of lora_B), scale baked into lora_B; plain LoRA only."""
+    from ...network.adapters import group_modules, is_kohya_lora, module_rank_alpha
+
     out: dict[str, torch.Tensor] = {}
-    for name in sorted({k.split(".", 1)[0] for k in tensors}):
-        if f"{name}.lora_down.weight" not in tensors or f"{name}.dora_scale" in tensors:
+    for name, (cls, parts) in group_modules(tensors, "LoRA").items():
+        if not is_kohya_lora(cls, parts):
             raise UserError(f"save_format = \"diffusers\" holds plain LoRA modules only; {name} is another adapter "
                             "(save it as kohya or comfyui)")
         bfl = bfl_of_kohya(name)
         ours = modules[bfl]
-        down = tensors[f"{name}.lora_down.weight"]
-        up = tensors[f"{name}.lora_up.weight"].float() * _scale(tensors, name)
+        down, up = (parts[k] for k in cls.required)
+        up = up.float() * module_rank_alpha(cls, parts)[2]
         fused = next((f for f in SPLIT if ours.endswith("." + f)), None)
         if fused is None:
             out[f"transformer.{ours}.lora_A.weight"] = down

@@ -399,6 +399,7 @@ def save_folder(model, path: Path, dtype: torch.dtype | None = None) -> None:
     import tempfile
 
     from ...fileio import write_json_atomic
+    from ..folders import publish_layout
     from .tiny import EDIT_PIPELINES, SCHEDULER_CONFIG
 
     if path.exists():
@@ -430,6 +431,7 @@ def save_folder(model, path: Path, dtype: torch.dtype | None = None) -> None:
             model.tokenizer.save_pretrained(tmp / "processor")
             index["processor"] = ["transformers", "Qwen2VLProcessor"]
         write_json_atomic(tmp / "model_index.json", index)
+        publish_layout(tmp)  # tokenizer files transformers 4 reads (vocab.json, merges.txt, its tokenizer_config)
         tmp.rename(path)
     finally:
         if tmp.exists():
