@@ -314,8 +314,12 @@ def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkey
 
 
 def _fixed_inputs(model):
-    """A 4x4 latent of 4 channels (every tiny family's), t = 500 and one caption's encoding."""
-    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    """A 4x4 latent with the model's channels (a blank image's: 4 on most tiny families, 16 on Qwen-Image's),
+    t = 500 and one caption's encoding."""
+    with torch.no_grad():
+        blank = model.encode_images(torch.zeros(1, 3, 4 * model.latent_downscale, 4 * model.latent_downscale),
+                                    sample=False)
+    x = torch.randn(1, blank.shape[1], 4, 4, generator=torch.Generator().manual_seed(0))
     return x, torch.tensor([500]), model.encode_prompts(["a face, pair1, eyes open"])
 
 
