@@ -24,7 +24,7 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma
+from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma, squeeze_to_window
 from ..objectives import FlowMatchingObjective
 from .files import EDIT_VARIANTS
 
@@ -295,8 +295,10 @@ class QwenImageModel(ModelFamily):
         return ["qwen25vl"]
 
     def sample_timesteps(self, n, generator, latent_hw, window):
-        """musubi's timestep sampling (shift 2.2 by default, or qwen_shift) as σ·1000."""
-        return self.objective.sample_timesteps(n, generator, latent_hw)
+        """musubi's timestep sampling (shift 2.2 by default, or qwen_shift) as σ·1000, squeezed into the job's
+        min/max_timestep window as FLUX's."""
+        return squeeze_to_window(self.objective.sample_timesteps(n, generator, latent_hw), window,
+                                 self.objective.num_train_timesteps)
 
     # ---- prediction
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
