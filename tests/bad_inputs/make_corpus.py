@@ -1765,7 +1765,7 @@ def _qwen_lora(path: Path) -> Path:
 
 
 @case("qwen_lora_on_sd", "a Qwen-Image LoRA given to an SD model", names="qwen_lora.safetensors",
-      needles=("lora_unet_transformer_blocks_0", "another architecture"))
+      needles=("trained for qwen_image", "the model is sd_v1"))
 def _(ws):
     return ws.generate("--lora", _qwen_lora(ws.root / "qwen_lora.safetensors"))
 
