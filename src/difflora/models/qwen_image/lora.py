@@ -17,12 +17,10 @@ import torch
 import torch.nn as nn
 
 from ...errors import UserError
+from ...network.adapters import KNOWN_SUFFIXES, detect, is_kohya_lora
 
 OUTSIDE_BLOCKS = ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
                   "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a",
-             "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
-             "lokr_w2_b", "lokr_t2", "lora_mid.weight")
 
 
 def module_paths(transformer: nn.Module) -> dict[str, str]:
@@ -44,7 +42,7 @@ def _spellings(paths: dict[str, str]) -> dict[str, str]:
 
 def _split(key: str, spellings: dict[str, str]) -> tuple[str, str] | None:
     """(kohya module name, suffix) of a tensor key in any spelling, or None."""
-    for suffix in _SUFFIXES:
+    for suffix in sorted(KNOWN_SUFFIXES):
         if key.endswith("." + suffix):
             head = key[: -len(suffix) - 1]
             if head in spellings:
@@ -96,8 +94,9 @@ def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> di
     for name in names:
         parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
         path = prefix + paths[name]
-        if set(parts) <= {"lora_down.weight", "lora_up.weight", "alpha"}:
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        cls = detect(parts)
+        if cls is not None and is_kohya_lora(cls, parts):
+            down, up = (parts[k] for k in cls.required)
             alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
             out[f"{path}.lora_A.weight"] = down
             out[f"{path}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(up.dtype)
