@@ -651,7 +651,7 @@ BAD_FLUX = {  # case: (model, extra generate arguments, file the message names, 
                             "Stable Diffusion / SDXL LoRA"),
     "guidance_lora_on_schnell": ("schnell", ["--lora", "guidance.safetensors"], "guidance.safetensors",
                                  "FLUX.1-schnell does not have"),
-    "flux2_file": ("flux2.safetensors", [], "flux2.safetensors", "supported: FLUX.1-dev and FLUX.1-schnell"),
+    "flux2_file": ("flux2.safetensors", [], "flux2.safetensors", "not a complete FLUX.2 transformer"),
     "kontext_folder": ("kontext", [], "kontext", "FluxKontextPipeline"),
 }
 

@@ -330,7 +330,9 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
-_UNKEYED = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed"}
+# not part of what a cell trains: where it goes, and how previews would be drawn (sample_sampler's default became
+# "the family's own", None, which for the toy U-Net is the baseline's ddim)
+_UNKEYED = {"output_dir", "output_name", "datasets", "train_data_dir", "model", "seed", "sample_sampler"}
 _BASELINE = Path(__file__).resolve().parent.parent / "assets" / "eval_baseline.json"
 
 
