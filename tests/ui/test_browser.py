@@ -312,10 +312,17 @@ def test_reload_mid_run_shows_the_running_run_then_whole_previews_and_the_log_en
     page.locator("#live-sample-now").click()
     wait_text(page, "#live-message", lambda t: "Sampling" in t or "Refused" in t, 30, "the request")
     assert "Sampling after this step" in text_of(page, "#live-message")
+    events = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
+    step_at_request = max(e.get("global_step", 0) for e in events)
     wait_state(page, ("finished",))
     events = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
     sampled = [e["step"] for e in events if e["type"] == "sample_written"]
-    assert len(sampled) == 2 and sampled[0] < 40 and sampled[1] == 40, sampled  # on request, then the end once
+    # on request, then the end once; a request that reaches the run during its last step is that final grid
+    # (never two grids at one step): on a loaded machine the click can come that late
+    if step_at_request < 39:
+        assert len(sampled) == 2 and step_at_request <= sampled[0] < 40 and sampled[1] == 40, sampled
+    else:
+        assert sampled == [40], sampled
 
     # the finished LoRA's grid: whole (drawn at its own aspect, nothing cut) and at least 256 px tall
     wait_text(page, "#live-samples", lambda t: "step 40" in t, 30, "the final sample grid")
