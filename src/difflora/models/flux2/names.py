@@ -7,7 +7,7 @@ FLUX.1's tables do not apply: modulation is global (`double_stream_modulation_im
 has a bias, the MLPs are SwiGLU (`ff.linear_in` / `linear_out`) and the single blocks are
 `attn.to_qkv_mlp_proj` / `attn.to_out`.
 
-LoRA spellings read and written here (one module name each; `/work/shared`-style reference lists in the
+LoRA spellings read and written here (one module name each; the reference lists in the
 tests): kohya `lora_unet_<bfl with _>`; ComfyUI / ai-toolkit `diffusion_model.<bfl>` (lora_A/B, no alpha:
 the scale is baked into lora_B, because diffusers' FLUX.2 loader fails on `.alpha` keys with that prefix);
 diffusers `transformer.<diffusers>` with q/k/v split (A shared, B's rows split, scale baked); DiffSynth's
