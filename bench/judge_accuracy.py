@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import portable  # noqa: E402
 from difflora.fileio import write_json_atomic
 from difflora.toy import judge as judge_mod
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.n,
         "seed": args.seed,
         "render_seed_base": judge_mod.EVAL_SEED_BASE,
-        "weights": os.fspath(args.weights or judge_mod.DEFAULT_PATH),
+        "weights": portable(args.weights or judge_mod.DEFAULT_PATH),
         "vae": None if args.vae is None else os.fspath(args.vae),
         "chance": chance,
         "accuracy": runs,

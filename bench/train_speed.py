@@ -55,6 +55,7 @@ from flux2_speed import FLUX2_CONTENDERS, add_flux2_arguments, flux2_main, flux2
 from qwen_image_speed import QWEN_CONTENDERS, add_qwen_arguments, qwen_main, qwen_worker  # noqa: E402
 from zimage_speed import CONTENDERS as ZIMAGE_CONTENDERS, add_zimage_arguments, zimage_main  # noqa: E402
 from zimage_speed import worker as zimage_worker  # noqa: E402
+from _paths import portable  # noqa: E402
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -589,7 +590,9 @@ def measure_and_report(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "data")},
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "data")}
+    settings["model"] = portable(settings["model"])
+    tmp.write_text(json.dumps({"settings": settings,
                                "device": device_name, "unet_train_gflop": flops / 1e9,
                                "summary": summary, "ratios": ratios}, indent=2) + "\n")
     os.replace(tmp, out)

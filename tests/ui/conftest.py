@@ -1,6 +1,6 @@
 """Browser tests of `difflora ui`: a real server process driven by headless Chromium (Debian's package).
 
-The browser is Debian's `chromium`, never a download: when /usr/bin/chromium is missing and we
+The browser is Debian's `chromium`, never a download: when chromium is not on PATH and we
 are root, it is installed with apt-get (once per machine). When it cannot be had, the tests FAIL
 (not skip), so CI shows it. Playwright (PyPI) drives that executable.
 """
@@ -13,12 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
 # The flags this machine's notes recommend: no GPU, no sandbox as root, nothing that reaches the network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -26,25 +26,27 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def ensure_chromium() -> str:
-    """Path of Debian's chromium, installing the package when it is missing and we may."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
+    """Path of Debian's chromium (found on PATH), installing the package when it is missing and we may."""
+    found = shutil.which("chromium")
+    if found:
+        return found
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium)")
-    lock = Path("/tmp/difflora-chromium-install.lock")
+        pytest.fail("chromium is missing: install Debian's chromium package (apt-get install -y chromium)")
+    lock = Path(tempfile.gettempdir()) / "difflora-chromium-install.lock"
     with open(lock, "w") as fh:  # two xdist workers: one installs, the other waits
         import fcntl
 
         fcntl.flock(fh, fcntl.LOCK_EX)
-        if not Path(CHROMIUM).exists():
+        if not shutil.which("chromium"):
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
             for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     pytest.fail(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing")
-    return CHROMIUM
+    found = shutil.which("chromium")
+    if not found:
+        pytest.fail("apt-get installed chromium but it is still not on PATH")
+    return found
 
 
 @pytest.fixture(scope="session")
