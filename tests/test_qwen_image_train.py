@@ -1,6 +1,7 @@
-"""`difflora train` end to end on the tiny Qwen-Image (real 60 blocks, 32 px pairs, a few steps): every method and
-adapter writes a LoRA of the musubi names that changes the images; the low-VRAM keys give the same LoRA; family keys
-of other models are refused; the tools take the family's files."""
+"""`difflora train` and the LoRA tools on the tiny Qwen-Image (real 60 blocks, 32 px pairs, 2 steps), for what the
+contract suite (tests/contract: every method and adapter trained on this family, checked at the denoiser) does not
+check: musubi's names and Qwen-Image's metadata in a trained file, LyCORIS in a ComfyUI file, the low-VRAM keys and
+fp8_base, other families' keys, and every LoRA tool on the family's folder and ComfyUI files, results checked."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import _write_pairs
-from test_qwen_image import comfy_key_map, comfy_not_loaded
+from test_qwen_image import _random_lora, comfy_key_map, comfy_not_loaded
 from difflora.config import JobConfig, apply_method_defaults
 from difflora.errors import UserError
 from difflora.generate import GenerationRequest, generate
@@ -21,6 +22,7 @@ from difflora.models.registry import family_options_of
 from difflora.network.apply import network_from_file
 from difflora.network.files import read_metadata_only
 from difflora.train.loop import train
+
 
 def _load(path, **options):
     return load_model(path, options=options)
@@ -59,76 +61,52 @@ def _changes_images(root: Path, path: Path, job) -> float:
     return float(np.abs(on - off).max())
 
 
-METHODS = {
-    "standard": {},
-    "addift": {},
-    "slider": {},
-    "copier": {"copier": {"stage1_steps": 2, "stage2_steps": 2, "stage1_learning_rate": 1e-2,
-                          "stage2_learning_rate": 1e-2}},
-    "differential": {"differential": {"before_steps": 2, "after_steps": 2, "learning_rate": 1e-2}},
-}
-
-
-@pytest.mark.parametrize("method", [m if m in ("standard", "addift") else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in METHODS])
-def test_each_method_trains_a_musubi_named_lora_that_changes_the_images(qwen_env, tmp_path, method):
-    job = _job(qwen_env, tmp_path, method, **METHODS[method])
+def test_a_trained_lora_has_musubis_names_and_qwen_image_metadata(qwen_env, tmp_path):
+    job = _job(qwen_env, tmp_path, "standard")
     path = train(job)
-    names = {k.split(".")[0] for k in load_file(str(path))}
-    assert names == KOHYA  # 840 modules: img_mod / txt_mod included, as musubi / ai-toolkit / DiffSynth
+    assert {k.split(".")[0] for k in load_file(str(path))} == KOHYA  # 840: img_mod / txt_mod as musubi's
     md = read_metadata_only(path)
     assert md["ss_base_model_version"] == "qwen_image" and md["modelspec.architecture"] == "Qwen-Image"
     assert md["ss_timestep_sampling"] == "shift" and md["ss_discrete_flow_shift"] == "2.2"  # Qwen's defaults
-    assert _changes_images(qwen_env, path, job) > 1e-4, method
-
-
-@pytest.mark.parametrize("algo", ["loha", "lokr", pytest.param("dora", marks=pytest.mark.slow)])
-def test_each_adapter_trains_and_loads_back(qwen_env, tmp_path, algo):
-    extra = {"network_dora": True} if algo == "dora" else {"network_algo": algo}
-    job = _job(qwen_env, tmp_path, "standard", output_name=algo, save_format="comfyui", **extra)
-    path = train(job)
-    keys = load_file(str(path))
-    # LyCORIS / DoRA modules keep kohya's names in a comfyui file (ComfyUI maps them); plain LoRA would be lora_A/B
-    assert {k.split(".")[0] for k in keys} == KOHYA
-    assert any(k.endswith(("hada_w1_a", "lokr_w1", "dora_scale")) for k in keys)
-    key_map = comfy_key_map(_load(qwen_env / "model").transformer.state_dict())
-    assert comfy_not_loaded(keys, key_map) == (840, [])  # ComfyUI loads every key of the file
+    assert md["ss_weighting_scheme"] == "none"  # musubi's default
     assert _changes_images(qwen_env, path, job) > 1e-4
 
 
-def test_per_pair_average_and_presets(qwen_env, tmp_path):
-    avg = train(_job(qwen_env, tmp_path, "addift", per_pair_average=True, output_name="avg"))
-    job = _job(qwen_env, tmp_path, "standard", output_name="with_preset",
-               preset_loras=[{"path": str(avg), "multiplier": 0.5}])
-    out = train(job)
-    averaged = load_file(str(avg))
-    assert {k.split(".")[0] for k in averaged} == KOHYA == {k.split(".")[0] for k in load_file(str(out))}
-    assert max(float(v.abs().max()) for k, v in averaged.items() if k.endswith("lora_up.weight")) > 0
+def test_lycoris_in_a_comfyui_file_keeps_kohya_names_and_comfyui_loads_every_key(qwen_env, tmp_path):
+    job = _job(qwen_env, tmp_path, "standard", output_name="lokr", save_format="comfyui", network_algo="lokr")
+    keys = load_file(str(train(job)))
+    # LyCORIS / DoRA modules keep kohya's names in a comfyui file (ComfyUI maps them); plain LoRA would be lora_A/B
+    assert {k.split(".")[0] for k in keys} == KOHYA
+    assert any(k.endswith("lokr_w1") for k in keys)
+    key_map = comfy_key_map(_load(qwen_env / "model").transformer.state_dict())
+    assert comfy_not_loaded(keys, key_map) == (840, [])  # ComfyUI loads every key of the file
 
 
-def test_low_vram_keys_give_the_same_lora(qwen_env, tmp_path):
+def test_low_vram_keys_give_the_same_lora_and_fp8_base_a_close_one(qwen_env, tmp_path):
     """Cached text-encoder outputs (Qwen2.5-VL freed), 50 blocks swapped and per-block checkpointing change where
-    things are, not the maths; qwen_shift sampling runs too."""
+    things are, not the maths; fp8_base (block weights in float8_e4m3fn, bf16 compute) stays near fp32's LoRA;
+    qwen_shift sampling runs too."""
     base = dict(max_train_steps=2, timestep_sampling="qwen_shift")
     plain = load_file(str(train(_job(qwen_env, tmp_path / "a", "standard", **base))))
-    low = train(_job(qwen_env, tmp_path / "b", "standard", cache_text_encoder_outputs=True,
-                     network_train_unet_only=True, blocks_to_swap=50, gradient_checkpointing=True, **base))
-    low = load_file(str(low))
+    low = load_file(str(train(_job(qwen_env, tmp_path / "b", "standard", cache_text_encoder_outputs=True,
+                                   network_train_unet_only=True, blocks_to_swap=50, gradient_checkpointing=True,
+                                   **base))))
     assert plain.keys() == low.keys()
     assert max(float((plain[k] - low[k]).abs().max()) for k in plain) < 1e-5
-    assert any(float(plain[k].abs().max()) > 0 for k in plain if "lora_up" in k)
-
-
-def test_fp8_base_trains_a_lora_close_to_full_precision(qwen_env, tmp_path):
-    """fp8_base: block weights stored in float8_e4m3fn (bf16 compute); the trained LoRA stays near fp32's."""
-    full = load_file(str(train(_job(qwen_env, tmp_path / "a", "standard"))))
-    fp8 = load_file(str(train(_job(qwen_env, tmp_path / "b", "standard", fp8_base=True))))
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert any(float(plain[k].abs().max()) > 0 for k in ups)
+    fp8 = load_file(str(train(_job(qwen_env, tmp_path / "c", "standard", fp8_base=True, **base))))
+    a, b = (torch.cat([lora[k].float().flatten() for k in ups]) for lora in (plain, fp8))
+    cosine = float(a @ b / (a.norm() * b.norm()))
+    rel = max(float((plain[k].float() - fp8[k].float()).norm() / plain[k].float().norm().clamp_min(1e-12))
+              for k in ups)
+    # measured: cosine 0.986, worst module 0.58 (Adam's first steps follow the gradients' signs); the LoRA of
+    # another seed: cosine -0.03, worst module 2.1
+    assert cosine > 0.95 and 0 < rel < 1, (cosine, rel)
     model = _load(qwen_env / "model", fp8_base=True)
-    assert model.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
-    assert model.transformer.transformer_blocks[0].attn.to_q(torch.ones(1, 16, dtype=torch.bfloat16)).isfinite().all()
-    ups = [k for k in full if k.endswith("lora_up.weight")]
-    rel = max(float((full[k].float() - fp8[k].float()).norm() / full[k].float().norm().clamp_min(1e-12)) for k in ups)
-    assert 0 < rel < 0.5, rel
+    to_q = model.transformer.transformer_blocks[0].attn.to_q
+    assert to_q.weight.dtype == torch.float8_e4m3fn
+    assert to_q(torch.ones(1, to_q.in_features, dtype=torch.bfloat16)).isfinite().all()
 
 
 def test_other_families_keys_are_refused(qwen_env, tmp_path, tiny_sd1_dir):
@@ -141,31 +119,65 @@ def test_other_families_keys_are_refused(qwen_env, tmp_path, tiny_sd1_dir):
     assert not (tmp_path / "standard.safetensors").exists()
 
 
-def test_tools_take_qwen_image_files(qwen_env, tmp_path, run_cli):
-    """merge into the model, merge, svd-merge, resize, extract and inspect on a trained Qwen-Image LoRA."""
-    lora = train(_job(qwen_env, tmp_path, "standard", network_dim=4))
-    code, out, err = run_cli("inspect", lora)
-    assert code == 0, err
-    assert "840" in out
-    code, _, err = run_cli("resize", "--model", lora, "--new-rank", "2", "--save-to", tmp_path / "r2.safetensors")
-    assert code == 0, err
-    code, _, err = run_cli("merge", "--models", lora, tmp_path / "r2.safetensors", "--ratios", "0.5", "0.5",
-                           "--save-to", tmp_path / "m.safetensors")
-    assert code == 0, err
-    code, _, err = run_cli("svd-merge", "--models", lora, tmp_path / "r2.safetensors", "--ratios", "1", "1",
-                           "--new-rank", "4", "--save-to", tmp_path / "s.safetensors")
-    assert code == 0, err
-    merged = tmp_path / "merged"
-    code, _, err = run_cli("merge", "--models", lora, "--model", qwen_env / "model", "--save-to", merged)
-    assert code == 0, err
-    code, _, err = run_cli("extract", "--model-org", qwen_env / "model", "--model-tuned", merged, "--dim", "4",
-                           "--save-to", tmp_path / "x.safetensors")
-    assert code == 0, err
+def _predict(model, networks=()):
+    x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            return model.predict(x, torch.tensor([500.0]), model.encode_prompts(["a face, red hair"]))
+    finally:
+        for net in networks:
+            net.remove()
+
+
+def test_lora_tools_on_qwen_image_folders_and_comfyui_files(qwen_env, tmp_path, run_cli):
+    """inspect, resize, merge, svd-merge, merge into the folder and into ComfyUI's transformer file, extract: each
+    output keeps musubi's names and gives the output its inputs say it should."""
+    from difflora.models.qwen_image.tiny import write_tiny_single_files
+
+    files = write_tiny_single_files(qwen_env / "model", tmp_path / "comfy")
     base = _load(qwen_env / "model")
-    net = network_from_file(base, lora, 1.0)
-    net.fuse(1.0)
-    fused = base.transformer.state_dict()
-    written = _load(merged).transformer.state_dict()
-    assert max(float((fused[k] - written[k]).abs().max()) for k in fused) < 1e-5
-    extracted = {k.split(".")[0] for k in load_file(str(tmp_path / "x.safetensors"))}
-    assert extracted == KOHYA  # the extracted LoRA has the trained modules' names
+    a = _random_lora(base, tmp_path / "a.safetensors", seed=1)
+    b = _random_lora(base, tmp_path / "b.safetensors", seed=2)
+    plain = _predict(base)
+    with_a = _predict(base, [network_from_file(base, a, 1.0)])
+    assert float((with_a - plain).abs().max()) > 1e-3
+
+    code, out, err = run_cli("inspect", a)
+    assert code == 0, err
+    assert "840" in out and "qwen_image" in out
+    # resize to the full rank 4 keeps the LoRA; to rank 2 it keeps the names
+    for rank in (4, 2):
+        code, _, err = run_cli("resize", "--model", a, "--new-rank", rank, "--save-to", tmp_path / f"r{rank}.safetensors")
+        assert code == 0, err
+        resized = load_file(str(tmp_path / f"r{rank}.safetensors"))
+        assert {k.split(".")[0] for k in resized} == KOHYA
+        assert {v.shape[0] for k, v in resized.items() if k.endswith("lora_down.weight")} == {rank}
+    torch.testing.assert_close(_predict(base, [network_from_file(base, tmp_path / "r4.safetensors", 1.0)]), with_a,
+                               rtol=1e-4, atol=1e-4)
+    # merge (exact: ranks concatenated) and svd-merge at full rank give a at 0.5 + b at 0.5
+    both = _predict(base, [network_from_file(base, a, 0.5), network_from_file(base, b, 0.5)])
+    code, _, err = run_cli("merge", "--models", a, b, "--ratios", "0.5", "0.5", "--save-to", tmp_path / "m.safetensors")
+    assert code == 0, err
+    code, _, err = run_cli("svd-merge", "--models", a, b, "--ratios", "0.5", "0.5", "--new-rank", "8",
+                           "--save-to", tmp_path / "s.safetensors")
+    assert code == 0, err
+    for merged in ("m", "s"):
+        path = tmp_path / f"{merged}.safetensors"
+        assert {k.split(".")[0] for k in load_file(str(path))} == KOHYA
+        torch.testing.assert_close(_predict(base, [network_from_file(base, path, 1.0)]), both, rtol=1e-4, atol=1e-4)
+    # merged into the diffusers folder and into ComfyUI's transformer file: the model with a attached
+    code, _, err = run_cli("merge", "--models", a, "--model", qwen_env / "model", "--save-to", tmp_path / "merged")
+    assert code == 0, err
+    code, _, err = run_cli("merge", "--models", a, "--model", files["diffusion_model"],
+                           "--save-to", tmp_path / "merged.safetensors")
+    assert code == 0, err
+    torch.testing.assert_close(_predict(_load(tmp_path / "merged")), with_a, rtol=1e-4, atol=1e-4)
+    single = _load(tmp_path / "merged.safetensors", text_encoder=str(files["text_encoder"]), vae=str(files["vae"]))
+    torch.testing.assert_close(_predict(single), with_a, rtol=1e-4, atol=1e-4)
+    # extract at a's rank from the base and the merged ComfyUI file: a again
+    code, _, err = run_cli("extract", "--model-org", files["diffusion_model"], "--model-tuned",
+                           tmp_path / "merged.safetensors", "--dim", "4", "--save-to", tmp_path / "x.safetensors")
+    assert code == 0, err
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "x.safetensors"))} == KOHYA
+    torch.testing.assert_close(_predict(base, [network_from_file(base, tmp_path / "x.safetensors", 1.0)]), with_a,
+                               rtol=1e-3, atol=1e-3)

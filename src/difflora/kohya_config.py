@@ -87,7 +87,7 @@ KOHYA_ONLY = {"base_weights", "text_encoder_lr", "optimizer_args", "resolution",
               # other families' scripts (SD3, Lumina, HunyuanImage, Anima), as kohya_ss's GUI writes them
               "clip_g", "clip_g_dropout_rate", "clip_l_dropout_rate", "t5_dropout_rate", "save_clip", "save_t5xxl",
               "t5xxl_device", "t5xxl_dtype", "text_encoder_batch_size", "enable_scaled_pos_embed",
-              "pos_emb_random_crop_rate", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "gemma2",
+              "pos_emb_random_crop_rate", "gemma2",
               "gemma2_max_token_length", "system_prompt", "use_flash_attn", "use_sage_attn", "byt5", "fp8_scaled",
               "fp8_vl", "text_encoder_cpu", "attn_mode", "split_attn", "vae_chunk_size", "vae_disable_cache", "qwen3",
               "qwen3_max_token_length", "llm_adapter_path", "t5_tokenizer_path", "t5_max_token_length",

@@ -1816,6 +1816,42 @@ def _(ws):
     return ws.train(model=_q(_qwen_folder(ws)), model_variant='"edit_2511"', resolution="32")
 
 
+def _qwen_case(name: str, what: str, mutate: Callable[[Path], None], file: str, needles) -> None:
+    """`difflora generate` on a copy of the tiny Qwen-Image folder after `mutate` (models/qwen_image: check_files)."""
+    def build(ws):
+        folder = _qwen_folder(ws)
+        mutate(folder)
+        return ["generate", "--model", folder, "--prompt", "a face", "--steps", "1", "--width", "32", "--height", "32",
+                "--out", ws.out]
+
+    CASES.append(Case(name, what, build, "error", file, tuple(needles)))
+
+
+_qwen_case("qwen_transformer_config_a_list", "Qwen-Image transformer/config.json holds a JSON list",
+           lambda m: (m / "transformer" / "config.json").write_text("[1, 2]"), "config.json", ("expected an object",))
+_qwen_case("qwen_transformer_heads_text", 'Qwen-Image transformer/config.json: num_attention_heads = "two"',
+           lambda m: _edit_json(m / "transformer" / "config.json", num_attention_heads="two"), "config.json",
+           ("num_attention_heads", "positive integer"))
+_qwen_case("qwen_rope_axes_off_the_head", "Qwen-Image transformer/config.json: axes_dims_rope not the head width",
+           lambda m: _edit_json(m / "transformer" / "config.json", axes_dims_rope=[2, 2, 2]), "config.json",
+           ("axes_dims_rope", "attention_head_dim"))
+_qwen_case("qwen_transformer_channels_off_the_vae", "Qwen-Image transformer/config.json: out_channels = 8 (VAE: 16)",
+           lambda m: _edit_json(m / "transformer" / "config.json", out_channels=8), "config.json",
+           ("16 latent channels", "8 out"))
+_qwen_case("qwen_vae_latents_std_short", "Qwen-Image vae/config.json: latents_std with one number for 16 channels",
+           lambda m: _edit_json(m / "vae" / "config.json", latents_std=[1.0]), "config.json",
+           ("latents_std", "16 finite numbers"))
+_qwen_case("qwen_text_encoder_of_another_width", "Qwen-Image text_encoder/config.json: hidden_size 64, transformer 16",
+           lambda m: _edit_json(m / "text_encoder" / "config.json",
+                                text_config={**json.loads((m / "text_encoder" / "config.json").read_text())[
+                                    "text_config"], "hidden_size": 64}), "config.json",
+           ("64 wide", "joint_attention_dim"))
+_qwen_case("qwen_model_index_a_list", "Qwen-Image model_index.json holds a JSON list",
+           lambda m: (m / "model_index.json").write_text("[]"), "Qwen-Image", ("not a JSON object",))
+_qwen_case("qwen_transformer_nan_weight", "a Qwen-Image transformer with a NaN weight (drew a black image)",
+           _nan_transformer, "NaN/inf", ("NaN/inf", "the model itself overflows"))
+
+
 # ---------------------------------------------------------------------------- writing it out
 # ---- FLUX.2 (models/flux2): LoRAs of other families, its files, variants ---------------------
 @functools.lru_cache(maxsize=1)

@@ -59,6 +59,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=None, help="use the n-th text encoder layer from the end (kohya)")
     from ..models.registry import FAMILIES
 
+    meanings: dict[str, list[str]] = {}
+    for plugin in FAMILIES:
+        for key, text in plugin.generate_file_keys.items():
+            meanings.setdefault(key, []).append(f"{plugin.title}: {text}")
+    if meanings:
+        group = p.add_argument_group("companion files of a single-file transformer (kohya's / musubi's names)")
+        for key, texts in meanings.items():
+            group.add_argument(_flag(key), dest=key, default=None, help="; ".join(texts))
     for plugin in FAMILIES:
         plugin.add_generate_arguments(p)
 
@@ -71,7 +79,9 @@ def load_model_from_args(args):
     from ..models import load_model
     from ..models.registry import FAMILIES
 
-    options = {k: v for plugin in FAMILIES for k, v in plugin.generate_options(args).items()}
+    given = vars(args)
+    options = {k: given[k] for plugin in FAMILIES for k in plugin.generate_file_keys if given.get(k) is not None}
+    options.update({k: v for plugin in FAMILIES for k, v in plugin.generate_options(args).items()})
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
                        options=options, key_label=_flag)

@@ -134,7 +134,7 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
         mask = masks.repeat(len(directions), 1, 1, 1)
         if o.diff_mask:
             weight = mask + o.mask_floor * (1 - mask)
-    loss = per_sample_mse(pred, target, weight) * ctx.min_snr(tt)
+    loss = per_sample_mse(pred, target, weight) * ctx.timestep_weight(tt)
     if o.self_reg_weight and masks is not None:
         # Where the pair does not differ, the LoRA must not change the model's prediction for its own input.
         same = ctx.predict_frozen(lora_in, tt, ctx.encode(c_t * len(directions)))

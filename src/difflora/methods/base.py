@@ -87,9 +87,12 @@ class StepContext:
         self.network.set_multiplier(0.0)
         return self.model.predict(noisy, t, cond.merged(self.sample_cond)).detach()
 
-    def min_snr(self, t: torch.Tensor) -> torch.Tensor | float:
+    def timestep_weight(self, t: torch.Tensor) -> torch.Tensor | float:
+        """Per-sample loss weight at timesteps t: min-SNR-γ (min_snr_gamma) times the objective's own weighting
+        (flow matching's weighting_scheme)."""
         gamma = self.job.min_snr_gamma
-        return self.model.objective.min_snr_weight(t, gamma) if gamma else 1.0
+        snr = self.model.objective.min_snr_weight(t, gamma) if gamma else 1.0
+        return snr * self.model.objective.loss_weight(t)
 
 
 def common_caption(a: str, b: str) -> str:

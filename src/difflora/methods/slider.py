@@ -40,7 +40,8 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     cond = ctx.encode(after + before)
     multiplier = torch.tensor([s] * n + [-s] * n)
     pred = ctx.predict(noisy, tt, cond, multiplier)
-    loss = per_sample_mse(obj.prediction(pred, noisy, tt), obj.target(x0, torch.cat([noise, noise]), tt)) * ctx.min_snr(tt)
+    loss = per_sample_mse(obj.prediction(pred, noisy, tt), obj.target(x0, torch.cat([noise, noise]), tt))
+    loss = loss * ctx.timestep_weight(tt)
     return loss[:n] + loss[n:]
 
 

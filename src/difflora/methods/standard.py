@@ -18,7 +18,7 @@ def denoising_loss(ctx: StepContext, batch: Batch, image: str = "x", caption: st
     noisy = objective.add_noise(x0, noise, t)
     pred = ctx.predict(noisy, t, ctx.encode(pair_captions(batch, caption)), multiplier=1.0)
     loss = per_sample_mse(objective.prediction(pred, noisy, t), objective.target(x0, noise, t))
-    return loss * batch.loss_weight * ctx.min_snr(t)
+    return loss * batch.loss_weight * ctx.timestep_weight(t)
 
 
 class Standard(Method):

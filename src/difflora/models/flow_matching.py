@@ -12,6 +12,11 @@ timestep_sampling:
 - "flux_shift": σ = sigmoid(sigmoid_scale·n), then BFL's resolution-dependent shift
   exp(μ)/(exp(μ) + 1/σ - 1), μ linear in the packed token count (0.5 at 256, 1.15 at 4096).
 
+weighting_scheme (musubi-tuner's, from diffusers' SD3 trainer): "sigma_sqrt" weights each sample's loss by σ⁻²,
+"cosmap" by 2/(π(1 - 2σ + 2σ²)) (σ clamped to the scheduler's smallest, 1/1000, as musubi reads σ from the
+scheduler's table); "logit_normal" (sigmoid of N(logit_mean, logit_std)) and "mode" (mode_scale) change the density
+of the "sigma" sampling's index instead; "none" (the default) leaves both uniform.
+
 model_prediction_type (applied to the model output before the loss of ground-truth methods):
 "raw" (the velocity as is), "additive" (output + x_t), "sigma_scaled" (kohya's default:
 -σ·output + x_t). The target stays ε - x0 in every case, as in kohya.
@@ -29,6 +34,8 @@ from .objectives import FlowMatchingObjective
 
 TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+WEIGHTING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")  # job keys = FlowMatchOptions fields
 
 
 @dataclass
@@ -37,6 +44,10 @@ class FlowMatchOptions:
     sigmoid_scale: float = 1.0
     discrete_flow_shift: float = 3.0
     model_prediction_type: str = "sigma_scaled"
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
     def check(self) -> "FlowMatchOptions":
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
@@ -45,9 +56,18 @@ class FlowMatchOptions:
         if self.model_prediction_type not in MODEL_PREDICTION_TYPES:
             raise UserError(f"model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}, "
                             f"got {self.model_prediction_type!r}")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise UserError(f"weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, "
+                            f"got {self.weighting_scheme!r}")
         if self.discrete_flow_shift <= 0:
             raise UserError(f"discrete_flow_shift must be > 0, got {self.discrete_flow_shift}")
         return self
+
+
+def weighting_of(options) -> dict:
+    """The loss-weighting keys of a job's option table (models/shared_options.FlowMatchingKeys), for
+    FlowMatchOptions(..., **weighting_of(table))."""
+    return {k: getattr(options, k) for k in WEIGHTING_KEYS}
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -81,8 +101,8 @@ class FluxFlowObjective(FlowMatchingObjective):
         o = self.options
         mode = o.timestep_sampling
         if mode == "sigma":
-            idx = (torch.rand(n, generator=generator) * self.num_train_timesteps).long()
-            return self.scheduler_sigmas()[idx]
+            idx = (self._index_density(n, generator) * self.num_train_timesteps).long()
+            return self.scheduler_sigmas()[idx.clamp(0, self.num_train_timesteps - 1)]
         if mode == "uniform":
             return torch.rand(n, generator=generator)
         sig = torch.sigmoid(o.sigmoid_scale * torch.randn(n, generator=generator))
@@ -92,6 +112,26 @@ class FluxFlowObjective(FlowMatchingObjective):
             h, w = latent_hw
             return flux_time_shift(sig, flux_time_shift_mu((h // 2) * (w // 2)))
         return sig  # sigmoid
+
+    def _index_density(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """u in [0, 1) for the "sigma" sampling's index: weighting_scheme's density (musubi, SD3)."""
+        o = self.options
+        if o.weighting_scheme == "logit_normal":
+            return torch.sigmoid(o.logit_mean + o.logit_std * torch.randn(n, generator=generator))
+        u = torch.rand(n, generator=generator)
+        if o.weighting_scheme == "mode":
+            return 1 - u - o.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | float:
+        """weighting_scheme's per-sample loss weight (sigma_sqrt, cosmap); 1.0 for the others."""
+        scheme = self.options.weighting_scheme
+        if scheme not in ("sigma_sqrt", "cosmap"):
+            return 1.0
+        s = self.sigma(t).clamp(1 / self.num_train_timesteps, 1.0)
+        if scheme == "sigma_sqrt":
+            return s ** -2.0
+        return 2 / (math.pi * (1 - 2 * s + 2 * s ** 2))
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
                          latent_hw: tuple[int, int] = (128, 128)) -> torch.Tensor:

@@ -27,6 +27,10 @@ class Objective:
         """The model output as a ground-truth loss compares it with `target` (FLUX: model_prediction_type)."""
         return model_output
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | float:
+        """The family's own per-sample loss weight at timesteps t (flow matching: weighting_scheme); 1.0 here."""
+        return 1.0
+
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ loss weight (Hang et al.), per sample."""
         snr = self.snr(t)

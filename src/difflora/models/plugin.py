@@ -75,11 +75,18 @@ class FamilyPlugin(ABC):
         return False
 
     # ---- `difflora generate`
+    # Option-table keys that name a companion file or folder of a single-file model (Z-Image's and Qwen-Image's
+    # `text_encoder`, `vae`), with what each means for this family: generate adds one `--text-encoder`-style flag
+    # per key, shared by the families that declare it (its help lists each one's meaning).
+    generate_file_keys: dict[str, str] = {}
+
     def add_generate_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """The family's own flags (FLUX: --clip-l, --t5xxl, ...); their dest names are option-table keys."""
+        """The family's own flags (FLUX: --clip-l, --t5xxl, ...) other than its generate_file_keys; their dest names
+        are option-table keys."""
 
     def generate_options(self, args: argparse.Namespace) -> dict[str, Any]:
-        """The option-table values the user gave through this family's flags (unset flags left out)."""
+        """The option-table values the user gave through this family's add_generate_arguments flags (unset flags
+        left out)."""
         return {}
 
     # ---- loading

@@ -22,6 +22,13 @@ class FlowMatchingKeys(Strict):
     discrete_flow_shift: float = Field(3.0, description="shift of the sigma and shift samplings", gt=0)
     model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = Field(
         "sigma_scaled", description="model output as the loss sees it (raw, additive: +x_t, sigma_scaled: x_t - σ·out)")
+    # musubi-tuner's (and kohya's SD3 / FLUX) names, values and defaults
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = Field(
+        "none", description="loss weight per σ (sigma_sqrt: σ⁻², cosmap: 2/(π(1-2σ+2σ²))) or, with "
+                            "timestep_sampling = sigma, the σ density (logit_normal, mode); none: uniform")
+    logit_mean: float = Field(0.0, description="mean of the logit_normal weighting scheme")
+    logit_std: float = Field(1.0, description="std of the logit_normal weighting scheme", gt=0)
+    mode_scale: float = Field(1.29, description="scale of the mode weighting scheme")
 
 
 class LowVramKeys(Strict):

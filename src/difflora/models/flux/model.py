@@ -28,7 +28,8 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu, squeeze_to_window
+from ..flow_matching import (FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu,
+                             squeeze_to_window, weighting_of)
 from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class FluxOptions:
                    apply_t5_attn_mask=job.apply_t5_attn_mask, train_blocks=job.train_blocks,
                    lora_embedders=bool(in_dims and any(in_dims)), in_dims=in_dims, train_t5xxl=job.train_t5xxl,
                    flow=FlowMatchOptions(job.timestep_sampling, job.sigmoid_scale, job.discrete_flow_shift,
-                                         job.model_prediction_type))
+                                         job.model_prediction_type, **weighting_of(job)))
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

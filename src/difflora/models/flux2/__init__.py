@@ -56,16 +56,18 @@ class Flux2Plugin(FamilyPlugin):
         m = _BLOCK.match(name)
         return m.group(1) if m else None
 
+    generate_file_keys = {"text_encoder": "a Qwen3 file or folder (klein), the Mistral Small 3.1 folder (dev)",
+                          "vae": "flux2-vae.safetensors or a diffusers vae/ folder",
+                          "qwen3_tokenizer": "folder with Qwen3's tokenizer.json (klein)"}
+
     def add_generate_arguments(self, parser):
-        group = parser.add_argument_group("FLUX.2 (single files: --text-encoder, --vae and --qwen3-tokenizer as for "
-                                          "Z-Image; --cfg is klein base's CFG and dev's embedded guidance)")
+        group = parser.add_argument_group("FLUX.2 (--cfg is klein base's CFG and dev's embedded guidance)")
         group.add_argument("--model-version", choices=_VERSIONS, default=None,
                            help="which FLUX.2 a single file is (klein base and distilled share their weights)")
 
     def generate_options(self, args):
-        given = vars(args)
-        return {k: given[k] for k in ("model_version", "text_encoder", "vae", "qwen3_tokenizer")
-                if given.get(k) is not None}
+        value = vars(args).get("model_version")
+        return {} if value is None else {"model_version": value}
 
     def check_files(self, path, options):
         if Path(path).is_dir():

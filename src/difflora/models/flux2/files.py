@@ -392,7 +392,7 @@ def save_component_files(model: Flux2Model, folder: Path) -> dict[str, Path]:
 def load_flux2(path: Path, *, dtype=torch.float32, checkpoint=None, options=None, mixed_precision: str = "no"):
     """The plug-in's loader: `options` (Flux2JobOptions: the job's keys or generate's flags) names the files and
     sets the options; keys a job leaves unset take musubi's FLUX.2 defaults (model.Flux2Options)."""
-    from ..flow_matching import FlowMatchOptions
+    from ..flow_matching import FlowMatchOptions, weighting_of
     from .options import Flux2JobOptions
 
     options = options or Flux2JobOptions()
@@ -404,7 +404,8 @@ def load_flux2(path: Path, *, dtype=torch.float32, checkpoint=None, options=None
     opts.flow = FlowMatchOptions(
         options.timestep_sampling if "timestep_sampling" in given else flow.timestep_sampling,
         options.sigmoid_scale, options.discrete_flow_shift,
-        options.model_prediction_type if "model_prediction_type" in given else flow.model_prediction_type)
+        options.model_prediction_type if "model_prediction_type" in given else flow.model_prediction_type,
+        **weighting_of(options))
     if "guidance_scale" in given:
         opts.guidance_scale = options.guidance_scale
     if path.is_dir():

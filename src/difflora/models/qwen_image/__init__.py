@@ -54,12 +54,33 @@ class QwenImagePlugin(FamilyPlugin):
         m = _BLOCK.match(name)
         return m.group(1) if m else None
 
+    generate_file_keys = {"text_encoder": "Qwen2.5-VL-7B file (qwen_2.5_vl_7b.safetensors)",
+                          "vae": "Qwen-Image VAE file (qwen_image_vae.safetensors)",
+                          "qwen_tokenizer": "folder with Qwen2.5-VL's tokenizer.json (default: tokenizer/ beside "
+                                            "the --text-encoder file)"}
+
+    def add_generate_arguments(self, parser):
+        parser.add_argument_group("Qwen-Image").add_argument(
+            "--model-variant", choices=["qwen_image", "edit", "edit_2509", "edit_2511"], default=None,
+            help="which Qwen-Image model the weights are, where they cannot tell (default: what the files say)")
+
+    def generate_options(self, args):
+        value = vars(args).get("model_variant")
+        return {} if value is None else {"model_variant": value}
+
     def check_files(self, path, options):
+        """A folder: its parts, their configs and how they fit (files.check_folder); a single file: its companion
+        files' headers."""
+        from .files import check_folder, check_single_file_parts
+
         if Path(path).is_dir():
             stray = [k for k in ("text_encoder", "vae", "qwen_tokenizer") if getattr(options, k)]
             if stray:
                 raise UserError(f"{', '.join(stray)} name files for a single-file transformer; a diffusers folder "
                                 "has its own", path=path)
+            check_folder(Path(path))
+        else:
+            check_single_file_parts(options)
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

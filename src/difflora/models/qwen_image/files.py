@@ -17,6 +17,7 @@ Nothing in the weights tells Qwen-Image, Edit and Edit-2509 apart: a single file
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -51,9 +52,9 @@ VAE_DIM_MULT = [1, 2, 4, 4]
 
 def text_encoder_configs() -> dict[int, dict]:
     """Qwen2.5-VL configs by text width: the 7B Qwen-Image uses, and the tiny test model's."""
-    from .tiny import tiny_text_encoder_config
+    from .tiny import TEXT_WIDTH, tiny_text_encoder_config
 
-    return {3584: QWEN25_VL_7B, 32: tiny_text_encoder_config()}
+    return {3584: QWEN25_VL_7B, TEXT_WIDTH: tiny_text_encoder_config()}
 
 
 # ------------------------------------------------------------------ key layouts
@@ -205,6 +206,63 @@ def _read_json(path: Path, where) -> dict:
         raise UserError(f"unreadable {path.parent.name}/{path.name} ({e})", path=where) from None
 
 
+FOLDER_PARTS = (("transformer", "the diffusion transformer"), ("text_encoder", "Qwen2.5-VL"), ("vae", "the VAE"),
+                ("tokenizer", "Qwen2.5-VL's tokenizer"))
+
+
+def check_folder(path: Path) -> None:
+    """A Qwen-Image folder before anything is loaded: its parts are there, each config holds the types the classes
+    need, and the parts fit together (the transformer reads the VAE's 2x2-packed latents and the text encoder's
+    width; its heads carry the RoPE axes)."""
+    from ..folders import check_config
+
+    for sub, what in FOLDER_PARTS:
+        _require_folder(path, sub, what)
+    tr_cfg, vae_cfg, te_cfg = (path / sub / "config.json" for sub in ("transformer", "vae", "text_encoder"))
+    check_config(tr_cfg, ("in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                          "joint_attention_dim", "patch_size"), ("axes_dims_rope",), ("guidance_embeds", "zero_cond_t"))
+    check_config(vae_cfg, ("base_dim", "z_dim", "num_res_blocks"), ("dim_mult",))
+    check_config(te_cfg)
+    tr, vae, te = (_read_json(c, path) for c in (tr_cfg, vae_cfg, te_cfg))
+    head = tr.get("attention_head_dim", 128)
+    axes = tr.get("axes_dims_rope", [16, 56, 56])
+    if sum(axes) != head:
+        raise UserError(f"axes_dims_rope {axes} adds up to {sum(axes)}, but attention_head_dim is {head} (Qwen-Image: "
+                        "16 + 56 + 56 = 128)", path=tr_cfg)
+    z = vae.get("z_dim", 16)
+    for key in ("latents_mean", "latents_std"):  # absent: the class's own (Qwen-Image's)
+        stats = vae.get(key, [1.0] * z)
+        numbers = isinstance(stats, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats)
+        if not numbers or len(stats) != z or not all(math.isfinite(v) for v in stats):
+            raise UserError(f"{key} must be {z} finite numbers (one per latent channel)", path=vae_cfg)
+        if key == "latents_std" and min(stats) <= 0:
+            raise UserError("latents_std must be positive (the latents are divided by it)", path=vae_cfg)
+    patch = tr.get("patch_size", 2)
+    if tr.get("in_channels", 64) != z * patch * patch or tr.get("out_channels", 16) != z:
+        raise UserError(f"the transformer takes {tr.get('in_channels', 64)} channels in and gives "
+                        f"{tr.get('out_channels', 16)} out, but the VAE's {z} latent channels in {patch}x{patch} "
+                        f"patches need {z * patch * patch} in and {z} out", path=tr_cfg)
+    text = te.get("text_config") if isinstance(te.get("text_config"), dict) else te
+    width = text.get("hidden_size")
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise UserError(f"hidden_size = {width!r}: expected a positive integer", path=te_cfg)
+    joint = tr.get("joint_attention_dim", 3584)
+    if width != joint:
+        raise UserError(f"this Qwen2.5-VL is {width} wide, but the transformer (joint_attention_dim) takes "
+                        f"{joint}-wide text (Qwen2.5-VL-7B: 3584)", path=te_cfg)
+
+
+def check_single_file_parts(options) -> None:
+    """A single file's companion files exist and are safetensors (their header read, no weights) before the
+    transformer is read."""
+    for key in ("text_encoder", "vae"):
+        value = getattr(options, key)
+        if value is not None:
+            read_safetensors_header(_existing(value, key))
+    if options.qwen_tokenizer is not None and not Path(options.qwen_tokenizer).is_dir():
+        raise UserError("qwen_tokenizer must be a folder with Qwen2.5-VL's tokenizer.json", path=options.qwen_tokenizer)
+
+
 def _require_folder(path: Path, sub: str, what: str) -> Path:
     folder = path / sub
     if not folder.is_dir():
@@ -240,9 +298,7 @@ def load_folder(path: Path, variant: str, dtype: torch.dtype):
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    parts = {sub: _require_folder(path, sub, what) for sub, what in (
-        ("transformer", "the diffusion transformer"), ("text_encoder", "Qwen2.5-VL"), ("vae", "the VAE"),
-        ("tokenizer", "Qwen2.5-VL's tokenizer"))}
+    parts = {sub: _require_folder(path, sub, what) for sub, what in FOLDER_PARTS}
     tokenizer = load_tokenizer(parts["tokenizer"], path)
     try:
         transformer = QwenImageTransformer2DModel.from_pretrained(parts["transformer"], torch_dtype=dtype,

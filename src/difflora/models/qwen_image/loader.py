@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..flow_matching import FlowMatchOptions
+from ..flow_matching import FlowMatchOptions, weighting_of
 from . import files
 from .model import QwenImageModel, QwenImageOptions
 from .options import DEFAULT_DISCRETE_FLOW_SHIFT, DEFAULT_TIMESTEP_SAMPLING, QwenImageJobOptions
@@ -20,7 +20,8 @@ def options_from_table(options: QwenImageJobOptions, variant: str) -> QwenImageO
     given = options.model_fields_set
     sampling = options.timestep_sampling if "timestep_sampling" in given else DEFAULT_TIMESTEP_SAMPLING
     shift = options.discrete_flow_shift if "discrete_flow_shift" in given else DEFAULT_DISCRETE_FLOW_SHIFT
-    return QwenImageOptions(variant=variant, flow=FlowMatchOptions(sampling, options.sigmoid_scale, shift, "raw"))
+    return QwenImageOptions(variant=variant, flow=FlowMatchOptions(sampling, options.sigmoid_scale, shift, "raw",
+                                                                   **weighting_of(options)))
 
 
 def load_qwen_image(path: Path, *, dtype=None, checkpoint=None, options: QwenImageJobOptions | None = None,

@@ -166,6 +166,7 @@ class QwenImageModel(ModelFamily):
         return {"ss_base_model_version": self.base_model_version, "ss_v2": "False",
                 "ss_qwen_image_variant": self.variant, "ss_timestep_sampling": f.timestep_sampling,
                 "ss_sigmoid_scale": str(f.sigmoid_scale), "ss_discrete_flow_shift": str(f.discrete_flow_shift),
+                "ss_weighting_scheme": f.weighting_scheme,
                 "modelspec.architecture": self.modelspec_architecture,
                 "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image",
                 "modelspec.resolution": f"{self.resolution}x{self.resolution}"}
@@ -349,10 +350,14 @@ class QwenImageModel(ModelFamily):
     # ---- sampling
     def sampling_sigmas(self, steps: int, image_tokens: int) -> torch.Tensor:
         """The pipelines' schedule: sigmas linspace(1, 1/steps) through the published scheduler (exponential
-        dynamic shift μ(tokens), terminal 0.02), then 0."""
+        dynamic shift μ(tokens), terminal 0.02), then 0. One step is σ 1 -> 0 (the pipelines' terminal stretch
+        divides 0 by 0 there: their one-step image is NaN)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from .tiny import SCHEDULER_CONFIG
+
+        if steps == 1:
+            return torch.tensor([1.0, 0.0])
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         c = sched.config

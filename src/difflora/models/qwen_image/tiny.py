@@ -22,7 +22,7 @@ SCHEDULER_CONFIG = {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
-TEXT_WIDTH = 32  # the tiny Qwen2.5-VL's hidden size (3584 on the 7B): the transformer's joint_attention_dim
+TEXT_WIDTH = 16  # the tiny Qwen2.5-VL's hidden size (3584 on the 7B): the transformer's joint_attention_dim
 
 
 def tiny_tokenizer():
@@ -62,16 +62,16 @@ def tiny_image_processor():
 
 
 def tiny_text_encoder_config() -> dict:
-    """Qwen2.5-VL with 2 text layers of width 32 (grouped-query: k_proj bias 16 wide, 512 on the 7B) and a
-    2-block vision tower whose output is 32 wide; token ids are the tiny tokenizer's."""
+    """Qwen2.5-VL with 2 text layers of width 16 (2 heads of 8, grouped-query: k_proj bias 8 wide, 512 on the 7B)
+    and a 2-block vision tower 8 wide whose output is 16 wide; token ids are the tiny tokenizer's."""
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     return dict(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_WIDTH, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
+        vision_config=dict(depth=2, hidden_size=8, intermediate_size=8, num_heads=1, out_hidden_size=TEXT_WIDTH,
                            fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -86,12 +86,12 @@ def tiny_text_encoder(seed: int = 0):
 
 
 def tiny_transformer(num_layers: int = 60, zero_cond_t: bool = False, seed: int = 0):
-    """The 60 dual-stream blocks at width 16 (2 heads of 8; RoPE axes 2/2/4 instead of 16/56/56)."""
+    """The 60 dual-stream blocks at width 8 (one head of 8; RoPE axes 2/2/4 instead of 16/56/56)."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     tr = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers,
-                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
+                                     attention_head_dim=8, num_attention_heads=1, joint_attention_dim=TEXT_WIDTH,
                                      axes_dims_rope=(2, 2, 4), zero_cond_t=zero_cond_t)
     with torch.no_grad():  # diffusers' default init leaves the modulation tiny; give every Linear a visible effect
         for m in tr.modules():
@@ -102,11 +102,11 @@ def tiny_transformer(num_layers: int = 60, zero_cond_t: bool = False, seed: int 
 
 def tiny_vae(seed: int = 0):
     """AutoencoderKLQwenImage with the real blocks (4 levels of 2 residual blocks), 16 latent channels, 8x down and
-    per-channel normalisation, at base width 8 (96 on the real one)."""
+    per-channel normalisation, at base width 4 (96 on the real one)."""
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                                   temperal_downsample=[False, True, True]).eval()
 
 

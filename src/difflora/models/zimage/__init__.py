@@ -15,10 +15,6 @@ from ..plugin import FamilyPlugin
 from .options import ZImageJobOptions
 
 _BLOCK = re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_")
-# generate's flags (their dests are option-table keys)
-_FLAGS = (("--text-encoder", "Qwen3-4B file for a single-file Z-Image transformer (qwen_3_4b.safetensors)"),
-          ("--vae", "FLUX.1 autoencoder file for a single-file Z-Image transformer (ae.safetensors)"),
-          ("--qwen3-tokenizer", "folder with Qwen3's tokenizer.json"))
 
 
 class ZImagePlugin(FamilyPlugin):
@@ -66,17 +62,18 @@ class ZImagePlugin(FamilyPlugin):
         m = _BLOCK.match(name)
         return f"{m[1]}_{m[2]}" if m else None
 
+    generate_file_keys = {"text_encoder": "Qwen3-4B file (qwen_3_4b.safetensors)",
+                          "vae": "FLUX.1 autoencoder file (ae.safetensors)",
+                          "qwen3_tokenizer": "folder with Qwen3's tokenizer.json"}
+
     def add_generate_arguments(self, parser):
         group = parser.add_argument_group("Z-Image (musubi's names; --cfg is Base's guidance, Turbo runs without CFG)")
         group.add_argument("--zimage-variant", choices=["turbo", "base"], default=None,
                            help="Z-Image Turbo or Base (the weights cannot tell)")
-        for flag, text in _FLAGS:
-            group.add_argument(flag, default=None, help=text)
 
     def generate_options(self, args):
-        given = vars(args)
-        keys = ["zimage_variant"] + [flag[2:].replace("-", "_") for flag, _ in _FLAGS]
-        return {k: given[k] for k in keys if given.get(k) is not None}
+        value = vars(args).get("zimage_variant")
+        return {} if value is None else {"zimage_variant": value}
 
     def check_files(self, path, options):
         from .files import check_folder

@@ -14,7 +14,7 @@ import torch
 
 from ...errors import UserError
 from ...fileio import load_safetensors, read_safetensors_header, save_safetensors
-from ..flow_matching import FlowMatchOptions
+from ..flow_matching import FlowMatchOptions, weighting_of
 from .model import SAMPLING_SHIFT, ZImageModel
 from .transformer import (fuse_attention, fuse_split_keys, fused_model_to_native_keys, native_to_fused_model_keys,
                           split_fused_keys)
@@ -285,7 +285,7 @@ def load_zimage(path: Path, *, dtype: torch.dtype, checkpoint, options, mixed_pr
     given = options.model_fields_set  # a FLUX default is not a Z-Image one: only keys the job sets count
     flow = FlowMatchOptions(*(getattr(options if k in given else TRAIN_FLOW, k)
                               for k in ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift",
-                                        "model_prediction_type")))
+                                        "model_prediction_type")), **weighting_of(options))
     if path.is_dir():
         model = load_folder(path, dtype=dtype, variant=options.zimage_variant, flow=flow)
     else:
