@@ -264,6 +264,22 @@ class Flux2Model(ModelFamily):
     def check_complete(self) -> None:
         self.require(*(() if self.text_encoders_dropped else ("text_encoder",)), "vae")
 
+    # ---- edit (reference images: the edit methods, generate --control)
+    max_control_images = 10  # BFL's multi-reference limit
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents as the pipelines' reference tokens, image i at t = 10 + 10·i (`predict` appends them)."""
+        tokens, ids = self.reference_tokens(controls)
+        return Conditioning({"ref_tokens": tokens, "ref_ids": ids})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pipelines' reference size: at most 1024² pixels, sides floored to the latent multiple."""
+        if width * height > 1024 * 1024:
+            scale = math.sqrt(1024 * 1024 / (width * height))
+            width, height = int(width * scale), int(height * scale)
+        m = self.latent_multiple
+        return width // m * m, height // m * m
+
     # ---- prediction
     def reference_tokens(self, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference images' latents (each (B, 128, h, w), from encode_images) as the pipelines pack them: tokens

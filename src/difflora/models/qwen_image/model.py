@@ -235,6 +235,29 @@ class QwenImageModel(ModelFamily):
     def _template(self) -> str:
         return EDIT_TEMPLATE if self.is_edit else T2I_TEMPLATE
 
+    # ---- edit (control images: the edit methods, generate --control)
+    @property
+    def max_control_images(self) -> int:
+        """Edit: one control image; Edit-2509/2511: several (the pipelines are tuned for up to 3); Qwen-Image: none."""
+        return {"edit": 1, "edit_2509": 3, "edit_2511": 3}.get(self.variant, 0)
+
+    @property
+    def controls_reach_text_encoder(self) -> bool:
+        return self.is_edit
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents as `control_<i>` tensors; `predict` appends them as reference tokens."""
+        if not self.is_edit:
+            return super().control_conditioning(controls)
+        return Conditioning({f"control_{i}": c for i, c in enumerate(controls)})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pipelines' reference latents: a 1024² area at the control's aspect, sides multiples of 32."""
+        return area_size(EDIT_IMAGE_AREA, width / height)
+
+    def encode_prompts_with_controls(self, prompts: list[str], controls: list[list]) -> Conditioning:
+        return self.encode_prompts_with_images(prompts, controls)
+
     def encode_prompts_with_images(self, prompts: list[str], images: list[list]) -> Conditioning:
         """For the edit models (issue 29's edit method): each prompt with its control images (PIL images) through
         the VL encoder as the pipelines do: Edit sees one image ("<|vision_start|>..."), Edit-2509/2511 see each image
@@ -303,7 +326,8 @@ class QwenImageModel(ModelFamily):
     # ---- prediction
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity for unpacked latents (B, 16, h, w); timesteps are σ·1000."""
-        return self.predict_with_references(noisy, timesteps, cond, [])
+        controls = sorted((int(k.split("_")[1]), v) for k, v in cond.tensors.items() if k.startswith("control_"))
+        return self.predict_with_references(noisy, timesteps, cond, [v for _, v in controls])
 
     def predict_with_references(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                                 references: list[torch.Tensor]) -> torch.Tensor:
