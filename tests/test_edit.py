@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from difflora.data.instructions import instruction_path, read_instruction, write_instruction
 from difflora.errors import UserError
@@ -20,3 +25,68 @@ def test_instruction_file_next_to_the_before_image(tmp_path):
     assert read_instruction(before) == "make the fur orange"  # a refused write leaves the file as it was
     write_instruction(before, "   ")
     assert not instruction_path(before).exists() and read_instruction(before) is None
+
+
+# ------------------------------------------------------------------ trained edit LoRAs in diffusers' edit pipelines
+def _pairs(folder: Path, side: int, n: int = 2) -> Path:
+    """n face pairs (eyes open -> closed) of side x side pixels, each with its instruction file."""
+    from difflora.toy import faces as F
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        _, _, before, after = F.make_pair(200 + i, "eyes", "open", "closed")
+        Image.fromarray(before).resize((side, side), Image.BILINEAR).save(folder / f"{i:03d}.png")
+        Image.fromarray(after).resize((side, side), Image.BILINEAR).save(folder / f"{i:03d}_after.png")
+        write_instruction(folder / f"{i:03d}.png", "close the eyes")
+    return folder
+
+
+def _train_edit(model_dir: Path, pairs: Path, out: Path, method: str, **keys) -> Path:
+    from difflora.config import JobConfig, apply_method_defaults
+    from difflora.train.loop import train
+
+    job = {"model": str(model_dir), "method": method, "resolution": 32, "train_batch_size": 1, "max_train_steps": 2,
+           "learning_rate": 2e-2, "network_dim": 2, "network_alpha": 2.0, "output_dir": str(out), "output_name": "e",
+           "log_with": "none", "seed": 3, "datasets": [{"subsets": [{"image_dir": str(pairs)}]}], **keys}
+    return train(apply_method_defaults(JobConfig.model_validate(job)))
+
+
+def _difflora_control_image(model, lora_path: Path, control: Path, prompt: str, **req) -> np.ndarray:
+    from difflora.generate import GenerationRequest, control_images, generate
+    from difflora.network.apply import network_from_file
+
+    lora = network_from_file(model, lora_path)
+    try:
+        return generate(model, [lora], GenerationRequest([prompt], [3], controls=[control_images(model, [control])],
+                                                         **req), output="float")[0]
+    finally:
+        lora.remove()
+
+
+def test_flux2_edit_slider_file_in_flux2_klein_pipeline_equals_generate_control(tmp_path):
+    """An edit slider trained on tiny FLUX.2 klein: Flux2KleinPipeline(image=...) + load_lora_weights gives the image
+    `generate --control` gives, at +1 and at -1 (the reverse edit)."""
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.models import load_model
+    from difflora.models.flux2.tiny import write_tiny
+
+    folder = write_tiny(tmp_path / "m", "klein-4b")["folder"]
+    pairs = _pairs(tmp_path / "pairs", 64)  # the pipeline's smallest reference image; trained at 32
+    path = _train_edit(folder, pairs, tmp_path / "out", "edit-slider")
+    model = load_model(folder)
+    control = pairs / "000.png"
+    pipe = Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="close the eyes", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                output_type="np")
+    without = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call)
+    pipe.load_lora_weights(str(path), adapter_name="edit")
+    for weight in (1.0, -1.0):
+        pipe.set_adapters(["edit"], [weight])
+        want = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3),
+                    **call).images[0]
+        model_req = dict(steps=2, cfg=4.0, multipliers={0: [weight]}, width=32, height=32)
+        got = _difflora_control_image(model, path, control, "close the eyes", **model_req)
+        assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
+        assert np.abs(got - want).max() <= 1e-4, weight

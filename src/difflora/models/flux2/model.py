@@ -377,12 +377,15 @@ class Flux2Model(ModelFamily):
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int | None = None, width: int | None = None,
-                      height: int | None = None, cfg: float | None = None, negative: list[str] | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1]. cfg: klein base's classifier-free guidance, dev's embedded guidance."""
+                      height: int | None = None, cfg: float | None = None, negative: list[str] | None = None,
+                      controls: list[list] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]. cfg: klein base's classifier-free guidance, dev's embedded guidance;
+        controls: each prompt's reference images (PIL at control_size), in both CFG passes as the pipelines do."""
         default_steps, default_guidance = self.sampling_defaults()
         guidance = default_guidance if cfg is None else cfg
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negative or [""] * len(prompts)) if self.uses_cfg() and guidance > 1 else None
+        cond = self.encode_with_controls(prompts, controls)
+        uncond = self.encode_with_controls(negative or [""] * len(prompts), controls) \
+            if self.uses_cfg() and guidance > 1 else None
         old = self.options.guidance_scale
         if self.guidance_embeds:
             self.options.guidance_scale = guidance
@@ -410,7 +413,7 @@ class Flux2Model(ModelFamily):
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
             negative = req.negative[sl] if req.negative else None
             imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height, req.cfg,
-                                      negative)
+                                      negative, req.controls[sl] if req.controls else None)
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"

@@ -422,8 +422,9 @@ class QwenImageModel(ModelFamily):
                 if values is not None:
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
-            cond = self.encode_prompts(req.prompts[sl])
-            uncond = self.encode_prompts(negative[sl]) if req.cfg > 1 else None
+            controls = req.controls[sl] if req.controls else None  # generate --control: with the control images
+            cond = self.encode_with_controls(req.prompts[sl], controls)
+            uncond = self.encode_with_controls(negative[sl], controls) if req.cfg > 1 else None
             lat = self.sample_latents(cond, uncond, req.seeds[sl], req.steps, req.width or self.resolution,
                                       req.height or self.resolution, req.cfg)
             imgs = ((self.decode_latents(lat).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
