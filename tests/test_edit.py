@@ -90,3 +90,51 @@ def test_flux2_edit_slider_file_in_flux2_klein_pipeline_equals_generate_control(
         got = _difflora_control_image(model, path, control, "close the eyes", **model_req)
         assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
         assert np.abs(got - want).max() <= 1e-4, weight
+
+
+def _qwen_vl_processor(folder: Path):
+    """transformers' Qwen2VLProcessor over the folder's PIL image processor and tokenizer: its constructor demands
+    a video processor, which needs torchvision (not installable here), so the object is made without it; its
+    __call__ (what the edit pipelines use: text and images) needs none."""
+    from transformers import Qwen2VLProcessor, Qwen2Tokenizer
+
+    from difflora.models.qwen_image.tiny import tiny_image_processor
+
+    tok = Qwen2Tokenizer.from_pretrained(folder / "processor")
+    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    proc.image_processor, proc.tokenizer, proc.video_processor, proc.chat_template = tiny_image_processor(), tok, None, None
+    proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+    proc.image_token_id, proc.video_token_id = (tok.convert_tokens_to_ids(t) for t in (proc.image_token, proc.video_token))
+    return proc
+
+
+def test_qwen_image_edit_file_in_qwen_image_edit_pipeline_equals_generate_control(tmp_path, monkeypatch):
+    """An edit LoRA trained on tiny Qwen-Image-Edit: QwenImageEditPipeline(image=...) + load_lora_weights gives the
+    image `generate --control` gives. Both sides size the reference at a 64² area instead of 1024² (the tiny VAE
+    takes 30 s for a 1024² image on one thread), and the control is 64² (no resampling on either side)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
+    from diffusers import QwenImageEditPipeline
+
+    import difflora.models.qwen_image.model as qwen
+    from difflora.models import load_model
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    area = 64 * 64
+    real_dimensions = edit_pipeline.calculate_dimensions
+    monkeypatch.setattr(edit_pipeline, "calculate_dimensions", lambda _area, ratio: real_dimensions(area, ratio))
+    monkeypatch.setattr(qwen, "EDIT_IMAGE_AREA", area)
+    folder = write_tiny_folder(tmp_path / "m", "edit", num_layers=4)
+    pairs = _pairs(tmp_path / "pairs", 64, n=1)
+    path = _train_edit(folder, pairs, tmp_path / "out", "edit")
+    model = load_model(folder)
+    control = pairs / "000.png"
+    pipe = QwenImageEditPipeline.from_pretrained(folder, processor=_qwen_vl_processor(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="close the eyes", height=32, width=32, num_inference_steps=2, true_cfg_scale=1.0,
+                output_type="np")
+    without = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call)
+    pipe.load_lora_weights(str(path))
+    want = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call).images[0]
+    got = _difflora_control_image(model, path, control, "close the eyes", steps=2, cfg=1.0, width=32, height=32)
+    assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
+    assert np.abs(got - want).max() <= 1e-4
