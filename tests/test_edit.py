@@ -27,6 +27,72 @@ def test_instruction_file_next_to_the_before_image(tmp_path):
     assert not instruction_path(before).exists() and read_instruction(before) is None
 
 
+# ------------------------------------------------------------------ the losses on numbers
+class _EditModel:
+    """A stand-in edit model: velocity = 0.5·z + 0.25·control + m (m: the LoRA's multiplier), flow matching."""
+
+    max_control_images, controls_reach_text_encoder = 1, False
+
+    def __init__(self):
+        from difflora.models.objectives import FlowMatchingObjective
+
+        self.objective, self.m = FlowMatchingObjective(1000), 0.0
+
+    def control_conditioning(self, controls):
+        from difflora.models.base import Conditioning
+
+        return Conditioning({"control": controls[0]})
+
+    def predict(self, noisy, t, cond):
+        return 0.5 * noisy + 0.25 * cond.tensors["control"] + self.m
+
+
+class _Multiplier:
+    def __init__(self, model):
+        self.model = model
+
+    def set_multiplier(self, m):
+        self.model.m = float(m)
+
+
+def _slider_context(step: int, preserve: float):
+    from types import SimpleNamespace
+
+    from difflora.methods.base import Batch, StepContext
+    from difflora.models.base import Conditioning
+
+    model = _EditModel()
+    b = torch.tensor([[[[0.2, -0.4], [1.0, 0.0]]]])  # before
+    a = torch.tensor([[[[0.2, 0.6], [-1.0, 0.0]]]])  # after: differs in the two cells the mask marks
+    eps = torch.tensor([[[[0.5, 0.1], [-0.3, 0.7]]]])
+    mask = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    batch = Batch(latents={"x": b, "after": a}, captions={"instruction": ["close the eyes"]}, noise=eps,
+                  timesteps=torch.tensor([400.0]), loss_weight=torch.ones(1), step=step, mask_fn=lambda *_: mask)
+    job = SimpleNamespace(min_snr_gamma=0, **{"edit-slider": SimpleNamespace(
+        multiplier=0.5, preserve_weight=preserve, diff_mask_threshold=10.0, diff_mask_dilate=2, prompt="instruction")})
+    ctx = StepContext(model=model, network=_Multiplier(model), job=job, step=step,
+                      encode=lambda prompts: Conditioning({"txt": torch.zeros(len(prompts), 1)}))
+    return ctx, batch
+
+
+def test_edit_slider_loss_is_its_formula():
+    """README: even steps mean(M·(v_{+m}(q(a)|b) - (ε - a))²) + λ·mean((1-M)·(v_{+m} - f)²); odd steps the same with
+    a and b swapped at -m. With v_m = 0.5·z + 0.25·c + m: σ = 0.4, m = 0.5, λ = 2, numbers worked by hand."""
+    from difflora.methods.edit import edit_slider_loss
+
+    # even: z = 0.6·a + 0.4·ε = [[0.32, 0.40], [-0.72, 0.28]]; v = 0.5z + 0.25b + 0.5 = [[0.71, 0.6], [0.39, 0.64]];
+    # ε - a = [[0.3, -0.5], [0.7, 0.7]]; in the mask: (0.6+0.5)² + (0.39-0.7)² = 1.21 + 0.0961 = 1.3061 -> /4;
+    # outside it v - f = m = 0.5 on two cells: 2·0.25 = 0.5 -> /4, ·λ
+    ctx, batch = _slider_context(0, 2.0)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.3061 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    # odd: z = 0.6·b + 0.4·ε = [[0.32, -0.2], [0.48, 0.28]]; v = 0.5z + 0.25a - 0.5 = [[-0.29, -0.45], [-0.51, -0.36]];
+    # ε - b = [[0.3, 0.5], [-1.3, 0.7]]; in the mask: 0.95² + 0.79² = 0.9025 + 0.6241 = 1.5266 -> /4; outside: m² again
+    ctx, batch = _slider_context(1, 2.0)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    ctx, batch = _slider_context(1, 0.0)  # no preservation: the mask's cells alone
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4, abs=1e-6)
+
+
 # ------------------------------------------------------------------ trained edit LoRAs in diffusers' edit pipelines
 def _pairs(folder: Path, side: int, n: int = 2) -> Path:
     """n face pairs (eyes open -> closed) of side x side pixels, each with its instruction file."""

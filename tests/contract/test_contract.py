@@ -372,3 +372,14 @@ def test_resume_gives_the_uninterrupted_lora(world, tmp_path, family):
     resumed = load_file(str(train(job, resume="auto")))
     assert set(resumed) == set(full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_addift_for_edit_models_conditions_both_passes_on_the_before_image(world, monkeypatch, tmp_path):
+    """addift.control: every prediction (frozen and trained) carries the pair's "before" image as its control."""
+    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, "flux2", "addift", addift={"control": True})
+    unique = probe.run.data.unique_items()
+    for s in probe.seen:
+        for r in range(s.inputs.latents.shape[0]):
+            assert any(torch.equal(s.inputs.extras["control"][r], it.latents["x"].to(s.inputs.extras["control"]))
+                       for it in unique)
+    assert {s.grad for s in probe.seen} == {True, False}
