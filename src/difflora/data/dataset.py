@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..models.base import SampleSize
 from .captions import CaptionRules, read_caption
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image, resize_and_crop, to_tensor
-from .instructions import read_instruction
+from .instructions import instruction_for, instruction_path, read_instruction
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,12 @@ class TrainingData:
                             len(reg_base), len(train))
             reg = [reg_base[i % len(reg_base)] for i in range(len(train))]  # round-robin up to the train count
             self.items.extend(reg)
+
+    def pairs_without_instruction(self) -> list[Path]:
+        """The instruction files (data/instructions.py) that pairs with no prompt for the edit methods lack: no
+        NAME.instruction.txt, no job edit_instruction and an empty caption; trained and held-out pairs."""
+        return [instruction_path(it.path) for it in self.unique_items() + self.validation_items
+                if it.is_pair and not instruction_for(it.instruction, self.job.edit_instruction, it.after_caption or "")]
 
     # -- stats
     @property

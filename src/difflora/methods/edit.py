@@ -55,13 +55,10 @@ def require_control(model, method: str, job) -> None:
 
 def require_instructions(data, method: str) -> None:
     """Every pair (trained or held out) needs a prompt: its NAME.instruction.txt, edit_instruction or a caption."""
-    from ..data.instructions import instruction_for, instruction_path
-
-    for it in data.unique_items() + data.validation_items:
-        if it.is_pair and not instruction_for(it.instruction, data.job.edit_instruction, it.after_caption or ""):
-            raise UserError(f"method {method}: the pair {it.path.name} has no instruction (write "
-                            f"{instruction_path(it.path).name}, a caption, or set edit_instruction)",
-                            path=instruction_path(it.path))
+    missing = data.pairs_without_instruction()
+    if missing:
+        raise UserError(f"method {method}: this pair has no instruction (write {missing[0].name}, a caption, or set "
+                        "edit_instruction)", path=missing[0])
 
 
 def edit_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:

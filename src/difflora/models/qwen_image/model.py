@@ -47,6 +47,7 @@ TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift")
 MODELSPEC = {"qwen_image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit_2509": "Qwen-Image-Edit-Plus",
              "edit_2511": "Qwen-Image-Edit-2511"}  # musubi-tuner's modelspec.architecture values
 BLOCK = "transformer_blocks"
+PLUS_VARIANTS = ("edit_2509", "edit_2511")  # several control images, each after "Picture i:"
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +240,7 @@ class QwenImageModel(ModelFamily):
     @property
     def max_control_images(self) -> int:
         """Edit: one control image; Edit-2509/2511: several (the pipelines are tuned for up to 3); Qwen-Image: none."""
-        return {"edit": 1, "edit_2509": 3, "edit_2511": 3}.get(self.variant, 0)
+        return (3 if self.variant in PLUS_VARIANTS else 1) if self.is_edit else 0
 
     @property
     def controls_reach_text_encoder(self) -> bool:
@@ -265,11 +266,12 @@ class QwenImageModel(ModelFamily):
         if not self.is_edit:
             raise UserError("control images are for the Qwen-Image-Edit models; this model is Qwen-Image "
                             "(set model_variant to edit, edit_2509 or edit_2511 with an edit model)", path=self.source)
-        if self.variant == "edit" and any(len(im) > 1 for im in images):
-            raise UserError("Qwen-Image-Edit takes one control image per prompt; Edit-2509/2511 take several")
+        if any(len(im) > self.max_control_images for im in images):
+            raise UserError(f"{MODELSPEC[self.variant]} takes at most {self.max_control_images} control image(s) per "
+                            "prompt", path=self.source)
         out = []
         for prompt, imgs in zip(prompts, images):
-            if self.variant == "edit":
+            if self.variant not in PLUS_VARIANTS:  # Edit: the image itself, no "Picture i:"
                 sized = [im.resize(area_size(EDIT_IMAGE_AREA, im.width / im.height), resample=3) for im in imgs]
                 prefix = EDIT_IMAGE_PROMPT * len(sized)
             else:
