@@ -1,0 +1,96 @@
+"""musubi-tuner's LoRA loader on the new families' files: which of a file's modules it applies.
+
+musubi (kohya-ss/musubi-tuner 30c658c4, `utils/lora_utils.load_safetensors_with_lora_and_fp8`, used by its
+Qwen-Image, Z-Image and FLUX.2 generate scripts) merges a file while loading the DiT: for every `<path>.weight` of its
+own model it looks up `lora_unet_<path with . as _>` and consumes that module's LoRA keys (`lora_down/lora_up/alpha`),
+LoHa's (`hada_w1_a/b`, `hada_w2_a/b`) or LoKr's (`lokr_w1`, `lokr_w2` or `lokr_w2_a/b`); what is left unconsumed is
+only logged ("not all LoRA keys are used"). Its model's weight names: Qwen-Image and Z-Image use diffusers' module
+tree (Z-Image's native fused `attention.qkv` is split into `to_q/k/v` on load), FLUX.2 the BFL one. The name lists
+are the peers' state-dict lists (tests/data/*_keys, made with their own code); musubi's own training names (the
+`kohya` lists, from its `create_arch_network`) must be among them, which checks the choice of list.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from difflora.models import load_model
+from difflora.network.adapters import adapter_options
+from difflora.network.files import save_lora
+from difflora.network.lora import LoRANetwork, NetworkSpec
+
+sys.path.insert(0, str(Path(__file__).parent / "contract"))
+from tiny_families import TINY_FAMILIES  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+# family -> (musubi's model state-dict list, musubi's own trained names)
+MUSUBI_MODEL = {
+    "qwen_image": (DATA / "qwen_image_keys" / "qwen_image_diffusers_statedict.txt",
+                   DATA / "qwen_image_keys" / "qwen_image_kohya.txt"),
+    "zimage": (DATA / "zimage_keys" / "zimage_diffusers_statedict.txt", DATA / "zimage_keys" / "zimage_kohya.txt"),
+    "flux2": (DATA / "flux2_keys" / "flux2_klein_4b_native_statedict.txt",  # the contract suite's tiny is klein-4B
+              DATA / "flux2_keys" / "flux2_klein_4b_kohya.txt"),
+}
+CONSUMED = {"lora": (".lora_down.weight", ".lora_up.weight", ".alpha"),
+            "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"),
+            "lokr": (".lokr_w1", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".alpha")}
+
+
+def musubi_lora_names(state_dict_list: Path) -> set[str]:
+    return {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
+            for k in state_dict_list.read_text().split() if k.endswith(".weight")}
+
+
+def musubi_merge(keys: set[str], names: set[str]) -> tuple[set[str], set[str]]:
+    """(modules musubi merges, keys it leaves unused). It picks the file's type from its first marker key, as
+    `detect_network_type` does, then consumes that type's keys of each of its model's names."""
+    kind = next((t for t, marker in (("lora", "lora_down"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1"))
+                 if any(marker in k for k in keys)), "lora")
+    left, merged = set(keys), set()
+    for name in names:
+        if name + CONSUMED[kind][0] in left:
+            merged.add(name)
+            left -= {name + s for s in CONSUMED[kind]}
+    return merged, left
+
+
+@pytest.fixture(scope="module", params=list(MUSUBI_MODEL))
+def tiny(request, tmp_path_factory):
+    family = request.param
+    spec = TINY_FAMILIES[family]
+    folder = tmp_path_factory.mktemp(family) / "model"
+    spec.build(folder)
+    return family, load_model(folder, options={k: v for k, v in spec.job_keys.items() if k == "zimage_variant"})
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "dora"])
+def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo):
+    family, model = tiny
+    state_dict_list, musubi_trains = MUSUBI_MODEL[family]
+    names = musubi_lora_names(state_dict_list)
+    assert set(musubi_trains.read_text().split()) <= names  # the list is musubi's model
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0,
+                                                               adapter=adapter_options(algo)))
+    path = tmp_path / f"{algo}.safetensors"
+    save_lora(model.export_lora(net.state_dict(), "kohya"), path)
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    modules = {k.split(".", 1)[0] for k in keys}
+    merged, left = musubi_merge(keys, names)
+    print(f"musubi merges {len(merged)}/{len(modules)} modules of difflora's {family} {algo} file; "
+          f"{len(left)} keys unused")
+    if family == "zimage":  # difflora names the fused qkv / out natively (ComfyUI's names): musubi's split model
+        # has no `attention_qkv` / `attention_out`, so only the feed-forward applies
+        assert {m.rsplit("_", 1)[0] for m in modules - merged} == {f"lora_unet_layers_{i}_attention" for i in range(30)}
+        assert len(merged) == 90 and len(modules) == 150
+        return
+    assert merged == modules
+    if algo == "dora":  # musubi 30c658c4 has no DoRA: the LoRA part applies, dora_scale is left unused
+        assert left == {m + ".dora_scale" for m in modules}
+    else:
+        assert not left
