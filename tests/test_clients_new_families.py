@@ -1,4 +1,8 @@
-"""musubi-tuner's LoRA loader on the new families' files: which of a file's modules it applies.
+"""What the clients' own loaders do with the new families' LoRA, LoHa, LoKr and DoRA files (the README's client
+table): musubi-tuner's loader (re-derived below) and diffusers' `load_lora_weights` (run). ComfyUI's key map and
+diffusers' plain-LoRA output are checked in each family's own tests and the contract suite.
+
+musubi-tuner's LoRA loader: which of a file's modules it applies.
 
 musubi (kohya-ss/musubi-tuner 30c658c4, `utils/lora_utils.load_safetensors_with_lora_and_fp8`, used by its
 Qwen-Image, Z-Image and FLUX.2 generate scripts) merges a file while loading the DiT: for every `<path>.weight` of its
@@ -59,25 +63,35 @@ def musubi_merge(keys: set[str], names: set[str]) -> tuple[set[str], set[str]]:
     return merged, left
 
 
+def saved_file(model, folder: Path, algo: str) -> Path:
+    """A kohya-format file of `algo` on the family's default targets, with visible random weights."""
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0,
+                                                               adapter=adapter_options(algo)))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    path = folder / f"{algo}.safetensors"
+    save_lora(model.export_lora(net.state_dict(), "kohya"), path)
+    return path
+
+
 @pytest.fixture(scope="module", params=list(MUSUBI_MODEL))
 def tiny(request, tmp_path_factory):
     family = request.param
     spec = TINY_FAMILIES[family]
     folder = tmp_path_factory.mktemp(family) / "model"
     spec.build(folder)
-    return family, load_model(folder, options={k: v for k, v in spec.job_keys.items() if k == "zimage_variant"})
+    return family, load_model(folder, options={k: v for k, v in spec.job_keys.items() if k == "zimage_variant"}), folder
 
 
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "dora"])
 def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo):
-    family, model = tiny
+    family, model, _ = tiny
     state_dict_list, musubi_trains = MUSUBI_MODEL[family]
     names = musubi_lora_names(state_dict_list)
     assert set(musubi_trains.read_text().split()) <= names  # the list is musubi's model
-    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0,
-                                                               adapter=adapter_options(algo)))
-    path = tmp_path / f"{algo}.safetensors"
-    save_lora(model.export_lora(net.state_dict(), "kohya"), path)
+    path = saved_file(model, tmp_path, algo)
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
     modules = {k.split(".", 1)[0] for k in keys}
@@ -94,3 +108,57 @@ def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo
         assert left == {m + ".dora_scale" for m in modules}
     else:
         assert not left
+
+
+# ------------------------------------------------------------------ diffusers' load_lora_weights (0.42)
+# What it does with each LyCORIS file (plain LoRA loads whole and gives difflora's output: the contract suite):
+# "raises" an error naming the LyCORIS keys it could not convert; "ignored": loads without an error and changes
+# nothing; "lora part": loads the LoRA factors and drops dora_scale.
+DIFFUSERS = {
+    ("qwen_image", "loha"): "raises", ("qwen_image", "lokr"): "raises", ("qwen_image", "dora"): "lora part",
+    ("zimage", "loha"): "raises", ("zimage", "lokr"): "raises", ("zimage", "dora"): "lora part",
+    ("flux2", "loha"): "ignored", ("flux2", "lokr"): "raises", ("flux2", "dora"): "lora part",
+}
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
+    from safetensors.torch import load_file
+
+    from difflora.network.apply import network_from_file
+
+    family, model, folder = tiny
+    path = saved_file(model, tmp_path, algo)
+    side = 4 * model.latent_downscale
+    with torch.no_grad():
+        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
+    x, t = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    cond = model.encode_prompts(["a face"])
+
+    def ours(file: Path) -> torch.Tensor:
+        net = network_from_file(model, file, 1.0)
+        try:
+            with torch.no_grad():
+                return model.predict(x, t, cond)
+        finally:
+            net.remove()
+
+    with torch.no_grad():
+        base = model.predict(x, t, cond)
+    client = TINY_FAMILIES[family].client_unet
+    expected = DIFFUSERS[(family, algo)]
+    if expected == "raises":
+        with pytest.raises(Exception, match="lokr_w|hada_w|lora_unet_") as e:
+            client(folder, path, {"x": x, "t": t, "cond": cond})
+        print(f"diffusers, {family} {algo}: {type(e.value).__name__}")
+        return
+    theirs = client(folder, path, {"x": x, "t": t, "cond": cond})
+    whole = ours(path)
+    assert float((whole - base).abs().max()) > 1e-3  # the file changes difflora's output
+    if expected == "ignored":
+        torch.testing.assert_close(theirs, base, rtol=0, atol=1e-6)
+        return
+    lora_part = tmp_path / "lora_part.safetensors"
+    save_lora({k: v for k, v in load_file(str(path)).items() if not k.endswith(".dora_scale")}, lora_part)
+    torch.testing.assert_close(theirs, ours(lora_part), rtol=1e-4, atol=1e-5)
+    assert float((theirs - whole).abs().max()) > 1e-3
