@@ -162,3 +162,28 @@ def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
     save_lora({k: v for k, v in load_file(str(path)).items() if not k.endswith(".dora_scale")}, lora_part)
     torch.testing.assert_close(theirs, ours(lora_part), rtol=1e-4, atol=1e-5)
     assert float((theirs - whole).abs().max()) > 1e-3
+
+
+# ------------------------------------------------------------------ FLUX.1's T5 in diffusers
+def test_diffusers_flux_pipeline_skips_t5_peft_keys(tmp_path):
+    """Why `save_format = "diffusers"` refuses `train_t5xxl` (models/flux/model.py check_save_format): FluxPipeline's
+    load_lora_weights puts peft keys of `transformer.` on the transformer but none of `text_encoder_2.` (T5) on T5,
+    without an error."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("dev", 1, 1).save(tmp_path / "model")
+    pipe = FluxPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    t5_q = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    g = torch.Generator().manual_seed(0)
+    save_file({"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.randn(2, t5_q.in_features, generator=g),
+               "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.randn(t5_q.out_features, 2, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, to_q.in_features, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(to_q.out_features, 2, generator=g)},
+              str(tmp_path / "peft.safetensors"))
+    pipe.load_lora_weights(str(tmp_path / "peft.safetensors"))
+    assert hasattr(pipe.transformer.transformer_blocks[0].attn.to_q, "lora_A")
+    assert not any(hasattr(m, "lora_A") for m in pipe.text_encoder_2.modules())
