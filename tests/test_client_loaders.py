@@ -110,6 +110,30 @@ def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo
         assert not left
 
 
+# ------------------------------------------------------------------ ComfyUI's key map, every adapter
+# ComfyUI's model state dicts (tests/data/*_keys, made with ComfyUI's own model classes; Qwen-Image's equals diffusers')
+COMFYUI_MODEL = {"qwen_image": DATA / "qwen_image_keys" / "qwen_image_diffusers_statedict.txt",
+                 "zimage": DATA / "zimage_keys" / "zimage_native_statedict.txt",
+                 "flux2": DATA / "flux2_keys" / "flux2_klein_4b_native_statedict.txt"}
+COMFYUI_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b",
+                    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b")
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "dora"])
+def test_comfyui_key_map_applies_every_adapter_module(tiny, tmp_path, algo):
+    """ComfyUI (comfy/lora.py model_lora_keys_unet, generic branch: `lora_unet_<native path with _>` for every
+    weight of its model) maps each module; load_lora then consumes the module's adapter keys, `alpha` and
+    `dora_scale` (it applies LoRA, LoHa, LoKr and DoRA by the keys present), leaving none "not loaded"."""
+    family, model, _ = tiny
+    names = musubi_lora_names(COMFYUI_MODEL[family])  # the same spelling rule: lora_unet_ + path with _
+    with safe_open(saved_file(model, tmp_path, algo), "pt") as f:
+        keys = set(f.keys())
+    loaded = {n + s for n in names for s in (*COMFYUI_SUFFIXES, ".alpha", ".dora_scale")} & keys
+    modules = {k.split(".", 1)[0] for k in keys}
+    print(f"ComfyUI maps {len({k.split('.', 1)[0] for k in loaded})}/{len(modules)} modules of the {family} {algo} file")
+    assert loaded == keys
+
+
 # ------------------------------------------------------------------ diffusers' load_lora_weights (0.42)
 # What it does with each LyCORIS file (plain LoRA loads whole and gives difflora's output: the contract suite):
 # "raises" an error naming the LyCORIS keys it could not convert; "ignored": loads without an error and changes
