@@ -266,6 +266,7 @@ def job(job, path=None) -> None:
             raise error(key, f"{value} is larger than any layer of the supported models (at most {MAX_RANK}); "
                              "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
     _optimizer_dry_run(job, error)
+    _distributed(job, error)
     _job_paths(job, error)
     if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
@@ -273,6 +274,15 @@ def job(job, path=None) -> None:
         from .data.prompts import load_prompt_file
 
         sample_prompts(load_prompt_file(job.sample_prompts), job.sample_prompts, job.sample_sampler)
+
+
+def _distributed(job, error) -> None:
+    """fsdp / deepspeed: the package and the devices they need."""
+    import torch
+
+    from .train.distributed import check_job
+
+    check_job(job, torch.cuda.is_available(), error)
 
 
 def _optimizer_dry_run(job, error) -> None:

@@ -75,10 +75,9 @@ def prepare(job, resume: str | None = None) -> Run:
 
     `resume`: a state folder, "auto" (this job's own), or None.
     """
-    from accelerate import Accelerator
+    from .distributed import make_accelerator
 
-    accelerator = Accelerator(mixed_precision=job.mixed_precision, gradient_accumulation_steps=1,
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(job)
     method = make_method(job)
     out_dir = Path(job.output_dir)
     final_path, state_dir = out_dir / f"{job.output_name}.safetensors", out_dir / f"{job.output_name}-state"
