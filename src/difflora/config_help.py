@@ -94,7 +94,7 @@ DESCRIPTIONS = {
     "prior_loss_weight": "loss weight of regularisation images",
     "seed": "seed of every random draw (same seed, same LoRA)",
     "torch_compile": "compile the denoiser with torch.compile",
-    "fsdp": "several GPUs: shard the frozen model over them with FSDP2 (accelerate's plugin); CUDA only",
+    "fsdp": "several processes: shard the frozen denoiser over them with FSDP2 (plain LoRA; no samples)",
     "deepspeed": "several GPUs: train through DeepSpeed ZeRO (needs the deepspeed package)",
     "zero_stage": "DeepSpeed ZeRO stage 0-3 (default 2), with deepspeed = true",
     # data

@@ -53,13 +53,27 @@ def quiet_other_processes() -> None:
 
 
 def check_job(job, on_gpu: bool, error=None) -> None:
-    """What the job's fsdp / deepspeed keys need of this machine: one line naming the key, before any loading."""
+    """What the job's fsdp / deepspeed keys need: one line naming the key, before any loading."""
     error = error or (lambda key, msg: UserError(f"{key}: {msg}", path=getattr(job, "_source", None)))
     if job.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise error("deepspeed", "needs the deepspeed package, which is not installed (pip install deepspeed)")
-    if job.fsdp and not on_gpu:
-        raise error("fsdp", "needs CUDA GPUs: accelerate runs FSDP on GPUs only (on CPUs several processes "
-                            "train with DDP, which needs no setting)")
+    if job.deepspeed and not on_gpu:
+        raise error("deepspeed", "needs CUDA GPUs (on CPUs several processes train with DDP, which needs no setting)")
+    if not job.fsdp:
+        return
+    # A sharded model runs only with every process taking part, and its weights exist only in pieces.
+    if job.sample_prompts:
+        raise error("fsdp", "samples are drawn by the first process alone, which a sharded model cannot do; "
+                            "leave sample_prompts unset (validation_split works: every process validates)")
+    if job.per_pair_average:
+        raise error("fsdp", "per_pair_average trains each pair on one process alone, which a sharded model "
+                            "cannot do; train without fsdp (the pairs spread over the processes already)")
+    if job.torch_compile:
+        raise error("fsdp", "cannot be combined with torch_compile yet")
+    adapter = job.adapter_options()
+    if adapter.algo != "lora" or adapter.dora_wd:
+        raise error("fsdp", f"trains plain LoRA only ({adapter.algo}{' with DoRA' if adapter.dora_wd else ''} "
+                            "reads the frozen weights, which FSDP holds in pieces outside the forward)")
 
 
 def make_accelerator(job):
@@ -75,12 +89,6 @@ def make_accelerator(job):
     on_gpu = torch.cuda.is_available()
     check_job(job, on_gpu)
     plugins = {}
-    if job.fsdp:
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-            activation_checkpointing=False)  # (the job's gradient_checkpointing is the model's own)
     if job.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -102,6 +110,27 @@ def _ddp_graph(job) -> dict:
     take the no_sync of gradient accumulation: there DDP looks for unused weights after each forward instead."""
     static = not job.module_dropout and job.gradient_accumulation_steps == 1
     return {"static_graph": static, "find_unused_parameters": not static}
+
+
+def shard_frozen(denoiser: nn.Module, processes: int) -> int:
+    """FSDP2 (torch's `fully_shard`) of the frozen denoiser over the processes: each block of its outermost
+    ModuleLists becomes one unit, gathered for its forward (and its backward) and split again after; the rest of
+    the denoiser forms the root unit. The LoRA weights stay whole on every process (DDP averages their
+    gradients), so a checkpoint is the main process's own kohya file and resumes with any process count.
+    Returns the number of units."""
+    from torch.distributed.fsdp import fully_shard
+
+    if processes == 1:
+        return 0
+    lists = [name for name, m in denoiser.named_modules() if isinstance(m, nn.ModuleList)]
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
+    blocks = [block for name in outer for block in denoiser.get_submodule(name)
+              if any(True for _ in block.parameters())]
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(denoiser)
+    log.info("fsdp: the denoiser sharded over %d processes (%d blocks and the rest)", processes, len(blocks))
+    return len(blocks) + 1
 
 
 def any_process(accelerator, flag: bool) -> bool:

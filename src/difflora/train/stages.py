@@ -105,7 +105,7 @@ class StageRunner:
             if owner is None or owner == run.rank:
                 results[stage.name] = self.results[stage.name]
                 continue
-            net = LoRANetwork.create(run.model.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
+            net = LoRANetwork.create(run.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
             net.to(run.device, dtype=torch.bfloat16 if run.job.full_bf16 else None).apply_to()
             net.requires_grad_(False).eval()
             results[stage.name] = net
@@ -119,14 +119,14 @@ class StageRunner:
         if stage.name not in self.state["completed"]:
             raise UserError(f"training state is damaged: it has no weights for the finished stage {stage.name}",
                             path=self.run.resume, hint="start again without --resume")
-        net = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), self.state["completed"][stage.name])
+        net = LoRANetwork.from_weights(self.run.lora_targets(conv=True), self.state["completed"][stage.name])
         self.results[stage.name] = net.to(self.run.device).apply_to()
         net.requires_grad_(False)
 
     def _start(self, index: int, stage: Stage, offset: int, solo: bool = False) -> StageProgress:
         run, job = self.run, self.run.job
         torch.manual_seed(seed_of(job.seed, "init", index))
-        network = LoRANetwork.create(run.model.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
+        network = LoRANetwork.create(run.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
         if stage.init_from_job_weights and run.initial_weights is not None:
             network.load_weights(run.initial_weights.tensors, source=run.initial_weights.path, strict=False)
         network.to(run.device, dtype=torch.bfloat16 if job.full_bf16 else None).apply_to().train()
