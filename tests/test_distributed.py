@@ -185,7 +185,7 @@ def test_accelerate_cpu_launch_of_several_processes_is_refused(monkeypatch, run_
     ({"zero_stage": 3}, "zero_stage needs deepspeed = true"),
     ({"zero_stage": 5}, "zero_stage"),
     ({"deepspeed": "true"}, "deepspeed: needs the deepspeed package"),
-    ({"fsdp": "true", "network_algo": '"loha"'}, "fsdp: trains plain LoRA only"),
+    ({"fsdp": "true", "network_algo": '"loha"'}, "fsdp: trains plain LoRA/LoCon only"),
 ])
 def test_sharding_keys_are_validated_in_one_line(run_cli, tmp_path, tiny_sd1_dir, faces16, keys, message):
     import importlib.util

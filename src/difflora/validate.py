@@ -277,12 +277,29 @@ def job(job, path=None) -> None:
 
 
 def _distributed(job, error) -> None:
-    """fsdp / deepspeed: the package and the devices they need."""
+    """What the fsdp / deepspeed keys need: one line naming the key."""
+    import importlib.util
+
     import torch
 
-    from .train.distributed import check_job
-
-    check_job(job, torch.cuda.is_available(), error)
+    if job.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise error("deepspeed", "needs the deepspeed package, which is not installed (pip install deepspeed)")
+    if job.deepspeed and not torch.cuda.is_available():
+        raise error("deepspeed", "needs CUDA GPUs (on CPUs several processes train with DDP, which needs no setting)")
+    if not job.fsdp:
+        return
+    # A sharded model runs only with every process taking part, and its weights exist only in pieces.
+    if job.sample_prompts:
+        raise error("fsdp", "samples are drawn by the first process alone, which a sharded model cannot do; "
+                            "leave sample_prompts unset (validation_split works: every process validates)")
+    if job.per_pair_average:
+        raise error("fsdp", "per_pair_average trains each pair on one process alone, which a sharded model "
+                            "cannot do; train without fsdp (the pairs spread over the processes already)")
+    if job.torch_compile:
+        raise error("fsdp", "cannot be combined with torch_compile yet")
+    if job.adapter_options().is_lycoris:
+        raise error("fsdp", "trains plain LoRA/LoCon only (LyCORIS adapters and DoRA read the frozen weights, which "
+                            "FSDP holds in pieces outside the forward)")
 
 
 def _optimizer_dry_run(job, error) -> None:

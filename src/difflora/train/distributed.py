@@ -10,7 +10,6 @@ model stays outside DDP: it has no gradients to average.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -52,30 +51,6 @@ def quiet_other_processes() -> None:
         logging.getLogger("difflora").setLevel(logging.ERROR)
 
 
-def check_job(job, on_gpu: bool, error=None) -> None:
-    """What the job's fsdp / deepspeed keys need: one line naming the key, before any loading."""
-    error = error or (lambda key, msg: UserError(f"{key}: {msg}", path=getattr(job, "_source", None)))
-    if job.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise error("deepspeed", "needs the deepspeed package, which is not installed (pip install deepspeed)")
-    if job.deepspeed and not on_gpu:
-        raise error("deepspeed", "needs CUDA GPUs (on CPUs several processes train with DDP, which needs no setting)")
-    if not job.fsdp:
-        return
-    # A sharded model runs only with every process taking part, and its weights exist only in pieces.
-    if job.sample_prompts:
-        raise error("fsdp", "samples are drawn by the first process alone, which a sharded model cannot do; "
-                            "leave sample_prompts unset (validation_split works: every process validates)")
-    if job.per_pair_average:
-        raise error("fsdp", "per_pair_average trains each pair on one process alone, which a sharded model "
-                            "cannot do; train without fsdp (the pairs spread over the processes already)")
-    if job.torch_compile:
-        raise error("fsdp", "cannot be combined with torch_compile yet")
-    adapter = job.adapter_options()
-    if adapter.algo != "lora" or adapter.dora_wd:
-        raise error("fsdp", f"trains plain LoRA only ({adapter.algo}{' with DoRA' if adapter.dora_wd else ''} "
-                            "reads the frozen weights, which FSDP holds in pieces outside the forward)")
-
-
 def make_accelerator(job):
     """The run's Accelerator: DDP for several processes, FSDP2 or DeepSpeed ZeRO when the job asks.
 
@@ -86,8 +61,7 @@ def make_accelerator(job):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradScalerKwargs
 
-    on_gpu = torch.cuda.is_available()
-    check_job(job, on_gpu)
+    on_gpu = torch.cuda.is_available()  # (validate.job checked the fsdp / deepspeed keys)
     plugins = {}
     if job.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
