@@ -314,8 +314,13 @@ def test_each_method_step_receives_its_stage_data_and_conditioning(world, monkey
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, family):
-    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
+    """... and the file of their average, loaded, changes the output."""
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
     assert {tuple(s.stage.items) for s in probe.seen} == {(0,), (1,), (2,)}
+    model = probe.run.model
+    base = _fixed_output(model)
+    network_from_file(model, path, 1.0)
+    assert float((_fixed_output(model) - base).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("algo", list(ALGO_NAMES))
