@@ -68,7 +68,7 @@ def edit_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     noisy = obj.add_noise(target, eps, t)
     pred = ctx.predict(noisy, t, cond, multiplier=1.0)
     loss = per_sample_mse(obj.prediction(pred, noisy, t), obj.target(target, eps, t))
-    return loss * batch.loss_weight * ctx.min_snr(t)
+    return loss * batch.loss_weight * ctx.timestep_weight(t)
 
 
 class Edit(Method):
@@ -118,7 +118,7 @@ def edit_slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     loss = per_sample_mse(obj.prediction(pred, noisy, t), obj.target(x0, eps, t), mask)
     if o.preserve_weight:
         loss = loss + o.preserve_weight * per_sample_mse(pred, ctx.predict_frozen(noisy, t, cond), 1 - mask)
-    return loss * ctx.min_snr(t)
+    return loss * ctx.timestep_weight(t)
 
 
 class EditSlider(Method):
