@@ -441,3 +441,45 @@ def test_bad_qwen_inputs_are_one_line_errors(qwen, tmp_path, tiny_sd1_dir):
     (layered / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageLayeredPipeline"}))
     with pytest.raises(UserError, match="QwenImageLayeredPipeline"):
         _load(layered)
+
+
+# ------------------------------------------------------------------ the web UI
+def test_ui_pickers_job_form_and_tool_forms_take_qwen_image_files(qwen, tmp_path, run_cli):
+    """A workspace with the folder and ComfyUI's split files: the pickers list them, a job naming the files by
+    musubi's keys passes the form's check and loads the complete model, and the tool forms' commands run on them."""
+    from difflora.config import load_job
+    from difflora.models.registry import family_options_of
+    from difflora.ui import jobform as J
+    from difflora.ui.pages.tools import tool_argv
+    from difflora.ui.pickers import lora_choices, model_choices
+    from difflora.ui.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(qwen["folder"], ws.root / "models" / "Qwen-Image")
+    shutil.copytree(qwen["files"]["diffusion_model"].parent.parent, ws.root / "models" / "comfy")
+    _random_lora(qwen["model"], ws.root / "loras" / "eyes.safetensors")
+    transformer = "models/comfy/diffusion_models/qwen_image_bf16.safetensors"
+    models = [value for _, value in model_choices(ws)]
+    assert "models/Qwen-Image" in models and transformer in models
+    assert lora_choices(ws) == [("loras/eyes.safetensors", "loras/eyes.safetensors")]
+    job = {"model": transformer, "text_encoder": "models/comfy/text_encoders/qwen_2.5_vl_7b.safetensors",
+           "vae": "models/comfy/vae/qwen_image_vae.safetensors", "weighting_scheme": "cosmap",
+           "datasets": [{"subsets": [{"image_dir": "models"}]}]}
+    assert J.validate(job, ws) is None
+    (ws.root / "job.toml").write_text(J.job_toml(job))
+    options = family_options_of(load_job(ws.root / "job.toml", restrict_paths_to=ws.root))
+    model = load_model(ws.root / transformer, options=options)
+    model.check_complete()  # the text encoder and the VAE came from the form's keys
+    assert model.objective.options.weighting_scheme == "cosmap"
+    message = J.validate({**job, "weighting_scheme": "heavy"}, ws)
+    assert message is not None and "weighting_scheme" in message
+    ctx = type("Ctx", (), {"ws": ws})
+    forms = {"merge": {"loras": ["loras/eyes.safetensors"], "ratios": "", "model": transformer, "mode": "exact",
+                       "save_to": "tools/qwen-eyes.safetensors"},
+             "extract": {"model_org": transformer, "model_tuned": "tools/qwen-eyes.safetensors", "dim": 4,
+                         "save_to": "tools/extracted.safetensors"}}
+    for tool, form in forms.items():
+        code, _, err = run_cli(*tool_argv(ctx, tool, form))
+        assert code == 0, (tool, err)
+    extracted = load_file(str(ws.root / "tools" / "extracted.safetensors"))
+    assert {k.split(".")[0] for k in extracted} == _reference("kohya")
