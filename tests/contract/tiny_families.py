@@ -210,7 +210,7 @@ def _build_qwen_image_edit(folder: Path) -> None:
 def _build_qwen_image(folder: Path) -> None:
     from difflora.models.qwen_image.tiny import write_tiny_folder
 
-    write_tiny_folder(folder)  # the real 60 blocks, 16 wide
+    write_tiny_folder(folder)  # the real 60 blocks, 8 wide
 
 
 def _client_qwen_image(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
