@@ -2107,6 +2107,46 @@ def _(ws):
     return ws.train(model=_q(_zimage_folder(ws)), resolution="32", zimage_variant='"turbo"', guidance_scale="2.0")
 
 
+# ---- edit methods and generate --control (methods/edit.py) --------------------------------
+def _edit_pairs(ws: Workspace, n: int = 2, side: int = 32, captions: bool = True) -> Path:
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    for i in range(n):
+        write_image(pairs / f"{i:03d}.png", _face(i, side))
+        write_image(pairs / f"{i:03d}_after.png", _face(i + 10, side))
+        if captions:
+            (pairs / f"{i:03d}.txt").write_text("a face", encoding="utf-8")
+    return pairs
+
+
+@case("edit_method_on_sd1", "method = edit on a Stable Diffusion 1 model (it takes no control image)",
+      names="tiny_sd1", needles=("method edit", "edit model that takes a control image"))
+def _(ws):
+    return ws.train(method='"edit"', train_data_dir=None,
+                    extra=f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(_edit_pairs(ws, side=16))}\n")
+
+
+@case("edit_pair_without_instruction", "method = edit on FLUX.2 with a pair that has no instruction file, caption "
+      "or edit_instruction", names="000.instruction.txt", needles=("has no instruction", "edit_instruction"))
+def _(ws):
+    pairs = _edit_pairs(ws, captions=False)
+    return ws.train(model=_q(_flux2(ws) / "diffusers"), method='"edit"', train_data_dir=None, resolution="32",
+                    extra=f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(pairs)}\n")
+
+
+@case("generate_control_on_sd1", "generate --control with a Stable Diffusion 1 model", names="tiny_sd1",
+      needles=("--control", "cannot take a control image"))
+def _(ws):
+    return ws.generate("--control", write_image(ws.root / "before.png", _face(1, 16)))
+
+
+@case("generate_too_many_controls", "generate --control eleven times with FLUX.2 (it takes up to 10 reference "
+      "images)", names="diffusers", needles=("at most 10 control image", "11 were given"))
+def _(ws):
+    images = [write_image(ws.root / f"ref{i}.png", _face(i, 32)) for i in range(11)]
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", *[a for im in images for a in ("--control", im)])
+
+
 def readme_table() -> str:
     rows = ["| case | input | expected |", "|---|---|---|"]
     for c in CASES:

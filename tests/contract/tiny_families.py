@@ -188,10 +188,23 @@ def _read_qwen_image(model, args, kwargs) -> DenoiserInputs:
     before txt_norm, σ as the timestep."""
     from difflora.models.qwen_image.model import unpack_latents
 
-    _, h, w = kwargs["img_shapes"][0][0]
+    shapes = kwargs["img_shapes"][0]
+    _, h, w = shapes[0]
     tokens = kwargs["hidden_states"][:, : h * w].detach()
+    extras = {}
+    if len(shapes) > 1:  # an edit model's first control image, right after the target's tokens
+        _, ch, cw = shapes[1]
+        extras["control"] = unpack_latents(kwargs["hidden_states"][:, h * w: h * w + ch * cw].detach(), 2 * ch, 2 * cw)
     return DenoiserInputs(unpack_latents(tokens, 2 * h, 2 * w), kwargs["timestep"].detach().float() * 1000,
-                          kwargs["encoder_hidden_states"].detach())
+                          kwargs["encoder_hidden_states"].detach(), None, extras)
+
+
+def _build_qwen_image_edit(folder: Path) -> None:
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    # Qwen-Image-Edit's folder (processor/ included) at 4 of its 60 blocks: the block names are the real ones and
+    # qwen_image runs all 60 through the suite; 60 here would add a minute to CI for the same checks
+    write_tiny_folder(folder, "edit", num_layers=4)
 
 
 def _build_qwen_image(folder: Path) -> None:
@@ -221,11 +234,15 @@ def _read_flux2(model, args, kwargs) -> DenoiserInputs:
     """diffusers' Flux2Transformer2DModel takes keywords: tokens (B, h·w, 128) with their (t, row, column, 0) ids."""
     x, ids = kwargs["hidden_states"], kwargs["img_ids"]
     ids = ids[0] if ids.dim() == 3 else ids
-    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    first = ids[:, 0] == ids[0, 0]  # the target's tokens (t = 0); reference images follow at t = 10, 20, ...
+    h, w = int(ids[first, 1].max()) + 1, int(ids[first, 2].max()) + 1
     lat = x[:, : h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     g = kwargs.get("guidance")
+    extras = {} if g is None else {"guidance": g.detach()}
+    if x.shape[1] > h * w:  # the first reference image (the tests' controls have the target's size)
+        extras["control"] = x[:, h * w: 2 * h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     return DenoiserInputs(lat, kwargs["timestep"].detach().float() * 1000, kwargs["encoder_hidden_states"].detach(),
-                          None, {} if g is None else {"guidance": g.detach()})
+                          None, extras)
 
 
 def _build_flux2(size: str) -> Callable[[Path], None]:
@@ -293,3 +310,12 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                          job_keys={"zimage_variant": "turbo"}),
     "template": TinyFamily(_build_template, 16, _read_template, "text"),
 }
+
+# The edit-capable models the edit methods (Method.needs_control) run on, by label: a family's edit variant where it
+# is not the family's default model (Qwen-Image-Edit), the family's own tiny model where that takes reference images.
+EDIT_FAMILIES: dict[str, TinyFamily] = {
+    "qwen_image_edit": TinyFamily(_build_qwen_image_edit, 32, _read_qwen_image, "txt",
+                                  job_keys={"model_variant": "edit"}),
+    "flux2": TINY_FAMILIES["flux2"],
+}
+ALL_TINY = {**TINY_FAMILIES, **EDIT_FAMILIES}
