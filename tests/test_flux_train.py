@@ -266,9 +266,23 @@ def test_diffusers_save_format_writes_transformer_peft_keys_that_load_back(flux_
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 0
 
 
+def test_dora_for_diffusers_trains_the_output_axis_magnitude_and_writes_peft_s_vector(flux_env, tmp_path, caplog):
+    job = _job(flux_env, tmp_path, "standard", max_train_steps=2, save_format="diffusers", output_name="d",
+               network_dora=True)
+    with caplog.at_level("WARNING"):
+        path = train(job)
+    assert sum("magnitude is trained per output row" in r.getMessage() for r in caplog.records) == 1
+    tensors = load_file(str(path))
+    magnitudes = {k: v for k, v in tensors.items() if ".lora_magnitude_vector" in k}
+    assert magnitudes and all(v.dim() == 1 and v.shape[0] == tensors[k.split(".lora_magnitude_vector")[0] +
+                                                                         ".lora_B.weight"].shape[0]
+                              for k, v in magnitudes.items())
+    net = network_from_file(_job_model(job), path, 1.0)
+    assert all(lora.dora_scale.shape[1] == 1 for lora in net.loras())  # (O, 1): the output axis
+
+
 @pytest.mark.parametrize("extra,problem", [
     ({"train_t5xxl": True}, "diffusers' FluxPipeline loads no T5 LoRA"),
-    ({"network_dora": True}, 'save_format = "diffusers" with DoRA: diffusers loads FLUX.1 LoRAs as peft lora_A/lora_B'),
     ({"network_algo": "lokr"}, 'save_format = "diffusers" with LoKr'),
 ])
 def test_diffusers_save_format_refuses_before_training_what_diffusers_cannot_load(flux_env, tmp_path, extra, problem):

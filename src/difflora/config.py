@@ -129,6 +129,8 @@ class JobOptions(DatasetOptions):
     # method (`method` and one table per method: see JobConfig)
     per_pair_average: bool = False  # train one LoRA per pair and average their deltas (DiffSynth-Studio)
     average_rank: int | None = Field(None, ge=1)  # SVD the average back to this rank (None: exact)
+    # the edit methods' instruction for pairs without a NAME.instruction.txt (then: the pair's caption)
+    edit_instruction: str | None = None
 
     # network
     network_dim: int = Field(4, ge=1)

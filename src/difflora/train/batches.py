@@ -18,9 +18,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..data.captions import process_caption
 from ..data.dataset import Item, TrainingData, difference_mask, seed_of
+from ..data.images import load_image, resize_and_crop
+from ..data.instructions import instruction_for
 from ..errors import UserError
 from ..methods import Batch, StepContext
 from ..models.base import Conditioning
@@ -169,6 +172,13 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
     def masks(threshold: float, dilate: int) -> torch.Tensor:  # only when a loss asks for them
         return torch.stack([difference_mask(d, latent_hw, threshold, dilate) for d in diffs])[:, None].to(device)
 
+    def images(key: str) -> list:  # the pairs' images as PIL, cut to their bucket (Qwen-Image-Edit's VL encoder)
+        out = []
+        for s in samples:
+            img = resize_and_crop(load_image(s.item.path if key == "x" else s.item.after_path), s.item.bucket)
+            out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if s.flip else img)
+        return out
+
     return Batch(
         latents={k: torch.stack(v).to(device) for k, v in latents.items()},
         captions=captions,
@@ -179,6 +189,7 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
         step=step,
         mask_fn=masks if diffs else None,
         sizes=sizes,
+        image_fn=images if diffs else None,
     )
 
 
@@ -212,6 +223,7 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         captions = {"x": process_caption(it.caption, it.rules, rng, epoch)}
         if it.is_pair:
             captions["after"] = process_caption(it.after_caption, it.rules, rng, epoch)
+            captions["instruction"] = instruction_for(it.instruction, job.edit_instruction, captions["after"])
         samples.append(Sample(it, flip, captions, gen, gen, job.prior_loss_weight if it.is_reg else 1.0))
     draw = (lambda index, gen, latent_hw: timesteps(step, 1, gen)[0]) if timesteps is not None \
         else default_timesteps(job, model)

@@ -121,6 +121,7 @@ def prepare(job, resume: str | None = None) -> Run:
              data.num_train_images, data.num_reg_images, method.name)
     if data.skipped:
         log.warning("skipped %d unreadable image(s) (skip_bad_images = true)", len(data.skipped))
+    method.check_inputs(model, data)
     # Encoding first: with cached text-encoder outputs the text encoders are alone on the device while every
     # prompt is encoded, and gone (or on the CPU) before the denoiser arrives (FLUX: T5-XXL 9.5 GB and the
     # fp8 transformer ~12 GB are never on the GPU together, as in kohya).
@@ -273,6 +274,7 @@ def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[
     fixed set to encode."""
     import dataclasses
 
+    from ..data.instructions import instruction_for
     from ..data.prompts import load_prompt_file
     from ..methods.base import common_caption
 
@@ -291,6 +293,7 @@ def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[
         if it.is_pair:
             captions["after"] = process_caption(it.after_caption, rules, rng)
             captions["common"] = common_caption(captions["x"], captions["after"])
+            captions["instruction"] = instruction_for(it.instruction, job.edit_instruction, captions["after"])
         prompts += [captions[k] for k in caption_keys if k in captions]
     if job.sample_prompts:
         prompts += [p.prompt for p in load_prompt_file(job.sample_prompts)]
