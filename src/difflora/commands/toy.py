@@ -138,7 +138,7 @@ def register(subparsers) -> None:
     p.add_argument("--vae-steps", type=int, default=None, help="default: the shipped run's (2500)")
     p.add_argument("--unet-steps", type=int, default=None,
                    help="denoiser steps (default: the shipped run's, 6000; flow: 1200)")
-    p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000; flow: 24000)")
+    p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000; flow: 12000)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and stop")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train_base)

@@ -44,8 +44,8 @@ SAMPLING_SHIFT = 3.0  # the released scheduler's
 @dataclass
 class FlowTrainConfig:
     seed: int = 0
-    n_images: int = 24_000
-    n_edit_pairs: int = 8_000
+    n_images: int = 12_000
+    n_edit_pairs: int = 4_000
     steps: int = 1200
     batch: int = 24
     edit_batch: int = 6
