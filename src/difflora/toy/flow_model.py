@@ -160,3 +160,26 @@ def edit_forward(transformer, reference: torch.Tensor, noisy: torch.Tensor, mode
 def t2i_forward(transformer, noisy: torch.Tensor, model_t: torch.Tensor, caps: list[torch.Tensor]) -> torch.Tensor:
     out = transformer(list(noisy.unsqueeze(2).unbind(0)), model_t, caps, return_dict=False)[0]
     return torch.stack(out).squeeze(2)
+
+
+@torch.no_grad()
+def sample_edit(model, reference: torch.Tensor, prompts: list[str], seeds: list[int], steps: int = 20,
+                guidance: float = 4.0) -> torch.Tensor:
+    """Edited latents from clean reference latents (B, C, h, w) with a ZImageModel's transformer, text encoder
+    and sampling schedule: Euler over the pipeline's shifted sigmas, CFG against the empty instruction with the
+    same reference (as the Omni pipeline does)."""
+    tr, te, tok = model.transformer, model.text_encoders["text_encoder"], model.tokenizer
+    n = model.objective.num_train_timesteps
+    texts = [s for p in prompts + [""] * len(prompts) for s in edit_texts(p)]
+    flat = encode_segments(tok, te, texts)
+    segments = [flat[3 * k:3 * k + 3] for k in range(2 * len(prompts))]
+    x = torch.stack([torch.randn(reference.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                     for s in seeds]).to(reference.device)
+    sig = model.sampling_sigmas(steps)
+    for cur, nxt in zip(sig[:-1], sig[1:]):
+        t = (1 - cur).expand(2 * len(prompts)).to(x.device)
+        raw = edit_forward(tr, reference.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1), t, segments)
+        v = -raw  # the velocity ε − x0
+        cond, uncond = v.chunk(2)
+        x = x + (nxt - cur).to(x.device) * (cond + guidance * (cond - uncond))
+    return x
