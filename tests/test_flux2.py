@@ -291,6 +291,10 @@ def test_all_linear_names_equal_the_reference_lists(sized):
     assert _modules(kohya) == _ref(size, "all_linear_kohya")
     assert _modules(sized.export_lora(kohya, "comfyui")) == _ref(size, "all_linear_comfyui")
     assert _modules(sized.export_lora(kohya, "diffusers")) == _ref(size, "all_linear_diffusers")
+    # ComfyUI's generic branch names every native weight: both BFL spellings load whole (its diffusers table
+    # lacks FLUX.2's embedders and modulation, so that spelling is for diffusers)
+    key_map = comfy_key_map(sized)
+    assert comfy_unloaded(kohya, key_map) == comfy_unloaded(sized.export_lora(kohya, "comfyui"), key_map) == []
 
 
 def test_final_adaln_lora_applies_as_comfyui_and_diffusers_apply_it(klein_files, tmp_path):

@@ -52,7 +52,7 @@ def quiet_other_processes() -> None:
 
 
 def make_accelerator(job):
-    """The run's Accelerator: DDP for several processes, FSDP2 or DeepSpeed ZeRO when the job asks.
+    """The run's Accelerator: DDP for several processes, DeepSpeed ZeRO when the job asks (fsdp: shard_frozen).
 
     Each global batch is split over the processes (split_batches: the scheduler steps once per optimizer step,
     as with one process). Loss scaling stays off: a non-finite gradient stops the run (stages.py) instead of
@@ -66,10 +66,12 @@ def make_accelerator(job):
     if job.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
-        plugins["deepspeed_plugin"] = DeepSpeedPlugin(
-            zero_stage=job.zero_stage if job.zero_stage is not None else 2,
-            gradient_accumulation_steps=job.gradient_accumulation_steps,
-            gradient_clipping=job.max_grad_norm if job.max_grad_norm > 0 else None)
+        plugin = DeepSpeedPlugin(zero_stage=job.zero_stage if job.zero_stage is not None else 2,
+                                 gradient_accumulation_steps=job.gradient_accumulation_steps,
+                                 gradient_clipping=job.max_grad_norm if job.max_grad_norm > 0 else None)
+        # no data loader goes through prepare (the batches are difflora's own): DeepSpeed is told the batch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = job.train_batch_size
+        plugins["deepspeed_plugin"] = plugin
     return Accelerator(
         mixed_precision=job.mixed_precision, gradient_accumulation_steps=job.gradient_accumulation_steps,
         cpu=not on_gpu, dataloader_config=DataLoaderConfiguration(split_batches=True),

@@ -60,8 +60,10 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
             if state is not None:
                 check_resumable(state, job, state_dir)
             run = prepare(job, resume)
-            run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
-                                   encode=job.cache_latents or job.cache_latents_to_disk)
+            # a disk cache is written once, by the main process; the others then read it
+            with run.accelerator.main_process_first() if job.cache_latents_to_disk else contextlib.nullcontext():
+                run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
+                                       encode=job.cache_latents or job.cache_latents_to_disk)
             if state is not None and state.get("fingerprint") != job_fingerprint(job):
                 log.warning("resuming with changed settings; the result will differ from an uninterrupted run")
             started = float(state["started"]) if state else time.time()

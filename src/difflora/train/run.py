@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ def prepare(job, resume: str | None = None) -> Run:
     # Encoding first: with cached text-encoder outputs the text encoders are alone on the device while every
     # prompt is encoded, and gone (or on the CPU) before the denoiser arrives (FLUX: T5-XXL 9.5 GB and the
     # fp8 transformer ~12 GB are never on the GPU together, as in kohya).
-    encode = _prompt_cache(model, job, out_dir, device, data, presets, method)
+    # a disk cache is written once, by the main process; the others then read it
+    with accelerator.main_process_first() if job.cache_text_encoder_outputs_to_disk else contextlib.nullcontext():
+        encode = _prompt_cache(model, job, out_dir, device, data, presets, method)
     _prepare_denoiser(model, job, device)
     # (FSDP renames the classes of the modules it shards, which some families' target lists go by)
     targets = {conv: model.lora_targets(conv=conv) for conv in (False, True)}
