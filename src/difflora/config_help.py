@@ -102,6 +102,9 @@ DESCRIPTIONS = {
     "prior_loss_weight": "loss weight of regularisation images",
     "seed": "seed of every random draw (same seed, same LoRA)",
     "torch_compile": "compile the denoiser with torch.compile",
+    "fsdp": "several processes: shard the frozen denoiser over them with FSDP2 (plain LoRA; no samples)",
+    "deepspeed": "several GPUs: train through DeepSpeed ZeRO (needs the deepspeed package)",
+    "zero_stage": "DeepSpeed ZeRO stage 0-3 (default 2), with deepspeed = true",
     # data
     "train_data_dir": "kohya folder layout: <repeats>_<name> subfolders",
     "reg_data_dir": "kohya folder layout of regularisation images",

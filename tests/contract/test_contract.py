@@ -44,6 +44,9 @@ from difflora.train.stop import StopRequest
 from tiny_families import ALL_TINY, EDIT_FAMILIES, TEST_FAMILIES, TINY_FAMILIES
 
 FAMILIES = family_names() + tuple(TEST_FAMILIES)  # test-only ones: registered_test_families
+VARIANTS = tuple(name for name, spec in TINY_FAMILIES.items() if spec.variant_of)  # e.g. FLUX.2 dev, klein-9B
+# a variant trains each method once, each with another adapter: every method and every adapter in len(METHODS) runs
+VARIANT_RUNS = list(zip(METHODS, (list(ALGO_NAMES) * len(METHODS))[: len(METHODS)]))
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"
@@ -68,6 +71,8 @@ def registered_test_families(monkeypatch):
 def test_every_registered_family_takes_part():
     assert set(FAMILIES) <= set(TINY_FAMILIES), f"families without a tiny model: {set(FAMILIES) - set(TINY_FAMILIES)}"
     assert STANDARD in METHODS and {"lora", "locon", "loha", "lokr", "dora"} <= set(ALGO_NAMES)
+    assert {TINY_FAMILIES[v].variant_of for v in VARIANTS} <= set(FAMILIES)
+    assert {m for m, _ in VARIANT_RUNS} == set(METHODS) and {a for _, a in VARIANT_RUNS} == set(ALGO_NAMES)
 
 
 # ---------------------------------------------------------------------------- the world
@@ -295,6 +300,9 @@ def _train_and_check(world, monkeypatch, tmp_path, family, method, algo="lora", 
     stages = {s.stage.name for s in probe.seen}
     assert stages == {st.name for st in probe.run.method.stages(probe.run.data_sizes())}, stages
     assert contract_problems(probe, job) == []
+    reference = probe.spec.saved_modules
+    if reference is not None:
+        assert {k.split(".", 1)[0] for k in load_file(str(path))} == reference()
     return probe, job, path
 
 
@@ -306,27 +314,56 @@ def test_each_method_step_receives_its_stage_data_and_conditioning(world, monkey
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, family):
-    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
+    """... and the file of their average, loaded, changes the output."""
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
     assert {tuple(s.stage.items) for s in probe.seen} == {(0,), (1,), (2,)}
+    model = probe.run.model
+    base = _fixed_output(model)
+    network_from_file(model, path, 1.0)
+    assert float((_fixed_output(model) - base).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("algo", list(ALGO_NAMES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkeypatch, tmp_path, family, algo):
     """The file loaded onto the model = the network in memory at the end of training = diffusers' loader."""
+    _check_file_gives_trained_output(world, monkeypatch, tmp_path, family, STANDARD, algo)
+
+
+@pytest.mark.parametrize("method,algo", VARIANT_RUNS, ids=[f"{m}-{a}" for m, a in VARIANT_RUNS])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_every_method_and_adapter(world, monkeypatch, tmp_path, variant, method, algo):
+    """Another variant of a family (its own block counts and names): each method's steps keep the contract, and
+    its file (of the variant's reference modules) gives the method's final network's output, in diffusers' loader
+    too (plain LoRA)."""
+    _check_file_gives_trained_output(world, monkeypatch, tmp_path, variant, method, algo)
+
+
+def _check_file_gives_trained_output(world, monkeypatch, tmp_path, family, method, algo):
+    """Standard method: the file's output is the trained network's, still attached at 1 when the result is
+    saved. Other methods (a result combined from stages' networks, per-sample multipliers): the file's output is
+    that of the result the method finalised, made a network in memory."""
     import difflora.train.checkpoint as checkpoint
+    from difflora.network.lora import LoRANetwork
 
     in_memory = {}
     real_save = checkpoint.Checkpointer.save_result
 
-    def save_result(self, tensors, global_step, per_epoch):  # the trained network is still attached, at 1
-        in_memory["out"] = _fixed_output(self.run.model)
+    def save_result(self, tensors, global_step, per_epoch):
+        if method == STANDARD:
+            in_memory["out"] = _fixed_output(self.run.model)
+        in_memory["final"] = {k: v.detach().clone() for k, v in tensors.items()}
         return real_save(self, tensors, global_step, per_epoch)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save_result", save_result)
-    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, method, algo)
     model = probe.run.model  # training left it as loaded (its networks removed), with the job's family options
     base = _fixed_output(model)
+    if method != STANDARD:
+        final = LoRANetwork.from_weights(model.lora_targets(conv=True), in_memory["final"]).to(model.device)
+        final.apply_to()
+        in_memory["out"] = _fixed_output(model)
+        final.remove()
     net = network_from_file(model, path, 1.0)
     loaded = _fixed_output(model)
     assert float((loaded - base).abs().max()) > 1e-4  # the LoRA changes the output

@@ -3,8 +3,8 @@
 Every per-sample draw (sample order, caption shuffles, flips, noise, timesteps) is derived from
 (seed, stage, step, micro-batch, position in the global batch), so a resumed run continues
 exactly, and N processes at per-device batch b train the same LoRA as one process at batch N·b
-(gradients are averaged explicitly, in a fixed order), up to float rounding: CPU and GPU kernels
-sum in another order at another batch size (tests/test_sdxl_train.py measures it). The network
+(DDP averages the gradients), up to float rounding: CPU and GPU kernels sum in another order at
+another batch size, and the all-reduce sums in its own (tests/test_distributed.py measures it). The network
 dropouts (dropout, rank_dropout, module_dropout) are seeded per (seed, stage, step, rank) and drawn
 per forward call, so with them N processes draw other masks than one process does.
 """
@@ -228,35 +228,3 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
     draw = (lambda index, gen, latent_hw: timesteps(step, 1, gen)[0]) if timesteps is not None \
         else default_timesteps(job, model)
     return assemble(data, samples, model, step, draw, job.noise_offset)
-
-
-def all_reduce(params, loss: torch.Tensor, world: int) -> torch.Tensor:
-    """Average gradients and loss over processes (one flat buffer, fixed order); returns the mean loss.
-
-    A non-finite gradient anywhere shows up in the clipped total norm, which the caller checks.
-    """
-    if world > 1:
-        import torch.distributed as dist
-
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
-                         + [loss.reshape(1).float().to(params[0].device)])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-        loss = flat[-1].cpu()
-    return loss
-
-
-def any_process(flag: bool, world: int) -> bool:
-    """True on every process when `flag` is true on any (stop requests reach all ranks at the same step)."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)

@@ -164,7 +164,8 @@ class Flux2Model(ModelFamily):
 
     def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
         """musubi's default: every Linear of the double and single blocks (160 / 80 / 112 modules on dev / klein-4B /
-        klein-9B). conv=True: every Linear a FLUX.2 LoRA file may hold (embedders, global modulation too)."""
+        klein-9B). conv=True: every Linear a FLUX.2 LoRA file may hold (the peers' all-linear sets: embedders, global
+        modulation and the final adaLN too; a job's conv_dim trains them)."""
         blocks = "all" if conv else self.options.train_blocks
         out = []
         for bfl, ours in self.module_map().items():
