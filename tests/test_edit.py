@@ -63,9 +63,9 @@ def _slider_context(step: int, preserve: float):
 
     model = _EditModel()
     b = torch.tensor([[[[0.2, -0.4], [1.0, 0.0]]]])  # before
-    a = torch.tensor([[[[0.2, 0.6], [-1.0, 0.0]]]])  # after: differs in the two cells the mask marks
+    a = torch.tensor([[[[0.2, 0.6], [-1.0, 0.0]]]])  # after: differs from before in two cells
     eps = torch.tensor([[[[0.5, 0.1], [-0.3, 0.7]]]])
-    mask = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])  # the two cells, dilated onto a third
     batch = Batch(latents={"x": b, "after": a}, captions={"instruction": ["close the eyes"]}, noise=eps,
                   timesteps=torch.tensor([400.0]), loss_weight=torch.ones(1), step=step, mask_fn=lambda *_: mask)
     job = SimpleNamespace(min_snr_gamma=0, **{"edit-slider": SimpleNamespace(
@@ -81,16 +81,17 @@ def test_edit_slider_loss_is_its_formula():
     from difflora.methods.edit import edit_slider_loss
 
     # even: z = 0.6·a + 0.4·ε = [[0.32, 0.40], [-0.72, 0.28]]; v = 0.5z + 0.25b + 0.5 = [[0.71, 0.6], [0.39, 0.64]];
-    # ε - a = [[0.3, -0.5], [0.7, 0.7]]; in the mask: (0.6+0.5)² + (0.39-0.7)² = 1.21 + 0.0961 = 1.3061 -> /4;
-    # outside it v - f = m = 0.5 on two cells: 2·0.25 = 0.5 -> /4, ·λ
+    # ε - a = [[0.3, -0.5], [0.7, 0.7]]; in the mask: 0.41² + 1.1² + 0.31² = 0.1681 + 1.21 + 0.0961 = 1.4742 -> /4;
+    # outside it (one cell) v - f = m = 0.5: 0.25 -> /4, ·λ
     ctx, batch = _slider_context(0, 2.0)
-    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.3061 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.4742 / 4 + 2.0 * 0.25 / 4, abs=1e-6)
     # odd: z = 0.6·b + 0.4·ε = [[0.32, -0.2], [0.48, 0.28]]; v = 0.5z + 0.25a - 0.5 = [[-0.29, -0.45], [-0.51, -0.36]];
-    # ε - b = [[0.3, 0.5], [-1.3, 0.7]]; in the mask: 0.95² + 0.79² = 0.9025 + 0.6241 = 1.5266 -> /4; outside: m² again
+    # ε - b = [[0.3, 0.5], [-1.3, 0.7]]; in the mask: 0.59² + 0.95² + 0.79² = 0.3481 + 0.9025 + 0.6241 = 1.8747 -> /4;
+    # outside: m² again
     ctx, batch = _slider_context(1, 2.0)
-    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.8747 / 4 + 2.0 * 0.25 / 4, abs=1e-6)
     ctx, batch = _slider_context(1, 0.0)  # no preservation: the mask's cells alone
-    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4, abs=1e-6)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.8747 / 4, abs=1e-6)
 
 
 # ------------------------------------------------------------------ trained edit LoRAs in diffusers' edit pipelines
