@@ -14,7 +14,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_speed.py"
 
 def test_lock_step_bench_reports_every_contender_and_ratio(tmp_path):
     out = tmp_path / "speed.json"
-    p = subprocess.run([sys.executable, str(BENCH), "--steps", "3", "--warmup", "1", "--threads", "1",
+    # the smallest run that still has a warm-up round and more than one timed round, at 32x32, batch 2
+    p = subprocess.run([sys.executable, str(BENCH), "--steps", "2", "--warmup", "1", "--threads", "1",
+                        "--resolution", "32", "--batch", "2", "--rank", "4",
                         "--contenders", "reference", "difflora_standard", "difflora_addift", "difflora_lowmem",
                         "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
@@ -22,9 +24,9 @@ def test_lock_step_bench_reports_every_contender_and_ratio(tmp_path):
     r = json.loads(out.read_text())
     assert set(r["summary"]) == {"reference", "difflora_standard", "difflora_addift", "difflora_lowmem"}
     for c, s in r["summary"].items():
-        assert s["steps_measured"] == 3, c  # warm-up rounds are not counted
+        assert s["steps_measured"] == 2, c  # warm-up rounds are not counted
         assert s["median_step_s"] > 0 and 0.1 < s["peak_gb"] < 24, (c, s)
-    assert r["unet_train_gflop"] > 1.0  # the toy U-Net's forward+backward at 64x64, batch 4
+    assert r["unet_train_gflop"] > 0.5  # the toy U-Net's forward+backward at 32x32, batch 2: 0.69
     ratios = r["ratios"]
     assert set(ratios) == {"difflora_standard_time / reference_time", "difflora_addift_time / reference_time",
                            "difflora_addift_time / difflora_standard_time", "difflora_standard_peak / reference_peak",

@@ -183,10 +183,10 @@ def _check_loadable(out: Path) -> None:
     load_state(out / "r-state")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kill_9_at_a_random_step_then_resume_gives_the_same_lora(seed, kill_setup, tmp_path, run_cli, caplog):
+def test_kill_9_at_a_random_step_then_resume_gives_the_same_lora(kill_setup, tmp_path, run_cli, caplog):
     job_in, reference = kill_setup
-    rng = np.random.default_rng([seed, 4])  # kills after steps 8, 11 and 15, 0-150 ms into what follows
+    # one kill (each costs a whole run): after step 11, 128 ms into what follows (a later step or a save)
+    rng = np.random.default_rng([1, 4])
     kill_after = int(rng.integers(1, KILL_STEPS - 6))
     job = job_in(tmp_path)
     out = tmp_path / "out"

@@ -109,17 +109,22 @@ def test_fp16_mixed_precision_on_the_cpu_trains_in_fp32(tmp_path, tiny_sd1_dir, 
     import subprocess
     import sys
 
-    def train(name: str, precision: str):  # a process each: accelerate's state is set once per process
+    from difflora.cli import main
+
+    def job(name: str, precision: str) -> Path:
         job = tmp_path / f"{name}.toml"
         job.write_text(f'model = "{tiny_sd1_dir}"\ntrain_data_dir = "{faces16}"\nresolution = 16\nmax_train_steps = 2\n'
                        f'network_dim = 2\noutput_dir = "{tmp_path / name}"\nlog_with = "none"\n'
                        f'mixed_precision = "{precision}"\n')
-        done = subprocess.run([sys.executable, "-m", "difflora", "train", str(job)], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return load_file(str(tmp_path / name / "last.safetensors")), done.stderr
+        return job
 
-    half, log = train("fp16", "fp16")
-    assert log.count("training in fp32") == 1
-    full, _ = train("fp32", "no")
+    # fp16 in a process of its own (accelerate's state is set once per process), one thread; fp32 in this one,
+    # at one thread too (conftest): bit for bit what the subprocess computes
+    done = subprocess.run([sys.executable, "-m", "difflora", "train", str(job("fp16", "fp16"))], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("training in fp32") == 1
+    half = load_file(str(tmp_path / "fp16" / "last.safetensors"))
+    assert torch.get_num_threads() == 1 and main(["-q", "train", str(job("fp32", "no"))]) == 0
+    full = load_file(str(tmp_path / "fp32" / "last.safetensors"))
     assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in full)

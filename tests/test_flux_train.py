@@ -1,4 +1,5 @@
-"""Training on a tiny FLUX.1-layout model: every method lowers its loss and changes the output; resume,
+"""Training on a tiny FLUX.1-layout model: the methods with their own flow-matching targets (and standard)
+lower their losses and change the output; resume,
 two processes, block swap, cached text encoder outputs, diffusers-format files."""
 
 from __future__ import annotations
@@ -91,10 +92,9 @@ METHOD_CASES = {
     "standard": {},
     "addift": {"max_train_steps": 60, "learning_rate": 3e-3},  # ADDifT's own lr
     "slider": {},
-    "copier": {"copier": {"stage1_steps": 30, "stage2_steps": 30, "stage1_learning_rate": 1e-2,
-                          "stage2_learning_rate": 1e-2, "save_copier": True}},
-    "differential": {"differential": {"before_steps": 30, "after_steps": 30, "learning_rate": 1e-2, "save_parts": True}},
 }
+# (copier and differential train the objective's own target in stages: on FLUX, the velocity of standard above;
+# their stages' inputs on FLUX are the contract suite's, their structure test_methods')
 
 
 @pytest.mark.parametrize("method", [m if m in ("standard", "addift") else pytest.param(m, marks=pytest.mark.slow)
@@ -108,34 +108,15 @@ def test_each_method_on_flux_lowers_its_loss_and_changes_the_output(flux_env, tm
     path = train(job)
     model = _job_model(job)
     data = _latents(model, flux_env)
-    out = tmp_path
-    if method == "copier":  # stage 2 trains B on "after" on top of A: B must lower that loss
-        a = network_from_file(model, out / "copier-copier.safetensors", 1.0)
-        b = network_from_file(model, path, 1.0)
-        loss = lambda ctx, batch: denoising_loss(ctx, batch, image="after")  # noqa: E731
-        with_b, without_b = (_fixed_loss(model, [a, b], loss, job, data, [1.0, m]) for m in (1.0, 0.0))
-        networks = [a, b]
-    elif method == "differential":  # A overfits "before", B "after"; the result is B - A
-        parts = {}
-        for part, image in (("before", "x"), ("after", "after")):
-            net = network_from_file(model, out / f"differential-{part}.safetensors", 1.0)
-            loss = lambda ctx, batch, image=image: denoising_loss(ctx, batch, image=image)  # noqa: E731
-            parts[part] = (_fixed_loss(model, [net], loss, job, data, [1.0]), _fixed_loss(model, [net], loss, job, data, [0.0]))
-            net.remove()
-        with_b, without_b = parts["after"]
-        assert parts["before"][0] < parts["before"][1], parts
-        networks = [network_from_file(model, path, 1.0)]
-    else:
-        net = network_from_file(model, path, 1.0)
-        loss, m = {"standard": (denoising_loss, 1.0), "slider": (slider_loss, 1.0),
-                   "addift": (addift_loss, job.addift.multiplier)}[method]
-        window = (0.5, 0.95) if method == "addift" else (0.1, 0.9)  # ADDifT trains σ in [0.5, 1)
-        with_b, without_b = (_fixed_loss(model, [net], loss, job, data, [mm], sigmas=window) for mm in (m, 0.0))
-        networks = [net]
+    net = network_from_file(model, path, 1.0)
+    loss, m = {"standard": (denoising_loss, 1.0), "slider": (slider_loss, 1.0),
+               "addift": (addift_loss, job.addift.multiplier)}[method]
+    window = (0.5, 0.95) if method == "addift" else (0.1, 0.9)  # ADDifT trains σ in [0.5, 1)
+    with_b, without_b = (_fixed_loss(model, [net], loss, job, data, [mm], sigmas=window) for mm in (m, 0.0))
     # The tiny random model leaves ADDifT little to learn (its pairs differ by ~0.04 in latent units, under
     # σ ≥ 0.5 noise): a 1% drop is what it can show; the ground-truth methods drop more.
     assert with_b < (0.99 if method == "addift" else 0.98) * without_b, (method, with_b, without_b)
-    changed = np.abs(_image(model, networks, 1.0) - _image(model, networks, 0.0)).max()
+    changed = np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max()
     assert changed > 1e-3, method
     md = read_metadata_only(path)
     assert md["ss_base_model_version"] == "flux1" and md["modelspec.architecture"] == "flux-1-dev/lora"

@@ -175,15 +175,16 @@ def _subprocess(args, cwd):
                           cwd=cwd, env=env, timeout=120)
 
 
-def test_subprocess_help_and_exit_codes(tmp_path):
-    r = _subprocess(["toy", "--help"], tmp_path)
-    assert r.returncode == 0
+def test_help_and_subprocess_exit_codes(tmp_path, run_cli):
+    code, out, _ = run_cli("toy", "--help")
+    assert code == 0
     for sub in ("dataset", "pairs", "judge"):
-        assert sub in r.stdout
-    r = _subprocess(["toy", "pairs", "--help"], tmp_path)
-    assert r.returncode == 0 and "000000_after.png" in r.stdout
-    r = _subprocess(["toy", "dataset", "--help"], tmp_path)
-    assert r.returncode == 0 and "<R>_face/000000.png" in r.stdout
+        assert sub in out
+    code, out, _ = run_cli("toy", "pairs", "--help")
+    assert code == 0 and "000000_after.png" in out
+    code, out, _ = run_cli("toy", "dataset", "--help")
+    assert code == 0 and "<R>_face/000000.png" in out
+    # `python -m difflora` itself: its exit codes and streams
     r = _subprocess(["toy", "pairs", "--change", "hair=black:green", "--out", tmp_path / "p"], tmp_path)
     assert r.returncode == 2
     assert "valid values: black, brown, blonde, red" in r.stderr
