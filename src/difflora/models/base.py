@@ -146,6 +146,33 @@ class ModelFamily(ABC):
         """Per-sample conditioning from image geometry (SDXL's time_ids); None for families without it."""
         return None
 
+    # ---- edit models: control ("before") images the output is conditioned on (the edit methods, generate --control)
+    # How many control images one sample may carry; 0: the model cannot take a control image (not an edit model).
+    max_control_images: int = 0
+    # Whether the control images also reach the text encoder with the instruction (Qwen-Image-Edit's Qwen2.5-VL);
+    # False: the instruction is encoded alone, as encode_prompts does (cached like any prompt).
+    controls_reach_text_encoder: bool = False
+
+    def encode_prompts_with_controls(self, prompts: list[str], controls: list[list]) -> Conditioning:
+        """Each prompt encoded with its control images (PIL, as the family's pipeline sees them); by default the
+        controls do not reach the text encoder and this is encode_prompts."""
+        return self.encode_prompts(prompts)
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """Clean control latents (each (B, C, h, w), from encode_images) as conditioning tensors that `predict`
+        packs the way the family's edit pipeline does (reference tokens after the target's, with offset position
+        ids); the prediction stays the target's alone, so a loss covers the target tokens only."""
+        from ..errors import UserError
+
+        raise UserError(f"this {self.family} model ({self.modelspec_architecture}) cannot take a control image: the "
+                        "edit methods and generate --control need an edit model (Qwen-Image-Edit, FLUX.1 Kontext, "
+                        "FLUX.2)", path=getattr(self, "source", None) or None)
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a control image of this size is resized to before encoding, as the family's edit
+        pipeline does; by default unchanged."""
+        return width, height
+
     # ---- generation and saving
     @abstractmethod
     def pipeline(self, scheduler: str = "ddim") -> Any:
