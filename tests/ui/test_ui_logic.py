@@ -452,3 +452,19 @@ def test_pairs_page_makes_toy_pairs_adds_a_pair_from_slots_aligns_and_diffs_tags
     assert tag_diff("a face, eyes open, red hair", "a face, eyes closed, red hair") == \
         "**only before:** `eyes open`  \n**only after:** `eyes closed`"
     assert tag_diff("a, b", "b, a").startswith("The captions have the same tags")
+
+
+def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
+    from difflora.ui.pages.pairs import show_pairs
+
+    before = ws.root / "pairs" / "eyes" / "000.png"
+    path = ws.root / "pairs" / "eyes" / "000.instruction.txt"
+    assert P.read_instruction(before) == ""
+    P.write_instruction(before, " close\n the  eyes ")
+    assert path.read_text() == "close the eyes\n" and P.read_instruction(before) == "close the eyes"
+    items, _, names = show_pairs(page_context(ws), "pairs/eyes", "_after", 10.0, 2, "")
+    assert names == ["000", "001"]  # the instruction file is no pair of its own
+    assert items[0][1].endswith(" · edit: close the eyes") and "edit:" not in items[1][1]
+    assert (ws.root / "pairs" / "eyes" / "000.txt").is_file()  # the caption is another file, untouched
+    P.write_instruction(before, "  ")  # blank: the pair has no instruction of its own
+    assert not path.exists()

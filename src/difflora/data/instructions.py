@@ -45,3 +45,9 @@ def write_instruction(before_image: str | Path, text: str) -> Path:
         return path
     write_text_atomic(path, text + "\n")
     return path
+
+
+def instruction_for(own: str | None, job_wide: str | None, after_caption: str) -> str:
+    """The prompt of a pair for the edit methods: its instruction file, else the job's edit_instruction, else the
+    "after" image's caption (as processed)."""
+    return own or job_wide or after_caption

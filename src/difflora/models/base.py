@@ -173,6 +173,23 @@ class ModelFamily(ABC):
         pipeline does; by default unchanged."""
         return width, height
 
+    def encode_with_controls(self, prompts: list[str], controls: list[list] | None) -> Conditioning:
+        """Generation's conditioning (generate --control): the prompts, each with its control images (PIL, already at
+        control_size) through the text encoder where the family does that, and their clean latents (the VAE's mode)
+        packed by control_conditioning. Without controls: encode_prompts."""
+        if not controls:
+            return self.encode_prompts(prompts)
+        import numpy as np
+
+        text = self.encode_prompts_with_controls(prompts, controls) if self.controls_reach_text_encoder \
+            else self.encode_prompts(prompts)
+        latents = []
+        for j in range(len(controls[0])):
+            pixels = torch.stack([torch.from_numpy(np.asarray(c[j], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                  for c in controls])
+            latents.append(self.encode_images(pixels.to(self.device), sample=False))
+        return text.merged(self.control_conditioning(latents))
+
     # ---- generation and saving
     @abstractmethod
     def pipeline(self, scheduler: str = "ddim") -> Any:

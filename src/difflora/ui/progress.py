@@ -9,6 +9,15 @@ from pathlib import Path
 import numpy as np
 
 
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time) of a file, None when it is missing: whether a page has anything new to show."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def read_events(path: Path) -> list[dict]:
     """Every complete event line (a line being written is skipped until it ends)."""
     try:

@@ -438,9 +438,9 @@ class FluxModel(ModelFamily):
         if self.options.train_t5xxl:
             raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
                             '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
-        if adapter.algo != "lora" or adapter.use_tucker:
-            from ...network.adapters import ADAPTERS
+        from ...network.adapters import ADAPTERS
 
+        if not ADAPTERS[adapter.algo].low_rank or adapter.use_tucker:  # peft holds up @ down factors only
             what = ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
             raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
                             'lora_A/lora_B (+ DoRA\'s lora_magnitude_vector), which holds no LoHa or LoKr; save the '

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ..progress import GALLERY_HEIGHT, curve_frame, format_eta, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, format_eta, read_events, sample_grid, summarize
 from ..runs import default_run, log_tail, status_text
 
 
@@ -39,6 +39,14 @@ def run_samples(ctx, run, progress) -> list[tuple[int, list[str]]]:
         if m:
             by_step.setdefault(int(m.group(1)), []).append(str(p))
     return sorted(by_step.items())
+
+
+def files_state(ctx, run_id: str) -> tuple:
+    """What the Live page shows of a run changes only with these: every run record (its status, the queue),
+    and the run's events and log."""
+    folder = ctx.store.folder(run_id)
+    return (run_id, tuple((p.parent.name, file_stamp(p)) for p in sorted(ctx.store.dir.glob("*/run.json"))),
+            file_stamp(folder / "events.jsonl"), file_stamp(folder / "log.txt"))
 
 
 def status_html(run, progress, runs=()) -> str:
@@ -120,16 +128,22 @@ def build(ctx) -> LivePage:
                 curve_frame(progress.lr, "lr"), grids[0][0] if grids else None, grids,
                 "\n".join(log_tail(folder / "log.txt", LOG_LINES)))
 
-    def tick(run_id):
-        """The picked run's state; with none picked, the run a fresh page would show."""
+    def tick(run_id, shown):
+        """The picked run's state; with none picked, the run a fresh page would show. Nothing is sent while the
+        run's files are as this page last showed them (`shown`): redrawing the plots every second is what keeps
+        a browser busy."""
         if not run_id:
             first = default_run(ctx.store.all())
             if first is not None:
-                return gr.update(choices=run_choices(), value=first.id), *refresh(first.id)
-        return gr.update(), *refresh(run_id)
+                return gr.update(choices=run_choices(), value=first.id), *refresh(first.id), None
+        now = files_state(ctx, run_id) if run_id else ()
+        if now == shown:
+            return (gr.skip(),) * (len(outputs) + 2)
+        return gr.skip(), *refresh(run_id), now
 
     outputs = [summary, loss_plot, lr_plot, latest, samples, log]
-    timer.tick(tick, pick, [pick, *outputs], show_progress="hidden")
+    shown = gr.State(None)  # per browser tab: what the files were at the last update
+    timer.tick(tick, [pick, shown], [pick, *outputs, shown], show_progress="hidden")
     pick.change(refresh, pick, outputs, show_progress="hidden")
     pick.focus(lambda: gr.update(choices=run_choices()), None, pick)
 

@@ -2,7 +2,8 @@
 
 Also: toy pairs made in one click, a pair added from a before and an after slot (saved as NAME.png /
 NAME_after.png), the `prep` commands' align, crop and tag buttons (writing to a new folder, never over
-the pairs), and caption editing per pair with the tags each side has that the other lacks.
+the pairs), and caption editing per pair with the tags each side has that the other lacks. For an edit
+model a pair is control -> target and its instruction is `NAME.instruction.txt`, edited here too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def show_pairs(ctx, folder: str, after_suffix: str, threshold: float, dilate: fl
             lines.append(f"- **{pair.name}**: {e}")
             continue
         label = pair.name + (" ⚠ " + "; ".join(view.warnings) if view.warnings else f" · {view.changed:.1%} changed")
+        instruction = P.read_instruction(pair.before)
+        if instruction:
+            label += f" · edit: {instruction}"
         items.append((_composite(view), label))
         lines += [f"- **{pair.name}**: {w}" for w in view.warnings]
     if not names:
@@ -168,14 +172,17 @@ def build(ctx) -> None:
             crop = gr.Button("Crop pairs (prep crop --mode focus) into FOLDER_cropped", elem_id="pairs-crop")
             tag = gr.Button("Caption untagged images (prep tag --tagger toy)", elem_id="pairs-tag")
     status = gr.Markdown(elem_id="pairs-status")
-    gallery = gr.Gallery(label="pairs: before and after, below them the difference and the training mask "
-                               "(click one to see it whole)",
+    gallery = gr.Gallery(label="pairs: before (an edit model's control) and after (its target), below them the "
+                               "difference and the training mask (click one to see it whole)",
                          columns=2, height=GALLERY_HEIGHT, object_fit="contain", elem_id="pairs-gallery")
     with gr.Row():
         pick = gr.Dropdown(label="pair", choices=[], elem_id="pairs-pick")
         before_caption = gr.Textbox(label="before caption", elem_id="pairs-caption-before")
         after_caption = gr.Textbox(label="after caption", elem_id="pairs-caption-after")
-        save = gr.Button("Save captions", elem_id="pairs-save")
+        instruction = gr.Textbox(label="edit instruction (control → target)", elem_id="pairs-instruction",
+                                 info="what an edit model is told to do to 'before' to get 'after' "
+                                      "(NAME.instruction.txt; blank: the caption or the job's edit_instruction)")
+        save = gr.Button("Save captions and instruction", elem_id="pairs-save")
     diff = gr.Markdown(elem_id="pairs-tag-diff")
     saved = gr.Markdown(elem_id="pairs-saved")
 
@@ -208,22 +215,23 @@ def build(ctx) -> None:
 
     def on_pick(f, s, name):
         if not name:
-            return "", ""
+            return "", "", ""
         try:
             p = pair_of(f, s, name)
         except UserError:
-            return "", ""
-        return P.read_caption(p.before), P.read_caption(p.after) if p.after else ""
+            return "", "", ""
+        return P.read_caption(p.before), P.read_caption(p.after) if p.after else "", P.read_instruction(p.before)
 
-    def on_save(f, s, name, cb, ca):
+    def on_save(f, s, name, cb, ca, edit):
         try:
             p = pair_of(f, s, name)
             P.write_caption(p.before, cb)
             if p.after:
                 P.write_caption(p.after, ca)
+            P.write_instruction(p.before, edit)
         except UserError as e:
             return f"**Refused:** {e}"
-        return f"Saved the captions of {name}."
+        return f"Saved the captions and the instruction of {name}."
 
     def shown(rel, prefix, s, t, d, m):
         """The page after an action that made or changed the folder `rel`."""
@@ -279,6 +287,6 @@ def build(ctx) -> None:
         box.change(tag_diff, [before_caption, after_caption], diff, show_progress="hidden")
     show.click(on_show, [folder, suffix, threshold, dilate, model], [gallery, status, pick])
     add.click(on_add, [new_name, upload, replace, suffix, threshold, dilate, model], [folder, status, gallery, pick])
-    pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption])
-    save.click(on_save, [folder, suffix, pick, before_caption, after_caption], saved)
+    pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption, instruction])
+    save.click(on_save, [folder, suffix, pick, before_caption, after_caption, instruction], saved)
     folder.focus(refresh_folders, None, folder)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from .. import jobform as J
-from ..progress import GALLERY_HEIGHT, curve_frame, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, sample_grid, summarize
 from ..runs import status_text
 from .live import resume_message, run_samples
 
@@ -98,7 +98,14 @@ def build(ctx) -> RunsPage:
         return job_text, md, curve_frame(p.loss, "loss"), grids, files or None
 
     refresh.click(on_refresh, None, [table, pick])
-    gr.Timer(3.0).tick(lambda: table_rows(ctx), None, table, show_progress="hidden")
+    def tick(shown):
+        """The table, sent only when a run's record or progress changed since this page last showed it."""
+        now = tuple((p.parent.name, p.name, file_stamp(p))
+                    for p in sorted([*ctx.store.dir.glob("*/run.json"), *ctx.store.dir.glob("*/events.jsonl")]))
+        return (gr.skip(), shown) if now == shown else (table_rows(ctx), now)
+
+    shown = gr.State(None)
+    gr.Timer(3.0).tick(tick, shown, [table, shown], show_progress="hidden")
     pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs])
     resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
     return RunsPage(table, pick, open_live, clone, extend, more_steps, on_refresh)

@@ -366,8 +366,14 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
         try:
             run = start_run(ctx, page.specs, values)
         except UserError as e:
-            return [*page.report([str(e)], prefix="Not started"), gr.update(), gr.update()]
+            # only the group with the problem and the status line change: the form's own check (on every edit)
+            # has cleared the other groups, and each output left out is one re-render less for the browser
+            *groups, line = page.report([str(e)], prefix="Not started")
+            return [*(text or gr.skip() for text in groups), line, gr.skip(), gr.skip()]
         return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
                 gr.update(choices=live.run_choices(), value=run.id)]
 
-    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick])
+    # a refusal must reach the page at once even on a loaded machine: no queue and no progress overlay (the
+    # overlay re-renders every output, the tabs holding the whole form among them, before the request is sent)
+    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick], queue=False,
+                     show_progress="hidden")
