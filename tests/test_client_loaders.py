@@ -211,3 +211,27 @@ def test_diffusers_flux_pipeline_skips_t5_peft_keys(tmp_path):
     pipe.load_lora_weights(str(tmp_path / "peft.safetensors"))
     assert hasattr(pipe.transformer.transformer_blocks[0].attn.to_q, "lora_A")
     assert not any(hasattr(m, "lora_A") for m in pipe.text_encoder_2.modules())
+
+
+# ------------------------------------------------------------------ save formats: refused before training or written
+@pytest.mark.parametrize("save_format", ["comfyui", "diffusers"])
+def test_a_save_format_is_refused_before_training_or_written_whole(tiny, save_format):
+    """check_save_format (run before training) and export_lora (run at each save) agree for every adapter: a
+    combination the layout cannot hold is refused up front, never after the training it would waste."""
+    from difflora.errors import UserError
+
+    family, model, _ = tiny
+    accepted = []
+    for algo in ("lora", "loha", "lokr", "dora"):
+        options = adapter_options(algo, dora_on_output=save_format == "diffusers")
+        try:
+            model.check_save_format(save_format, options)
+        except UserError as e:
+            assert "\n" not in str(e) and save_format in str(e)
+            continue
+        targets = model.lora_targets()[:: max(1, len(model.lora_targets()) // 24)]  # ~24 modules of every kind
+        net = LoRANetwork.create(targets, NetworkSpec(network_dim=2, adapter=options))
+        assert model.export_lora(net.state_dict(), save_format)
+        accepted.append(algo)
+    print(f"{family}, save_format = {save_format}: written for {accepted}, refused before training otherwise")
+    assert "lora" in accepted

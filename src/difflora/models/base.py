@@ -251,8 +251,14 @@ class ModelFamily(ABC):
 
     def check_save_format(self, save_format: str, adapter) -> None:
         """Before training: refuse a save_format (with the job's AdapterOptions `adapter`) whose target loader could
-        not apply the file whole, with one line saying why. By default: the layouts `export_lora` refuses."""
-        self.export_lora({}, save_format)
+        not apply the file whole, with one line saying why. By default: what `export_lora` refuses, tried on one
+        module of the job's adapter, so a layout that holds plain LoRA only is refused before training, not at the
+        first save."""
+        from ..network.lora import LoRANetwork, NetworkSpec
+
+        sample = next(([t] for t in self.lora_targets() if not t.is_conv_kxk), [])
+        tensors = LoRANetwork.create(sample, NetworkSpec(network_dim=1, adapter=adapter)).state_dict() if sample else {}
+        self.export_lora(tensors, save_format)
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """A kohya state dict in the layout the job asked for (save_format)."""
