@@ -62,7 +62,8 @@ def write_caption(image: Path, text: str) -> None:
     write_text_atomic(caption_path(image), " ".join(text.split()) + "\n")
 
 
-# An edit model's instruction for one pair (issue #29's convention): NAME.instruction.txt beside NAME.png.
+# An edit model's instruction for one pair (issue #29's convention): NAME.instruction.txt beside NAME.png. The
+# same rules as the data layer's helper on the edit branch (data/instructions.py), which replaces these once merged.
 INSTRUCTION_SUFFIX = ".instruction.txt"
 
 
@@ -71,17 +72,22 @@ def instruction_path(before: Path) -> Path:
 
 
 def read_instruction(before: Path) -> str:
+    """The pair's instruction ("" when it has none)."""
     p = instruction_path(before)
-    return " ".join(p.read_text(encoding="utf-8").split()) if p.is_file() else ""
+    return next((line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), "") \
+        if p.is_file() else ""
 
 
 def write_instruction(before: Path, text: str) -> None:
-    """Save the pair's instruction; a blank one removes the file (the pair then has no instruction of its own)."""
-    text = " ".join((text or "").split())
+    """Save the pair's one-line instruction; a blank one removes the file (the pair then has none of its own)."""
+    path = instruction_path(before)
+    text = (text or "").strip()
+    if "\n" in text or "\r" in text:
+        raise UserError("an edit instruction is one line of text", path=path)
     if text:
-        write_text_atomic(instruction_path(before), text + "\n")
+        write_text_atomic(path, text + "\n")
     else:
-        instruction_path(before).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def latent_factor(model: str | None) -> int:
