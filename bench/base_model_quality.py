@@ -1,6 +1,7 @@
 """Attribute correctness of the embedded base model on held-out attribute combinations.
 
     python bench/base_model_quality.py [--model PATH | --work runs/base/work] [--n 256] [--steps 20]
+    python bench/base_model_quality.py --work runs/flow/work --sampler euler   # the flow world's latest checkpoint
 
 Generates n images from captions whose full attribute combination never appeared in the base
 model's training set (20 sampler steps), judges every attribute with the shipped judge, and
@@ -37,7 +38,10 @@ def main() -> int:
 
     model_path = args.model
     if args.work:
-        from difflora.toy.train_base import export_checkpoint
+        if (Path(args.work) / "state").is_dir():  # a `train-base --world flow` work folder
+            from difflora.toy.train_flow import export_checkpoint
+        else:
+            from difflora.toy.train_base import export_checkpoint
 
         model_path = export_checkpoint(Path(args.work), Path(tempfile.mkdtemp()) / "model")
     model = load_model(model_path)

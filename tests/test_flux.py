@@ -243,6 +243,53 @@ def test_diffusers_kohya_flux_converter_gives_the_same_output(tiny_flux):
         net.remove()
 
 
+def test_dora_saved_for_diffusers_loads_whole_in_the_flux_pipeline(tiny_flux, flux_files, tmp_path):
+    """DoRA with save_format = "diffusers": the output-axis magnitude travels as peft's lora_magnitude_vector (split
+    with q/k/v and linear1's pieces); FluxPipeline.load_lora_weights gives difflora's transformer output with the
+    same file (< 1e-4), and the file reads back to the network that wrote it."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from difflora.network.adapters import adapter_options
+    from difflora.network.apply import network_from_file
+    from difflora.network.files import save_lora
+
+    net = LoRANetwork.create(tiny_flux.lora_targets(), NetworkSpec(
+        network_dim=2, network_alpha=1.0, adapter=adapter_options("lora", dora_wd=True, dora_on_output=True)))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path / "dora_diffusers.safetensors"
+    save_lora(tiny_flux.export_lora(net.state_dict(), "diffusers"), path)
+    written = load_file(str(path))
+    magnitudes = [k for k in written if ".lora_magnitude_vector" in k]
+    assert magnitudes and len(magnitudes) * 2 == sum(".lora_A." in k or ".lora_B." in k for k in written)
+    pipe = FluxPipeline.from_pretrained(flux_files["folder"], local_files_only=True)
+    pipe.load_lora_weights(str(path))
+    assert all(m.lora_magnitude_vector for m in pipe.transformer.modules() if hasattr(m, "lora_A") and m.lora_A)
+    loaded = network_from_file(tiny_flux, path, 1.0)
+    try:
+        state = loaded.state_dict()
+        for k, v in net.state_dict().items():  # same ΔW and magnitudes back (the pieces fused again)
+            if k.endswith(".dora_scale"):
+                torch.testing.assert_close(state[k], v)
+        x, t, cond = _inputs(tiny_flux)
+        ours, theirs, base = _both_outputs(tiny_flux.transformer, pipe.transformer, loaded, cond.tensors["t5"],
+                                           cond.tensors["pooled"])
+        ids = tiny_flux.clip_tokenizer(["a face, red hair"], padding="max_length", max_length=77,
+                                       return_tensors="pt").input_ids
+        with torch.no_grad():  # CLIP-L's modules too (pooled output)
+            ours_pooled, theirs_pooled = tiny_flux.text_encoders["clip_l"](ids).pooler_output, pipe.text_encoder(ids).pooler_output
+    finally:
+        loaded.remove()
+    print("max |difflora - FluxPipeline| with the DoRA file:", float((ours - theirs).abs().max()),
+          "; DoRA's effect", float((ours - base).abs().max()), "; CLIP-L pooled", float((ours_pooled - theirs_pooled).abs().max()))
+    assert (ours - base).abs().max() > 1e-2
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (theirs_pooled - ours_pooled).abs().max() < 1e-4
+
+
 def test_diffusers_kohya_flux_converter_at_flux1_width_covers_linear1_and_embedders():
     """At FLUX.1's widths (hidden 3072, MLP 12288; one single block, no double block, small in/out sizes)
     diffusers' converter splits single-block linear1 into to_q/to_k/to_v/proj_mlp: its output equals

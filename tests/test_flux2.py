@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from difflora.errors import UserError
 from difflora.models import load_model
+from difflora.models.base import Conditioning
 from difflora.models.flux2 import names
 from difflora.models.flux2.tiny import build_tiny_flux2, write_tiny
 from difflora.network.lora import LoRANetwork, NetworkSpec
@@ -278,3 +279,208 @@ def test_diffusers_pipeline_with_the_lora_gives_difflora_generate_s_image(klein_
             generator=torch.Generator().manual_seed(3), max_sequence_length=32, output_type="np").images[0]
         assert np.abs(want - without).max() > 1e-2  # the LoRA changes the image
         assert np.abs(got - want).max() <= 1e-4, fmt
+
+
+# ------------------------------------------------------------------ every Linear, the final adaLN, scaled fp8
+def test_all_linear_names_equal_the_reference_lists(sized):
+    """Every Linear a FLUX.2 LoRA may hold (the peers' all-linear sets: embedders, global modulation, the final
+    adaLN): 171 / 89 / 121 modules, in the kohya, comfyui and diffusers spellings."""
+    size = sized.size.name
+    net = _random_lora(sized, conv=True)
+    kohya = net.kohya_state_dict()
+    assert _modules(kohya) == _ref(size, "all_linear_kohya")
+    assert _modules(sized.export_lora(kohya, "comfyui")) == _ref(size, "all_linear_comfyui")
+    assert _modules(sized.export_lora(kohya, "diffusers")) == _ref(size, "all_linear_diffusers")
+    # ComfyUI's generic branch names every native weight: both BFL spellings load whole (its diffusers table
+    # lacks FLUX.2's embedders and modulation, so that spelling is for diffusers)
+    key_map = comfy_key_map(sized)
+    assert comfy_unloaded(kohya, key_map) == comfy_unloaded(sized.export_lora(kohya, "comfyui"), key_map) == []
+
+
+def test_final_adaln_lora_applies_as_comfyui_and_diffusers_apply_it(klein_files, tmp_path):
+    """A LoRA on `final_layer.adaLN_modulation.1` (BFL's (shift, scale) rows): ComfyUI adds its ΔW to the BFL weight
+    of that name; our kohya / comfyui / diffusers files of it give that model's output, and diffusers' own loader
+    gives it from our diffusers file (whose rows are diffusers' (scale, shift))."""
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.fileio import read_safetensors_header
+    from difflora.models.flux2.model import text_ids, token_ids
+    from difflora.network.apply import network_from_file
+    from difflora.network.files import save_lora
+
+    model = load_model(klein_files["folder"])
+    model.options.max_token_length = 32
+    adaln = [t for t in model.lora_targets(conv=True) if t.name == "lora_unet_final_layer_adaLN_modulation_1"]
+    net = LoRANetwork.create(adaln, NetworkSpec(network_dim=4, network_alpha=2.0))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        net.loras()[0].lora_up.weight.normal_(0, 0.5)
+    kohya = {k: v.detach().clone() for k, v in net.kohya_state_dict().items()}
+    net.remove()
+    down, up = kohya[f"{adaln[0].name}.lora_down.weight"], kohya[f"{adaln[0].name}.lora_up.weight"]
+    sd, md = load_file(str(klein_files["single"])), read_safetensors_header(klein_files["single"])[1]
+    sd["final_layer.adaLN_modulation.1.weight"] = sd["final_layer.adaLN_modulation.1.weight"] + up @ down * 0.5
+    save_file(sd, str(tmp_path / "comfy_merged.safetensors"), metadata=md)
+    merged = load_model(tmp_path / "comfy_merged.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 128, 2, 3, generator=g), torch.tensor([600.0])
+    cond = model.encode_prompts(["a face, red hair"])
+    with torch.no_grad():
+        base, want = model.predict(x, t, cond), merged.predict(x, t, cond)
+    assert (want - base).abs().max() > 1e-2  # the final adaLN LoRA changes the output
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        path = tmp_path / f"adaln_{fmt}.safetensors"
+        save_lora(model.export_lora(kohya, fmt), path, {"ss_base_model_version": "flux2_klein_base_4b"})
+        lora = network_from_file(model, path)
+        try:
+            with torch.no_grad():
+                got = model.predict(x, t, cond)
+        finally:
+            lora.remove()
+        assert (got - want).abs().max() < 1e-5, fmt
+    pipe = Flux2KleinPipeline.from_pretrained(klein_files["folder"], local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "adaln_diffusers.safetensors"))
+    txt = cond.tensors["txt"]
+    with torch.no_grad():
+        theirs = pipe.transformer(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=txt,
+                                  timestep=t / 1000, img_ids=token_ids(1, 2, 3), txt_ids=text_ids(1, txt.shape[1]),
+                                  guidance=None, return_dict=False)[0]
+    assert (theirs.transpose(1, 2).reshape(want.shape) - want).abs().max() < 1e-5
+
+
+def _scaled_fp8(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """A ComfyUI fp8 repack of a BFL state dict: the blocks' Linear weights in float8_e4m3fn with their scale;
+    "old": the `scaled_fp8` marker and a per-tensor `scale_weight`; "new": QUANTIZATION.md's `weight_scale` per
+    output row and an `input_scale`."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)} if layout == "old" else {}
+    for k, v in sd.items():
+        if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and v.dim() == 2:
+            layer = k[: -len(".weight")]
+            scale = v.abs().amax(dim=1, keepdim=True) / 448 if layout == "new" else v.abs().max().reshape(1) / 448
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            if layout == "new":
+                out[f"{layer}.weight_scale"], out[f"{layer}.input_scale"] = scale.squeeze(1), torch.ones(())
+            else:
+                out[f"{layer}.scale_weight"] = scale
+        else:
+            out[k] = v
+    return out
+
+
+def test_comfyui_scaled_fp8_files_load_dequantized(klein_files, tmp_path):
+    from difflora.fileio import read_safetensors_header
+
+    sd = load_file(str(klein_files["single"]))
+    md = read_safetensors_header(klein_files["single"])[1]
+    ref = sd["double_blocks.1.img_attn.qkv.weight"]
+    for layout in ("old", "new"):
+        path = tmp_path / f"flux-2-klein-4b-fp8-{layout}.safetensors"
+        save_file({"model.diffusion_model." + k: v for k, v in _scaled_fp8(sd, layout).items()}, str(path),
+                  metadata=md)
+        model = load_model(path)
+        w = model.transformer.transformer_blocks[1].attn.to_qkv.weight
+        err = float((w - ref).abs().max())
+        assert 0 < err < 0.07 * float(ref.abs().max()), layout  # the fp8 copy (3-bit mantissa), de-scaled
+    blockwise = _scaled_fp8(sd, "new")
+    blockwise["single_blocks.0.linear1.weight_scale"] = torch.ones(2, 2)
+    save_file(blockwise, str(tmp_path / "blockwise.safetensors"), metadata=md)
+    with pytest.raises(UserError, match=r"single_blocks\.0\.linear1\.weight: a block-wise fp8 scale"):
+        load_model(tmp_path / "blockwise.safetensors")
+
+
+# ------------------------------------------------------------------ tools and the UI's tool forms on FLUX.2 files
+def _saved_lora(model, path: Path, seed: int, conv: bool = False) -> Path:
+    """A random rank-4 FLUX.2 LoRA file (kohya names; conv=True: every Linear, the final adaLN too)."""
+    from difflora.network.files import save_lora
+
+    net = _random_lora(model, rank=4, seed=seed, conv=conv)
+    save_lora(net.kohya_state_dict(), path, model.lora_metadata())
+    net.remove()
+    return path
+
+
+def _predict_fixed(model) -> torch.Tensor:
+    x = torch.randn(1, 128, 2, 3, generator=torch.Generator().manual_seed(0))
+    cond = Conditioning({"txt": torch.randn(1, 8, 48, generator=torch.Generator().manual_seed(1))})
+    with torch.no_grad():
+        return model.predict(x, torch.tensor([600.0]), cond)
+
+
+@pytest.mark.parametrize("target", ["single", "folder"])
+def test_merge_into_the_model_equals_the_attached_lora(klein_files, tmp_path, run_cli, target):
+    """`merge --model`: the BFL single file and the diffusers folder written with every Linear's LoRA merged
+    (the final adaLN too) give the output of the model with the LoRA attached."""
+    from difflora.network.apply import network_from_file
+
+    model = load_model(klein_files["single"])
+    lora = _saved_lora(model, tmp_path / "all_linear.safetensors", seed=3, conv=True)
+    out = tmp_path / ("merged.safetensors" if target == "single" else "merged")
+    code, _, err = run_cli("merge", "--model", klein_files[target], "--models", lora, "--save-to", out)
+    assert code == 0, err
+    merged = load_model(out)
+    net = network_from_file(model, lora)
+    try:
+        attached = _predict_fixed(model)
+    finally:
+        net.remove()
+    assert (_predict_fixed(model) - attached).abs().max() > 1e-2
+    assert (_predict_fixed(merged) - attached).abs().max() < 1e-4
+
+
+def test_lora_tools_extract_and_inspect_keep_flux2_names(klein_files, tmp_path, run_cli):
+    """merge / svd-merge / resize keep the 80 musubi modules; extract from the merged transformer gives back the
+    LoRA's modules and (at its rank) its output; inspect names the family."""
+    from difflora.network.apply import network_from_file
+
+    model = load_model(klein_files["single"])
+    a, b = _saved_lora(model, tmp_path / "a.safetensors", 1), _saved_lora(model, tmp_path / "b.safetensors", 2)
+    keys = set(load_file(str(a)))
+    for cmd in (["merge", "--models", a, b, "--save-to", tmp_path / "ab.safetensors"],
+                ["svd-merge", "--models", a, b, "--new-rank", "2", "--save-to", tmp_path / "svd.safetensors"],
+                ["resize", "--model", a, "--new-rank", "1", "--save-to", tmp_path / "r1.safetensors"]):
+        code, _, err = run_cli(*cmd)
+        assert code == 0, (cmd[0], err)
+        assert set(load_file(str(cmd[-1]))) == keys, cmd[0]
+    merged = tmp_path / "merged.safetensors"
+    assert run_cli("merge", "--model", klein_files["single"], "--models", a, "--save-to", merged)[0] == 0
+    code, _, err = run_cli("extract", "--model-org", klein_files["single"], "--model-tuned", merged, "--dim", "4",
+                           "--save-to", tmp_path / "extracted.safetensors")
+    assert code == 0, err
+    assert _modules(load_file(str(tmp_path / "extracted.safetensors"))) == _ref("klein-4b", "kohya")
+    outs = []
+    for path in (a, tmp_path / "extracted.safetensors"):
+        net = network_from_file(model, path)
+        try:
+            outs.append(_predict_fixed(model))
+        finally:
+            net.remove()
+    assert (outs[0] - outs[1]).abs().max() < 1e-3 * outs[0].abs().max()
+    code, out, err = run_cli("inspect", a)
+    assert code == 0 and "flux2" in out, err
+
+
+def test_ui_tool_forms_and_pickers_take_flux2_files(klein_files, tmp_path, run_cli):
+    """The UI lists a workspace's FLUX.2 folder, single file and LoRA, and its tool forms' commands run on them."""
+    import shutil
+
+    from difflora.ui.pages.tools import tool_argv
+    from difflora.ui.pickers import lora_choices, model_choices
+    from difflora.ui.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(klein_files["folder"], ws.root / "models" / "klein")
+    shutil.copy(klein_files["single"], ws.root / "models" / "klein.safetensors")
+    model = load_model(klein_files["single"])
+    _saved_lora(model, ws.root / "loras" / "eyes.safetensors", 4)
+    assert sorted(model_choices(ws)[1:]) == [("models/klein (diffusers folder)", "models/klein"),
+                                             ("models/klein.safetensors (single file)", "models/klein.safetensors")]
+    assert lora_choices(ws) == [("loras/eyes.safetensors", "loras/eyes.safetensors")]
+    ctx = type("Ctx", (), {"ws": ws})
+    forms = {"merge": {"loras": ["loras/eyes.safetensors"], "ratios": "", "model": "models/klein.safetensors",
+                       "mode": "exact", "save_to": "tools/klein-eyes.safetensors"},
+             "extract": {"model_org": "models/klein.safetensors", "model_tuned": "tools/klein-eyes.safetensors",
+                         "dim": 2, "save_to": "tools/extracted.safetensors"}}
+    for tool, form in forms.items():
+        code, _, err = run_cli(*tool_argv(ctx, tool, form))
+        assert code == 0, (tool, err)
+    assert _modules(load_file(str(ws.root / "tools" / "extracted.safetensors"))) == _ref("klein-4b", "kohya")

@@ -1,12 +1,9 @@
-"""Standard training: it learns, resumes exactly, and 2 processes train the same LoRA as 1."""
+"""Standard training: it learns and resumes exactly (several processes: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,40 +73,6 @@ def test_stop_and_resume_gives_the_same_lora(tmp_path, tiny_sd1_dir, faces16, ru
     resumed = load_file(str(tmp_path / "out" / "r.safetensors"))
     assert set(full) == set(resumed)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-
-
-def test_two_processes_train_the_same_lora_as_one(tmp_path, tiny_sd1_dir, faces16):
-    """`accelerate launch --num_processes 2 --cpu` at per-device batch 1 == one process at batch 2.
-
-    Tolerance: the inputs are the same (tests/test_sdxl_train.py checks the split exactly), but float
-    sums happen in another order: CPU kernels depend on the batch size (a Linear on one row is a
-    matrix-vector product, on two a matrix product; small convolutions leave ATen's kernel for
-    oneDNN's), and gradients are averaged by an all-reduce instead of inside one batch mean. That
-    is last-bit noise (step-0 gradients differ by 1.4e-6 of their size on this model, 4e-5 on the
-    deeper tiny SDXL). SGD at a stable learning rate passes it through unchanged, so the LoRAs must
-    agree to 1e-6 absolute (weights move by ~1e-1; measured 7e-8); Adam would divide near-zero
-    gradients by their own size and turn the same noise into lr-sized steps.
-    """
-    job = write_job(tmp_path / "job.toml", _job(tmp_path, tiny_sd1_dir, faces16, max_train_steps=8,
-                                                train_batch_size=1, output_name='"two"', optimizer_type='"SGD"',
-                                                learning_rate=0.05))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "difflora", "-q", "train", str(job)]
-    r = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "difflora", "-q", "train", str(job), "--set", "train_batch_size=2",
-                        "--set", "output_name='one'"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    two, one = load_file(str(tmp_path / "out" / "two.safetensors")), load_file(str(tmp_path / "out" / "one.safetensors"))
-    ups = [k for k in one if k.endswith("lora_up.weight")]
-    assert max(one[k].abs().max().item() for k in ups) > 1e-3  # it trained
-    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-6
-    # and it really ran as two ranks: a single process at batch 1 ends elsewhere
-    r = subprocess.run([sys.executable, "-m", "difflora", "-q", "train", str(job), "--set", "output_name='single'"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    single = load_file(str(tmp_path / "out" / "single.safetensors"))
-    assert max((single[k] - one[k]).abs().max().item() for k in ups) > 1e-4
 
 
 def test_tensorboard_logs_loss_and_learning_rate(tmp_path, tiny_sd1_dir, faces16, run_cli, monkeypatch):

@@ -129,6 +129,8 @@ class JobOptions(DatasetOptions):
     # method (`method` and one table per method: see JobConfig)
     per_pair_average: bool = False  # train one LoRA per pair and average their deltas (DiffSynth-Studio)
     average_rank: int | None = Field(None, ge=1)  # SVD the average back to this rank (None: exact)
+    # the edit methods' instruction for pairs without a NAME.instruction.txt (then: the pair's caption)
+    edit_instruction: str | None = None
 
     # network
     network_dim: int = Field(4, ge=1)
@@ -179,6 +181,11 @@ class JobOptions(DatasetOptions):
     prior_loss_weight: float = Field(1.0, ge=0)
     seed: int = 42
     torch_compile: bool = False
+    # several processes (accelerate launch / torchrun): DDP by default; FSDP2 shards the frozen model over the
+    # GPUs; DeepSpeed ZeRO with kohya's key names
+    fsdp: bool = False
+    deepspeed: bool = False
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # None: 2, kohya's default
 
     # data
     train_data_dir: ReadPath | None = None
@@ -241,6 +248,10 @@ class JobOptions(DatasetOptions):
                              "run once per caption, so a text-encoder LoRA could not be trained")
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError('full_bf16 needs mixed_precision = "bf16"')
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed cannot both be true: choose one way to shard the training")
+        if self.zero_stage is not None and not self.deepspeed:
+            raise ValueError("zero_stage needs deepspeed = true")
         try:
             normalised = normalise_job_keys(self, _family_network_modules())
         except UserError as e:

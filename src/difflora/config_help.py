@@ -42,9 +42,17 @@ DESCRIPTIONS = {
     "preset_loras": "LoRAs fused into the base model before training: [{path, multiplier}]",
     "sample_without_presets": "render training samples without the preset LoRAs",
     # method
-    "method": "training method: standard, addift, slider, copier, differential",
+    "method": "training method: standard, addift, slider, copier, differential, edit, edit-slider",
     "per_pair_average": "train one LoRA per pair and average their deltas (DiffSynth-Studio)",
     "average_rank": "SVD the per-pair average back to this rank (unset: exact)",
+    "edit_instruction": "edit methods: the instruction of pairs without a NAME.instruction.txt (else their caption)",
+    "addift.control": "edit models: condition both passes on the pair's 'before' image (ADDifT for edit models)",
+    "edit-slider": "[edit-slider]: the edit slider's options (edit models)",
+    "edit-slider.multiplier": "m: +m edits before -> after, -m after -> before",
+    "edit-slider.preserve_weight": "keep the frozen model's prediction where the pair does not differ (weight)",
+    "edit-slider.diff_mask_threshold": "sum of |RGB| difference (0-765) counted as changed",
+    "edit-slider.diff_mask_dilate": "pixels the difference mask is widened by",
+    "edit-slider.prompt": "instruction: both directions see the pair's instruction; empty: no prompt",
     # network
     "network_dim": "LoRA rank",
     "network_alpha": "LoRA alpha (scale = alpha / rank)",
@@ -94,6 +102,9 @@ DESCRIPTIONS = {
     "prior_loss_weight": "loss weight of regularisation images",
     "seed": "seed of every random draw (same seed, same LoRA)",
     "torch_compile": "compile the denoiser with torch.compile",
+    "fsdp": "several processes: shard the frozen denoiser over them with FSDP2 (plain LoRA; no samples)",
+    "deepspeed": "several GPUs: train through DeepSpeed ZeRO (needs the deepspeed package)",
+    "zero_stage": "DeepSpeed ZeRO stage 0-3 (default 2), with deepspeed = true",
     # data
     "train_data_dir": "kohya folder layout: <repeats>_<name> subfolders",
     "reg_data_dir": "kohya folder layout of regularisation images",

@@ -36,6 +36,25 @@ class GenerationRequest:
     cfg: float | None = None  # None: the family's default_cfg
     width: int | None = None
     height: int | None = None
+    # edit models (generate --control): each entry's control images, PIL at the family's control_size; the output
+    # size defaults to the first one's
+    controls: list[list] | None = None
+
+
+def control_images(model, paths: list) -> list:
+    """The control images of generate --control as the family's edit pipeline sizes them; one line (exit 2) for a
+    model that takes none or fewer than given."""
+    from .data.images import load_image, resize_and_crop
+
+    if model.max_control_images < len(paths):
+        what = "cannot take a control image" if model.max_control_images == 0 else \
+            f"takes at most {model.max_control_images} control image(s), {len(paths)} were given"
+        raise UserError(f"--control: this model ({model.modelspec_architecture}) {what}", path=model.source or None)
+    out = []
+    for p in paths:
+        img = load_image(p)
+        out.append(resize_and_crop(img, model.control_size(*img.size)))
+    return out
 
 
 @contextlib.contextmanager
@@ -112,9 +131,13 @@ def generate(model, networks: list[LoRANetwork], req: GenerationRequest, batch_s
 
 
 def with_family_defaults(model, req: GenerationRequest) -> GenerationRequest:
-    """The request with the family's sampler and guidance scale where it names none."""
+    """The request with the family's sampler and guidance scale where it names none (and the size of its first
+    control image, with --control)."""
+    first = req.controls[0][0] if req.controls else None
     return replace(req, sampler=req.sampler or model.default_sampler,
-                               cfg=model.default_cfg if req.cfg is None else req.cfg)
+                   cfg=model.default_cfg if req.cfg is None else req.cfg,
+                   width=req.width or (first.width if first is not None else None),
+                   height=req.height or (first.height if first is not None else None))
 
 
 def progress_total(req: GenerationRequest, batch_size: int = 64) -> int:

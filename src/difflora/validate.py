@@ -266,6 +266,7 @@ def job(job, path=None) -> None:
             raise error(key, f"{value} is larger than any layer of the supported models (at most {MAX_RANK}); "
                              "a rank above a layer's width adds nothing", hint="usual ranks are 4 to 128")
     _optimizer_dry_run(job, error)
+    _distributed(job, error)
     _job_paths(job, error)
     if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
@@ -273,6 +274,32 @@ def job(job, path=None) -> None:
         from .data.prompts import load_prompt_file
 
         sample_prompts(load_prompt_file(job.sample_prompts), job.sample_prompts, job.sample_sampler)
+
+
+def _distributed(job, error) -> None:
+    """What the fsdp / deepspeed keys need: one line naming the key."""
+    import importlib.util
+
+    import torch
+
+    if job.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise error("deepspeed", "needs the deepspeed package, which is not installed (pip install deepspeed)")
+    if job.deepspeed and not torch.cuda.is_available():
+        raise error("deepspeed", "needs CUDA GPUs (on CPUs several processes train with DDP, which needs no setting)")
+    if not job.fsdp:
+        return
+    # A sharded model runs only with every process taking part, and its weights exist only in pieces.
+    if job.sample_prompts:
+        raise error("fsdp", "samples are drawn by the first process alone, which a sharded model cannot do; "
+                            "leave sample_prompts unset (validation_split works: every process validates)")
+    if job.per_pair_average:
+        raise error("fsdp", "per_pair_average trains each pair on one process alone, which a sharded model "
+                            "cannot do; train without fsdp (the pairs spread over the processes already)")
+    if job.torch_compile:
+        raise error("fsdp", "cannot be combined with torch_compile yet")
+    if job.adapter_options().is_lycoris:
+        raise error("fsdp", "trains plain LoRA/LoCon only (LyCORIS adapters and DoRA read the frozen weights, which "
+                            "FSDP holds in pieces outside the forward)")
 
 
 def _optimizer_dry_run(job, error) -> None:

@@ -1933,6 +1933,95 @@ def _(ws):
     return ws.train(model=_q(_flux2(ws) / "flux2-klein-4b.safetensors"), model_family='"flux"')
 
 
+def _flux2_folder_case(name: str, what: str, mutate: Callable[[Path], None], names: str, needles) -> None:
+    """`generate` on a copy of the tiny FLUX.2 diffusers folder that `mutate` damaged (the check_files hook
+    refuses it before any weight is read, or the loader names the weight)."""
+    def build(ws):
+        folder = _flux2(ws) / "diffusers"
+        mutate(folder)
+        return _flux2_generate(ws, folder)
+
+    CASES.append(Case(name, what, build, "error", names, tuple(needles)))
+
+
+def _flux2_nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["single_transformer_blocks.3.attn.to_out.weight"].view(-1)[5] = float("nan")
+    save_file(tensors, str(weights))
+
+
+def _flux2_sharded(folder: Path, shard: str) -> None:
+    """The transformer's weights behind an index whose weight_map names `shard`."""
+    from safetensors.torch import load_file
+
+    names = sorted(load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")))
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: shard for n in names}}))
+
+
+_flux2_folder_case("flux2_folder_without_vae", "a FLUX.2 diffusers folder without its vae/",
+                   lambda f: shutil.rmtree(f / "vae"), "diffusers", ("missing its vae/",))
+_flux2_folder_case("flux2_transformer_config_a_list", "FLUX.2 transformer/config.json holds a JSON list",
+                   lambda f: (f / "transformer" / "config.json").write_text("[5, 20]"), "config.json",
+                   ("expected an object",))
+_flux2_folder_case("flux2_transformer_layers_text", 'FLUX.2 transformer/config.json: num_single_layers = "twenty"',
+                   lambda f: _edit_json(f / "transformer" / "config.json", num_single_layers="twenty"), "config.json",
+                   ("num_single_layers", "positive integer"))
+_flux2_folder_case("flux2_transformer_guidance_word", 'FLUX.2 transformer/config.json: guidance_embeds = "no"',
+                   lambda f: _edit_json(f / "transformer" / "config.json", guidance_embeds="no"), "config.json",
+                   ("guidance_embeds", "true or false"))
+_flux2_folder_case("flux2_text_encoder_other_width", "a FLUX.2 folder whose text encoder is of another width",
+                   lambda f: _edit_json(f / "text_encoder" / "config.json", hidden_size=24), "config.json",
+                   ("3 layers of 24", "different models"))
+_flux2_folder_case("flux2_vae_other_latents", "a FLUX.2 folder whose VAE has FLUX.1's 16 latent channels",
+                   lambda f: _edit_json(f / "vae" / "config.json", latent_channels=16), "config.json",
+                   ("16 latent channels", "different models"))
+_flux2_folder_case("flux2_weight_index_outside", "a FLUX.2 transformer index naming a shard outside its folder",
+                   lambda f: _flux2_sharded(f, "../../secret.safetensors"), "index.json", ("outside its folder",))
+_flux2_folder_case("flux2_weight_index_missing_shard", "a FLUX.2 transformer index naming a shard that is not there",
+                   lambda f: _flux2_sharded(f, "diffusion_pytorch_model-00001-of-00002.safetensors"), "index.json",
+                   ("not there", "00001-of-00002"))
+_flux2_folder_case("flux2_weight_index_a_list", "a FLUX.2 transformer index holding a JSON list",
+                   lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text("[]"),
+                   "index.json", ("weight_map",))
+_flux2_folder_case("flux2_transformer_nan_weight", "a FLUX.2 transformer with a NaN weight", _flux2_nan_weight,
+                   "transformer", ("single_transformer_blocks.3.attn.to_out.weight", "NaN/inf"))
+
+
+@case("flux2_single_file_nan_weight", "a FLUX.2 BFL single file with an inf weight (merge --model)",
+      names="flux2-klein-4b.safetensors", needles=("single_blocks.3.linear2.weight", "NaN/inf"))
+def _(ws):
+    from safetensors.torch import load_file, save_file
+
+    from difflora.fileio import read_safetensors_header
+
+    f = _flux2(ws) / "flux2-klein-4b.safetensors"
+    md = read_safetensors_header(f)[1]
+    tensors = load_file(str(f))
+    tensors["single_blocks.3.linear2.weight"].view(-1)[0] = float("inf")
+    save_file(tensors, str(f), metadata=md)
+    return ["merge", "--model", f, "--models", _flux2_lora(ws.root / "l.safetensors"), "--save-to",
+            ws.out / "merged.safetensors"]
+
+
+@case("flux2_blockwise_fp8", "a FLUX.2 fp8 file with block-wise weight scales (int8/block formats)",
+      names="flux2-fp8.safetensors", needles=("double_blocks.0.img_attn.qkv.weight", "block-wise"))
+def _(ws):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(_flux2(ws) / "flux2-klein-4b.safetensors"))
+    w = tensors["double_blocks.0.img_attn.qkv.weight"]
+    tensors["double_blocks.0.img_attn.qkv.weight"] = w.to(torch.float8_e4m3fn)
+    tensors["double_blocks.0.img_attn.qkv.weight_scale"] = torch.ones(2, 2)
+    save_file(tensors, str(ws.root / "flux2-fp8.safetensors"))
+    return ["merge", "--model", ws.root / "flux2-fp8.safetensors", "--models", _flux2_lora(ws.root / "l.safetensors"),
+            "--save-to", ws.out / "merged.safetensors"]
+
+
 # ---- Z-Image (models/zimage/) -------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _tiny_zimage_files() -> dict:
@@ -2016,6 +2105,46 @@ def _(ws):
       needles=("guidance_scale", "z-image has none"))
 def _(ws):
     return ws.train(model=_q(_zimage_folder(ws)), resolution="32", zimage_variant='"turbo"', guidance_scale="2.0")
+
+
+# ---- edit methods and generate --control (methods/edit.py) --------------------------------
+def _edit_pairs(ws: Workspace, n: int = 2, side: int = 32, captions: bool = True) -> Path:
+    pairs = ws.root / "pairs"
+    pairs.mkdir()
+    for i in range(n):
+        write_image(pairs / f"{i:03d}.png", _face(i, side))
+        write_image(pairs / f"{i:03d}_after.png", _face(i + 10, side))
+        if captions:
+            (pairs / f"{i:03d}.txt").write_text("a face", encoding="utf-8")
+    return pairs
+
+
+@case("edit_method_on_sd1", "method = edit on a Stable Diffusion 1 model (it takes no control image)",
+      names="tiny_sd1", needles=("method edit", "edit model that takes a control image"))
+def _(ws):
+    return ws.train(method='"edit"', train_data_dir=None,
+                    extra=f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(_edit_pairs(ws, side=16))}\n")
+
+
+@case("edit_pair_without_instruction", "method = edit on FLUX.2 with a pair that has no instruction file, caption "
+      "or edit_instruction", names="000.instruction.txt", needles=("has no instruction", "edit_instruction"))
+def _(ws):
+    pairs = _edit_pairs(ws, captions=False)
+    return ws.train(model=_q(_flux2(ws) / "diffusers"), method='"edit"', train_data_dir=None, resolution="32",
+                    extra=f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {_q(pairs)}\n")
+
+
+@case("generate_control_on_sd1", "generate --control with a Stable Diffusion 1 model", names="tiny_sd1",
+      needles=("--control", "cannot take a control image"))
+def _(ws):
+    return ws.generate("--control", write_image(ws.root / "before.png", _face(1, 16)))
+
+
+@case("generate_too_many_controls", "generate --control eleven times with FLUX.2 (it takes up to 10 reference "
+      "images)", names="diffusers", needles=("at most 10 control image", "11 were given"))
+def _(ws):
+    images = [write_image(ws.root / f"ref{i}.png", _face(i, 32)) for i in range(11)]
+    return _flux2_generate(ws, _flux2(ws) / "diffusers", *[a for im in images for a in ("--control", im)])
 
 
 def readme_table() -> str:

@@ -41,13 +41,21 @@ from difflora.network.adapters import ALGO_NAMES
 from difflora.network.apply import network_from_file
 from difflora.train.loop import train
 from difflora.train.stop import StopRequest
-from tiny_families import TEST_FAMILIES, TINY_FAMILIES
+from tiny_families import ALL_TINY, EDIT_FAMILIES, TEST_FAMILIES, TINY_FAMILIES
 
 FAMILIES = family_names() + tuple(TEST_FAMILIES)  # test-only ones: registered_test_families
+VARIANTS = tuple(name for name, spec in TINY_FAMILIES.items() if spec.variant_of)  # e.g. FLUX.2 dev, klein-9B
+# a variant trains each method once, each with another adapter: every method and every adapter in as many runs as
+# methods (the edit methods run on the families' edit models, EDIT_FAMILIES)
+VARIANT_METHODS = [name for name, m in METHODS.items() if not m.needs_control]
+VARIANT_RUNS = list(zip(VARIANT_METHODS, (list(ALGO_NAMES) * len(VARIANT_METHODS))[: len(VARIANT_METHODS)]))
 WINDOW = (200, 800)  # the timestep window every job sets (its own and ADDifT's)
 IMAGE_WH = (40, 48)  # files larger than the training side and not square: SDXL's size conditioning shows
 STANDARD = "standard"
 PAIR_METHOD = next(name for name, m in METHODS.items() if m.needs_pairs)
+# every method on every family; the edit methods (needs_control) on the edit-capable tiny models
+METHOD_CASES = [(family, method) for method, m in METHODS.items()
+                for family in (EDIT_FAMILIES if m.needs_control else FAMILIES)]
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +73,8 @@ def registered_test_families(monkeypatch):
 def test_every_registered_family_takes_part():
     assert set(FAMILIES) <= set(TINY_FAMILIES), f"families without a tiny model: {set(FAMILIES) - set(TINY_FAMILIES)}"
     assert STANDARD in METHODS and {"lora", "locon", "loha", "lokr", "dora"} <= set(ALGO_NAMES)
+    assert {TINY_FAMILIES[v].variant_of for v in VARIANTS} <= set(FAMILIES)
+    assert {m for m, _ in VARIANT_RUNS} == set(VARIANT_METHODS) and {a for _, a in VARIANT_RUNS} == set(ALGO_NAMES)
 
 
 # ---------------------------------------------------------------------------- the world
@@ -86,7 +96,7 @@ def world(tmp_path_factory):
     def model_dir(family: str) -> Path:
         if family not in built:
             built[family] = root / "models" / family
-            TINY_FAMILIES[family].build(built[family])
+            ALL_TINY[family].build(built[family])
         return built[family]
 
     return root, model_dir
@@ -94,7 +104,7 @@ def world(tmp_path_factory):
 
 def make_job(world, family: str, method: str, out: Path, algo: str = "lora", **extra):
     root, model_dir = world
-    spec = TINY_FAMILIES[family]
+    spec = ALL_TINY[family]
     # every method's own step counts ("stage1_steps", ...) shortened to 2, whichever method it is
     options = METHODS[method].options
     method_table = {k: 2 for k in (options.model_fields if options else {}) if k.endswith("_steps")}
@@ -133,7 +143,7 @@ class Probe:
         import difflora.train.loop as loop
         import difflora.train.stages as stages
 
-        self.spec = TINY_FAMILIES[family]
+        self.spec = ALL_TINY[family]
         self.seen: list[Seen] = []
         self.run = None
         self.current = None  # (runner, stage progress, batch) while a step runs
@@ -150,6 +160,15 @@ class Probe:
         def prepare(job, resume=None):
             self.run = real_prepare(job, resume)
             self.run.model.denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
+            model, real_with_controls = self.run.model, self.run.model.encode_prompts_with_controls
+
+            def with_controls(prompts, controls):  # an edit model whose text encoder sees the control image
+                cond = real_with_controls(prompts, controls)
+                if self.current is not None:
+                    self.encoded += [(c, cond[i:i + 1]) for i, c in enumerate(prompts)]
+                return cond
+
+            model.encode_prompts_with_controls = with_controls
             return self.run
 
         def step(runner, sp, index):
@@ -221,6 +240,12 @@ def contract_problems(probe: Probe, job) -> list[str]:
             extra = spec.check_extras(s.inputs, r, image_hw, job)
             if extra:
                 problems.append(f"{where} row {r}: {extra}")
+            control = s.inputs.extras.get("control")
+            if run.method.needs_control and control is None:
+                problems.append(f"{where} row {r}: an edit method's prediction without a control image")
+            if control is not None and not any(torch.allclose(control[r], unique[item].latents[k].to(control),
+                                                              rtol=1e-4, atol=1e-4) for k in ("x", "after")):
+                problems.append(f"{where} row {r}: the control is neither clean image of item {item}")
         problems += [f"{where}: {p}" for p in _multiplier_problems(s, rows)]
     return problems
 
@@ -228,7 +253,7 @@ def contract_problems(probe: Probe, job) -> list[str]:
 def _captions(item) -> list[str]:
     out = [item.caption, ""]
     if item.is_pair:
-        out += [item.after_caption, common_caption(item.caption, item.after_caption)]
+        out += [item.after_caption, common_caption(item.caption, item.after_caption), item.instruction or ""]
     return out
 
 
@@ -277,39 +302,70 @@ def _train_and_check(world, monkeypatch, tmp_path, family, method, algo="lora", 
     stages = {s.stage.name for s in probe.seen}
     assert stages == {st.name for st in probe.run.method.stages(probe.run.data_sizes())}, stages
     assert contract_problems(probe, job) == []
+    reference = probe.spec.saved_modules
+    if reference is not None:
+        assert {k.split(".", 1)[0] for k in load_file(str(path))} == reference()
     return probe, job, path
 
 
 # ---------------------------------------------------------------------------- the suite
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "method"), METHOD_CASES)
 def test_each_method_step_receives_its_stage_data_and_conditioning(world, monkeypatch, tmp_path, family, method):
     _train_and_check(world, monkeypatch, tmp_path, family, method)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_pair_stages_see_their_own_pair_only(world, monkeypatch, tmp_path, family):
-    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
+    """... and the file of their average, loaded, changes the output."""
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, PAIR_METHOD, per_pair_average=True)
     assert {tuple(s.stage.items) for s in probe.seen} == {(0,), (1,), (2,)}
+    model = probe.run.model
+    base = _fixed_output(model)
+    network_from_file(model, path, 1.0)
+    assert float((_fixed_output(model) - base).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("algo", list(ALGO_NAMES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_adapter_trains_and_its_file_gives_the_trained_output(world, monkeypatch, tmp_path, family, algo):
     """The file loaded onto the model = the network in memory at the end of training = diffusers' loader."""
+    _check_file_gives_trained_output(world, monkeypatch, tmp_path, family, STANDARD, algo)
+
+
+@pytest.mark.parametrize("method,algo", VARIANT_RUNS, ids=[f"{m}-{a}" for m, a in VARIANT_RUNS])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_every_method_and_adapter(world, monkeypatch, tmp_path, variant, method, algo):
+    """Another variant of a family (its own block counts and names): each method's steps keep the contract, and
+    its file (of the variant's reference modules) gives the method's final network's output, in diffusers' loader
+    too (plain LoRA)."""
+    _check_file_gives_trained_output(world, monkeypatch, tmp_path, variant, method, algo)
+
+
+def _check_file_gives_trained_output(world, monkeypatch, tmp_path, family, method, algo):
+    """Standard method: the file's output is the trained network's, still attached at 1 when the result is
+    saved. Other methods (a result combined from stages' networks, per-sample multipliers): the file's output is
+    that of the result the method finalised, made a network in memory."""
     import difflora.train.checkpoint as checkpoint
+    from difflora.network.lora import LoRANetwork
 
     in_memory = {}
     real_save = checkpoint.Checkpointer.save_result
 
-    def save_result(self, tensors, global_step, per_epoch):  # the trained network is still attached, at 1
-        in_memory["out"] = _fixed_output(self.run.model)
+    def save_result(self, tensors, global_step, per_epoch):
+        if method == STANDARD:
+            in_memory["out"] = _fixed_output(self.run.model)
+        in_memory["final"] = {k: v.detach().clone() for k, v in tensors.items()}
         return real_save(self, tensors, global_step, per_epoch)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save_result", save_result)
-    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, STANDARD, algo)
+    probe, _, path = _train_and_check(world, monkeypatch, tmp_path, family, method, algo)
     model = probe.run.model  # training left it as loaded (its networks removed), with the job's family options
     base = _fixed_output(model)
+    if method != STANDARD:
+        final = LoRANetwork.from_weights(model.lora_targets(conv=True), in_memory["final"]).to(model.device)
+        final.apply_to()
+        in_memory["out"] = _fixed_output(model)
+        final.remove()
     net = network_from_file(model, path, 1.0)
     loaded = _fixed_output(model)
     assert float((loaded - base).abs().max()) > 1e-4  # the LoRA changes the output
@@ -355,3 +411,14 @@ def test_resume_gives_the_uninterrupted_lora(world, tmp_path, family):
     resumed = load_file(str(train(job, resume="auto")))
     assert set(resumed) == set(full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_addift_for_edit_models_conditions_both_passes_on_the_before_image(world, monkeypatch, tmp_path):
+    """addift.control: every prediction (frozen and trained) carries the pair's "before" image as its control."""
+    probe, _, _ = _train_and_check(world, monkeypatch, tmp_path, "flux2", "addift", addift={"control": True})
+    unique = probe.run.data.unique_items()
+    for s in probe.seen:
+        for r in range(s.inputs.latents.shape[0]):
+            assert any(torch.equal(s.inputs.extras["control"][r], it.latents["x"].to(s.inputs.extras["control"]))
+                       for it in unique)
+    assert {s.grad for s in probe.seen} == {True, False}

@@ -13,7 +13,11 @@ names; `test_every_registered_family_takes_part` fails for a registered family w
   of `image_hw` (pixels of the file before resizing) it was identified as; returns a problem or None;
 - `client_unet(model_dir, lora_path, inputs)`: the denoiser output of the client's own LoRA loader (diffusers'
   `load_lora_weights`) on inputs {"x", "t", "cond"} (what `ModelFamily.predict` takes), or None where the family
-  has none here.
+  has none here;
+- `saved_modules()`: the module names every LoRA the suite trains must hold (the reference key list), or None;
+- `variant_of`: for an entry that is another variant of a registered family (its own key, e.g. "flux2-dev"):
+  that family. Variants train every method and every adapter (`test_each_variant_...`); the family-wide checks
+  (per-pair stages, resume) run on the family's own entry only.
 
 The plug-in interface (models/plugin.py) may later give a family a `tiny_model(folder)` hook; this table is then
 its test-side half (the reader).
@@ -47,6 +51,8 @@ class TinyFamily:
     check_extras: Callable[[DenoiserInputs, int, tuple[int, int], object], str | None] = lambda *a: None
     client_unet: Callable[[Path, Path, dict], torch.Tensor] | None = None
     job_keys: dict = field(default_factory=dict)
+    saved_modules: Callable[[], set[str]] | None = None
+    variant_of: str | None = None
 
 
 # ---------------------------------------------------------------------------- U-Net families
@@ -182,10 +188,23 @@ def _read_qwen_image(model, args, kwargs) -> DenoiserInputs:
     before txt_norm, σ as the timestep."""
     from difflora.models.qwen_image.model import unpack_latents
 
-    _, h, w = kwargs["img_shapes"][0][0]
+    shapes = kwargs["img_shapes"][0]
+    _, h, w = shapes[0]
     tokens = kwargs["hidden_states"][:, : h * w].detach()
+    extras = {}
+    if len(shapes) > 1:  # an edit model's first control image, right after the target's tokens
+        _, ch, cw = shapes[1]
+        extras["control"] = unpack_latents(kwargs["hidden_states"][:, h * w: h * w + ch * cw].detach(), 2 * ch, 2 * cw)
     return DenoiserInputs(unpack_latents(tokens, 2 * h, 2 * w), kwargs["timestep"].detach().float() * 1000,
-                          kwargs["encoder_hidden_states"].detach())
+                          kwargs["encoder_hidden_states"].detach(), None, extras)
+
+
+def _build_qwen_image_edit(folder: Path) -> None:
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    # Qwen-Image-Edit's folder (processor/ included) at 4 of its 60 blocks: the block names are the real ones and
+    # qwen_image runs all 60 through the suite; 60 here would add a minute to CI for the same checks
+    write_tiny_folder(folder, "edit", num_layers=4)
 
 
 def _build_qwen_image(folder: Path) -> None:
@@ -215,40 +234,69 @@ def _read_flux2(model, args, kwargs) -> DenoiserInputs:
     """diffusers' Flux2Transformer2DModel takes keywords: tokens (B, h·w, 128) with their (t, row, column, 0) ids."""
     x, ids = kwargs["hidden_states"], kwargs["img_ids"]
     ids = ids[0] if ids.dim() == 3 else ids
-    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    first = ids[:, 0] == ids[0, 0]  # the target's tokens (t = 0); reference images follow at t = 10, 20, ...
+    h, w = int(ids[first, 1].max()) + 1, int(ids[first, 2].max()) + 1
     lat = x[:, : h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     g = kwargs.get("guidance")
+    extras = {} if g is None else {"guidance": g.detach()}
+    if x.shape[1] > h * w:  # the first reference image (the tests' controls have the target's size)
+        extras["control"] = x[:, h * w: 2 * h * w].detach().transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     return DenoiserInputs(lat, kwargs["timestep"].detach().float() * 1000, kwargs["encoder_hidden_states"].detach(),
-                          None, {} if g is None else {"guidance": g.detach()})
+                          None, extras)
 
 
-def _build_flux2(folder: Path) -> None:
-    from difflora.models.flux2.tiny import build_tiny_flux2
+def _build_flux2(size: str) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        from difflora.models.flux2.tiny import build_tiny_flux2
 
-    build_tiny_flux2("klein-4b").save(folder)
+        build_tiny_flux2(size).save(folder)
+    return build
+
+
+def _flux2_reference_modules(size: str) -> Callable[[], set[str]]:
+    """musubi's default modules of this size (the reference list tests/data/flux2_keys/flux2_<size>_kohya.txt)."""
+    def modules() -> set[str]:
+        path = Path(__file__).parents[1] / "data" / "flux2_keys" / f"flux2_{size.replace('-', '_')}_kohya.txt"
+        return set(path.read_text(encoding="utf-8").split())
+    return modules
 
 
 def _client_flux2(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
-    from diffusers import Flux2KleinPipeline
+    """diffusers' own FLUX.2 pipeline of the folder (Flux2KleinPipeline or dev's Flux2Pipeline) with its
+    load_lora_weights; dev's embedded guidance at the training default, 1."""
+    import json
+
+    import diffusers
 
     from difflora.models.flux2.model import text_ids, token_ids
 
     x, t, txt = inputs["x"], inputs["t"], inputs["cond"].tensors["txt"]
     b, c, h, w = x.shape
-    pipe = Flux2KleinPipeline.from_pretrained(model_dir, local_files_only=True)
+    cls = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    pipe = getattr(diffusers, cls).from_pretrained(model_dir, local_files_only=True)
     pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    guidance = torch.ones(b) if pipe.transformer.config.guidance_embeds else None
     with torch.no_grad():
         out = pipe.transformer(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=txt,
                                timestep=t.float() / 1000, img_ids=token_ids(b, h, w), txt_ids=text_ids(b, txt.shape[1]),
-                               guidance=None, return_dict=False)[0]
+                               guidance=guidance, return_dict=False)[0]
     return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _flux2(size: str, variant_of: str | None = None) -> TinyFamily:
+    # no conv_dim: FLUX.2 has no convs, and lora_targets(conv=True) is every Linear a file may hold (the embedders
+    # and global modulation too, which diffusers' loader drops): the client comparison is on musubi's block set.
+    # 16 prompt tokens, not the pipelines' 512: the text encoders and the joint attention at a tiny model's scale
+    return TinyFamily(_build_flux2(size), 32, _read_flux2, "txt", client_unet=_client_flux2,
+                      job_keys={"conv_dim": None, "text_encoder_max_token_length": 16},
+                      saved_modules=_flux2_reference_modules(size), variant_of=variant_of)
 
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image),
-    # no conv_dim: FLUX.2 has no convs, and lora_targets(conv=True) is every Linear a file may hold (the embedders
-    # and global modulation too, which diffusers' loader drops): the client comparison is on musubi's block set
-    "flux2": TinyFamily(_build_flux2, 32, _read_flux2, "txt", client_unet=_client_flux2, job_keys={"conv_dim": None}),
+    "flux2": _flux2("klein-4b"),
+    "flux2-klein-9b": _flux2("klein-9b", variant_of="flux2"),
+    "flux2-dev": _flux2("dev", variant_of="flux2"),
     "sd1": TinyFamily(_build_sd("sd1"), 16, _read_unet, "encoder_hidden_states",
                       client_unet=_client_unet_sd("StableDiffusionPipeline")),
     "sd2": TinyFamily(_build_sd("sd2"), 16, _read_unet, "encoder_hidden_states",
@@ -262,3 +310,12 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                          job_keys={"zimage_variant": "turbo"}),
     "template": TinyFamily(_build_template, 16, _read_template, "text"),
 }
+
+# The edit-capable models the edit methods (Method.needs_control) run on, by label: a family's edit variant where it
+# is not the family's default model (Qwen-Image-Edit), the family's own tiny model where that takes reference images.
+EDIT_FAMILIES: dict[str, TinyFamily] = {
+    "qwen_image_edit": TinyFamily(_build_qwen_image_edit, 32, _read_qwen_image, "txt",
+                                  job_keys={"model_variant": "edit"}),
+    "flux2": TINY_FAMILIES["flux2"],
+}
+ALL_TINY = {**TINY_FAMILIES, **EDIT_FAMILIES}

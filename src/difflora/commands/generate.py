@@ -97,6 +97,8 @@ def register(sub) -> None:
                    "above 1 true CFG against --negative)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
+    p.add_argument("--control", action="append", default=[], metavar="IMAGE",
+                   help="edit models: the image to edit (repeatable where the model takes several reference images)")
     p.add_argument("--sweep", default=None, help="comma-separated multipliers for the last --lora, one grid")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out (refused otherwise)")
@@ -113,8 +115,8 @@ def image_name(prompt_index: int, seed: int, column: int | None, multiplier: flo
 def run(args) -> int:
     from ..data.prompts import SamplePrompt, load_prompt_file
     from ..fileio import make_parent, refuse_overwriting_inputs
-    from ..generate import (GenerationRequest, NonFiniteImage, generate, make_grid, parameters_text, save_png,
-                            weight_label, with_family_defaults)
+    from ..generate import (GenerationRequest, NonFiniteImage, control_images, generate, make_grid, parameters_text,
+                            save_png, weight_label, with_family_defaults)
     from ..network.apply import network_from_file
 
     check_args(args)
@@ -138,7 +140,7 @@ def run(args) -> int:
         names = [image_name(pi, s, ci, c) for s in seeds for ci, c in enumerate(columns)]
         plan.append((pi, sp, seeds, names + ([f"{pi:03d}_grid.png"] if sweep else [])))
     out = Path(args.out)
-    inputs = [args.from_file, args.model] + [path for path, _ in loras]
+    inputs = [args.from_file, args.model] + [path for path, _ in loras] + list(args.control)
     for _, _, _, names in plan:  # every file this run writes, against every file it reads
         for n in names:
             refuse_overwriting_inputs(out / n, inputs, "--out")
@@ -149,6 +151,7 @@ def run(args) -> int:
     model = load_model_from_args(args)
     validate.clip_skip(model, args.clip_skip)
     networks = [network_from_file(model, path, mult) for path, mult in loras]
+    controls = control_images(model, args.control) if args.control else None
     make_parent(out / "x")
     model_name = Path(model.source).name
     written = 0
@@ -162,6 +165,7 @@ def run(args) -> int:
             prompts=[sp.prompt] * len(entries), seeds=[s for s, _ in entries], negative=[sp.negative] * len(entries),
             steps=sp.steps if args.from_file else args.steps, sampler=sp.sampler or args.sampler, cfg=sp.cfg,
             width=sp.width or args.width, height=sp.height or args.height,
+            controls=[controls] * len(entries) if controls else None,
         )
         req = with_family_defaults(model, req)
         if sweep:

@@ -129,11 +129,16 @@ def register(subparsers) -> None:
                                    "same --work folder resumes from the last checkpoint. The defaults reproduce the "
                                    "shipped model, which took about 2.5 h on 2 CPU cores; a GPU makes it minutes.")
     p.add_argument("--out", required=True, help="output diffusers folder")
-    p.add_argument("--work", default="runs/base/work", help="checkpoints and cached latents (resumable)")
+    p.add_argument("--world", choices=["sd", "flow"], default="sd",
+                   help="sd: the shipped SD1-layout U-Net (default); flow: the flow world's Z-Image-layout "
+                        "transformer that also edits (reuses the shipped toy VAE; about 70 min on one core)")
+    p.add_argument("--work", default=None, help="checkpoints and cached latents (resumable; default "
+                                                "runs/base/work, runs/flow/work for --world flow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None, help="default: the shipped run's (2500)")
-    p.add_argument("--unet-steps", type=int, default=None, help="default: the shipped run's (6000)")
-    p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000)")
+    p.add_argument("--unet-steps", type=int, default=None,
+                   help="denoiser steps (default: the shipped run's, 6000; flow: 1200)")
+    p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000; flow: 12000)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and stop")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train_base)
@@ -328,7 +333,11 @@ def cmd_train_base(args) -> int:
         if value is not None:
             validate.at_least(value, 1, option)
     validate.seed(args.seed)
+    if args.work is None:
+        args.work = "runs/flow/work" if args.world == "flow" else "runs/base/work"
     out, work = validate.output_folder(args.out, "--out"), validate.output_folder(args.work, "--work")
+    if args.world == "flow":
+        return _train_flow(args, out, work)
     if args.export_only:
         export_checkpoint(work, out)
     else:
@@ -336,5 +345,25 @@ def cmd_train_base(args) -> int:
         given = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "n_images": args.n_images}
         cfg = BaseTrainConfig(seed=args.seed, device=device, **{k: v for k, v in given.items() if v is not None})
         train_base(out, work, cfg)
+    print(f"saved {out}")
+    return 0
+
+
+def _train_flow(args, out, work) -> int:
+    import torch
+
+    from ..toy.train_flow import FlowTrainConfig, export_checkpoint, train_flow
+
+    if args.vae_steps is not None:
+        raise UserError("--vae-steps: the flow world reuses the shipped toy VAE (no VAE stage)")
+    if args.export_only:
+        if not (Path(work) / "state" / "state.json").exists():
+            raise UserError("no checkpoint to export (state/state.json is missing)", path=work)
+        export_checkpoint(work, out)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        given = {"steps": args.unet_steps, "n_images": args.n_images}
+        train_flow(out, work, FlowTrainConfig(seed=args.seed, device=device,
+                                              **{k: v for k, v in given.items() if v is not None}))
     print(f"saved {out}")
     return 0

@@ -7,7 +7,7 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA from a job TOML (standard, copier, addift, slider, differential)",
                        description="Train a LoRA. The job TOML uses kohya's option names; the dataset part follows "
                                    "kohya's [general]/[[datasets]]/[[datasets.subsets]] layout (inline or via "
-                                   "dataset_config). Runs under `accelerate launch` for several processes.")
+                                   "dataset_config). Several processes: `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N` (one per GPU; gloo on CPUs).")
     p.add_argument("job", nargs="?", help="job TOML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value; dotted keys reach tables: addift.multiplier=0.5)")
@@ -110,13 +110,10 @@ def run(args) -> int:
 
         policy = PathPolicy(args.restrict_paths, args.allow_path)
     job = load_job(args.job, args.overrides, restrict_paths_to=policy)  # validated once, before any process starts
-    from ..train.launch import requested_processes, run_ranks
+    from ..train.distributed import check_launch, quiet_other_processes
 
-    n = requested_processes()
-    if n > 1:
-        import sys
-
-        return run_ranks(n, sys.argv[1:])
+    check_launch()
+    quiet_other_processes()
     listeners = []
     if args.events:
         from ..train.listeners import JsonLines

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..models.base import SampleSize
 from .captions import CaptionRules, read_caption
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image, resize_and_crop, to_tensor
+from .instructions import instruction_for, instruction_path, read_instruction
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Item:
     flip_aug: bool = False
     after_path: Path | None = None  # pairs
     after_caption: str | None = None
+    instruction: str | None = None  # a pair's NAME.instruction.txt (data/instructions.py), for the edit methods
     bucket: tuple[int, int] = (0, 0)
     original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing: SDXL's size conditioning
     dataset_index: int = 0
@@ -255,7 +257,8 @@ class TrainingData:
                     after_caption = _caption_for(after, opts) or caption
                 items.append(Item(path=img, caption=caption, rules=rules, is_reg=bool(opts.get("is_reg", False)),
                                   flip_aug=bool(opts.get("flip_aug", False)), after_path=after,
-                                  after_caption=after_caption, dataset_index=di))
+                                  after_caption=after_caption, dataset_index=di,
+                                  instruction=read_instruction(img) if pair_mode else None))
             except UserError as e:
                 if not self.job.skip_bad_images:
                     raise
@@ -309,6 +312,12 @@ class TrainingData:
                             len(reg_base), len(train))
             reg = [reg_base[i % len(reg_base)] for i in range(len(train))]  # round-robin up to the train count
             self.items.extend(reg)
+
+    def pairs_without_instruction(self) -> list[Path]:
+        """The instruction files (data/instructions.py) that pairs with no prompt for the edit methods lack: no
+        NAME.instruction.txt, no job edit_instruction and an empty caption; trained and held-out pairs."""
+        return [instruction_path(it.path) for it in self.unique_items() + self.validation_items
+                if it.is_pair and not instruction_for(it.instruction, self.job.edit_instruction, it.after_caption or "")]
 
     # -- stats
     @property

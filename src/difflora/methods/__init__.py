@@ -10,11 +10,13 @@ from .addift import Addift
 from .base import Batch, DataSizes, Method, Stage, StepContext
 from .copier import Copier
 from .differential import Differential
+from .edit import Edit, EditSlider
 from .per_pair import PerPairAverage
 from .slider import Slider
 from .standard import Standard
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Standard, Copier, Addift, Slider, Differential)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Standard, Copier, Addift, Slider, Differential, Edit,
+                                                       EditSlider)}
 
 
 def make_method(job) -> Method:

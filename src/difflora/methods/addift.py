@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from ..options import Strict
 from .base import (Batch, CaptionMode, DataSizes, Method, Stage, StepContext, branch_captions, pair_caption_keys,
                    per_sample_mse)
+from .edit import edit_conditioning, require_control
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class AddiftOptions(Strict):
     # (bench/selfreg_mask.py), so its measured effect is small (README, "Measured comparison").
     self_reg_weight: float = Field(0.0, ge=0)
     batch_both_directions: bool = False  # run +m and -m in one forward pass (per-sample multipliers)
+    # edit models (methods/edit.py): both passes conditioned on the pair's "before" image as the control
+    control: bool = False
 
     @field_validator("min_timestep", mode="before")
     @classmethod
@@ -126,8 +129,13 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     lora_in = torch.cat([d[1] for d in directions])
     m = torch.cat([torch.full((n,), float(d[2])) for d in directions])
     tt = t.repeat(len(directions))
-    target = ctx.predict_frozen(frozen_in, tt, ctx.encode(c_o * len(directions)))
-    pred = ctx.predict(lora_in, tt, ctx.encode(c_t * len(directions)), multiplier=m)
+    if o.control:  # ADDifT for edit models: one control, the "before" image, for both passes
+        cond_o = edit_conditioning(ctx, batch, c_o, "x").repeat(len(directions))
+        cond_t = cond_o if c_t == c_o else edit_conditioning(ctx, batch, c_t, "x").repeat(len(directions))
+    else:
+        cond_o, cond_t = ctx.encode(c_o * len(directions)), ctx.encode(c_t * len(directions))
+    target = ctx.predict_frozen(frozen_in, tt, cond_o)
+    pred = ctx.predict(lora_in, tt, cond_t, multiplier=m)
     weight = None
     masks = batch.difference_masks(o.diff_mask_threshold, o.diff_mask_dilate) if (o.diff_mask or o.self_reg_weight) else None
     if masks is not None:
@@ -137,7 +145,7 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     loss = per_sample_mse(pred, target, weight) * ctx.min_snr(tt)
     if o.self_reg_weight and masks is not None:
         # Where the pair does not differ, the LoRA must not change the model's prediction for its own input.
-        same = ctx.predict_frozen(lora_in, tt, ctx.encode(c_t * len(directions)))
+        same = ctx.predict_frozen(lora_in, tt, cond_t)
         loss = loss + o.self_reg_weight * per_sample_mse(pred, same, 1 - mask)
     return loss.view(len(directions), n).mean(dim=0)
 
@@ -174,6 +182,10 @@ class Addift(Method):
 
     def caption_keys(self):
         return pair_caption_keys(self.job.addift.captions)
+
+    def check_inputs(self, model, data) -> None:
+        if self.job.addift.control:
+            require_control(model, "addift with addift.control", self.job)
 
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift

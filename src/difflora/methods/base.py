@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 CaptionMode = Annotated[Literal["common", "own", "empty"],
                         BeforeValidator(lambda v: "own" if v == "fixed_roles" else v)]
 # The captions a batch's prompts are made of (Method.caption_keys): an item's own ("x"), a pair's "after"
-# caption, the tags a pair's two captions share ("common"), or none ("empty").
-CAPTION_KEYS = ("x", "after", "common", "empty")
+# caption, the tags a pair's two captions share ("common"), none ("empty"), or a pair's edit instruction
+# ("instruction": its NAME.instruction.txt, else the job's edit_instruction, else its "after" caption).
+CAPTION_KEYS = ("x", "after", "common", "empty", "instruction")
 
 
 def pair_caption_keys(mode: str) -> tuple[str, ...]:
@@ -50,6 +51,9 @@ class Batch:
     # (threshold, dilate) -> (B, 1, h, w) where each pair differs, at latent resolution
     mask_fn: Callable[[float, int], torch.Tensor] | None = None
     sizes: list[SampleSize] | None = None  # each sample's original size, crop and bucket (SDXL's time_ids)
+    # "x" / "after" -> the pairs' images as PIL, cut to the batch's bucket (for a family whose text encoder sees
+    # the control image: Qwen-Image-Edit)
+    image_fn: Callable[[str], list] | None = None
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -158,6 +162,7 @@ class Method:
     name = "method"
     options: ClassVar[type[Strict] | None] = None  # the `[<name>]` table of a job, None: no options
     needs_pairs = False
+    needs_control = False  # True: an edit model's control image conditions every prediction (methods/edit.py)
     unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
     defaults: ClassVar[dict] = {}  # recommended job values, used for keys the user did not set
     purpose: ClassVar[str] = ""  # one or two sentences for people choosing a method (the UI shows it)
@@ -179,6 +184,10 @@ class Method:
         """The captions (CAPTION_KEYS) this method's losses encode, for training and validation items alike:
         with cached text-encoder outputs exactly these are encoded before the text encoders leave."""
         return ("x",)
+
+    def check_inputs(self, model, data) -> None:
+        """Before training, with the loaded model and the dataset (data/dataset.TrainingData): raise a UserError
+        when this method cannot train on them (the edit methods: a model without control images)."""
 
     def main_steps(self, data: DataSizes, items: list[int] | None = None) -> int:
         """A single-stage method's length: max_train_epochs epochs when set (kohya: it wins), else max_train_steps."""

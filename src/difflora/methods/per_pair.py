@@ -28,6 +28,9 @@ class PerPairAverage(Method):
     def caption_keys(self):
         return self.inner.caption_keys()
 
+    def check_inputs(self, model, data) -> None:
+        self.inner.check_inputs(model, data)
+
     def stages(self, data: DataSizes) -> list[Stage]:
         out, self.groups = [], []
         for i in range(data.n_items):

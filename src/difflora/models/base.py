@@ -146,6 +146,50 @@ class ModelFamily(ABC):
         """Per-sample conditioning from image geometry (SDXL's time_ids); None for families without it."""
         return None
 
+    # ---- edit models: control ("before") images the output is conditioned on (the edit methods, generate --control)
+    # How many control images one sample may carry; 0: the model cannot take a control image (not an edit model).
+    max_control_images: int = 0
+    # Whether the control images also reach the text encoder with the instruction (Qwen-Image-Edit's Qwen2.5-VL);
+    # False: the instruction is encoded alone, as encode_prompts does (cached like any prompt).
+    controls_reach_text_encoder: bool = False
+
+    def encode_prompts_with_controls(self, prompts: list[str], controls: list[list]) -> Conditioning:
+        """Each prompt encoded with its control images (PIL, as the family's pipeline sees them); by default the
+        controls do not reach the text encoder and this is encode_prompts."""
+        return self.encode_prompts(prompts)
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """Clean control latents (each (B, C, h, w), from encode_images) as conditioning tensors that `predict`
+        packs the way the family's edit pipeline does (reference tokens after the target's, with offset position
+        ids); the prediction stays the target's alone, so a loss covers the target tokens only."""
+        from ..errors import UserError
+
+        raise UserError(f"this {self.family} model ({self.modelspec_architecture}) cannot take a control image: the "
+                        "edit methods and generate --control need an edit model (Qwen-Image-Edit, FLUX.1 Kontext, "
+                        "FLUX.2)", path=getattr(self, "source", None) or None)
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a control image of this size is resized to before encoding, as the family's edit
+        pipeline does; by default unchanged."""
+        return width, height
+
+    def encode_with_controls(self, prompts: list[str], controls: list[list] | None) -> Conditioning:
+        """Generation's conditioning (generate --control): the prompts, each with its control images (PIL, already at
+        control_size) through the text encoder where the family does that, and their clean latents (the VAE's mode)
+        packed by control_conditioning. Without controls: encode_prompts."""
+        if not controls:
+            return self.encode_prompts(prompts)
+        import numpy as np
+
+        text = self.encode_prompts_with_controls(prompts, controls) if self.controls_reach_text_encoder \
+            else self.encode_prompts(prompts)
+        latents = []
+        for j in range(len(controls[0])):
+            pixels = torch.stack([torch.from_numpy(np.asarray(c[j], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                  for c in controls])
+            latents.append(self.encode_images(pixels.to(self.device), sample=False))
+        return text.merged(self.control_conditioning(latents))
+
     # ---- generation and saving
     @abstractmethod
     def pipeline(self, scheduler: str = "ddim") -> Any:

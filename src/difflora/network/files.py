@@ -133,6 +133,8 @@ def _fmt_alpha(a: float) -> str:
 
 # ------------------------------------------------------------------ reading
 _PEFT_KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# DoRA's magnitude per output row (peft saves it without `.weight`; transformers' text encoders with it)
+_PEFT_MAGNITUDE = re.compile(r"^(?P<mod>.+?)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
 
 def peft_module_to_kohya(module_path: str) -> str:
@@ -163,6 +165,10 @@ def _from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         m = _PEFT_KEY.match(k)
+        magnitude = None if m else _PEFT_MAGNITUDE.match(k)
+        if magnitude:
+            out[peft_module_to_kohya(magnitude["mod"]) + ".dora_scale"] = v.reshape(-1, 1)
+            continue
         if not m:
             if k.endswith(".alpha"):
                 out[peft_module_to_kohya(k[: -len(".alpha")]) + ".alpha"] = v

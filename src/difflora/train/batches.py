@@ -3,8 +3,8 @@
 Every per-sample draw (sample order, caption shuffles, flips, noise, timesteps) is derived from
 (seed, stage, step, micro-batch, position in the global batch), so a resumed run continues
 exactly, and N processes at per-device batch b train the same LoRA as one process at batch N·b
-(gradients are averaged explicitly, in a fixed order), up to float rounding: CPU and GPU kernels
-sum in another order at another batch size (tests/test_sdxl_train.py measures it). The network
+(DDP averages the gradients), up to float rounding: CPU and GPU kernels sum in another order at
+another batch size, and the all-reduce sums in its own (tests/test_distributed.py measures it). The network
 dropouts (dropout, rank_dropout, module_dropout) are seeded per (seed, stage, step, rank) and drawn
 per forward call, so with them N processes draw other masks than one process does.
 """
@@ -18,9 +18,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..data.captions import process_caption
 from ..data.dataset import Item, TrainingData, difference_mask, seed_of
+from ..data.images import load_image, resize_and_crop
+from ..data.instructions import instruction_for
 from ..errors import UserError
 from ..methods import Batch, StepContext
 from ..models.base import Conditioning
@@ -169,6 +172,13 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
     def masks(threshold: float, dilate: int) -> torch.Tensor:  # only when a loss asks for them
         return torch.stack([difference_mask(d, latent_hw, threshold, dilate) for d in diffs])[:, None].to(device)
 
+    def images(key: str) -> list:  # the pairs' images as PIL, cut to their bucket (Qwen-Image-Edit's VL encoder)
+        out = []
+        for s in samples:
+            img = resize_and_crop(load_image(s.item.path if key == "x" else s.item.after_path), s.item.bucket)
+            out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if s.flip else img)
+        return out
+
     return Batch(
         latents={k: torch.stack(v).to(device) for k, v in latents.items()},
         captions=captions,
@@ -179,6 +189,7 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
         step=step,
         mask_fn=masks if diffs else None,
         sizes=sizes,
+        image_fn=images if diffs else None,
     )
 
 
@@ -212,39 +223,8 @@ def make_batch(data: TrainingData, global_batch: list[int], rank: int, world: in
         captions = {"x": process_caption(it.caption, it.rules, rng, epoch)}
         if it.is_pair:
             captions["after"] = process_caption(it.after_caption, it.rules, rng, epoch)
+            captions["instruction"] = instruction_for(it.instruction, job.edit_instruction, captions["after"])
         samples.append(Sample(it, flip, captions, gen, gen, job.prior_loss_weight if it.is_reg else 1.0))
     draw = (lambda index, gen, latent_hw: timesteps(step, 1, gen)[0]) if timesteps is not None \
         else default_timesteps(job, model)
     return assemble(data, samples, model, step, draw, job.noise_offset)
-
-
-def all_reduce(params, loss: torch.Tensor, world: int) -> torch.Tensor:
-    """Average gradients and loss over processes (one flat buffer, fixed order); returns the mean loss.
-
-    A non-finite gradient anywhere shows up in the clipped total norm, which the caller checks.
-    """
-    if world > 1:
-        import torch.distributed as dist
-
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
-                         + [loss.reshape(1).float().to(params[0].device)])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-        loss = flat[-1].cpu()
-    return loss
-
-
-def any_process(flag: bool, world: int) -> bool:
-    """True on every process when `flag` is true on any (stop requests reach all ranks at the same step)."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)

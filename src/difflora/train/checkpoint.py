@@ -41,6 +41,22 @@ def check_resumable(state: dict, job, state_dir) -> None:
                         path=state_dir, hint="resume with the job it was made with, or start again without --resume")
 
 
+def global_batch(run, solo: bool) -> list[int]:
+    """Each dataset's global batch (per-process batch x processes; a stage trained alone: its own batch)."""
+    return [b * (1 if solo else run.world) for b in run.data.batch_sizes]
+
+
+def check_global_batch(state: dict, run, solo: bool, state_dir) -> None:
+    """The batch order is drawn per global batch: another process count continues the same run only at the same
+    global batch."""
+    saved, now = state.get("global_batch"), global_batch(run, solo)
+    if saved is not None and list(saved) != now:
+        raise UserError(f"cannot resume: the state was trained at a global batch of {saved} (per-process batch x "
+                        f"processes); this run's is {now} with {run.world} process(es)", path=state_dir,
+                        hint="set train_batch_size (or the datasets' batch_size) so that batch x processes is the "
+                             "same, or start again without --resume")
+
+
 class Checkpointer:
     """Writes files on the main process only (other ranks hold the same weights), each atomically."""
 
@@ -76,6 +92,7 @@ class Checkpointer:
                 "completed": {k: v.state_dict() for k, v in results.items()},
                 "fingerprint": self.fingerprint, "session_id": self.metadata.session_id,
                 "started": self.metadata.started, "params": params_are, "shapes": shape_settings(self.run.job),
+                "global_batch": global_batch(self.run, progress.solo),
             })
             state_dir = self.run.state_dir
         self.events.emit(CheckpointWritten(step=global_step, lora=str(lora) if lora else None,

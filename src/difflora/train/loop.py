@@ -22,6 +22,7 @@ from ..errors import TrainingStopped, UserError
 from ..statefile import load_state
 from .checkpoint import Checkpointer, check_resumable
 from .curve import LossCurve
+from .distributed import is_peer_lost
 from .events import EventBus, Failed, Finished, Listener
 from .listeners import LogLines, ProgressBar, TensorBoard
 from .lock import OutputLock
@@ -59,8 +60,10 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
             if state is not None:
                 check_resumable(state, job, state_dir)
             run = prepare(job, resume)
-            run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
-                                   encode=job.cache_latents or job.cache_latents_to_disk)
+            # a disk cache is written once, by the main process; the others then read it
+            with run.accelerator.main_process_first() if job.cache_latents_to_disk else contextlib.nullcontext():
+                run.data.cache_latents(run.model, run.out_dir / "latent_cache" if job.cache_latents_to_disk else None,
+                                       encode=job.cache_latents or job.cache_latents_to_disk)
             if state is not None and state.get("fingerprint") != job_fingerprint(job):
                 log.warning("resuming with changed settings; the result will differ from an uninterrupted run")
             started = float(state["started"]) if state else time.time()
@@ -96,6 +99,12 @@ def train(job, resume: str | None = None, ignore_lock: bool = False, listeners: 
         events.emit(Finished(lora=str(run.final_path)))
         return run.final_path
     except BaseException as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(e, UserError) and is_peer_lost(e):
+            e = TrainingStopped(f"another process of this run ended ({' '.join(str(e).split())[:120]}); this one "
+                                f"stopped too; saved files and the last state in {job.output_dir} are intact "
+                                "(continue with --resume)")
+            events.emit(Failed(error=str(e), kind="internal"))
+            raise e from None
         if isinstance(e, TrainingStopped) and stop.requested:
             e.requested = True
         else:

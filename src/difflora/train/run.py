@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class Run:
     initial_weights: object | None  # network_weights, loaded
     data: TrainingData
     encode: PromptCache
+    targets: dict[bool, list]  # the model's LoRA targets without / with the kxk convs, found before any sharding
+
+    def lora_targets(self, conv: bool) -> list:
+        return self.targets[conv]
 
     @property
     def device(self) -> torch.device:
@@ -75,10 +80,9 @@ def prepare(job, resume: str | None = None) -> Run:
 
     `resume`: a state folder, "auto" (this job's own), or None.
     """
-    from accelerate import Accelerator
+    from .distributed import make_accelerator
 
-    accelerator = Accelerator(mixed_precision=job.mixed_precision, gradient_accumulation_steps=1,
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(job)
     method = make_method(job)
     out_dir = Path(job.output_dir)
     final_path, state_dir = out_dir / f"{job.output_name}.safetensors", out_dir / f"{job.output_name}-state"
@@ -117,15 +121,24 @@ def prepare(job, resume: str | None = None) -> Run:
              data.num_train_images, data.num_reg_images, method.name)
     if data.skipped:
         log.warning("skipped %d unreadable image(s) (skip_bad_images = true)", len(data.skipped))
+    method.check_inputs(model, data)
     # Encoding first: with cached text-encoder outputs the text encoders are alone on the device while every
     # prompt is encoded, and gone (or on the CPU) before the denoiser arrives (FLUX: T5-XXL 9.5 GB and the
     # fp8 transformer ~12 GB are never on the GPU together, as in kohya).
-    encode = _prompt_cache(model, job, out_dir, device, data, presets, method)
+    # a disk cache is written once, by the main process; the others then read it
+    with accelerator.main_process_first() if job.cache_text_encoder_outputs_to_disk else contextlib.nullcontext():
+        encode = _prompt_cache(model, job, out_dir, device, data, presets, method)
     _prepare_denoiser(model, job, device)
+    # (FSDP renames the classes of the modules it shards, which some families' target lists go by)
+    targets = {conv: model.lora_targets(conv=conv) for conv in (False, True)}
+    if job.fsdp:
+        from .distributed import shard_frozen
+
+        shard_frozen(model.denoiser, accelerator.num_processes)
     return Run(job=job, accelerator=accelerator, rank=accelerator.process_index, world=accelerator.num_processes,
                is_main=accelerator.is_main_process, out_dir=out_dir, final_path=final_path,
                state_dir=state_dir, resume=Path(resume) if resume else None, method=method, model=model, presets=presets, initial_weights=initial_weights,
-               data=data, encode=encode)
+               data=data, encode=encode, targets=targets)
 
 
 def _check_network_module(job, model) -> None:
@@ -261,6 +274,7 @@ def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[
     fixed set to encode."""
     import dataclasses
 
+    from ..data.instructions import instruction_for
     from ..data.prompts import load_prompt_file
     from ..methods.base import common_caption
 
@@ -279,6 +293,7 @@ def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[
         if it.is_pair:
             captions["after"] = process_caption(it.after_caption, rules, rng)
             captions["common"] = common_caption(captions["x"], captions["after"])
+            captions["instruction"] = instruction_for(it.instruction, job.edit_instruction, captions["after"])
         prompts += [captions[k] for k in caption_keys if k in captions]
     if job.sample_prompts:
         prompts += [p.prompt for p in load_prompt_file(job.sample_prompts)]

@@ -11,7 +11,9 @@ from ..data.dataset import seed_of
 from ..errors import TrainingStopped, UserError
 from ..methods import Batch, Stage
 from ..network.lora import LoRANetwork
-from .batches import all_reduce, any_process, batch_at, make_batch, step_context
+from .batches import batch_at, make_batch, step_context
+from .checkpoint import check_global_batch
+from .distributed import TrainingStep, any_process, mean_over_processes, share_from
 from .events import StageEnded, StageStarted, Step, Stopped, Validation
 from ..optim import make_optimizer, make_scheduler, param_groups
 
@@ -37,6 +39,8 @@ class StageProgress:
     multi_stage: bool
     allowed: set[int] | None  # ids of the unique items this stage sees (None: all)
     params: list
+    trainer: torch.nn.Module  # the network inside TrainingStep, as accelerator.prepare wrapped it (DDP, FSDP, ...)
+    solo: bool = False  # trained by this process alone (per-pair fan-out): world 1, nothing shared per step
     verified: list | None = None  # a copy of weights a step computed a finite loss and gradient from...
     verified_step: int = 0  # ...the weights after this many steps
     update_finite: torch.Tensor | None = None  # whether the last update left every weight finite (not read yet)
@@ -67,30 +71,62 @@ class StageRunner:
         self.t0, self.last_read, self.loss_avg = 0.0, 0.0, None
 
     def run_all(self) -> dict[str, LoRANetwork]:
-        offset = 0
+        owners = fan_out(self.stages, self.run.world)
+        saved, offset = self.state, 0
+        done = set(saved["completed"]) if saved is not None else set()
         for index, stage in enumerate(self.stages):
+            owner = owners[index]
+            if owner is not None and owner != self.run.rank:
+                offset += stage.steps
+                continue  # another process trains it; shared below
             for name, net in self.results.items():
                 net.set_multiplier(1.0 if name in stage.keep_active else 0.0)
-            if self.state is not None and index < self.state["stage_index"]:
+            resuming = saved is not None and index == saved["stage_index"]
+            if stage.name in done and not resuming:
                 self._restore_finished(stage)
-            else:
-                self._train(self._start(index, stage, offset))
-                self.state = None  # later stages start fresh
+            elif saved is not None and index < saved["stage_index"] and owner is None:
+                raise UserError(f"training state is damaged: it has no weights for the finished stage {stage.name}",
+                                path=self.run.resume, hint="start again without --resume")
+            else:  # (a fan-out state holds only its main process's finished pairs: the others train again)
+                self.state = saved if resuming else None
+                self._train(self._start(index, stage, offset, solo=owner is not None))
             offset += stage.steps
+        self.state = None
+        if any(o is not None for o in owners):
+            self._gather_fan_out(owners)
         return self.results
+
+    def _gather_fan_out(self, owners: list[int | None]) -> None:
+        """Every process gets the LoRAs the others trained alone, in stage order (the same collectives on all)."""
+        run = self.run
+        results = {}
+        for index, stage in enumerate(self.stages):
+            owner = owners[index]
+            if owner is None or owner == run.rank:
+                results[stage.name] = self.results[stage.name]
+                continue
+            net = LoRANetwork.create(run.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
+            net.to(run.device, dtype=torch.bfloat16 if run.job.full_bf16 else None).apply_to()
+            net.requires_grad_(False).eval()
+            results[stage.name] = net
+        for index, stage in enumerate(self.stages):
+            if owners[index] is not None:
+                with torch.no_grad():
+                    share_from(owners[index], results[stage.name].state_dict(keep_vars=True))
+        self.results = results
 
     def _restore_finished(self, stage: Stage) -> None:
         if stage.name not in self.state["completed"]:
             raise UserError(f"training state is damaged: it has no weights for the finished stage {stage.name}",
                             path=self.run.resume, hint="start again without --resume")
-        net = LoRANetwork.from_weights(self.run.model.lora_targets(conv=True), self.state["completed"][stage.name])
+        net = LoRANetwork.from_weights(self.run.lora_targets(conv=True), self.state["completed"][stage.name])
         self.results[stage.name] = net.to(self.run.device).apply_to()
         net.requires_grad_(False)
 
-    def _start(self, index: int, stage: Stage, offset: int) -> StageProgress:
+    def _start(self, index: int, stage: Stage, offset: int, solo: bool = False) -> StageProgress:
         run, job = self.run, self.run.job
         torch.manual_seed(seed_of(job.seed, "init", index))
-        network = LoRANetwork.create(run.model.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
+        network = LoRANetwork.create(run.lora_targets(conv=bool(stage.spec.conv_dim)), stage.spec)
         if stage.init_from_job_weights and run.initial_weights is not None:
             network.load_weights(run.initial_weights.tensors, source=run.initial_weights.path, strict=False)
         network.to(run.device, dtype=torch.bfloat16 if job.full_bf16 else None).apply_to().train()
@@ -99,6 +135,7 @@ class StageRunner:
         scheduler = make_scheduler(job.lr_scheduler, optimizer, stage.steps, job.lr_warmup_steps,
                                    job.lr_scheduler_num_cycles, job.lr_scheduler_power)
         if self.state is not None:  # resuming inside this stage
+            check_global_batch(self.state, run, solo, run.resume)
             try:
                 network.load_state_dict(self.state["network"])
                 optimizer.load_state_dict(self.state["optimizer"])
@@ -113,9 +150,15 @@ class StageRunner:
             if network.components.get(n) != "unet" for p in lora.parameters()))
         unique = run.data.unique_items()
         allowed = {id(unique[i]) for i in stage.items} if stage.items is not None else None
-        per_epoch = max(1, len(run.data.epoch_batches(0, run.world, allowed)) // job.gradient_accumulation_steps)
+        world = 1 if solo else run.world
+        per_epoch = max(1, len(run.data.epoch_batches(0, world, allowed)) // job.gradient_accumulation_steps)
+        accelerator = run.accelerator
+        accelerator.free_memory()  # the previous stage's wrappers, and the accumulation count from 0
+        trainer = TrainingStep(network)
+        if not solo:
+            trainer, optimizer, scheduler = accelerator.prepare(trainer, optimizer, scheduler)
         return StageProgress(index, stage, network, optimizer, scheduler, per_epoch, offset, len(self.stages) > 1,
-                             allowed, [p for p in network.parameters() if p.requires_grad])
+                             allowed, [p for p in network.parameters() if p.requires_grad], trainer, solo)
 
     def _train(self, sp: StageProgress) -> None:
         stage, main = sp.stage, self.run.is_main
@@ -144,7 +187,8 @@ class StageRunner:
                 self._report_steps(sp, start)
             elif self.run.device.type == "cpu" or time.perf_counter() - self.last_read >= LOSS_READ_EVERY_S:
                 self._report_steps(sp, start)
-            stop = any_process(self.stop.requested, self.run.world)  # (a listener of this step may ask)
+            # (a listener of this step may ask); a process training its own pairs stops on its own
+            stop = self.stop.requested if sp.solo else any_process(self.run.accelerator, self.stop.requested)
             if stop:
                 self._confirm_update(sp, step)
                 self._report_steps(sp, start)
@@ -188,25 +232,41 @@ class StageRunner:
         self.last_read = time.perf_counter()
 
     def _step(self, sp: StageProgress, step: int) -> torch.Tensor:
-        """One optimizer step (gradient accumulation, all-reduce, clipping); returns the step's mean loss, unread.
+        """One optimizer step (gradient accumulation, gradient averaging, clipping); returns the step's mean loss,
+        unread.
 
-        The step reads the device once: whether its loss and gradient, and the previous update's weights, are
-        finite. The next micro-batch is assembled while the device still runs this one's backward.
+        Through accelerate: the micro-batches under `accumulate` (DDP averages the gradients once, in buckets
+        during the last backward), `backward`, `clip_grad_norm_`, and the prepared optimizer and scheduler. The
+        step reads the device once: whether its loss and gradient, and the previous update's weights, are finite.
+        The next micro-batch is assembled while the device still runs this one's backward.
         """
-        run, job, stage = self.run, self.run.job, sp.stage
-        torch.manual_seed(seed_of(job.seed, "dropout", sp.index, step, run.rank))  # network dropouts
+        run, job, stage, accelerator = self.run, self.run.job, sp.stage, self.run.accelerator
+        rank = 0 if sp.solo else run.rank
+        torch.manual_seed(seed_of(job.seed, "dropout", sp.index, step, rank))  # network dropouts
         sp.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=run.device)
-        for micro in range(job.gradient_accumulation_steps):
+        accumulation = job.gradient_accumulation_steps
+        max_norm = job.max_grad_norm if job.max_grad_norm > 0 else float("inf")
+        for micro in range(accumulation):
             batch = self._batch(sp, step, micro)
             ctx = step_context(run, sp.network, step, batch)
-            with run.accelerator.autocast():
-                loss = stage.loss(ctx, batch).mean() / job.gradient_accumulation_steps
-            loss.backward()
-            step_loss += loss.detach().float()
+            if sp.solo:
+                with accelerator.autocast():
+                    loss = sp.trainer(stage.loss, ctx, batch)
+                (loss / accumulation).backward()
+            else:
+                with accelerator.accumulate(sp.trainer), accelerator.autocast():
+                    loss = sp.trainer(stage.loss, ctx, batch)
+                    accelerator.backward(loss)  # divided by gradient_accumulation_steps
+            step_loss += loss.detach().float() / accumulation
             self._prefetch(sp, step, micro + 1)
-        step_loss = all_reduce(sp.params, step_loss, run.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(sp.params, job.max_grad_norm if job.max_grad_norm > 0 else float("inf"))
+        if sp.solo:
+            grad_norm = torch.nn.utils.clip_grad_norm_(sp.params, max_norm)
+        else:
+            step_loss = mean_over_processes(accelerator, step_loss)
+            grad_norm = accelerator.clip_grad_norm_(sp.params, max_norm)
+            if grad_norm is None:  # DeepSpeed clips inside its engine (gradient_clipping) and reports nothing here
+                grad_norm = torch.zeros((), device=run.device)
         finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm).to(step_loss.device)
         if sp.update_finite is not None:
             finite = finite & sp.update_finite
@@ -226,8 +286,10 @@ class StageRunner:
         if ready is not None and ready[0] == (sp.index, step, micro):
             return ready[1]
         run, job = self.run, self.run.job
-        epoch, global_batch = batch_at(run.data, step * job.gradient_accumulation_steps + micro, run.world, sp.allowed)
-        return make_batch(run.data, global_batch, run.rank, run.world, job, sp.index, step, micro, epoch,
+        epoch, global_batch = batch_at(run.data, step * job.gradient_accumulation_steps + micro,
+                                       1 if sp.solo else run.world, sp.allowed)
+        rank, world = (0, 1) if sp.solo else (run.rank, run.world)
+        return make_batch(run.data, global_batch, rank, world, job, sp.index, step, micro, epoch,
                           sp.stage.timesteps, run.model)
 
     def _prefetch(self, sp: StageProgress, step: int, micro: int) -> None:
@@ -293,3 +355,18 @@ class StageRunner:
 def weights_finite(params: list[torch.Tensor]) -> torch.Tensor:
     """Whether every weight is finite, as one boolean on the device (the largest magnitude of each tensor)."""
     return torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))).all()
+
+
+def fan_out(stages: list[Stage], world: int) -> list[int | None]:
+    """The process that trains each stage alone, or None where all train it together.
+
+    Per-pair stages (one dataset item each, and only their own pair's LoRAs kept active) go to the processes in
+    turn, pair i to process i mod N: each trains its pairs at the per-process batch, exactly as one process
+    would, and the LoRAs are shared at the end.
+    """
+    if world == 1:
+        return [None] * len(stages)
+    pair = {s.name: s.items[0] for s in stages if s.items is not None and len(s.items) == 1}
+    if len(pair) != len(stages) or any(pair.get(k) != pair[s.name] for s in stages for k in s.keep_active):
+        return [None] * len(stages)
+    return [pair[s.name] % world for s in stages]

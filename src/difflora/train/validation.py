@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..data.captions import process_caption
+from ..data.instructions import instruction_for
 from ..data.dataset import seed_of
 from ..methods import Batch
 from .batches import Sample, assemble, step_context
@@ -87,6 +88,8 @@ class Validator:
             captions = {"x": process_caption(it.caption, rules, rng)}
             if it.is_pair:
                 captions["after"] = process_caption(it.after_caption, rules, rng)
+                captions["instruction"] = instruction_for(it.instruction, self.run.job.edit_instruction,
+                                                          captions["after"])
             samples.append(Sample(it, False, captions,
                                   noise_gen=torch.Generator().manual_seed(seed_of(self.seed, "validation", i, draw)),
                                   latent_gen=torch.Generator().manual_seed(seed_of(self.seed, "validation-latent", i))))

@@ -8,6 +8,8 @@ q/k/v/proj_mlp (single-block linear1). Both directions are exact:
   block-diagonally, scales baked in, alpha = the new rank. ΔW = up·down equals the pieces' deltas
   stacked, so alpha/rank scaling applies the trained delta exactly (unlike sd-scripts' split_qkv
   files, which keep the per-piece alpha and load at 1/3 or 1/4 strength).
+DoRA travels as peft's `lora_magnitude_vector` (one magnitude per output row, so a fused module's vector splits
+and stacks with the rows of lora_up); only the output-axis `dora_scale` (O, 1) has that form.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ log = logging.getLogger(__name__)
 _PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_(?P<ab>[AB])|lora\.(?P<du>down|up)|lora_linear_layer\.(?P<du2>down|up))"
                    r"(?:\.default)?\.weight$")
 _TE_PREFIXES = ("text_encoder.", "text_encoders.clip_l.transformer.")
+_MAGNITUDE = re.compile(r"^(?P<mod>.+?)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
+
+
+def _magnitude(tensors: dict[str, torch.Tensor], name: str, out_dim: int) -> torch.Tensor | None:
+    """A kohya module's DoRA magnitude as peft's vector (out_dim,), None without DoRA."""
+    d = tensors.get(f"{name}.dora_scale")
+    if d is None:
+        return None
+    if d.shape[0] != out_dim or d.numel() != out_dim:
+        raise UserError(f"module {name}: DoRA's dora_scale {tuple(d.shape)} is per input channel (A1111/ComfyUI's "
+                        "axis); diffusers' lora_magnitude_vector is per output row: train with save_format = "
+                        '"diffusers" from the start, or save the kohya format')
+    return d.float().reshape(out_dim)
 
 
 def _scale(tensors: dict[str, torch.Tensor], name: str) -> float:
@@ -48,18 +63,25 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor], params: FluxParams) -> 
         up = tensors[f"{name}.lora_up.weight"].float() * _scale(tensors, name)
         if name.startswith("lora_te3_"):
             raise UserError("diffusers has no T5 LoRA support: save T5-trained LoRAs in the kohya format")
+        magnitude = _magnitude(tensors, name, up.shape[0])
         if name.startswith("lora_te1_"):
             module = "text_encoder." + name[len("lora_te1_"):].replace("_", ".")
             module = _fix_clip_path(module)
             out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = down, up
+            if magnitude is not None:  # transformers' peft loading wants the parameter's `.weight` here
+                out[f"{module}.lora_magnitude_vector.weight"] = magnitude
             continue
         if name not in bfl_of:
             raise UserError(f"module {name} has no diffusers FLUX counterpart")
         bfl, targets = bfl_of[name]
-        pieces = torch.split(up, split_sizes(bfl, params), dim=0) if len(targets) > 1 else [up]
-        for t, piece in zip(targets, pieces):
+        sizes = split_sizes(bfl, params) if len(targets) > 1 else [up.shape[0]]
+        pieces = torch.split(up, sizes, dim=0)
+        magnitudes = torch.split(magnitude, sizes) if magnitude is not None else [None] * len(targets)
+        for t, piece, m in zip(targets, pieces, magnitudes):
             out[f"transformer.{t}.lora_A.weight"] = down.clone()
             out[f"transformer.{t}.lora_B.weight"] = piece.contiguous()
+            if m is not None:
+                out[f"transformer.{t}.lora_magnitude_vector"] = m.contiguous()
     return out
 
 
@@ -88,6 +110,10 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], params: FluxParams, pat
         if k.endswith(".alpha"):
             alphas[k[: -len(".alpha")]] = float(v)
             continue
+        magnitude = _MAGNITUDE.match(k)
+        if magnitude:
+            pairs.setdefault(magnitude["mod"], {})["M"] = v.float().reshape(-1)
+            continue
         m = _PEFT.match(k)
         if not m:
             raise UserError(f"unrecognised key {k!r} in a diffusers-format FLUX LoRA", path=path)
@@ -113,17 +139,23 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], params: FluxParams, pat
             name = "lora_te1_text_model_" + rest.replace(".", "_")
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = ab["A"], ab["B"] * scale
             out[f"{name}.alpha"] = torch.tensor(float(rank))
+            if "M" in ab:
+                out[f"{name}.dora_scale"] = ab["M"].reshape(-1, 1)
             continue
         if inner not in split_owner:
             raise UserError(f"module {mod} is not part of a FLUX.1 transformer", path=path)
         bfl, targets = split_owner[inner]
-        fused.setdefault(bfl, {})[inner] = (ab["A"], ab["B"] * scale)
+        fused.setdefault(bfl, {})[inner] = (ab["A"], ab["B"] * scale, ab.get("M"))
     for bfl, pieces in fused.items():
         targets = module_map(params)[bfl]
         sizes = split_sizes(bfl, params) if len(targets) > 1 else None
         name = "lora_unet_" + bfl.replace(".", "_")
+        magnitudes = [pieces[t][2] if t in pieces else None for t in targets]
+        if any(m is not None for m in magnitudes) and any(m is None for m in magnitudes):
+            raise UserError(f"module {bfl}: DoRA's lora_magnitude_vector is given for some of "
+                            f"{', '.join(targets)} only; the fused module needs all of them", path=path)
         if len(targets) == 1:
-            down, up = pieces[targets[0]]
+            down, up, _ = pieces[targets[0]]
         else:
             downs, ups = [], []
             for t, size in zip(targets, sizes):
@@ -135,11 +167,13 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], params: FluxParams, pat
             row, col = 0, 0
             for t, size in zip(targets, sizes):
                 if t in pieces:
-                    d, u = pieces[t]
+                    d, u, _ = pieces[t]
                     up[row:row + size, col:col + d.shape[0]] = u
                     col += d.shape[0]
                 row += size
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        if magnitudes[0] is not None:  # rows stack as lora_up's do
+            out[f"{name}.dora_scale"] = torch.cat(magnitudes).reshape(-1, 1)
     return out

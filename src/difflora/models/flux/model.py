@@ -428,22 +428,27 @@ class FluxModel(ModelFamily):
             enable_block_swap(self.transformer, job.blocks_to_swap, torch.device(device))
 
     def check_save_format(self, save_format: str, adapter) -> None:
-        """diffusers' FluxPipeline.load_lora_weights reads peft lora_A/lora_B keys of `transformer.` and `text_encoder.`
-        (CLIP-L) only: T5 keys are skipped without a word, and its DoRA (`lora_magnitude_vector`) is the output-axis
-        magnitude, not the input-axis one difflora trains (the one A1111 and ComfyUI apply)."""
+        """diffusers' FluxPipeline.load_lora_weights reads peft keys of `transformer.` and `text_encoder.` (CLIP-L)
+        only: T5 keys are skipped without a word (tests/test_client_loaders.py). Its DoRA is peft's
+        `lora_magnitude_vector`, the output-axis magnitude: DoRA saved for diffusers trains that axis
+        (adapter.dora_on_output), which A1111 and ComfyUI do not apply as trained (they use the input axis)."""
         super().check_save_format(save_format, adapter)
         if save_format != "diffusers":
             return
         if self.options.train_t5xxl:
             raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
                             '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
-        if adapter.is_lycoris:
-            from ...network.adapters import ADAPTERS
+        from ...network.adapters import ADAPTERS
 
-            what = "DoRA" if adapter.dora_wd else ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
+        if not ADAPTERS[adapter.algo].low_rank or adapter.use_tucker:  # peft holds up @ down factors only
+            what = ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
             raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
-                            'lora_A/lora_B, which holds no LoHa, LoKr or DoRA; save the kohya format (A1111, Forge and '
-                            'ComfyUI apply it)')
+                            'lora_A/lora_B (+ DoRA\'s lora_magnitude_vector), which holds no LoHa or LoKr; save the '
+                            'kohya format (A1111, Forge and ComfyUI apply it)')
+        if adapter.dora_wd:
+            log.warning('DoRA with save_format = "diffusers": the magnitude is trained per output row, as peft\'s '
+                        'lora_magnitude_vector that diffusers loads; A1111, Forge and ComfyUI apply DoRA per input '
+                        'channel, so save the kohya format for them')
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""

@@ -68,11 +68,18 @@ class Flux2Plugin(FamilyPlugin):
                 if given.get(k) is not None}
 
     def check_files(self, path, options):
+        """A folder: no single-file keys, its components' configs, weight index and shared widths; a single
+        file: its text_encoder / vae files' headers (all before any weight is read)."""
+        from .files import check_component_files, check_folder
+
         if Path(path).is_dir():
             stray = [k for k in ("text_encoder", "vae", "qwen3_tokenizer", "model_version") if getattr(options, k)]
             if stray:
                 raise UserError(f"{', '.join(stray)} apply to a FLUX.2 single file; this diffusers folder has its own",
                                 path=path)
+            check_folder(Path(path))
+        else:
+            check_component_files(options)
 
     def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
              zero_terminal_snr, mixed_precision="no"):

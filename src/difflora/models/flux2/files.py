@@ -8,6 +8,7 @@ resize and inspect); training and generation then stop with a line naming the mi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,9 +32,26 @@ PIPELINES = {"Flux2Pipeline": "mistral3", "Flux2KleinPipeline": "qwen3"}
 
 
 # ------------------------------------------------------------------ the transformer
+@functools.cache
+def _final_norm_shift_scale():
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    class FinalNormShiftScale(AdaLayerNormContinuous):
+        """diffusers' final AdaLN with BFL's output order (shift, scale): `norm_out.linear` holds BFL's
+        `final_layer.adaLN_modulation.1` as is, so kohya / ComfyUI LoRAs on it apply without reordering rows."""
+
+        def forward(self, x, conditioning_embedding):
+            emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+            shift, scale = emb.chunk(2, dim=1)
+            return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+    return FinalNormShiftScale
+
+
 def fuse_structure(transformer) -> None:
     """Give each double block's attention diffusers' fused `to_qkv` / `to_added_qkv` and drop the split Linears
-    (on the meta device before loading: the weights are never held twice)."""
+    (on the meta device before loading: the weights are never held twice); the final norm in BFL's order."""
+    transformer.norm_out.__class__ = _final_norm_shift_scale()
     for block in transformer.transformer_blocks:
         attn = block.attn
         dev = attn.to_q.weight.device
@@ -59,8 +77,16 @@ def build_transformer(config: dict, state_dict: dict[str, torch.Tensor] | None =
     with torch.device("meta"):
         tr = Flux2Transformer2DModel(**config)
     fuse_structure(tr)
-    tr.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    weights = {k: v.to(dtype) for k, v in state_dict.items()}
+    damaged = next((k for k, v in weights.items() if not bool(torch.isfinite(v).all())), None)
+    if damaged is not None:  # a damaged or overflowed file would draw black images and train on NaN losses
+        raise NonFiniteWeight(damaged)
+    tr.load_state_dict(weights, strict=True, assign=True)
     return tr
+
+
+class NonFiniteWeight(Exception):
+    """A transformer weight holding NaN/inf (its name in our transformer): the loaders name the file."""
 
 
 def config_from_bfl(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -91,23 +117,123 @@ def check_flux2_keys(keys, path) -> None:
     for k in ("img_in.weight", "txt_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"):
         if k not in keys:
             raise UserError(f"not a complete FLUX.2 transformer ({k} is missing); {SUPPORTED}", path=path)
-    scaled = [k for k in keys if k.endswith((".weight_scale", ".scale_weight")) or k == "scaled_fp8"]
-    if scaled:
-        raise UserError(f"this is a scaled-fp8 file ({scaled[0]}): its weights need their scales to be usable; give "
-                        "the bf16 / fp8 original (fp8_base stores the base in fp8 while training)", path=path)
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's older `scaled_fp8` files / its QUANTIZATION.md layout
+_INPUT_SCALES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, layer format markers
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8 transformers as ComfyUI loads them: each fp8 weight times its `scale_weight` / `weight_scale`
+    (per tensor, or per output row), markers and activation scales dropped; other files pass unchanged.
+    Formats ComfyUI computes in another way (block-wise int8, nvfp4, double scales) are refused."""
+    scales = {k[: -len(s)] + ".weight": v for k, v in sd.items() for s in _SCALES if k.endswith(s)}
+    if not scales and "scaled_fp8" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith(_SCALES + _INPUT_SCALES):
+            continue
+        if k.endswith(".weight_scale_2") or (k in scales and v.dtype not in _FP8):
+            what = "a double-scaled weight" if k.endswith("_2") else f"a scaled {str(v.dtype).replace('torch.', '')}"
+            raise UserError(f"{k}: {what} (only ComfyUI's scaled float8 weights are read; give the bf16 original)",
+                            path=path)
+        if k in scales:
+            scale = scales[k].float()
+            if scale.numel() not in (1, v.shape[0]):
+                raise UserError(f"{k}: a block-wise fp8 scale of shape {tuple(scale.shape)} (only per-tensor or "
+                                "per-row scales are read; give the bf16 original)", path=path)
+            v = v.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
+        out[k] = v
+    return out
 
 
 def transformer_from_bfl(sd: dict[str, torch.Tensor], md: dict[str, str], dtype, path):
-    sd = names.strip_prefix(sd)
+    sd = dequantize_scaled_fp8(names.strip_prefix(sd), path)
     check_flux2_keys(sd, path)
     cfg = json.loads(md["difflora.flux2_config"]) if md.get("difflora.flux2_config") else \
         config_from_bfl({k: tuple(v.shape) for k, v in sd.items()})
     try:
         fused = names.bfl_to_fused(sd, cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"])
         return build_transformer(cfg, fused, dtype), cfg
+    except NonFiniteWeight as e:
+        raise UserError(f"transformer weight {_bfl_name(str(e.args[0]), cfg)} holds NaN/inf: the file is damaged "
+                        "(the model itself overflows)", path=path) from None
     except (KeyError, RuntimeError) as e:
         raise UserError(f"the tensors do not form a FLUX.2 transformer ({str(e).splitlines()[0][:160]}); {SUPPORTED}",
                         path=path) from None
+
+
+def _bfl_name(ours: str, cfg: dict) -> str:
+    """Our transformer's weight name as the BFL file spells it."""
+    module = ours[: -len(".weight")]
+    bfl = {v: k for k, v in names.module_map(cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"],
+                                              norms=True).items()}.get(module)
+    return ours if bfl is None else f"{bfl}.scale" if bfl.endswith("_norm") else f"{bfl}.weight"
+
+
+def check_folder(path: Path) -> None:
+    """A diffusers FLUX.2 folder before any weight is read: its components, their configs (JSON objects, sizes
+    of the right types), the transformer's weight index, and the widths the components must share."""
+    from ..folders import CHANNEL_LISTS, VAE_INTS, check_config
+
+    for comp in ("transformer", "vae", "text_encoder", "tokenizer"):
+        if not (path / comp).is_dir():
+            raise UserError(f"FLUX.2 model folder is missing its {comp}/ component", path=path)
+    configs = {"transformer": ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                               "num_attention_heads", "joint_attention_dim", "patch_size"),
+               "vae": VAE_INTS, "text_encoder": ("hidden_size", "num_hidden_layers")}
+    for comp, ints in configs.items():
+        if not (path / comp / "config.json").is_file():
+            raise UserError(f"FLUX.2 model folder is missing {comp}/config.json", path=path)
+        check_config(path / comp / "config.json", ints, CHANNEL_LISTS if comp == "vae" else (),
+                     ("guidance_embeds",) if comp == "transformer" else ())
+    _check_weight_index(path / "transformer")
+    tr, vae, te = (json.loads((path / c / "config.json").read_text(encoding="utf-8")) for c in configs)
+    te_width = (te.get("text_config") or te).get("hidden_size")
+    latent = vae.get("latent_channels", 32)
+    if tr.get("in_channels", 128) != 4 * latent:
+        raise UserError(f"the transformer takes {tr.get('in_channels', 128)} channels but the VAE gives {latent} "
+                        f"latent channels in 2x2 patches ({4 * latent}): the components are of different models",
+                        path=path / "transformer" / "config.json")
+    joint = tr.get("joint_attention_dim")
+    if isinstance(te_width, int) and isinstance(joint, int) and joint != 3 * te_width:
+        raise UserError(f"the transformer takes {joint} text features per token but the text encoder gives 3 "
+                        f"layers of {te_width} ({3 * te_width}): the components are of different models",
+                        path=path / "text_encoder" / "config.json")
+
+
+def _check_weight_index(folder: Path) -> None:
+    """A sharded transformer's index: a JSON object whose weight_map names shards inside the folder."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        body = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not a readable JSON index ({str(e)[:80]})", path=index) from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise UserError("not a weight index: expected an object with a weight_map of tensor names to shard files",
+                        path=index)
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise UserError(f"the index names a shard outside its folder: {shard!r}", path=index)
+        if not (folder / shard).is_file():
+            raise UserError(f"the index names a shard that is not there: {shard}", path=index)
+
+
+def check_component_files(options) -> None:
+    """A single file's text_encoder / vae files: there, with a readable header, before the transformer is read
+    (a text encoder folder is read by transformers)."""
+    from ...fileio import read_safetensors_header
+
+    for key in ("text_encoder", "vae"):
+        component = getattr(options, key)
+        if component is not None and Path(component).is_file():
+            read_safetensors_header(component)
 
 
 def read_diffusers_transformer(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -245,9 +371,7 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, options: Flux2Opti
     cls = str(index.get("_class_name", ""))
     if cls not in PIPELINES:
         raise UserError(f"this is a {cls} folder; {SUPPORTED} ({', '.join(PIPELINES)} folders)", path=path)
-    for comp in ("transformer", "vae", "text_encoder", "tokenizer"):
-        if not (path / comp).is_dir():
-            raise UserError(f"FLUX.2 model folder is missing its {comp}/ component", path=path)
+    check_folder(path)
     dsd, cfg = read_diffusers_transformer(path / "transformer")
     size = _size(cfg)
     options = options or Flux2Options()
@@ -255,6 +379,9 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, options: Flux2Opti
         options.distilled = bool(index.get("is_distilled", False))
     try:
         tr = build_transformer(cfg, names.diffusers_to_fused(dsd), dtype)
+    except NonFiniteWeight as e:
+        raise UserError(f"transformer weight {e.args[0]} holds NaN/inf: the file is damaged (the model itself "
+                        "overflows)", path=path / "transformer") from None
     except (KeyError, RuntimeError) as e:
         raise UserError(f"transformer weights do not match its config ({str(e).splitlines()[0][:160]}); {SUPPORTED}",
                         path=path) from None

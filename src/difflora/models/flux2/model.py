@@ -164,7 +164,8 @@ class Flux2Model(ModelFamily):
 
     def lora_targets(self, conv: bool = False) -> list[LoRATarget]:
         """musubi's default: every Linear of the double and single blocks (160 / 80 / 112 modules on dev / klein-4B /
-        klein-9B). conv=True: every Linear a FLUX.2 LoRA file may hold (embedders, global modulation too)."""
+        klein-9B). conv=True: every Linear a FLUX.2 LoRA file may hold (the peers' all-linear sets: embedders, global
+        modulation and the final adaLN too; a job's conv_dim trains them)."""
         blocks = "all" if conv else self.options.train_blocks
         out = []
         for bfl, ours in self.module_map().items():
@@ -264,6 +265,22 @@ class Flux2Model(ModelFamily):
     def check_complete(self) -> None:
         self.require(*(() if self.text_encoders_dropped else ("text_encoder",)), "vae")
 
+    # ---- edit (reference images: the edit methods, generate --control)
+    max_control_images = 10  # BFL's multi-reference limit
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents as the pipelines' reference tokens, image i at t = 10 + 10·i (`predict` appends them)."""
+        tokens, ids = self.reference_tokens(controls)
+        return Conditioning({"ref_tokens": tokens, "ref_ids": ids})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pipelines' reference size: at most 1024² pixels, sides floored to the latent multiple."""
+        if width * height > 1024 * 1024:
+            scale = math.sqrt(1024 * 1024 / (width * height))
+            width, height = int(width * scale), int(height * scale)
+        m = self.latent_multiple
+        return width // m * m, height // m * m
+
     # ---- prediction
     def reference_tokens(self, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference images' latents (each (B, 128, h, w), from encode_images) as the pipelines pack them: tokens
@@ -361,12 +378,15 @@ class Flux2Model(ModelFamily):
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int | None = None, width: int | None = None,
-                      height: int | None = None, cfg: float | None = None, negative: list[str] | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1]. cfg: klein base's classifier-free guidance, dev's embedded guidance."""
+                      height: int | None = None, cfg: float | None = None, negative: list[str] | None = None,
+                      controls: list[list] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]. cfg: klein base's classifier-free guidance, dev's embedded guidance;
+        controls: each prompt's reference images (PIL at control_size), in both CFG passes as the pipelines do."""
         default_steps, default_guidance = self.sampling_defaults()
         guidance = default_guidance if cfg is None else cfg
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negative or [""] * len(prompts)) if self.uses_cfg() and guidance > 1 else None
+        cond = self.encode_with_controls(prompts, controls)
+        uncond = self.encode_with_controls(negative or [""] * len(prompts), controls) \
+            if self.uses_cfg() and guidance > 1 else None
         old = self.options.guidance_scale
         if self.guidance_embeds:
             self.options.guidance_scale = guidance
@@ -394,7 +414,7 @@ class Flux2Model(ModelFamily):
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
             negative = req.negative[sl] if req.negative else None
             imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height, req.cfg,
-                                      negative)
+                                      negative, req.controls[sl] if req.controls else None)
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"

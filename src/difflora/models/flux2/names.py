@@ -41,8 +41,9 @@ GLOBAL = {"img_in": "x_embedder", "txt_in": "context_embedder",
           "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
           "single_stream_modulation.lin": "single_stream_modulation.linear",
           "final_layer.linear": "proj_out",
-          "final_layer.adaLN_modulation.1": "norm_out.linear"}  # BFL (shift, scale) = diffusers (scale, shift)
-SWAPPED = "final_layer.adaLN_modulation.1"
+          "final_layer.adaLN_modulation.1": "norm_out.linear"}
+# its output halves are BFL's (shift, scale) in our transformer (files.FinalNormShiftScale), diffusers' (scale, shift)
+SWAPPED_OURS = "norm_out.linear"
 # fused modules of our transformer -> diffusers' own split modules
 SPLIT = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
          "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
@@ -50,8 +51,7 @@ SPLIT = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 
 def module_map(n_double: int, n_single: int, guidance: bool, norms: bool = False) -> dict[str, str]:
     """BFL module path -> our (fused diffusers) module path: every Linear a LoRA may name, or (norms=True) every
-    weight of the model. The final adaLN Linear is a weight only: its output halves are swapped between the
-    layouts, so a LoRA on it would need its rows reordered by every tool; no peer's default targets it."""
+    weight of the model."""
     out = {}
     for i in range(n_double):
         for b, d in {**DOUBLE, **(DOUBLE_NORMS if norms else {})}.items():
@@ -60,7 +60,7 @@ def module_map(n_double: int, n_single: int, guidance: bool, norms: bool = False
         for b, d in {**SINGLE, **(SINGLE_NORMS if norms else {})}.items():
             out[f"single_blocks.{i}.{b}"] = f"single_transformer_blocks.{i}.{d}"
     for b, d in GLOBAL.items():
-        if (guidance or not b.startswith("guidance_in")) and (norms or b != SWAPPED):
+        if guidance or not b.startswith("guidance_in"):
             out[b] = d
     return out
 
@@ -88,22 +88,22 @@ def bfl_to_fused(sd: dict[str, torch.Tensor], n_double: int, n_single: int, guid
     out = {}
     for b, d in module_map(n_double, n_single, guidance, norms=True).items():
         is_norm = b.endswith("_norm")
-        w = sd[f"{b}.scale" if is_norm else f"{b}.weight"]
-        out[f"{d}.weight"] = _swap_halves(w) if b == SWAPPED else w
+        out[f"{d}.weight"] = sd[f"{b}.scale" if is_norm else f"{b}.weight"]
     return out
 
 
 def fused_to_bfl(sd: dict[str, torch.Tensor], n_double: int, n_single: int, guidance: bool) -> dict[str, torch.Tensor]:
     out = {}
     for b, d in module_map(n_double, n_single, guidance, norms=True).items():
-        w = sd[f"{d}.weight"]
-        out[f"{b}.scale" if b.endswith("_norm") else f"{b}.weight"] = _swap_halves(w) if b == SWAPPED else w
+        out[f"{b}.scale" if b.endswith("_norm") else f"{b}.weight"] = sd[f"{d}.weight"]
     return out
 
 
 def diffusers_to_fused(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' split q/k/v -> the fused projections (the rest is unchanged)."""
+    """diffusers' split q/k/v -> the fused projections, the final adaLN in BFL's (shift, scale) order."""
     out = dict(sd)
+    if f"{SWAPPED_OURS}.weight" in out:
+        out[f"{SWAPPED_OURS}.weight"] = _swap_halves(out[f"{SWAPPED_OURS}.weight"])
     for k in [k for k in sd if k.endswith(".attn.to_q.weight") or k.endswith(".attn.add_q_proj.weight")]:
         block = k.rsplit(".attn.", 1)[0]
         fused, pieces = next((f, p) for f, p in SPLIT.items() if k.endswith(p[0] + ".weight"))
@@ -116,7 +116,7 @@ def fused_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         fused = next((f for f in SPLIT if k.endswith(f".{f}.weight")), None)
         if fused is None:
-            out[k] = v
+            out[k] = _swap_halves(v) if k == f"{SWAPPED_OURS}.weight" else v
             continue
         block = k[: -len(f".{fused}.weight")]
         for piece, w in zip(SPLIT[fused], v.chunk(3, dim=0)):
@@ -201,7 +201,8 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
             raise UserError(f"module {mod} is not a module of this FLUX.2 transformer", path=path)
         bfl = bfl_of_ours[diff]
         name = kohya_name(bfl)
-        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = _swap_halves(up) if diff == SWAPPED_OURS else up
         out[f"{name}.alpha"] = torch.tensor(alpha)
     for fused, pieces in fused_pieces.items():
         rows = split_rows[fused]
@@ -272,7 +273,8 @@ def bfl_of_kohya(name: str) -> str:
 
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor], modules: dict[str, str]) -> dict[str, torch.Tensor]:
     """`transformer.<diffusers>` peft keys: fused q/k/v split into diffusers' to_q/k/v (each gets the whole
-    lora_A and its rows of lora_B), scale baked into lora_B; plain LoRA only."""
+    lora_A and its rows of lora_B), the final adaLN's lora_B halves in diffusers' (scale, shift) order, scale
+    baked into lora_B; plain LoRA only."""
     from ...network.adapters import group_modules, is_kohya_lora, module_rank_alpha
 
     out: dict[str, torch.Tensor] = {}
@@ -286,6 +288,8 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor], modules: dict[str, str]
         up = up.float() * module_rank_alpha(cls, parts)[2]
         fused = next((f for f in SPLIT if ours.endswith("." + f)), None)
         if fused is None:
+            if ours == SWAPPED_OURS:
+                up = _swap_halves(up)
             out[f"transformer.{ours}.lora_A.weight"] = down
             out[f"transformer.{ours}.lora_B.weight"] = up.to(down.dtype)
             continue

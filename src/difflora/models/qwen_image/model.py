@@ -47,6 +47,7 @@ TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift")
 MODELSPEC = {"qwen_image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit_2509": "Qwen-Image-Edit-Plus",
              "edit_2511": "Qwen-Image-Edit-2511"}  # musubi-tuner's modelspec.architecture values
 BLOCK = "transformer_blocks"
+PLUS_VARIANTS = ("edit_2509", "edit_2511")  # several control images, each after "Picture i:"
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +236,29 @@ class QwenImageModel(ModelFamily):
     def _template(self) -> str:
         return EDIT_TEMPLATE if self.is_edit else T2I_TEMPLATE
 
+    # ---- edit (control images: the edit methods, generate --control)
+    @property
+    def max_control_images(self) -> int:
+        """Edit: one control image; Edit-2509/2511: several (the pipelines are tuned for up to 3); Qwen-Image: none."""
+        return (3 if self.variant in PLUS_VARIANTS else 1) if self.is_edit else 0
+
+    @property
+    def controls_reach_text_encoder(self) -> bool:
+        return self.is_edit
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents as `control_<i>` tensors; `predict` appends them as reference tokens."""
+        if not self.is_edit:
+            return super().control_conditioning(controls)
+        return Conditioning({f"control_{i}": c for i, c in enumerate(controls)})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pipelines' reference latents: a 1024² area at the control's aspect, sides multiples of 32."""
+        return area_size(EDIT_IMAGE_AREA, width / height)
+
+    def encode_prompts_with_controls(self, prompts: list[str], controls: list[list]) -> Conditioning:
+        return self.encode_prompts_with_images(prompts, controls)
+
     def encode_prompts_with_images(self, prompts: list[str], images: list[list]) -> Conditioning:
         """For the edit models (issue 29's edit method): each prompt with its control images (PIL images) through
         the VL encoder as the pipelines do: Edit sees one image ("<|vision_start|>..."), Edit-2509/2511 see each image
@@ -242,11 +266,12 @@ class QwenImageModel(ModelFamily):
         if not self.is_edit:
             raise UserError("control images are for the Qwen-Image-Edit models; this model is Qwen-Image "
                             "(set model_variant to edit, edit_2509 or edit_2511 with an edit model)", path=self.source)
-        if self.variant == "edit" and any(len(im) > 1 for im in images):
-            raise UserError("Qwen-Image-Edit takes one control image per prompt; Edit-2509/2511 take several")
+        if any(len(im) > self.max_control_images for im in images):
+            raise UserError(f"{MODELSPEC[self.variant]} takes at most {self.max_control_images} control image(s) per "
+                            "prompt", path=self.source)
         out = []
         for prompt, imgs in zip(prompts, images):
-            if self.variant == "edit":
+            if self.variant not in PLUS_VARIANTS:  # Edit: the image itself, no "Picture i:"
                 sized = [im.resize(area_size(EDIT_IMAGE_AREA, im.width / im.height), resample=3) for im in imgs]
                 prefix = EDIT_IMAGE_PROMPT * len(sized)
             else:
@@ -303,7 +328,8 @@ class QwenImageModel(ModelFamily):
     # ---- prediction
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity for unpacked latents (B, 16, h, w); timesteps are σ·1000."""
-        return self.predict_with_references(noisy, timesteps, cond, [])
+        controls = sorted((int(k.split("_")[1]), v) for k, v in cond.tensors.items() if k.startswith("control_"))
+        return self.predict_with_references(noisy, timesteps, cond, [v for _, v in controls])
 
     def predict_with_references(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                                 references: list[torch.Tensor]) -> torch.Tensor:
@@ -398,8 +424,9 @@ class QwenImageModel(ModelFamily):
                 if values is not None:
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
-            cond = self.encode_prompts(req.prompts[sl])
-            uncond = self.encode_prompts(negative[sl]) if req.cfg > 1 else None
+            controls = req.controls[sl] if req.controls else None  # generate --control: with the control images
+            cond = self.encode_with_controls(req.prompts[sl], controls)
+            uncond = self.encode_with_controls(negative[sl], controls) if req.cfg > 1 else None
             lat = self.sample_latents(cond, uncond, req.seeds[sl], req.steps, req.width or self.resolution,
                                       req.height or self.resolution, req.cfg)
             imgs = ((self.decode_latents(lat).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()

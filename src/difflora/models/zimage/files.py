@@ -21,6 +21,7 @@ from .transformer import (fuse_attention, fuse_split_keys, fused_model_to_native
 
 VARIANT_KEY = "difflora.zimage_variant"
 CONFIG_KEY = "difflora.config"
+FOLDER_VARIANT_KEY = "_difflora_zimage_variant"  # in a folder's model_index.json (diffusers ignores "_" keys)
 # Qwen3-4B (the text encoder of Z-Image, also FLUX.2 klein-4B's), written out: no hub
 QWEN3_4B_CONFIG = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -74,7 +75,10 @@ def load_folder(path: Path, *, dtype: torch.dtype, variant: str | None, flow: Fl
     if sched.exists():
         shift = float(json.loads(sched.read_text(encoding="utf-8")).get("shift", SAMPLING_SHIFT))
     fuse_attention(transformer)
-    model = ZImageModel(transformer, vae, text_encoder, tokenizer, variant=resolve_variant(variant, {}),
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8")) if (path / "model_index.json").exists() else {}
+    folder_variant = index.get(FOLDER_VARIANT_KEY)  # difflora's toy flow world writes it ("base")
+    model = ZImageModel(transformer, vae, text_encoder, tokenizer,
+                        variant=resolve_variant(variant, {VARIANT_KEY: folder_variant} if folder_variant else {}),
                         source=str(path), flow=flow, sampling_shift=shift)
     model.freeze()
     return model

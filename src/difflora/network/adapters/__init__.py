@@ -187,11 +187,12 @@ def parse_network_args(args, handled: tuple[str, ...] = ()) -> dict[str, object]
 
 
 def adapter_options(algo: str = "lora", *, use_tucker: bool = False, factor: int = -1, decompose_both: bool = False,
-                    full_matrix: bool = False, dora_wd: bool = False) -> AdapterOptions:
+                    full_matrix: bool = False, dora_wd: bool = False, dora_on_output: bool = False) -> AdapterOptions:
     """The normalised options; `algo` may be an alias (`locon`, `dora`)."""
     name, implied = resolve_algo(algo)
+    dora = dora_wd or implied.get("dora_wd", False)
     opts = AdapterOptions(algo=name, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
-                          full_matrix=full_matrix, dora_wd=dora_wd or implied.get("dora_wd", False))
+                          full_matrix=full_matrix, dora_wd=dora, dora_on_output=dora and dora_on_output)
     if opts.factor == 0 or opts.factor < -1:
         raise UserError(f"network factor must be -1 (most square) or a positive integer, got {factor}")
     return opts
@@ -389,7 +390,8 @@ def normalise_job_keys(job, family_modules: Mapping[str, tuple[str, ...]] | None
 
 
 def adapter_options_of(job) -> AdapterOptions:
-    """The normalised adapter choice of a job (after `normalise_job_keys`)."""
+    """The normalised adapter choice of a job (after `normalise_job_keys`). DoRA saved for diffusers trains peft's
+    output-axis magnitude, the one diffusers loads (`lora_magnitude_vector`)."""
     return adapter_options(job.network_algo, use_tucker=job.network_use_tucker, factor=job.network_factor,
                            decompose_both=job.network_decompose_both, full_matrix=job.network_full_matrix,
-                           dora_wd=job.network_dora)
+                           dora_wd=job.network_dora, dora_on_output=job.save_format == "diffusers")

@@ -52,6 +52,9 @@ class AdapterOptions:
     decompose_both: bool = False  # LoKr: the small factor low-rank too
     full_matrix: bool = False  # LoKr: no low-rank factors at all
     dora_wd: bool = False  # DoRA weight decomposition on top of the algorithm
+    # DoRA's magnitude per output row (peft's lora_magnitude_vector, what diffusers loads) instead of per input
+    # channel (what A1111 and ComfyUI apply): set for save_format = "diffusers"
+    dora_on_output: bool = False
 
     @property
     def is_lycoris(self) -> bool:
@@ -71,7 +74,7 @@ class AdapterOptions:
                 args["full_matrix"] = "True"
         if self.dora_wd:
             args["dora_wd"] = "True"
-            args["wd_on_output"] = "False"
+            args["wd_on_output"] = str(self.dora_on_output)
         return args
 
 
@@ -113,8 +116,10 @@ def dora_delta(w: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -
     return v * (d / (norm + torch.finfo(v.dtype).eps)) - w.to(delta.dtype)
 
 
-def dora_scale_shape(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape difflora writes: input axis, keepdim (1, I[, 1, 1])."""
+def dora_scale_shape(weight_shape: tuple[int, ...], on_output: bool = False) -> tuple[int, ...]:
+    """The shape difflora writes: input axis, keepdim (1, I[, 1, 1]); on the output axis (O, 1[, 1, 1])."""
+    if on_output:
+        return (weight_shape[0], *([1] * (len(weight_shape) - 1)))
     return (1, weight_shape[1], *([1] * (len(weight_shape) - 2)))
 
 
@@ -202,7 +207,7 @@ class Adapter(nn.Module):
         if rank < 1:
             raise ValueError(f"{name}: rank must be >= 1, got {rank}")
         shapes = cls.plan(org, rank, options)
-        dora = dora_scale_shape(tuple(org.weight.shape)) if options.dora_wd else None
+        dora = dora_scale_shape(tuple(org.weight.shape), options.dora_on_output) if options.dora_wd else None
         module = cls(name, org, shapes, cls.stored_alpha(shapes, rank, alpha), dora, dropout, rank_dropout,
                      module_dropout)
         module.init_fresh()

@@ -1,0 +1,140 @@
+"""Several processes, through accelerate: the Accelerator a job asks for, the module it wraps, and what the ranks
+agree on.
+
+Launchers are accelerate's and torch's own (`accelerate launch --multi_gpu`, its config file, `torchrun`), one
+process per device, on one machine or several. The trained LoRA network goes through `accelerator.prepare` inside
+a `TrainingStep` module whose forward is one micro-batch's loss: the LoRA weights enter the frozen model through
+hooks, so DDP (bucketed all-reduce overlapping the backward) has to see the forward that uses them. The frozen
+model stays outside DDP: it has no gradients to average.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStep(nn.Module):
+    """The module accelerate prepares: it owns the trained network, and its forward is a stage's mean loss."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, loss_fn, ctx, batch) -> torch.Tensor:
+        return loss_fn(ctx, batch).mean()
+
+
+def check_launch() -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process: accelerate 1.x runs its simple
+    launcher for --cpu unless an MPI hostfile is given, and tells the child only the rendezvous address. Training
+    alone at the per-process batch would quietly give another LoRA, so say what starts N ranks instead."""
+    launched_by_accelerate_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    rank_known = any(k in os.environ for k in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    if launched_by_accelerate_cpu and "MASTER_ADDR" in os.environ and not rank_known:
+        raise UserError("`accelerate launch --cpu` with --num_processes above 1 started only this one process "
+                        "(accelerate's --cpu launcher needs an MPI hostfile for more); start the ranks with "
+                        "`accelerate launch --multi_gpu --num_processes N` (gloo on a machine without GPUs) or "
+                        "`torchrun --nproc_per_node N -m difflora train JOB`")
+
+
+def quiet_other_processes() -> None:
+    """Log once: the processes other than the first (RANK > 0, set by the launcher) report errors only."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger("difflora").setLevel(logging.ERROR)
+
+
+def make_accelerator(job):
+    """The run's Accelerator: DDP for several processes, DeepSpeed ZeRO when the job asks (fsdp: shard_frozen).
+
+    Each global batch is split over the processes (split_batches: the scheduler steps once per optimizer step,
+    as with one process). Loss scaling stays off: a non-finite gradient stops the run (stages.py) instead of
+    being skipped, with one process or many.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradScalerKwargs
+
+    on_gpu = torch.cuda.is_available()  # (validate.job checked the fsdp / deepspeed keys)
+    plugins = {}
+    if job.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin(zero_stage=job.zero_stage if job.zero_stage is not None else 2,
+                                 gradient_accumulation_steps=job.gradient_accumulation_steps,
+                                 gradient_clipping=job.max_grad_norm if job.max_grad_norm > 0 else None)
+        # no data loader goes through prepare (the batches are difflora's own): DeepSpeed is told the batch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = job.train_batch_size
+        plugins["deepspeed_plugin"] = plugin
+    return Accelerator(
+        mixed_precision=job.mixed_precision, gradient_accumulation_steps=job.gradient_accumulation_steps,
+        cpu=not on_gpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(**_ddp_graph(job)),
+                         GradScalerKwargs(enabled=False)],
+        **plugins)
+
+
+def _ddp_graph(job) -> dict:
+    """The LoRA weights a forward uses are the same at every step: a static graph (weights a family's forward never
+    reaches are found at the first step). Module dropout skips modules at random, and DDP's static graph does not
+    take the no_sync of gradient accumulation: there DDP looks for unused weights after each forward instead."""
+    static = not job.module_dropout and job.gradient_accumulation_steps == 1
+    return {"static_graph": static, "find_unused_parameters": not static}
+
+
+def shard_frozen(denoiser: nn.Module, processes: int) -> int:
+    """FSDP2 (torch's `fully_shard`) of the frozen denoiser over the processes: each block of its outermost
+    ModuleLists becomes one unit, gathered for its forward (and its backward) and split again after; the rest of
+    the denoiser forms the root unit. The LoRA weights stay whole on every process (DDP averages their
+    gradients), so a checkpoint is the main process's own kohya file and resumes with any process count.
+    Returns the number of units."""
+    from torch.distributed.fsdp import fully_shard
+
+    if processes == 1:
+        return 0
+    lists = [name for name, m in denoiser.named_modules() if isinstance(m, nn.ModuleList)]
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
+    blocks = [block for name in outer for block in denoiser.get_submodule(name)
+              if any(True for _ in block.parameters())]
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(denoiser)
+    log.info("fsdp: the denoiser sharded over %d processes (%d blocks and the rest)", processes, len(blocks))
+    return len(blocks) + 1
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any (stop requests reach all ranks at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
+
+
+def mean_over_processes(accelerator, value: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value.reshape(1), "mean").reshape(())
+
+
+def share_from(owner: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` (the same names and shapes on every process) from process `owner` to all, in place."""
+    from accelerate.utils import broadcast
+
+    for name in sorted(tensors):
+        t = tensors[name]
+        t.copy_(broadcast(t.detach().clone(), from_process=owner))
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """Whether an error is a collective failing because another process of the run ended."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(error)
+    return isinstance(error, dist_error) or (isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")))

@@ -1,0 +1,213 @@
+"""What the clients' own loaders do with the new families' LoRA, LoHa, LoKr and DoRA files (the README's client
+table): musubi-tuner's loader (re-derived below) and diffusers' `load_lora_weights` (run). ComfyUI's key map and
+diffusers' plain-LoRA output are checked in each family's own tests and the contract suite.
+
+musubi-tuner's LoRA loader: which of a file's modules it applies.
+
+musubi (kohya-ss/musubi-tuner 30c658c4, `utils/lora_utils.load_safetensors_with_lora_and_fp8`, used by its
+Qwen-Image, Z-Image and FLUX.2 generate scripts) merges a file while loading the DiT: for every `<path>.weight` of its
+own model it looks up `lora_unet_<path with . as _>` and consumes that module's LoRA keys (`lora_down/lora_up/alpha`),
+LoHa's (`hada_w1_a/b`, `hada_w2_a/b`) or LoKr's (`lokr_w1`, `lokr_w2` or `lokr_w2_a/b`); what is left unconsumed is
+only logged ("not all LoRA keys are used"). Its model's weight names: Qwen-Image and Z-Image use diffusers' module
+tree (Z-Image's native fused `attention.qkv` is split into `to_q/k/v` on load), FLUX.2 the BFL one. The name lists
+are the peers' state-dict lists (tests/data/*_keys, made with their own code); musubi's own training names (the
+`kohya` lists, from its `create_arch_network`) must be among them, which checks the choice of list.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from difflora.models import load_model
+from difflora.network.adapters import adapter_options
+from difflora.network.files import save_lora
+from difflora.network.lora import LoRANetwork, NetworkSpec
+
+sys.path.insert(0, str(Path(__file__).parent / "contract"))
+from tiny_families import TINY_FAMILIES  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+# family -> (musubi's model state-dict list, musubi's own trained names)
+MUSUBI_MODEL = {
+    "qwen_image": (DATA / "qwen_image_keys" / "qwen_image_diffusers_statedict.txt",
+                   DATA / "qwen_image_keys" / "qwen_image_kohya.txt"),
+    "zimage": (DATA / "zimage_keys" / "zimage_diffusers_statedict.txt", DATA / "zimage_keys" / "zimage_kohya.txt"),
+    "flux2": (DATA / "flux2_keys" / "flux2_klein_4b_native_statedict.txt",  # the contract suite's tiny is klein-4B
+              DATA / "flux2_keys" / "flux2_klein_4b_kohya.txt"),
+}
+CONSUMED = {"lora": (".lora_down.weight", ".lora_up.weight", ".alpha"),
+            "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"),
+            "lokr": (".lokr_w1", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".alpha")}
+
+
+def musubi_lora_names(state_dict_list: Path) -> set[str]:
+    return {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
+            for k in state_dict_list.read_text().split() if k.endswith(".weight")}
+
+
+def musubi_merge(keys: set[str], names: set[str]) -> tuple[set[str], set[str]]:
+    """(modules musubi merges, keys it leaves unused). It picks the file's type from its first marker key, as
+    `detect_network_type` does, then consumes that type's keys of each of its model's names."""
+    kind = next((t for t, marker in (("lora", "lora_down"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1"))
+                 if any(marker in k for k in keys)), "lora")
+    left, merged = set(keys), set()
+    for name in names:
+        if name + CONSUMED[kind][0] in left:
+            merged.add(name)
+            left -= {name + s for s in CONSUMED[kind]}
+    return merged, left
+
+
+def saved_file(model, folder: Path, algo: str) -> Path:
+    """A kohya-format file of `algo` on the family's default targets, with visible random weights."""
+    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0,
+                                                               adapter=adapter_options(algo)))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    path = folder / f"{algo}.safetensors"
+    save_lora(model.export_lora(net.state_dict(), "kohya"), path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(MUSUBI_MODEL))
+def tiny(request, tmp_path_factory):
+    family = request.param
+    spec = TINY_FAMILIES[family]
+    folder = tmp_path_factory.mktemp(family) / "model"
+    spec.build(folder)
+    return family, load_model(folder, options={k: v for k, v in spec.job_keys.items() if k == "zimage_variant"}), folder
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "dora"])
+def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo):
+    family, model, _ = tiny
+    state_dict_list, musubi_trains = MUSUBI_MODEL[family]
+    names = musubi_lora_names(state_dict_list)
+    assert set(musubi_trains.read_text().split()) <= names  # the list is musubi's model
+    path = saved_file(model, tmp_path, algo)
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    modules = {k.split(".", 1)[0] for k in keys}
+    merged, left = musubi_merge(keys, names)
+    print(f"musubi merges {len(merged)}/{len(modules)} modules of difflora's {family} {algo} file; "
+          f"{len(left)} keys unused")
+    if family == "zimage":  # difflora names the fused qkv / out natively (ComfyUI's names): musubi's split model
+        # has no `attention_qkv` / `attention_out`, so only the feed-forward applies
+        assert {m.rsplit("_", 1)[0] for m in modules - merged} == {f"lora_unet_layers_{i}_attention" for i in range(30)}
+        assert len(merged) == 90 and len(modules) == 150
+        return
+    assert merged == modules
+    if algo == "dora":  # musubi 30c658c4 has no DoRA: the LoRA part applies, dora_scale is left unused
+        assert left == {m + ".dora_scale" for m in modules}
+    else:
+        assert not left
+
+
+# ------------------------------------------------------------------ ComfyUI's key map, every adapter
+# ComfyUI's model state dicts (tests/data/*_keys, made with ComfyUI's own model classes; Qwen-Image's equals diffusers')
+COMFYUI_MODEL = {"qwen_image": DATA / "qwen_image_keys" / "qwen_image_diffusers_statedict.txt",
+                 "zimage": DATA / "zimage_keys" / "zimage_native_statedict.txt",
+                 "flux2": DATA / "flux2_keys" / "flux2_klein_4b_native_statedict.txt"}
+COMFYUI_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b",
+                    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b")
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "dora"])
+def test_comfyui_key_map_applies_every_adapter_module(tiny, tmp_path, algo):
+    """ComfyUI (comfy/lora.py model_lora_keys_unet, generic branch: `lora_unet_<native path with _>` for every
+    weight of its model) maps each module; load_lora then consumes the module's adapter keys, `alpha` and
+    `dora_scale` (it applies LoRA, LoHa, LoKr and DoRA by the keys present), leaving none "not loaded"."""
+    family, model, _ = tiny
+    names = musubi_lora_names(COMFYUI_MODEL[family])  # the same spelling rule: lora_unet_ + path with _
+    with safe_open(saved_file(model, tmp_path, algo), "pt") as f:
+        keys = set(f.keys())
+    loaded = {n + s for n in names for s in (*COMFYUI_SUFFIXES, ".alpha", ".dora_scale")} & keys
+    modules = {k.split(".", 1)[0] for k in keys}
+    print(f"ComfyUI maps {len({k.split('.', 1)[0] for k in loaded})}/{len(modules)} modules of the {family} {algo} file")
+    assert loaded == keys
+
+
+# ------------------------------------------------------------------ diffusers' load_lora_weights (0.42)
+# What it does with each LyCORIS file (plain LoRA loads whole and gives difflora's output: the contract suite):
+# "raises" an error naming the LyCORIS keys it could not convert; "ignored": loads without an error and changes
+# nothing; "lora part": loads the LoRA factors and drops dora_scale.
+DIFFUSERS = {
+    ("qwen_image", "loha"): "raises", ("qwen_image", "lokr"): "raises", ("qwen_image", "dora"): "lora part",
+    ("zimage", "loha"): "raises", ("zimage", "lokr"): "raises", ("zimage", "dora"): "lora part",
+    ("flux2", "loha"): "ignored", ("flux2", "lokr"): "raises", ("flux2", "dora"): "lora part",
+}
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
+    from safetensors.torch import load_file
+
+    from difflora.network.apply import network_from_file
+
+    family, model, folder = tiny
+    path = saved_file(model, tmp_path, algo)
+    side = 4 * model.latent_downscale
+    with torch.no_grad():
+        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
+    x, t = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    cond = model.encode_prompts(["a face"])
+
+    def ours(file: Path) -> torch.Tensor:
+        net = network_from_file(model, file, 1.0)
+        try:
+            with torch.no_grad():
+                return model.predict(x, t, cond)
+        finally:
+            net.remove()
+
+    with torch.no_grad():
+        base = model.predict(x, t, cond)
+    client = TINY_FAMILIES[family].client_unet
+    expected = DIFFUSERS[(family, algo)]
+    if expected == "raises":
+        with pytest.raises(Exception, match="lokr_w|hada_w|lora_unet_") as e:
+            client(folder, path, {"x": x, "t": t, "cond": cond})
+        print(f"diffusers, {family} {algo}: {type(e.value).__name__}")
+        return
+    theirs = client(folder, path, {"x": x, "t": t, "cond": cond})
+    whole = ours(path)
+    assert float((whole - base).abs().max()) > 1e-3  # the file changes difflora's output
+    if expected == "ignored":
+        torch.testing.assert_close(theirs, base, rtol=0, atol=1e-6)
+        return
+    lora_part = tmp_path / "lora_part.safetensors"
+    save_lora({k: v for k, v in load_file(str(path)).items() if not k.endswith(".dora_scale")}, lora_part)
+    torch.testing.assert_close(theirs, ours(lora_part), rtol=1e-4, atol=1e-5)
+    assert float((theirs - whole).abs().max()) > 1e-3
+
+
+# ------------------------------------------------------------------ FLUX.1's T5 in diffusers
+def test_diffusers_flux_pipeline_skips_t5_peft_keys(tmp_path):
+    """Why `save_format = "diffusers"` refuses `train_t5xxl` (models/flux/model.py check_save_format): FluxPipeline's
+    load_lora_weights puts peft keys of `transformer.` on the transformer but none of `text_encoder_2.` (T5) on T5,
+    without an error."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("dev", 1, 1).save(tmp_path / "model")
+    pipe = FluxPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    t5_q = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    g = torch.Generator().manual_seed(0)
+    save_file({"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.randn(2, t5_q.in_features, generator=g),
+               "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.randn(t5_q.out_features, 2, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, to_q.in_features, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(to_q.out_features, 2, generator=g)},
+              str(tmp_path / "peft.safetensors"))
+    pipe.load_lora_weights(str(tmp_path / "peft.safetensors"))
+    assert hasattr(pipe.transformer.transformer_blocks[0].attn.to_q, "lora_A")
+    assert not any(hasattr(m, "lora_A") for m in pipe.text_encoder_2.modules())

@@ -1,0 +1,197 @@
+"""Several processes on accelerate's engine (DDP over gloo on the CPU), on the tiny SD1 model.
+
+Launched as users launch: `torchrun` and `accelerate launch --multi_gpu` (which starts CPU ranks through
+torch.distributed.run on a machine without GPUs; `accelerate launch --cpu` starts one process only and is refused).
+N processes at per-process batch b must train the LoRA one process trains at batch N*b. Tolerance: the inputs are
+identical (tests/test_sdxl_train.py checks the split), but float sums run in another order (CPU kernels depend on
+the batch size; DDP averages the gradients in its all-reduce instead of inside one batch mean): last-bit noise,
+which SGD at a stable learning rate passes through (weights move by ~1e-1; measured 5e-8). That DDP itself works
+the same for every family is the contract suite's part (one process there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import _write_pairs, write_job
+from difflora.config import load_job
+from difflora.errors import UserError
+from difflora.train.loop import train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, for the launched processes too
+
+
+def _env(tmp_path) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", DIFFLORA_TEST_RUN=str(tmp_path),
+                PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(how: str, job: Path, *args: str, quiet: bool = True) -> list[str]:
+    train_args = ["-m", "difflora", *(["-q"] if quiet else []), "train", str(job), *args]
+    if how == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *train_args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *train_args]
+
+
+def _standard(tmp_path, tiny_sd1_dir, faces16, **keys) -> Path:
+    body = {"model": f'"{tiny_sd1_dir}"', "train_data_dir": f'"{faces16}"', "resolution": 16, "network_dim": 4,
+            "network_alpha": 4, "optimizer_type": '"SGD"', "learning_rate": 0.05, "max_train_steps": 6,
+            "train_batch_size": 1, "output_dir": f'"{tmp_path / "out"}"', "log_with": '"none"', "seed": 3, **keys}
+    return write_job(tmp_path / "job.toml", "".join(f"{k} = {v}\n" for k, v in body.items()))
+
+
+def _one_process(job: Path, name: str, batch: int, **more) -> dict[str, torch.Tensor]:
+    overrides = [f"train_batch_size={batch}", f"output_name='{name}'"] + [f"{k}={v}" for k, v in more.items()]
+    return load_file(str(train(load_job(job, overrides))))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(tmp_path, tiny_sd1_dir, faces16):
+    """torchrun, with gradient accumulation (accelerate's accumulate: DDP's no_sync on the first micro-batch) and
+    fsdp = true (the frozen U-Net's blocks sharded with FSDP2 over gloo; the LoRA whole on each process, saved
+    once). `accelerate launch` (DDP's static graph, no accumulation, no sharding) is the killed-rank test's."""
+    job = _standard(tmp_path, tiny_sd1_dir, faces16, gradient_accumulation_steps=2)
+    r = subprocess.run(_launch("torchrun", job, "--set", "output_name='two'", "--set", "fsdp=true", quiet=False),
+                       cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved ") == 1  # the main process saves (and says so) once
+    assert r.stderr.count("fsdp: the denoiser sharded over 2 processes (7 blocks and the rest)") == 1, r.stderr
+    two = load_file(str(tmp_path / "out" / "two.safetensors"))
+    one = _one_process(job, "one", 2)
+    ups = [k for k in one if k.endswith("lora_up.weight")]
+    assert max(one[k].abs().max().item() for k in ups) > 1e-3  # it trained
+    assert _max_diff(two, one) < 1e-6
+    single = _one_process(job, "single", 1)  # and it really ran as two ranks: one process at batch 1 ends elsewhere
+    assert max((single[k] - one[k]).abs().max().item() for k in ups) > 1e-4
+
+
+def test_per_pair_stages_fan_out_over_the_processes(tmp_path, tiny_sd1_dir):
+    """Pair i trains on process i mod 2 alone, at the per-process batch, and every process averages them: the same
+    LoRA as one process, bit for bit (each pair's arithmetic is one process's)."""
+    pairs = tmp_path / "pairs"
+    _write_pairs(pairs, 2, 16)
+    body = (f'model = "{tiny_sd1_dir}"\nmethod = "addift"\nper_pair_average = true\nnetwork_dim = 4\n'
+            f'network_alpha = 4\nlearning_rate = 0.05\noptimizer_type = "SGD"\nmax_train_steps = 3\nseed = 3\n'
+            f'output_dir = "{tmp_path / "out"}"\nlog_with = "none"\n'
+            f'[[datasets]]\nresolution = 16\n[[datasets.subsets]]\nimage_dir = "{pairs}"\n')
+    job = write_job(tmp_path / "pairs.toml", body)
+    events = tmp_path / "events.jsonl"
+    r = subprocess.run(_launch("torchrun", job, "--set", "output_name='two'", "--events", str(events)),
+                       cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _one_process(job, "one", 1)
+    assert max(v.abs().max().item() for k, v in one.items() if k.endswith("lora_up.weight")) > 1e-4
+    assert _max_diff(load_file(str(tmp_path / "out" / "two.safetensors")), one) == 0.0
+    # the main process trained pair 0 only; pair 1 came from the other process
+    started = [json.loads(line)["stage"] for line in events.read_text().splitlines()
+               if json.loads(line)["type"] == "stage_started"]
+    assert [s.split(".")[0] for s in started] == ["pair000"], started
+
+
+def _pids_of_run(tmp_path) -> dict[int, int]:
+    """rank -> pid of the training processes this test started (their environment names the test's folder)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if env.get("DIFFLORA_TEST_RUN") == str(tmp_path) and "RANK" in env:
+            out[int(env["RANK"])] = int(proc.name)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_killed_rank_ends_the_run_and_its_state_resumes_with_another_process_count(tmp_path, tiny_sd1_dir,
+                                                                                      faces16):
+    """accelerate launch, 2 processes: rank 1 is killed after the state at step 2 was saved (the main process
+    frozen meanwhile, so the run cannot end first). The main process ends with one line and the state stays
+    intact; one process at the same global batch (2) resumes it to the LoRA an uninterrupted run makes, and one
+    at another global batch is refused in one line."""
+    job = _standard(tmp_path, tiny_sd1_dir, faces16, max_train_steps=30, save_state_every_n_steps=2,
+                    output_name='"r"')
+    proc = subprocess.Popen(_launch("accelerate", job), cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "out" / "r-state"
+    deadline = time.monotonic() + 300
+    while not (state / "state.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pids = _pids_of_run(tmp_path)
+    os.kill(pids[0], signal.SIGSTOP)
+    os.kill(pids[1], signal.SIGKILL)
+    os.kill(pids[0], signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("difflora:")]
+    assert len(lines) == 1 and "another process of this run ended" in lines[0], err[-3000:]
+    assert not (tmp_path / "out" / "r.safetensors").exists()
+    saved_at = json.loads((state / "state.json").read_text())["tree"]["step"]
+    assert 2 <= saved_at < 30
+
+    with pytest.raises(UserError, match=r"cannot resume: the state was trained at a global batch of \[2\]"):
+        train(load_job(job, ["train_batch_size=1"]), resume="auto")
+    resumed = load_file(str(train(load_job(job, ["train_batch_size=2"]), resume="auto")))
+    whole = _one_process(job, "whole", 2)
+    assert _max_diff(resumed, whole) < 1e-6
+
+
+def test_accelerate_cpu_launch_of_several_processes_is_refused(monkeypatch, run_cli, tmp_path, tiny_sd1_dir,
+                                                               faces16):
+    """`accelerate launch --cpu --num_processes 2` starts one process with only the rendezvous address set
+    (accelerate 1.x: its --cpu launcher needs an MPI hostfile for more): one line naming what starts N ranks,
+    nothing trained."""
+    job = _standard(tmp_path, tiny_sd1_dir, faces16)
+    for k in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    code, _, err = run_cli("train", job)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "started only this one process" in err and "--multi_gpu" in err and "torchrun" in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch --cpu` of one process: trains
+    assert run_cli("train", job)[0] == 0
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"fsdp": "true", "deepspeed": "true"}, "fsdp and deepspeed cannot both be true"),
+    ({"zero_stage": 3}, "zero_stage needs deepspeed = true"),
+    ({"zero_stage": 5}, "zero_stage"),
+    ({"deepspeed": "true"}, "deepspeed: needs the deepspeed package"),
+    ({"fsdp": "true", "network_algo": '"loha"'}, "fsdp: trains plain LoRA/LoCon only"),
+])
+def test_sharding_keys_are_validated_in_one_line(run_cli, tmp_path, tiny_sd1_dir, faces16, keys, message):
+    import importlib.util
+
+    if "needs the deepspeed package" in message and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    code, _, err = run_cli("train", _standard(tmp_path, tiny_sd1_dir, faces16, **keys))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,206 @@
+"""Edit models: per-pair instructions, the edit methods' losses on numbers, control images through the families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflora.data.instructions import instruction_path, read_instruction, write_instruction
+from difflora.errors import UserError
+
+
+def test_instruction_file_next_to_the_before_image(tmp_path):
+    before = tmp_path / "cat.png"
+    assert instruction_path(before) == tmp_path / "cat.instruction.txt"
+    assert read_instruction(before) is None
+    write_instruction(before, "  make the fur orange \n")
+    assert (tmp_path / "cat.instruction.txt").read_text(encoding="utf-8") == "make the fur orange\n"
+    assert read_instruction(before) == "make the fur orange"
+    with pytest.raises(UserError, match="one line"):
+        write_instruction(before, "two\nlines")
+    assert read_instruction(before) == "make the fur orange"  # a refused write leaves the file as it was
+    write_instruction(before, "   ")
+    assert not instruction_path(before).exists() and read_instruction(before) is None
+
+
+# ------------------------------------------------------------------ the losses on numbers
+class _EditModel:
+    """A stand-in edit model: velocity = 0.5·z + 0.25·control + m (m: the LoRA's multiplier), flow matching."""
+
+    max_control_images, controls_reach_text_encoder = 1, False
+
+    def __init__(self):
+        from difflora.models.objectives import FlowMatchingObjective
+
+        self.objective, self.m = FlowMatchingObjective(1000), 0.0
+
+    def control_conditioning(self, controls):
+        from difflora.models.base import Conditioning
+
+        return Conditioning({"control": controls[0]})
+
+    def predict(self, noisy, t, cond):
+        return 0.5 * noisy + 0.25 * cond.tensors["control"] + self.m
+
+
+class _Multiplier:
+    def __init__(self, model):
+        self.model = model
+
+    def set_multiplier(self, m):
+        self.model.m = float(m)
+
+
+def _slider_context(step: int, preserve: float):
+    from types import SimpleNamespace
+
+    from difflora.methods.base import Batch, StepContext
+    from difflora.models.base import Conditioning
+
+    model = _EditModel()
+    b = torch.tensor([[[[0.2, -0.4], [1.0, 0.0]]]])  # before
+    a = torch.tensor([[[[0.2, 0.6], [-1.0, 0.0]]]])  # after: differs in the two cells the mask marks
+    eps = torch.tensor([[[[0.5, 0.1], [-0.3, 0.7]]]])
+    mask = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    batch = Batch(latents={"x": b, "after": a}, captions={"instruction": ["close the eyes"]}, noise=eps,
+                  timesteps=torch.tensor([400.0]), loss_weight=torch.ones(1), step=step, mask_fn=lambda *_: mask)
+    job = SimpleNamespace(min_snr_gamma=0, **{"edit-slider": SimpleNamespace(
+        multiplier=0.5, preserve_weight=preserve, diff_mask_threshold=10.0, diff_mask_dilate=2, prompt="instruction")})
+    ctx = StepContext(model=model, network=_Multiplier(model), job=job, step=step,
+                      encode=lambda prompts: Conditioning({"txt": torch.zeros(len(prompts), 1)}))
+    return ctx, batch
+
+
+def test_edit_slider_loss_is_its_formula():
+    """README: even steps mean(M·(v_{+m}(q(a)|b) - (ε - a))²) + λ·mean((1-M)·(v_{+m} - f)²); odd steps the same with
+    a and b swapped at -m. With v_m = 0.5·z + 0.25·c + m: σ = 0.4, m = 0.5, λ = 2, numbers worked by hand."""
+    from difflora.methods.edit import edit_slider_loss
+
+    # even: z = 0.6·a + 0.4·ε = [[0.32, 0.40], [-0.72, 0.28]]; v = 0.5z + 0.25b + 0.5 = [[0.71, 0.6], [0.39, 0.64]];
+    # ε - a = [[0.3, -0.5], [0.7, 0.7]]; in the mask: (0.6+0.5)² + (0.39-0.7)² = 1.21 + 0.0961 = 1.3061 -> /4;
+    # outside it v - f = m = 0.5 on two cells: 2·0.25 = 0.5 -> /4, ·λ
+    ctx, batch = _slider_context(0, 2.0)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.3061 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    # odd: z = 0.6·b + 0.4·ε = [[0.32, -0.2], [0.48, 0.28]]; v = 0.5z + 0.25a - 0.5 = [[-0.29, -0.45], [-0.51, -0.36]];
+    # ε - b = [[0.3, 0.5], [-1.3, 0.7]]; in the mask: 0.95² + 0.79² = 0.9025 + 0.6241 = 1.5266 -> /4; outside: m² again
+    ctx, batch = _slider_context(1, 2.0)
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4 + 2.0 * 0.5 / 4, abs=1e-6)
+    ctx, batch = _slider_context(1, 0.0)  # no preservation: the mask's cells alone
+    assert float(edit_slider_loss(ctx, batch)[0]) == pytest.approx(1.5266 / 4, abs=1e-6)
+
+
+# ------------------------------------------------------------------ trained edit LoRAs in diffusers' edit pipelines
+def _pairs(folder: Path, side: int, n: int = 2) -> Path:
+    """n face pairs (eyes open -> closed) of side x side pixels, each with its instruction file."""
+    from difflora.toy import faces as F
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        _, _, before, after = F.make_pair(200 + i, "eyes", "open", "closed")
+        Image.fromarray(before).resize((side, side), Image.BILINEAR).save(folder / f"{i:03d}.png")
+        Image.fromarray(after).resize((side, side), Image.BILINEAR).save(folder / f"{i:03d}_after.png")
+        write_instruction(folder / f"{i:03d}.png", "close the eyes")
+    return folder
+
+
+def _train_edit(model_dir: Path, pairs: Path, out: Path, method: str, **keys) -> Path:
+    from difflora.config import JobConfig, apply_method_defaults
+    from difflora.train.loop import train
+
+    job = {"model": str(model_dir), "method": method, "resolution": 32, "train_batch_size": 1, "max_train_steps": 2,
+           "learning_rate": 2e-2, "network_dim": 2, "network_alpha": 2.0, "output_dir": str(out), "output_name": "e",
+           "log_with": "none", "seed": 3, "datasets": [{"subsets": [{"image_dir": str(pairs)}]}], **keys}
+    return train(apply_method_defaults(JobConfig.model_validate(job)))
+
+
+def _difflora_control_image(model, lora_path: Path, control: Path, prompt: str, **req) -> np.ndarray:
+    from difflora.generate import GenerationRequest, control_images, generate
+    from difflora.network.apply import network_from_file
+
+    lora = network_from_file(model, lora_path)
+    try:
+        return generate(model, [lora], GenerationRequest([prompt], [3], controls=[control_images(model, [control])],
+                                                         **req), output="float")[0]
+    finally:
+        lora.remove()
+
+
+def test_flux2_edit_slider_file_in_flux2_klein_pipeline_equals_generate_control(tmp_path):
+    """An edit slider trained on tiny FLUX.2 klein: Flux2KleinPipeline(image=...) + load_lora_weights gives the image
+    `generate --control` gives, at +1 and at -1 (the reverse edit)."""
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.models import load_model
+    from difflora.models.flux2.tiny import write_tiny
+
+    folder = write_tiny(tmp_path / "m", "klein-4b")["folder"]
+    pairs = _pairs(tmp_path / "pairs", 64)  # the pipeline's smallest reference image; trained at 32
+    path = _train_edit(folder, pairs, tmp_path / "out", "edit-slider")
+    model = load_model(folder)
+    control = pairs / "000.png"
+    pipe = Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="close the eyes", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                output_type="np")
+    without = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call)
+    pipe.load_lora_weights(str(path), adapter_name="edit")
+    for weight in (1.0, -1.0):
+        pipe.set_adapters(["edit"], [weight])
+        want = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3),
+                    **call).images[0]
+        model_req = dict(steps=2, cfg=4.0, multipliers={0: [weight]}, width=32, height=32)
+        got = _difflora_control_image(model, path, control, "close the eyes", **model_req)
+        assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
+        assert np.abs(got - want).max() <= 1e-4, weight
+
+
+def _qwen_vl_processor(folder: Path):
+    """transformers' Qwen2VLProcessor over the folder's PIL image processor and tokenizer: its constructor demands
+    a video processor, which needs torchvision (not installable here), so the object is made without it; its
+    __call__ (what the edit pipelines use: text and images) needs none."""
+    from transformers import Qwen2VLProcessor, Qwen2Tokenizer
+
+    from difflora.models.qwen_image.tiny import tiny_image_processor
+
+    tok = Qwen2Tokenizer.from_pretrained(folder / "processor")
+    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    proc.image_processor, proc.tokenizer, proc.video_processor, proc.chat_template = tiny_image_processor(), tok, None, None
+    proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+    proc.image_token_id, proc.video_token_id = (tok.convert_tokens_to_ids(t) for t in (proc.image_token, proc.video_token))
+    return proc
+
+
+def test_qwen_image_edit_file_in_qwen_image_edit_pipeline_equals_generate_control(tmp_path, monkeypatch):
+    """An edit LoRA trained on tiny Qwen-Image-Edit: QwenImageEditPipeline(image=...) + load_lora_weights gives the
+    image `generate --control` gives. Both sides size the reference at a 64² area instead of 1024² (the tiny VAE
+    takes 30 s for a 1024² image on one thread), and the control is 64² (no resampling on either side)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
+    from diffusers import QwenImageEditPipeline
+
+    import difflora.models.qwen_image.model as qwen
+    from difflora.models import load_model
+    from difflora.models.qwen_image.tiny import write_tiny_folder
+
+    area = 64 * 64
+    real_dimensions = edit_pipeline.calculate_dimensions
+    monkeypatch.setattr(edit_pipeline, "calculate_dimensions", lambda _area, ratio: real_dimensions(area, ratio))
+    monkeypatch.setattr(qwen, "EDIT_IMAGE_AREA", area)
+    folder = write_tiny_folder(tmp_path / "m", "edit", num_layers=4)
+    pairs = _pairs(tmp_path / "pairs", 64, n=1)
+    path = _train_edit(folder, pairs, tmp_path / "out", "edit")
+    model = load_model(folder)
+    control = pairs / "000.png"
+    pipe = QwenImageEditPipeline.from_pretrained(folder, processor=_qwen_vl_processor(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="close the eyes", height=32, width=32, num_inference_steps=2, true_cfg_scale=1.0,
+                output_type="np")
+    without = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call)
+    pipe.load_lora_weights(str(path))
+    want = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call).images[0]
+    got = _difflora_control_image(model, path, control, "close the eyes", steps=2, cfg=1.0, width=32, height=32)
+    assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
+    assert np.abs(got - want).max() <= 1e-4

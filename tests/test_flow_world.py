@@ -1,0 +1,115 @@
+"""The flow world (`difflora toy train-base --world flow`) on a microscopic schedule: a resumed run matches an
+uninterrupted one, the folder loads through the zimage family and generates, a LoRA trained on it carries
+Z-Image's kohya names, and an edit (Omni-layout) forward puts the loss on the target's tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflora.toy import flow_model
+from difflora.toy.train_flow import FlowTrainConfig, train_flow
+
+MICRO = FlowTrainConfig(n_images=6, n_edit_pairs=4, steps=4, batch=2, edit_batch=2, edit_every=1, warmup=2,
+                        checkpoint_every=2, transformer=flow_model.transformer_config(dim=32, n_layers=2,
+                                                                                      n_refiner_layers=1, n_heads=2))
+KOHYA_COMFY = set((Path(__file__).parent / "data" / "zimage_keys" / "zimage_kohya_comfy.txt").read_text().split())
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow_world")
+    full = train_flow(root / "full_out", root / "full_work", MICRO)
+    return root, full
+
+
+def test_resumed_flow_training_matches_uninterrupted(trained):
+    from difflora.toy.train_flow import FlowTrainer
+
+    root, full = trained
+
+    def run(steps):  # the training stage alone (no export), in one work folder
+        trainer = FlowTrainer(root / "part_work", replace(MICRO, steps=steps))
+        transformer, _ = trainer.train(*trainer.cache_latents(trainer.load_vae()))
+        return transformer.state_dict()
+
+    early = run(2)  # interrupted after 2 steps (the latent cache is reused), then resumed to 4
+    resumed, a = run(4), _weights(full)
+    assert a.keys() == resumed.keys()
+    assert max((a[k] - resumed[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - early[k]).abs().max().item() for k in a) > 1e-4  # the steps after the restart moved it
+
+
+def test_flow_folder_loads_as_zimage_base_and_generates_faces_size(trained):
+    from difflora.models import load_model
+    from difflora.models.zimage.model import ZImageModel
+
+    _, full = trained
+    model = load_model(full)  # no zimage_variant given: the folder records "base"
+    assert isinstance(model, ZImageModel) and model.variant == "base"
+    assert model.resolution == 64 and model.latent_downscale == 4
+    assert model.vae.config.shift_factor == 0.0 and model.vae.config.scaling_factor == pytest.approx(0.32811)
+    img = model.text_to_image(["a face, red hair"], [1], steps=2)
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_lora_trained_on_the_flow_model_carries_zimage_kohya_names(trained, tmp_path):
+    from conftest import _write_pairs
+    from difflora.config import JobConfig, apply_method_defaults
+    from difflora.network.adapters import by_module
+    from difflora.train.loop import train
+
+    _, full = trained
+    _write_pairs(tmp_path / "pairs", 2, 64)
+    job = apply_method_defaults(JobConfig.model_validate({
+        "model": str(full), "method": "standard", "resolution": 64, "train_batch_size": 2, "max_train_steps": 1,
+        "output_dir": str(tmp_path / "lora"), "output_name": "lora", "log_with": "none", "seed": 1,
+        "datasets": [{"subsets": [{"image_dir": str(tmp_path / "pairs"), "caption_extension": ".txt"}]}]}))
+    names = set(by_module(load_file(str(train(job)))))
+    assert names and names <= KOHYA_COMFY
+    assert {n.split("_")[3] for n in names} == {"0", "1"}  # both of the 2 layers
+
+
+def test_edit_forward_puts_the_loss_on_the_target_tokens_only():
+    torch.manual_seed(0)
+    tok = flow_model.build_tokenizer()
+    te = flow_model.build_text_encoder(tok)
+    tr = flow_model.build_transformer(MICRO.transformer)
+    seen = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen["out"] = output
+
+    tr.all_final_layer["2-1"].register_forward_hook(keep)
+    segments = [flow_model.encode_segments(tok, te, flow_model.edit_texts(flow_model.instruction("hair", "red")))]
+    ref = torch.randn(1, 4, 8, 8, requires_grad=True)
+    noisy = torch.randn(1, 4, 8, 8)
+    out = flow_model.edit_forward(tr, ref, noisy, torch.tensor([0.3]), segments)
+    assert out.shape == noisy.shape
+    out.pow(2).mean().backward()
+    rows = seen["out"].grad[0].abs().sum(-1) > 0
+    assert int(rows.sum()) == 16  # the target's 4x4 patches; the reference's 16 and the captions' get none
+    assert ref.grad.abs().sum() > 0  # ...while the reference still conditions the target through attention
+
+
+def test_tokenizer_keeps_prompt_words_whole_and_wraps_prompts_as_zimage_does():
+    from difflora.models.zimage.model import PROMPT_TEMPLATE
+
+    tok = flow_model.build_tokenizer()
+    text = "a face, dark skin, blonde hair, gray background, eyes closed, neutral, no glasses, detailed"
+    assert len(tok(text).input_ids) == len(text.replace(",", " ,").split())  # one token per word and comma
+    assert flow_model.t2i_text("x") == PROMPT_TEMPLATE.format("x")
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                   add_generation_prompt=True) == PROMPT_TEMPLATE.format("x")
+    ids = tok(flow_model.edit_texts("change to red hair")).input_ids
+    assert all(tok.convert_ids_to_tokens(i)[0] in ("<|im_start|>", "<|vision_end|>") for i in ids)
