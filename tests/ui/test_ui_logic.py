@@ -459,7 +459,7 @@ def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
 
     before = ws.root / "pairs" / "eyes" / "000.png"
     path = ws.root / "pairs" / "eyes" / "000.instruction.txt"
-    assert P.read_instruction(before) == ""
+    assert P.read_instruction(before) is None
     P.write_instruction(before, " close the eyes ")
     assert path.read_text() == "close the eyes\n" and P.read_instruction(before) == "close the eyes"
     with pytest.raises(UserError, match="one line"):

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.dataset import difference_mask, pair_difference
+from ..data.instructions import read_instruction, write_instruction  # noqa: F401  (the Pairs page's)
 from ..data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from ..errors import UserError
 from ..fileio import atomic_path, write_text_atomic
@@ -60,34 +61,6 @@ def read_caption(image: Path) -> str:
 
 def write_caption(image: Path, text: str) -> None:
     write_text_atomic(caption_path(image), " ".join(text.split()) + "\n")
-
-
-# An edit model's instruction for one pair (issue #29's convention): NAME.instruction.txt beside NAME.png. The
-# same rules as the data layer's helper on the edit branch (data/instructions.py), which replaces these once merged.
-INSTRUCTION_SUFFIX = ".instruction.txt"
-
-
-def instruction_path(before: Path) -> Path:
-    return before.with_name(before.stem + INSTRUCTION_SUFFIX)
-
-
-def read_instruction(before: Path) -> str:
-    """The pair's instruction ("" when it has none)."""
-    p = instruction_path(before)
-    return next((line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), "") \
-        if p.is_file() else ""
-
-
-def write_instruction(before: Path, text: str) -> None:
-    """Save the pair's one-line instruction; a blank one removes the file (the pair then has none of its own)."""
-    path = instruction_path(before)
-    text = (text or "").strip()
-    if "\n" in text or "\r" in text:
-        raise UserError("an edit instruction is one line of text", path=path)
-    if text:
-        write_text_atomic(path, text + "\n")
-    else:
-        path.unlink(missing_ok=True)
 
 
 def latent_factor(model: str | None) -> int:
