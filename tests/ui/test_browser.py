@@ -428,7 +428,7 @@ def test_one_run_through_every_page(shared, page, browser, screenshots, tmp_path
     # Tools: a resize above the file's rank says the rank written; its output is not replaced unconfirmed;
     # a merge that cancels out says so
     tab(page, "Tools")
-    page.get_by_role("tab", name="Resize").click()
+    page.get_by_role("tab", name="Resize", exact=True).click()
     fill(page, "tool-resize-lora", rel)
     page.keyboard.press("Enter")
     fill(page, "tool-resize-rank", "8")
@@ -441,7 +441,7 @@ def test_one_run_through_every_page(shared, page, browser, screenshots, tmp_path
     page.screenshot(path=str(screenshots / "tools.png"), full_page=True)
     (ws / "loras").mkdir()
     shutil.copyfile(lora, ws / "loras" / "copy.safetensors")
-    page.get_by_role("tab", name="Merge").click()
+    page.get_by_role("tab", name="Merge", exact=True).click()
     choose(page, "tool-merge-loras", f"last · run {run.name}")
     page.keyboard.press("Escape")
     choose(page, "tool-merge-loras", "loras/copy.safetensors")
