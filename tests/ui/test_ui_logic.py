@@ -459,9 +459,12 @@ def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
 
     before = ws.root / "pairs" / "eyes" / "000.png"
     path = ws.root / "pairs" / "eyes" / "000.instruction.txt"
-    assert P.read_instruction(before) == ""
-    P.write_instruction(before, " close\n the  eyes ")
+    assert P.read_instruction(before) is None
+    P.write_instruction(before, " close the eyes ")
     assert path.read_text() == "close the eyes\n" and P.read_instruction(before) == "close the eyes"
+    with pytest.raises(UserError, match="one line"):
+        P.write_instruction(before, "close\nthe eyes")
+    assert path.read_text() == "close the eyes\n"
     items, _, names = show_pairs(page_context(ws), "pairs/eyes", "_after", 10.0, 2, "")
     assert names == ["000", "001"]  # the instruction file is no pair of its own
     assert items[0][1].endswith(" · edit: close the eyes") and "edit:" not in items[1][1]

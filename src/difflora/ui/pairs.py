@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.dataset import difference_mask, pair_difference
+from ..data.instructions import read_instruction, write_instruction  # noqa: F401  (the Pairs page's)
 from ..data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from ..errors import UserError
 from ..fileio import atomic_path, write_text_atomic
@@ -60,28 +61,6 @@ def read_caption(image: Path) -> str:
 
 def write_caption(image: Path, text: str) -> None:
     write_text_atomic(caption_path(image), " ".join(text.split()) + "\n")
-
-
-# An edit model's instruction for one pair (issue #29's convention): NAME.instruction.txt beside NAME.png.
-INSTRUCTION_SUFFIX = ".instruction.txt"
-
-
-def instruction_path(before: Path) -> Path:
-    return before.with_name(before.stem + INSTRUCTION_SUFFIX)
-
-
-def read_instruction(before: Path) -> str:
-    p = instruction_path(before)
-    return " ".join(p.read_text(encoding="utf-8").split()) if p.is_file() else ""
-
-
-def write_instruction(before: Path, text: str) -> None:
-    """Save the pair's instruction; a blank one removes the file (the pair then has no instruction of its own)."""
-    text = " ".join((text or "").split())
-    if text:
-        write_text_atomic(instruction_path(before), text + "\n")
-    else:
-        instruction_path(before).unlink(missing_ok=True)
 
 
 def latent_factor(model: str | None) -> int:

@@ -144,6 +144,9 @@ def build(ctx) -> LivePage:
     outputs = [summary, loss_plot, lr_plot, latest, samples, log]
     shown = gr.State(None)  # per browser tab: what the files were at the last update
     timer.tick(tick, [pick, shown], [pick, *outputs, shown], show_progress="hidden")
+    # the tail follows the end whatever was appended at once (Gradio's autoscroll stops after a large jump)
+    log.change(None, None, None, js="() => { const t = document.querySelector('#live-log textarea'); "
+                                    "if (t) { t.scrollTop = t.scrollHeight; } }")
     pick.change(refresh, pick, outputs, show_progress="hidden")
     pick.focus(lambda: gr.update(choices=run_choices()), None, pick)
 

@@ -220,7 +220,7 @@ def build(ctx) -> None:
             p = pair_of(f, s, name)
         except UserError:
             return "", "", ""
-        return P.read_caption(p.before), P.read_caption(p.after) if p.after else "", P.read_instruction(p.before)
+        return P.read_caption(p.before), P.read_caption(p.after) if p.after else "", P.read_instruction(p.before) or ""
 
     def on_save(f, s, name, cb, ca, edit):
         try:
