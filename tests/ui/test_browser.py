@@ -50,8 +50,17 @@ def tab(page, name: str) -> None:
 
 def choose(page, elem_id: str, option: str) -> None:
     """Pick an option of a Gradio dropdown as a user does."""
-    page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    # a picker refreshed by its timer re-renders the open list (the option is detached under the click): open it
+    # again and retry, as a user would
+    for attempt in range(5):
+        page.locator(f"#{elem_id} input").first.click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+            return
+        except Exception:
+            if attempt == 4:
+                raise
+            page.keyboard.press("Escape")
 
 
 def text_of(page, selector: str) -> str:
