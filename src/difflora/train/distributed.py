@@ -53,8 +53,8 @@ def check_launch() -> None:
     if launched_by_accelerate_cpu and "MASTER_ADDR" in os.environ and not rank_known:
         raise UserError("`accelerate launch --cpu` with --num_processes above 1 started only this one process "
                         "(accelerate's --cpu launcher starts more through mpirun only, with an MPI hostfile); "
-                        "give it one (`accelerate config`: multi-CPU, mpirun, hostfile; or --mpirun_hostfile "
-                        "FILE), or start the ranks with `accelerate launch --multi_gpu --num_processes N` (gloo on "
+                        "add --mpirun_hostfile FILE (or save it with `accelerate config` and launch without "
+                        "--cpu), or start the ranks with `accelerate launch --multi_gpu --num_processes N` (gloo on "
                         "a machine without GPUs) or `torchrun --nproc_per_node N -m difflora train JOB`")
 
 
