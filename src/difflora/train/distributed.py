@@ -32,17 +32,30 @@ class TrainingStep(nn.Module):
         return loss_fn(ctx, batch).mean()
 
 
+_MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def check_launch() -> None:
-    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process: accelerate 1.x runs its simple
-    launcher for --cpu unless an MPI hostfile is given, and tells the child only the rendezvous address. Training
-    alone at the per-process batch would quietly give another LoRA, so say what starts N ranks instead."""
+    """`accelerate launch --cpu --num_processes N` (N > 1) starts N ranks through mpirun when accelerate knows an
+    MPI hostfile (its config's mpirun_config, or --mpirun_hostfile), and ONE process otherwise (accelerate 1.x's
+    simple launcher then tells the child only the rendezvous address). Training alone at the per-process batch
+    would quietly give another LoRA, so that one process says what starts N ranks instead. Ranks that mpirun
+    started get torch's RANK / WORLD_SIZE now (accelerate sets them only when its Accelerator starts): the
+    output lock and the logging pick the main process before that."""
     launched_by_accelerate_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    rank_known = any(k in os.environ for k in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    if launched_by_accelerate_cpu and "WORLD_SIZE" not in os.environ and any(k in os.environ for k in _MPI_SIZE):
+        from accelerate.utils.environment import get_cpu_distributed_information
+
+        ranks = get_cpu_distributed_information()
+        os.environ.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world_size), LOCAL_RANK=str(ranks.local_rank),
+                          LOCAL_WORLD_SIZE=str(ranks.local_world_size))
+    rank_known = any(k in os.environ for k in ("WORLD_SIZE", "RANK"))
     if launched_by_accelerate_cpu and "MASTER_ADDR" in os.environ and not rank_known:
         raise UserError("`accelerate launch --cpu` with --num_processes above 1 started only this one process "
-                        "(accelerate's --cpu launcher needs an MPI hostfile for more); start the ranks with "
-                        "`accelerate launch --multi_gpu --num_processes N` (gloo on a machine without GPUs) or "
-                        "`torchrun --nproc_per_node N -m difflora train JOB`")
+                        "(accelerate's --cpu launcher starts more through mpirun only, with an MPI hostfile); "
+                        "add --mpirun_hostfile FILE (or save it with `accelerate config` and launch without "
+                        "--cpu), or start the ranks with `accelerate launch --multi_gpu --num_processes N` (gloo on "
+                        "a machine without GPUs) or `torchrun --nproc_per_node N -m difflora train JOB`")
 
 
 def quiet_other_processes() -> None:
