@@ -21,7 +21,7 @@ from difflora.pathpolicy import PathPolicy
 NOT_PATHS = {"keep_tokens_separator", "caption_separator", "caption_prefix", "caption_suffix", "caption_extension",
              "class_tokens", "after_suffix", "network_only_if_contains", "network_ignore_if_contains", "network_module",
              "network_args", "network_algo", "optimizer_args", "output_name", "training_comment", "sample_sampler",
-             "edit_instruction"}
+             "edit_instruction", "prompt"}
 
 
 def _tables(annotation) -> list[type[BaseModel]]:
