@@ -70,6 +70,18 @@ def _random_faces(rng: np.random.Generator, n: int, held_out: bool | None = Fals
     return attrs, [int(s) for s in seeds]
 
 
+@torch.no_grad()
+def ema_update(pairs, step: int, max_decay: float) -> None:
+    """EMA of each (ema state dict, model) pair, decay min(max_decay, (1 + step) / (10 + step)) (fast at first)."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for ema, model in pairs:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
 def base_denoising_loss(pred: torch.Tensor, noise: torch.Tensor, snr_weight: torch.Tensor,
                         region: torch.Tensor | None = None, region_weight: float = 0.0) -> torch.Tensor:
     """mean_i( w_i · mean_chw( (1 + region_weight · region_i) · (pred_i - noise_i)^2 ) ), region in {0, 1}."""
@@ -261,14 +273,7 @@ class BaseTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema, model in ((ema_unet, unet), (ema_te, te)):
-                    for k, v in model.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                        else:
-                            ema[k].copy_(v)
+            ema_update(((ema_unet, unet), (ema_te, te)), step, cfg.ema_decay)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
                 save_state(state_dir, {"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet,

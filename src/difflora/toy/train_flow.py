@@ -33,7 +33,7 @@ from ..models.zimage.files import FOLDER_VARIANT_KEY
 from ..models.zimage.model import TRAIN_FLOW
 from ..statefile import load_state, save_state
 from . import faces, flow_model
-from .train_base import _images_to_tensor, _lr_factor, _random_faces
+from .train_base import _images_to_tensor, _lr_factor, _random_faces, ema_update
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,7 @@ class FlowTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema, model in ((ema_tr, transformer), (ema_te, te)):
-                    for k, v in model.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                        else:
-                            ema[k].copy_(v)
+            ema_update(((ema_tr, transformer), (ema_te, te)), step, cfg.ema_decay)
             if edit is not None:
                 edit_loss = edit.item()
             bar.set_postfix(loss=f"{t2i.item():.4f}", edit=f"{edit_loss:.4f}")
