@@ -16,6 +16,7 @@ are the peers' state-dict lists (tests/data/*_keys, made with their own code); m
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -63,16 +64,23 @@ def musubi_merge(keys: set[str], names: set[str]) -> tuple[set[str], set[str]]:
     return merged, left
 
 
-def saved_file(model, folder: Path, algo: str) -> Path:
-    """A kohya-format file of `algo` on the family's default targets, with visible random weights."""
-    net = LoRANetwork.create(model.lora_targets(), NetworkSpec(network_dim=2, network_alpha=1.0,
-                                                               adapter=adapter_options(algo)))
+def random_network(model, algo: str, first_blocks: bool = False, **options) -> LoRANetwork:
+    """`algo` on the family's default targets (first_blocks: those of block 0 of each stack, fused q/k/v
+    included), with visible random weights."""
+    targets = [t for t in model.lora_targets() if not first_blocks or re.search(r"_(blocks|layers)_0_", t.name)]
+    net = LoRANetwork.create(targets, NetworkSpec(network_dim=2, network_alpha=1.0,
+                                                  adapter=adapter_options(algo, **options)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    path = folder / f"{algo}.safetensors"
-    save_lora(model.export_lora(net.state_dict(), "kohya"), path)
+    return net
+
+
+def saved_file(model, folder: Path, algo: str, save_format: str = "kohya", **options) -> Path:
+    """A file of `algo` in `save_format` (kohya: difflora's default names)."""
+    path = folder / f"{algo}_{save_format}.safetensors"
+    save_lora(model.export_lora(random_network(model, algo, **options).state_dict(), save_format), path)
     return path
 
 
@@ -110,6 +118,74 @@ def test_musubi_loader_applies_every_module_of_a_saved_file(tiny, tmp_path, algo
         assert not left
 
 
+# Z-Image's "musubi" save_format: musubi's own split names (the default kohya file keeps the native fused names,
+# the only spelling both ComfyUI and diffusers take whole; musubi's split names lose ComfyUI's attention)
+MUSUBI_ADAPTERS = {"lora": {}, "loha": {}, "lokr": {"factor": 6}}  # LoKr: w1's rows must split in three
+
+
+@pytest.mark.parametrize("tiny", ["zimage"], indirect=True)
+@pytest.mark.parametrize("algo", list(MUSUBI_ADAPTERS))
+def test_zimage_musubi_format_loads_whole_in_musubi_and_reads_back_exactly(tiny, tmp_path, algo):
+    from difflora.network.files import load_lora
+
+    _, model, folder = tiny
+    net = random_network(model, algo, **MUSUBI_ADAPTERS[algo])
+    path = tmp_path / "musubi.safetensors"
+    save_lora(model.export_lora(net.state_dict(), "musubi"), path)
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    modules = {k.split(".", 1)[0] for k in keys}
+    state_dict_list, musubi_trains = MUSUBI_MODEL["zimage"]
+    assert modules == set(musubi_trains.read_text().split())  # musubi's own 210 names
+    merged, left = musubi_merge(keys, musubi_lora_names(state_dict_list))
+    comfyui = modules & musubi_lora_names(COMFYUI_MODEL["zimage"])  # its Lumina2 branch adds no lora_unet_ names
+    print(f"musubi merges {len(merged)}/{len(modules)} modules of the musubi-format {algo} file, {len(left)} keys "
+          f"unused; ComfyUI's generic key map {len(comfyui)}")
+    assert merged == modules and not left
+    assert len(comfyui) == 90  # the feed-forward only: what the save warns about
+    # read back (generate, network_weights, the tools with a model): the very tensors that were trained
+    back = model.adapt_lora_file(load_lora(path)).tensors
+    state = net.state_dict()
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    # diffusers' loader: the LoRA file whole, as the default file (its kohya converter takes the split names);
+    # LoHa and LoKr raise as they do in the default layout
+    x, t, cond = client_inputs(model)
+    client = TINY_FAMILIES["zimage"].client_unet
+    if algo != "lora":
+        with pytest.raises(ValueError, match="state_dict` should be empty|decompose_factor") as e:
+            client(folder, path, {"x": x, "t": t, "cond": cond})
+        print(f"diffusers, musubi-format {algo}: {type(e.value).__name__}")
+        return
+    net.apply_to()
+    try:
+        with torch.no_grad():
+            ours = model.predict(x, t, cond)
+            net.set_multiplier(0.0)
+            without = model.predict(x, t, cond)
+    finally:
+        net.set_multiplier(1.0)
+        net.remove()
+    theirs = client(folder, path, {"x": x, "t": t, "cond": cond})
+    print("max |diffusers - difflora| with the musubi-format file:", float((theirs - ours).abs().max()))
+    assert float((ours - without).abs().max()) > 1e-2
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiny", ["zimage"], indirect=True)
+def test_zimage_musubi_format_refuses_what_musubi_cannot_apply_before_training(tiny, caplog):
+    from difflora.errors import UserError
+
+    _, model, _ = tiny
+    with caplog.at_level("WARNING"):
+        model.check_save_format("musubi", adapter_options("lora"))
+    assert sum("ComfyUI only the 90 feed-forward" in r.getMessage() for r in caplog.records) == 1
+    for options, problem in (({"algo": "lora", "dora_wd": True}, "DoRA (musubi-tuner has none)"),
+                             ({"algo": "lokr"}, "w1 has 8 rows, which do not split into q, k and v")):
+        with pytest.raises(UserError, match=re.escape(problem)) as e:
+            model.check_save_format("musubi", adapter_options(**options))
+        assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------ ComfyUI's key map, every adapter
 # ComfyUI's model state dicts (tests/data/*_keys, made with ComfyUI's own model classes; Qwen-Image's equals diffusers')
 COMFYUI_MODEL = {"qwen_image": DATA / "qwen_image_keys" / "qwen_image_diffusers_statedict.txt",
@@ -145,6 +221,15 @@ DIFFUSERS = {
 }
 
 
+def client_inputs(model):
+    """A latent, timestep and prompt for one denoiser call (difflora's and a client's)."""
+    side = 4 * model.latent_downscale
+    with torch.no_grad():
+        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
+    x, t = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    return x, t, model.encode_prompts(["a face"])
+
+
 @pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
 def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
     from safetensors.torch import load_file
@@ -153,11 +238,7 @@ def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
 
     family, model, folder = tiny
     path = saved_file(model, tmp_path, algo)
-    side = 4 * model.latent_downscale
-    with torch.no_grad():
-        channels = model.encode_images(torch.zeros(1, 3, side, side), sample=False).shape[1]
-    x, t = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    cond = model.encode_prompts(["a face"])
+    x, t, cond = client_inputs(model)
 
     def ours(file: Path) -> torch.Tensor:
         net = network_from_file(model, file, 1.0)
@@ -186,6 +267,46 @@ def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
     save_lora({k: v for k, v in load_file(str(path)).items() if not k.endswith(".dora_scale")}, lora_part)
     torch.testing.assert_close(theirs, ours(lora_part), rtol=1e-4, atol=1e-5)
     assert float((theirs - whole).abs().max()) > 1e-3
+
+
+def test_dora_saved_for_diffusers_loads_whole_in_the_pipeline(tiny, tmp_path, caplog):
+    """DoRA with save_format = "diffusers" (magnitude trained per output row): peft's lora_magnitude_vector, split
+    with q/k/v where diffusers splits them; the family's pipeline.load_lora_weights gives difflora's output with the
+    file (not the LoRA part's), and the file reads back to the network that wrote it."""
+    from safetensors.torch import load_file
+
+    from difflora.network.apply import network_from_file
+
+    family, model, folder = tiny
+    options = {"dora_wd": True, "dora_on_output": True}
+    with caplog.at_level("WARNING"):
+        model.check_save_format("diffusers", adapter_options("lora", **options))
+    assert sum("magnitude is trained per output row" in r.getMessage() for r in caplog.records) == 1
+    net = random_network(model, "lora", first_blocks=True, **options)  # diffusers' DoRA loading is slow per module
+    path = tmp_path / "dora_diffusers.safetensors"
+    save_lora(model.export_lora(net.state_dict(), "diffusers"), path)
+    written = load_file(str(path))
+    assert sum(".lora_magnitude_vector" in k for k in written) == sum(".lora_B." in k for k in written) > 0
+    lora_part = tmp_path / "lora_part.safetensors"
+    save_lora({k: v for k, v in net.state_dict().items() if not k.endswith(".dora_scale")}, lora_part)
+    x, t, cond = client_inputs(model)
+
+    def ours(file: Path) -> torch.Tensor:
+        loaded = network_from_file(model, file, 1.0)
+        try:
+            with torch.no_grad():
+                return model.predict(x, t, cond)
+        finally:
+            loaded.remove()
+
+    back = network_from_file(model, path, 1.0, attach=False).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in net.state_dict().items() if k.endswith(".dora_scale"))
+    whole, part = ours(path), ours(lora_part)
+    theirs = TINY_FAMILIES[family].client_unet(folder, path, {"x": x, "t": t, "cond": cond})
+    print(f"{family}: max |diffusers - difflora| with the DoRA file {float((theirs - whole).abs().max()):.2e}; "
+          f"without the magnitude {float((part - whole).abs().max()):.3f}")
+    assert float((part - whole).abs().max()) > 1e-2  # the magnitude matters
+    torch.testing.assert_close(theirs, whole, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ FLUX.1's T5 in diffusers

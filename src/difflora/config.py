@@ -212,8 +212,8 @@ class JobOptions(DatasetOptions):
     save_every_n_epochs: int | None = Field(None, ge=1)
     save_every_n_steps: int | None = Field(None, ge=1)
     save_state: bool = False
-    # LoRA file layout: diffusers (FLUX, Z-Image) and comfyui (Z-Image) for families that have one
-    save_format: Literal["kohya", "comfyui", "diffusers"] = "kohya"
+    # LoRA file layout: diffusers, comfyui, musubi (Z-Image's split q/k/v names) for families that have one
+    save_format: Literal["kohya", "musubi", "comfyui", "diffusers"] = "kohya"
     save_state_every_n_steps: int | None = Field(None, ge=1)
     overwrite: bool = False
     training_comment: str | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ..fileio import PICKLE_SUFFIXES, atomic_path, load_safetensors, require_fin
 from .adapters import (KOHYA_LORA_MODULE, LYCORIS_MODULE, Adapter, by_module, detect, group_modules, is_kohya_lora,
                        module_rank_alpha, module_shapes)
 from .metadata import describe_plain_lora
+
+log = logging.getLogger(__name__)
 
 def save_dtype(name: str | None) -> torch.dtype | None:
     """save_precision: None keeps the tensors' own dtype."""
@@ -135,6 +138,37 @@ def _fmt_alpha(a: float) -> str:
 _PEFT_KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 # DoRA's magnitude per output row (peft saves it without `.weight`; transformers' text encoders with it)
 _PEFT_MAGNITUDE = re.compile(r"^(?P<mod>.+?)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+
+
+def warn_dora_for_diffusers(adapter) -> None:
+    """Once before training: DoRA saved for diffusers trains the output-axis magnitude (adapter.dora_on_output)."""
+    if adapter.dora_wd:
+        log.warning('DoRA with save_format = "diffusers": the magnitude is trained per output row, as peft\'s '
+                    "lora_magnitude_vector that diffusers loads; ComfyUI applies DoRA per input channel (the kohya "
+                    "files' axis), so save the kohya format for it")
+
+
+def peft_lora_parts(parts: dict[str, torch.Tensor], name: str, save_format: str = "diffusers"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A kohya module as peft holds it: (lora_A, lora_B with alpha/rank baked in, DoRA's lora_magnitude_vector or
+    None). peft's magnitude is one per output row, so only an output-axis `dora_scale` (O, 1) has that form (DoRA
+    trained with save_format = "diffusers"); LoHa, LoKr and Tucker cores have none. A UserError otherwise."""
+    cls = detect(parts)
+    plain = {k: v for k, v in parts.items() if k != "dora_scale"}
+    if cls is None or not is_kohya_lora(cls, plain):
+        raise UserError(f"save_format = {save_format!r} holds LoRA (and DoRA) modules only; {name} is "
+                        f"{cls.title if cls else 'not a LoRA module'} (save it as kohya)")
+    down, up = plain["lora_down.weight"], plain["lora_up.weight"]
+    rank = down.shape[0]
+    scale = (float(plain["alpha"]) if "alpha" in plain else float(rank)) / rank
+    magnitude = parts.get("dora_scale")
+    if magnitude is not None:
+        if magnitude.shape[0] != up.shape[0] or magnitude.numel() != up.shape[0]:
+            raise UserError(f"module {name}: DoRA's dora_scale {tuple(magnitude.shape)} is per input channel "
+                            "(A1111/ComfyUI's axis); diffusers' lora_magnitude_vector is per output row: train with "
+                            'save_format = "diffusers" from the start, or save the kohya format')
+        magnitude = magnitude.reshape(-1)
+    return down, (up.float() * scale).to(down.dtype), magnitude
 
 
 def peft_module_to_kohya(module_path: str) -> str:

@@ -204,6 +204,14 @@ class Flux2Model(ModelFamily):
                             f"{_what_lora_is(foreign)}", path=lora.path)
         return lora
 
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """What export_lora refuses (one module), and DoRA for diffusers' note (peft's per-row magnitude)."""
+        from ...network.files import warn_dora_for_diffusers
+
+        super().check_save_format(save_format, adapter)
+        if save_format == "diffusers":
+            warn_dora_for_diffusers(adapter)
+
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names (musubi's; loads in ComfyUI and diffusers as is), "comfyui" (`diffusion_model.` + BFL path,
         ai-toolkit's spelling, scale baked in) or "diffusers" (`transformer.` + diffusers path, q/k/v split)."""

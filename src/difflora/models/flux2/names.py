@@ -10,7 +10,8 @@ has a bias, the MLPs are SwiGLU (`ff.linear_in` / `linear_out`) and the single b
 LoRA spellings read and written here (one module name each; the reference lists in the
 tests): kohya `lora_unet_<bfl with _>`; ComfyUI / ai-toolkit `diffusion_model.<bfl>` (lora_A/B, no alpha:
 the scale is baked into lora_B, because diffusers' FLUX.2 loader fails on `.alpha` keys with that prefix);
-diffusers `transformer.<diffusers>` with q/k/v split (A shared, B's rows split, scale baked); DiffSynth's
+diffusers `transformer.<diffusers>` with q/k/v split (A shared, B's rows split, scale baked, DoRA's
+per-row `lora_magnitude_vector` split with them); DiffSynth's
 bare diffusers names with `.default.`; musubi's `convert_lora.py --target other` files, whose
 `img_attn_qkv` / `img_attn_proj` spellings (musubi #905) are repaired on reading.
 """
@@ -126,7 +127,9 @@ def fused_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ LoRA files
 _SUFFIXES = (".lora_A.default.weight", ".lora_B.default.weight", ".lora_A.weight", ".lora_B.weight",
-             ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+             ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", ".lora_magnitude_vector.weight",
+             ".lora_magnitude_vector.default", ".lora_magnitude_vector")
+_MAGNITUDE = (".lora_magnitude_vector.weight", ".lora_magnitude_vector.default", ".lora_magnitude_vector")
 _DOWN = (".lora_A.default.weight", ".lora_A.weight", ".lora_down.weight")
 _MUSUBI_OTHER = re.compile(r"\.(img|txt)_attn_(qkv|proj)$")  # musubi #905: `img_attn_qkv` for `img_attn.qkv`
 
@@ -136,7 +139,7 @@ def _split_key(key: str, path) -> tuple[str, str]:
         if key.endswith(s):
             return key[: -len(s)], s
     raise UserError(f"unrecognised key {key!r} in a FLUX.2 LoRA (only LoRA's lora_A/lora_B, lora_down/lora_up, "
-                    "alpha and dora_scale are read in this spelling)", path=path)
+                    "alpha, dora_scale and lora_magnitude_vector are read in this spelling)", path=path)
 
 
 def is_peer_spelling(keys) -> bool:
@@ -152,8 +155,10 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
 
     `modules`: BFL path -> our module path (module_map); `split_rows`: our fused module -> rows of one piece.
     Scales come from `.alpha` keys, else the file's peft `lora_alpha`, else 1 (alpha = rank: ai-toolkit,
-    diffusers and DiffSynth bake it in). Split q/k/v pieces of one fused module are stacked: their downs
-    one under another, their ups block-diagonal, so ΔW is the same; alpha is then the stacked rank.
+    diffusers and DiffSynth bake it in). Split q/k/v pieces of one fused module are stacked: with one shared down
+    (what difflora's diffusers export writes) their ups one under another, back to the module that wrote them;
+    otherwise their downs one under another and their ups block-diagonal, so ΔW is the same and alpha is the
+    stacked rank. peft's DoRA `lora_magnitude_vector` (per output row) stacks with the rows: dora_scale (O, 1).
     """
     try:
         peft_alpha = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("lora_alpha")
@@ -172,7 +177,7 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
     for key, value in tensors.items():
         mod, suffix = _split_key(key, path)
         parts.setdefault(mod, {})[suffix] = value
-    fused_pieces: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    fused_pieces: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
     out: dict[str, torch.Tensor] = {}
     for mod, p in parts.items():
         down = next((p[s] for s in _DOWN if s in p), None)
@@ -182,6 +187,7 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
                             path=path)
         rank = down.shape[0]
         alpha = float(p[".alpha"]) if ".alpha" in p else float(peft_alpha if peft_alpha is not None else rank)
+        magnitude = next((p[s].reshape(-1, 1) for s in _MAGNITUDE if s in p), p.get(".dora_scale"))
         bfl = _bfl_path(mod)
         if bfl is not None:
             if bfl not in ours_of_bfl:
@@ -189,13 +195,13 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
             name = kohya_name(bfl)
             out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
             out[f"{name}.alpha"] = torch.tensor(alpha)
-            if ".dora_scale" in p:
-                out[f"{name}.dora_scale"] = p[".dora_scale"]
+            if magnitude is not None:
+                out[f"{name}.dora_scale"] = magnitude
             continue
         diff = _diffusers_path(mod)
         if diff in piece_of:
             fused, i = piece_of[diff]
-            fused_pieces.setdefault(fused, {})[i] = (down.float(), up.float() * (alpha / rank))
+            fused_pieces.setdefault(fused, {})[i] = (down.float(), up.float() * (alpha / rank), magnitude)
             continue
         if diff not in bfl_of_ours:
             raise UserError(f"module {mod} is not a module of this FLUX.2 transformer", path=path)
@@ -204,17 +210,29 @@ def peer_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = _swap_halves(up) if diff == SWAPPED_OURS else up
         out[f"{name}.alpha"] = torch.tensor(alpha)
+        if magnitude is not None:
+            out[f"{name}.dora_scale"] = _swap_halves(magnitude) if diff == SWAPPED_OURS else magnitude
     for fused, pieces in fused_pieces.items():
         rows = split_rows[fused]
-        rank = sum(d.shape[0] for d, _ in pieces.values())
+        name = kohya_name(bfl_of_ours[fused])
+        magnitudes = [m for _, _, m in pieces.values() if m is not None]
+        if magnitudes and len(magnitudes) != 3:
+            raise UserError(f"{name}: DoRA's magnitude is on only some of its q/k/v pieces", path=path)
+        if magnitudes:
+            out[f"{name}.dora_scale"] = torch.cat([pieces[i][2] for i in range(3)])
+        if len(pieces) == 3 and all(torch.equal(pieces[i][0], pieces[0][0]) for i in range(3)):
+            out[f"{name}.lora_down.weight"] = pieces[0][0]
+            out[f"{name}.lora_up.weight"] = torch.cat([pieces[i][1] for i in range(3)])
+            out[f"{name}.alpha"] = torch.tensor(float(pieces[0][0].shape[0]))
+            continue
+        rank = sum(d.shape[0] for d, _, _ in pieces.values())
         down = torch.cat([pieces[i][0] for i in sorted(pieces)])
         up = torch.zeros(3 * rows, rank)
         col = 0
         for i in sorted(pieces):
-            d, u = pieces[i]
+            d, u, _ = pieces[i]
             up[i * rows:(i + 1) * rows, col:col + d.shape[0]] = u
             col += d.shape[0]
-        name = kohya_name(bfl_of_ours[fused])
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
         out[f"{name}.alpha"] = torch.tensor(float(rank))
     return out
@@ -274,27 +292,27 @@ def bfl_of_kohya(name: str) -> str:
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor], modules: dict[str, str]) -> dict[str, torch.Tensor]:
     """`transformer.<diffusers>` peft keys: fused q/k/v split into diffusers' to_q/k/v (each gets the whole
     lora_A and its rows of lora_B), the final adaLN's lora_B halves in diffusers' (scale, shift) order, scale
-    baked into lora_B; plain LoRA only."""
-    from ...network.adapters import group_modules, is_kohya_lora, module_rank_alpha
+    baked into lora_B, DoRA's per-row magnitude as peft's lora_magnitude_vector; LoRA and DoRA only."""
+    from ...network.adapters import group_modules
+    from ...network.files import peft_lora_parts
 
     out: dict[str, torch.Tensor] = {}
-    for name, (cls, parts) in group_modules(tensors, "LoRA").items():
-        if not is_kohya_lora(cls, parts):
-            raise UserError(f"save_format = \"diffusers\" holds plain LoRA modules only; {name} is another adapter "
-                            "(save it as kohya or comfyui)")
-        bfl = bfl_of_kohya(name)
-        ours = modules[bfl]
-        down, up = (parts[k] for k in cls.required)
-        up = up.float() * module_rank_alpha(cls, parts)[2]
+    for name, (_, parts) in group_modules(tensors, "LoRA").items():
+        down, up, magnitude = peft_lora_parts(parts, name)
+        ours = modules[bfl_of_kohya(name)]
         fused = next((f for f in SPLIT if ours.endswith("." + f)), None)
         if fused is None:
-            if ours == SWAPPED_OURS:
+            if ours == SWAPPED_OURS:  # rows in diffusers' (scale, shift) order, DoRA's magnitude with them
                 up = _swap_halves(up)
-            out[f"transformer.{ours}.lora_A.weight"] = down
-            out[f"transformer.{ours}.lora_B.weight"] = up.to(down.dtype)
-            continue
-        block = ours[: -len(fused) - 1]
-        for piece, rows in zip(SPLIT[fused], up.chunk(3, dim=0)):
-            out[f"transformer.{block}.{piece}.lora_A.weight"] = down.clone()
-            out[f"transformer.{block}.{piece}.lora_B.weight"] = rows.contiguous().to(down.dtype)
+                magnitude = None if magnitude is None else _swap_halves(magnitude)
+            pieces = [(ours, up, magnitude)]
+        else:  # diffusers' split q/k/v: the whole lora_A, each its rows of lora_B and of the magnitude
+            block = ours[: -len(fused) - 1]
+            mags = [None] * 3 if magnitude is None else magnitude.chunk(3)
+            pieces = [(f"{block}.{p}", rows, m) for p, rows, m in zip(SPLIT[fused], up.chunk(3, dim=0), mags)]
+        for module, rows, m in pieces:
+            out[f"transformer.{module}.lora_A.weight"] = down.clone() if fused else down
+            out[f"transformer.{module}.lora_B.weight"] = rows.contiguous()
+            if m is not None:
+                out[f"transformer.{module}.lora_magnitude_vector"] = m.contiguous()
     return out

@@ -81,8 +81,8 @@ def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> di
     """kohya tensors in the layout the job asked for. "comfyui": `diffusion_model.<path>` with lora_A / lora_B and
     alpha/rank baked into lora_B (ComfyUI, ai-toolkit and diffusers read it at scale 1); LoHa / LoKr / DoRA modules
     keep kohya's names there, which ComfyUI maps too (its generic `lora_unet_` branch) and which every LoRA reader
-    here and in diffusers splits correctly. "diffusers": `transformer.<path>` lora_A / lora_B, baked; plain LoRA only
-    (diffusers reads no LyCORIS file for Qwen-Image)."""
+    here and in diffusers splits correctly. "diffusers": `transformer.<path>` lora_A / lora_B, baked, with DoRA's
+    per-row `lora_magnitude_vector`; LoRA and DoRA only (diffusers reads no LoHa / LoKr file for Qwen-Image)."""
     if save_format == "kohya":
         return tensors
     if save_format not in ("comfyui", "diffusers"):
@@ -95,24 +95,35 @@ def export_lora(model, tensors: dict[str, torch.Tensor], save_format: str) -> di
         parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
         path = prefix + paths[name]
         cls = detect(parts)
-        if cls is not None and is_kohya_lora(cls, parts):
+        if save_format == "diffusers":  # peft's lora_A / lora_B (+ DoRA's per-row lora_magnitude_vector)
+            from ...network.files import peft_lora_parts
+
+            down, up, magnitude = peft_lora_parts(parts, name)
+            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = down, up
+            if magnitude is not None:
+                out[f"{path}.lora_magnitude_vector"] = magnitude
+        elif cls is not None and is_kohya_lora(cls, parts):
             down, up = (parts[k] for k in cls.required)
             alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
             out[f"{path}.lora_A.weight"] = down
             out[f"{path}.lora_B.weight"] = (up.float() * (alpha / down.shape[0])).to(up.dtype)
-        elif save_format == "comfyui":
-            out.update({f"{name}.{suffix}": v for suffix, v in parts.items()})
         else:
-            raise UserError(f"save_format = \"diffusers\" holds plain LoRA modules only; {name} is "
-                            f"{'DoRA' if 'dora_scale' in parts else 'a LyCORIS module'} (use kohya or comfyui)")
+            out.update({f"{name}.{suffix}": v for suffix, v in parts.items()})
     return out
 
 
 def check_save_format(save_format: str, adapter) -> None:
-    """Before training: diffusers' Qwen-Image loader reads peft lora_A / lora_B only (no LoHa, LoKr or DoRA)."""
-    if save_format == "diffusers" and adapter.is_lycoris:
+    """Before training: diffusers' Qwen-Image loader reads peft lora_A / lora_B (+ DoRA's per-row
+    lora_magnitude_vector), no LoHa, LoKr or Tucker core."""
+    if save_format != "diffusers":
+        return
+    if adapter.algo != "lora" or adapter.use_tucker:
         from ...network.adapters import ADAPTERS
 
-        what = "DoRA" if adapter.dora_wd else ADAPTERS[adapter.algo].title
+        what = ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
         raise UserError(f'save_format = "diffusers" with {what}: diffusers loads Qwen-Image LoRAs as peft lora_A / '
-                        'lora_B, which holds no LoHa, LoKr or DoRA; save kohya or comfyui (ComfyUI applies them)')
+                        'lora_B (+ DoRA\'s magnitude), which holds no LoHa, LoKr or Tucker core; save kohya or comfyui '
+                        '(ComfyUI applies them)')
+    from ...network.files import warn_dora_for_diffusers
+
+    warn_dora_for_diffusers(adapter)

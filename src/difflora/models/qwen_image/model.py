@@ -198,7 +198,7 @@ class QwenImageModel(ModelFamily):
 
     def check_save_format(self, save_format: str, adapter) -> None:
         """kohya and comfyui take every adapter (LyCORIS / DoRA modules keep kohya's names in a comfyui file);
-        diffusers reads plain LoRA only."""
+        diffusers reads LoRA and DoRA (peft's magnitude) only."""
         from .lora import check_save_format
 
         check_save_format(save_format, adapter)

@@ -9,13 +9,21 @@ splits `qkv` (210 of 210).
 
 save_format:
 - "kohya" (default): the names above, any adapter;
+- "musubi": musubi-tuner's own names (its model splits q/k/v: `lora_unet_layers_0_attention_to_q/_to_k/_to_v`,
+  `..._attention_to_out_0`, `..._feed_forward_w1`; 210 modules), which its loader applies whole and diffusers'
+  converter too, but ComfyUI's key map only in part (90 of 210: no `lora_unet_` diffusers names there, ComfyUI
+  issue #11487). The fused qkv module splits exactly by output rows: LoRA's up, LoHa's w1_a / w2_a, LoKr's w1 (when
+  its rows divide by 3), the other factors and alpha shared. No DoRA (musubi has none);
 - "comfyui": `diffusion_model.<native path>.lora_A/.lora_B.weight` + `.alpha` (LoRA only);
 - "diffusers": `transformer.<diffusers path>.lora_A/.lora_B.weight` with `qkv` split into to_q/to_k/to_v
-  (the shared down matrix, each its rows of up) and the scale baked in (LoRA only).
+  (the shared down matrix, each its rows of up) and the scale baked in; DoRA (trained per output row for this
+  format) as peft's `lora_magnitude_vector`, split with the rows. LoRA and DoRA only.
 
-Read: those three, musubi's split kohya names, ai-toolkit's and musubi-converted `diffusion_model.<diffusers>`
+Read: those four, musubi's split kohya names, ai-toolkit's and musubi-converted `diffusion_model.<diffusers>`
 (no alpha: scale 1), DiffSynth's bare `<diffusers>.lora_A.default.weight`, SimpleTuner's `lycoris_` names;
-split q/k/v LoRAs are fused exactly (down rows stacked, up block-diagonal, alpha baked).
+split q/k/v modules are fused exactly: LoRA / LoHa pieces sharing their input factors and alpha (difflora's
+"musubi" and "diffusers" files; a per-row DoRA magnitude stacks with them) back to the module that wrote them, other LoRA / LoHa pieces block-diagonally (rank summed, scale
+baked), LoKr pieces that share w2 by stacking w1.
 """
 
 from __future__ import annotations
@@ -83,15 +91,103 @@ def to_model_names(tensors: dict[str, torch.Tensor], table: NameTable, path) -> 
                 raise UserError(f"module {target} appears twice in the file (as {name} too)", path=path)
             out.update({f"{target}.{k}": v for k, v in parts.items()})
             continue
-        if not is_kohya_lora(cls, parts):
-            raise UserError(f"{cls.title} module {name} is one of a split q/k/v projection; only plain LoRA can be "
-                            "fused into Z-Image's qkv", path=path)
+        magnitude = parts.get("dora_scale")
+        if magnitude is not None and magnitude.shape[1:] != (1,):  # peft's per-row magnitude stacks with the rows
+            raise UserError(f"DoRA module {name} is one of a split q/k/v projection with its magnitude per input "
+                            "channel; only a per-output-row magnitude can be fused into Z-Image's qkv", path=path)
+        if not set(parts) - {"dora_scale"} <= _ROWS | _SHARED:
+            raise UserError(f"{cls.title} module {name} is one of a split q/k/v projection; only LoRA, LoHa and "
+                            "LoKr without Tucker cores can be fused into Z-Image's qkv", path=path)
         split.setdefault(target, {})[index] = parts
     for target, parts in split.items():
         if any(k.startswith(target + ".") for k in out):
             raise UserError(f"the file has both {target} and its split to_q/to_k/to_v modules", path=path)
-        out.update(fuse_split_lora(parts, target))
+        out.update(fuse_split(parts, target, path))
     return out, len(split)
+
+
+# a fused qkv module's tensors split by output rows (each piece its third) / shared whole by the pieces
+_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "lokr_w1"}
+_SHARED = {"lora_down.weight", "hada_w1_b", "hada_w2_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
+
+
+def fuse_split(parts: dict[int, dict[str, torch.Tensor]], target: str, path) -> dict[str, torch.Tensor]:
+    """to_q / to_k / to_v modules of one projection -> one exact module on the fused qkv."""
+    pieces = [parts[i] for i in sorted(parts)]
+    if len(parts) == 3 and len({frozenset(p) for p in pieces}) == 1 and all(
+            torch.equal(p[k], pieces[0][k]) for p in pieces for k in pieces[0] if k in _SHARED):
+        fused = {k: pieces[0][k] for k in pieces[0] if k in _SHARED}  # what split_fused wrote: stack the rows back
+        fused.update({k: torch.cat([p[k] for p in pieces]) for k in pieces[0] if k in _ROWS | {"dora_scale"}})
+        return {f"{target}.{k}": v for k, v in fused.items()}
+    kinds = {k for p in pieces for k in p} - {"alpha"}
+    if "dora_scale" in kinds:
+        raise UserError(f"{target}: split q/k/v DoRA modules fuse into Z-Image's qkv only with one shared lora_down "
+                        "(as diffusers-format files of difflora have)", path=path)
+    if kinds <= {"lora_down.weight", "lora_up.weight"}:
+        return fuse_split_lora(parts, target)
+    if kinds <= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+        return _fuse_split_loha(parts, target)
+    raise UserError(f"{target}: split q/k/v modules of this kind (LoKr with different w2 factors, or mixed "
+                    "adapters) have no exact fused form on Z-Image's qkv", path=path)
+
+
+def _fuse_split_loha(parts: dict[int, dict[str, torch.Tensor]], target: str) -> dict[str, torch.Tensor]:
+    """LoHa pieces: ΔW's rows are (w1_a_i w1_b_i) ⊙ (w2_a_i w2_b_i) · scale_i, so w1_a / w2_a go block-diagonal
+    (zero rows for a missing piece), w1_b / w2_b stack, and each piece's scale is baked into its w1_a."""
+    any_part = next(iter(parts.values()))
+    d_out = any_part["hada_w1_a"].shape[0]
+    rank = sum(p["hada_w1_b"].shape[0] for p in parts.values())
+    w1a, w2a = torch.zeros(3 * d_out, rank), torch.zeros(3 * d_out, rank)
+    w1b, w2b, col = [], [], 0
+    for i, p in sorted(parts.items()):
+        r = p["hada_w1_b"].shape[0]
+        scale = float(p["alpha"]) / r if "alpha" in p else 1.0
+        w1a[i * d_out:(i + 1) * d_out, col:col + r] = p["hada_w1_a"].float() * scale
+        w2a[i * d_out:(i + 1) * d_out, col:col + r] = p["hada_w2_a"].float()
+        w1b.append(p["hada_w1_b"].float())
+        w2b.append(p["hada_w2_b"].float())
+        col += r
+    return {f"{target}.hada_w1_a": w1a, f"{target}.hada_w1_b": torch.cat(w1b), f"{target}.hada_w2_a": w2a,
+            f"{target}.hada_w2_b": torch.cat(w2b), f"{target}.alpha": torch.tensor(float(rank))}
+
+
+def _check_musubi(parts: dict[str, torch.Tensor], name: str) -> None:
+    """What musubi-tuner's loader reads of a module: LoRA, LoHa, LoKr with a whole w1; no DoRA, no Tucker core."""
+    unknown = sorted(set(parts) - _ROWS - _SHARED)
+    if unknown:
+        what = "DoRA (musubi-tuner has none)" if "dora_scale" in unknown else ", ".join(unknown)
+        raise UserError(f'save_format = "musubi" cannot hold {name}\'s {what}: musubi\'s loader would leave it out; '
+                        'save_format = "kohya" keeps it (ComfyUI applies it)')
+
+
+def split_fused(parts: dict[str, torch.Tensor], name: str) -> list[dict[str, torch.Tensor]]:
+    """One module on the fused qkv -> its to_q / to_k / to_v modules, exactly (musubi's split model)."""
+    _check_musubi(parts, name)
+    rows = {k: parts[k] for k in parts if k in _ROWS}
+    if any(v.shape[0] % 3 for v in rows.values()):
+        raise UserError(f'save_format = "musubi": {name}\'s LoKr w1 has {parts["lokr_w1"].shape[0]} rows, which do '
+                        "not split into q, k and v (its Kronecker product interleaves them); choose network_factor "
+                        'as a multiple of 3 (or -1 on the real model), or save_format = "kohya"')
+    chunks = {k: v.chunk(3, dim=0) for k, v in rows.items()}
+    return [{**{k: parts[k].clone() for k in parts if k in _SHARED}, **{k: c[i].contiguous() for k, c in chunks.items()}}
+            for i in range(3)]  # each piece its own copy of the shared factors (safetensors stores no aliases)
+
+
+def to_musubi(tensors: dict[str, torch.Tensor], table: NameTable) -> dict[str, torch.Tensor]:
+    """difflora's kohya tensors under musubi-tuner's names (its split model's `lora_unet_<diffusers path>`)."""
+    from ...network.adapters import by_module
+
+    out = {}
+    for name, parts in by_module(tensors).items():
+        path = table.diffusers[name]
+        if path.endswith(".attention.qkv"):
+            stem = path[: -len("qkv")]
+            for part, piece in zip(_SPLIT, split_fused(parts, name)):
+                out.update({f"lora_unet_{stem + part}".replace(".", "_") + f".{k}": v for k, v in piece.items()})
+            continue
+        _check_musubi(parts, name)
+        out.update({f"lora_unet_{path}".replace(".", "_") + f".{k}": v for k, v in parts.items()})
+    return out
 
 
 def fuse_split_lora(parts: dict[int, dict[str, torch.Tensor]], target: str) -> dict[str, torch.Tensor]:
@@ -131,6 +227,8 @@ def export(tensors: dict[str, torch.Tensor], table: NameTable, save_format: str)
     """difflora's kohya tensors in the layout save_format names."""
     if save_format == "kohya":
         return tensors
+    if save_format == "musubi":
+        return to_musubi(tensors, table)
     if save_format == "comfyui":
         out = {}
         for name, parts in _plain_lora_modules(tensors, save_format).items():
@@ -141,23 +239,24 @@ def export(tensors: dict[str, torch.Tensor], table: NameTable, save_format: str)
                 out[f"{base}.alpha"] = parts["alpha"]
         return out
     if save_format == "diffusers":
+        from ...network.adapters import by_module
+        from ...network.files import peft_lora_parts
+
         out = {}
-        for name, parts in _plain_lora_modules(tensors, save_format).items():
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            rank = down.shape[0]
-            scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-            up = (up.float() * scale).to(up.dtype)
+        for name, parts in by_module(tensors).items():
+            down, up, magnitude = peft_lora_parts(parts, name)
             path = table.diffusers[name]
-            if path.endswith(".attention.qkv"):
-                stem = path[: -len("qkv")]
-                for part, rows in zip(_SPLIT, up.chunk(3, dim=0)):
-                    out[f"transformer.{stem}{part}.lora_A.weight"] = down.clone()
-                    out[f"transformer.{stem}{part}.lora_B.weight"] = rows.contiguous()
-            else:
-                out[f"transformer.{path}.lora_A.weight"] = down
-                out[f"transformer.{path}.lora_B.weight"] = up
+            pieces = [path]
+            if path.endswith(".attention.qkv"):  # diffusers' split q/k/v: the whole A, each its rows of B
+                pieces = [path[: -len("qkv")] + part for part in _SPLIT]
+            for i, piece in enumerate(pieces):
+                rows = slice(i * up.shape[0] // len(pieces), (i + 1) * up.shape[0] // len(pieces))
+                out[f"transformer.{piece}.lora_A.weight"] = down.clone() if len(pieces) > 1 else down
+                out[f"transformer.{piece}.lora_B.weight"] = up[rows].contiguous()
+                if magnitude is not None:
+                    out[f"transformer.{piece}.lora_magnitude_vector"] = magnitude[rows].contiguous()
         return out
-    raise UserError(f"save_format = {save_format!r} is not a Z-Image LoRA layout (kohya, comfyui or diffusers)")
+    raise UserError(f"save_format = {save_format!r} is not a Z-Image LoRA layout (kohya, musubi, comfyui or diffusers)")
 
 
 def looks_like_zimage(names: list[str]) -> bool:

@@ -124,6 +124,24 @@ class ZImageModel(ModelFamily):
             log.info("%s: %d split q/k/v LoRA(s) fused into Z-Image's qkv projections", lora.path, fused)
         return LoraFile(tensors, lora.metadata, lora.path, lora.source_format)
 
+    def check_save_format(self, save_format: str, adapter) -> None:
+        """Before training: export one fused qkv module and one feed-forward module of the job's adapter (what the
+        layout refuses, it refuses for the whole run); a "musubi" file warns once that ComfyUI loses its attention, DoRA
+        for diffusers that its magnitude is peft's (per output row)."""
+        from ...network.lora import LoRANetwork, NetworkSpec
+
+        sample = [t for t in self.lora_targets() if t.name.endswith(("_attention_qkv", "_feed_forward_w1"))][:2]
+        self.export_lora(LoRANetwork.create(sample, NetworkSpec(network_dim=1, adapter=adapter)).state_dict(),
+                         save_format)
+        if save_format == "diffusers":
+            from ...network.files import warn_dora_for_diffusers
+
+            warn_dora_for_diffusers(adapter)
+        if save_format == "musubi":
+            log.warning('save_format = "musubi": musubi-tuner applies every module, but ComfyUI only the 90 '
+                        "feed-forward ones (it has no lora_unet_ name for split q/k/v); the default kohya format "
+                        "loads whole in ComfyUI and diffusers")
+
     def export_lora(self, tensors, save_format: str = "kohya"):
         return names.export(tensors, self._names, save_format)
 

@@ -3,7 +3,7 @@
 The model is diffusers' class; only each block's `attention.to_q/to_k/to_v` become one `attention.qkv`
 Linear (ComfyUI's and the original release's layout). A LoRA then trains the fused projection itself, which
 is what ComfyUI applies a `..._attention_qkv` module to: every adapter (LoHa, LoKr, DoRA too) is exact there,
-where fusing three separately trained modules afterwards is exact for plain LoRA only.
+where three separately trained modules fuse exactly only when they share their input factors (models/zimage/lora.py).
 
 Layouts: "native" (ComfyUI / Tongyi single files: `layers.N.attention.qkv`, `attention.out`, `q_norm`,
 `x_embedder`, `final_layer`) and "diffusers" (split `to_q/k/v`, `to_out.0`, `norm_q`, `all_x_embedder.2-1`).
