@@ -159,13 +159,13 @@ def test_model_family_detection(zimage_files):
 
 # ------------------------------------------------------------------ LoRA names
 @pytest.mark.parametrize("save_format,reference_list", [("kohya", "kohya_comfy"), ("comfyui", "comfyui"),
-                                                         ("diffusers", "diffusers")])
+                                                         ("diffusers", "diffusers"), ("musubi", "kohya")])
 def test_saved_names_equal_the_reference_lists(model, tmp_path, save_format, reference_list):
     from difflora.network.adapters import by_module
     from safetensors.torch import load_file
 
     keys = load_file(random_lora(model, tmp_path, save_format))
-    if save_format == "kohya":
+    if save_format in ("kohya", "musubi"):
         modules = set(by_module(keys))
     else:
         modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in keys}
