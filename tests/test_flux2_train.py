@@ -80,6 +80,7 @@ def test_cached_text_encoder_outputs_free_qwen3_and_low_vram_keys_train(env, tmp
     assert len({k.split(".", 1)[0] for k in load_file(str(path))}) == 80
     md = read_metadata_only(path)  # the variant as musubi names it (klein base: a folder without is_distilled)
     assert (md["ss_base_model_version"], md["modelspec.architecture"]) == ("flux2_klein_base_4b", "Flux.2-klein-4b")
+    assert md["ss_network_module"] == "networks.lora_flux_2"  # musubi's module, as its files say
 
 
 def test_cli_train_saves_comfyui_names_and_refuses_flux1_keys(env, tmp_path, run_cli):

@@ -71,6 +71,7 @@ def test_each_method_trains_native_names_that_change_the_output(zenv, tmp_path, 
     assert np.abs(_image(model, [net], 1.0) - _image(model, [net], 0.0)).max() > 1e-3, method
     md = read_metadata_only(path)
     assert md["ss_base_model_version"] == "zimage" and md["ss_zimage_variant"] == "turbo"
+    assert md["ss_network_module"] == "networks.lora_zimage"  # musubi's module, as its files say
     assert md["ss_timestep_sampling"] == "shift" and md["ss_discrete_flow_shift"] == "2.0"
 
 

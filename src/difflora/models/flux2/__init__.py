@@ -28,6 +28,7 @@ class Flux2Plugin(FamilyPlugin):
     names = ("flux2",)
     title = "FLUX.2"
     options = Flux2JobOptions
+    kohya_network_module = "networks.lora_flux_2"  # musubi-tuner's
 
     def detect_folder(self, path, index):
         # asked before FLUX.1, whose detection claims every Flux* pipeline

@@ -21,6 +21,7 @@ class ZImagePlugin(FamilyPlugin):
     names = ("zimage",)
     title = "Z-Image (Turbo, Base)"
     options = ZImageJobOptions
+    kohya_network_module = "networks.lora_zimage"  # musubi-tuner's
     # ADDifT: TrainTrain (hako-mikan/sd-webui-traintrain 7b58929, "fix zimage") has no Z-Image preset; its
     # Z-Image path trains only modules named "layers" (difflora's default set), turns the SNR weighting off and
     # is used with the Action_XL preset's values: rank 4, alpha 1, lr 2e-4, timesteps 500-1000, multiplier
