@@ -179,8 +179,9 @@ def test_zimage_musubi_format_refuses_what_musubi_cannot_apply_before_training(t
     with caplog.at_level("WARNING"):
         model.check_save_format("musubi", adapter_options("lora"))
     assert sum("ComfyUI only the 90 feed-forward" in r.getMessage() for r in caplog.records) == 1
-    for options, problem in (({"algo": "lora", "dora_wd": True}, "DoRA (musubi-tuner has none)"),
-                             ({"algo": "lokr"}, "w1 has 8 rows, which do not split into q, k and v")):
+    for options, problem in (({"algo": "lora", "dora_wd": True}, "DoRA (musubi-tuner has none"),
+                             ({"algo": "lokr"}, "does not split exactly into q, k and v"),
+                             ({"algo": "lokr", "factor": 6, "decompose_both": True}, "network_decompose_both")):
         with pytest.raises(UserError, match=re.escape(problem)) as e:
             model.check_save_format("musubi", adapter_options(**options))
         assert "\n" not in str(e.value)

@@ -117,9 +117,9 @@ def check_save_format(save_format: str, adapter) -> None:
     lora_magnitude_vector), no LoHa, LoKr or Tucker core."""
     if save_format != "diffusers":
         return
-    if adapter.algo != "lora" or adapter.use_tucker:
-        from ...network.adapters import ADAPTERS
+    from ...network.adapters import ADAPTERS
 
+    if not ADAPTERS[adapter.algo].low_rank or adapter.use_tucker:
         what = ADAPTERS[adapter.algo].title + (" + Tucker" * adapter.use_tucker)
         raise UserError(f'save_format = "diffusers" with {what}: diffusers loads Qwen-Image LoRAs as peft lora_A / '
                         'lora_B (+ DoRA\'s magnitude), which holds no LoHa, LoKr or Tucker core; save kohya or comfyui '

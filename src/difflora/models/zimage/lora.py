@@ -72,7 +72,7 @@ def to_model_names(tensors: dict[str, torch.Tensor], table: NameTable, path) -> 
     """A file's modules (kohya-style names as network/files.py reads them) -> this model's kohya names.
 
     Returns the renamed tensors and how many split q/k/v modules were fused."""
-    from ...network.adapters import group_modules, is_kohya_lora
+    from ...network.adapters import group_modules
 
     modules = group_modules(tensors, str(path))
     out: dict[str, torch.Tensor] = {}
@@ -91,44 +91,38 @@ def to_model_names(tensors: dict[str, torch.Tensor], table: NameTable, path) -> 
                 raise UserError(f"module {target} appears twice in the file (as {name} too)", path=path)
             out.update({f"{target}.{k}": v for k, v in parts.items()})
             continue
-        magnitude = parts.get("dora_scale")
-        if magnitude is not None and magnitude.shape[1:] != (1,):  # peft's per-row magnitude stacks with the rows
-            raise UserError(f"DoRA module {name} is one of a split q/k/v projection with its magnitude per input "
-                            "channel; only a per-output-row magnitude can be fused into Z-Image's qkv", path=path)
-        if not set(parts) - {"dora_scale"} <= _ROWS | _SHARED:
-            raise UserError(f"{cls.title} module {name} is one of a split q/k/v projection; only LoRA, LoHa and "
-                            "LoKr without Tucker cores can be fused into Z-Image's qkv", path=path)
-        split.setdefault(target, {})[index] = parts
-    for target, parts in split.items():
+        split.setdefault(target, {})[index] = (cls, parts)
+    for target, pieces in split.items():
         if any(k.startswith(target + ".") for k in out):
             raise UserError(f"the file has both {target} and its split to_q/to_k/to_v modules", path=path)
-        out.update(fuse_split(parts, target, path))
+        out.update(fuse_split(pieces, target, path))
     return out, len(split)
 
 
-# a fused qkv module's tensors split by output rows (each piece its third) / shared whole by the pieces
-_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "lokr_w1"}
-_SHARED = {"lora_down.weight", "hada_w1_b", "hada_w2_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
+def fuse_split(pieces: dict[int, tuple[type, dict[str, torch.Tensor]]], target: str, path) -> dict[str, torch.Tensor]:
+    """to_q / to_k / to_v modules (index -> (adapter class, tensors)) of one projection -> one exact module on the
+    fused qkv: pieces sharing their other factors (difflora's musubi and diffusers files) back to the module that
+    wrote them; other LoRA / LoHa pieces block-diagonally."""
+    from ...network.adapters import LoHa, is_kohya_lora
 
-
-def fuse_split(parts: dict[int, dict[str, torch.Tensor]], target: str, path) -> dict[str, torch.Tensor]:
-    """to_q / to_k / to_v modules of one projection -> one exact module on the fused qkv."""
-    pieces = [parts[i] for i in sorted(parts)]
-    if len(parts) == 3 and len({frozenset(p) for p in pieces}) == 1 and all(
-            torch.equal(p[k], pieces[0][k]) for p in pieces for k in pieces[0] if k in _SHARED):
-        fused = {k: pieces[0][k] for k in pieces[0] if k in _SHARED}  # what split_fused wrote: stack the rows back
-        fused.update({k: torch.cat([p[k] for p in pieces]) for k in pieces[0] if k in _ROWS | {"dora_scale"}})
-        return {f"{target}.{k}": v for k, v in fused.items()}
-    kinds = {k for p in pieces for k in p} - {"alpha"}
-    if "dora_scale" in kinds:
-        raise UserError(f"{target}: split q/k/v DoRA modules fuse into Z-Image's qkv only with one shared lora_down "
-                        "(as diffusers-format files of difflora have)", path=path)
-    if kinds <= {"lora_down.weight", "lora_up.weight"}:
+    classes = {cls for cls, _ in pieces.values()}
+    if len(classes) > 1:
+        raise UserError(f"{target}: its split q/k/v modules are of different adapters", path=path)
+    cls = classes.pop()
+    parts = {i: p for i, (_, p) in sorted(pieces.items())}
+    if len(parts) == 3:
+        stacked = cls.stack_output_rows(list(parts.values()))
+        if stacked is not None:
+            return {f"{target}.{k}": v for k, v in stacked.items()}
+    if any("dora_scale" in p for p in parts.values()):
+        raise UserError(f"{target}: split q/k/v DoRA modules fuse into Z-Image's qkv only when they share lora_down "
+                        "and keep the magnitude per output row (as difflora's diffusers-format files do)", path=path)
+    if all(is_kohya_lora(cls, p) for p in parts.values()):
         return fuse_split_lora(parts, target)
-    if kinds <= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+    if cls is LoHa and not any(k in p for p in parts.values() for k in cls.tucker_keys):
         return _fuse_split_loha(parts, target)
-    raise UserError(f"{target}: split q/k/v modules of this kind (LoKr with different w2 factors, or mixed "
-                    "adapters) have no exact fused form on Z-Image's qkv", path=path)
+    raise UserError(f"{target}: split q/k/v {cls.title} modules that do not share their other factors (or have Tucker "
+                    "cores) have no exact fused form on Z-Image's qkv", path=path)
 
 
 def _fuse_split_loha(parts: dict[int, dict[str, torch.Tensor]], target: str) -> dict[str, torch.Tensor]:
@@ -151,26 +145,26 @@ def _fuse_split_loha(parts: dict[int, dict[str, torch.Tensor]], target: str) -> 
             f"{target}.hada_w2_b": torch.cat(w2b), f"{target}.alpha": torch.tensor(float(rank))}
 
 
-def _check_musubi(parts: dict[str, torch.Tensor], name: str) -> None:
-    """What musubi-tuner's loader reads of a module: LoRA, LoHa, LoKr with a whole w1; no DoRA, no Tucker core."""
-    unknown = sorted(set(parts) - _ROWS - _SHARED)
-    if unknown:
-        what = "DoRA (musubi-tuner has none)" if "dora_scale" in unknown else ", ".join(unknown)
-        raise UserError(f'save_format = "musubi" cannot hold {name}\'s {what}: musubi\'s loader would leave it out; '
-                        'save_format = "kohya" keeps it (ComfyUI applies it)')
+def _musubi_module(parts: dict[str, torch.Tensor], name: str) -> type:
+    """The adapter of a module musubi-tuner's loader can apply (it has no DoRA)."""
+    from ...network.adapters import detect
+
+    if "dora_scale" in parts:
+        raise UserError(f'save_format = "musubi" cannot hold {name}\'s DoRA (musubi-tuner has none: its loader '
+                        'would apply the LoRA part only); save_format = "kohya" keeps it (ComfyUI applies it)')
+    return detect(parts)
 
 
 def split_fused(parts: dict[str, torch.Tensor], name: str) -> list[dict[str, torch.Tensor]]:
     """One module on the fused qkv -> its to_q / to_k / to_v modules, exactly (musubi's split model)."""
-    _check_musubi(parts, name)
-    rows = {k: parts[k] for k in parts if k in _ROWS}
-    if any(v.shape[0] % 3 for v in rows.values()):
-        raise UserError(f'save_format = "musubi": {name}\'s LoKr w1 has {parts["lokr_w1"].shape[0]} rows, which do '
-                        "not split into q, k and v (its Kronecker product interleaves them); choose network_factor "
-                        'as a multiple of 3 (or -1 on the real model), or save_format = "kohya"')
-    chunks = {k: v.chunk(3, dim=0) for k, v in rows.items()}
-    return [{**{k: parts[k].clone() for k in parts if k in _SHARED}, **{k: c[i].contiguous() for k, c in chunks.items()}}
-            for i in range(3)]  # each piece its own copy of the shared factors (safetensors stores no aliases)
+    cls = _musubi_module(parts, name)
+    pieces = cls.split_output_rows(parts, 3)
+    if pieces is None:
+        raise UserError(f'save_format = "musubi": {cls.title} module {name} does not split exactly into q, k and v '
+                        "(a Tucker core, or LoKr's w1 with rows that do not divide by 3: its Kronecker product "
+                        "interleaves them; choose network_factor as a multiple of 3, or -1 on the real model); "
+                        'save_format = "kohya" keeps it')
+    return pieces
 
 
 def to_musubi(tensors: dict[str, torch.Tensor], table: NameTable) -> dict[str, torch.Tensor]:
@@ -185,7 +179,7 @@ def to_musubi(tensors: dict[str, torch.Tensor], table: NameTable) -> dict[str, t
             for part, piece in zip(_SPLIT, split_fused(parts, name)):
                 out.update({f"lora_unet_{stem + part}".replace(".", "_") + f".{k}": v for k, v in piece.items()})
             continue
-        _check_musubi(parts, name)
+        _musubi_module(parts, name)
         out.update({f"lora_unet_{path}".replace(".", "_") + f".{k}": v for k, v in parts.items()})
     return out
 

@@ -137,6 +137,9 @@ class ZImageModel(ModelFamily):
             from ...network.files import warn_dora_for_diffusers
 
             warn_dora_for_diffusers(adapter)
+        if save_format == "musubi" and adapter.decompose_both:
+            raise UserError('save_format = "musubi" with network_decompose_both: musubi-tuner reads LoKr\'s w1 whole '
+                            'only (its loader would skip every module); save_format = "kohya" keeps it')
         if save_format == "musubi":
             log.warning('save_format = "musubi": musubi-tuner applies every module, but ComfyUI only the 90 '
                         "feed-forward ones (it has no lora_unet_ name for split q/k/v); the default kohya format "

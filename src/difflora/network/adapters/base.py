@@ -137,6 +137,36 @@ class Adapter(nn.Module):
     weak_markers: ClassVar[tuple[str, ...]] = ()
     lycoris_args: ClassVar[tuple[str, ...]] = ("use_tucker",)  # the network_args it reads besides algo, dora_wd
     job_options: ClassVar[type[Strict]] = AdapterJobKeys  # their job keys (difflora's spelling)
+    # keys whose first axis is the output rows (without a Tucker core), and the Tucker core's keys: a module on a
+    # fused projection splits exactly into its pieces' modules (split_output_rows)
+    output_rows: ClassVar[tuple[str, ...]] = ()
+    tucker_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def split_output_rows(cls, parts: Mapping[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]] | None:
+        """A module's tensors as the n modules of its n equal slices of output rows, exactly: each its rows of the
+        row factors, its own copy of the others (alpha too); None where no such split exists (a Tucker core, a
+        row factor whose rows do not divide by n, a magnitude per input channel)."""
+        rows = [k for k in parts if k in cls.output_rows or (k == "dora_scale" and parts[k].shape[1:] == (1,))]
+        if any(k in parts for k in cls.tucker_keys) or any(parts[k].shape[0] % n for k in rows) or (
+                "dora_scale" in parts and "dora_scale" not in rows):
+            return None
+        chunks = {k: parts[k].chunk(n, dim=0) for k in rows}
+        return [{k: (chunks[k][i].contiguous() if k in chunks else v.clone()) for k, v in parts.items()}
+                for i in range(n)]
+
+    @classmethod
+    def stack_output_rows(cls, pieces: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The inverse: pieces with the same keys and equal shared factors back to one module (their row factors
+        stacked); None when they differ."""
+        first = pieces[0]
+        if any(set(p) != set(first) for p in pieces) or any(k in first for k in cls.tucker_keys) or (
+                "dora_scale" in first and first["dora_scale"].shape[1:] != (1,)):
+            return None
+        rows = [k for k in first if k in cls.output_rows or k == "dora_scale"]
+        if any(not torch.equal(p[k], first[k]) for p in pieces for k in first if k not in rows):
+            return None
+        return {k: torch.cat([p[k] for p in pieces]) if k in rows else first[k] for k in first}
 
     def __init__(self, name: str, org: nn.Module, shapes: Mapping[str, tuple[int, ...]], alpha: float,
                  dora: tuple[int, ...] | None = None, dropout: float | None = None, rank_dropout: float | None = None,

@@ -26,6 +26,8 @@ class LoHa(Adapter):
     keys = (*_PAIRS, "hada_t1", "hada_t2")
     required = _PAIRS
     markers = ("hada_w1_a", "hada_w1_b")
+    output_rows = ("hada_w1_a", "hada_w2_a")
+    tucker_keys = ("hada_t1", "hada_t2")
 
     @classmethod
     def traits(cls, shapes):

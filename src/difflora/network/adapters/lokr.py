@@ -56,6 +56,8 @@ class LoKr(Adapter):
     markers = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
     lycoris_args = ("use_tucker", "factor", "decompose_both", "full_matrix")
     job_options = LoKrJobKeys
+    output_rows = ("lokr_w1", "lokr_w1_a")  # w1's rows index the Kronecker product's outer row blocks
+    tucker_keys = ("lokr_t2",)
 
     @classmethod
     def traits(cls, shapes):

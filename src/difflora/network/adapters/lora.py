@@ -29,6 +29,8 @@ class LoRA(Adapter):
     low_rank = True
     markers = ("lora_down.weight",)
     weak_markers = ("lora_up.weight",)
+    output_rows = ("lora_up.weight",)
+    tucker_keys = ("lora_mid.weight",)
 
     @classmethod
     def traits(cls, shapes):
