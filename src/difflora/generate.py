@@ -42,19 +42,15 @@ class GenerationRequest:
 
 
 def control_images(model, paths: list) -> list:
-    """The control images of generate --control as the family's edit pipeline sizes them; one line (exit 2) for a
+    """The control images of generate --control as the family's edit pipeline resizes them; one line (exit 2) for a
     model that takes none or fewer than given."""
-    from .data.images import load_image, resize_and_crop
+    from .data.images import load_image
 
     if model.max_control_images < len(paths):
         what = "cannot take a control image" if model.max_control_images == 0 else \
             f"takes at most {model.max_control_images} control image(s), {len(paths)} were given"
         raise UserError(f"--control: this model ({model.modelspec_architecture}) {what}", path=model.source or None)
-    out = []
-    for p in paths:
-        img = load_image(p)
-        out.append(resize_and_crop(img, model.control_size(*img.size)))
-    return out
+    return [model.resize_control(load_image(p)) for p in paths]
 
 
 @contextlib.contextmanager
