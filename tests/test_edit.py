@@ -205,3 +205,75 @@ def test_qwen_image_edit_file_in_qwen_image_edit_pipeline_equals_generate_contro
     got = _difflora_control_image(model, path, control, "close the eyes", steps=2, cfg=1.0, width=32, height=32)
     assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_flux_kontext_edit_slider_file_in_flux_kontext_pipeline_equals_generate_control(tmp_path, monkeypatch):
+    """An edit slider trained on tiny FLUX.1 Kontext (a FluxKontextPipeline folder, FLUX.1-dev's block names):
+    FluxKontextPipeline(image=...) + load_lora_weights gives the image `generate --control` gives, at +1 and -1. The
+    control (72x56) is resized by both to the preferred Kontext size nearest its aspect ratio, with Lanczos; both
+    sides' preferred sizes are small ones (the tiny VAE takes seconds per 1024² image on one thread). Saved for
+    diffusers (save_format): its converter of kohya FLUX files assumes FLUX.1's full widths."""
+    import diffusers.pipelines.flux.pipeline_flux_kontext as kontext_pipeline
+    from diffusers import FluxKontextPipeline
+
+    import difflora.models.flux.model as flux
+    from difflora.models import load_model
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    sizes = [(48, 80), (64, 64), (80, 48), (64, 48)]  # (width, height); 72x56 is nearest 64x48
+    monkeypatch.setattr(kontext_pipeline, "PREFERRED_KONTEXT_RESOLUTIONS", sizes)
+    monkeypatch.setattr(flux, "KONTEXT_RESOLUTIONS", tuple(sizes))
+    folder = tmp_path / "kontext"
+    build_tiny_flux("kontext", 1, 1).save(folder)
+    pairs = _pairs(tmp_path / "pairs", 64)
+    path = _train_edit(folder, pairs, tmp_path / "out", "edit-slider", save_format="diffusers")
+    model = load_model(folder)
+    assert model.kontext and model.max_control_images == 1
+    control = tmp_path / "control.png"
+    Image.open(pairs / "000.png").convert("RGB").resize((72, 56), Image.BILINEAR).save(control)
+    assert control_images_size(model, control) == (64, 48)
+    pipe = FluxKontextPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="close the eyes", height=32, width=32, max_area=32 * 32, num_inference_steps=2,
+                guidance_scale=3.5, output_type="np")
+    without = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3), **call)
+    pipe.load_lora_weights(str(path), adapter_name="edit")
+    for weight in (1.0, -1.0):
+        pipe.set_adapters(["edit"], [weight])
+        want = pipe(image=Image.open(control).convert("RGB"), generator=torch.Generator().manual_seed(3),
+                    **call).images[0]
+        got = _difflora_control_image(model, path, control, "close the eyes", steps=2, multipliers={0: [weight]},
+                                      width=32, height=32)
+        assert np.abs(want - without.images[0]).max() > 1e-3  # the LoRA changes the edit
+        assert np.abs(got - want).max() <= 1e-4, weight
+
+
+def control_images_size(model, path: Path) -> tuple[int, int]:
+    from difflora.generate import control_images
+
+    return control_images(model, [path])[0].size
+
+
+def test_model_variant_kontext_loads_a_single_file_as_kontext_and_other_families_refuse_it(tmp_path, caplog):
+    """A FLUX.1 Kontext single file has FLUX.1-dev's keys: model_variant = "kontext" says it (a file named *kontext*
+    without it loads as dev, with a warning); the shared key's values belong to their families."""
+    from difflora.models import load_model
+    from difflora.models.registry import family_options, plugin_for
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("kontext", 1, 1).save(tmp_path / "flux1-kontext-tiny.safetensors")
+    path = tmp_path / "flux1-kontext-tiny.safetensors"
+    kontext = load_model(path, options={"model_variant": "kontext"})
+    assert kontext.kontext and kontext.max_control_images == 1
+    assert kontext.modelspec_architecture == "flux-1-kontext-dev/lora"
+    with caplog.at_level("WARNING"):
+        dev = load_model(path)
+    assert not dev.kontext and dev.max_control_images == 0
+    assert sum('model_variant = "kontext"' in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(UserError, match="model_variant = 'kontext' is not a Qwen-Image"):
+        family_options(plugin_for("qwen_image"), {"model_variant": "kontext"})
+    with pytest.raises(UserError, match="model_variant = 'edit' is not a FLUX.1 model"):
+        family_options(plugin_for("flux"), {"model_variant": "edit"})
+    with pytest.raises(UserError, match="model_variant applies to FLUX.1 / Qwen-Image.* models only"):
+        family_options(plugin_for("sd1"), {"model_variant": "kontext"})
+    assert family_options(plugin_for("qwen_image"), {"model_variant": "edit_2509"}).model_variant == "edit_2509"
