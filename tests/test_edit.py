@@ -130,15 +130,22 @@ def _difflora_control_image(model, lora_path: Path, control: Path, prompt: str, 
         lora.remove()
 
 
-def test_flux2_edit_slider_file_in_flux2_klein_pipeline_equals_generate_control(tmp_path):
+@pytest.fixture(scope="module")
+def klein_folder(tmp_path_factory) -> Path:
+    """A tiny FLUX.2 klein 4B folder, shared by the tests that only read it."""
+    from difflora.models.flux2.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("klein") / "m", "klein-4b")["folder"]
+
+
+def test_flux2_edit_slider_file_in_flux2_klein_pipeline_equals_generate_control(tmp_path, klein_folder):
     """An edit slider trained on tiny FLUX.2 klein: Flux2KleinPipeline(image=...) + load_lora_weights gives the image
     `generate --control` gives, at +1 and at -1 (the reverse edit)."""
     from diffusers import Flux2KleinPipeline
 
     from difflora.models import load_model
-    from difflora.models.flux2.tiny import write_tiny
 
-    folder = write_tiny(tmp_path / "m", "klein-4b")["folder"]
+    folder = klein_folder
     pairs = _pairs(tmp_path / "pairs", 64)  # the pipeline's smallest reference image; trained at 32
     path = _train_edit(folder, pairs, tmp_path / "out", "edit-slider")
     model = load_model(folder)
@@ -277,3 +284,102 @@ def test_model_variant_kontext_loads_a_single_file_as_kontext_and_other_families
     with pytest.raises(UserError, match="model_variant applies to FLUX.1 / Qwen-Image.* models only"):
         family_options(plugin_for("sd1"), {"model_variant": "kontext"})
     assert family_options(plugin_for("qwen_image"), {"model_variant": "edit_2509"}).model_variant == "edit_2509"
+
+
+# ------------------------------------------------------------------ several control images per pair
+def _add_references(pairs: Path, n: int, names=None) -> None:
+    """NAME_ref1.png ... NAME_refn.png next to each before image (another colour each, so their latents differ)."""
+    for before in sorted(pairs.glob("*.png")):
+        if before.stem.endswith("_after") or "_ref" in before.stem or (names and before.stem not in names):
+            continue
+        for i in range(1, n + 1):
+            Image.new("RGB", Image.open(before).size, (60 * i, 200 - 50 * i, 90)).save(pairs / f"{before.stem}_ref{i}.png")
+
+
+def test_flux2_edit_takes_each_pairs_reference_images_after_the_before_image(tmp_path, monkeypatch, klein_folder):
+    """A pair with NAME_ref1.png and NAME_ref2.png trains FLUX.2 klein with three reference token groups after the
+    target's: the before image at t = 10, ref1 at 20, ref2 at 30 (the pipelines' ids), each the clean latent of its
+    own file; the reference files are not training items themselves."""
+    from difflora.train import loop
+
+    folder = klein_folder
+    pairs = _pairs(tmp_path / "pairs", 32)
+    _add_references(pairs, 2)
+    seen, runs = [], []
+    real_prepare = loop.prepare
+
+    def prepare(*args, **kwargs):  # the run's model: record what its transformer receives
+        run = real_prepare(*args, **kwargs)
+        runs.append(run)
+        run.model.transformer.register_forward_pre_hook(
+            lambda _m, _a, kw: seen.append((kw["hidden_states"].detach(), kw["img_ids"].detach())), with_kwargs=True)
+        return run
+
+    monkeypatch.setattr(loop, "prepare", prepare)
+    _train_edit(folder, pairs, tmp_path / "out", "edit", max_train_steps=1, train_batch_size=2)
+    data = runs[0].data
+    assert sorted(it.path.name for it in data.unique_items()) == ["000.png", "001.png"]
+    assert [p.name for p in data.unique_items()[0].ref_paths] == ["000_ref1.png", "000_ref2.png"]
+    tokens, ids = seen[0]
+    ids = ids[0] if ids.dim() == 3 else ids
+    groups = sorted({float(t) for t in ids[:, 0]})
+    assert groups == [0.0, 10.0, 20.0, 30.0]
+    per_group = [(ids[:, 0] == g).nonzero()[:, 0] for g in groups]
+    assert len({len(g) for g in per_group}) == 1  # the tests' controls have the target's size
+    items = {it.path.name: it for it in data.unique_items()}
+    for row in range(tokens.shape[0]):
+        match = [name for name, it in items.items()
+                 if torch.allclose(tokens[row, per_group[1]].T.reshape(it.latents["x"].shape), it.latents["x"])]
+        assert len(match) == 1, row
+        it = items[match[0]]
+        for g, key in ((2, "ref1"), (3, "ref2")):
+            got = tokens[row, per_group[g]].T.reshape(it.latents[key].shape)
+            assert torch.allclose(got, it.latents[key]), (row, key)
+        assert not torch.allclose(it.latents["ref1"], it.latents["ref2"])
+
+
+def test_more_control_images_than_the_family_takes_exit_2_naming_the_pair(tmp_path, run_cli):
+    """FLUX.1 Kontext takes one control image: a pair with NAME_ref1.png is refused before training with one line
+    naming it; pairs with unequal numbers of references (one batch packs one number) likewise."""
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("kontext", 1, 1).save(tmp_path / "kontext")
+    pairs = _pairs(tmp_path / "pairs", 32)
+    _add_references(pairs, 1, names={"001"})
+    job = tmp_path / "job.toml"
+    job.write_text(f'model = "{(tmp_path / "kontext").as_posix()}"\nmethod = "edit"\nresolution = 32\n'
+                   f'output_dir = "{(tmp_path / "out").as_posix()}"\nlog_with = "none"\n'
+                   f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{pairs.as_posix()}"\n', encoding="utf-8")
+    code, _, err = run_cli("train", job)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "001.png" in lines[0] and "2 control images" in lines[0] and "at most 1" in lines[0], lines[0]
+    assert not list(tmp_path.glob("out/*.safetensors"))
+
+
+def test_flux2_control_over_1024_squared_is_resized_as_the_klein_pipeline_resizes_it(klein_folder, monkeypatch):
+    """generate --control on FLUX.2: an image over 1024² pixels is brought down with Lanczos to that area and cut
+    (not resampled) to multiples of 16, the pixels Flux2KleinPipeline hands its VAE (captured there)."""
+    from diffusers import Flux2KleinPipeline
+
+    from difflora.data.images import to_tensor
+    from difflora.models import load_model
+
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (1000, 1130, 3), dtype=np.uint8))  # 1130 x 1000: over 1024²
+    pipe = Flux2KleinPipeline.from_pretrained(klein_folder, local_files_only=True)
+    handed = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(images, **_):
+        handed.extend(images)
+        raise Captured
+
+    monkeypatch.setattr(pipe, "prepare_image_latents", capture)
+    with pytest.raises(Captured):
+        pipe(image=image, prompt="a face", height=32, width=32, num_inference_steps=1, output_type="np")
+    ours = load_model(klein_folder).resize_control(image)
+    assert ours.size == (1088, 960) and tuple(handed[0].shape[-2:]) == (960, 1088)
+    assert torch.allclose(to_tensor(ours), handed[0][0].float(), atol=1e-6)
