@@ -383,3 +383,39 @@ def test_flux2_control_over_1024_squared_is_resized_as_the_klein_pipeline_resize
     ours = load_model(klein_folder).resize_control(image)
     assert ours.size == (1088, 960) and tuple(handed[0].shape[-2:]) == (960, 1088)
     assert torch.allclose(to_tensor(ours), handed[0][0].float(), atol=1e-6)
+
+
+def test_samples_during_edit_training_edit_a_before_image_or_the_prompts_own_control(tmp_path, monkeypatch):
+    """An edit job's samples: a prompt without --ci edits a pair's before image (prompt i the i-th pair, held-out
+    first: here the one validation pair), a prompt with `--ci FILE` (relative to the prompt file) edits that file;
+    both resized as the pipeline does, at the prompt's multiplier."""
+    import difflora.models.flux.model as flux
+    from difflora.toy.tiny_flux import build_tiny_flux
+    from difflora.train import loop
+
+    monkeypatch.setattr(flux, "KONTEXT_RESOLUTIONS", ((32, 32),))  # the tiny VAE at the training size
+    build_tiny_flux("kontext", 1, 1).save(tmp_path / "kontext")
+    pairs = _pairs(tmp_path / "pairs", 40, n=3)
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(tmp_path / "other.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("close the eyes --m -1 --s 1\nclose the eyes --ci other.png --s 1\n", encoding="utf-8")
+    seen = []
+    real = flux.FluxModel.generate_request
+
+    def record(self, networks, req, *args, **kwargs):
+        seen.append((req.controls, req.multipliers[0][0]))
+        return real(self, networks, req, *args, **kwargs)
+
+    monkeypatch.setattr(flux.FluxModel, "generate_request", record)
+    runs, real_prepare = [], loop.prepare
+    monkeypatch.setattr(loop, "prepare", lambda *a, **kw: runs.append(real_prepare(*a, **kw)) or runs[-1])
+    _train_edit(tmp_path / "kontext", pairs, tmp_path / "out", "edit", max_train_steps=1, sample_at_first=True,
+                sample_prompts=str(prompts), validation_split=0.34)
+    (held_out,) = [it.path for it in runs[0].data.validation_items]
+    assert len(seen) >= 2 and all(c is not None for c, _ in seen)
+    (first, m_first), (second, _) = seen[:2]
+    assert m_first == -1.0
+    want = {"first": Image.open(held_out).convert("RGB").resize((32, 32), Image.LANCZOS),
+            "second": Image.open(tmp_path / "other.png").convert("RGB").resize((32, 32), Image.LANCZOS)}
+    assert np.array_equal(np.asarray(first[0][0]), np.asarray(want["first"]))
+    assert np.array_equal(np.asarray(second[0][0]), np.asarray(want["second"]))

@@ -169,6 +169,8 @@ def run(args) -> int:
     validate.clip_skip(model, args.clip_skip)
     networks = [network_from_file(model, path, mult) for path, mult in loras]
     controls = control_images(model, args.control) if args.control else None
+    prompt_controls = [control_images(model, sp.extra["controls"], f"{args.from_file} (--ci)")
+                       if sp.extra.get("controls") else None for _, sp, _, _ in plan]  # a prompt's own, else --control
     make_parent(out / "x")
     model_name = Path(model.source).name
     written = 0
@@ -182,7 +184,7 @@ def run(args) -> int:
             prompts=[sp.prompt] * len(entries), seeds=[s for s, _ in entries], negative=[sp.negative] * len(entries),
             steps=sp.steps if args.from_file else args.steps, sampler=sp.sampler or args.sampler, cfg=sp.cfg,
             width=sp.width or args.width, height=sp.height or args.height,
-            controls=[controls] * len(entries) if controls else None,
+            controls=[own] * len(entries) if (own := prompt_controls[pi] or controls) else None,
         )
         req = with_family_defaults(model, req)
         if sweep:

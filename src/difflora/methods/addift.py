@@ -183,6 +183,9 @@ class Addift(Method):
     def caption_keys(self):
         return pair_caption_keys(self.job.addift.captions)
 
+    def samples_take_control(self) -> bool:
+        return self.job.addift.control
+
     def check_inputs(self, model, data) -> None:
         if self.job.addift.control:
             require_control(model, "addift with addift.control", self.job, data)
