@@ -496,22 +496,22 @@ def test_single_file_without_components_names_the_missing_key(flux_files):
         bare.encode_images(torch.zeros(1, 3, 16, 16))
 
 
-def test_flux2_and_kontext_layouts_say_what_is_supported(flux_files, tmp_path):
+def test_flux2_and_fill_layouts_say_what_is_supported(flux_files, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"double_stream_modulation_img.lin.weight": torch.zeros(4, 4), "img_in.weight": torch.zeros(4, 4)},
               str(tmp_path / "flux2.safetensors"))
-    with pytest.raises(UserError, match="FLUX.2.*supported: FLUX.1-dev and FLUX.1-schnell"):
+    with pytest.raises(UserError, match="FLUX.2.*supported: FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext"):
         load_flux(tmp_path / "flux2.safetensors", clip_l="x", t5xxl="y", ae="z")
     import shutil
 
-    kontext = tmp_path / "kontext"
-    shutil.copytree(flux_files["folder"], kontext)
-    info = json.loads((kontext / "model_index.json").read_text())
-    info["_class_name"] = "FluxKontextPipeline"
-    (kontext / "model_index.json").write_text(json.dumps(info))
-    with pytest.raises(UserError, match="FluxKontextPipeline.*supported"):
-        load_flux(kontext)
+    fill = tmp_path / "fill"
+    shutil.copytree(flux_files["folder"], fill)
+    info = json.loads((fill / "model_index.json").read_text())
+    info["_class_name"] = "FluxFillPipeline"
+    (fill / "model_index.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="FluxFillPipeline.*supported"):
+        load_flux(fill)
 
 
 def test_wrong_loras_for_flux_are_refused(tiny_flux, tmp_path):
@@ -664,7 +664,7 @@ def test_nf4_base_needs_cuda_and_says_so(flux_files):
 
 @pytest.fixture(scope="module")
 def bad_flux_inputs(tiny_flux, flux_files, tmp_path_factory):
-    """Inputs the CLI must refuse for FLUX: wrong LoRAs, FLUX.2 / Kontext layouts."""
+    """Inputs the CLI must refuse for FLUX: wrong LoRAs, FLUX.2 / Fill layouts, a Kontext variant the files deny."""
     import shutil
 
     from safetensors.torch import save_file
@@ -681,11 +681,15 @@ def bad_flux_inputs(tiny_flux, flux_files, tmp_path_factory):
                                 NetworkSpec(network_dim=2, only_if_contains=("guidance_in",)))
     save_lora(guided.kohya_state_dict(), d / "guidance.safetensors", tiny_flux.lora_metadata())
     build_tiny_flux("schnell").save(d / "schnell")
+    build_tiny_flux("schnell").save(d / "schnell.safetensors")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 30, 200)).save(d / "control.png")
     save_file({"double_stream_modulation_img.lin.weight": torch.zeros(4, 4), "img_in.weight": torch.zeros(4, 4)},
               str(d / "flux2.safetensors"))
-    shutil.copytree(flux_files["folder"], d / "kontext")
-    info = json.loads((d / "kontext" / "model_index.json").read_text())
-    (d / "kontext" / "model_index.json").write_text(json.dumps({**info, "_class_name": "FluxKontextPipeline"}))
+    shutil.copytree(flux_files["folder"], d / "fill")
+    info = json.loads((d / "fill" / "model_index.json").read_text())
+    (d / "fill" / "model_index.json").write_text(json.dumps({**info, "_class_name": "FluxFillPipeline"}))
     return d
 
 
@@ -699,7 +703,11 @@ BAD_FLUX = {  # case: (model, extra generate arguments, file the message names, 
     "guidance_lora_on_schnell": ("schnell", ["--lora", "guidance.safetensors"], "guidance.safetensors",
                                  "FLUX.1-schnell does not have"),
     "flux2_file": ("flux2.safetensors", [], "flux2.safetensors", "not a complete FLUX.2 transformer"),
-    "kontext_folder": ("kontext", [], "kontext", "FluxKontextPipeline"),
+    "fill_folder": ("fill", [], "fill", "FluxFillPipeline"),
+    "kontext_variant_on_text_to_image": ("folder", ["--model-variant", "kontext"], "folder", "FluxPipeline"),
+    "kontext_variant_on_schnell": ("schnell.safetensors", ["--model-variant", "kontext"], "schnell.safetensors",
+                                   "no guidance embedder"),
+    "control_on_text_to_image": ("folder", ["--control", "control.png"], "folder", "cannot take a control image"),
 }
 
 
@@ -707,7 +715,7 @@ BAD_FLUX = {  # case: (model, extra generate arguments, file the message names, 
 def test_bad_flux_inputs_exit_2_with_one_line_and_write_nothing(case, flux_files, bad_flux_inputs, tmp_path, run_cli):
     model, extra, named, words = BAD_FLUX[case]
     where = lambda a: str(flux_files[a]) if a in flux_files else str(bad_flux_inputs / a)  # noqa: E731
-    args = [where(a) if i % 2 else a for i, a in enumerate(extra)]
+    args = [where(a) if i % 2 and extra[i - 1] != "--model-variant" else a for i, a in enumerate(extra)]
     code, _, err = run_cli("generate", "--model", where(model), *args, "--prompt", "a face", "--steps", "2",
                            "--width", "32", "--height", "32", "--out", tmp_path / "out")
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -41,20 +41,16 @@ class GenerationRequest:
     controls: list[list] | None = None
 
 
-def control_images(model, paths: list) -> list:
-    """The control images of generate --control as the family's edit pipeline sizes them; one line (exit 2) for a
-    model that takes none or fewer than given."""
-    from .data.images import load_image, resize_and_crop
+def control_images(model, paths: list, what: str = "--control") -> list:
+    """The control images of generate --control (`what`: where they were named) as the family's edit pipeline
+    resizes them; one line (exit 2) for a model that takes none or fewer than given."""
+    from .data.images import load_image
 
     if model.max_control_images < len(paths):
-        what = "cannot take a control image" if model.max_control_images == 0 else \
+        can = "cannot take a control image" if model.max_control_images == 0 else \
             f"takes at most {model.max_control_images} control image(s), {len(paths)} were given"
-        raise UserError(f"--control: this model ({model.modelspec_architecture}) {what}", path=model.source or None)
-    out = []
-    for p in paths:
-        img = load_image(p)
-        out.append(resize_and_crop(img, model.control_size(*img.size)))
-    return out
+        raise UserError(f"{what}: this model ({model.modelspec_architecture}) {can}", path=model.source or None)
+    return [model.resize_control(load_image(p)) for p in paths]
 
 
 @contextlib.contextmanager

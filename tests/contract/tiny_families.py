@@ -111,13 +111,19 @@ def _build_sdxl(folder: Path) -> None:
 
 # ---------------------------------------------------------------------------- FLUX
 def _read_flux(model, args, kwargs) -> DenoiserInputs:
+    """BFL's forward(img, img_ids, txt, txt_ids, timesteps, y, guidance): packed tokens with (t, row, column) ids,
+    the target's at t = 0 first, a Kontext control's (t = 1) after them."""
     from difflora.models.flux.model import unpack_latents
 
     img, img_ids, txt, _txt_ids, timesteps, pooled, guidance = args[:7]
-    h = int(img_ids[0, :, 1].max()) + 1
-    w = int(img_ids[0, :, 2].max()) + 1
+    target = img_ids[0, :, 0] == 0
+    n = int(target.sum())
+    h = int(img_ids[0, target, 1].max()) + 1
+    w = int(img_ids[0, target, 2].max()) + 1
     extras = {} if guidance is None else {"guidance": guidance.detach()}
-    return DenoiserInputs(unpack_latents(img.detach(), 2 * h, 2 * w), timesteps.detach().float() * 1000,
+    if img.shape[1] > n:  # the control image (the tests' controls have the target's size)
+        extras["control"] = unpack_latents(img[:, n:].detach(), 2 * h, 2 * w)
+    return DenoiserInputs(unpack_latents(img[:, :n].detach(), 2 * h, 2 * w), timesteps.detach().float() * 1000,
                           txt.detach(), pooled.detach(), extras)
 
 
@@ -132,6 +138,13 @@ def _build_flux(folder: Path) -> None:
     from difflora.toy.tiny_flux import build_tiny_flux
 
     build_tiny_flux("dev", 1, 1).save(folder)
+
+
+def _build_flux_kontext(folder: Path) -> None:
+    """A FluxKontextPipeline folder: FLUX.1-dev's block names (what the flux entry trains), taking a control."""
+    from difflora.toy.tiny_flux import build_tiny_flux
+
+    build_tiny_flux("kontext", 1, 1).save(folder)
 
 
 # ---------------------------------------------------------------------------- Z-Image
@@ -317,5 +330,7 @@ EDIT_FAMILIES: dict[str, TinyFamily] = {
     "qwen_image_edit": TinyFamily(_build_qwen_image_edit, 32, _read_qwen_image, "txt",
                                   job_keys={"model_variant": "edit"}),
     "flux2": TINY_FAMILIES["flux2"],
+    "flux_kontext": TinyFamily(_build_flux_kontext, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
+                               job_keys={"guidance_scale": 2.5}),
 }
 ALL_TINY = {**TINY_FAMILIES, **EDIT_FAMILIES}

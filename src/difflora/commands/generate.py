@@ -67,6 +67,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group("companion files of a single-file transformer (kohya's / musubi's names)")
         for key, texts in meanings.items():
             group.add_argument(_flag(key), dest=key, default=None, help="; ".join(texts))
+    variants = {v: f"{meaning} ({plugin.title})" for plugin in FAMILIES for v, meaning in plugin.model_variants.items()}
+    if variants:
+        p.add_argument("--model-variant", choices=list(variants), default=None,
+                       help="which model the weights are, where the files cannot tell: "
+                            + ", ".join(f"{v}: {m}" for v, m in variants.items()) + " (default: what the files say)")
     for plugin in FAMILIES:
         plugin.add_generate_arguments(p)
 
@@ -82,6 +87,8 @@ def load_model_from_args(args):
     given = vars(args)
     options = {k: given[k] for plugin in FAMILIES for k in plugin.generate_file_keys if given.get(k) is not None}
     options.update({k: v for plugin in FAMILIES for k, v in plugin.generate_options(args).items()})
+    if given.get("model_variant") is not None:
+        options["model_variant"] = given["model_variant"]
     model = load_model(args.model, allow_pickle=args.allow_pickle,
                        prediction_type="v_prediction" if args.v_parameterization else None, clip_skip=args.clip_skip,
                        options=options, key_label=_flag)
@@ -162,6 +169,8 @@ def run(args) -> int:
     validate.clip_skip(model, args.clip_skip)
     networks = [network_from_file(model, path, mult) for path, mult in loras]
     controls = control_images(model, args.control) if args.control else None
+    prompt_controls = [control_images(model, sp.extra["controls"], f"{args.from_file} (--ci)")
+                       if sp.extra.get("controls") else None for _, sp, _, _ in plan]  # a prompt's own, else --control
     make_parent(out / "x")
     model_name = Path(model.source).name
     written = 0
@@ -175,7 +184,7 @@ def run(args) -> int:
             prompts=[sp.prompt] * len(entries), seeds=[s for s, _ in entries], negative=[sp.negative] * len(entries),
             steps=sp.steps if args.from_file else args.steps, sampler=sp.sampler or args.sampler, cfg=sp.cfg,
             width=sp.width or args.width, height=sp.height or args.height,
-            controls=[controls] * len(entries) if controls else None,
+            controls=[own] * len(entries) if (own := prompt_controls[pi] or controls) else None,
         )
         req = with_family_defaults(model, req)
         if sweep:

@@ -92,6 +92,9 @@ class Item:
     after_path: Path | None = None  # pairs
     after_caption: str | None = None
     instruction: str | None = None  # a pair's NAME.instruction.txt (data/instructions.py), for the edit methods
+    # a pair's further control images for the edit methods (NAME_ref1.png, NAME_ref2.png, ... next to the before
+    # image), after the before image itself; their latents are "ref1", "ref2", ...
+    ref_paths: tuple[Path, ...] = ()
     bucket: tuple[int, int] = (0, 0)
     original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing: SDXL's size conditioning
     dataset_index: int = 0
@@ -101,6 +104,35 @@ class Item:
     @property
     def is_pair(self) -> bool:
         return self.after_path is not None
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The item's images by latent key: "x", and for a pair "after" and its reference images "ref1", ..."""
+        return ["x"] + (["after"] + [f"ref{i + 1}" for i in range(len(self.ref_paths))] if self.is_pair else [])
+
+    def image_path(self, key: str) -> Path:
+        if key == "x":
+            return self.path
+        if key == "after":
+            return self.after_path
+        return self.ref_paths[int(key[3:]) - 1]
+
+
+REF_SUFFIX = re.compile(r"^(?P<base>.+)_ref(?P<n>[1-9]\d*)$")  # NAME_ref1: a further control image of NAME
+
+
+def reference_images(before: Path, siblings: list[Path]) -> tuple[Path, ...]:
+    """NAME_ref1, NAME_ref2, ... of the pair whose before image is `before`, in order; a gap ends them (refused)."""
+    found = {}
+    for p in siblings:
+        m = REF_SUFFIX.match(p.stem)
+        if m and m["base"] == before.stem:
+            found[int(m["n"])] = p
+    if sorted(found) != list(range(1, len(found) + 1)):
+        missing = next(i for i in range(1, len(found) + 2) if i not in found)
+        raise UserError(f"the control images of {before.name} skip {before.stem}_ref{missing} (they are numbered "
+                        "_ref1, _ref2, ... without gaps)", path=before)
+    return tuple(found[i] for i in sorted(found))
 
 
 def _merge(*levels: DatasetOptions | SubsetConfig | None) -> dict:
@@ -237,6 +269,13 @@ class TrainingData:
         rules = _rules(opts)
         items = []
         images = _images_in(folder, exclude_suffix=sub_suffix if pair_mode and not sub.after_dir else None)
+        refs_of: dict[Path, list[Path]] = {}
+        if pair_mode:  # NAME_refN next to a before image NAME is one of its control images, not an item
+            stems = {p.stem for p in images}
+            refs = [p for p in images if (m := REF_SUFFIX.match(p.stem)) and m["base"] in stems]
+            images = [p for p in images if p not in refs]
+            for p in refs:
+                refs_of.setdefault(p.with_name(REF_SUFFIX.match(p.stem)["base"]), []).append(p)
         if not images:
             raise UserError(f"no images in folder (looked for {', '.join(IMAGE_EXTENSIONS)})", path=folder)
         for img in images:
@@ -255,10 +294,13 @@ class TrainingData:
                         log.warning("%s: the pair's images differ in size (%s vs %s); both are resized to one bucket",
                                     img, self._sizes[img], self._sizes[after])
                     after_caption = _caption_for(after, opts) or caption
+                ref_paths = reference_images(img, refs_of.get(img.with_suffix(""), []))
+                for ref in ref_paths:
+                    self._check_readable(ref)
                 items.append(Item(path=img, caption=caption, rules=rules, is_reg=bool(opts.get("is_reg", False)),
                                   flip_aug=bool(opts.get("flip_aug", False)), after_path=after,
                                   after_caption=after_caption, dataset_index=di,
-                                  instruction=read_instruction(img) if pair_mode else None))
+                                  instruction=read_instruction(img) if pair_mode else None, ref_paths=ref_paths))
             except UserError as e:
                 if not self.job.skip_bad_images:
                     raise
@@ -390,11 +432,7 @@ class TrainingData:
         uniq = self.unique_items() + self.validation_items
         for it in tqdm(uniq, desc="caching latents" if encode else "reading images", disable=len(uniq) < 8,
                        dynamic_ncols=True):
-            keys = [("x", it.path)] + ([("after", it.after_path)] if it.is_pair else [])
-            pixels = {}
-            for key, path in keys:
-                img = resize_and_crop(load_image(path), it.bucket)
-                pixels[key] = img
+            pixels = {key: resize_and_crop(load_image(it.image_path(key)), it.bucket) for key in it.image_keys}
             if it.is_pair:
                 self._check_pair(it, pixels)
             for key, img in pixels.items():
@@ -406,7 +444,7 @@ class TrainingData:
                     t = to_tensor(img).unsqueeze(0)
                     flips = [t, torch.flip(t, dims=[3])] if it.flip_aug else [t]
                     # Seeded by the file's content, not its path: moving a dataset does not change the LoRA.
-                    source = it.path if key == "x" else it.after_path
+                    source = it.image_path(key)
                     gen = torch.Generator().manual_seed(seed_of(_file_digest(source), key, self.job.seed))
                     lat = torch.cat([model.encode_images(f.to(model.device), sample=True, generator=gen).float().cpu()
                                      for f in flips])
@@ -445,7 +483,7 @@ class TrainingData:
                         "part of the difference (difflora prep pairs --align fixes it)", it.after_path, moved)
 
     def _cache_name(self, cache_dir: Path, it: Item, key: str) -> Path:
-        path = it.path if key == "x" else it.after_path
+        path = it.image_path(key)
         st = path.stat()
         h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{it.bucket}|{it.flip_aug}|{self.job.seed}"
                            .encode()).hexdigest()[:20]

@@ -1,4 +1,6 @@
-"""Sample prompts in kohya's syntax: `prompt --n negative --w 512 --h 512 --d seed --l cfg --s steps --ss sampler`."""
+"""Sample prompts in kohya's syntax: `prompt --n negative --w 512 --h 512 --d seed --l cfg --s steps --ss sampler`,
+plus `--m multiplier` (ai-toolkit) and, for edit models, `--ci control.png` (musubi-tuner's; repeatable, relative to
+the prompt file's folder)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class SamplePrompt:
     extra: dict = field(default_factory=dict)
 
 
-_FLAG = re.compile(r"\s--(n|w|h|d|l|s|ss|m)\s+")
+_FLAG = re.compile(r"\s--(n|w|h|d|l|s|ss|m|ci)\s+")
 
 
 def parse_prompt_line(line: str, source: str = "prompt") -> SamplePrompt:
@@ -49,6 +51,8 @@ def parse_prompt_line(line: str, source: str = "prompt") -> SamplePrompt:
                 sp.sampler = value
             elif flag == "m":
                 sp.extra["multiplier"] = float(value)
+            elif flag == "ci":
+                sp.extra.setdefault("controls", []).append(value)
         except ValueError:
             raise UserError(f"bad value {value!r} for --{flag} in line {line.strip()!r}", path=source) from None
     if not sp.prompt:
@@ -106,4 +110,8 @@ def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
                if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise UserError("prompt file has no prompts", path=path)
+    for sp in prompts:  # control images named relative to the prompt file
+        if "controls" in sp.extra:
+            sp.extra["controls"] = [str(path.parent / c) if not Path(c).is_absolute() else c
+                                    for c in sp.extra["controls"]]
     return prompts

@@ -129,7 +129,7 @@ def addift_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     lora_in = torch.cat([d[1] for d in directions])
     m = torch.cat([torch.full((n,), float(d[2])) for d in directions])
     tt = t.repeat(len(directions))
-    if o.control:  # ADDifT for edit models: one control, the "before" image, for both passes
+    if o.control:  # ADDifT for edit models: the "before" image (and the pair's references) for both passes
         cond_o = edit_conditioning(ctx, batch, c_o, "x").repeat(len(directions))
         cond_t = cond_o if c_t == c_o else edit_conditioning(ctx, batch, c_t, "x").repeat(len(directions))
     else:
@@ -183,9 +183,12 @@ class Addift(Method):
     def caption_keys(self):
         return pair_caption_keys(self.job.addift.captions)
 
+    def samples_take_control(self) -> bool:
+        return self.job.addift.control
+
     def check_inputs(self, model, data) -> None:
         if self.job.addift.control:
-            require_control(model, "addift with addift.control", self.job)
+            require_control(model, "addift with addift.control", self.job, data)
 
     def stages(self, data: DataSizes) -> list[Stage]:
         o = self.job.addift

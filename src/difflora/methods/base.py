@@ -166,6 +166,11 @@ class Method:
     options: ClassVar[type[Strict] | None] = None  # the `[<name>]` table of a job, None: no options
     needs_pairs = False
     needs_control = False  # True: an edit model's control image conditions every prediction (methods/edit.py)
+
+    def samples_take_control(self) -> bool:
+        """Whether the LoRA is trained conditioned on the pairs' "before" images, so that samples during training
+        edit one (a held-out pair's by default)."""
+        return self.needs_control
     unet_only = False  # True: the text encoder is never trained (its LoRA would get no gradient)
     defaults: ClassVar[dict] = {}  # recommended job values, used for keys the user did not set
     purpose: ClassVar[str] = ""  # one or two sentences for people choosing a method (the UI shows it)

@@ -29,24 +29,42 @@ from ..options import Strict
 from .base import Batch, DataSizes, Method, Stage, StepContext, per_sample_mse
 
 
+def reference_keys(batch: Batch) -> list[str]:
+    """The batch's further control images ("ref1", "ref2", ...: the pairs' NAME_ref1.png, ...), in order."""
+    return sorted((k for k in batch.latents if k.startswith("ref")), key=lambda k: int(k[3:]))
+
+
 def edit_conditioning(ctx: StepContext, batch: Batch, prompts: list[str], control: str) -> Conditioning:
-    """The prompts with the pair image `control` ("x": before, "after") as each sample's control, packed as the
-    family's edit pipeline does (Qwen-Image-Edit: the image also through its VL text encoder)."""
+    """The prompts with the pair image `control` ("x": before, "after") as each sample's first control image and
+    the pair's reference images (NAME_ref1.png, ...) after it, packed as the family's edit pipeline does
+    (Qwen-Image-Edit: the images also through its VL text encoder)."""
     model = ctx.model
+    keys = [control] + reference_keys(batch)
     if model.controls_reach_text_encoder:
         with torch.no_grad():
-            text = model.encode_prompts_with_controls(prompts, [[im] for im in batch.image_fn(control)])
+            text = model.encode_prompts_with_controls(prompts, [list(ims) for ims in zip(*map(batch.image_fn, keys))])
     else:
         text = ctx.encode(prompts)
-    return text.merged(model.control_conditioning([batch.latents[control]]))
+    return text.merged(model.control_conditioning([batch.latents[k] for k in keys]))
 
 
-def require_control(model, method: str, job) -> None:
-    """Stop with one line when `model` cannot take a control image, or when its prompts (which then include the
-    control image) cannot be cached before its text encoder is freed."""
+def require_control(model, method: str, job, data=None) -> None:
+    """Stop with one line when `model` cannot take a control image, when a pair of `data` has more control images
+    (before + NAME_ref1.png, ...) than the model takes or another number than the others (a batch packs one number),
+    or when its prompts (which then include the control image) cannot be cached before its text encoder is freed."""
     if model.max_control_images < 1:
         raise UserError(f"method {method} needs an edit model that takes a control image (Qwen-Image-Edit, FLUX.1 "
                         f"Kontext, FLUX.2); this model is {model.modelspec_architecture}", path=model.source or None)
+    pairs = [it for it in data.unique_items() + data.validation_items if it.is_pair] if data is not None else []
+    for it in pairs:
+        if 1 + len(it.ref_paths) > model.max_control_images:
+            raise UserError(f"method {method}: this pair has {1 + len(it.ref_paths)} control images (the before image "
+                            f"and {it.ref_paths[-1].name} before it) but {model.modelspec_architecture} takes at most "
+                            f"{model.max_control_images}", path=it.path)
+        if len(it.ref_paths) != len(pairs[0].ref_paths):
+            raise UserError(f"method {method}: this pair has {len(it.ref_paths)} reference image(s) (NAME_ref1.png, "
+                            f"...) but {pairs[0].path.name} has {len(pairs[0].ref_paths)}; give every pair the same "
+                            "number", path=it.path)
     if model.controls_reach_text_encoder and job.cache_text_encoder_outputs:
         raise UserError(f"method {method} on {model.modelspec_architecture}: the control image goes through the text "
                         "encoder with each instruction, so its outputs cannot be cached up front; set "
@@ -85,7 +103,7 @@ class Edit(Method):
         return ("instruction",)
 
     def check_inputs(self, model, data) -> None:
-        require_control(model, self.name, self.job)
+        require_control(model, self.name, self.job, data)
         require_instructions(data, self.name)
 
     def stages(self, data: DataSizes) -> list[Stage]:
@@ -136,7 +154,7 @@ class EditSlider(Method):
         return ("instruction",) if getattr(self.job, "edit-slider").prompt == "instruction" else ("empty",)
 
     def check_inputs(self, model, data) -> None:
-        require_control(model, self.name, self.job)
+        require_control(model, self.name, self.job, data)
         if getattr(self.job, "edit-slider").prompt == "instruction":
             require_instructions(data, self.name)
 

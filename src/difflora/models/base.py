@@ -173,6 +173,14 @@ class ModelFamily(ABC):
         pipeline does; by default unchanged."""
         return width, height
 
+    def resize_control(self, image):
+        """A control image (PIL) as the family's edit pipeline resizes it before encoding: by default straight to
+        control_size with Lanczos (diffusers' VaeImageProcessor.resize, which Kontext and Qwen-Image-Edit use)."""
+        from PIL import Image
+
+        size = self.control_size(*image.size)
+        return image if image.size == size else image.resize(size, Image.LANCZOS)
+
     def encode_with_controls(self, prompts: list[str], controls: list[list] | None) -> Conditioning:
         """Generation's conditioning (generate --control): the prompts, each with its control images (PIL, already at
         control_size) through the text encoder where the family does that, and their clean latents (the VAE's mode)

@@ -33,6 +33,9 @@ class FamilyPlugin(ABC):
     # A key naming a file or folder is typed options.ReadPath (an input) or WritePath: relative values resolve
     # from the job file's folder and --restrict-paths / the UI keep it inside their folder (pathpolicy.py).
     options: type[Strict] = NoOptions
+    # The values of the shared `model_variant` key (shared_options.ModelVariantKeys) this family loads, each with
+    # what it means (generate's --model-variant help); empty: the family's table does not include the key.
+    model_variants: dict[str, str] = {}
     # Recommended values per method for keys a job leaves unset: {"addift": {"max_train_steps": 100, ...}};
     # a method table's keys go in a nested dict under the method's name.
     method_defaults: dict[str, dict[str, Any]] = {}

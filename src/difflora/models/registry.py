@@ -99,11 +99,16 @@ def family_options(plugin: FamilyPlugin, values: Mapping[str, Any] | None, path=
     from pydantic import ValidationError
 
     try:
-        return plugin.options.model_validate({k: v for k, v in values.items() if k in own})
+        table = plugin.options.model_validate({k: v for k, v in values.items() if k in own})
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
         raise UserError(f"{key_label(key)}: {first['msg']}", path=path) from None
+    variant = values.get("model_variant")
+    if variant is not None and "model_variant" in own and variant not in plugin.model_variants:
+        raise UserError(f"{key_label('model_variant')} = {variant!r} is not a {plugin.title} model; this family's "
+                        f"variants: {', '.join(plugin.model_variants)}", path=path)
+    return table
 
 
 # ------------------------------------------------------------------ LoRA files

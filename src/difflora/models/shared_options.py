@@ -39,3 +39,13 @@ class LowVramKeys(Strict):
     blocks_to_swap: int | None = Field(None, description="transformer blocks kept on the CPU, brought in per forward",
                                        ge=0)
     cpu_offload_checkpointing: bool = Field(False, description="gradient checkpointing with the saved inputs on the CPU")
+
+
+class ModelVariantKeys(Strict):
+    """Which model the weights are, where the files cannot tell (a single file of an edit model has the keys of its
+    text-to-image sibling). Each family accepts its own values (FamilyPlugin.model_variants); the registry refuses
+    the others with one line."""
+
+    model_variant: Literal["qwen_image", "edit", "edit_2509", "edit_2511", "kontext"] | None = Field(
+        None, description="which model the weights are: Qwen-Image (qwen_image, edit, edit_2509, edit_2511), FLUX.1 "
+                          "(kontext: FLUX.1 Kontext [dev]); unset: what the files say")

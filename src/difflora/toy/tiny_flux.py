@@ -43,12 +43,13 @@ def tiny_flux_params(guidance_embed: bool = True, depth: int = 1, depth_single: 
 
 def build_tiny_flux(variant: str = "dev", depth: int = 1, depth_single: int = 1, seed: int = 0,
                     options: FluxOptions | None = None) -> FluxModel:
-    """Random tiny FLUX (dev with the guidance embedder, or schnell): 4 latent channels, 8x VAE, 32-wide."""
+    """Random tiny FLUX (dev with the guidance embedder, schnell, or kontext: dev's layout taking a control image):
+    4 latent channels, 8x VAE, 32-wide."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    params = tiny_flux_params(variant == "dev", depth, depth_single)
+    params = tiny_flux_params(variant != "schnell", depth, depth_single)
     tr = FluxTransformer(params)
     with torch.no_grad():  # BFL zero-initialises nothing; give every layer a visible effect
         for p in tr.parameters():
@@ -70,6 +71,7 @@ def build_tiny_flux(variant: str = "dev", depth: int = 1, depth_single: int = 1,
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
                                  is_encoder_decoder=False, use_cache=False))
-    model = FluxModel(tr, vae, clip, t5, clip_tok, t5_tok, source=f"tiny-flux-{variant}", options=options)
+    model = FluxModel(tr, vae, clip, t5, clip_tok, t5_tok, source=f"tiny-flux-{variant}", options=options,
+                      kontext=variant == "kontext")
     model.freeze()
     return model

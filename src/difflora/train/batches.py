@@ -154,7 +154,7 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
     for index, s in enumerate(samples):
         it = s.item
         sizes.append(data.sample_size(it, s.flip))
-        for k in (["x", "after"] if it.is_pair else ["x"]):
+        for k in it.image_keys:
             latents.setdefault(k, []).append(data.latent_for(it, k, s.flip, model, s.latent_gen))
         for k, caption in s.captions.items():
             captions.setdefault(k, []).append(caption)
@@ -175,7 +175,7 @@ def assemble(data: TrainingData, samples: list[Sample], model, step: int, timest
     def images(key: str) -> list:  # the pairs' images as PIL, cut to their bucket (Qwen-Image-Edit's VL encoder)
         out = []
         for s in samples:
-            img = resize_and_crop(load_image(s.item.path if key == "x" else s.item.after_path), s.item.bucket)
+            img = resize_and_crop(load_image(s.item.image_path(key)), s.item.bucket)
             out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if s.flip else img)
         return out
 

@@ -1,6 +1,9 @@
 """Sample images during training (kohya's sample_prompts), written to <output_dir>/sample/.
 
 Without `sample_sweep`: one image per prompt, the LoRA at the prompt's --m multiplier (default 1).
+An edit model's prompt edits its `--ci` control images; for a method trained on controls (the edit methods,
+addift.control) a prompt without one edits a pair's "before" image (and its NAME_ref1.png, ...): prompt i the i-th
+pair, held-out pairs first.
 With `sample_sweep = [-1, 0, 1]`: one grid per sampling step, a row per prompt and a column per
 multiplier ("weight -1 / 0 / +1"), titled with the LoRA's name and the step.
 """
@@ -18,6 +21,22 @@ from .events import EventBus, SampleWritten
 GRID_TILE = 128  # small samples are upscaled to at least this many pixels in a grid, so they can be seen
 
 
+def sample_controls(run, prompts) -> list[list | None]:
+    """Each prompt's control images (PIL, as the family's pipeline resizes them) or None: its `--ci` files, else for
+    a method trained on controls the i-th pair's before image and references, held-out pairs first."""
+    from ..generate import control_images
+
+    pairs = [it for it in run.data.validation_items + run.data.unique_items() if it.is_pair] \
+        if run.method.samples_take_control() else []
+    out = []
+    for i, sp in enumerate(prompts):
+        named = sp.extra.get("controls")
+        pair = pairs[i % len(pairs)] if pairs else None
+        paths = named or ([pair.path, *pair.ref_paths] if pair is not None else None)
+        out.append(control_images(run.model, paths, f"sample prompt {sp.prompt!r} (--ci)") if paths else None)
+    return out
+
+
 class Samples:
     def __init__(self, run, prompts, events: EventBus):
         self.run = run
@@ -25,6 +44,7 @@ class Samples:
         self.events = events
         for sp in prompts:  # a sampler the family cannot use stops the run before its first step
             run.model.check_sampler(sp.sampler or run.job.sample_sampler or run.model.default_sampler)
+        self.controls = sample_controls(run, prompts)  # read now: a bad control image stops the run before step 1
 
     @contextlib.contextmanager
     def _sampling(self, networks: list[LoRANetwork]):
@@ -62,7 +82,7 @@ class Samples:
                 req = with_family_defaults(run.model, GenerationRequest(
                     prompts=[sp.prompt] * k, seeds=[seed] * k, negative=[sp.negative] * k, steps=sp.steps,
                     sampler=sp.sampler or job.sample_sampler, cfg=sp.cfg, width=sp.width, height=sp.height,
-                    multipliers={0: multipliers}))
+                    multipliers={0: multipliers}, controls=[self.controls[i]] * k if self.controls[i] else None))
                 images = generate(run.model, networks[:1], req)
                 if sweep:
                     rows.append(images)

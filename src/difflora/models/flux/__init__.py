@@ -1,4 +1,4 @@
-"""FLUX.1-dev and FLUX.1-schnell: model.py (the family), transformer.py (BFL-layout model, equal to
+"""FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext [dev]: model.py (the family), transformer.py (BFL-layout model, equal to
 diffusers'), convert.py (BFL <-> diffusers keys), files.py (folders, BFL + clip_l/t5xxl/ae files),
 lora.py (kohya <-> diffusers LoRA names), options.py (job keys)."""
 
@@ -27,6 +27,7 @@ class FluxPlugin(FamilyPlugin):
     names = ("flux",)
     title = "FLUX.1"
     options = FluxJobOptions
+    model_variants = {"kontext": "FLUX.1 Kontext [dev], whose single file has FLUX.1-dev's keys"}
     kohya_network_module = "networks.lora_flux"
     kohya_network_args = ("train_blocks", "train_t5xxl", "in_dims")
     refused_network_args = {

@@ -52,7 +52,7 @@ def save_diffusers_folder(model: FluxModel, path: Path, dtype: torch.dtype | Non
         (tmp / "scheduler").mkdir()
         write_json_atomic(tmp / "scheduler" / "scheduler_config.json", dict(SCHEDULER_CONFIG))
         write_json_atomic(tmp / "model_index.json", {
-            "_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "_class_name": "FluxKontextPipeline" if model.kontext else "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
@@ -229,8 +229,10 @@ def _config_dict(cfg) -> dict:
 
 
 def load_bfl_files(path: Path, *, clip_l=None, t5xxl=None, ae=None, t5xxl_tokenizer=None, dtype=torch.float32,
-                   options: FluxOptions | None = None, fp8_base: bool = False, checkpoint=None) -> FluxModel:
-    """A BFL transformer file, with clip_l / t5xxl / ae (all three, or none: transformer only)."""
+                   options: FluxOptions | None = None, fp8_base: bool = False, checkpoint=None,
+                   kontext: bool = False) -> FluxModel:
+    """A BFL transformer file, with clip_l / t5xxl / ae (all three, or none: transformer only). `kontext`: the job's
+    model_variant says it is FLUX.1 Kontext [dev] (its keys are FLUX.1-dev's)."""
     if checkpoint is not None:
         sd, md = checkpoint
     else:
@@ -257,7 +259,10 @@ def load_bfl_files(path: Path, *, clip_l=None, t5xxl=None, ae=None, t5xxl_tokeni
         te1, tok1 = load_clip_l(files["clip_l"], dtype)
         te3, tok3 = load_t5xxl(files["t5xxl"], dtype, Path(t5xxl_tokenizer) if t5xxl_tokenizer else None)
         vae = load_ae(files["ae"], dtype)
-    model = FluxModel(tr, vae, te1, te3, tok1, tok3, source=str(path), options=options)
+    if not kontext and "kontext" in Path(path).name.lower():
+        log.warning("%s: loaded as FLUX.1-%s; if it is FLUX.1 Kontext, set model_variant = \"kontext\" (a single "
+                    "file cannot say it)", Path(path).name, "dev" if params.guidance_embed else "schnell")
+    model = FluxModel(tr, vae, te1, te3, tok1, tok3, source=str(path), options=options, kontext=kontext)
     model.freeze()
     return model
 
@@ -280,15 +285,22 @@ def _read_diffusers_transformer(folder: Path) -> tuple[dict[str, torch.Tensor], 
     return sd, cfg
 
 
+FOLDER_CLASSES = ("FluxPipeline", "FluxKontextPipeline")
+
+
 def load_diffusers_flux(path: Path, *, dtype=torch.float32, options: FluxOptions | None = None,
-                        fp8_base: bool = False) -> FluxModel:
+                        fp8_base: bool = False, model_variant: str | None = None) -> FluxModel:
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     info = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     cls = str(info.get("_class_name", ""))
-    if cls != "FluxPipeline":
-        raise UserError(f"this is a {cls} folder; {SUPPORTED} (FluxPipeline folders)", path=path)
+    if cls not in FOLDER_CLASSES:
+        raise UserError(f"this is a {cls} folder; {SUPPORTED} ({' or '.join(FOLDER_CLASSES)} folders)", path=path)
+    kontext = cls == "FluxKontextPipeline"
+    if model_variant == "kontext" and not kontext:
+        raise UserError(f"model_variant = 'kontext' but this folder is a {cls} (text-to-image FLUX.1); remove "
+                        "model_variant or give a FluxKontextPipeline folder", path=path)
     for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if not (path / comp).is_dir():
             raise UserError(f"FLUX model folder is missing its {comp}/ component", path=path)
@@ -315,25 +327,27 @@ def load_diffusers_flux(path: Path, *, dtype=torch.float32, options: FluxOptions
         raise UserError(f"could not load the FLUX folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                         path=path) from None
     tok1.model_max_length = 77
-    model = FluxModel(tr, vae, te1, te3, tok1, tok3, source=str(path), options=options)
+    model = FluxModel(tr, vae, te1, te3, tok1, tok3, source=str(path), options=options, kontext=kontext)
     model.freeze()
     return model
 
 
 def load_flux(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, clip_l=None, t5xxl=None, ae=None,
               t5xxl_tokenizer=None, options: FluxOptions | None = None, fp8_base: bool = False,
-              checkpoint=None) -> FluxModel:
-    """Load FLUX.1 from a diffusers folder or a BFL transformer file plus clip_l / t5xxl / ae files."""
+              checkpoint=None, model_variant: str | None = None) -> FluxModel:
+    """Load FLUX.1 from a diffusers folder or a BFL transformer file plus clip_l / t5xxl / ae files;
+    `model_variant` = "kontext": FLUX.1 Kontext [dev] (a folder's pipeline class says it too)."""
     path = Path(path)
     if not path.exists():
         raise UserError("model not found", path=path)
     if path.is_dir():
-        model = load_diffusers_flux(path, dtype=dtype, options=options, fp8_base=fp8_base)
+        model = load_diffusers_flux(path, dtype=dtype, options=options, fp8_base=fp8_base, model_variant=model_variant)
     else:
         if path.suffix.lower() != ".safetensors":
             raise UserError("FLUX transformers are read from .safetensors files", path=path)
         model = load_bfl_files(path, clip_l=clip_l, t5xxl=t5xxl, ae=ae, t5xxl_tokenizer=t5xxl_tokenizer, dtype=dtype,
-                               options=options, fp8_base=fp8_base, checkpoint=checkpoint)
+                               options=options, fp8_base=fp8_base, checkpoint=checkpoint,
+                               kontext=model_variant == "kontext")
     if fp8_base:
         model.store_base_fp8()
     return model

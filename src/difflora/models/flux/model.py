@@ -1,4 +1,5 @@
-"""FLUX.1-dev and FLUX.1-schnell: loading, prompt encoding, flow matching, kohya LoRA targets, sampling.
+"""FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext [dev]: loading, prompt encoding, flow matching, kohya LoRA
+targets, sampling.
 
 Two layouts load, fully offline:
 - a diffusers folder (FluxPipeline: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/
@@ -11,6 +12,12 @@ Two layouts load, fully offline:
 
 The transformer is kept in BFL's layout (transformer.py), so kohya's LoRA names
 (`lora_unet_double_blocks_0_img_attn_qkv`, ...) are module paths.
+
+FLUX.1 Kontext [dev] is FLUX.1-dev's architecture (the same keys, so musubi-tuner's and kohya's LoRA names) trained
+to edit: the control image's clean latents are packed like the target's and appended after its tokens with position
+ids (1, row, column), and only the target's tokens of the output are kept (BFL, diffusers' FluxKontextPipeline,
+musubi-tuner, ComfyUI's ReferenceLatent). A FluxKontextPipeline folder says it is Kontext; a single file cannot,
+so the job says `model_variant = "kontext"`.
 """
 
 from __future__ import annotations
@@ -54,7 +61,13 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                     "max_image_seq_len": 4096}
 
-SUPPORTED = "supported: FLUX.1-dev and FLUX.1-schnell layouts (and fine-tunes of them)"
+SUPPORTED = "supported: FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext [dev] layouts (and fine-tunes of them)"
+# BFL's preferred Kontext input sizes (width, height): the pipelines resize a control image to the one nearest its
+# aspect ratio (diffusers' PREFERRED_KONTEXT_RESOLUTIONS, BFL's PREFERED_KONTEXT_RESOLUTIONS)
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
+KONTEXT_REFERENCE_T = 1  # the control tokens' first position id (the target's is 0)
 TRAIN_BLOCKS = ("all", "double", "single")
 _DOUBLE_OR_SINGLE = re.compile(r"^(double_blocks|single_blocks)\.\d+$")
 _EMBEDDERS = ("img_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
@@ -115,7 +128,12 @@ class FluxModel(ModelFamily):
     default_cfg = 1.0  # no true CFG: dev's guidance is embedded (guidance_scale)
 
     def __init__(self, transformer: FluxTransformer, vae, clip_l, t5xxl, clip_tokenizer, t5_tokenizer, *,
-                 source: str = "", options: FluxOptions | None = None):
+                 source: str = "", options: FluxOptions | None = None, kontext: bool = False):
+        if kontext and not transformer.params.guidance_embed:
+            raise UserError("model_variant = 'kontext' but this transformer has no guidance embedder (FLUX.1-schnell "
+                            "layout); FLUX.1 Kontext [dev] has FLUX.1-dev's", path=source or None)
+        self.kontext = kontext
+        self.max_control_images = 1 if kontext else 0  # Kontext takes one reference image
         self.denoiser = transformer
         self.vae = vae
         self.text_encoders = {"clip_l": clip_l, "t5xxl": t5xxl}
@@ -148,7 +166,7 @@ class FluxModel(ModelFamily):
 
     @property
     def modelspec_architecture(self) -> str:
-        return f"flux-1-{self.variant}/lora"
+        return "flux-1-kontext-dev/lora" if self.kontext else f"flux-1-{self.variant}/lora"
 
     @property
     def resolution(self) -> int:
@@ -293,21 +311,46 @@ class FluxModel(ModelFamily):
         """Training and generation need every component (the text encoders' cached outputs stand for them)."""
         self.require(*(() if self.text_encoders_dropped else ("clip_l", "t5xxl")), "ae")
 
+    # ---- edit (FLUX.1 Kontext: the edit methods, generate --control)
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents packed as Kontext's reference tokens with ids (1, row, column); `predict` appends them
+        after the target's tokens and keeps the target's output only."""
+        if not self.kontext:
+            return super().control_conditioning(controls)
+        (z,) = controls
+        b, _, h, w = z.shape
+        ids = image_ids(b, h, w, z.device).clone()
+        ids[..., 0] = KONTEXT_REFERENCE_T
+        return Conditioning({"ref_img": pack_latents(z), "ref_ids": ids})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pipelines' size for a Kontext input: the preferred resolution nearest its aspect ratio (ties: the
+        narrower), sides floored to the latent multiple."""
+        ratio = width / height
+        _, w, h = min((abs(ratio - rw / rh), rw, rh) for rw, rh in KONTEXT_RESOLUTIONS)
+        m = self.latent_multiple
+        return w // m * m, h // m * m
+
     def predict(self, noisy, timesteps, cond):
-        """Velocity for unpacked latents (B, C, h, w); timesteps are σ·1000."""
+        """Velocity for unpacked latents (B, C, h, w); timesteps are σ·1000. A Kontext control ("ref_img") joins
+        the image tokens and its output is dropped."""
         b, _, h, w = noisy.shape
         tr = self.transformer
         dtype = self.compute_dtype or tr.dtype
+        img, ids = pack_latents(noisy.to(dtype)), image_ids(b, h, w, noisy.device)
+        if "ref_img" in cond.tensors:
+            img = torch.cat([img, cond.tensors["ref_img"].to(img)], 1)
+            ids = torch.cat([ids, cond.tensors["ref_ids"].to(ids)], 1)
         txt = cond.tensors["t5"]
         txt_ids = torch.zeros(b, txt.shape[1], 3, device=noisy.device)
         guidance = torch.full((b,), float(self.options.guidance_scale), device=noisy.device) \
             if tr.params.guidance_embed else None
         mask = cond.tensors.get("t5_mask") if self.options.apply_t5_attn_mask else None
         with torch.autocast(noisy.device.type, dtype=dtype, enabled=self.compute_dtype is not None):
-            out = tr(pack_latents(noisy.to(dtype)), image_ids(b, h, w, noisy.device), txt.to(dtype), txt_ids,
+            out = tr(img, ids, txt.to(dtype), txt_ids,
                      timesteps.float().to(noisy.device) / self.objective.num_train_timesteps,
                      cond.tensors["pooled"].to(dtype), guidance, txt_mask=mask)
-        return unpack_latents(out, h, w).to(noisy.dtype)
+        return unpack_latents(out[:, : (h // 2) * (w // 2)], h, w).to(noisy.dtype)
 
     # ---- VAE
     def encode_images(self, pixels, sample=True, generator=None):
@@ -365,15 +408,17 @@ class FluxModel(ModelFamily):
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int = 20, width: int | None = None,
                       height: int | None = None, guidance: float | None = None, sampler: str = "euler",
-                      cfg: float = 1.0, negative: list[str] | None = None) -> np.ndarray:
+                      cfg: float = 1.0, negative: list[str] | None = None,
+                      controls: list[list] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) in [0, 1]; `guidance` overrides guidance_scale for a dev model; `cfg` > 1 guides
-        away from `negative` (empty prompts by default)."""
+        away from `negative` (empty prompts by default); `controls`: each prompt's Kontext input (PIL at
+        control_size), in both CFG passes as the pipeline does."""
         old = self.options.guidance_scale
         if guidance is not None:
             self.options.guidance_scale = guidance
         try:
-            cond = self.encode_prompts(prompts)
-            uncond = self.encode_prompts(negative or [""] * len(prompts)) if cfg > 1.0 else None
+            cond = self.encode_with_controls(prompts, controls)
+            uncond = self.encode_with_controls(negative or [""] * len(prompts), controls) if cfg > 1.0 else None
             lat = self.sample_latents(cond, seeds, steps, width or self.resolution, height or self.resolution,
                                       sampler, cfg, uncond)
         finally:
@@ -408,7 +453,8 @@ class FluxModel(ModelFamily):
                     m = torch.tensor(values[sl], dtype=torch.float32)
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
             imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height,
-                                      sampler=req.sampler, cfg=req.cfg, negative=(req.negative or None) and req.negative[sl])
+                                      sampler=req.sampler, cfg=req.cfg, negative=(req.negative or None) and req.negative[sl],
+                                      controls=req.controls[sl] if req.controls else None)
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"
@@ -554,7 +600,8 @@ def load(path, *, dtype=torch.float32, checkpoint=None, options=None, prediction
         dtype = torch.bfloat16  # kohya: the frozen model in the mixed-precision dtype; LoRA weights stay fp32
     files = {k: getattr(options, k) for k in ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer")}
     model = load_flux(path, dtype=dtype, checkpoint=checkpoint, fp8_base=options.fp8_base,
-                      options=FluxOptions.from_job(options), **{k: v for k, v in files.items() if v is not None})
+                      options=FluxOptions.from_job(options), model_variant=options.model_variant,
+                      **{k: v for k, v in files.items() if v is not None})
     if options.nf4_base:
         model.store_base_nf4()
     return model

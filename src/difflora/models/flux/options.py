@@ -12,14 +12,15 @@ from typing import Literal
 from pydantic import Field
 
 from ...options import ReadPath
-from ..shared_options import FlowMatchingKeys, LowVramKeys
+from ..shared_options import FlowMatchingKeys, LowVramKeys, ModelVariantKeys
 
 
 def _f(default, description: str, **kw):
     return Field(default, description=description, **kw)
 
 
-class FluxJobOptions(FlowMatchingKeys, LowVramKeys):
+class FluxJobOptions(FlowMatchingKeys, LowVramKeys, ModelVariantKeys):
+    # model_variant = "kontext": a single-file FLUX.1 Kontext [dev] (its keys are FLUX.1-dev's); a folder says it
     # the files FLUX users have (kohya: --clip_l --t5xxl --ae); unused with a diffusers folder
     clip_l: ReadPath | None = _f(None, "FLUX: CLIP-L text encoder file for a single-file transformer (kohya's clip_l)")
     t5xxl: ReadPath | None = _f(None, "FLUX: T5-XXL encoder file for a single-file transformer (kohya's t5xxl)")

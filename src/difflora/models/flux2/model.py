@@ -289,6 +289,18 @@ class Flux2Model(ModelFamily):
         m = self.latent_multiple
         return width // m * m, height // m * m
 
+    def resize_control(self, image):
+        """As the pipelines do: Lanczos down to a 1024² area only when larger, then a centred crop (no resampling) to
+        the sides floored to the latent multiple."""
+        from PIL import Image
+
+        if image.width * image.height > 1024 * 1024:
+            scale = math.sqrt(1024 * 1024 / (image.width * image.height))
+            image = image.resize((int(image.width * scale), int(image.height * scale)), Image.LANCZOS)
+        w, h = self.control_size(*image.size)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        return image.crop((left, top, left + w, top + h))
+
     # ---- prediction
     def reference_tokens(self, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference images' latents (each (B, 128, h, w), from encode_images) as the pipelines pack them: tokens

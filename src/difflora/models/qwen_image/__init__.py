@@ -59,14 +59,8 @@ class QwenImagePlugin(FamilyPlugin):
                           "qwen_tokenizer": "folder with Qwen2.5-VL's tokenizer.json (default: tokenizer/ beside "
                                             "the --text-encoder file)"}
 
-    def add_generate_arguments(self, parser):
-        parser.add_argument_group("Qwen-Image").add_argument(
-            "--model-variant", choices=["qwen_image", "edit", "edit_2509", "edit_2511"], default=None,
-            help="which Qwen-Image model the weights are, where they cannot tell (default: what the files say)")
-
-    def generate_options(self, args):
-        value = vars(args).get("model_variant")
-        return {} if value is None else {"model_variant": value}
+    model_variants = {"qwen_image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit_2509": "Qwen-Image-Edit-2509",
+                      "edit_2511": "Qwen-Image-Edit-2511"}
 
     def check_files(self, path, options):
         """A folder: its parts, their configs and how they fit (files.check_folder); a single file: its companion

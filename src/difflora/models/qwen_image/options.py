@@ -9,18 +9,14 @@ declares them (one key, one meaning: a single file's companion files).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from ...options import ReadPath
-from ..shared_options import FlowMatchingKeys, LowVramKeys
+from ..shared_options import FlowMatchingKeys, LowVramKeys, ModelVariantKeys
 
 
-class QwenImageJobOptions(FlowMatchingKeys, LowVramKeys):
-    model_variant: Literal["qwen_image", "edit", "edit_2509", "edit_2511"] | None = Field(
-        None, description="Qwen-Image: which model the weights are (qwen_image, edit, edit_2509, edit_2511); "
-                          "unset: what the files say (a single file without the 2511 marker: qwen_image)")
+class QwenImageJobOptions(FlowMatchingKeys, LowVramKeys, ModelVariantKeys):
+    # model_variant (ModelVariantKeys): unset, a single file without the 2511 marker is qwen_image
     text_encoder: ReadPath | None = Field(
         None, description="Qwen-Image: Qwen2.5-VL-7B file for a single-file transformer (musubi's --text_encoder, "
                           "ComfyUI's qwen_2.5_vl_7b.safetensors)")
