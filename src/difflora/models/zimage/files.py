@@ -124,12 +124,11 @@ def save_diffusers_folder(model: ZImageModel, path: Path, dtype: torch.dtype | N
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         publish_layout(tmp)  # tokenizer files transformers 4 reads (vocab.json, merges.txt)
-        marks = {FOLDER_VARIANT_KEY: model.variant} if model.variant else {}
-        if model.edit:
-            marks[FOLDER_EDIT_KEY] = "omni"
-        index = tmp / "model_index.json"
-        index.write_text(json.dumps({**json.loads(index.read_text(encoding="utf-8")), **marks}, indent=2) + "\n",
-                         encoding="utf-8")
+        if model.edit:  # the flow world's model keeps its marks (a Turbo or Base folder records no variant)
+            index = tmp / "model_index.json"
+            marks = {FOLDER_VARIANT_KEY: model.variant, FOLDER_EDIT_KEY: "omni"}
+            index.write_text(json.dumps({**json.loads(index.read_text(encoding="utf-8")), **marks}, indent=2) + "\n",
+                             encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
