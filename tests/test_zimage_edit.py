@@ -130,3 +130,49 @@ def test_edit_lora_trained_on_zimage_is_what_generate_control_draws(folder, tmp_
         got = _cli_image(model_dir, lora, weight, control, tmp_path / f"w{weight:g}")
         assert np.abs(got - base).max() > 2  # the LoRA changes the edit
         assert np.abs(got - _reference_edit(model, lora, weight, control)).max() <= 1  # uint8 rounding
+
+
+def test_eval_on_the_flow_world_scores_edit_variants_from_held_out_before_images(folder, tmp_path, monkeypatch):
+    """`difflora eval --world flow` (the smallest configuration: the ci suite, one pair, two images, two training
+    steps) on a tiny flow world: one row per variant, the edit slider scored from held-out 'before' images (0, +1)
+    and their 'after' images (-1), every number a share of the shipped judge's readings."""
+    import json
+
+    import difflora.toy.judge as judge_module
+    from difflora.cli import main
+    from difflora.toy import faces
+
+    model_dir, _ = folder
+    real = judge_module.load_judge()
+    calls = []
+
+    class Recording:
+        def predict(self, images):
+            calls.append((list(images), real.predict(images)))
+            return calls[-1][1]
+
+    monkeypatch.setattr(judge_module, "load_judge", lambda: Recording())
+    out = tmp_path / "eval"
+    assert main(["eval", "--world", "flow", "--model", str(model_dir), "--suite", "ci", "--method", "addift",
+                 "--method", "edit-slider", "--m", "2", "--pairs", "1", "--train-seeds", "0",
+                 "--set", "max_train_steps=2", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["world"] == "flow"
+    assert [(c["task"], c["method"], c["world"]) for c in result["cells"]] == [("eyes", "addift", "flow"),
+                                                                               ("eyes", "edit-slider", "flow")]
+    summary = (out / "eval.md").read_text().split("\n\n")[0].splitlines()
+    assert len(summary) == 4 and summary[2].startswith("| addift | 1 |") and summary[3].startswith("| edit-slider |")
+    # addift: the text-to-image protocol (judged at -1, 0, +1); the slider: inputs and outputs judged in turn
+    assert len(calls) == 3 + 5
+    (before, j_before), (_, j_zero), (plus, j_plus), (after, j_after), (_, j_minus) = calls[3:]
+    assert [r["eyes"] for r in j_before] == ["open", "open"] and [r["eyes"] for r in j_after] == ["closed"] * 2
+    assert all(np.abs(b.astype(int) - a.astype(int)).max() > 0 for b, a in zip(before, after))
+    cell = result["cells"][1]
+    others = [a for a in faces.CAPTION_ORDER if a != "eyes"]
+    assert cell["extra"]["protocol"] == "edit"
+    assert cell["edit_success"] == np.mean([r["eyes"] == "closed" for r in j_plus])
+    assert cell["base_after_rate"] == np.mean([r["eyes"] == "closed" for r in j_zero])
+    assert cell["reverse_success"] == np.mean([r["eyes"] == "open" for r in j_minus])
+    assert cell["preservation"] == np.mean([all(p[a] == i[a] for a in others) for p, i in zip(j_plus, j_before)])
+    change = np.mean([np.abs(p.astype(float) - b.astype(float)).mean() for p, b in zip(plus, before)]) / 255
+    assert 0 < cell["outside_change"] <= 2 * change  # measured against the input image, outside the eyes
