@@ -2,7 +2,7 @@
 
 - "sd": the SD1-architecture U-Net (ε-prediction), shipped in assets/toy_base (the default model);
 - "flow": the Z-Image flow-matching DiT of toy/flow_model.py, which also edits (a "before" image as its control).
-  It ships as assets/flow_base once trained; until then `--model FOLDER` names a `difflora toy train-base --world
+  It ships as assets/toy_flow once trained; until then `--model FOLDER` names a `difflora toy train-base --world
   flow` output, and shipping it only adds that folder.
 """
 
@@ -37,5 +37,5 @@ class World:
 
 WORLDS: dict[str, World] = {
     "sd": World("sd", "SD1-architecture U-Net (ε-prediction)", edits=False, asset=None),
-    "flow": World("flow", "Z-Image flow-matching DiT (text-to-image and edit)", edits=True, asset=ASSETS / "flow_base"),
+    "flow": World("flow", "Z-Image flow-matching DiT (text-to-image and edit)", edits=True, asset=ASSETS / "toy_flow"),
 }
