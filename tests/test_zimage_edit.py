@@ -176,3 +176,19 @@ def test_eval_on_the_flow_world_scores_edit_variants_from_held_out_before_images
     assert cell["preservation"] == np.mean([all(p[a] == i[a] for a in others) for p, i in zip(j_plus, j_before)])
     change = np.mean([np.abs(p.astype(float) - b.astype(float)).mean() for p, b in zip(plus, before)]) / 255
     assert 0 < cell["outside_change"] <= 2 * change  # measured against the input image, outside the eyes
+
+
+@pytest.mark.parametrize("argv", [["demo", "--world", "flow"], ["eval", "--world", "flow"],
+                                  ["eval", "--method", "edit"]])
+def test_flow_world_commands_without_its_model_stop_in_one_line(tmp_path, capsys, argv):
+    """Until the flow world's model ships, `--world flow` without --model says so (exit 2, nothing written); an edit
+    variant on the sd world is refused the same way."""
+    from difflora.cli import main
+
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert ("flow world's model is not installed; pass --model FOLDER" in err if "flow" in argv
+            else "--method edit needs a base model that edits (--world flow)" in err)
+    assert not out.exists()
