@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from ..toy.worlds import WORLDS
+
     p = sub.add_parser("demo", help="train a difference LoRA on the embedded model and show what it learned",
                        description="Writes 4 procedural eyes open/closed pairs, trains an ADDifT LoRA on the embedded "
                                    "toy model, and writes a before/after grid at multipliers -1, 0, +1 for 8 prompts "
@@ -17,7 +19,10 @@ def register(sub) -> None:
     p.add_argument("--m", type=int, default=32, help="judged generations in the report (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the same folder")
-    p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
+    p.add_argument("--world", choices=list(WORLDS), default="sd",
+                   help="base model: sd (the embedded SD1-architecture U-Net) or flow (the Z-Image flow-matching DiT; "
+                        "--model FOLDER until it ships)")
+    p.add_argument("--model", default=None, help="base model folder (default: the world's shipped model)")
     p.set_defaults(func=run)
 
 
@@ -29,12 +34,16 @@ def run(args) -> int:
     from ..fileio import write_json_atomic, write_text_atomic
     from ..generate import make_grid, weight_label
     from ..models import load_model
+    from ..network.files import read_metadata_only
     from ..toy.evaluate import TASKS, score, write_pairs
     from ..toy.judge import load_judge
+    from ..toy.worlds import WORLDS
     from ..train.loop import train
 
     log = logging.getLogger("difflora.demo")
     t0 = time.time()
+    world = WORLDS[args.world]
+    model_path = world.model_path(args.model)  # before anything is written: a missing model stops here
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError("demo output folder is not empty; pass --overwrite or choose another --out", path=out)
@@ -46,11 +55,11 @@ def run(args) -> int:
         shutil.rmtree(pairs)
     write_pairs(pairs, "eyes", args.pairs, args.seed)
     log.info("wrote %d eyes open/closed pairs to %s", args.pairs, pairs)
-    model = load_model(args.model)
+    model = load_model(model_path)
     job = apply_method_defaults(JobConfig.model_validate({
         "method": args.method, "datasets": [{"subsets": [{"image_dir": str(pairs), "caption_extension": ".txt"}]}],
         "output_dir": str(out), "output_name": "eyes_closed", "overwrite": True, "log_with": "none",
-        "seed": args.seed, "train_batch_size": min(args.pairs, 4), "model": args.model,
+        "seed": args.seed, "train_batch_size": min(args.pairs, 4), "model": model_path,
     }))
     t_train = time.time()
     lora = train(job)
@@ -61,13 +70,15 @@ def run(args) -> int:
     labels = [f"{weight_label(-1)} (open)", f"{weight_label(0)} (base)", f"{weight_label(1)} (closed)"]
     make_grid(rows, labels, scale=3, title=f"8 held-out prompts  |  LoRA: {Path(lora).name}").save(out / "grid.png")
     total_s = time.time() - t0
-    report = {"task": "eyes open -> closed", "method": args.method, "pairs": args.pairs, "lora": str(lora),
-              "train_steps": job.max_train_steps, "train_seconds": round(train_s, 1),
+    steps = int(read_metadata_only(lora).get("ss_steps", job.max_train_steps))  # the family's defaults included
+    report = {"task": "eyes open -> closed", "world": world.name, "method": args.method, "pairs": args.pairs,
+              "lora": str(lora), "train_steps": steps, "train_seconds": round(train_s, 1),
               "total_seconds": round(total_s, 1), "judged_generations": max(8, args.m), **metrics}
     write_json_atomic(out / "report.json", report)
     attribute, before, after = TASKS["eyes"]
-    md = (f"# difflora demo: eyes open -> closed ({args.method}, {args.pairs} pairs)\n\n"
-          f"LoRA: `{lora}` ({job.max_train_steps} steps, {train_s:.1f} s; whole demo {total_s:.1f} s)\n\n"
+    md = (f"# difflora demo: eyes open -> closed ({args.method}, {args.pairs} pairs, {world.name} world: "
+          f"{world.title})\n\n"
+          f"LoRA: `{lora}` ({steps} steps, {train_s:.1f} s; whole demo {total_s:.1f} s)\n\n"
           f"Judged on {report['judged_generations']} held-out prompts (eyes not mentioned), same seed at each "
           f"multiplier:\n\n"
           f"| measure | value |\n|---|---|\n"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ..toy.evaluate import SUITES, TASKS, VARIANTS
+    from ..toy.evaluate import EDIT_VARIANTS, SUITES, TASKS, VARIANTS
+    from ..toy.worlds import WORLDS
 
     p = sub.add_parser("eval", help="train each difference method on toy tasks and score them with the judge",
                        description="For each task (one attribute changed) and pair count, train every method variant "
@@ -12,17 +13,21 @@ def register(sub) -> None:
                                    "start value), reverse success, preservation, change outside the region, steps and "
                                    "seconds. Cells are cached under OUT/cells, so a rerun only adds what is missing. "
                                    "Writes eval.json (cells and the mean/worst-task summary) and eval.md.")
+    p.add_argument("--world", choices=list(WORLDS), default="sd",
+                   help="base model: sd (the embedded SD1-architecture U-Net) or flow (the Z-Image flow-matching DiT "
+                        "that also edits: the edit variants run there, scored from held-out 'before' images)")
     p.add_argument("--all", action="store_true", help="every task, every method, 1 and 8 pairs")
     p.add_argument("--suite", choices=list(SUITES),
                    help="a fixed task list (tune, test: see bench/README.md; ci: the smallest); with no --method "
-                        "the peer rows addift, addift-tt and copier, training seeds 0 and 1, 8 pairs")
+                        "the peer rows addift, addift-tt and copier (on the flow world also edit and edit-slider), "
+                        "training seeds 0 and 1, 8 pairs")
     p.add_argument("--task", action="append", choices=list(TASKS), help="task (repeatable; default eyes)")
-    p.add_argument("--method", action="append", choices=list(VARIANTS),
+    p.add_argument("--method", action="append", choices=[*VARIANTS, *EDIT_VARIANTS],
                    help="method variant (repeatable; default all): " + "; ".join(
-                       f"{k} ({v.note})" if v.note else k for k, v in VARIANTS.items()))
+                       f"{k} ({v.note})" if v.note else k for k, v in {**VARIANTS, **EDIT_VARIANTS}.items()))
     p.add_argument("--pairs", default=None, help="comma-separated pair counts (default 1,8; 8 with --suite)")
     p.add_argument("--m", type=int, default=None, help="held-out generations per cell (default 64; 32 with --suite)")
-    p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
+    p.add_argument("--model", default=None, help="base model folder (default: the world's shipped model)")
     p.add_argument("--seed", type=int, default=0, help="pair and prompt seed, and the training seed by default")
     p.add_argument("--train-seeds", default=None, help="comma-separated training seeds (default: --seed; 0,1 with "
                                                          "--suite)")
@@ -56,19 +61,27 @@ def run(args) -> int:
 
     from .. import validate
     from ..errors import UserError
-    from ..toy.evaluate import PEER_ROWS, SUITES, TASKS, VARIANTS, eval_job, evaluate, markdown_table, summarize, \
-        summary_table
+    from ..toy.evaluate import EDIT_ROWS, EDIT_VARIANTS, PEER_ROWS, SUITES, TASKS, VARIANTS, eval_job, evaluate, \
+        is_edit_variant, markdown_table, summarize, summary_table
+    from ..toy.worlds import WORLDS
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    world = WORLDS[args.world]
+    every = [*VARIANTS, *EDIT_VARIANTS] if world.edits else list(VARIANTS)
     if args.suite:
         tasks = SUITES[args.suite]
-        methods = args.method or PEER_ROWS
+        methods = args.method or (PEER_ROWS + EDIT_ROWS if world.edits else PEER_ROWS)
     else:
         tasks = list(TASKS) if args.all else (args.task or ["eyes"])
-        methods = list(VARIANTS) if args.all or not args.method else args.method
+        methods = every if args.all or not args.method else args.method
+    refused = [m for m in methods if is_edit_variant(m) and not world.edits]
+    if refused:
+        raise UserError(f"--method {refused[0]} needs a base model that edits (--world flow); the {world.name} "
+                        "world's does not")
+    model_path = world.model_path(args.model)
     pairs = _ints(args.pairs or ("8" if args.suite else "1,8"), "--pairs")
     train_seeds = _ints(args.train_seeds or ("0,1" if args.suite else str(args.seed)), "--train-seeds")
     m = args.m if args.m is not None else (32 if args.suite else 64)
@@ -87,8 +100,8 @@ def run(args) -> int:
         raise UserError(f"--weights takes finite numbers, got {args.weights!r}")
     overrides = args.overrides
     for method in methods:  # a bad --set stops here, before minutes of training
-        eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), args.model, args.seed, overrides)
-    results = evaluate(tasks, methods, pairs, args.out, model_path=args.model, seed=args.seed, m=m,
+        eval_job(tasks[0], method, pairs[0] if pairs else 1, Path(args.out), model_path, args.seed, overrides)
+    results = evaluate(tasks, methods, pairs, args.out, model_path=model_path, seed=args.seed, m=m, world=world.name,
                        overrides=overrides, train_seeds=train_seeds, pair_seed=args.pair_seed,
                        prompt_seed=args.prompt_seed, weights=weights,
                        grids=args.grids, keep_loras=args.keep_loras)

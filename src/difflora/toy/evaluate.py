@@ -15,7 +15,16 @@ it freely) are made at load weights -w, 0 and +w (w = 1 unless the variant says 
 - by start value: edit and reverse success grouped by the value the 0 image shows;
 - training steps and wall seconds.
 
-Each (task, variant, pairs, seeds, prompts) cell is cached as one JSON file under
+Edit variants (the edit methods, ADDifT with addift.control) run on a world whose model edits (the flow
+world, toy/worlds.py) and are scored from M held-out "before" images instead (`score_edit`): the pair's
+instruction with the image as control, at 0 (the base edit model) and +w, and for the variants that reverse
+(edit-slider, addift.control) from the same faces' "after" images at -w:
+- edit success: share of +w outputs whose attribute takes the "after" value (base rate: the same at 0);
+- reverse success: share of -w outputs from "after" images whose attribute takes a "before" value;
+- preservation: share of outputs whose every other judged attribute equals the input image's;
+- outside change: mean |pixel change| between the +w output and the input outside the attribute's region.
+
+Each (world, task, variant, pairs, seeds, prompts) cell is cached as one JSON file under
 `<out>/cells/`, so a rerun of a suite computes only what is missing.
 """
 
@@ -125,8 +134,16 @@ VARIANTS: dict[str, Variant] = {
     "differential": Variant({"method": "differential"}),
     "standard": Variant({"method": "standard"}),
 }
-# The rows every suite table carries (difflora's ADDifT and its peers).
+# Variants for a world whose model edits (toy/worlds.py): the pair's "before" image is the control.
+EDIT_VARIANTS: dict[str, Variant] = {
+    "edit": Variant({"method": "edit"}, note="edit LoRA: before as control, after as target"),
+    "edit-slider": Variant({"method": "edit-slider"}, note="edit slider: +1 edits, -1 reverses"),
+    "addift-control": Variant({"method": "addift", "addift": {"control": True}},
+                              note="ADDifT for edit models (both passes conditioned on the before image)"),
+}
+# The rows every suite table carries (difflora's ADDifT and its peers); a world that edits adds EDIT_ROWS.
 PEER_ROWS = ["addift", "addift-tt", "copier"]
+EDIT_ROWS = ["edit", "edit-slider"]
 # Back-compatible name: label -> job keys.
 METHOD_ROWS = {k: v.keys for k, v in VARIANTS.items()}
 
@@ -159,6 +176,7 @@ class TaskResult:
     m: int = 0
     overrides: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    world: str = "sd"
 
 
 def write_pairs(folder: Path, task: str, n: int, seed: int) -> None:
@@ -274,12 +292,93 @@ def score(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: in
     return metrics, {"-1": minus, "0": zero, "+1": plus}
 
 
+def edit_inputs(task: str, m: int, seed: int) -> list[tuple[dict, dict, np.ndarray, np.ndarray]]:
+    """M held-out faces (evaluation render seeds, never a training pair's) as (before attributes, after attributes,
+    before image, after image); a "*" start cycles through the other values."""
+    from .judge import EVAL_SEED_BASE
+
+    t = TASKS[task]
+    starts = before_values(t)
+    rng = np.random.default_rng([seed, 59])
+    return [faces.make_pair(EVAL_SEED_BASE + 7919 * seed + i, t.attribute, starts[i % len(starts)], t.after, rng=rng)
+            for i in range(m)]
+
+
+def score_edit(model, lora_path: Path, task: str, m: int, seed: int, judge, steps: int = 20, cfg: float = 4.0,
+               weight: float = 1.0, reverse: bool = False):
+    """Edit metrics (module docstring) of an edit LoRA on M held-out "before" images (and, with `reverse`, their
+    "after" images at -weight); returns (metrics, images by multiplier)."""
+    from ..data.images import resize_and_crop
+    from ..generate import GenerationRequest, generate
+    from ..network.apply import network_from_file
+    from .flow_model import instruction
+
+    t = TASKS[task]
+    attribute, befores = t.attribute, before_values(t)
+    others = [a for a in faces.CAPTION_ORDER if a != attribute]
+    inputs = edit_inputs(task, m, seed)
+    before = [p[2] for p in inputs]
+    after = [p[3] for p in inputs]
+    runs = [(0.0, before), (weight, before)] + ([(-weight, after)] if reverse else [])
+
+    def as_control(image):  # as generate --control sizes it
+        return [resize_and_crop(Image.fromarray(image), model.control_size(image.shape[1], image.shape[0]))]
+
+    prompt = instruction(attribute, t.after)
+    req = GenerationRequest(prompts=[prompt] * (m * len(runs)), seeds=[seed * 7919 + i for i in range(m)] * len(runs),
+                            steps=steps, cfg=cfg, controls=[as_control(im) for _, ims in runs for im in ims])
+    req.multipliers = {0: [mu for mu, _ in runs for _ in range(m)]}
+    net = network_from_file(model, lora_path, 1.0)
+    try:
+        images = generate(model, [net], req)
+    finally:
+        net.remove()
+    if images[0].shape[0] != faces.SIZE:
+        images = [np.asarray(Image.fromarray(im).resize((faces.SIZE, faces.SIZE), Image.BILINEAR)) for im in images]
+    parts = [images[k * m:(k + 1) * m] for k in range(len(runs))]
+    j_before, j_zero, j_plus = judge.predict(before), judge.predict(parts[0]), judge.predict(parts[1])
+    j_after, j_minus = (judge.predict(after), judge.predict(parts[2])) if reverse else ([], [])
+
+    def kept(outs, ins):
+        return _share(all(o[a] == i[a] for a in others) for o, i in zip(outs, ins))
+
+    region = region_mask(attribute)
+    outside = ~region if region is not None else np.ones((faces.SIZE, faces.SIZE), bool)
+    by_start = {}
+    for v in befores:
+        idx = [i for i, p in enumerate(inputs) if p[0][attribute] == v]
+        by_start[v] = {"n": len(idx), "edit": _share(j_plus[i][attribute] == t.after for i in idx),
+                       "reverse": _share(j_minus[i][attribute] == v for i in idx) if reverse else None}
+    metrics = {
+        "edit_success": _share(p[attribute] == t.after for p in j_plus),
+        "edit_from_before": _share(p[attribute] == t.after for p, i in zip(j_plus, j_before) if i[attribute] in befores),
+        "reverse_success": _share(mi[attribute] in befores for mi in j_minus) if reverse else None,
+        "reverse_from_after": _share(mi[attribute] in befores for mi, i in zip(j_minus, j_after)
+                                     if i[attribute] == t.after) if reverse else None,
+        "base_after_rate": _share(z[attribute] == t.after for z in j_zero),
+        "preservation": kept(j_plus, j_before),
+        "preservation_minus": kept(j_minus, j_after) if reverse else None,
+        "outside_change": float(np.mean([np.abs(o.astype(np.float32) - i.astype(np.float32)).mean(axis=2)[outside].mean()
+                                         / 255 for o, i in zip(parts[1], before)])),
+        "by_start": by_start,
+        "extra": {"protocol": "edit", "base_preservation": kept(j_zero, j_before),
+                  "changed_by_plus": {a: _share(p[a] != i[a] for p, i in zip(j_plus, j_before)) for a in others}},
+    }
+    return metrics, {"-1": parts[2] if reverse else after, "0": parts[0], "+1": parts[1]}
+
+
 def _variant(label: str) -> Variant:
-    if label not in VARIANTS:
+    variant = VARIANTS.get(label) or EDIT_VARIANTS.get(label)
+    if variant is None:
         from ..errors import UserError
 
-        raise UserError(f"unknown eval method {label!r}", hint=f"choose from {', '.join(VARIANTS)}")
-    return VARIANTS[label]
+        raise UserError(f"unknown eval method {label!r}", hint=f"choose from {', '.join([*VARIANTS, *EDIT_VARIANTS])}")
+    return variant
+
+
+def is_edit_variant(label: str) -> bool:
+    """Whether the variant conditions on a control image (scored by `score_edit`)."""
+    return label in EDIT_VARIANTS
 
 
 def _trains_on_pairs(label: str) -> bool:
@@ -306,6 +405,10 @@ def eval_job(task: str, method: str, n_pairs: int, work: Path, model_path, seed:
     keys = _variant(method).keys
     job_data = {"output_dir": str(work / "out"), "output_name": f"{task}_{n_pairs}_{method}", "log_with": "none",
                 "seed": seed, "overwrite": True, "model": str(model_path) if model_path else None}
+    if is_edit_variant(method):  # the flow world's edit training's wording (toy/flow_model.py)
+        from .flow_model import instruction
+
+        job_data["edit_instruction"] = instruction(TASKS[task].attribute, TASKS[task].after)
     if not _trains_on_pairs(method):  # the standard-LoRA baseline: the 'after' halves alone
         job_data["train_data_dir"] = str(work / f"after_{task}_{n_pairs}")
     else:
@@ -357,6 +460,7 @@ class Cell:
     m: int = 64
     overrides: tuple[str, ...] = ()
     weight: float | None = None  # None: the variant's weight
+    world: str = "sd"  # toy/worlds.py
 
     def settings(self) -> str:
         """The resolved training settings that differ from a plain job's as of the suite's first
@@ -383,7 +487,8 @@ class Cell:
     def key(self) -> str:
         digest = hashlib.sha256(self.settings().encode()).hexdigest()[:8]
         w = "" if self.load_weight == _variant(self.label).weight else f"_w{self.load_weight:g}"
-        return (f"{self.task}_{self.label}{w}_p{self.n_pairs}_t{self.train_seed}_s{self.pair_seed}"
+        world = "" if self.world == "sd" else f"{self.world}_"
+        return (f"{world}{self.task}_{self.label}{w}_p{self.n_pairs}_t{self.train_seed}_s{self.pair_seed}"
                 f"_e{self.prompt_seed}_m{self.m}_{digest}")
 
 
@@ -422,10 +527,15 @@ def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, ju
     from ..models import load_model
 
     model = model or load_model(model_path)
-    metrics, images = score(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight)
+    if is_edit_variant(cell.label):
+        metrics, images = score_edit(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight,
+                                     reverse=_variant(cell.label).keys["method"] != "edit")
+    else:
+        metrics, images = score(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight)
     result = TaskResult(cell.task, cell.label, cell.n_pairs, train_steps=steps, train_seconds=seconds,
                         weight=cell.load_weight, train_seed=cell.train_seed, pair_seed=cell.pair_seed,
-                        prompt_seed=cell.prompt_seed, m=cell.m, overrides=list(cell.overrides), **metrics)
+                        prompt_seed=cell.prompt_seed, m=cell.m, overrides=list(cell.overrides), world=cell.world,
+                        **metrics)
     return result, images
 
 
@@ -459,8 +569,8 @@ def run_cells(cells: list["Cell"], cache: Path, model_path, judge, model, grids:
                     shutil.copyfile(lora, kept)
             for i in todo:
                 r, images = _scored(cells[i], lora, steps, seconds, model_path, judge, model)
-                log.info("  weight %g: edit %.0f%%  reverse %.0f%%  preservation %.0f%%  %d steps  %.1f s", r.weight,
-                         100 * r.edit_success, 100 * r.reverse_success, 100 * r.preservation, r.train_steps,
+                log.info("  weight %g: edit %s  reverse %s  preservation %s  %d steps  %.1f s", r.weight,
+                         _pct(r.edit_success), _pct(r.reverse_success), _pct(r.preservation), r.train_steps,
                          r.train_seconds)
                 write_json_atomic(cache / f"{cells[i].key()}.json", asdict(r))
                 if grids:
@@ -558,9 +668,10 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
              m: int = 64, overrides: list[str] | None = None, train_seeds: list[int] | None = None,
              pair_seed: int | None = None, prompt_seed: int | None = None, weights: list[float] | None = None,
              grids: bool = False, cached_only: bool = False, write_summary: bool = True,
-             keep_loras: bool = False) -> list[TaskResult]:
+             keep_loras: bool = False, world: str = "sd") -> list[TaskResult]:
     """Every (task, pairs, variant, training seed, load weight) cell, cached under out/cells (one
-    training serves every weight); writes eval.json (cells and summary) and eval.md (summary and
+    training serves every weight) on `world`'s model (`model_path`: None for the sd world's embedded one);
+    writes eval.json (cells and summary) and eval.md (summary and
     per-cell tables) unless `write_summary` is false (a caller that reports several runs together)."""
     from ..fileio import write_json_atomic, write_text_atomic
     from ..models import load_model
@@ -579,13 +690,13 @@ def evaluate(tasks: list[str], methods: list[str], pair_counts: list[int], out: 
                     continue  # averaging one pair is the method itself
                 for ts in train_seeds:
                     cells = [Cell(task, method, n, ts, seed if pair_seed is None else pair_seed,
-                                  seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w)
+                                  seed if prompt_seed is None else prompt_seed, m, tuple(overrides or ()), w, world)
                              for w in (weights or [None])]
                     results += run_cells(cells, out / "cells", model_path, judge, model, grids=grids,
                                          keep_loras=keep_loras,
                                          cached_only=cached_only)
                     if write_summary:
-                        write_json_atomic(out / "eval.json", {"cells": [asdict(r) for r in results],
+                        write_json_atomic(out / "eval.json", {"world": world, "cells": [asdict(r) for r in results],
                                                               "summary": summarize(results)})
     if write_summary:
         write_text_atomic(out / "eval.md", summary_table(summarize(results)) + "\n" + markdown_table(results))

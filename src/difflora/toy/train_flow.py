@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..fileio import load_safetensors, save_safetensors, write_json_atomic
 from ..models.flow_matching import FluxFlowObjective
-from ..models.zimage.files import FOLDER_VARIANT_KEY
+from ..models.zimage.files import FOLDER_EDIT_KEY, FOLDER_VARIANT_KEY
 from ..models.zimage.model import TRAIN_FLOW
 from ..statefile import load_state, save_state
 from . import faces, flow_model
@@ -75,11 +75,7 @@ class FlowTrainer:
 
     # ---------------------------------------------------------------- latents
     def load_vae(self):
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(TOY_VAE, local_files_only=True)
-        vae.register_to_config(shift_factor=0.0)  # Z-Image's z = (x − shift)·scale, with the toy VAE's scale
-        return vae.requires_grad_(False).eval()
+        return load_toy_vae()
 
     def _edit_changes(self, attrs: list[dict]) -> list[tuple[int, str, str]]:
         """(image index, attribute, after value) for each edit pair: any change but the held-out ones, to a
@@ -230,26 +226,40 @@ class FlowTrainer:
 
     # ---------------------------------------------------------------- export
     def export(self, transformer, te, out: Path) -> Path:
-        """A diffusers Z-Image folder (ZImagePipeline), the variant "base" recorded for the zimage family."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+        return write_flow_folder(transformer, te, self.tokenizer, out)
 
-        from ..fileio import atomic_folder
-        from ..models.folders import publish_layout
 
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SAMPLING_SHIFT,
-                                                use_dynamic_shifting=False)
-        pipe = ZImagePipeline(scheduler=sched, vae=self.load_vae(), text_encoder=te, tokenizer=self.tokenizer,
-                              transformer=transformer)
-        out = Path(out)
-        if out.exists():
-            shutil.rmtree(out)
-        with atomic_folder(out) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            publish_layout(tmp)
-            index = tmp / "model_index.json"
-            write_json_atomic(index, {**json.loads(index.read_text()), FOLDER_VARIANT_KEY: "base"})
-        log.info("saved the flow world's model to %s", out)
-        return out
+def load_toy_vae():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(TOY_VAE, local_files_only=True)
+    vae.register_to_config(shift_factor=0.0)  # Z-Image's z = (x − shift)·scale, with the toy VAE's scale
+    return vae.requires_grad_(False).eval()
+
+
+def write_flow_folder(transformer, te, tokenizer, out: Path) -> Path:
+    """A diffusers Z-Image folder (ZImagePipeline) with the toy VAE, the variant "base" and its edit layout
+    ("omni") recorded for the zimage family."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    from ..fileio import atomic_folder
+    from ..models.folders import publish_layout
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SAMPLING_SHIFT,
+                                            use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=sched, vae=load_toy_vae(), text_encoder=te, tokenizer=tokenizer,
+                          transformer=transformer)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        publish_layout(tmp)
+        index = tmp / "model_index.json"
+        write_json_atomic(index, {**json.loads(index.read_text()), FOLDER_VARIANT_KEY: "base",
+                                  FOLDER_EDIT_KEY: "omni"})
+    log.info("saved the flow world's model to %s", out)
+    return out
 
 
 def flow_vae_scaling() -> float:

@@ -22,6 +22,8 @@ from .transformer import (fuse_attention, fuse_split_keys, fused_model_to_native
 VARIANT_KEY = "difflora.zimage_variant"
 CONFIG_KEY = "difflora.config"
 FOLDER_VARIANT_KEY = "_difflora_zimage_variant"  # in a folder's model_index.json (diffusers ignores "_" keys)
+# the same place: "omni" marks a model trained to edit in the Omni layout without SigLIP (the flow world's)
+FOLDER_EDIT_KEY = "_difflora_zimage_edit"
 # Qwen3-4B (the text encoder of Z-Image, also FLUX.2 klein-4B's), written out: no hub
 QWEN3_4B_CONFIG = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -79,7 +81,7 @@ def load_folder(path: Path, *, dtype: torch.dtype, variant: str | None, flow: Fl
     folder_variant = index.get(FOLDER_VARIANT_KEY)  # difflora's toy flow world writes it ("base")
     model = ZImageModel(transformer, vae, text_encoder, tokenizer,
                         variant=resolve_variant(variant, {VARIANT_KEY: folder_variant} if folder_variant else {}),
-                        source=str(path), flow=flow, sampling_shift=shift)
+                        source=str(path), flow=flow, sampling_shift=shift, edit=index.get(FOLDER_EDIT_KEY) == "omni")
     model.freeze()
     return model
 
@@ -122,6 +124,11 @@ def save_diffusers_folder(model: ZImageModel, path: Path, dtype: torch.dtype | N
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         publish_layout(tmp)  # tokenizer files transformers 4 reads (vocab.json, merges.txt)
+        if model.edit:  # the flow world's model keeps its marks (a Turbo or Base folder records no variant)
+            index = tmp / "model_index.json"
+            marks = {FOLDER_VARIANT_KEY: model.variant, FOLDER_EDIT_KEY: "omni"}
+            index.write_text(json.dumps({**json.loads(index.read_text(encoding="utf-8")), **marks}, indent=2) + "\n",
+                             encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,11 @@
 """Z-Image (Turbo and Base): prompt encoding, the family's time convention, LoRA names, sampling, low VRAM.
 
+Edit (the flow world's model, issue 25; the Omni pipeline's layout without SigLIP): control images are clean
+reference latents called with the target as one nested list, x = [[ref_1, ..., ref_N, target]] with
+image_noise_mask [[0]*N + [1]] (the references get a clean image's timestep embedding and their own RoPE
+frames after their caption segment), the instruction split into the Omni pipeline's N + 2 caption segments
+around the images (each encoded on its own), and the output is the target's alone.
+
 Time: difflora's timesteps are t = σ·1000 (σ = 1 is pure noise) for every flow model, so the methods'
 windows mean the same thing on FLUX and Z-Image. The Z-Image transformer takes the opposite clock,
 (1000 − t)/1000 = 1 − σ (1 = clean), and predicts x0 − ε (musubi: "opposite of usual flow matching";
@@ -36,7 +42,11 @@ SAMPLING_SHIFT = 3.0  # the scheduler's static shift (diffusers, ComfyUI, musubi
 # sampling defaults per variant: (steps, guidance); Turbo is distilled to 8 steps without CFG
 VARIANT_SAMPLING = {"turbo": (8, 0.0), "base": (28, 4.0)}
 TRAIN_TARGETS = ("attention.qkv", "attention.to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
+# ZImageOmniPipeline's caption segments for N reference images: FIRST, BETWEEN × (N − 1), the instruction's
+# segment, LAST; the images sit between consecutive segments, the target after the instruction's
+OMNI_FIRST, OMNI_BETWEEN, OMNI_LAST = ("<|im_start|>user\n<|vision_start|>", "<|vision_end|><|vision_start|>",
+                                       "<|vision_end|><|im_end|>")
+OMNI_PROMPT = "<|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>"
 
 
 class ZImageModel(ModelFamily):
@@ -44,8 +54,11 @@ class ZImageModel(ModelFamily):
     default_sampler = "euler"  # the pipeline's flow-matching Euler, the only sampler here
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, *, variant: str | None, source: str = "",
-                 flow: FlowMatchOptions | None = None, sampling_shift: float = SAMPLING_SHIFT):
+                 flow: FlowMatchOptions | None = None, sampling_shift: float = SAMPLING_SHIFT,
+                 edit: bool = False):
         self.denoiser = transformer
+        self.edit = edit  # takes control images in the Omni layout (the flow world's model)
+        self._omni_constants: dict[str, torch.Tensor] | None = None
         self.vae = vae
         self.text_encoders = {"text_encoder": text_encoder}
         self.tokenizer = tokenizer
@@ -178,13 +191,57 @@ class ZImageModel(ModelFamily):
         hidden = te(input_ids=tok.input_ids.to(te.device), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         # zeros where the mask is off: the transformer never sees those rows, and a prompt's stored encoding is
         # then exactly what reaches the transformer, padded
-        return Conditioning({"cap": hidden * mask[..., None], "cap_mask": mask})
+        out = {"cap": hidden * mask[..., None], "cap_mask": mask}
+        if self.edit:  # the prompt's Omni segment too, for a call with control images (cached with the prompt)
+            cap, mask = self._encode_texts([OMNI_PROMPT.format(p) for p in prompts])
+            out |= {"edit_cap": cap, "edit_cap_mask": mask}
+        return Conditioning(out)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's second-to-last hidden state of literal texts (no chat template), padded to 512, and the mask."""
+        te = self.text_encoders["text_encoder"]
+        tok = self.tokenizer(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                             return_tensors="pt")
+        mask = tok.attention_mask.to(te.device).bool()
+        hidden = te(input_ids=tok.input_ids.to(te.device), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return hidden * mask[..., None], mask
+
+    def omni_constants(self) -> dict[str, torch.Tensor]:
+        """The prompt-independent Omni caption segments' encodings (encoded once; kept when the encoder is freed)."""
+        if self._omni_constants is None:
+            self.require("text_encoder")
+            with torch.no_grad():
+                cap, mask = self._encode_texts([OMNI_FIRST, OMNI_BETWEEN, OMNI_LAST])
+            self._omni_constants = {k: c[m].cpu() for k, c, m in zip(("first", "between", "last"), cap, mask)}
+        return self._omni_constants
+
+    # ---- edit (the flow world's model: control images as Omni reference latents)
+    @property
+    def max_control_images(self) -> int:
+        """The flow world's model learned edits from one reference image; a Z-Image Turbo or Base takes none."""
+        return 1 if self.edit else 0
+
+    def control_conditioning(self, controls: list[torch.Tensor]) -> Conditioning:
+        """The control latents as `control_<i>` tensors; `predict` puts them before the target in the Omni call."""
+        if not self.edit:
+            return super().control_conditioning(controls)
+        return Conditioning({f"control_{i}": c for i, c in enumerate(controls)})
+
+    def control_size(self, width: int, height: int) -> tuple[int, int]:
+        """The Omni pipeline's condition images: at most 1024² pixels, sides floored to the latent multiple."""
+        if width * height > 1024 * 1024:
+            scale = (1024 * 1024 / (width * height)) ** 0.5
+            width, height = int(width * scale), int(height * scale)
+        m = self.latent_multiple
+        return width // m * m, height // m * m
 
     drops_cached_text_encoders = True
 
     def drop_text_encoders(self, cached: dict[str, Conditioning]) -> list[str]:
         """cache_text_encoder_outputs: Qwen3-4B (8 GB in bf16) is freed; `cached` answers every later prompt."""
         self._cached_prompts = {p: c.to("cpu") for p, c in cached.items()}
+        if self.edit:
+            self.omni_constants()
         self.text_encoders = {"text_encoder": None}
         self.text_encoders_dropped = True
         log.info("encoded %d prompt(s) once; the Qwen3 text encoder freed (cache_text_encoder_outputs)", len(cached))
@@ -211,11 +268,22 @@ class ZImageModel(ModelFamily):
         dtype = self.compute_dtype or self.transformer.dtype
         n = self.objective.num_train_timesteps
         model_t = (n - timesteps.float().to(noisy.device)) / n
-        cap, mask = cond.tensors["cap"], cond.tensors["cap_mask"].bool()
-        caps = [c[m].to(dtype) for c, m in zip(cap, mask)]
         x = list(noisy.to(dtype).unsqueeze(2).unbind(0))  # (C, 1, h, w) each: one frame
+        controls = [cond.tensors[k] for k in sorted((k for k in cond.tensors if k.startswith("control_")),
+                                                    key=lambda k: int(k.split("_")[1]))]
+        kwargs = {}
+        if controls:  # the Omni call: each sample's references, then its target; captions around them
+            const = {k: v.to(noisy.device, dtype) for k, v in self.omni_constants().items()}
+            cap, mask = cond.tensors["edit_cap"], cond.tensors["edit_cap_mask"].bool()
+            caps = [[const["first"], *[const["between"]] * (len(controls) - 1), c[m].to(dtype), const["last"]]
+                    for c, m in zip(cap, mask)]
+            x = [[c[i].to(noisy.device, dtype).unsqueeze(1) for c in controls] + [xi] for i, xi in enumerate(x)]
+            kwargs = {"siglip_feats": [None] * len(x), "image_noise_mask": [[0] * len(controls) + [1]] * len(x)}
+        else:
+            cap, mask = cond.tensors["cap"], cond.tensors["cap_mask"].bool()
+            caps = [c[m].to(dtype) for c, m in zip(cap, mask)]
         with torch.autocast(noisy.device.type, dtype=dtype, enabled=self.compute_dtype is not None):
-            out = self.transformer(x, model_t, caps, return_dict=False)[0]
+            out = self.transformer(x, model_t, caps, return_dict=False, **kwargs)[0]
         return -torch.stack(out).squeeze(2).to(noisy.dtype)
 
     # ---- VAE (FLUX.1's autoencoder: z = (x − shift)·scale)
@@ -258,12 +326,13 @@ class ZImageModel(ModelFamily):
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], seeds: list[int], steps: int | None = None, width: int | None = None,
                       height: int | None = None, guidance: float | None = None,
-                      negative: list[str] | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1]; steps and guidance default to the variant's (Turbo: 8, none)."""
+                      negative: list[str] | None = None, controls: list[list] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1]; steps and guidance default to the variant's (Turbo: 8, none).
+        controls: each prompt's control images (PIL at control_size), in both CFG passes as the Omni pipeline does."""
         default_steps, default_guidance = VARIANT_SAMPLING[self.variant]
         guidance = default_guidance if guidance is None else guidance
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negative or [""] * len(prompts)) if guidance > 0 else None
+        cond = self.encode_with_controls(prompts, controls)
+        uncond = self.encode_with_controls(negative or [""] * len(prompts), controls) if guidance > 0 else None
         lat = self.sample_latents(cond, uncond, seeds, steps or default_steps, width or self.resolution,
                                   height or self.resolution, guidance)
         img = self.decode_latents(lat).float().clamp(-1, 1)
@@ -289,7 +358,7 @@ class ZImageModel(ModelFamily):
                     net.set_multiplier(float(m[0]) if bool((m == m[0]).all()) else m)
             negative = (req.negative or [""] * len(req.prompts))[sl]
             imgs = self.text_to_image(req.prompts[sl], req.seeds[sl], req.steps, req.width, req.height, guidance,
-                                      negative)
+                                      negative, req.controls[sl] if req.controls else None)
             if progress is not None:
                 progress.update(req.steps)
             out.extend(np.asarray(i, dtype=np.float32) if output == "float"
