@@ -153,3 +153,11 @@ def check_encoded_first(events, captions: set[str]) -> int:
     encoded = {p for kind, prompts in events[:moved] if kind == "encode" for p in prompts}
     assert captions | {""} <= encoded, captions - encoded
     return moved
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with a test marked `slow` run first, each module's tests kept together and in order (its module
+    fixtures are built once): under `pytest -n 2` a minutes-long test collected last would otherwise run alone on
+    one worker after the other has finished."""
+    has_slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module.__name__ not in has_slow)  # stable: the rest keep collection order

@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a minute or more: started first (conftest.py)
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_speed.py"
 
 

@@ -102,6 +102,30 @@ def world(tmp_path_factory):
     return root, model_dir
 
 
+@pytest.fixture(scope="module")
+def loaded_models() -> dict:
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def models_read_once(monkeypatch, loaded_models):
+    """Each tiny model is read from its folder once per module; every run gets a deep copy of it as loaded (a
+    copy costs about half a read: the SDXL one's ~1,000 modules, config and weights files)."""
+    import copy
+
+    import difflora.train.run as run_module
+
+    real_load = run_module.load_model
+
+    def load(path, **options):
+        key = (str(path), repr(sorted(options.items())))
+        if key not in loaded_models:
+            loaded_models[key] = real_load(path, **options)
+        return copy.deepcopy(loaded_models[key])
+
+    monkeypatch.setattr(run_module, "load_model", load)
+
+
 def make_job(world, family: str, method: str, out: Path, algo: str = "lora", **extra):
     root, model_dir = world
     spec = ALL_TINY[family]

@@ -121,9 +121,10 @@ def resize_lora(lora: LoraFile, new_rank: int, new_conv_rank: int | None = None,
     stats: list[ModuleStats] = []
     if base is not None:
         base = {k: v.to(device) for k, v in base.items()}
-    for name in tqdm(lowrank.module_names(sd), desc="resize", leave=False):
+    modules = lowrank.by_module(sd)
+    for name in tqdm(sorted(modules), desc="resize", leave=False):
         try:
-            f = lowrank.factors(sd, name, 1.0, base)
+            f = lowrank.factors(modules[name], name, 1.0, base)
         except UserError as e:
             raise UserError(str(e), path=lora.path) from None
         scale = f.coeff
