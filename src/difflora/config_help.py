@@ -104,7 +104,7 @@ DESCRIPTIONS = {
     "torch_compile": "compile the denoiser with torch.compile",
     "fsdp": "several processes: shard the frozen denoiser over them with FSDP2 (plain LoRA; no samples)",
     "deepspeed": "several GPUs: train through DeepSpeed ZeRO (needs the deepspeed package)",
-    "zero_stage": "DeepSpeed ZeRO stage 0-3 (default 2), with deepspeed = true",
+    "zero_stage": "DeepSpeed ZeRO stage 0-2 (default 2), with deepspeed = true (3 would split the LoRA)",
     # data
     "train_data_dir": "kohya folder layout: <repeats>_<name> subfolders",
     "reg_data_dir": "kohya folder layout of regularisation images",

@@ -282,6 +282,11 @@ def _distributed(job, error) -> None:
 
     import torch
 
+    if job.deepspeed and job.zero_stage == 3:
+        raise error("zero_stage", "ZeRO-3 partitions the parameters DeepSpeed is given, which are the LoRA's (the "
+                                  "frozen model stays outside it): the LoRA would exist only in pieces between steps, "
+                                  "where saves and validation read it; use zero_stage = 2, or fsdp = true to shard "
+                                  "the frozen model")
     if job.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise error("deepspeed", "needs the deepspeed package, which is not installed (pip install deepspeed)")
     if job.deepspeed and not torch.cuda.is_available():

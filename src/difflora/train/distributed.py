@@ -37,8 +37,9 @@ _MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 def check_launch() -> None:
     """`accelerate launch --cpu --num_processes N` (N > 1) starts N ranks through mpirun when accelerate knows an
-    MPI hostfile (its config's mpirun_config, or --mpirun_hostfile), and ONE process otherwise (accelerate 1.x's
-    simple launcher then tells the child only the rendezvous address). Training alone at the per-process batch
+    MPI hostfile (--mpirun_hostfile, or mpirun_config in the file of --config_file: with --cpu accelerate 1.15 skips
+    its default config, commands/launch.py:1218), and ONE process otherwise (its simple launcher, utils/launch.py:110,
+    then tells the child only the rendezvous address). Training alone at the per-process batch
     would quietly give another LoRA, so that one process says what starts N ranks instead. Ranks that mpirun
     started get torch's RANK / WORLD_SIZE now (accelerate sets them only when its Accelerator starts): the
     output lock and the logging pick the main process before that."""
@@ -53,9 +54,10 @@ def check_launch() -> None:
     if launched_by_accelerate_cpu and "MASTER_ADDR" in os.environ and not rank_known:
         raise UserError("`accelerate launch --cpu` with --num_processes above 1 started only this one process "
                         "(accelerate's --cpu launcher starts more through mpirun only, with an MPI hostfile); "
-                        "add --mpirun_hostfile FILE (or save it with `accelerate config` and launch without "
-                        "--cpu), or start the ranks with `accelerate launch --multi_gpu --num_processes N` (gloo on "
-                        "a machine without GPUs) or `torchrun --nproc_per_node N -m difflora train JOB`")
+                        "add --mpirun_hostfile FILE (or --config_file with the hostfile `accelerate config` saved: "
+                        "with --cpu accelerate reads no default config), or start the ranks with `accelerate "
+                        "launch --multi_gpu --num_processes N` (gloo on a machine without GPUs) or `torchrun "
+                        "--nproc_per_node N -m difflora train JOB`")
 
 
 def quiet_other_processes() -> None:
@@ -106,7 +108,13 @@ def shard_frozen(denoiser: nn.Module, processes: int) -> int:
     ModuleLists becomes one unit, gathered for its forward (and its backward) and split again after; the rest of
     the denoiser forms the root unit. The LoRA weights stay whole on every process (DDP averages their
     gradients), so a checkpoint is the main process's own kohya file and resumes with any process count.
-    Returns the number of units."""
+    Returns the number of units.
+
+    Not accelerate's FSDP plugin (1.15): it shards everything in the one model prepared with the optimizer
+    (accelerator.py:1507-1523), the LoRA too (utils/fsdp_utils.py:885, the root unit), and without DDP the LoRA
+    has to be in it to have its gradients averaged; it would exist only in pieces where saves, validation and the
+    per-pair sharing read it. On the CPU the plugin is dropped without a word (state.py:986-1016: FSDP only for
+    GPU-like process groups; the prepared model is DDP)."""
     from torch.distributed.fsdp import fully_shard
 
     if processes == 1:

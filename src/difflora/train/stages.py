@@ -268,8 +268,8 @@ class StageRunner:
         else:
             step_loss = mean_over_processes(accelerator, step_loss)
             grad_norm = accelerator.clip_grad_norm_(sp.params, max_norm)
-            if grad_norm is None:  # DeepSpeed clips inside its engine (gradient_clipping) and reports nothing here
-                grad_norm = torch.zeros((), device=run.device)
+            # DeepSpeed clips inside its engine (gradient_clipping) and reports its norm as a number, or nothing
+            grad_norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=run.device)
         finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm).to(step_loss.device)
         if sp.update_finite is not None:
             finite = finite & sp.update_finite
