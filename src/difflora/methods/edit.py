@@ -5,7 +5,9 @@ target's, with offset position ids) and an instruction. Notation: b / a a pair's
 the sample's noise, σ = t/1000, q(x) = (1-σ)·x + σ·ε, v_m(z | c) the velocity of the model with the LoRA at
 multiplier m for noisy target tokens z and control c (the instruction p is left out), f = v_0 the frozen model,
 M the pair's difference mask at latent resolution (1 where the pair differs, dilated), and mean(·) over every
-latent element. The prediction covers the target tokens only, so every loss is on the target tokens only.
+latent element. The prediction covers the target tokens only, so every loss is on the target tokens only. A pair's
+further control images (NAME_ref1.png, ...) follow the first control (b, or a on the slider's odd steps) in every
+prediction's control list.
 
 - edit:         L = mean((v_1(q(a) | b) - (ε - a))²)       (control = before, target = after, prompt = instruction)
 - edit-slider:  even steps  L = mean(M·(v_{+m}(q(a) | b) - (ε - a))²) + λ·mean((1-M)·(v_{+m}(q(a) | b) - f(q(a) | b))²)

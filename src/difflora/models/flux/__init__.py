@@ -42,7 +42,7 @@ class FluxPlugin(FamilyPlugin):
     }
 
     def detect_folder(self, path, index):
-        # FLUX.2 / Kontext folders too: the loader then says what is supported
+        # Kontext folders too; FLUX.2 / Fill folders: the loader then says what is supported
         return "flux" if str(index.get("_class_name", "")).startswith("Flux") else None
 
     def detect_single_file(self, keys, metadata):

@@ -76,7 +76,7 @@ def _transformer_from_bfl(sd: dict[str, torch.Tensor], params: FluxParams, dtype
 
 
 def check_flux1_keys(keys, path) -> None:
-    """Refuse FLUX.2 / Kontext-style / other layouts with a line saying what is supported."""
+    """Refuse FLUX.2 and other layouts with a line saying what is supported."""
     keys = list(keys)
     if any(k.startswith(("double_stream_modulation", "single_stream_modulation")) for k in keys):
         raise UserError(f"this is a FLUX.2 transformer; {SUPPORTED}", path=path)
