@@ -89,7 +89,8 @@ DESCRIPTIONS = {
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "max_grad_norm": "clip the gradient norm to this (0: off)",
     "mixed_precision": "no, fp16 or bf16: frozen weights in that dtype, autocast; LoRA weights stay fp32",
-    "save_format": "LoRA file layout: kohya (what every UI loads), or diffusers / comfyui / musubi (Z-Image) for families that have one",
+    "save_format": "LoRA file layout: kohya (what every UI loads), or diffusers / comfyui / musubi (Z-Image) where a "
+                   "family has one",
     "full_bf16": "LoRA weights and optimizer state in bf16 too (needs mixed_precision = bf16)",
     "no_half_vae": "keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16)",
     "sdpa": "PyTorch scaled-dot-product attention (false: the plain attention processor)",

@@ -21,9 +21,9 @@ save_format:
 
 Read: those four, musubi's split kohya names, ai-toolkit's and musubi-converted `diffusion_model.<diffusers>`
 (no alpha: scale 1), DiffSynth's bare `<diffusers>.lora_A.default.weight`, SimpleTuner's `lycoris_` names;
-split q/k/v modules are fused exactly: LoRA / LoHa pieces sharing their input factors and alpha (difflora's
-"musubi" and "diffusers" files; a per-row DoRA magnitude stacks with them) back to the module that wrote them, other LoRA / LoHa pieces block-diagonally (rank summed, scale
-baked), LoKr pieces that share w2 by stacking w1.
+split q/k/v modules are fused exactly: pieces sharing every factor but their output rows (difflora's "musubi" and
+"diffusers" files, a per-row DoRA magnitude included) back to the module that wrote them (Adapter.stack_output_rows),
+other LoRA / LoHa pieces block-diagonally (rank summed, scale baked).
 """
 
 from __future__ import annotations
