@@ -53,7 +53,8 @@ def main() -> int:
                 "train_seconds", "train_steps")}})
             print(f"run {i + 1} ({world} world): {seconds:.1f} s wall (target < 180 s); edit "
                   f"{report['edit_success']:.0%}, reverse {report['reverse_success']:.0%}, preservation "
-                  f"{report['preservation']:.0%}, training {report['train_steps']} steps in {report['train_seconds']} s")
+                  f"{report['preservation']:.0%}, training {report['train_steps']} steps in "
+                  f"{report['train_seconds']} s")
             shutil.rmtree(work, ignore_errors=True)
     result = {"threads": args.threads, "cpus": os.cpu_count(), "runs": runs["sd"]}
     if args.flow_model:

@@ -134,8 +134,9 @@ def test_edit_lora_trained_on_zimage_is_what_generate_control_draws(folder, tmp_
 
 def test_eval_on_the_flow_world_scores_edit_variants_from_held_out_before_images(folder, tmp_path, monkeypatch):
     """`difflora eval --world flow` (the smallest configuration: the ci suite, one pair, two images, two training
-    steps) on a tiny flow world: one row per variant, the edit slider scored from held-out 'before' images (0, +1)
-    and their 'after' images (-1), every number a share of the shipped judge's readings."""
+    steps) on a tiny flow world: one row per variant (ADDifT for edit models, the edit slider), each scored from
+    held-out 'before' images (0, +1) and their 'after' images (-1), every number a share of the shipped judge's
+    readings."""
     import json
 
     import difflora.toy.judge as judge_module
@@ -153,18 +154,18 @@ def test_eval_on_the_flow_world_scores_edit_variants_from_held_out_before_images
 
     monkeypatch.setattr(judge_module, "load_judge", lambda: Recording())
     out = tmp_path / "eval"
-    assert main(["eval", "--world", "flow", "--model", str(model_dir), "--suite", "ci", "--method", "addift",
+    assert main(["eval", "--world", "flow", "--model", str(model_dir), "--suite", "ci", "--method", "addift-control",
                  "--method", "edit-slider", "--m", "2", "--pairs", "1", "--train-seeds", "0",
                  "--set", "max_train_steps=2", "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["world"] == "flow"
-    assert [(c["task"], c["method"], c["world"]) for c in result["cells"]] == [("eyes", "addift", "flow"),
+    assert [(c["task"], c["method"], c["world"]) for c in result["cells"]] == [("eyes", "addift-control", "flow"),
                                                                                ("eyes", "edit-slider", "flow")]
     summary = (out / "eval.md").read_text().split("\n\n")[0].splitlines()
-    assert len(summary) == 4 and summary[2].startswith("| addift | 1 |") and summary[3].startswith("| edit-slider |")
-    # addift: the text-to-image protocol (judged at -1, 0, +1); the slider: inputs and outputs judged in turn
-    assert len(calls) == 3 + 5
-    (before, j_before), (_, j_zero), (plus, j_plus), (after, j_after), (_, j_minus) = calls[3:]
+    assert len(summary) == 4 and summary[2].startswith("| addift-control | 1 |")
+    assert summary[3].startswith("| edit-slider | 1 |")
+    assert len(calls) == 5 + 5  # per variant: inputs and outputs judged in turn
+    (before, j_before), (_, j_zero), (plus, j_plus), (after, j_after), (_, j_minus) = calls[5:]
     assert [r["eyes"] for r in j_before] == ["open", "open"] and [r["eyes"] for r in j_after] == ["closed"] * 2
     assert all(np.abs(b.astype(int) - a.astype(int)).max() > 0 for b, a in zip(before, after))
     cell = result["cells"][1]

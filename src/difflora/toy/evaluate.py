@@ -308,8 +308,10 @@ def score_edit(model, lora_path: Path, task: str, m: int, seed: int, judge, step
                weight: float = 1.0, reverse: bool = False):
     """Edit metrics (module docstring) of an edit LoRA on M held-out "before" images (and, with `reverse`, their
     "after" images at -weight); returns (metrics, images by multiplier)."""
+    from tqdm import tqdm
+
     from ..data.images import resize_and_crop
-    from ..generate import GenerationRequest, generate
+    from ..generate import GenerationRequest, generate, progress_total
     from ..network.apply import network_from_file
     from .flow_model import instruction
 
@@ -330,7 +332,9 @@ def score_edit(model, lora_path: Path, task: str, m: int, seed: int, judge, step
     req.multipliers = {0: [mu for mu, _ in runs for _ in range(m)]}
     net = network_from_file(model, lora_path, 1.0)
     try:
-        images = generate(model, [net], req)
+        with tqdm(total=progress_total(req), desc=f"{task}: editing {len(req.prompts)} images", unit="step",
+                  dynamic_ncols=True, disable=None, leave=False) as bar:
+            images = generate(model, [net], req, progress=bar)
     finally:
         net.remove()
     if images[0].shape[0] != faces.SIZE:
@@ -351,15 +355,16 @@ def score_edit(model, lora_path: Path, task: str, m: int, seed: int, judge, step
                        "reverse": _share(j_minus[i][attribute] == v for i in idx) if reverse else None}
     metrics = {
         "edit_success": _share(p[attribute] == t.after for p in j_plus),
-        "edit_from_before": _share(p[attribute] == t.after for p, i in zip(j_plus, j_before) if i[attribute] in befores),
+        "edit_from_before": _share(p[attribute] == t.after for p, i in zip(j_plus, j_before)
+                                   if i[attribute] in befores),
         "reverse_success": _share(mi[attribute] in befores for mi in j_minus) if reverse else None,
         "reverse_from_after": _share(mi[attribute] in befores for mi, i in zip(j_minus, j_after)
                                      if i[attribute] == t.after) if reverse else None,
         "base_after_rate": _share(z[attribute] == t.after for z in j_zero),
         "preservation": kept(j_plus, j_before),
         "preservation_minus": kept(j_minus, j_after) if reverse else None,
-        "outside_change": float(np.mean([np.abs(o.astype(np.float32) - i.astype(np.float32)).mean(axis=2)[outside].mean()
-                                         / 255 for o, i in zip(parts[1], before)])),
+        "outside_change": float(np.mean([np.abs(o.astype(np.float32) - i.astype(np.float32)).mean(axis=2)[outside]
+                                         .mean() / 255 for o, i in zip(parts[1], before)])),
         "by_start": by_start,
         "extra": {"protocol": "edit", "base_preservation": kept(j_zero, j_before),
                   "changed_by_plus": {a: _share(p[a] != i[a] for p, i in zip(j_plus, j_before)) for a in others}},

@@ -81,7 +81,8 @@ def load_folder(path: Path, *, dtype: torch.dtype, variant: str | None, flow: Fl
     folder_variant = index.get(FOLDER_VARIANT_KEY)  # difflora's toy flow world writes it ("base")
     model = ZImageModel(transformer, vae, text_encoder, tokenizer,
                         variant=resolve_variant(variant, {VARIANT_KEY: folder_variant} if folder_variant else {}),
-                        source=str(path), flow=flow, sampling_shift=shift, edit=index.get(FOLDER_EDIT_KEY) == "omni")
+                        source=str(path), flow=flow, sampling_shift=shift,
+                        edit=index.get(FOLDER_EDIT_KEY) == "omni")
     model.freeze()
     return model
 

@@ -203,8 +203,8 @@ class ZImageModel(ModelFamily):
         tok = self.tokenizer(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                              return_tensors="pt")
         mask = tok.attention_mask.to(te.device).bool()
-        hidden = te(input_ids=tok.input_ids.to(te.device), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return hidden * mask[..., None], mask
+        out = te(input_ids=tok.input_ids.to(te.device), attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-2] * mask[..., None], mask
 
     def omni_constants(self) -> dict[str, torch.Tensor]:
         """The prompt-independent Omni caption segments' encodings (encoded once; kept when the encoder is freed)."""
