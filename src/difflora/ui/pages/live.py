@@ -13,6 +13,7 @@ from pathlib import Path
 from ...errors import UserError
 from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, format_eta, read_events, sample_grid, summarize
 from ..runs import default_run, log_tail, status_text
+from . import QUIET
 
 
 LOG_LINES = 12  # the tail shown; the box is this tall, so its last line is the log's last line
@@ -143,12 +144,12 @@ def build(ctx) -> LivePage:
 
     outputs = [summary, loss_plot, lr_plot, latest, samples, log]
     shown = gr.State(None)  # per browser tab: what the files were at the last update
-    timer.tick(tick, [pick, shown], [pick, *outputs, shown], show_progress="hidden")
+    timer.tick(tick, [pick, shown], [pick, *outputs, shown], **QUIET)
     # the tail follows the end whatever was appended at once (Gradio's autoscroll stops after a large jump)
     log.change(None, None, None, js="() => { const t = document.querySelector('#live-log textarea'); "
                                     "if (t) { t.scrollTop = t.scrollHeight; } }")
-    pick.change(refresh, pick, outputs, show_progress="hidden")
-    pick.focus(lambda: gr.update(choices=run_choices()), None, pick)
+    pick.change(refresh, pick, outputs, **QUIET)
+    pick.focus(lambda: gr.update(choices=run_choices()), None, pick, **QUIET)
 
     def on_request(run_id, what):
         try:
@@ -158,8 +159,8 @@ def build(ctx) -> LivePage:
         return ("Sampling after this step." if what == "sample" else
                 "Saving the LoRA and the training state after this step.")
 
-    sample_now.click(lambda r: on_request(r, "sample"), pick, message)
-    save_now.click(lambda r: on_request(r, "save"), pick, message)
+    sample_now.click(lambda r: on_request(r, "sample"), pick, message, **QUIET)
+    save_now.click(lambda r: on_request(r, "save"), pick, message, **QUIET)
 
     def on_stop(run_id):
         try:
@@ -168,6 +169,6 @@ def build(ctx) -> LivePage:
             return f"**Refused:** {e}"
         return "Stopping: the run saves its LoRA and state."
 
-    stop.click(on_stop, pick, message)
-    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
+    stop.click(on_stop, pick, message, **QUIET)
+    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message, **QUIET)
     return LivePage(pick, run_choices, on_load)

@@ -12,7 +12,9 @@ from ...errors import UserError
 from .. import jobform as J
 from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, sample_grid, summarize
 from ..runs import status_text
+from . import QUIET
 from .live import resume_message, run_samples
+from .train import FORM_EVENT
 
 
 @dataclass
@@ -97,7 +99,7 @@ def build(ctx) -> RunsPage:
             md += "\n\n" + table_md.read_text(encoding="utf-8")
         return job_text, md, curve_frame(p.loss, "loss"), grids, files or None
 
-    refresh.click(on_refresh, None, [table, pick])
+    refresh.click(on_refresh, None, [table, pick], **QUIET)
     def tick(shown):
         """The table, sent only when a run's record or progress changed since this page last showed it."""
         now = tuple((p.parent.name, p.name, file_stamp(p))
@@ -105,9 +107,9 @@ def build(ctx) -> RunsPage:
         return (gr.skip(), shown) if now == shown else (table_rows(ctx), now)
 
     shown = gr.State(None)
-    gr.Timer(3.0).tick(tick, shown, [table, shown], show_progress="hidden")
-    pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs])
-    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
+    gr.Timer(3.0).tick(tick, shown, [table, shown], **QUIET)
+    pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs], **QUIET)
+    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message, **QUIET)
     return RunsPage(table, pick, open_live, clone, extend, more_steps, on_refresh)
 
 
@@ -118,7 +120,7 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
         row = evt.row_value if hasattr(evt, "row_value") else None
         return row[0] if row else gr.update()
 
-    page.table.select(on_select, None, page.pick)
+    page.table.select(on_select, None, page.pick, **QUIET)
 
     def on_open(run_id):
         if not run_id:
@@ -161,8 +163,8 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
         return [*values, gr.Tabs(selected="train"),
                 f"The Train form continues `{run.id}` from its LoRA for {int(steps)} more steps: press Start."]
 
-    page.open_live.click(on_open, page.pick, [tabs, live.pick])
-    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status]).then(
-        train.check, train.fields, train.check_outputs)
-    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status]).then(
-        train.check, train.fields, train.check_outputs)
+    page.open_live.click(on_open, page.pick, [tabs, live.pick], **QUIET)
+    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status], **QUIET).then(
+        train.check, train.fields, train.check_outputs, **FORM_EVENT)
+    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status], **QUIET).then(
+        train.check, train.fields, train.check_outputs, **FORM_EVENT)

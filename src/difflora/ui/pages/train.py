@@ -8,6 +8,7 @@ can be imported into the form.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -19,8 +20,13 @@ from ...fileio import write_text_atomic
 from ..workspace import safe_name
 from .. import jobform as J
 from ..runs import ACTIVE, RESUMABLE, Run, new_run_id
+from . import QUIET
 
 DEFAULT_METHOD = "addift"
+# An event that reads the whole form runs outside Gradio's queue: the page marks a queued event's inputs with a
+# loading status when it completes, and then updates every one of them on every later event of the page (165
+# fields searched for in its component tree each time), which made each click cost the browser about a second.
+FORM_EVENT = {**QUIET, "queue": False}
 
 
 @dataclass
@@ -205,9 +211,19 @@ def build(ctx) -> TrainPage:
 
     group_names = list(errors)
 
-    def check(*values):
-        """(one Markdown per group, status) for the form as it stands."""
-        return report(check_form(ctx, specs, values))
+    newest: dict[str, int] = {}  # browser tab -> the number of its newest check
+    numbers = itertools.count()
+
+    def check(*values, request=None):
+        """(one Markdown per group, status) for the form as it stands. The check runs outside Gradio's queue
+        (see FORM_EVENT), so two edits' checks can finish out of order: one that a newer check of the same tab
+        overtook sends nothing."""
+        tab = getattr(request, "session_hash", None) or ""
+        mine = newest[tab] = next(numbers)
+        out = report(check_form(ctx, specs, values))
+        return out if newest.get(tab) == mine else [gr.skip()] * len(out)
+
+    check.__annotations__["request"] = gr.Request  # how Gradio knows to pass the request (no string annotation)
 
     def report(problems: list[str], prefix: str = "Not ready") -> list:
         """The first problem next to its field's group and in the status line."""
@@ -218,9 +234,7 @@ def build(ctx) -> TrainPage:
         return [*out.values(), f"**{prefix}:** {problems[0]}"]
 
     page_report = report
-    # a method change updates many fields at once: one check for the last of them, not one per field
-    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden",
-          trigger_mode="always_last", concurrency_limit=1)
+    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], **FORM_EVENT)
     page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status],
                      page_report)
 
@@ -238,14 +252,14 @@ def build(ctx) -> TrainPage:
                 updates.append(gr.update(placeholder=J.display(default)))
         return updates
 
-    method_field.change(on_method, method_field, [by_key[k] for k in affected])
+    method_field.change(on_method, method_field, [by_key[k] for k in affected], **QUIET)
     method_field.change(lambda m: [gr.update(visible=m == name) for name in method_groups], method_field,
-                        list(method_groups.values()))
+                        list(method_groups.values()), **QUIET)
     # the family selector: a family's own keys show when it is chosen (all of them while it is detected)
     by_key["model_family"].change(
         lambda family: [gr.update(visible=not family or family in names, open=bool(family))
                         for _, names in family_groups.values()],
-        by_key["model_family"], [accordion for accordion, _ in family_groups.values()])
+        by_key["model_family"], [accordion for accordion, _ in family_groups.values()], **QUIET)
 
     def on_preset_save(name, *values):
         try:
@@ -266,12 +280,12 @@ def build(ctx) -> TrainPage:
         except UserError as e:
             return [*(gr.update() for _ in specs), f"**Not imported:** {e}"]
 
-    preset_save.click(on_preset_save, [preset_pick, *fields], [preset_pick, status])
-    preset_load.click(on_preset_load, preset_pick, [*fields, status])
-    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick)
-    import_go.click(on_import, import_path, [*fields, status])
+    preset_save.click(on_preset_save, [preset_pick, *fields], [preset_pick, status], **FORM_EVENT)
+    preset_load.click(on_preset_load, preset_pick, [*fields, status], **QUIET)
+    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick, **QUIET)
+    import_go.click(on_import, import_path, [*fields, status], **QUIET)
     for m, button in card_buttons.items():
-        button.click(lambda m=m: m, None, method_field)
+        button.click(lambda m=m: m, None, method_field, **QUIET)
 
     def copy(values, cli: bool):
         try:
@@ -289,8 +303,8 @@ def build(ctx) -> TrainPage:
         return (f"difflora train {shlex.join([str(path), *ctx.ws.restrict_arguments()])}\n"
                 "# (the job was saved to that file; set sample_prompts to sample outside the UI)")
 
-    as_toml.click(lambda *v: copy(v, False), fields, copy_out)
-    as_cli.click(lambda *v: copy(v, True), fields, copy_out)
+    as_toml.click(lambda *v: copy(v, False), fields, copy_out, **FORM_EVENT)
+    as_cli.click(lambda *v: copy(v, True), fields, copy_out, **FORM_EVENT)
 
     def on_stop():
         active = [r for r in ctx.store.all() if r.status in ACTIVE and r.kind == "train"]
@@ -309,8 +323,8 @@ def build(ctx) -> TrainPage:
         ctx.runner.resume(stopped[0].id)
         return f"Queued `{stopped[0].id}` to resume."
 
-    stop.click(on_stop, None, status)
-    resume.click(on_resume, None, status)
+    stop.click(on_stop, None, status, **QUIET)
+    resume.click(on_resume, None, status, **QUIET)
     return page
 
 
@@ -373,7 +387,6 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
         return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
                 gr.update(choices=live.run_choices(), value=run.id)]
 
-    # a refusal must reach the page at once even on a loaded machine: no queue and no progress overlay (the
-    # overlay re-renders every output, the tabs holding the whole form among them, before the request is sent)
-    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick], queue=False,
-                     show_progress="hidden")
+    # a refusal must reach the page at once even on a loaded machine (FORM_EVENT; the tabs holding the whole form
+    # are an output)
+    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick], **FORM_EVENT)
