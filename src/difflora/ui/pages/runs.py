@@ -14,7 +14,6 @@ from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, sam
 from ..runs import status_text
 from . import QUIET
 from .live import resume_message, run_samples
-from .train import FORM_EVENT
 
 
 @dataclass
@@ -164,7 +163,6 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
                 f"The Train form continues `{run.id}` from its LoRA for {int(steps)} more steps: press Start."]
 
     page.open_live.click(on_open, page.pick, [tabs, live.pick], **QUIET)
-    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status], **QUIET).then(
-        train.check, train.fields, train.check_outputs, **FORM_EVENT)
-    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status], **QUIET).then(
-        train.check, train.fields, train.check_outputs, **FORM_EVENT)
+    # the fields' changes run the form's check
+    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status], **QUIET)
+    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status], **QUIET)

@@ -8,7 +8,7 @@ can be imported into the form.
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
 import re
 import shlex
@@ -23,10 +23,15 @@ from ..runs import ACTIVE, RESUMABLE, Run, new_run_id
 from . import QUIET
 
 DEFAULT_METHOD = "addift"
-# An event that reads the whole form runs outside Gradio's queue: the page marks a queued event's inputs with a
-# loading status when it completes, and then updates every one of them on every later event of the page (165
-# fields searched for in its component tree each time), which made each click cost the browser about a second.
-FORM_EVENT = {**QUIET, "queue": False}
+# The form's values reach the server as one input, the hidden component `TrainPage.form`: Gradio's page gives each
+# input of an event a loading status and from then on updates every one of them on every event of the page,
+# searching its whole component tree for each. With the ~190 fields as inputs that made every click and every
+# timer tick anywhere on the page cost the browser about half a second of CPU once the form had been checked.
+# Each field's change copies its value into `window.diffloraForm` in the browser (no server call) and hands the
+# whole object to the hidden component, whose change runs the check; events that read the form send that object.
+FORM_JS = "(value, form) => {{ const f = (window.diffloraForm = window.diffloraForm || Object.assign({{}}, form)); " \
+          "f[{key}] = value; return Object.assign({{}}, f); }}"
+LATEST_FORM_JS = "(form) => window.diffloraForm || form"
 
 
 @dataclass
@@ -38,9 +43,13 @@ class TrainPage:
     start: object
     stop: object
     resume: object
-    check: object  # validates the form: (*values) -> (one Markdown per group, status)
+    form: object  # the hidden component holding every field's value ({key: value}; see FORM_JS)
     check_outputs: list
     report: object  # (problems, prefix) -> the values of check_outputs
+
+    def values(self, form: dict) -> list:
+        """The fields' values, in `specs` order, from the form's {key: value}."""
+        return [form.get(s.key) for s in self.specs]
 
 
 def _component(gr, spec: J.FieldSpec):
@@ -211,20 +220,6 @@ def build(ctx) -> TrainPage:
 
     group_names = list(errors)
 
-    newest: dict[str, int] = {}  # browser tab -> the number of its newest check
-    numbers = itertools.count()
-
-    def check(*values, request=None):
-        """(one Markdown per group, status) for the form as it stands. The check runs outside Gradio's queue
-        (see FORM_EVENT), so two edits' checks can finish out of order: one that a newer check of the same tab
-        overtook sends nothing."""
-        tab = getattr(request, "session_hash", None) or ""
-        mine = newest[tab] = next(numbers)
-        out = report(check_form(ctx, specs, values))
-        return out if newest.get(tab) == mine else [gr.skip()] * len(out)
-
-    check.__annotations__["request"] = gr.Request  # how Gradio knows to pass the request (no string annotation)
-
     def report(problems: list[str], prefix: str = "Not ready") -> list:
         """The first problem next to its field's group and in the status line."""
         out = {g: "" for g in group_names}
@@ -233,10 +228,13 @@ def build(ctx) -> TrainPage:
         out[J.group_of_error(problems[0], specs) or group_names[0]] = f"⚠ {problems[0]}"
         return [*out.values(), f"**{prefix}:** {problems[0]}"]
 
-    page_report = report
-    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], **FORM_EVENT)
-    page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status],
-                     page_report)
+    form = gr.JSON(value={s.key: f.value for s, f in zip(specs, fields)}, visible=False, elem_id="train-form")
+    for s, f in zip(specs, fields):
+        f.change(None, [f, form], form, js=FORM_JS.format(key=json.dumps(s.key)), **QUIET)
+    page = TrainPage(specs, fields, errors, status, start, stop, resume, form, [*errors.values(), status], report)
+    # a method change updates several fields at once: one check for the last of them, not one per field
+    form.change(lambda values: report(check_form(ctx, specs, page.values(values))), form, page.check_outputs,
+                js=LATEST_FORM_JS, trigger_mode="always_last", concurrency_limit=1, **QUIET)
 
     method_field = by_key["method"]
     affected = sorted({k for m in J.methods() for k in J.method_defaults(m)} & set(by_key))
@@ -261,9 +259,9 @@ def build(ctx) -> TrainPage:
                         for _, names in family_groups.values()],
         by_key["model_family"], [accordion for accordion, _ in family_groups.values()], **QUIET)
 
-    def on_preset_save(name, *values):
+    def on_preset_save(name, values):
         try:
-            saved = save_preset(ctx, specs, values, name)
+            saved = save_preset(ctx, specs, page.values(values), name)
         except UserError as e:
             return gr.update(), f"**Refused:** {e}"
         return gr.update(choices=preset_names(ctx), value=saved), f"Saved the preset `{saved}`."
@@ -280,7 +278,8 @@ def build(ctx) -> TrainPage:
         except UserError as e:
             return [*(gr.update() for _ in specs), f"**Not imported:** {e}"]
 
-    preset_save.click(on_preset_save, [preset_pick, *fields], [preset_pick, status], **FORM_EVENT)
+    preset_save.click(on_preset_save, [preset_pick, form], [preset_pick, status],
+                      js=f"(name, form) => [name, ({LATEST_FORM_JS})(form)]", **QUIET)
     preset_load.click(on_preset_load, preset_pick, [*fields, status], **QUIET)
     preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick, **QUIET)
     import_go.click(on_import, import_path, [*fields, status], **QUIET)
@@ -303,8 +302,8 @@ def build(ctx) -> TrainPage:
         return (f"difflora train {shlex.join([str(path), *ctx.ws.restrict_arguments()])}\n"
                 "# (the job was saved to that file; set sample_prompts to sample outside the UI)")
 
-    as_toml.click(lambda *v: copy(v, False), fields, copy_out, **FORM_EVENT)
-    as_cli.click(lambda *v: copy(v, True), fields, copy_out, **FORM_EVENT)
+    as_toml.click(lambda v: copy(page.values(v), False), form, copy_out, js=LATEST_FORM_JS, **QUIET)
+    as_cli.click(lambda v: copy(page.values(v), True), form, copy_out, js=LATEST_FORM_JS, **QUIET)
 
     def on_stop():
         active = [r for r in ctx.store.all() if r.status in ACTIVE and r.kind == "train"]
@@ -376,9 +375,9 @@ def start_run(ctx, specs, values) -> Run:
 def connect(ctx, page: TrainPage, live, tabs) -> None:
     import gradio as gr
 
-    def on_start(*values):
+    def on_start(values):
         try:
-            run = start_run(ctx, page.specs, values)
+            run = start_run(ctx, page.specs, page.values(values))
         except UserError as e:
             # only the group with the problem and the status line change: the form's own check (on every edit)
             # has cleared the other groups, and each output left out is one re-render less for the browser
@@ -387,6 +386,7 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
         return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
                 gr.update(choices=live.run_choices(), value=run.id)]
 
-    # a refusal must reach the page at once even on a loaded machine (FORM_EVENT; the tabs holding the whole form
-    # are an output)
-    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick], **FORM_EVENT)
+    # a refusal must reach the page at once even on a loaded machine: outside the queue (QUIET: the tabs holding
+    # the whole form are an output)
+    page.start.click(on_start, page.form, [*page.check_outputs, tabs, live.pick], js=LATEST_FORM_JS, queue=False,
+                     **QUIET)
