@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, format_eta, read_events, sample_grid, summarize
+from ..progress import (GALLERY_HEIGHT, control_rows, curve_frame, file_stamp, format_eta, read_events, sample_grid,
+                        summarize, with_controls)
 from ..runs import default_run, log_tail, status_text
 from . import QUIET
 
@@ -40,6 +41,37 @@ def run_samples(ctx, run, progress) -> list[tuple[int, list[str]]]:
         if m:
             by_step.setdefault(int(m.group(1)), []).append(str(p))
     return sorted(by_step.items())
+
+
+def sampling_grids(ctx, run, progress, cache: dict | None = None) -> list[tuple]:
+    """(grid, caption) of each sampling, newest first. When the sampling's event names control images (an edit
+    method's "before" images, `control`: see progress.control_rows), each row shows its control at the left."""
+    cache = {} if cache is None else cache
+    out = []
+    for step, paths in reversed(list(dict(run_samples(ctx, run, progress)).items())):  # latest per step
+        control = progress.sample_controls.get(step)
+        key = (run.id, step, tuple(paths), repr(control))
+        if key not in cache:
+            cache[key] = _grid_with_controls(ctx.store.folder(run.id), paths, run.info.get("layout"), control)
+        if cache[key] is not None:
+            out.append((cache[key], f"step {step}"))
+    return out
+
+
+def _grid_with_controls(folder: Path, paths: list[str], layout, control):
+    import numpy as np
+    from PIL import Image
+
+    grid = sample_grid(paths, layout)
+    if grid is None or not control:
+        return grid
+    rows = len({x["prompt"] for x in layout}) if layout else 1
+    try:
+        controls = [[np.asarray(Image.open(p).convert("RGB")) for p in row]
+                    for row in control_rows(control, folder, rows)]
+    except OSError:  # a control image moved or deleted since: the samples alone
+        return grid
+    return with_controls(np.asarray(grid), controls)
 
 
 def files_state(ctx, run_id: str) -> tuple:
@@ -118,13 +150,7 @@ def build(ctx) -> LivePage:
             return f"<div id='live-summary'>{_esc(e)}</div>", None, None, None, [], ""
         folder = ctx.store.folder(run_id)
         progress = summarize(read_events(folder / "events.jsonl"))
-        grids = []
-        for step, paths in reversed(list(dict(run_samples(ctx, run, progress)).items())):  # latest per step
-            key = (run_id, step, tuple(paths))
-            if key not in cache:
-                cache[key] = sample_grid(paths, run.info.get("layout"))
-            if cache[key] is not None:
-                grids.append((cache[key], f"step {step}"))
+        grids = sampling_grids(ctx, run, progress, cache)
         return (status_html(run, progress, ctx.store.all()), curve_frame(progress.loss, "loss"),
                 curve_frame(progress.lr, "lr"), grids[0][0] if grids else None, grids,
                 "\n".join(log_tail(folder / "log.txt", LOG_LINES)))

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from .. import jobform as J
-from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, summarize
 from ..runs import status_text
 from . import QUIET
-from .live import resume_message, run_samples
+from .live import resume_message, sampling_grids
 
 
 @dataclass
@@ -83,11 +83,7 @@ def build(ctx) -> RunsPage:
         p = summarize(read_events(folder / "events.jsonl"))
         files = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".md", ".json")
                        and "-state" not in str(f.parent) and f.name != "run.json")
-        grids = []
-        for step, paths in reversed(list(dict(run_samples(ctx, run, p)).items())):  # latest per step
-            g = sample_grid(paths, run.info.get("layout"))
-            if g is not None:
-                grids.append((g, f"step {step}"))
+        grids = sampling_grids(ctx, run, p)
         if run.kind == "eval":
             grids += [(str(f), f.name) for f in sorted(folder.glob("results/*.png"))]
         md = (f"**{run.id}** · {run.kind} · **{run.status}**  \ncommand: `difflora {' '.join(run.argv)}`  \n"
