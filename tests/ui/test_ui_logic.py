@@ -521,3 +521,8 @@ def test_the_live_page_shows_each_sample_rows_control_image_at_its_left(ws):
         assert tuple(image[y + row_h // 2, 2]) == c and tuple(image[y + 1, 2]) == c and tuple(image[y + row_h - 2, 2]) == c
         assert tuple(image[y + row_h // 2, row_h * 24 // 16 + 1]) == (255, 255, 255)  # width at the row's height
     assert image.shape[1] == plain.shape[1] + row_h * 24 // 16 + 8
+
+    # samples written one image per prompt (no sweep): one grid of them, a column each, enlarged to be read
+    event["paths"] = [str(ws.root / "pairs" / f"before{i}.png") for i in range(2)]
+    row = shown()
+    assert row.shape[0] >= 256 and tuple(row[-2, 1]) == colours[0] and tuple(row[-2, -2]) == colours[1]

@@ -175,8 +175,8 @@ def _grid(paths: list[str], layout: list[dict] | None, scale: int):
         by = {(x["prompt"], x["multiplier"]): img for x, img in zip(layout, images)}
         if len(by) == len(prompts) * len(mults):
             rows = [[by[(pr, m)] for m in mults] for pr in prompts]
-            return make_grid(rows, [f"weight {m:g}" for m in mults], scale=scale)
-    return make_grid([images], scale=scale)
+            return np.asarray(make_grid(rows, [f"weight {m:g}" for m in mults], scale=scale))
+    return np.asarray(make_grid([images], scale=scale))
 
 
 def control_rows(control, folder: Path, rows: int) -> list[list[Path]]:
