@@ -49,18 +49,14 @@ def tab(page, name: str) -> None:
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    """Pick an option of a Gradio dropdown as a user does."""
-    # a picker refreshed by its timer re-renders the open list (the option is detached under the click): open it
-    # again and retry, as a user would
-    for attempt in range(5):
-        page.locator(f"#{elem_id} input").first.click()
-        try:
-            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
-            return
-        except Exception:
-            if attempt == 4:
-                raise
-            page.keyboard.press("Escape")
+    """Pick an option of a Gradio dropdown as a user does: open its list, click the option."""
+    box = page.locator(f"#{elem_id} input").first
+    if box.get_attribute("aria-expanded") != "true":
+        # Gradio opens the list when the box gains focus: a box still focused after Escape closed its list
+        # stays closed when clicked again (a user clicks elsewhere first)
+        box.evaluate("input => input.blur()")
+        box.click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 def text_of(page, selector: str) -> str:
@@ -149,10 +145,8 @@ def test_refusals_paths_uploads_presets_import_and_pair_instructions(shared, pag
     tab(page, "Train")
     page.evaluate(WATCH_START)
 
-    # Start with a missing folder or an identical pair: refused next to the field, nothing queued. The time from
-    # the click to the message is read from the page's own events: within 2 s unless the machine's cores are
-    # oversubscribed (CI shares them: there the browser itself waits for a core), and never as long as a wait
-    # for the run queue or a timer would make it
+    # Start with a missing folder or an identical pair: refused next to the field within 2 s (read from the page's
+    # own events), nothing queued
     timings = []
     for folder, expected in [("pairs/missing", "image_dir: pairs/missing: image folder not found"),
                              ("pairs/same", "is two identical images")]:
@@ -167,8 +161,7 @@ def test_refusals_paths_uploads_presets_import_and_pair_instructions(shared, pag
         print(f"\n{folder}: refused on the page {timings[-1]:.2f} s after the click "
               f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     page.screenshot(path=str(screenshots / "train_refused.png"), full_page=True)
-    load = os.getloadavg()[0]
-    assert max(timings) <= (2.0 if load <= os.cpu_count() else 10.0), (timings, load)
+    assert max(timings) <= 2.0, (timings, os.getloadavg()[0])
 
     # a preset saved from the form comes back after the form changed; a kohya config imported into the form
     fill(page, "f-learning_rate", "0.002")
@@ -448,7 +441,16 @@ def test_one_run_through_every_page(shared, page, browser, screenshots, tmp_path
     out = wait_text(page, "#tool-resize-out", lambda t: "Refused" in t, 60, "the second resize")
     assert "tools/resized.safetensors exists; tick 'overwrite'" in out, out
     page.screenshot(path=str(screenshots / "tools.png"), full_page=True)
-    # the all-zero merge warning: tests/ui/test_ui_logic.py (the picker's timer re-rendered the open list here)
+    (ws / "loras").mkdir()
+    shutil.copyfile(lora, ws / "loras" / "copy.safetensors")  # after the page was built: its picker learns it
+    page.get_by_role("tab", name="Merge", exact=True).click()
+    choose(page, "tool-merge-loras", f"last · run {run.name}")
+    choose(page, "tool-merge-loras", "loras/copy.safetensors")
+    page.keyboard.press("Escape")
+    fill(page, "tool-merge-ratios", "1 -1")
+    page.locator("#tool-merge-go").click()
+    out = wait_text(page, "#tool-merge-out", lambda t: "Warning" in t or "Refused" in t, 120, "the merge")
+    assert "the merged LoRA is zero everywhere" in out, out
 
     tab(page, "Evaluate")
     page.wait_for_timeout(500)

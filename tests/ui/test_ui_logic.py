@@ -226,7 +226,8 @@ def test_every_form_field_has_its_help_keys_line():
             assert s.help in listing, s.key  # the same words as `difflora train --help-keys`
 
 
-def test_start_refuses_bad_data_in_the_forms_words_and_queues_nothing(ws):
+def test_start_refuses_bad_data_in_the_forms_words_and_queues_nothing(ws, monkeypatch):
+    from difflora.data import alignment
     from difflora.ui.pages.train import start_run
 
     ctx = page_context(ws)
@@ -257,7 +258,11 @@ def test_start_refuses_bad_data_in_the_forms_words_and_queues_nothing(ws):
     for message in ("learning_rate: Input", "image_dir: pairs/missing", message):
         assert J.group_of_error(message, specs) == ("Optimisation" if "rate" in message else "Data")
 
+    # Start reads every pair but leaves the alignment measurement (~0.6 s a pair) to the Pairs page and the training
+    measured = []
+    monkeypatch.setattr(alignment, "misalignment", lambda *a: measured.append(a))
     run = start_run(ctx, specs, form_values(specs, image_dir="pairs/eyes"))
+    assert measured == []
     job = (ctx.store.folder(run.id) / "job.toml").read_text()
     prompts = (ctx.store.folder(run.id) / "prompts.txt").read_text()
     # the preview: the first pair's "before" caption, at the sweep's weights, sampled as often as stays cheap
@@ -471,3 +476,53 @@ def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
     assert (ws.root / "pairs" / "eyes" / "000.txt").is_file()  # the caption is another file, untouched
     P.write_instruction(before, "  ")  # blank: the pair has no instruction of its own
     assert not path.exists()
+
+
+def test_the_live_page_shows_each_sample_rows_control_image_at_its_left(ws):
+    """An edit run's sampling event names each prompt row's control ("before") image, relative to the run folder
+    (`control`); the Live page draws it left of the row, at the row's height. A fabricated event: the training
+    side of the convention lands separately."""
+    from difflora.generate import make_grid
+    from difflora.ui.pages.live import sampling_grids
+    from difflora.ui.progress import readable
+
+    ctx = page_context(ws)
+    layout = [{"prompt": p, "multiplier": m} for p in ("open", "close") for m in (-1.0, 0.0, 1.0)]
+    run = Run("20260101-edit", "train", "edit", [], info={"layout": layout})
+    ctx.store.save(run)
+    folder = ctx.store.folder(run.id)
+    tiles = [[np.full((32, 32, 3), (40 * i + 20, 200, 60 * j), np.uint8) for j in range(3)] for i in range(2)]
+    grid = np.asarray(make_grid(tiles, ["weight -1", "weight 0", "weight +1"], row_labels=["open", "close"], scale=2,
+                                title="edit at step 4"))
+    (folder / "output" / "sample").mkdir(parents=True)
+    Image.fromarray(grid).save(folder / "output" / "sample" / "edit_000004_sweep.png")
+    colours = [(250, 0, 0), (0, 0, 250)]
+    for i, c in enumerate(colours):
+        Image.fromarray(np.full((16, 24, 3), c, np.uint8)).save(ws.root / "pairs" / f"before{i}.png")
+    event = {"type": "sample_written", "time": 1.0, "step": 4,
+             "paths": [str(folder / "output" / "sample" / "edit_000004_sweep.png")]}
+
+    def shown(**extra):
+        (folder / "events.jsonl").write_text(json.dumps({**event, **extra}) + "\n")
+        from difflora.ui.progress import read_events, summarize
+
+        [(image, caption)] = sampling_grids(ctx, run, summarize(read_events(folder / "events.jsonl")))
+        assert caption == "step 4"
+        return np.asarray(image)
+
+    plain = readable(grid)
+    assert np.array_equal(shown(), plain)  # no control: the grid as the training wrote it
+    image = shown(control=["../../pairs/before0.png", "../../pairs/before1.png"])
+    assert np.array_equal(image[:, -plain.shape[1]:], plain)  # the grid itself untouched, at the right
+    f = plain.shape[0] // grid.shape[0]  # the grid enlarged to a readable height
+    top, row_h = (grid.shape[0] - 2 * 64) * f, 64 * f  # the labels above two rows of 64 px tiles
+    for i, c in enumerate(colours):
+        y = top + i * row_h
+        assert tuple(image[y + row_h // 2, 2]) == c and tuple(image[y + 1, 2]) == c and tuple(image[y + row_h - 2, 2]) == c
+        assert tuple(image[y + row_h // 2, row_h * 24 // 16 + 1]) == (255, 255, 255)  # width at the row's height
+    assert image.shape[1] == plain.shape[1] + row_h * 24 // 16 + 8
+
+    # samples written one image per prompt (no sweep): one grid of them, a column each, enlarged to be read
+    event["paths"] = [str(ws.root / "pairs" / f"before{i}.png") for i in range(2)]
+    row = shown()
+    assert row.shape[0] >= 256 and tuple(row[-2, 1]) == colours[0] and tuple(row[-2, -2]) == colours[1]

@@ -421,11 +421,13 @@ class TrainingData:
 
     # -- caching
     @torch.no_grad()
-    def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16, encode: bool = True) -> None:
+    def cache_latents(self, model, cache_dir: Path | None = None, batch: int = 16, encode: bool = True,
+                      measure_alignment: bool = True) -> None:
         """Encode every unique image once (a fixed VAE sample, seeded per file, as kohya caches it).
 
         With encode=False (cache_latents = false) only the resized pixels are kept, and
-        `latent_for` encodes them at every step with a fresh VAE sample.
+        `latent_for` encodes them at every step with a fresh VAE sample. measure_alignment=False leaves out the
+        misalignment warning (most of the time a pair takes here), for a check that only refuses.
         """
         from tqdm import tqdm
 
@@ -434,7 +436,7 @@ class TrainingData:
                        dynamic_ncols=True):
             pixels = {key: resize_and_crop(load_image(it.image_path(key)), it.bucket) for key in it.image_keys}
             if it.is_pair:
-                self._check_pair(it, pixels)
+                self._check_pair(it, pixels, measure_alignment)
             for key, img in pixels.items():
                 if not encode:
                     it.pixels[key] = to_tensor(img)
@@ -470,11 +472,13 @@ class TrainingData:
         with torch.no_grad():
             return model.encode_images(px[None].to(model.device), sample=True, generator=generator).float().cpu()[0]
 
-    def _check_pair(self, it: Item, pixels: dict) -> None:
+    def _check_pair(self, it: Item, pixels: dict, measure_alignment: bool = True) -> None:
         """Refuse two identical images; warn about a pair whose images are shifted, scaled or rotated."""
         if np.array_equal(np.asarray(pixels["x"]), np.asarray(pixels["after"])):
             raise UserError(f"the pair {it.path.name} / {it.after_path.name} is two identical images: there is no "
                             "difference to learn; fix or remove the pair", path=it.path)
+        if not measure_alignment:
+            return
         from .alignment import misalignment
 
         moved = misalignment(np.asarray(pixels["x"]), np.asarray(pixels["after"]))

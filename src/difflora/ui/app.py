@@ -45,7 +45,7 @@ class Context:
 def build(ctx: Context):
     import gradio as gr
 
-    from .pages import compare, evaluate, live, pairs, runs, tools, train
+    from .pages import QUIET, compare, evaluate, live, pairs, runs, tools, train
 
     with gr.Blocks(title="difflora") as demo:
         gr.Markdown(f"## difflora · workspace `{ctx.ws.root}`")
@@ -67,9 +67,9 @@ def build(ctx: Context):
         train.connect(ctx, train_page, live_page, tabs)
         runs.connect(ctx, runs_page, train_page, live_page, tabs)
         # every page reads the registry when it is opened, not when the app was built
-        demo.load(live_page.on_load, None, live_page.pick)
-        demo.load(runs_page.on_load, None, [runs_page.table, runs_page.pick])
-        demo.load(eval_on_load, None, eval_pick)
+        demo.load(live_page.on_load, None, live_page.pick, **QUIET)
+        demo.load(runs_page.on_load, None, [runs_page.table, runs_page.pick], **QUIET)
+        demo.load(eval_on_load, None, eval_pick, **QUIET)
     return demo
 
 

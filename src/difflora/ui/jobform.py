@@ -343,7 +343,9 @@ def validate(data: dict, workspace, with_data: bool = False) -> str | None:
             resolution = job.resolution if isinstance(job.resolution, int) else CHECK_RESOLUTION
             try:
                 loaded = TrainingData(job, resolution, 8, pairs=METHODS[job.method].needs_pairs)
-                loaded.cache_latents(None, encode=False)  # reads the pixels and refuses identical pairs
+                # reads the pixels and refuses identical pairs; the alignment warnings are the Pairs page's (and
+                # the training log's): measuring them took ~0.6 s a pair before a refusal could be shown
+                loaded.cache_latents(None, encode=False, measure_alignment=False)
             except UserError as e:  # paths as the form shows them; a problem naming no field is the pair folder's
                 text = str(e).replace(str(workspace.root) + "/", "")
                 return text if field_of_error(text, build_fields()) else f"image_dir: {text}"

@@ -72,3 +72,22 @@ def model_choices(ws) -> list[tuple[str, str]]:
             if name.endswith(".safetensors") and _header_keys(path) and not is_adapter_file(path):
                 out.append((f"{(rel / name).as_posix()} (single file)", (rel / name).as_posix()))
     return out
+
+
+def refresh_on_focus(picker, choices) -> None:
+    """`picker` lists `choices()` when it is opened. Nothing is sent while they are the ones this page shows:
+    a list re-rendered while open moves the option under the user's pointer."""
+    import gradio as gr
+
+    from .pages import QUIET
+
+    def as_shown(items) -> list[tuple[str, str]]:  # Gradio's form of a choice: (label, value)
+        return [tuple(c) if isinstance(c, (tuple, list)) else (str(c), c) for c in items]
+
+    shown = gr.State(as_shown(picker.choices))  # per browser tab: the choices its picker holds
+
+    def refresh(before):
+        now = as_shown(choices())
+        return (gr.skip(), before) if now == before else (gr.update(choices=now), now)
+
+    picker.focus(refresh, shown, [picker, shown], **QUIET)

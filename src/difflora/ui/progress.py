@@ -53,6 +53,7 @@ class Progress:
     lr: list[tuple[int, float]] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
     samples: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, paths)
+    sample_controls: dict[int, object] = field(default_factory=dict)  # step -> its event's `control` (control_rows)
     checkpoints: list[dict] = field(default_factory=list)
     outcome: dict | None = None  # the last finished / stopped / failed event
     step_s: float | None = None  # seconds per training step, sampling left out
@@ -90,6 +91,8 @@ def summarize(events: list[dict]) -> Progress:
             p.validation.append((int(e.get("global_step", e.get("step", 0))), float(e["loss"])))
         elif t == "sample_written":
             p.samples.append((int(e.get("step", 0)), list(e.get("paths") or [])))
+            if e.get("control"):
+                p.sample_controls[int(e.get("step", 0))] = e["control"]
             if previous is not None and "time" in e and "time" in previous:
                 p.sample_pass_s.append(max(0.0, e["time"] - previous["time"]))
         elif t == "checkpoint_written":
@@ -172,5 +175,43 @@ def _grid(paths: list[str], layout: list[dict] | None, scale: int):
         by = {(x["prompt"], x["multiplier"]): img for x, img in zip(layout, images)}
         if len(by) == len(prompts) * len(mults):
             rows = [[by[(pr, m)] for m in mults] for pr in prompts]
-            return make_grid(rows, [f"weight {m:g}" for m in mults], scale=scale)
-    return make_grid([images], scale=scale)
+            return np.asarray(make_grid(rows, [f"weight {m:g}" for m in mults], scale=scale))
+    return np.asarray(make_grid([images], scale=scale))
+
+
+def control_rows(control, folder: Path, rows: int) -> list[list[Path]]:
+    """The control ("before") images of each sample row, from a `sample_written` event's `control` field: a list
+    with an entry per row (a path, a list of paths, or null), or one path for every row; paths are relative to
+    the run folder (the folder of its events file), or absolute."""
+    entries = control if isinstance(control, list) else [control] * rows
+    return [[folder / p for p in ([e] if isinstance(e, str) else list(e or []))] for e in entries]
+
+
+def with_controls(grid: np.ndarray, controls: list[list[np.ndarray]], gap: int = 8) -> np.ndarray:
+    """The grid with each row's control images to its left, scaled to the row's height: an edit's before -> after
+    at each multiplier. The rows are the grid's equal bands below its label lines (white with dark text, so at
+    most half of such a line's pixels differ from white)."""
+    from PIL import Image, ImageDraw
+
+    height = grid.shape[0]
+    coloured = (np.abs(grid.astype(np.int16) - 255).max(axis=2) > 24).mean(axis=1)
+    dense = np.flatnonzero(coloured > 0.5)
+    top = int(dense[0]) if len(dense) else 0
+    row_h = (height - top) // max(1, len(controls))
+    if row_h < 8:
+        return grid
+    strips = []
+    for images in controls:
+        tiles = [np.asarray(Image.fromarray(im).resize((max(1, round(im.shape[1] * row_h / im.shape[0])), row_h),
+                                                       Image.NEAREST)) for im in images]
+        strips.append(np.concatenate(tiles, axis=1) if tiles else None)
+    width = max((s.shape[1] for s in strips if s is not None), default=0)
+    if not width:
+        return grid
+    panel = Image.new("RGB", (width + gap, height), (255, 255, 255))
+    if top >= 12:
+        ImageDraw.Draw(panel).text((4, max(0, top - 14)), "control", fill=(0, 0, 0))
+    for i, strip in enumerate(strips):
+        if strip is not None:
+            panel.paste(Image.fromarray(strip), (0, top + i * row_h))
+    return np.concatenate([np.asarray(panel), grid[..., :3]], axis=1)

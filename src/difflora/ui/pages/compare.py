@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from ...errors import UserError
-from ..pickers import lora_choices, model_choices
+from ..pickers import lora_choices, model_choices, refresh_on_focus
 from ..subcommand import run_cli
 from ..workspace import safe_name
 
@@ -61,5 +61,5 @@ def build(ctx) -> None:
         return items, f"{len(items)} grid(s); rows are seeds, columns multipliers."
 
     go.click(on_go, [model, loras, prompt, seed, sweep, n_images, steps, cfg], [grids, message])
-    loras.focus(lambda: gr.update(choices=lora_choices(ctx.ws)), None, loras)
-    model.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, model)
+    refresh_on_focus(loras, lambda: lora_choices(ctx.ws))
+    refresh_on_focus(model, lambda: model_choices(ctx.ws))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ...errors import UserError
 from ..runs import Run, log_tail, new_run_id, status_text
+from . import QUIET
 
 
 def build(ctx):
@@ -68,7 +69,14 @@ def build(ctx):
         return gr.update(choices=runs, value=runs[0] if runs else None)
 
     go.click(on_go, [task, method, pairs, m], [message, pick])
-    pick.change(show, pick, [state, table, grids])
-    pick.focus(lambda: gr.update(choices=choices()), None, pick)
-    gr.Timer(2.0).tick(show, pick, [state, table, grids], show_progress="hidden")
+    pick.change(show, pick, [state, table, grids], **QUIET)
+    pick.focus(lambda: gr.update(choices=choices()), None, pick, **QUIET)
+
+    def tick(run_id, before):
+        """The evaluation as `show` reads it, sent only when it changed since this tab last showed it."""
+        now = show(run_id)
+        return (gr.skip(), gr.skip(), gr.skip(), before) if now == before else (*now, now)
+
+    shown = gr.State(None)  # per browser tab
+    gr.Timer(2.0).tick(tick, [pick, shown], [state, table, grids, shown], **QUIET)
     return pick, on_load

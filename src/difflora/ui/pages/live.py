@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, format_eta, read_events, sample_grid, summarize
+from ..progress import (GALLERY_HEIGHT, control_rows, curve_frame, file_stamp, format_eta, read_events, sample_grid,
+                        summarize, with_controls)
 from ..runs import default_run, log_tail, status_text
+from . import QUIET
 
 
 LOG_LINES = 12  # the tail shown; the box is this tall, so its last line is the log's last line
@@ -39,6 +41,37 @@ def run_samples(ctx, run, progress) -> list[tuple[int, list[str]]]:
         if m:
             by_step.setdefault(int(m.group(1)), []).append(str(p))
     return sorted(by_step.items())
+
+
+def sampling_grids(ctx, run, progress, cache: dict | None = None) -> list[tuple]:
+    """(grid, caption) of each sampling, newest first. When the sampling's event names control images (an edit
+    method's "before" images, `control`: see progress.control_rows), each row shows its control at the left."""
+    cache = {} if cache is None else cache
+    out = []
+    for step, paths in reversed(list(dict(run_samples(ctx, run, progress)).items())):  # latest per step
+        control = progress.sample_controls.get(step)
+        key = (run.id, step, tuple(paths), repr(control))
+        if key not in cache:
+            cache[key] = _grid_with_controls(ctx.store.folder(run.id), paths, run.info.get("layout"), control)
+        if cache[key] is not None:
+            out.append((cache[key], f"step {step}"))
+    return out
+
+
+def _grid_with_controls(folder: Path, paths: list[str], layout, control):
+    import numpy as np
+    from PIL import Image
+
+    grid = sample_grid(paths, layout)
+    if grid is None or not control:
+        return grid
+    rows = len({x["prompt"] for x in layout}) if layout else 1
+    try:
+        controls = [[np.asarray(Image.open(p).convert("RGB")) for p in row]
+                    for row in control_rows(control, folder, rows)]
+    except OSError:  # a control image moved or deleted since: the samples alone
+        return grid
+    return with_controls(np.asarray(grid), controls)
 
 
 def files_state(ctx, run_id: str) -> tuple:
@@ -117,13 +150,7 @@ def build(ctx) -> LivePage:
             return f"<div id='live-summary'>{_esc(e)}</div>", None, None, None, [], ""
         folder = ctx.store.folder(run_id)
         progress = summarize(read_events(folder / "events.jsonl"))
-        grids = []
-        for step, paths in reversed(list(dict(run_samples(ctx, run, progress)).items())):  # latest per step
-            key = (run_id, step, tuple(paths))
-            if key not in cache:
-                cache[key] = sample_grid(paths, run.info.get("layout"))
-            if cache[key] is not None:
-                grids.append((cache[key], f"step {step}"))
+        grids = sampling_grids(ctx, run, progress, cache)
         return (status_html(run, progress, ctx.store.all()), curve_frame(progress.loss, "loss"),
                 curve_frame(progress.lr, "lr"), grids[0][0] if grids else None, grids,
                 "\n".join(log_tail(folder / "log.txt", LOG_LINES)))
@@ -143,12 +170,12 @@ def build(ctx) -> LivePage:
 
     outputs = [summary, loss_plot, lr_plot, latest, samples, log]
     shown = gr.State(None)  # per browser tab: what the files were at the last update
-    timer.tick(tick, [pick, shown], [pick, *outputs, shown], show_progress="hidden")
+    timer.tick(tick, [pick, shown], [pick, *outputs, shown], **QUIET)
     # the tail follows the end whatever was appended at once (Gradio's autoscroll stops after a large jump)
     log.change(None, None, None, js="() => { const t = document.querySelector('#live-log textarea'); "
                                     "if (t) { t.scrollTop = t.scrollHeight; } }")
-    pick.change(refresh, pick, outputs, show_progress="hidden")
-    pick.focus(lambda: gr.update(choices=run_choices()), None, pick)
+    pick.change(refresh, pick, outputs, **QUIET)
+    pick.focus(lambda: gr.update(choices=run_choices()), None, pick, **QUIET)
 
     def on_request(run_id, what):
         try:
@@ -158,8 +185,8 @@ def build(ctx) -> LivePage:
         return ("Sampling after this step." if what == "sample" else
                 "Saving the LoRA and the training state after this step.")
 
-    sample_now.click(lambda r: on_request(r, "sample"), pick, message)
-    save_now.click(lambda r: on_request(r, "save"), pick, message)
+    sample_now.click(lambda r: on_request(r, "sample"), pick, message, **QUIET)
+    save_now.click(lambda r: on_request(r, "save"), pick, message, **QUIET)
 
     def on_stop(run_id):
         try:
@@ -168,6 +195,6 @@ def build(ctx) -> LivePage:
             return f"**Refused:** {e}"
         return "Stopping: the run saves its LoRA and state."
 
-    stop.click(on_stop, pick, message)
-    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
+    stop.click(on_stop, pick, message, **QUIET)
+    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message, **QUIET)
     return LivePage(pick, run_choices, on_load)

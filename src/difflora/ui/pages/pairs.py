@@ -17,6 +17,7 @@ from ...errors import UserError
 from .. import pairs as P
 from ..progress import GALLERY_HEIGHT
 from ..subcommand import run_cli
+from . import QUIET
 
 
 def _composite(view: P.PairView):
@@ -284,9 +285,9 @@ def build(ctx) -> None:
     crop.click(on_prep("crop"), [folder, crop_size, suffix, threshold, dilate, model], after_action)
     tag.click(on_tag, [folder, suffix, threshold, dilate, model], after_action)
     for box in (before_caption, after_caption):
-        box.change(tag_diff, [before_caption, after_caption], diff, show_progress="hidden")
+        box.change(tag_diff, [before_caption, after_caption], diff, **QUIET)
     show.click(on_show, [folder, suffix, threshold, dilate, model], [gallery, status, pick])
     add.click(on_add, [new_name, upload, replace, suffix, threshold, dilate, model], [folder, status, gallery, pick])
-    pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption, instruction])
-    save.click(on_save, [folder, suffix, pick, before_caption, after_caption, instruction], saved)
-    folder.focus(refresh_folders, None, folder)
+    pick.change(on_pick, [folder, suffix, pick], [before_caption, after_caption, instruction], **QUIET)
+    save.click(on_save, [folder, suffix, pick, before_caption, after_caption, instruction], saved, **QUIET)
+    folder.focus(refresh_folders, None, folder, **QUIET)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from .. import jobform as J
-from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, sample_grid, summarize
+from ..progress import GALLERY_HEIGHT, curve_frame, file_stamp, read_events, summarize
 from ..runs import status_text
-from .live import resume_message, run_samples
+from . import QUIET
+from .live import resume_message, sampling_grids
 
 
 @dataclass
@@ -82,11 +83,7 @@ def build(ctx) -> RunsPage:
         p = summarize(read_events(folder / "events.jsonl"))
         files = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".md", ".json")
                        and "-state" not in str(f.parent) and f.name != "run.json")
-        grids = []
-        for step, paths in reversed(list(dict(run_samples(ctx, run, p)).items())):  # latest per step
-            g = sample_grid(paths, run.info.get("layout"))
-            if g is not None:
-                grids.append((g, f"step {step}"))
+        grids = sampling_grids(ctx, run, p)
         if run.kind == "eval":
             grids += [(str(f), f.name) for f in sorted(folder.glob("results/*.png"))]
         md = (f"**{run.id}** · {run.kind} · **{run.status}**  \ncommand: `difflora {' '.join(run.argv)}`  \n"
@@ -97,7 +94,7 @@ def build(ctx) -> RunsPage:
             md += "\n\n" + table_md.read_text(encoding="utf-8")
         return job_text, md, curve_frame(p.loss, "loss"), grids, files or None
 
-    refresh.click(on_refresh, None, [table, pick])
+    refresh.click(on_refresh, None, [table, pick], **QUIET)
     def tick(shown):
         """The table, sent only when a run's record or progress changed since this page last showed it."""
         now = tuple((p.parent.name, p.name, file_stamp(p))
@@ -105,9 +102,9 @@ def build(ctx) -> RunsPage:
         return (gr.skip(), shown) if now == shown else (table_rows(ctx), now)
 
     shown = gr.State(None)
-    gr.Timer(3.0).tick(tick, shown, [table, shown], show_progress="hidden")
-    pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs])
-    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message)
+    gr.Timer(3.0).tick(tick, shown, [table, shown], **QUIET)
+    pick.change(on_pick, pick, [job, details, loss_plot, samples, outputs], **QUIET)
+    resume.click(lambda run_id: resume_message(ctx, run_id), pick, message, **QUIET)
     return RunsPage(table, pick, open_live, clone, extend, more_steps, on_refresh)
 
 
@@ -118,7 +115,7 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
         row = evt.row_value if hasattr(evt, "row_value") else None
         return row[0] if row else gr.update()
 
-    page.table.select(on_select, None, page.pick)
+    page.table.select(on_select, None, page.pick, **QUIET)
 
     def on_open(run_id):
         if not run_id:
@@ -161,8 +158,7 @@ def connect(ctx, page: RunsPage, train, live, tabs) -> None:
         return [*values, gr.Tabs(selected="train"),
                 f"The Train form continues `{run.id}` from its LoRA for {int(steps)} more steps: press Start."]
 
-    page.open_live.click(on_open, page.pick, [tabs, live.pick])
-    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status]).then(
-        train.check, train.fields, train.check_outputs)
-    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status]).then(
-        train.check, train.fields, train.check_outputs)
+    page.open_live.click(on_open, page.pick, [tabs, live.pick], **QUIET)
+    # the fields' changes run the form's check
+    page.clone.click(on_clone, page.pick, [*train.fields, tabs, train.status], **QUIET)
+    page.extend.click(on_continue, [page.pick, page.more_steps], [*train.fields, tabs, train.status], **QUIET)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ...errors import UserError
-from ..pickers import lora_choices, model_choices
+from ..pickers import lora_choices, model_choices, refresh_on_focus
 from ..subcommand import run_cli
 
 WRITING = ("merge", "svd-merge", "resize", "extract")
@@ -98,7 +98,10 @@ def build(ctx) -> None:
     import gradio as gr
 
     def loras():
-        return gr.update(choices=lora_choices(ctx.ws))
+        return lora_choices(ctx.ws)
+
+    def models():
+        return model_choices(ctx.ws)
 
     def runner(tool, names):
         def go(*values, progress=gr.Progress()):
@@ -133,8 +136,8 @@ def build(ctx) -> None:
         m_out = gr.Markdown(elem_id="tool-merge-out")
         m_go.click(runner("merge", ["loras", "ratios", "model", "mode", "save_to", "overwrite"]),
                    [m_loras, m_ratios, m_model, m_mode, m_save, m_over], m_out)
-        m_loras.focus(loras, None, m_loras)
-        m_model.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, m_model)
+        refresh_on_focus(m_loras, loras)
+        refresh_on_focus(m_model, models)
     with gr.Tab("SVD merge"):
         s_loras = gr.Dropdown(label="LoRAs", multiselect=True, choices=lora_choices(ctx.ws))
         with gr.Row():
@@ -146,7 +149,7 @@ def build(ctx) -> None:
         s_out = gr.Markdown()
         s_go.click(runner("svd-merge", ["loras", "ratios", "new_rank", "save_to", "overwrite"]),
                    [s_loras, s_ratios, s_rank, s_save, s_over], s_out)
-        s_loras.focus(loras, None, s_loras)
+        refresh_on_focus(s_loras, loras)
     with gr.Tab("Resize"):
         with gr.Row():
             r_lora = gr.Dropdown(label="LoRA", choices=lora_choices(ctx.ws), allow_custom_value=True,
@@ -160,7 +163,7 @@ def build(ctx) -> None:
         r_out = gr.Markdown(elem_id="tool-resize-out")
         r_go.click(runner("resize", ["lora", "new_rank", "dynamic", "param", "save_to", "overwrite"]),
                    [r_lora, r_rank, r_dyn, r_param, r_save, r_over], r_out)
-        r_lora.focus(loras, None, r_lora)
+        refresh_on_focus(r_lora, loras)
     with gr.Tab("Extract"):
         with gr.Row():
             e_org = gr.Dropdown(label="original model", choices=model_choices(ctx.ws), allow_custom_value=True)
@@ -173,11 +176,11 @@ def build(ctx) -> None:
         e_go.click(runner("extract", ["model_org", "model_tuned", "dim", "save_to", "overwrite"]),
                    [e_org, e_tuned, e_dim, e_save, e_over], e_out)
         for picker in (e_org, e_tuned):
-            picker.focus(lambda: gr.update(choices=model_choices(ctx.ws)), None, picker)
+            refresh_on_focus(picker, models)
     with gr.Tab("Inspect"):
         i_lora = gr.Dropdown(label="LoRA", choices=lora_choices(ctx.ws), allow_custom_value=True,
                              elem_id="tool-inspect-lora")
         i_go = gr.Button("Inspect", variant="primary", elem_id="tool-inspect-go")
         i_out = gr.Markdown(elem_id="tool-inspect-out")
         i_go.click(runner("inspect", ["lora"]), [i_lora], i_out)
-        i_lora.focus(loras, None, i_lora)
+        refresh_on_focus(i_lora, loras)

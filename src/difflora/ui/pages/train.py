@@ -8,6 +8,7 @@ can be imported into the form.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,8 +20,18 @@ from ...fileio import write_text_atomic
 from ..workspace import safe_name
 from .. import jobform as J
 from ..runs import ACTIVE, RESUMABLE, Run, new_run_id
+from . import QUIET
 
 DEFAULT_METHOD = "addift"
+# The form's values reach the server as one input, the hidden component `TrainPage.form`: Gradio's page gives each
+# input of an event a loading status and from then on updates every one of them on every event of the page,
+# searching its whole component tree for each. With the ~190 fields as inputs that made every click and every
+# timer tick anywhere on the page cost the browser about half a second of CPU once the form had been checked.
+# Each field's change copies its value into `window.diffloraForm` in the browser (no server call) and hands the
+# whole object to the hidden component, whose change runs the check; events that read the form send that object.
+FORM_JS = "(value, form) => {{ const f = (window.diffloraForm = window.diffloraForm || Object.assign({{}}, form)); " \
+          "f[{key}] = value; return Object.assign({{}}, f); }}"
+LATEST_FORM_JS = "(form) => window.diffloraForm || form"
 
 
 @dataclass
@@ -32,9 +43,13 @@ class TrainPage:
     start: object
     stop: object
     resume: object
-    check: object  # validates the form: (*values) -> (one Markdown per group, status)
+    form: object  # the hidden component holding every field's value ({key: value}; see FORM_JS)
     check_outputs: list
     report: object  # (problems, prefix) -> the values of check_outputs
+
+    def values(self, form: dict) -> list:
+        """The fields' values, in `specs` order, from the form's {key: value}."""
+        return [form.get(s.key) for s in self.specs]
 
 
 def _component(gr, spec: J.FieldSpec):
@@ -205,10 +220,6 @@ def build(ctx) -> TrainPage:
 
     group_names = list(errors)
 
-    def check(*values):
-        """(one Markdown per group, status) for the form as it stands."""
-        return report(check_form(ctx, specs, values))
-
     def report(problems: list[str], prefix: str = "Not ready") -> list:
         """The first problem next to its field's group and in the status line."""
         out = {g: "" for g in group_names}
@@ -217,12 +228,13 @@ def build(ctx) -> TrainPage:
         out[J.group_of_error(problems[0], specs) or group_names[0]] = f"⚠ {problems[0]}"
         return [*out.values(), f"**{prefix}:** {problems[0]}"]
 
-    page_report = report
-    # a method change updates many fields at once: one check for the last of them, not one per field
-    gr.on([f.change for f in fields], check, fields, [*errors.values(), status], show_progress="hidden",
-          trigger_mode="always_last", concurrency_limit=1)
-    page = TrainPage(specs, fields, errors, status, start, stop, resume, check, [*errors.values(), status],
-                     page_report)
+    form = gr.JSON(value={s.key: f.value for s, f in zip(specs, fields)}, visible=False, elem_id="train-form")
+    for s, f in zip(specs, fields):
+        f.change(None, [f, form], form, js=FORM_JS.format(key=json.dumps(s.key)), **QUIET)
+    page = TrainPage(specs, fields, errors, status, start, stop, resume, form, [*errors.values(), status], report)
+    # a method change updates several fields at once: one check for the last of them, not one per field
+    form.change(lambda values: report(check_form(ctx, specs, page.values(values))), form, page.check_outputs,
+                js=LATEST_FORM_JS, trigger_mode="always_last", concurrency_limit=1, **QUIET)
 
     method_field = by_key["method"]
     affected = sorted({k for m in J.methods() for k in J.method_defaults(m)} & set(by_key))
@@ -238,18 +250,18 @@ def build(ctx) -> TrainPage:
                 updates.append(gr.update(placeholder=J.display(default)))
         return updates
 
-    method_field.change(on_method, method_field, [by_key[k] for k in affected])
+    method_field.change(on_method, method_field, [by_key[k] for k in affected], **QUIET)
     method_field.change(lambda m: [gr.update(visible=m == name) for name in method_groups], method_field,
-                        list(method_groups.values()))
+                        list(method_groups.values()), **QUIET)
     # the family selector: a family's own keys show when it is chosen (all of them while it is detected)
     by_key["model_family"].change(
         lambda family: [gr.update(visible=not family or family in names, open=bool(family))
                         for _, names in family_groups.values()],
-        by_key["model_family"], [accordion for accordion, _ in family_groups.values()])
+        by_key["model_family"], [accordion for accordion, _ in family_groups.values()], **QUIET)
 
-    def on_preset_save(name, *values):
+    def on_preset_save(name, values):
         try:
-            saved = save_preset(ctx, specs, values, name)
+            saved = save_preset(ctx, specs, page.values(values), name)
         except UserError as e:
             return gr.update(), f"**Refused:** {e}"
         return gr.update(choices=preset_names(ctx), value=saved), f"Saved the preset `{saved}`."
@@ -266,12 +278,13 @@ def build(ctx) -> TrainPage:
         except UserError as e:
             return [*(gr.update() for _ in specs), f"**Not imported:** {e}"]
 
-    preset_save.click(on_preset_save, [preset_pick, *fields], [preset_pick, status])
-    preset_load.click(on_preset_load, preset_pick, [*fields, status])
-    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick)
-    import_go.click(on_import, import_path, [*fields, status])
+    preset_save.click(on_preset_save, [preset_pick, form], [preset_pick, status],
+                      js=f"(name, form) => [name, ({LATEST_FORM_JS})(form)]", **QUIET)
+    preset_load.click(on_preset_load, preset_pick, [*fields, status], **QUIET)
+    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick, **QUIET)
+    import_go.click(on_import, import_path, [*fields, status], **QUIET)
     for m, button in card_buttons.items():
-        button.click(lambda m=m: m, None, method_field)
+        button.click(lambda m=m: m, None, method_field, **QUIET)
 
     def copy(values, cli: bool):
         try:
@@ -289,8 +302,8 @@ def build(ctx) -> TrainPage:
         return (f"difflora train {shlex.join([str(path), *ctx.ws.restrict_arguments()])}\n"
                 "# (the job was saved to that file; set sample_prompts to sample outside the UI)")
 
-    as_toml.click(lambda *v: copy(v, False), fields, copy_out)
-    as_cli.click(lambda *v: copy(v, True), fields, copy_out)
+    as_toml.click(lambda v: copy(page.values(v), False), form, copy_out, js=LATEST_FORM_JS, **QUIET)
+    as_cli.click(lambda v: copy(page.values(v), True), form, copy_out, js=LATEST_FORM_JS, **QUIET)
 
     def on_stop():
         active = [r for r in ctx.store.all() if r.status in ACTIVE and r.kind == "train"]
@@ -309,8 +322,8 @@ def build(ctx) -> TrainPage:
         ctx.runner.resume(stopped[0].id)
         return f"Queued `{stopped[0].id}` to resume."
 
-    stop.click(on_stop, None, status)
-    resume.click(on_resume, None, status)
+    stop.click(on_stop, None, status, **QUIET)
+    resume.click(on_resume, None, status, **QUIET)
     return page
 
 
@@ -362,9 +375,9 @@ def start_run(ctx, specs, values) -> Run:
 def connect(ctx, page: TrainPage, live, tabs) -> None:
     import gradio as gr
 
-    def on_start(*values):
+    def on_start(values):
         try:
-            run = start_run(ctx, page.specs, values)
+            run = start_run(ctx, page.specs, page.values(values))
         except UserError as e:
             # only the group with the problem and the status line change: the form's own check (on every edit)
             # has cleared the other groups, and each output left out is one re-render less for the browser
@@ -373,7 +386,7 @@ def connect(ctx, page: TrainPage, live, tabs) -> None:
         return [*page.report([])[:-1], f"Queued `{run.id}`.", gr.Tabs(selected="live"),
                 gr.update(choices=live.run_choices(), value=run.id)]
 
-    # a refusal must reach the page at once even on a loaded machine: no queue and no progress overlay (the
-    # overlay re-renders every output, the tabs holding the whole form among them, before the request is sent)
-    page.start.click(on_start, page.fields, [*page.check_outputs, tabs, live.pick], queue=False,
-                     show_progress="hidden")
+    # a refusal must reach the page at once even on a loaded machine: outside the queue (QUIET: the tabs holding
+    # the whole form are an output)
+    page.start.click(on_start, page.form, [*page.check_outputs, tabs, live.pick], js=LATEST_FORM_JS, queue=False,
+                     **QUIET)
