@@ -385,9 +385,14 @@ def test_edit_prompts_see_the_control_images_and_references_join_as_tokens(tmp_p
         plain = m.encode_prompts(["make it blue"])
         one = m.encode_prompts_with_images(["make it blue"], [[red]])
         two = m.encode_prompts_with_images(["make it blue"], [[red, blue]])
-        # 384² area: 96x64 -> 480x320 -> (480/14)x(320/14) patches, 2x2 merged; "Picture 1: " and vision tokens
-        assert one.tensors["txt"].shape[1] > plain.tensors["txt"].shape[1] + 100
-        assert two.tensors["txt"].shape[1] > one.tensors["txt"].shape[1] + 100
+        # 384² area: 96x64 -> 480x320, which the folder's processor (at most 112² pixels on the tiny model) takes
+        # as 8x6 patches, 2x2 merged: 12 image tokens, plus "Picture 1: " and the vision start/end tokens
+        assert m.image_processor.size["longest_edge"] == 112 * 112  # processor/preprocessor_config.json's bound
+        grids = [m.image_processor(images=[im.resize(size)], return_tensors="pt")["image_grid_thw"].tolist()
+                 for im, size in ((red, (480, 320)), (blue, (384, 384)))]
+        assert grids == [[[1, 6, 8]], [[1, 6, 6]]]  # blue: 64² -> 384² -> 84² (under the bound): 9 tokens
+        assert one.tensors["txt"].shape[1] >= plain.tensors["txt"].shape[1] + 12 + 2
+        assert two.tensors["txt"].shape[1] >= one.tensors["txt"].shape[1] + 9 + 2
         other = m.encode_prompts_with_images(["make it blue"], [[blue]])
         assert not torch.allclose(one.tensors["txt"][:, -5:], other.tensors["txt"][:, -5:])  # the image matters
         x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -61,14 +61,33 @@ def _changes_images(root: Path, path: Path, job) -> float:
     return float(np.abs(on - off).max())
 
 
-def test_a_trained_lora_has_musubis_names_and_qwen_image_metadata(qwen_env, tmp_path):
-    job = _job(qwen_env, tmp_path, "standard")
+def test_a_trained_lora_has_musubis_names_and_qwen_image_metadata(qwen_env, tmp_path, monkeypatch):
+    """... and trained over a preset LoRA, which is fused into the model it trains on (kohya's base_weights)."""
+    import difflora.train.loop as loop
+
+    preset = _random_lora(_load(qwen_env / "model"), tmp_path / "preset.safetensors", seed=4)
+    seen, real_prepare = {}, loop.prepare
+
+    def prepare(*args, **kwargs):  # the model training starts from, and the run to look at afterwards
+        seen["run"] = real_prepare(*args, **kwargs)
+        seen["start"] = _predict(seen["run"].model)
+        return seen["run"]
+
+    monkeypatch.setattr(loop, "prepare", prepare)
+    job = _job(qwen_env, tmp_path, "standard", preset_loras=[{"path": str(preset), "multiplier": 0.5}])
     path = train(job)
     assert {k.split(".")[0] for k in load_file(str(path))} == KOHYA  # 840: img_mod / txt_mod as musubi's
     md = read_metadata_only(path)
     assert md["ss_base_model_version"] == "qwen_image" and md["modelspec.architecture"] == "Qwen-Image"
     assert md["ss_timestep_sampling"] == "shift" and md["ss_discrete_flow_shift"] == "2.2"  # Qwen's defaults
     assert md["ss_weighting_scheme"] == "none"  # musubi's default
+    assert "preset.safetensors" in md["difflora_preset_loras"]
+    # training starts from the base with the preset at 0.5, and leaves the base as it was loaded
+    base = _load(qwen_env / "model")
+    with_preset = _predict(base, [network_from_file(base, preset, 0.5)])
+    assert float((with_preset - _predict(base)).abs().max()) > 1e-3
+    torch.testing.assert_close(seen["start"], with_preset, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_predict(seen["run"].model), _predict(base), rtol=0, atol=0)
     assert _changes_images(qwen_env, path, job) > 1e-4
 
 

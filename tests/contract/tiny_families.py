@@ -215,15 +215,22 @@ def _read_qwen_image(model, args, kwargs) -> DenoiserInputs:
 def _build_qwen_image_edit(folder: Path) -> None:
     from difflora.models.qwen_image.tiny import write_tiny_folder
 
-    # Qwen-Image-Edit's folder (processor/ included) at 4 of its 60 blocks: the block names are the real ones and
-    # qwen_image runs all 60 through the suite; 60 here would add a minute to CI for the same checks
-    write_tiny_folder(folder, "edit", num_layers=4)
+    write_tiny_folder(folder, "edit")  # the real 60 blocks (processor/ included: control images of <= 16 tokens)
 
 
 def _build_qwen_image(folder: Path) -> None:
     from difflora.models.qwen_image.tiny import write_tiny_folder
 
     write_tiny_folder(folder)  # the real 60 blocks, 8 wide
+
+
+def _qwen_image_reference_modules(convention: str) -> Callable[[], set[str]]:
+    """musubi's names at the real 60 blocks (tests/data/qwen_image_keys): "kohya" its 840 default modules,
+    "all_linear_kohya" every Linear (846: the embedders and output layers too, what a job's conv_dim trains)."""
+    def modules() -> set[str]:
+        path = Path(__file__).parents[1] / "data" / "qwen_image_keys" / f"qwen_image_{convention}.txt"
+        return set(path.read_text(encoding="utf-8").split())
+    return modules
 
 
 def _client_qwen_image(model_dir: Path, lora_path: Path, inputs: dict) -> torch.Tensor:
@@ -306,7 +313,8 @@ def _flux2(size: str, variant_of: str | None = None) -> TinyFamily:
 
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
-    "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image),
+    "qwen_image": TinyFamily(_build_qwen_image, 32, _read_qwen_image, "txt", client_unet=_client_qwen_image,
+                             saved_modules=_qwen_image_reference_modules("all_linear_kohya")),
     "flux2": _flux2("klein-4b"),
     "flux2-klein-9b": _flux2("klein-9b", variant_of="flux2"),
     "flux2-dev": _flux2("dev", variant_of="flux2"),
@@ -327,8 +335,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
 # The edit-capable models the edit methods (Method.needs_control) run on, by label: a family's edit variant where it
 # is not the family's default model (Qwen-Image-Edit), the family's own tiny model where that takes reference images.
 EDIT_FAMILIES: dict[str, TinyFamily] = {
+    # no conv_dim: the edit model's files hold musubi's default 840 modules
     "qwen_image_edit": TinyFamily(_build_qwen_image_edit, 32, _read_qwen_image, "txt",
-                                  job_keys={"model_variant": "edit"}),
+                                  job_keys={"model_variant": "edit", "conv_dim": None},
+                                  saved_modules=_qwen_image_reference_modules("kohya")),
     "flux2": TINY_FAMILIES["flux2"],
     "flux_kontext": TinyFamily(_build_flux_kontext, 32, _read_flux, "t5", "pooled", check_extras=_flux_guidance,
                                job_keys={"guidance_scale": 2.5}),

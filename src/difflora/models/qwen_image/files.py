@@ -288,8 +288,10 @@ def load_image_processor(folder: Path | None):
     cfg = folder / "preprocessor_config.json" if folder is not None else None
     if cfg is not None and cfg.exists():
         settings = _read_json(cfg, folder)
-        keep = {k: settings[k] for k in ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
-                                          "image_mean", "image_std") if k in settings}
+        # the pixel bounds as transformers writes them now ("size": shortest/longest_edge) or as the published
+        # configs also spell them (min_pixels / max_pixels)
+        keep = {k: settings[k] for k in ("size", "min_pixels", "max_pixels", "patch_size", "merge_size",
+                                          "temporal_patch_size", "image_mean", "image_std") if k in settings}
         return Qwen2VLImageProcessorPil(**keep)
     return Qwen2VLImageProcessorPil()
 

@@ -54,11 +54,18 @@ _CAPTION_WORDS = ["a face, red hair, blue background, eyes open, smiling, glasse
                   "background, black hair, blond hair, yellow, white, frowning, no glasses, portrait, make it, change"]
 
 
+# The tiny processor's pixel bound (12,845,056 on the real one): the pipelines hand the VL encoder a 1024² control
+# (Edit) or 384² (Edit-2509/2511), ~1,300 / ~190 image tokens that every one of the 60 blocks would attend to;
+# at most 112² pixels = 8x8 patches = 16 tokens keeps the tiny edit models' text streams as short as their prompts.
+TINY_MAX_PIXELS = 112 * 112
+
+
 def tiny_image_processor():
-    """Qwen2.5-VL's image processor (14 px patches, 2x2 merge; the PIL one: torchvision is not a dependency)."""
+    """Qwen2.5-VL's image processor (14 px patches, 2x2 merge; the PIL one: torchvision is not a dependency), its
+    images bounded to TINY_MAX_PIXELS."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil()
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)
 
 
 def tiny_text_encoder_config() -> dict:
