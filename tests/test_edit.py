@@ -391,7 +391,7 @@ def test_samples_during_edit_training_edit_a_before_image_or_the_prompts_own_con
     both resized as the pipeline does, at the prompt's multiplier."""
     import difflora.models.flux.model as flux
     from difflora.toy.tiny_flux import build_tiny_flux
-    from difflora.train import loop
+    from difflora.train import loop, sampling
 
     monkeypatch.setattr(flux, "KONTEXT_RESOLUTIONS", ((32, 32),))  # the tiny VAE at the training size
     build_tiny_flux("kontext", 1, 1).save(tmp_path / "kontext")
@@ -409,9 +409,14 @@ def test_samples_during_edit_training_edit_a_before_image_or_the_prompts_own_con
     monkeypatch.setattr(flux.FluxModel, "generate_request", record)
     runs, real_prepare = [], loop.prepare
     monkeypatch.setattr(loop, "prepare", lambda *a, **kw: runs.append(real_prepare(*a, **kw)) or runs[-1])
+    emitted, real_event = [], sampling.SampleWritten
+    monkeypatch.setattr(sampling, "SampleWritten", lambda **kw: emitted.append(kw) or real_event(**kw))
     _train_edit(tmp_path / "kontext", pairs, tmp_path / "out", "edit", max_train_steps=1, sample_at_first=True,
                 sample_prompts=str(prompts), validation_split=0.34)
     (held_out,) = [it.path for it in runs[0].data.validation_items]
+    # the event names each prompt's control, so the UI's Live page can draw before -> after
+    assert [[Path(p).resolve() for p in ps] for ps in emitted[0]["control"]] == \
+        [[Path(held_out).resolve()], [(tmp_path / "other.png").resolve()]]
     assert len(seen) >= 2 and all(c is not None for c, _ in seen)
     (first, m_first), (second, _) = seen[:2]
     assert m_first == -1.0

@@ -77,6 +77,7 @@ class SampleWritten(Event):
     type: ClassVar[str] = "sample_written"
     step: int  # global step
     paths: list[str]
+    control: list[list[str] | None] | None = None  # per prompt: the control images an edit sample edited
 
 
 @dataclass

@@ -21,11 +21,9 @@ from .events import EventBus, SampleWritten
 GRID_TILE = 128  # small samples are upscaled to at least this many pixels in a grid, so they can be seen
 
 
-def sample_controls(run, prompts) -> list[list | None]:
-    """Each prompt's control images (PIL, as the family's pipeline resizes them) or None: its `--ci` files, else for
-    a method trained on controls the i-th pair's before image and references, held-out pairs first."""
-    from ..generate import control_images
-
+def sample_control_paths(run, prompts) -> list[list[Path] | None]:
+    """Each prompt's control image files or None: its `--ci` files, else for a method trained on controls the i-th
+    pair's before image and references, held-out pairs first."""
     pairs = [it for it in run.data.validation_items + run.data.unique_items() if it.is_pair] \
         if run.method.samples_take_control() else []
     out = []
@@ -33,7 +31,7 @@ def sample_controls(run, prompts) -> list[list | None]:
         named = sp.extra.get("controls")
         pair = pairs[i % len(pairs)] if pairs else None
         paths = named or ([pair.path, *pair.ref_paths] if pair is not None else None)
-        out.append(control_images(run.model, paths, f"sample prompt {sp.prompt!r} (--ci)") if paths else None)
+        out.append([Path(p) for p in paths] if paths else None)
     return out
 
 
@@ -44,7 +42,12 @@ class Samples:
         self.events = events
         for sp in prompts:  # a sampler the family cannot use stops the run before its first step
             run.model.check_sampler(sp.sampler or run.job.sample_sampler or run.model.default_sampler)
-        self.controls = sample_controls(run, prompts)  # read now: a bad control image stops the run before step 1
+        from ..generate import control_images
+
+        self.control_paths = sample_control_paths(run, prompts)
+        # read now (PIL, as the family's pipeline resizes them): a bad control image stops the run before step 1
+        self.controls = [control_images(run.model, paths, f"sample prompt {sp.prompt!r} (--ci)") if paths else None
+                         for sp, paths in zip(prompts, self.control_paths)]
 
     @contextlib.contextmanager
     def _sampling(self, networks: list[LoRANetwork]):
@@ -95,7 +98,10 @@ class Samples:
                 paths.append(path)
         if sweep and rows:
             paths.append(self._save_grid(rows, sweep, step))
-        self.events.emit(SampleWritten(step=step, paths=[str(p) for p in paths]))
+        # the UI draws each row's control at its left (one entry per prompt = per grid row or per image)
+        control = [[str(p) for p in ps] if ps else None for ps in self.control_paths]
+        self.events.emit(SampleWritten(step=step, paths=[str(p) for p in paths],
+                                       control=control if any(control) else None))
         return paths
 
     def _save_grid(self, rows, sweep: list[float], step: int) -> Path:
