@@ -183,3 +183,20 @@ def test_train_allow_path_needs_restrict_paths(tmp_path, run_cli):
     (tmp_path / "ws").mkdir()
     code, _, err = run_cli("train", job, "--restrict-paths", tmp_path / "ws")
     assert code == 2 and "outside the allowed folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_prompt_control_images_are_checked(tmp_path):
+    """A prompt line's `--ci FILE` is an image the run reads: outside the folder it is refused like a path key."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "before.png").write_bytes(b"x")
+    (root / "job.toml").write_text('train_data_dir = "data"\nsample_prompts = "prompts.txt"\nsample_at_first = true\n')
+    (root / "prompts.txt").write_text("close the eyes --ci before.png\n")
+    load_job(root / "job.toml", restrict_paths_to=root)
+    for named in ("../outside/secret.png", str(outside / "secret.png")):
+        (root / "prompts.txt").write_text(f"close the eyes --ci before.png\nopen them --ci {named}\n")
+        with pytest.raises(UserError, match="sample_prompts --ci.*outside the allowed folder"):
+            load_job(root / "job.toml", restrict_paths_to=root)
+    load_job(root / "job.toml", restrict_paths_to=PathPolicy(root, [outside]))  # trusted

@@ -487,6 +487,7 @@ def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) ->
     resolve_paths(job, path.resolve().parent)
     if policy is not None:
         check_paths(job, policy, path)
+        _check_prompt_controls(job, policy)
     _drop_unused_empty_prompt_file(job)
     if job.dataset_config:
         if job.datasets:
@@ -507,6 +508,17 @@ def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) ->
         job.datasets = ds.datasets
     if not job.datasets and not job.train_data_dir:
         raise UserError("no training data: set train_data_dir, dataset_config or [[datasets]]", path=path)
+
+
+def _check_prompt_controls(job: JobConfig, policy: PathPolicy) -> None:
+    """A sample prompt's `--ci` control images are files the run reads: the same policy as the job's path keys."""
+    from .data.prompts import load_prompt_file
+
+    if not job.sample_prompts or not Path(job.sample_prompts).is_file():
+        return  # a missing prompt file is reported by validation, naming it
+    for sp in load_prompt_file(job.sample_prompts):
+        for control in sp.extra.get("controls", []):
+            policy.check(control, "sample_prompts --ci", "read", Path(job.sample_prompts))
 
 
 def _drop_unused_empty_prompt_file(job: JobConfig) -> None:
