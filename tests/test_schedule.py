@@ -6,7 +6,7 @@ import os
 import signal
 from types import SimpleNamespace
 
-from difflora.data.prompts import SamplePrompt
+from difflora.prompts import SamplePrompt
 from difflora.train.schedule import (SAMPLING_SHARE, OnDemand, SaveSchedule, auto_sample_every, sampler_calls,
                                      signals_on_demand)
 

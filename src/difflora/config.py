@@ -512,7 +512,7 @@ def _resolve_job_paths(job: JobConfig, path: Path, policy: PathPolicy | None) ->
 
 def _check_prompt_controls(job: JobConfig, policy: PathPolicy) -> None:
     """A sample prompt's `--ci` control images are files the run reads: the same policy as the job's path keys."""
-    from .data.prompts import load_prompt_file
+    from .prompts import load_prompt_file
 
     if not job.sample_prompts or not Path(job.sample_prompts).is_file():
         return  # a missing prompt file is reported by validation, naming it

@@ -271,7 +271,7 @@ def job(job, path=None) -> None:
     if job.sample_sampler is not None:
         sampler(job.sample_sampler, "sample_sampler", path)
     if job.sample_prompts:
-        from .data.prompts import load_prompt_file
+        from .prompts import load_prompt_file
 
         sample_prompts(load_prompt_file(job.sample_prompts), job.sample_prompts, job.sample_sampler)
 

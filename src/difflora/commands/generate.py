@@ -130,7 +130,7 @@ def image_name(prompt_index: int, seed: int, column: int | None, multiplier: flo
 
 
 def run(args) -> int:
-    from ..data.prompts import SamplePrompt, load_prompt_file
+    from ..prompts import SamplePrompt, load_prompt_file
     from ..fileio import make_parent, refuse_overwriting_inputs
     from ..generate import (GenerationRequest, NonFiniteImage, control_images, generate, make_grid, parameters_text,
                             save_png, weight_label, with_family_defaults)

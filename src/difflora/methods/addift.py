@@ -168,6 +168,7 @@ def addift_timesteps(opts, t_min: int, t_max: int):
 
 class Addift(Method):
     name = "addift"
+    trains_both_directions = True
     purpose = ("The default for any difference: the LoRA at +m on the noised 'after' image is regressed onto the "
                "frozen model on the noised 'before' image. Fast; a few pairs are enough.")
     options = AddiftOptions

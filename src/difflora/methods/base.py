@@ -166,6 +166,7 @@ class Method:
     options: ClassVar[type[Strict] | None] = None  # the `[<name>]` table of a job, None: no options
     needs_pairs = False
     needs_control = False  # True: an edit model's control image conditions every prediction (methods/edit.py)
+    trains_both_directions = False  # True: trained at +m towards "after" and at -m back, so -1 is scored as reverse
 
     def samples_take_control(self) -> bool:
         """Whether the LoRA is trained conditioned on the pairs' "before" images, so that samples during training

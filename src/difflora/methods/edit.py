@@ -143,6 +143,7 @@ def edit_slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
 
 class EditSlider(Method):
     name = "edit-slider"
+    trains_both_directions = True
     purpose = ("An edit whose strength is the LoRA's multiplier, for edit models: at +m the 'before' image is edited "
                "towards 'after', at -m an 'after' image back; untouched where the pair does not differ.")
     options = EditSliderOptions

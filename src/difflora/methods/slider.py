@@ -47,6 +47,7 @@ def slider_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
 
 class Slider(Method):
     name = "slider"
+    trains_both_directions = True
     purpose = "Concept Sliders' image slider: +s on 'after', -s on 'before'. A symmetric slider from pairs."
     options = SliderOptions
     needs_pairs = True

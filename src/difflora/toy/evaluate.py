@@ -529,12 +529,13 @@ def run_one(task: str, method: str, n_pairs: int, work: Path, model_path, seed: 
 
 
 def _scored(cell: "Cell", lora: Path, steps: int, seconds: float, model_path, judge, model):
+    from ..methods import METHODS
     from ..models import load_model
 
     model = model or load_model(model_path)
     if is_edit_variant(cell.label):
         metrics, images = score_edit(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight,
-                                     reverse=_variant(cell.label).keys["method"] != "edit")
+                                     reverse=METHODS[_variant(cell.label).keys["method"]].trains_both_directions)
     else:
         metrics, images = score(model, lora, cell.task, cell.m, cell.prompt_seed, judge, weight=cell.load_weight)
     result = TaskResult(cell.task, cell.label, cell.n_pairs, train_steps=steps, train_seconds=seconds,

@@ -128,6 +128,6 @@ def default_listeners(job, out_dir: Path, started: float) -> list[Listener]:
 def _sample_prompts(job):
     if not job.sample_prompts:
         return []
-    from ..data.prompts import load_prompt_file
+    from ..prompts import load_prompt_file
 
     return load_prompt_file(job.sample_prompts)

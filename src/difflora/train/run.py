@@ -275,7 +275,7 @@ def run_prompts(job, data: TrainingData, caption_keys: tuple[str, ...]) -> list[
     import dataclasses
 
     from ..data.instructions import instruction_for
-    from ..data.prompts import load_prompt_file
+    from ..prompts import load_prompt_file
     from ..methods.base import common_caption
 
     varying = _varying_caption(data)
