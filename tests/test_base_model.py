@@ -39,7 +39,8 @@ def test_attributes_follow_held_out_prompts_on_a_small_sample(base):
     from difflora.toy.judge import load_judge
     from difflora.toy.quality import base_model_quality
 
-    r = base_model_quality(base, n=32, steps=20, judge=load_judge(), diversity=False)  # (seeds differ: above)
+    # 10 DDIM steps: every attribute at 1.0 on this sample, as at 20 (the bench runs 20 on 256)
+    r = base_model_quality(base, n=32, steps=10, judge=load_judge(), diversity=False)  # (seeds differ: above)
     assert min(r["accuracy"].values()) >= 0.75, r["accuracy"]  # the full bench asks >= 0.90 on 256
 
 
