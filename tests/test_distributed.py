@@ -35,6 +35,8 @@ from difflora.train.batches import batch_at, make_batch
 from difflora.train.loop import train
 from difflora.train.stages import StageRunner
 
+pytestmark = pytest.mark.slow  # multi-process launches: started first under pytest -n 2
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, for the launched processes too
 
 
