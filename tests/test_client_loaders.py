@@ -231,23 +231,25 @@ def client_inputs(model):
     return x, t, model.encode_prompts(["a face"])
 
 
+def predict_with_file(model, file: Path, inputs) -> torch.Tensor:
+    """The model's prediction with a LoRA file applied through difflora's own reader (removed afterwards)."""
+    from difflora.network.apply import network_from_file
+
+    loaded = network_from_file(model, file, 1.0)
+    try:
+        with torch.no_grad():
+            return model.predict(*inputs)
+    finally:
+        loaded.remove()
+
+
 @pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
 def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
     from safetensors.torch import load_file
 
-    from difflora.network.apply import network_from_file
-
     family, model, folder = tiny
     path = saved_file(model, tmp_path, algo, first_blocks=True)  # diffusers' loading is slow per module (qwen: 840)
     x, t, cond = client_inputs(model)
-
-    def ours(file: Path) -> torch.Tensor:
-        net = network_from_file(model, file, 1.0)
-        try:
-            with torch.no_grad():
-                return model.predict(x, t, cond)
-        finally:
-            net.remove()
 
     with torch.no_grad():
         base = model.predict(x, t, cond)
@@ -259,14 +261,14 @@ def test_diffusers_loader_on_lycoris_files(tiny, tmp_path, algo):
         print(f"diffusers, {family} {algo}: {type(e.value).__name__}")
         return
     theirs = client(folder, path, {"x": x, "t": t, "cond": cond})
-    whole = ours(path)
+    whole = predict_with_file(model, path, (x, t, cond))
     assert float((whole - base).abs().max()) > 1e-3  # the file changes difflora's output
     if expected == "ignored":
         torch.testing.assert_close(theirs, base, rtol=0, atol=1e-6)
         return
     lora_part = tmp_path / "lora_part.safetensors"
     save_lora({k: v for k, v in load_file(str(path)).items() if not k.endswith(".dora_scale")}, lora_part)
-    torch.testing.assert_close(theirs, ours(lora_part), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs, predict_with_file(model, lora_part, (x, t, cond)), rtol=1e-4, atol=1e-5)
     assert float((theirs - whole).abs().max()) > 1e-3
 
 
@@ -292,17 +294,9 @@ def test_dora_saved_for_diffusers_loads_whole_in_the_pipeline(tiny, tmp_path, ca
     save_lora({k: v for k, v in net.state_dict().items() if not k.endswith(".dora_scale")}, lora_part)
     x, t, cond = client_inputs(model)
 
-    def ours(file: Path) -> torch.Tensor:
-        loaded = network_from_file(model, file, 1.0)
-        try:
-            with torch.no_grad():
-                return model.predict(x, t, cond)
-        finally:
-            loaded.remove()
-
     back = network_from_file(model, path, 1.0, attach=False).state_dict()
     assert all(torch.equal(back[k], v) for k, v in net.state_dict().items() if k.endswith(".dora_scale"))
-    whole, part = ours(path), ours(lora_part)
+    whole, part = (predict_with_file(model, f, (x, t, cond)) for f in (path, lora_part))
     theirs = TINY_FAMILIES[family].client_unet(folder, path, {"x": x, "t": t, "cond": cond})
     print(f"{family}: max |diffusers - difflora| with the DoRA file {float((theirs - whole).abs().max()):.2e}; "
           f"without the magnitude {float((part - whole).abs().max()):.3f}")
