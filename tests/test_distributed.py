@@ -102,15 +102,8 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(tmp_path, tiny_sd1_dir, faces16):
     """torchrun, with gradient accumulation (accelerate's accumulate: DDP's no_sync on the first micro-batch) and
     fsdp = true (the frozen U-Net's blocks sharded with FSDP2 over gloo; the LoRA whole on each process, saved
-    once): the LoRA of one process to 1e-6. Then `accelerate launch --cpu` (ranks through mpirun) with fsdp,
-    mixed_precision = "bf16" (the frozen U-Net in bf16, sharded and gathered in bf16, under the CPU's autocast) and
-    gradient_checkpointing (each block runs again in the backward, its weights gathered again) composed: the
-    LoRA of one bf16 process that runs the two ranks' micro-batches one after another (_as_ranks), to 2.5% of the
-    update (measured 0.84%). Not 1e-6: FSDP alone moves fp32 results by last bits (one step, fp32, 2 ranks with
-    fsdp against _as_ranks: 1.1e-7 of the update; without fsdp, in bf16 too: exactly 0), and in bf16 a last-bit
-    change of an activation or weight is a change at 2^-8 instead of 2^-23: x 2^15, so 3.7e-3 expected after one
-    step, measured 3.0e-3, growing to 0.84% over the 6 steps. `accelerate launch --multi_gpu` (DDP's static
-    graph, no accumulation, no sharding) is the killed-rank test's."""
+    once): the LoRA of one process to 1e-6; then `accelerate launch --cpu` (ranks through mpirun) the same way.
+    `accelerate launch --multi_gpu` (DDP's static graph, no accumulation, no sharding) is the killed-rank test's."""
     job = _standard(tmp_path, tiny_sd1_dir, faces16, gradient_accumulation_steps=2)
     r = subprocess.run(_launch("torchrun", job, "--set", "output_name='two'", "--set", "fsdp=true", quiet=False),
                        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -128,7 +121,9 @@ def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(tm
     # `accelerate launch --config_file FILE --num_processes 2 --cpu -m difflora train JOB`, FILE as `accelerate
     # config` writes it for this machine, multi-CPU, mpirun with a hostfile: accelerate starts the ranks through
     # mpirun (the test extra's mpich). Without --config_file, --cpu reads no config: one process, refused in
-    # test_accelerate_cpu_launch_... (the hostfile on the command, --mpirun_hostfile, is the same path in accelerate)
+    # test_accelerate_cpu_launch_... (the hostfile on the command, --mpirun_hostfile, is the same path in accelerate).
+    # fp32 with fsdp and gradient checkpointing (each block runs again in the backward, its weights gathered
+    # again): the LoRA of one process to 1e-6 too.
     bin_dir = str(Path(sys.executable).parent)
     search = os.pathsep.join((bin_dir, os.environ.get("PATH", "")))
     if shutil.which("mpirun", path=search) is None:
@@ -141,14 +136,29 @@ def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(tm
                       f"main_process_port: {_free_port()}\nmpirun_config:\n  mpirun_hostfile: {hostfile}\n")
     r = subprocess.run([shutil.which("accelerate", path=search), "launch", "--config_file", str(config),
                         "--num_processes", "2", "--cpu", "-m", "difflora", "train", str(job),
-                        "--set", "output_name='mpi'", "--set", "fsdp=true", "--set", "mixed_precision='bf16'",
-                        "--set", "gradient_checkpointing=true"],
+                        "--set", "output_name='mpi'", "--set", "fsdp=true", "--set", "gradient_checkpointing=true"],
                        cwd=tmp_path, env=dict(_env(tmp_path), PATH=search), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("saved ") == 1
     assert r.stderr.count("fsdp: the denoiser sharded over 2 processes (7 blocks and the rest)") == 1, r.stderr
-    mpi = load_file(str(tmp_path / "out" / "mpi.safetensors"))
+    assert _max_diff(load_file(str(tmp_path / "out" / "mpi.safetensors")), one) < 1e-6
+
+
+def test_sharded_bf16_with_checkpointing_trains_the_lora_of_one_bf16_process(tmp_path, tiny_sd1_dir, faces16):
+    """fsdp, mixed_precision = "bf16" (the frozen U-Net in bf16, sharded and gathered in bf16, under the CPU's
+    autocast) and gradient_checkpointing composed on 2 processes (accelerate launch --multi_gpu, CPU ranks): the
+    LoRA of one bf16 process that runs the two ranks' micro-batches one after another (_as_ranks), to 2.5% of the
+    update (measured 0.84%). Not 1e-6: FSDP alone moves fp32 results by last bits (one step, fp32, 2 ranks with
+    fsdp against _as_ranks: 1.1e-7 of the update; without fsdp, in bf16 too: exactly 0), and in bf16 a last-bit
+    change of an activation or weight is a change at 2^-8 instead of 2^-23: x 2^15, so 3.7e-3 expected after one
+    step, measured 3.0e-3, growing to 0.84% over the 6 steps."""
+    job = _standard(tmp_path, tiny_sd1_dir, faces16, gradient_accumulation_steps=2)
+    r = subprocess.run(_launch("accelerate", job, "--set", "output_name='bf16'", "--set", "fsdp=true",
+                               "--set", "mixed_precision='bf16'", "--set", "gradient_checkpointing=true"),
+                       cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = load_file(str(tmp_path / "out" / "bf16.safetensors"))
     # accelerate keeps one precision per Python process (its state is shared): a fresh one for bf16, and after
     from accelerate.state import AcceleratorState
 
@@ -159,13 +169,15 @@ def test_two_processes_train_the_lora_of_one_process_at_the_same_global_batch(tm
                                     gradient_checkpointing="true")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+    one = _one_process(job, "one", 2)
+    ups = [k for k in one if k.endswith("lora_up.weight")]
 
     def apart(a: dict, b: dict) -> float:  # relative to b's update (the up weights start at zero)
         return (sum(((a[k] - b[k]) ** 2).sum() for k in ups) / sum((b[k] ** 2).sum() for k in ups)).sqrt().item()
 
-    assert all(torch.isfinite(t).all() for t in mpi.values())
-    assert apart(mpi, one_bf16) < 0.025
-    assert apart(mpi, one) > 1e-3  # bf16 was in effect on the two processes
+    assert all(torch.isfinite(t).all() for t in two.values())
+    assert apart(two, one_bf16) < 0.025
+    assert apart(two, one) > 1e-3  # bf16 was in effect on the two processes
 
 
 def _pids_of_run(tmp_path) -> dict[int, int]:
