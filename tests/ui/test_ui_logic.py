@@ -478,6 +478,32 @@ def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
     assert not path.exists()
 
 
+def test_a_pairs_further_control_images_are_shown_with_it_not_as_pairs(ws):
+    """NAME_ref1.png beside NAME.png is the pair's second control image (data/dataset.py): the Pairs page shows
+    it between before and after and says so, and lists no pair of its own."""
+    from difflora.ui.pages.pairs import _composite, show_pairs
+
+    folder = ws.root / "pairs" / "eyes"
+    ref = np.zeros((64, 64, 3), np.uint8)
+    ref[:, :32] = (200, 30, 30)
+    Image.fromarray(ref).save(folder / "000_ref1.png")
+    pairs = P.find_pairs(folder)
+    assert [(p.name, [r.name for r in p.refs]) for p in pairs] == [("000", ["000_ref1.png"]), ("001", [])]
+    view = P.analyse(pairs[0])
+    assert len(view.refs) == 1 and np.array_equal(view.refs[0], ref)
+    plain = _composite(P.analyse(pairs[1]))
+    assert _composite(view).size == (plain.size[0] * 3 // 2, plain.size[1])  # before | ref1 | after
+    items, _, names = show_pairs(page_context(ws), "pairs/eyes", "_after", 10.0, 2, "")
+    assert names == ["000", "001"]
+    assert items[0][1].startswith("000 · 2 control images (before, 000_ref1.png) → after · ")
+    assert "control images" not in items[1][1]
+
+    Image.fromarray(ref).save(folder / "001_ref2.png")  # no 001_ref1: training refuses the pair
+    gap = P.find_pairs(folder)[1]
+    assert [r.name for r in gap.refs] == ["001_ref2.png"]
+    assert any("skip 001_ref1" in w for w in P.analyse(gap).warnings)
+
+
 def test_the_live_page_shows_each_sample_rows_control_image_at_its_left(ws):
     """An edit run's sampling event names each prompt row's control ("before") image, relative to the run folder
     (`control`); the Live page draws it left of the row, at the row's height. A fabricated event: the training

@@ -21,13 +21,18 @@ from . import QUIET
 
 
 def _composite(view: P.PairView):
-    """before | after above difference | mask: near square, so a gallery cell shows it large and whole."""
+    """before | after above difference | mask: near square, so a gallery cell shows it large and whole. A pair
+    with further control images shows them between before and after (control images -> target), blank below."""
+    import numpy as np
+
     from ...generate import make_grid
 
     h = view.before.shape[0]
     scale = max(1, 192 // h)  # small pairs enlarged so a face can be seen
-    return make_grid([[view.before, view.after], [view.heat, view.mask]], ["before | difference", "after | mask"],
-                     scale=scale)
+    blank = np.full_like(view.before, 255)
+    labels = ["before | difference", *(f"ref{i + 1}" for i in range(len(view.refs))), "after | mask"]
+    return make_grid([[view.before, *view.refs, view.after], [view.heat, *(blank for _ in view.refs), view.mask]],
+                     labels, scale=scale)
 
 
 def show_pairs(ctx, folder: str, after_suffix: str, threshold: float, dilate: float, model: str):
@@ -44,7 +49,7 @@ def show_pairs(ctx, folder: str, after_suffix: str, threshold: float, dilate: fl
         except UserError as e:
             lines.append(f"- **{pair.name}**: {e}")
             continue
-        label = pair.name + (" ⚠ " + "; ".join(view.warnings) if view.warnings else f" · {view.changed:.1%} changed")
+        label = P.pair_label(pair, view)
         instruction = P.read_instruction(pair.before)
         if instruction:
             label += f" · edit: {instruction}"
