@@ -9,6 +9,7 @@ model a pair is control -> target and its instruction is `NAME.instruction.txt`,
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,6 +132,33 @@ def tag_diff(before: str, after: str) -> str:
             "**only after:** " + (", ".join(f"`{t}`" for t in new) or "none"))
 
 
+def edit_preview(ctx, folder: str, after_suffix: str, name: str, model: str, lora: str, instruction: str,
+                 sweep: str = "0,1", steps: int = 20, seed: int = 1) -> list[tuple[str, str]]:
+    """An edit LoRA on a pair's before image: `difflora generate --control BEFORE [--control NAME_ref1 ...]` with
+    the instruction as prompt, one column per multiplier of `sweep`; (the control images, the grid) for a gallery."""
+    from ..workspace import safe_name
+
+    if not name:
+        raise UserError("pick a pair (Show pairs, then the pair list)")
+    if not lora:
+        raise UserError("choose an edit LoRA")
+    pair = pair_named(ctx, folder, after_suffix, name)
+    prompt = (instruction or "").strip() or P.read_instruction(pair.before) or (
+        P.read_caption(pair.after) if pair.after else "")
+    if not prompt:
+        raise UserError("the pair has no instruction: write one (or an 'after' caption)", path=pair.before.name)
+    out = ctx.ws.root / "previews" / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name(name)}-{uuid.uuid4().hex[:4]}"
+    model_args = ["--model", str(ctx.ws.resolve(model, "model", role="read"))] if (model or "").strip() else []
+    controls = [pair.before, *pair.refs]
+    lora_path = ctx.ws.resolve(lora, "LoRA", role="read")
+    argv = ["generate", *model_args, *(a for c in controls for a in ("--control", str(c))), "--prompt", prompt,
+            "--lora", f"{lora_path}:1", "--sweep", sweep or "0,1", "--steps", str(int(steps)), "--seed", str(int(seed)),
+            "--out", str(out)]
+    run_cli(argv, ctx.ws.root)
+    shown = [(str(pair.before), "before (control)")] + [(str(r), f"control: {r.name}") for r in pair.refs]
+    return shown + [(str(out / "000_grid.png"), f"{Path(lora).stem}: {prompt} (multipliers {sweep or '0,1'})")]
+
+
 def pair_named(ctx, folder: str, after_suffix: str, name: str) -> P.Pair:
     """The pair called `name` in a pair folder of the workspace."""
     folder_path = ctx.ws.resolve(folder or "", "pair folder")
@@ -149,9 +177,11 @@ def build(ctx) -> None:
     _build_folder_and_upload(gr, ctx, page)
     _build_more_tools(gr, page)
     _build_gallery_and_editor(gr, page)
+    _build_edit_preview(gr, ctx, page)
     _wire_folder_and_upload(gr, ctx, page)
     _wire_more_tools(gr, ctx, page)
     _wire_editor(ctx, page)
+    _wire_edit_preview(gr, ctx, page)
 
 
 def _build_folder_and_upload(gr, ctx, page) -> None:
@@ -218,6 +248,43 @@ def _build_gallery_and_editor(gr, page) -> None:
         page.save = gr.Button("Save captions and instruction", elem_id="pairs-save")
     page.diff = gr.Markdown(elem_id="pairs-tag-diff")
     page.saved = gr.Markdown(elem_id="pairs-saved")
+
+
+def _build_edit_preview(gr, ctx, page) -> None:
+    """An edit model with an edit LoRA on the picked pair's before image (control images -> output)."""
+    from ..pickers import lora_choices, model_choices
+
+    with gr.Accordion("edit preview: an edit LoRA on the picked pair's before image", open=False,
+                      elem_id="pairs-preview"):
+        with gr.Row():
+            page.preview_model = gr.Dropdown(label="edit model", choices=model_choices(ctx.ws), value="",
+                                             allow_custom_value=True, elem_id="pairs-preview-model")
+            page.preview_lora = gr.Dropdown(label="edit LoRA (by run and name)", choices=lora_choices(ctx.ws),
+                                            elem_id="pairs-preview-lora")
+            page.preview_sweep = gr.Textbox(label="multipliers", value="0,1", elem_id="pairs-preview-sweep")
+            page.preview_steps = gr.Number(label="steps", value=20, precision=0, elem_id="pairs-preview-steps")
+            page.preview_go = gr.Button("Preview the edit (generate --control)", elem_id="pairs-preview-go")
+        page.preview_message = gr.Markdown(elem_id="pairs-preview-message")
+        page.preview_gallery = gr.Gallery(label="control image(s), then the output at each multiplier", columns=3,
+                                          height="auto", object_fit="contain", elem_id="pairs-preview-gallery")
+
+
+def _wire_edit_preview(gr, ctx, page) -> None:
+    from ..pickers import lora_choices, model_choices, refresh_on_focus
+
+    def on_preview(f, s, name, m, lora, edit, sweep, steps, progress=gr.Progress()):
+        try:
+            progress(0.1, desc="generating")
+            items = edit_preview(ctx, f, s, name, m or "", lora or "", edit, sweep, steps or 20)
+        except UserError as e:
+            return [], f"**Refused:** {e}"
+        return items, f"`{name}`: {len(items) - 1} control image(s) → the edit at multipliers {sweep or '0,1'}."
+
+    page.preview_go.click(on_preview, [page.folder, page.suffix, page.pick, page.preview_model, page.preview_lora,
+                                       page.instruction, page.preview_sweep, page.preview_steps],
+                          [page.preview_gallery, page.preview_message])
+    refresh_on_focus(page.preview_lora, lambda: lora_choices(ctx.ws))
+    refresh_on_focus(page.preview_model, lambda: model_choices(ctx.ws))
 
 
 def _pick_update(gr, names: list[str]):
