@@ -94,6 +94,49 @@ def test_crop_cli_pairs_share_one_box_and_captions_follow(tmp_path, run_cli):
     assert changed.any() and xs.min() >= (90 - box[0]) // 2 - 1 and xs.max() <= (100 - box[0]) // 2 + 1
 
 
+def test_crop_align_and_tag_carry_a_pairs_control_images(tmp_path, run_cli):
+    """An edit pair's NAME_ref1.png, ... (data/dataset.py) go with the pair: cropped with its box and size, copied
+    by --align, not tagged, and never an image or pair of their own; a gap in their numbering is refused."""
+    rng = np.random.default_rng(0)
+    before = (rng.random((60, 120, 3)) * 40 + 100).astype(np.uint8)
+    before[20:40, 85:105] = (250, 30, 30)
+    after = before.copy()
+    after[25:35, 90:100] = (30, 30, 250)
+    ref1 = 255 - before  # the same texture inverted: cropped by another box it would not invert the crop of before
+    src = tmp_path / "in"
+    _save(before, src / "p.png")
+    _save(after, src / "p_after.png")
+    _save(ref1, src / "p_ref1.png")
+    _save(np.asarray(Image.fromarray(ref1).resize((60, 30), Image.LANCZOS)), src / "p_ref2.png")  # half size
+    (src / "p.instruction.txt").write_text("make the square blue\n")
+    code, out, err = run_cli("prep", "crop", src, "--out", tmp_path / "crop", "--mode", "focus", "--size", "30")
+    assert code == 0, err
+    report = json.loads((tmp_path / "crop" / "crop_report.json").read_text())["images"]
+    assert [(r["image"], r["controls"]) for r in report] == [("p.png", ["p_ref1.png", "p_ref2.png"])]
+    a = np.asarray(Image.open(tmp_path / "crop" / "p.png")).astype(int)
+    for name in ("p_ref1.png", "p_ref2.png"):
+        r = np.asarray(Image.open(tmp_path / "crop" / name)).astype(int)
+        assert r.shape == a.shape == (30, 30, 3)
+    assert np.abs(255 - np.asarray(Image.open(tmp_path / "crop" / "p_ref1.png")).astype(int) - a).mean() < 2
+    assert (tmp_path / "crop" / "p.instruction.txt").read_text() == "make the square blue\n"
+
+    code, out, err = run_cli("prep", "pairs", src, "--align", "--out", tmp_path / "al")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "al" / "p_ref2.png")),
+                          np.asarray(Image.open(src / "p_ref2.png")))
+    assert (tmp_path / "al" / "p_ref1.png").is_file() and (tmp_path / "al" / "p.instruction.txt").is_file()
+
+    code, out, err = run_cli("prep", "tag", src, "--tagger", "toy")
+    assert code == 0, err
+    assert sorted(p.name for p in src.glob("*.txt")) == ["p.instruction.txt", "p.txt", "p_after.txt"]
+    assert "2 control image(s) of pairs" in out
+
+    (src / "p_ref1.png").unlink()  # p_ref2 alone: training refuses the pair, so does prep
+    code, out, err = run_cli("prep", "crop", src, "--out", tmp_path / "gap", "--size", "30")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "skip p_ref1" in err
+    assert not (tmp_path / "gap").exists()
+
+
 def test_crop_upscaling_is_flagged_or_refused(tmp_path, run_cli):
     _save(np.full((64, 64, 3), 120, np.uint8), tmp_path / "in" / "small.png")
     _save(np.full((300, 200, 3), 120, np.uint8), tmp_path / "in" / "big.png")

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -476,6 +477,76 @@ def test_a_pairs_edit_instruction_is_its_own_file_and_shows_with_the_pair(ws):
     assert (ws.root / "pairs" / "eyes" / "000.txt").is_file()  # the caption is another file, untouched
     P.write_instruction(before, "  ")  # blank: the pair has no instruction of its own
     assert not path.exists()
+
+
+def test_a_pairs_further_control_images_are_shown_with_it_not_as_pairs(ws):
+    """NAME_ref1.png beside NAME.png is the pair's second control image (data/dataset.py): the Pairs page shows
+    it between before and after and says so, and lists no pair of its own."""
+    from difflora.ui.pages.pairs import _composite, show_pairs
+
+    folder = ws.root / "pairs" / "eyes"
+    ref = np.zeros((64, 64, 3), np.uint8)
+    ref[:, :32] = (200, 30, 30)
+    Image.fromarray(ref).save(folder / "000_ref1.png")
+    pairs = P.find_pairs(folder)
+    assert [(p.name, [r.name for r in p.refs]) for p in pairs] == [("000", ["000_ref1.png"]), ("001", [])]
+    view = P.analyse(pairs[0])
+    assert len(view.refs) == 1 and np.array_equal(view.refs[0], ref)
+    plain = _composite(P.analyse(pairs[1]))
+    assert _composite(view).size == (plain.size[0] * 3 // 2, plain.size[1])  # before | ref1 | after
+    items, _, names = show_pairs(page_context(ws), "pairs/eyes", "_after", 10.0, 2, "")
+    assert names == ["000", "001"]
+    assert items[0][1].startswith("000 · 2 control images (before, 000_ref1.png) → after · ")
+    assert "control images" not in items[1][1]
+
+    Image.fromarray(ref).save(folder / "001_ref2.png")  # no 001_ref1: training refuses the pair
+    gap = P.find_pairs(folder)[1]
+    assert [r.name for r in gap.refs] == ["001_ref2.png"]
+    assert any("skip 001_ref1" in w for w in P.analyse(gap).warnings)
+
+
+def test_edit_preview_runs_generate_with_the_pairs_control_images_and_instruction(ws, monkeypatch):
+    """The Pairs page's edit preview: `difflora generate` with the picked pair's before image and its NAME_ref1.png
+    as --control (in that order), its instruction as the prompt (the typed one first), the chosen LoRA swept;
+    the gallery shows the controls, then the grid. The CLI itself is stubbed: generate --control is tested on
+    real edit models in tests/test_edit.py."""
+    from difflora.ui.pages import pairs as page
+
+    calls = []
+
+    def fake_cli(argv, cwd):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(out / "000_grid.png")
+        return ""
+
+    monkeypatch.setattr(page, "run_cli", fake_cli)
+    folder = ws.root / "pairs" / "eyes"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "000_ref1.png")
+    P.write_instruction(folder / "000.png", "close the eyes")
+    (ws.root / "loras").mkdir()
+    (ws.root / "loras" / "edit.safetensors").write_bytes(b"x")
+    ctx = page_context(ws)
+    items = page.edit_preview(ctx, "pairs/eyes", "_after", "000", "", "loras/edit.safetensors", "", "-1,0,1", 4)
+    argv = calls[0]
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--control"] == [str(folder / "000.png"),
+                                                                               str(folder / "000_ref1.png")]
+    assert argv[argv.index("--prompt") + 1] == "close the eyes" and "--model" not in argv
+    assert argv[argv.index("--lora") + 1] == f"{ws.root / 'loras' / 'edit.safetensors'}:1"
+    assert argv[argv.index("--sweep") + 1] == "-1,0,1" and argv[argv.index("--steps") + 1] == "4"
+    grid = Path(argv[argv.index("--out") + 1]) / "000_grid.png"
+    assert grid.parent.parent == ws.root / "previews"
+    assert [path for path, _ in items] == [str(folder / "000.png"), str(folder / "000_ref1.png"), str(grid)]
+    page.edit_preview(ctx, "pairs/eyes", "_after", "000", "", "loras/edit.safetensors", " open the eyes ")
+    assert calls[1][calls[1].index("--prompt") + 1] == "open the eyes"  # typed in the page, not yet saved
+    page.edit_preview(ctx, "pairs/eyes", "_after", "001", "", "loras/edit.safetensors", "")
+    after_caption = P.read_caption(folder / "001_after.png")
+    assert after_caption and calls[2][calls[2].index("--prompt") + 1] == after_caption  # no instruction file
+    assert [calls[2][i + 1] for i, a in enumerate(calls[2]) if a == "--control"] == [str(folder / "001.png")]
+    with pytest.raises(UserError, match="choose an edit LoRA"):
+        page.edit_preview(ctx, "pairs/eyes", "_after", "000", "", "", "")
+    assert len(calls) == 3
 
 
 def test_the_live_page_shows_each_sample_rows_control_image_at_its_left(ws):

@@ -32,7 +32,9 @@ Crop every image (and pair) of DIR to --size and write it to OUT as PNG, with it
 The box has the target's aspect ratio and is as large as the image allows, then resized to --size
 (WIDTHxHEIGHT or N). --aspect-buckets picks each image's kohya bucket (area of --size, steps of 64)
 instead of one size. A pair (NAME.png + NAME_after.png) gets one box computed from both images and
-where they differ, so the crops stay aligned. An image smaller than its target is upscaled and
+where they differ, so the crops stay aligned; its further control images for edit models (NAME_ref1.png,
+...) get the same box and size (resized to the before image's size first when they differ, warned),
+and its NAME.instruction.txt is copied. An image smaller than its target is upscaled and
 flagged; with --bucket-no-upscale (kohya's bucket_no_upscale) it is skipped instead (fixed size) or
 kept at its own size rounded down to 64 px (with --aspect-buckets). OUT/crop_report.json lists
 every box."""
@@ -43,7 +45,8 @@ For each pair of DIR (NAME.png + NAME_after.png): the global shift (x, y in px, 
 pixels that differ once that motion is undone. Flags: misaligned (shift > 0.5 px, scale off by > 2%,
 rotation > 1 deg: training would learn the motion, not the difference), identical, differs almost
 everywhere (> 75% of pixels: a global edit such as a new background, or two different photos). --align --out OUT writes every pair with "after" registered onto
-"before" (pixels the shifted image does not cover are taken from "before"), captions copied."""
+"before" (pixels the shifted image does not cover are taken from "before"), captions, the instruction
+file and the pair's control images (NAME_ref1.png, ...; unchanged, as PNG) copied."""
 
 TAG_HELP = """\
 Write a caption file for every image of DIR with a tagger that reads local files only:
@@ -54,7 +57,8 @@ Write a caption file for every image of DIR with a tagger that reads local files
   --tagger MODEL_FOLDER   a transformers image-captioning model (BLIP-style): one sentence
 
 Existing caption files are kept unless --overwrite (replace) or --append (add the new tags after
-the old ones, without duplicates)."""
+the old ones, without duplicates). A pair's further control images (NAME_ref1.png, ... beside NAME.png
+and NAME_after.png) are not tagged: training reads no caption of theirs."""
 
 CAPTIONS_HELP = """\
 Edit the caption files of DIR in place (replace, remove, dedupe, sort by frequency, trigger word
@@ -103,6 +107,7 @@ def register(subparsers) -> None:
     p.add_argument("--keep-underscores", action="store_true", help="WD14: keep '_' in tags (default: spaces)")
     p.add_argument("--include-rating", action="store_true", help="WD14: add the most likely rating tag")
     p.add_argument("--caption-extension", default=".txt")
+    p.add_argument("--after-suffix", default="_after", help="suffix of a pair's second image (default _after)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace existing caption files")
     g.add_argument("--append", action="store_true", help="add the new tags to existing captions")
@@ -155,11 +160,14 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _caption_copies(image: Path, out_image: Path) -> list[tuple[Path, Path]]:
-    """(caption file beside `image`, where its copy beside `out_image` goes) for each caption it has."""
+    """(caption file beside `image`, where its copy beside `out_image` goes) for each caption it has, and for a
+    pair's edit instruction (NAME.instruction.txt)."""
+    from ..data.instructions import INSTRUCTION_SUFFIX
     from ..prep.files import CAPTION_EXTENSIONS
 
-    found = [image.with_name(image.stem + ext) for ext in CAPTION_EXTENSIONS]
-    return [(src, out_image.with_name(out_image.stem + src.suffix)) for src in found if src.is_file()]
+    copies = [(image.with_name(image.stem + ext), out_image.with_name(out_image.stem + ext))
+              for ext in (*CAPTION_EXTENSIONS, INSTRUCTION_SUFFIX)]
+    return [(src, dst) for src, dst in copies if src.is_file()]
 
 
 def _copy_captions(image: Path, out_image: Path) -> None:
@@ -178,7 +186,7 @@ def _check_copies(entries, out: Path, report: Path | None, report_option: str) -
 
     reads, writes = [], []
     for entry in entries:
-        for path in entry.paths:
+        for path in entry.all_paths:
             target = out / (path.stem + ".png")
             reads.append(path)
             writes.append((target, f"the output of {path.name}"))
@@ -226,6 +234,22 @@ def _pair_arrays(entry) -> list[np.ndarray]:
     return arrays
 
 
+def _control_arrays(entry, size: tuple[int, int]) -> list[np.ndarray]:
+    """The pair's further control images (NAME_ref1.png, ...), each resized to `size` (w, h), the "before" image's,
+    when it differs (warned), so one crop box fits them all."""
+    from PIL import Image
+
+    arrays = []
+    for path in entry.refs:
+        arr = _read(path)
+        if (arr.shape[1], arr.shape[0]) != size:
+            log.warning("%s: %dx%d, the pair's before image %dx%d; resized to match", path, arr.shape[1],
+                        arr.shape[0], *size)
+            arr = np.asarray(Image.fromarray(arr).resize(size, Image.LANCZOS))
+        arrays.append(arr)
+    return arrays
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(r[k]) for r in rows]) for k, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -262,14 +286,16 @@ def cmd_crop(args) -> int:
                         hint="choose a smaller --size, or drop --bucket-no-upscale to upscale (flagged)")
     report = []
     for entry, arrays, plan in tqdm(plans, desc="cropping", dynamic_ncols=True, disable=len(plans) < 20):
-        row = {"image": entry.before.name, "after": entry.after.name if entry.after else None, "box": list(plan.box),
-               "size": list(plan.out_size), "flags": plan.flags}
+        row = {"image": entry.before.name, "after": entry.after.name if entry.after else None,
+               "controls": [p.name for p in entry.refs], "box": list(plan.box), "size": list(plan.out_size),
+               "flags": plan.flags}
         if plan.skipped:
             log.warning("%s: skipped: %s", entry.before, plan.skipped)
             row["skipped"] = plan.skipped
             report.append(row)
             continue
-        for path, arr in zip(entry.paths, arrays):
+        controls = _control_arrays(entry, (arrays[0].shape[1], arrays[0].shape[0]))
+        for path, arr in zip(entry.all_paths, arrays + controls):
             img = Image.fromarray(arr).crop(plan.box)
             if img.size != plan.out_size:
                 img = img.resize(plan.out_size, Image.LANCZOS)
@@ -323,8 +349,10 @@ def cmd_pairs(args) -> int:
             aligned = align(before, after, r)
             _save_png(before, args.out / (entry.before.stem + ".png"))
             _save_png(aligned, args.out / (entry.after.stem + ".png"))
-            _copy_captions(entry.before, args.out / (entry.before.stem + ".png"))
-            _copy_captions(entry.after, args.out / (entry.after.stem + ".png"))
+            for ref in entry.refs:  # control images are no part of the registration: copied as they are
+                _save_png(_read(ref), args.out / (ref.stem + ".png"))
+            for path in entry.all_paths:
+                _copy_captions(path, args.out / (path.stem + ".png"))
     print(_table(["pair", "shift x", "shift y", "scale", "rot deg", "changed", "flags"], rows))
     bad = sum(1 for r in report if "misaligned" in r["flags"])
     if bad:
@@ -344,7 +372,7 @@ def cmd_tag(args) -> int:
     from ..data.images import load_image
     from ..fileio import check_writes, write_text_atomic
     from ..prep.captions import join_tags, split_tags
-    from ..prep.files import images_in
+    from ..prep.files import entries_in, images_in
     from ..prep.taggers import CHARACTER_THRESHOLD, GENERAL_THRESHOLD, open_tagger
 
     ext = _caption_extension(args.caption_extension)
@@ -355,6 +383,8 @@ def cmd_tag(args) -> int:
     files = images_in(args.dir, args.recursive)
     if not files:
         raise UserError("no images in folder", path=args.dir)
+    controls = {p for e in entries_in(args.dir, args.after_suffix, args.recursive) for p in e.refs}
+    files = [p for p in files if p not in controls]
     todo = [p for p in files if args.overwrite or args.append or not p.with_name(p.stem + ext).exists()]
     check_writes([(p.with_name(p.stem + ext), f"the caption of {p.name}") for p in todo], files)
     tagger = open_tagger(args.tagger, general_threshold=general, character_threshold=character,
@@ -380,7 +410,8 @@ def cmd_tag(args) -> int:
     for cap, text in captions:
         write_text_atomic(cap, text)
     print(f"wrote {len(captions)} caption files ({tagger.name})"
-          + (f"; kept {kept} existing (pass --overwrite or --append)" if kept else ""))
+          + (f"; kept {kept} existing (pass --overwrite or --append)" if kept else "")
+          + (f"; {len(controls)} control image(s) of pairs (NAME_ref1.png, ...) not tagged" if controls else ""))
     return 0
 
 

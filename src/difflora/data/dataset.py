@@ -135,6 +135,19 @@ def reference_images(before: Path, siblings: list[Path]) -> tuple[Path, ...]:
     return tuple(found[i] for i in sorted(found))
 
 
+def split_control_images(images: list[Path]) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """(the images that are no further control image of another, {NAME's path without extension: its NAME_refN
+    images}): NAME_refN is a control image of NAME when an image NAME.<ext> of the same folder is among `images`."""
+    bases = {p.with_suffix("") for p in images}
+    refs_of: dict[Path, list[Path]] = {}
+    for p in images:
+        m = REF_SUFFIX.match(p.stem)
+        if m and p.with_name(m["base"]) in bases:
+            refs_of.setdefault(p.with_name(m["base"]), []).append(p)
+    refs = {p for found in refs_of.values() for p in found}
+    return [p for p in images if p not in refs], refs_of
+
+
 def _merge(*levels: DatasetOptions | SubsetConfig | None) -> dict:
     """Lower levels override higher ones (general < dataset < subset)."""
     out: dict = {}
@@ -271,11 +284,7 @@ class TrainingData:
         images = _images_in(folder, exclude_suffix=sub_suffix if pair_mode and not sub.after_dir else None)
         refs_of: dict[Path, list[Path]] = {}
         if pair_mode:  # NAME_refN next to a before image NAME is one of its control images, not an item
-            stems = {p.stem for p in images}
-            refs = [p for p in images if (m := REF_SUFFIX.match(p.stem)) and m["base"] in stems]
-            images = [p for p in images if p not in refs]
-            for p in refs:
-                refs_of.setdefault(p.with_name(REF_SUFFIX.match(p.stem)["base"]), []).append(p)
+            images, refs_of = split_control_images(images)
         if not images:
             raise UserError(f"no images in folder (looked for {', '.join(IMAGE_EXTENSIONS)})", path=folder)
         for img in images:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.dataset import difference_mask, pair_difference
+from ..data.dataset import REF_SUFFIX, difference_mask, pair_difference, reference_images, split_control_images
 from ..data.instructions import read_instruction, write_instruction  # noqa: F401  (the Pairs page's)
 from ..data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from ..errors import UserError
@@ -31,19 +31,29 @@ class Pair:
     before: Path
     after: Path | None
     warnings: list[str] = field(default_factory=list)
+    refs: tuple[Path, ...] = ()  # further control images of an edit model: NAME_ref1.png, NAME_ref2.png, ...
 
 
 def find_pairs(folder: Path, after_suffix: str = "_after", after_dir: Path | None = None) -> list[Pair]:
-    """NAME.png + NAME<after_suffix>.png (or NAME.png in after_dir), as training pairs them."""
+    """NAME.png + NAME<after_suffix>.png (or NAME.png in after_dir), as training pairs them, each with its further
+    control images NAME_ref1.png, ... (not pairs of their own)."""
     images = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if after_dir is None:
         images = [p for p in images if not p.stem.endswith(after_suffix)]
+    images, refs_of = split_control_images(images)
     pairs = []
     for img in images:
         candidates = ([after_dir / img.name] if after_dir else [img.with_name(img.stem + after_suffix + img.suffix)])
         candidates += [c.with_suffix(e) for c in candidates[:1] for e in IMAGE_EXTENSIONS]
         partner = next((c for c in candidates if c.is_file()), None)
-        pairs.append(Pair(img.stem, img, partner, [] if partner else [f"no 'after' image (expected {candidates[0].name})"]))
+        pair = Pair(img.stem, img, partner, [] if partner else [f"no 'after' image (expected {candidates[0].name})"])
+        found = refs_of.get(img.with_suffix(""), [])
+        try:
+            pair.refs = reference_images(img, found)
+        except UserError as e:  # a gap in the numbering: training refuses the pair; shown here as a warning
+            pair.warnings.append(str(e).replace(f"{img}: ", "", 1))
+            pair.refs = tuple(sorted(found, key=lambda p: int(REF_SUFFIX.match(p.stem)["n"])))
+        pairs.append(pair)
     return pairs
 
 
@@ -78,6 +88,7 @@ class PairView:
     mask: np.ndarray
     warnings: list[str]
     changed: float  # share of pixels above the threshold
+    refs: list[np.ndarray] = field(default_factory=list)  # the further control images, at the before image's size
 
 
 def analyse(pair: Pair, threshold: float = 10.0, dilate: int = 2, factor: int = 8) -> PairView:
@@ -104,8 +115,28 @@ def analyse(pair: Pair, threshold: float = 10.0, dilate: int = 2, factor: int = 
     latent_hw = (max(1, h // factor), max(1, w // factor))
     mask = difference_mask(diff, latent_hw, threshold, dilate).numpy()
     mask_px = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)) > 127
+    refs = []
+    for path in pair.refs:
+        ref = load_image(path)
+        if ref.size != a.size:
+            warnings.append(f"{path.name} is {ref.size[0]}x{ref.size[1]}, before {w}x{h} (training resizes the "
+                            "control images into the pair's bucket)")
+            ref = ref.resize(a.size, Image.BICUBIC)
+        refs.append(np.asarray(ref))
     return PairView(np.asarray(a), np.asarray(b), heat_map(diff.numpy()), overlay(np.asarray(a), mask_px),
-                    warnings, changed)
+                    warnings, changed, refs)
+
+
+def pair_label(pair: Pair, view: PairView) -> str:
+    """The gallery caption of a pair: its name, its control images when it has more than the before image, and its
+    warnings or how much of it changed."""
+    label = pair.name
+    if pair.refs:
+        names = ", ".join(p.name for p in pair.refs)
+        label += f" · {1 + len(pair.refs)} control images (before, {names}) → after"
+    if view.warnings:
+        return label + " ⚠ " + "; ".join(view.warnings)
+    return label + f" · {view.changed:.1%} changed"
 
 
 def best_shift(a: np.ndarray, b: np.ndarray, radius: int = 3, gain: float = 0.3):

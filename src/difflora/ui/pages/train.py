@@ -156,25 +156,35 @@ def _card_text(method: str) -> str:
     return f"**{method}**  \n{J.method_purpose(method)}  \n*defaults:* {defaults}"
 
 
-def build(ctx) -> TrainPage:
-    import gradio as gr
-
-    specs = J.build_fields()
-    gr.Markdown("Pick a method, point `image_dir` at a pair folder, and start. Blank fields take the method's "
-                "recommended value (shown greyed). Every key is the CLI's; errors are the CLI's messages.")
+def _build_method_cards(gr) -> dict:
+    """One card per method (its purpose and defaults) with a "Use" button; {method: button}."""
     with gr.Row(elem_id="method-cards"):
         card_buttons = {}
         for m in J.methods():
             with gr.Column(min_width=160, elem_id=f"card-{m}"):
                 gr.Markdown(_card_text(m))
                 card_buttons[m] = gr.Button(f"Use {m}", size="sm", elem_id=f"use-{m}")
-    fields, errors = [], {}
+    return card_buttons
+
+
+@dataclass
+class FormGroups:
+    """The job form's components by key, and its accordions: each group's error line, the method option tables
+    ({method: accordion}) and the family option groups ({group: (accordion, the model_family values it serves)})."""
+
+    by_key: dict
+    errors: dict
+    method_groups: dict
+    family_groups: dict
+
+
+def _build_form_groups(gr, specs) -> FormGroups:
+    """An accordion per field group: its basic fields, then an "advanced" one; a method's table is shown only
+    for that method, a family's group only once a family is chosen."""
     groups: dict[str, list] = {}
     for s in specs:
         groups.setdefault(s.group, []).append(s)
-    by_key = {}
-    method_groups = {}  # method -> the accordion of its option table
-    family_groups = {}  # a family's option group -> (its accordion, the model_family values it serves)
+    out = FormGroups({}, {}, {}, {})
     served = J.family_group_names()
     for group, members in groups.items():
         nested = group.endswith(" options")
@@ -182,33 +192,42 @@ def build(ctx) -> TrainPage:
         with gr.Accordion(group, open=not nested and group not in served, elem_id="g-" + group_id(group),
                           visible=method_of_group in (None, DEFAULT_METHOD)) as accordion:
             if method_of_group in J.methods():
-                method_groups[method_of_group] = accordion
+                out.method_groups[method_of_group] = accordion
             if group in served:
-                family_groups[group] = (accordion, served[group])
-            errors[group] = gr.Markdown(elem_id="err-" + group_id(group), elem_classes=["field-error"])
+                out.family_groups[group] = (accordion, served[group])
+            out.errors[group] = gr.Markdown(elem_id="err-" + group_id(group), elem_classes=["field-error"])
             flat = nested or group in served  # a method's or a family's own keys: shown once their group is
             basic = [s for s in members if not s.advanced or flat]
             advanced = [s for s in members if s.advanced and not flat]
             with gr.Row():
                 for s in basic:
-                    by_key[s.key] = _component(gr, s)
+                    out.by_key[s.key] = _component(gr, s)
             if advanced:
                 with gr.Accordion("advanced", open=False):
                     with gr.Row():
                         for s in advanced:
-                            by_key[s.key] = _component(gr, s)
-    fields = [by_key[s.key] for s in specs]
+                            out.by_key[s.key] = _component(gr, s)
+    return out
+
+
+def _build_presets_and_import(gr) -> dict:
+    """The preset picker with its load/save buttons and the job import box; the components by name."""
     with gr.Accordion("presets and import", open=False, elem_id="g-presets"):
         with gr.Row():
-            preset_pick = gr.Dropdown(label="preset", choices=[], allow_custom_value=True, elem_id="preset-pick",
-                                      info="form values saved in this workspace (presets/NAME.toml)")
-            preset_load = gr.Button("Load preset", elem_id="preset-load")
-            preset_save = gr.Button("Save form as preset", elem_id="preset-save")
+            pick = gr.Dropdown(label="preset", choices=[], allow_custom_value=True, elem_id="preset-pick",
+                               info="form values saved in this workspace (presets/NAME.toml)")
+            load = gr.Button("Load preset", elem_id="preset-load")
+            save = gr.Button("Save form as preset", elem_id="preset-save")
         with gr.Row():
-            import_path = gr.Textbox(label="job TOML or kohya config to import", placeholder="jobs/my_job.toml",
-                                     info="a difflora job or a kohya sd-scripts --config_file TOML in the workspace",
-                                     elem_id="import-path")
-            import_go = gr.Button("Import into the form", elem_id="import-go")
+            path = gr.Textbox(label="job TOML or kohya config to import", placeholder="jobs/my_job.toml",
+                              info="a difflora job or a kohya sd-scripts --config_file TOML in the workspace",
+                              elem_id="import-path")
+            go = gr.Button("Import into the form", elem_id="import-go")
+    return {"pick": pick, "load": load, "save": save, "import_path": path, "import_go": go}
+
+
+def _build_run_controls(gr) -> dict:
+    """The status line, start / stop / resume, and the "copy as TOML / CLI" buttons with their output box."""
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -217,25 +236,56 @@ def build(ctx) -> TrainPage:
         as_toml = gr.Button("Copy as TOML", elem_id="train-as-toml")
         as_cli = gr.Button("Copy as CLI command", elem_id="train-as-cli")
     copy_out = gr.Code(label="job", language=None, interactive=False, elem_id="train-copy")
+    return {"status": status, "start": start, "stop": stop, "resume": resume, "as_toml": as_toml, "as_cli": as_cli,
+            "copy_out": copy_out}
 
-    group_names = list(errors)
+
+def _problem_reporter(specs, group_names: list[str]):
+    """report(problems, prefix) -> the values of the group error lines and the status line: the first problem next
+    to its field's group and in the status line."""
 
     def report(problems: list[str], prefix: str = "Not ready") -> list:
-        """The first problem next to its field's group and in the status line."""
         out = {g: "" for g in group_names}
         if not problems:
             return [*out.values(), "Ready to start."]
         out[J.group_of_error(problems[0], specs) or group_names[0]] = f"⚠ {problems[0]}"
         return [*out.values(), f"**{prefix}:** {problems[0]}"]
 
+    return report
+
+
+def build(ctx) -> TrainPage:
+    import gradio as gr
+
+    specs = J.build_fields()
+    gr.Markdown("Pick a method, point `image_dir` at a pair folder, and start. Blank fields take the method's "
+                "recommended value (shown greyed). Every key is the CLI's; errors are the CLI's messages.")
+    card_buttons = _build_method_cards(gr)
+    groups = _build_form_groups(gr, specs)
+    fields = [groups.by_key[s.key] for s in specs]
+    presets = _build_presets_and_import(gr)
+    run = _build_run_controls(gr)
+    report = _problem_reporter(specs, list(groups.errors))
+
     form = gr.JSON(value={s.key: f.value for s, f in zip(specs, fields)}, visible=False, elem_id="train-form")
     for s, f in zip(specs, fields):
         f.change(None, [f, form], form, js=FORM_JS.format(key=json.dumps(s.key)), **QUIET)
-    page = TrainPage(specs, fields, errors, status, start, stop, resume, form, [*errors.values(), status], report)
+    page = TrainPage(specs, fields, groups.errors, run["status"], run["start"], run["stop"], run["resume"], form,
+                     [*groups.errors.values(), run["status"]], report)
     # a method change updates several fields at once: one check for the last of them, not one per field
     form.change(lambda values: report(check_form(ctx, specs, page.values(values))), form, page.check_outputs,
                 js=LATEST_FORM_JS, trigger_mode="always_last", concurrency_limit=1, **QUIET)
+    _wire_method_and_family(gr, specs, groups, card_buttons)
+    _wire_presets_and_import(ctx, gr, page, presets)
+    _wire_copy(ctx, page, run["as_toml"], run["as_cli"], run["copy_out"])
+    _wire_stop_and_resume(ctx, page)
+    return page
 
+
+def _wire_method_and_family(gr, specs, groups: FormGroups, card_buttons: dict) -> None:
+    """A method change (its field or a card) resets the method's defaults and shows its option table; a family
+    choice shows that family's own keys (all families' while it is detected)."""
+    by_key = groups.by_key
     method_field = by_key["method"]
     affected = sorted({k for m in J.methods() for k in J.method_defaults(m)} & set(by_key))
 
@@ -251,13 +301,18 @@ def build(ctx) -> TrainPage:
         return updates
 
     method_field.change(on_method, method_field, [by_key[k] for k in affected], **QUIET)
-    method_field.change(lambda m: [gr.update(visible=m == name) for name in method_groups], method_field,
-                        list(method_groups.values()), **QUIET)
-    # the family selector: a family's own keys show when it is chosen (all of them while it is detected)
+    method_field.change(lambda m: [gr.update(visible=m == name) for name in groups.method_groups], method_field,
+                        list(groups.method_groups.values()), **QUIET)
     by_key["model_family"].change(
         lambda family: [gr.update(visible=not family or family in names, open=bool(family))
-                        for _, names in family_groups.values()],
-        by_key["model_family"], [accordion for accordion, _ in family_groups.values()], **QUIET)
+                        for _, names in groups.family_groups.values()],
+        by_key["model_family"], [accordion for accordion, _ in groups.family_groups.values()], **QUIET)
+    for m, button in card_buttons.items():
+        button.click(lambda m=m: m, None, method_field, **QUIET)
+
+
+def _wire_presets_and_import(ctx, gr, page: TrainPage, presets: dict) -> None:
+    specs = page.specs
 
     def on_preset_save(name, values):
         try:
@@ -278,13 +333,16 @@ def build(ctx) -> TrainPage:
         except UserError as e:
             return [*(gr.update() for _ in specs), f"**Not imported:** {e}"]
 
-    preset_save.click(on_preset_save, [preset_pick, form], [preset_pick, status],
-                      js=f"(name, form) => [name, ({LATEST_FORM_JS})(form)]", **QUIET)
-    preset_load.click(on_preset_load, preset_pick, [*fields, status], **QUIET)
-    preset_pick.focus(lambda: gr.update(choices=preset_names(ctx)), None, preset_pick, **QUIET)
-    import_go.click(on_import, import_path, [*fields, status], **QUIET)
-    for m, button in card_buttons.items():
-        button.click(lambda m=m: m, None, method_field, **QUIET)
+    presets["save"].click(on_preset_save, [presets["pick"], page.form], [presets["pick"], page.status],
+                          js=f"(name, form) => [name, ({LATEST_FORM_JS})(form)]", **QUIET)
+    presets["load"].click(on_preset_load, presets["pick"], [*page.fields, page.status], **QUIET)
+    presets["pick"].focus(lambda: gr.update(choices=preset_names(ctx)), None, presets["pick"], **QUIET)
+    presets["import_go"].click(on_import, presets["import_path"], [*page.fields, page.status], **QUIET)
+
+
+def _wire_copy(ctx, page: TrainPage, as_toml, as_cli, copy_out) -> None:
+    """"Copy as TOML" shows the job; "Copy as CLI command" also saves it to jobs/<output_name>.toml."""
+    specs = page.specs
 
     def copy(values, cli: bool):
         try:
@@ -302,9 +360,11 @@ def build(ctx) -> TrainPage:
         return (f"difflora train {shlex.join([str(path), *ctx.ws.restrict_arguments()])}\n"
                 "# (the job was saved to that file; set sample_prompts to sample outside the UI)")
 
-    as_toml.click(lambda v: copy(page.values(v), False), form, copy_out, js=LATEST_FORM_JS, **QUIET)
-    as_cli.click(lambda v: copy(page.values(v), True), form, copy_out, js=LATEST_FORM_JS, **QUIET)
+    as_toml.click(lambda v: copy(page.values(v), False), page.form, copy_out, js=LATEST_FORM_JS, **QUIET)
+    as_cli.click(lambda v: copy(page.values(v), True), page.form, copy_out, js=LATEST_FORM_JS, **QUIET)
 
+
+def _wire_stop_and_resume(ctx, page: TrainPage) -> None:
     def on_stop():
         active = [r for r in ctx.store.all() if r.status in ACTIVE and r.kind == "train"]
         if not active:
@@ -322,9 +382,8 @@ def build(ctx) -> TrainPage:
         ctx.runner.resume(stopped[0].id)
         return f"Queued `{stopped[0].id}` to resume."
 
-    stop.click(on_stop, None, status, **QUIET)
-    resume.click(on_resume, None, status, **QUIET)
-    return page
+    page.stop.click(on_stop, None, page.status, **QUIET)
+    page.resume.click(on_resume, None, page.status, **QUIET)
 
 
 def cli_job_path(ws, output_name: str) -> Path:
