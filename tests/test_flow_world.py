@@ -12,12 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflora.toy import flow_model
+from difflora.toy import faces, flow_model
 from difflora.toy.train_flow import FlowTrainConfig, train_flow
 
+# The shipped run's later phases from step 1 here (contrast pairs of any attribute: 4 edit triples may hold no
+# mouth change), so the resumed run below also repeats their draws.
 MICRO = FlowTrainConfig(n_images=6, n_edit_pairs=4, steps=4, batch=2, edit_batch=2, edit_every=1, warmup=2,
                         checkpoint_every=2, transformer=flow_model.transformer_config(dim=32, n_layers=2,
-                                                                                      n_refiner_layers=1, n_heads=2))
+                                                                                      n_refiner_layers=1, n_heads=2),
+                        contrast_attributes=tuple(faces.CAPTION_ORDER),
+                        phases=[{"from_step": 1, "region_overlap": "sum", "edit_loss_region_weighted": True,
+                                 "contrast_pairs": 2, "contrast_loss_weight": 1.0}])
 KOHYA_COMFY = set((Path(__file__).parent / "data" / "zimage_keys" / "zimage_kohya_comfy.txt").read_text().split())
 
 
@@ -113,3 +118,46 @@ def test_tokenizer_keeps_prompt_words_whole_and_wraps_prompts_as_zimage_does():
                                    add_generation_prompt=True) == PROMPT_TEMPLATE.format("x")
     ids = tok(flow_model.edit_texts("change to red hair")).input_ids
     assert all(tok.convert_ids_to_tokens(i)[0] in ("<|im_start|>", "<|vision_end|>") for i in ids)
+
+
+def test_phases_take_effect_from_their_step():
+    cfg = FlowTrainConfig()
+    assert cfg.at_step(5999).region_loss_weights["mouth"] == 8.0 and cfg.at_step(5999).contrast_pairs == 0
+    assert cfg.at_step(6000).region_loss_weights["mouth"] == 32.0 and cfg.at_step(6000).region_overlap == "sum"
+    assert cfg.at_step(7000).contrast_pairs == 4 and cfg.at_step(7000).contrast_loss_weight == 0.0
+    assert cfg.at_step(8500).contrast_loss_weight == 1.0 and cfg.at_step(8500).region_loss_weights["mouth"] == 32.0
+
+
+def test_region_weights_take_the_larger_or_the_sum_where_regions_overlap():
+    from difflora.toy.train_flow import FlowTrainer
+
+    regions = torch.zeros(1, 3, 2, 2)
+    regions[0, 0, 0, 0] = regions[0, 2, 0, 0] = 1  # eyes and glasses overlap at (0, 0)
+    regions[0, 1, 1, 1] = 1  # the mouth alone at (1, 1)
+    weights = {"eyes": 8.0, "mouth": 32.0, "glasses": 8.0}
+    top = FlowTrainer._loss_weight(FlowTrainConfig(region_loss_weights=weights), regions)[0, 0]
+    both = FlowTrainer._loss_weight(FlowTrainConfig(region_loss_weights=weights, region_overlap="sum"), regions)[0, 0]
+    assert top.tolist() == [[9.0, 1.0], [1.0, 33.0]]
+    assert both.tolist() == [[17.0, 1.0], [1.0, 33.0]]
+
+
+def test_contrast_pairs_share_noise_and_sigma_and_their_captions_differ_in_the_changed_word_only(trained):
+    from difflora.toy.train_flow import FlowTrainer
+
+    root, _ = trained
+    trainer = FlowTrainer(root / "full_work", MICRO)
+    data, attrs, edits = trainer.cache_latents(trainer.load_vae())
+    cfg = MICRO.at_step(3)
+    captions, noisy, model_t, target, regions = trainer._contrast_pairs(
+        cfg, np.random.default_rng(0), torch.Generator().manual_seed(0), data, attrs, edits)
+    assert len(captions) == noisy.shape[0] == 2 * cfg.contrast_pairs
+    for k in range(0, len(captions), 2):
+        assert model_t[k] == model_t[k + 1]
+        one_minus_sigma = model_t[k]
+        # x_t = (1-σ)·x0 + σ·ε and target = x0 - ε: the same ε when x_t's difference is (1-σ) times the targets'
+        torch.testing.assert_close(noisy[k] - noisy[k + 1], one_minus_sigma * (target[k] - target[k + 1]),
+                                   atol=1e-5, rtol=1e-5)
+        assert (target[k] - target[k + 1]).abs().max() > 1e-3  # two different clean latents
+        a, b = set(captions[k].split(", ")), set(captions[k + 1].split(", "))
+        assert len(a - b) == len(b - a) == 1  # the changed attribute's phrase, named in both
+        assert torch.equal(regions[k], regions[k + 1])

@@ -131,13 +131,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output diffusers folder")
     p.add_argument("--world", choices=["sd", "flow"], default="sd",
                    help="sd: the shipped SD1-layout U-Net (default); flow: the flow world's Z-Image-layout "
-                        "transformer that also edits (reuses the shipped toy VAE; about 70 min on one core)")
+                        "transformer that also edits (reuses the shipped toy VAE; about 2 h on 2 CPU cores)")
     p.add_argument("--work", default=None, help="checkpoints and cached latents (resumable; default "
                                                 "runs/base/work, runs/flow/work for --world flow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None, help="default: the shipped run's (2500)")
     p.add_argument("--unet-steps", type=int, default=None,
-                   help="denoiser steps (default: the shipped run's, 6000; flow: 1200)")
+                   help="denoiser steps (default: the shipped run's, 6000; flow: 11000)")
     p.add_argument("--n-images", type=int, default=None, help="default: the shipped run's (60000; flow: 12000)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and stop")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
