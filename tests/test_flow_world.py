@@ -4,6 +4,7 @@ Z-Image's kohya names, and an edit (Omni-layout) forward puts the loss on the ta
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,17 +64,20 @@ def test_flow_folder_loads_as_zimage_base_and_generates_faces_size(trained):
     assert isinstance(model, ZImageModel) and model.variant == "base"
     assert model.resolution == 64 and model.latent_downscale == 4
     assert model.vae.config.shift_factor == 0.0 and model.vae.config.scaling_factor == pytest.approx(0.32811)
+    assert json.loads((full / "vae" / "config.json").read_text())["_name_or_path"] == "vae"  # no machine path
     img = model.text_to_image(["a face, red hair"], [1], steps=2)
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
-def test_lora_trained_on_the_flow_model_carries_zimage_kohya_names(trained, tmp_path):
+@pytest.mark.parametrize("which", ["micro", "shipped"])
+def test_lora_trained_on_the_flow_model_carries_zimage_kohya_names(trained, tmp_path, which):
     from conftest import _write_pairs
     from difflora.config import JobConfig, apply_method_defaults
     from difflora.network.adapters import by_module
+    from difflora.toy.worlds import WORLDS
     from difflora.train.loop import train
 
-    _, full = trained
+    full = trained[1] if which == "micro" else Path(WORLDS["flow"].model_path(None))
     _write_pairs(tmp_path / "pairs", 2, 64)
     job = apply_method_defaults(JobConfig.model_validate({
         "model": str(full), "method": "standard", "resolution": 64, "train_batch_size": 2, "max_train_steps": 1,
@@ -81,7 +85,8 @@ def test_lora_trained_on_the_flow_model_carries_zimage_kohya_names(trained, tmp_
         "datasets": [{"subsets": [{"image_dir": str(tmp_path / "pairs"), "caption_extension": ".txt"}]}]}))
     names = set(by_module(load_file(str(train(job)))))
     assert names and names <= KOHYA_COMFY
-    assert {n.split("_")[3] for n in names} == {"0", "1"}  # both of the 2 layers
+    layers = {"micro": 2, "shipped": 4}[which]
+    assert {n.split("_")[3] for n in names} == {str(i) for i in range(layers)}  # every layer
 
 
 def test_edit_forward_puts_the_loss_on_the_target_tokens_only():

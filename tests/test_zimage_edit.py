@@ -181,10 +181,15 @@ def test_eval_on_the_flow_world_scores_edit_variants_from_held_out_before_images
 
 @pytest.mark.parametrize("argv", [["demo", "--world", "flow"], ["eval", "--world", "flow"],
                                   ["eval", "--method", "edit"]])
-def test_flow_world_commands_without_its_model_stop_in_one_line(tmp_path, capsys, argv):
-    """Until the flow world's model ships, `--world flow` without --model says so (exit 2, nothing written); an edit
-    variant on the sd world is refused the same way."""
+def test_flow_world_commands_without_its_model_stop_in_one_line(tmp_path, capsys, monkeypatch, argv):
+    """An install without the flow world's model (its assets folder missing): `--world flow` without --model says so
+    (exit 2, nothing written); an edit variant on the sd world is refused the same way."""
+    from dataclasses import replace
+
     from difflora.cli import main
+    from difflora.toy import worlds
+
+    monkeypatch.setitem(worlds.WORLDS, "flow", replace(worlds.WORLDS["flow"], asset=tmp_path / "no_toy_flow"))
 
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out)]) == 2

@@ -337,6 +337,8 @@ def write_flow_folder(transformer, te, tokenizer, out: Path) -> Path:
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         publish_layout(tmp)
+        vae_config = tmp / "vae" / "config.json"  # from_pretrained recorded where the toy VAE was read: no machine path
+        write_json_atomic(vae_config, {**json.loads(vae_config.read_text()), "_name_or_path": "vae"})
         index = tmp / "model_index.json"
         write_json_atomic(index, {**json.loads(index.read_text()), FOLDER_VARIANT_KEY: "base",
                                   FOLDER_EDIT_KEY: "omni"})

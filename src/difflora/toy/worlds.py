@@ -2,8 +2,8 @@
 
 - "sd": the SD1-architecture U-Net (ε-prediction), shipped in assets/toy_base (the default model);
 - "flow": the Z-Image flow-matching DiT of toy/flow_model.py, which also edits (a "before" image as its control).
-  It ships as assets/toy_flow once trained; until then `--model FOLDER` names a `difflora toy train-base --world
-  flow` output, and shipping it only adds that folder.
+  It ships as assets/toy_flow (`difflora toy train-base --world flow` reproduces it); `--model FOLDER` names
+  another.
 """
 
 from __future__ import annotations
