@@ -1,11 +1,11 @@
 """Wall time of `difflora demo` as a user runs it (a fresh process, imports and model loading included).
 
     python bench/demo_time.py [--runs 1] [--threads 2]
-    python bench/demo_time.py --threads 1 --flow-model DIR   # also `demo --world flow`, and the ratio
+    python bench/demo_time.py --threads 1 --flow   # also `demo --world flow` (--flow-model DIR: another model)
 
 Target: under 3 minutes on 2 CPU cores. Prints the seconds of each run, the demo's own report
-(edit success, preservation) and writes JSON. With --flow-model, each run is `difflora demo` then
-`difflora demo --world flow --model DIR` in turn (same machine, same threads), and the flow/sd wall-time
+(edit success, preservation) and writes JSON. With --flow, each run is `difflora demo` then
+`difflora demo --world flow` in turn (same machine, same threads), and the flow/sd wall-time
 ratio is printed (issue 25's target: at most 2).
 """
 
@@ -28,14 +28,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--flow-model", default=None, help="also time `demo --world flow` with this model folder")
+    ap.add_argument("--flow", action="store_true", help="also time `demo --world flow` (the shipped flow model)")
+    ap.add_argument("--flow-model", default=None, help="with --flow: this model folder instead of the shipped one")
     ap.add_argument("--out", default=None, help="JSON (default bench/results/demo_time.json, or "
-                                                 "demo_time_flow.json with --flow-model)")
+                                                 "demo_time_flow.json with --flow)")
     args = ap.parse_args()
+    args.flow = args.flow or bool(args.flow_model)
     if args.out is None:
-        args.out = f"bench/results/demo_time{'_flow' if args.flow_model else ''}.json"
+        args.out = f"bench/results/demo_time{'_flow' if args.flow else ''}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
-    worlds = {"sd": []} | ({"flow": ["--world", "flow", "--model", args.flow_model]} if args.flow_model else {})
+    flow_args = ["--world", "flow"] + (["--model", args.flow_model] if args.flow_model else [])
+    worlds = {"sd": []} | ({"flow": flow_args} if args.flow else {})
     runs: dict[str, list] = {w: [] for w in worlds}
     for i in range(args.runs):
         for world, extra in worlds.items():
@@ -57,10 +60,10 @@ def main() -> int:
                   f"{report['train_seconds']} s")
             shutil.rmtree(work, ignore_errors=True)
     result = {"threads": args.threads, "cpus": os.cpu_count(), "runs": runs["sd"]}
-    if args.flow_model:
+    if args.flow:
         ratio = sum(r["seconds"] for r in runs["flow"]) / sum(r["seconds"] for r in runs["sd"])
         print(f"flow world / sd world wall time: {ratio:.2f}x (target <= 2)")
-        result |= {"flow_model": portable(args.flow_model), "flow_runs": runs["flow"], "flow_over_sd": round(ratio, 2)}
+        result |= {"flow_model": portable(args.flow_model) if args.flow_model else "shipped", "flow_runs": runs["flow"], "flow_over_sd": round(ratio, 2)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
