@@ -20,6 +20,7 @@ import torch
 
 from ...errors import UserError
 from ...fileio import load_safetensors, save_safetensors, write_json_atomic
+from ..comfy_files import dequantize_scaled_fp8
 from ..folders import publish_layout
 from . import names
 from .model import SCHEDULER_CONFIG, Flux2Model, Flux2Options
@@ -117,36 +118,6 @@ def check_flux2_keys(keys, path) -> None:
     for k in ("img_in.weight", "txt_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"):
         if k not in keys:
             raise UserError(f"not a complete FLUX.2 transformer ({k} is missing); {SUPPORTED}", path=path)
-
-
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's older `scaled_fp8` files / its QUANTIZATION.md layout
-_INPUT_SCALES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, layer format markers
-
-
-def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8 transformers as ComfyUI loads them: each fp8 weight times its `scale_weight` / `weight_scale`
-    (per tensor, or per output row), markers and activation scales dropped; other files pass unchanged.
-    Formats ComfyUI computes in another way (block-wise int8, nvfp4, double scales) are refused."""
-    scales = {k[: -len(s)] + ".weight": v for k, v in sd.items() for s in _SCALES if k.endswith(s)}
-    if not scales and "scaled_fp8" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k == "scaled_fp8" or k.endswith(_SCALES + _INPUT_SCALES):
-            continue
-        if k.endswith(".weight_scale_2") or (k in scales and v.dtype not in _FP8):
-            what = "a double-scaled weight" if k.endswith("_2") else f"a scaled {str(v.dtype).replace('torch.', '')}"
-            raise UserError(f"{k}: {what} (only ComfyUI's scaled float8 weights are read; give the bf16 original)",
-                            path=path)
-        if k in scales:
-            scale = scales[k].float()
-            if scale.numel() not in (1, v.shape[0]):
-                raise UserError(f"{k}: a block-wise fp8 scale of shape {tuple(scale.shape)} (only per-tensor or "
-                                "per-row scales are read; give the bf16 original)", path=path)
-            v = v.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
-        out[k] = v
-    return out
 
 
 def transformer_from_bfl(sd: dict[str, torch.Tensor], md: dict[str, str], dtype, path):
