@@ -479,9 +479,15 @@ class FluxModel(ModelFamily):
         only: T5 keys are skipped without a word (tests/test_client_loaders.py). Its DoRA is peft's
         `lora_magnitude_vector`, the output-axis magnitude: DoRA saved for diffusers trains that axis
         (adapter.dora_on_output), which A1111 and ComfyUI do not apply as trained (they use the input axis)."""
+        if save_format == "diffusers":  # FLUX's own reasons first; the sample export adds peft_lora_parts' checks
+            self._check_diffusers_format(adapter)
         super().check_save_format(save_format, adapter)
-        if save_format != "diffusers":
-            return
+        if save_format == "diffusers":
+            from ...network.files import warn_dora_for_diffusers
+
+            warn_dora_for_diffusers(adapter)
+
+    def _check_diffusers_format(self, adapter) -> None:
         if self.options.train_t5xxl:
             raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
                             '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
@@ -492,10 +498,6 @@ class FluxModel(ModelFamily):
             raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
                             'lora_A/lora_B (+ DoRA\'s lora_magnitude_vector), which holds no LoHa or LoKr; save the '
                             'kohya format (A1111, Forge and ComfyUI apply it)')
-        if adapter.dora_wd:
-            log.warning('DoRA with save_format = "diffusers": the magnitude is trained per output row, as peft\'s '
-                        'lora_magnitude_vector that diffusers loads; A1111, Forge and ComfyUI apply DoRA per input '
-                        'channel, so save the kohya format for them')
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
