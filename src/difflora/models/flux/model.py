@@ -61,6 +61,23 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                     "max_image_seq_len": 4096}
 
+
+def tiny_ae():
+    """AE_CONFIG's layout at test size (4 latent channels) for the FLUX.1 and Z-Image test worlds, its latent
+    variance near zero."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
+        c = vae.config.latent_channels
+        vae.encoder.conv_out.weight[c:] = 0
+        vae.encoder.conv_out.bias[c:] = -30.0
+    return vae
+
+
 SUPPORTED = "supported: FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext [dev] layouts (and fine-tunes of them)"
 # BFL's preferred Kontext input sizes (width, height): the pipelines resize a control image to the one nearest its
 # aspect ratio (diffusers' PREFERRED_KONTEXT_RESOLUTIONS, BFL's PREFERED_KONTEXT_RESOLUTIONS)
@@ -552,12 +569,6 @@ class FluxModel(ModelFamily):
             elif device is not None:
                 m.to(device=device)
         return self
-
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
 
     @property
     def device(self) -> torch.device:

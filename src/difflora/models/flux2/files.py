@@ -21,7 +21,7 @@ import torch
 from ...errors import UserError
 from ...fileio import load_safetensors, save_safetensors, write_json_atomic
 from ..comfy_files import dequantize_scaled_fp8
-from ..folders import publish_layout
+from ..folders import publish_layout, read_transformer_folder
 from . import names
 from .model import SCHEDULER_CONFIG, Flux2Model, Flux2Options
 from .variants import HEAD_DIM, MODEL_VERSIONS, Size, size_from_counts
@@ -207,24 +207,6 @@ def check_component_files(options) -> None:
             read_safetensors_header(component)
 
 
-def read_diffusers_transformer(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise UserError("model folder is missing transformer/config.json", path=folder.parent)
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("_class_name") != "Flux2Transformer2DModel":
-        raise UserError(f"transformer is {cfg.get('_class_name')}; {SUPPORTED}", path=folder.parent)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
-        else [folder / "diffusion_pytorch_model.safetensors"]
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not f.exists():
-            raise UserError(f"transformer weights missing: {f.name} (only .safetensors is read)", path=folder.parent)
-        sd.update(load_safetensors(f)[0])
-    return sd, cfg
-
-
 # ------------------------------------------------------------------ text encoder, tokenizer, VAE
 def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
@@ -343,7 +325,7 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, options: Flux2Opti
     if cls not in PIPELINES:
         raise UserError(f"this is a {cls} folder; {SUPPORTED} ({', '.join(PIPELINES)} folders)", path=path)
     check_folder(path)
-    dsd, cfg = read_diffusers_transformer(path / "transformer")
+    dsd, cfg = read_transformer_folder(path / "transformer", ("Flux2Transformer2DModel",), SUPPORTED)
     size = _size(cfg)
     options = options or Flux2Options()
     if cls == "Flux2KleinPipeline":

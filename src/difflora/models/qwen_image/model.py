@@ -512,12 +512,6 @@ class QwenImageModel(ModelFamily):
             m.to(device=device, dtype=dtype)
         return self
 
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
-
     @property
     def device(self) -> torch.device:
         return self.transformer.img_in.weight.device
