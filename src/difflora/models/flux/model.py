@@ -36,7 +36,7 @@ from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
 from ..flow_matching import (FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu,
-                             squeeze_to_window, weighting_of)
+                             pack_latents, squeeze_to_window, unpack_latents, weighting_of)
 from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,6 @@ class FluxOptions:
                    lora_embedders=bool(in_dims and any(in_dims)), in_dims=in_dims, train_t5xxl=job.train_t5xxl,
                    flow=FlowMatchOptions(job.timestep_sampling, job.sigmoid_scale, job.discrete_flow_shift,
                                          job.model_prediction_type, **weighting_of(job)))
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2·w/2, 4C): 2x2 patches, channel-major inside a patch (BFL and diffusers)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = x.shape
-    c = d // 4
-    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def image_ids(b: int, h: int, w: int, device=None) -> torch.Tensor:
