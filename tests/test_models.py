@@ -79,3 +79,32 @@ def test_bad_model_folders(tmp_path, tiny_sd1_dir):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora_like))
     with pytest.raises(UserError, match="LoRA file, not a model"):
         load_model(lora_like)
+
+
+def test_comfyui_scaled_fp8_weights_are_descaled_and_unusable_scales_refused():
+    """The de-scaling FLUX.2, Z-Image and Qwen-Image share: fp8 weight times its scale (per tensor or per row),
+    markers and activation scales dropped, an fp8 weight without a scale read as scaled by 1 (ComfyUI's rule)."""
+    from difflora.models.comfy_files import dequantize_scaled_fp8
+
+    stored = torch.tensor([[1.0, -2.0], [0.5, 448.0]])  # exact in float8_e4m3fn
+    sd = {"a.weight": stored.to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor([0.25])}
+    out = dequantize_scaled_fp8(sd, "m.safetensors")
+    assert list(out) == ["a.weight"] and out["a.weight"].dtype == torch.float32
+    assert torch.allclose(out["a.weight"], torch.tensor([[0.25, -0.5], [0.125, 112.0]]), rtol=0, atol=1e-6)
+    rows = {"a.weight": stored.to(torch.float8_e4m3fn), "a.weight_scale": torch.tensor([2.0, 0.5]),
+            "a.input_scale": torch.ones(()), "b.weight": stored.to(torch.float8_e4m3fn),
+            "b.bias": torch.tensor([3.0, 4.0])}
+    out = dequantize_scaled_fp8(rows, "m.safetensors", torch.bfloat16)
+    assert sorted(out) == ["a.weight", "b.bias", "b.weight"] and {v.dtype for v in out.values()} == {torch.bfloat16}
+    assert out["a.weight"].float().tolist() == [[2.0, -4.0], [0.25, 224.0]]
+    assert out["b.weight"].float().tolist() == [[1.0, -2.0], [0.5, 448.0]]
+    plain = {"a.weight": stored}
+    assert dequantize_scaled_fp8(plain, "m.safetensors") is plain  # nothing scaled, nothing asked: untouched
+    assert dequantize_scaled_fp8(plain, "m.safetensors", torch.float16)["a.weight"].dtype == torch.float16
+    for bad, why in ((dict(sd, **{"a.scale_weight": torch.ones(2, 2)}), "a block-wise fp8 scale of shape"),
+                     ({"a.weight": stored, "a.weight_scale": torch.tensor(2.0)}, "a scaled float32"),
+                     (dict(sd, **{"a.weight_scale_2": torch.tensor(2.0)}), "a double-scaled weight")):
+        with pytest.raises(UserError) as e:
+            dequantize_scaled_fp8(bad, "m.safetensors")
+        assert str(e.value).startswith("m.safetensors: a.weight")
+        assert why in str(e.value) and "\n" not in str(e.value)

@@ -20,6 +20,7 @@ from pydantic import (PrivateAttr, BaseModel, Field, TypeAdapter, ValidationErro
 
 from . import kohya_config
 from .errors import UserError
+from .fileio import read_text_file
 from .methods import METHODS
 from .models.registry import family_names, option_tables
 from .network.adapters import adapter_options_of, normalise_job_keys
@@ -383,16 +384,7 @@ def format_errors(e: ValidationError, text: str, path: str) -> UserError:
 
 
 def read_toml(path: Path) -> tuple[dict, str]:
-    if not path.exists():
-        raise UserError("config file not found", path=path)
-    if path.is_dir():
-        raise UserError("is a folder, expected a TOML config file", path=path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file is not UTF-8 text (byte {e.start}); re-save it as UTF-8", path=path) from None
-    except OSError as e:
-        raise UserError(f"cannot read config file ({e.strerror or e})", path=path) from None
+    text = read_text_file(path, "config file", "a TOML config file")
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:

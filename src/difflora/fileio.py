@@ -334,6 +334,21 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_text_file(path: Path, what: str, expected: str) -> str:
+    """The UTF-8 text of a file the user named (`what`: "config file"; `expected`: what a folder there should have
+    been); a missing file, a folder, other bytes than UTF-8 or a failed read: one line naming the file."""
+    if not path.exists():
+        raise UserError(f"{what} not found", path=path)
+    if path.is_dir():
+        raise UserError(f"is a folder, expected {expected}", path=path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte {e.start}); re-save it as UTF-8", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read the {what} ({e.strerror or e})", path=path) from None
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Return (tensor entries, metadata) after checking the header is sane.
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import read_text_file
 
 
 @dataclass
@@ -80,16 +81,7 @@ def _json_prompt(item: dict, index: int, path: Path) -> SamplePrompt:
 
 def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
     path = Path(path)
-    if not path.exists():
-        raise UserError("prompt file not found", path=path)
-    if path.is_dir():
-        raise UserError("is a folder, expected a prompt file (.txt or .json)", path=path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("prompt file is not UTF-8 text", path=path) from None
-    except OSError as e:
-        raise UserError(f"cannot read the prompt file ({e.strerror})", path=path) from None
+    text = read_text_file(path, "prompt file", "a prompt file (.txt or .json)")
     if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)

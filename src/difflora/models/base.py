@@ -277,9 +277,11 @@ class ModelFamily(ABC):
         return tensors
 
     def freeze(self) -> None:
+        """The whole base model frozen, in eval mode (a component a family loaded without, None, is skipped)."""
         for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            m.requires_grad_(False)
-            m.eval()
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
 
     def to(self, device=None, dtype=None, text_encoders: bool = True) -> "ModelFamily":
         """Move (and cast) the denoiser, the VAE and, unless `text_encoders` is False, the text encoders."""

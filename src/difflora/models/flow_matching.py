@@ -152,6 +152,19 @@ class FluxFlowObjective(FlowMatchingObjective):
         return model_output * (-s) + noisy
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2·w/2, 4C): 2x2 patches, channel-major inside a patch (BFL's, diffusers'
+    FLUX.1 and Qwen-Image pipelines')."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = x.shape
+    c = d // 4
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 def squeeze_to_window(t: torch.Tensor, window: tuple[int, int], scale: int = 1000) -> torch.Tensor:
     """Timesteps drawn over [0, scale] mapped linearly into the job's [min_timestep, max_timestep] (musubi-tuner's
     rule for flow models); the full window leaves them untouched."""

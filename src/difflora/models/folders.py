@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, load_safetensors
 from ..errors import UserError
 
 TEXT_MODEL_PREFIX = "text_model."
@@ -178,6 +178,17 @@ def save_model(model, path: str | os.PathLike, single_file: bool | None, dtype: 
     save_pipeline_folder(pipe, path, dtype)
 
 
+def read_json_config(path: Path) -> dict:
+    """A component's config file as a dict; not JSON, not an object or unreadable: one line naming the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not a readable JSON config ({str(e)[:80]})", path=path) from None
+    if not isinstance(config, dict):
+        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
+    return config
+
+
 def check_config(path: Path, positive_ints: tuple[str, ...] = (), int_lists: tuple[str, ...] = (),
                  bools: tuple[str, ...] = ()) -> None:
     """A component's config file before a loader reads it: a JSON object, and each listed key that it holds of
@@ -185,12 +196,7 @@ def check_config(path: Path, positive_ints: tuple[str, ...] = (), int_lists: tup
     defaults; a file that is absent is the loader's to report."""
     if not path.is_file():
         return
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"not a readable JSON config ({str(e)[:80]})", path=path) from None
-    if not isinstance(config, dict):
-        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
+    config = read_json_config(path)
 
     def positive(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -223,3 +229,24 @@ def check_unet_folder(path: Path, text_encoders: tuple[str, ...]) -> None:
         check_config(path / name / "config.json", ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "intermediate_size", "max_position_embeddings"))
     check_config(path / "scheduler" / "scheduler_config.json", ("num_train_timesteps",))
+
+
+def read_transformer_folder(folder: Path, class_names: tuple[str | None, ...], supported: str
+                            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A diffusers folder's transformer/ (`folder`): its state dict from the safetensors shards and its config,
+    whose _class_name must be one of `class_names` (None: a config without one); `supported` ends the refusal."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UserError("model folder is missing transformer/config.json", path=folder.parent)
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("_class_name") not in class_names:
+        raise UserError(f"transformer is {cfg.get('_class_name')}; {supported}", path=folder.parent)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
+        else [folder / "diffusion_pytorch_model.safetensors"]
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise UserError(f"transformer weights missing: {f.name} (only .safetensors is read)", path=folder.parent)
+        sd.update(load_safetensors(f)[0])
+    return sd, cfg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.flux.model import FluxModel, FluxOptions
+from ..models.flux.model import FluxModel, FluxOptions, tiny_ae
 from ..models.flux.transformer import FluxParams, FluxTransformer
 
 _T5_TEXTS = ["a face, red hair, blue background, eyes open, smiling, glasses, closed eyes, "
@@ -45,7 +45,6 @@ def build_tiny_flux(variant: str = "dev", depth: int = 1, depth_single: int = 1,
                     options: FluxOptions | None = None) -> FluxModel:
     """Random tiny FLUX (dev with the guidance embedder, schnell, or kontext: dev's layout taking a control image):
     4 latent channels, 8x VAE, 32-wide."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -55,14 +54,7 @@ def build_tiny_flux(variant: str = "dev", depth: int = 1, depth_single: int = 1,
         for p in tr.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
-        c = vae.config.latent_channels
-        vae.encoder.conv_out.weight[c:] = 0
-        vae.encoder.conv_out.bias[c:] = -30.0
+    vae = tiny_ae()
     clip_tok = tiny_clip_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=37,
                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,

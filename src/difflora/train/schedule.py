@@ -16,6 +16,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
+from .stop import signal_handlers
+
 log = logging.getLogger(__name__)
 
 SAMPLING_SHARE = 0.2  # at most this part of a run's wall time goes to the default sampling
@@ -50,17 +52,8 @@ class OnDemand:
 def signals_on_demand(on_demand: OnDemand):
     """While inside, SIGUSR1 asks for samples and SIGUSR2 for a saved LoRA and state. Main thread only."""
     handlers = {signal.SIGUSR1: lambda *_: on_demand.sample.set(), signal.SIGUSR2: lambda *_: on_demand.save.set()}
-    old = {}
-    for sig, handler in handlers.items():
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
+    with signal_handlers(handlers):
         yield on_demand
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def sampler_calls(prompts) -> int:

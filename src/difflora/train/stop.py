@@ -42,14 +42,22 @@ def signals_request(stop: StopRequest):
             return  # already stopping: let the save finish
         stop.request(f"requested by signal {signum}")
 
+    with signal_handlers({signal.SIGINT: handle, signal.SIGTERM: handle}):
+        yield stop
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: dict):
+    """`handlers` installed while inside, the previous ones back after; outside the main thread nothing is
+    installed (the caller's thread owns signals)."""
     old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, handler in handlers.items():
         try:
-            old[sig] = signal.signal(sig, handle)
-        except ValueError:  # not the main thread: the caller's thread owns signals
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
             pass
     try:
-        yield stop
+        yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

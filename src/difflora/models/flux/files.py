@@ -18,7 +18,7 @@ from ...fileio import atomic_folder, load_safetensors, read_safetensors_header, 
 from .model import (AE_CONFIG, CLIP_L_CONFIG, SCHEDULER_CONFIG, SUPPORTED, T5XXL_CONFIG, FluxModel, FluxOptions)
 from .convert import (bfl_to_diffusers, diffusers_config_from_params, diffusers_to_bfl,
                            params_from_bfl_state_dict, params_from_diffusers_config, strip_bfl_prefix)
-from ..folders import publish_layout
+from ..folders import publish_layout, read_transformer_folder
 from .transformer import FluxParams, FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -267,24 +267,6 @@ def load_bfl_files(path: Path, *, clip_l=None, t5xxl=None, ae=None, t5xxl_tokeni
     return model
 
 
-def _read_diffusers_transformer(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise UserError("model folder is missing transformer/config.json", path=folder.parent)
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
-        raise UserError(f"transformer is {cfg.get('_class_name')}; {SUPPORTED}", path=folder.parent)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
-        else [folder / "diffusion_pytorch_model.safetensors"]
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not f.exists():
-            raise UserError(f"transformer weights missing: {f.name} (only .safetensors is read)", path=folder.parent)
-        sd.update(load_safetensors(f)[0])
-    return sd, cfg
-
-
 FOLDER_CLASSES = ("FluxPipeline", "FluxKontextPipeline")
 
 
@@ -304,7 +286,7 @@ def load_diffusers_flux(path: Path, *, dtype=torch.float32, options: FluxOptions
     for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if not (path / comp).is_dir():
             raise UserError(f"FLUX model folder is missing its {comp}/ component", path=path)
-    dsd, cfg = _read_diffusers_transformer(path / "transformer")
+    dsd, cfg = read_transformer_folder(path / "transformer", ("FluxTransformer2DModel", None), SUPPORTED)
     params = params_from_diffusers_config(cfg)
     _check_in_channels(params, path)
     try:

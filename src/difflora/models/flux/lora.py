@@ -14,7 +14,6 @@ and stacks with the rows of lora_up); only the output-axis `dora_scale` (O, 1) h
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
@@ -23,30 +22,10 @@ from ...errors import UserError
 from .convert import module_map, split_sizes
 from .transformer import FluxParams
 
-log = logging.getLogger(__name__)
-
 _PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_(?P<ab>[AB])|lora\.(?P<du>down|up)|lora_linear_layer\.(?P<du2>down|up))"
                    r"(?:\.default)?\.weight$")
 _TE_PREFIXES = ("text_encoder.", "text_encoders.clip_l.transformer.")
 _MAGNITUDE = re.compile(r"^(?P<mod>.+?)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
-
-
-def _magnitude(tensors: dict[str, torch.Tensor], name: str, out_dim: int) -> torch.Tensor | None:
-    """A kohya module's DoRA magnitude as peft's vector (out_dim,), None without DoRA."""
-    d = tensors.get(f"{name}.dora_scale")
-    if d is None:
-        return None
-    if d.shape[0] != out_dim or d.numel() != out_dim:
-        raise UserError(f"module {name}: DoRA's dora_scale {tuple(d.shape)} is per input channel (A1111/ComfyUI's "
-                        "axis); diffusers' lora_magnitude_vector is per output row: train with save_format = "
-                        '"diffusers" from the start, or save the kohya format')
-    return d.float().reshape(out_dim)
-
-
-def _scale(tensors: dict[str, torch.Tensor], name: str) -> float:
-    rank = tensors[f"{name}.lora_down.weight"].shape[0]
-    a = tensors.get(f"{name}.alpha")
-    return (float(a) if a is not None else float(rank)) / rank
 
 
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor], params: FluxParams) -> dict[str, torch.Tensor]:
@@ -55,15 +34,15 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor], params: FluxParams) -> 
     T5 (`lora_te3_`) modules have no diffusers counterpart (diffusers drops them): refused here
     rather than lost silently.
     """
+    from ...network.adapters import by_module
+    from ...network.files import peft_lora_parts
+
     bfl_of = {("lora_unet_" + b.replace(".", "_")): (b, targets) for b, targets in module_map(params).items()}
     out: dict[str, torch.Tensor] = {}
-    names = sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
-    for name in names:
-        down = tensors[f"{name}.lora_down.weight"].float()
-        up = tensors[f"{name}.lora_up.weight"].float() * _scale(tensors, name)
+    for name, parts in sorted(by_module(tensors).items()):
         if name.startswith("lora_te3_"):
             raise UserError("diffusers has no T5 LoRA support: save T5-trained LoRAs in the kohya format")
-        magnitude = _magnitude(tensors, name, up.shape[0])
+        down, up, magnitude = peft_lora_parts(parts, name)
         if name.startswith("lora_te1_"):
             module = "text_encoder." + name[len("lora_te1_"):].replace("_", ".")
             module = _fix_clip_path(module)

@@ -36,7 +36,7 @@ from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
 from ..flow_matching import (FlowMatchOptions, FluxFlowObjective, flux_time_shift, flux_time_shift_mu,
-                             squeeze_to_window, weighting_of)
+                             pack_latents, squeeze_to_window, unpack_latents, weighting_of)
 from .transformer import FluxTransformer
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,23 @@ AE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBl
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                     "max_image_seq_len": 4096}
+
+
+def tiny_ae():
+    """AE_CONFIG's layout at test size (4 latent channels) for the FLUX.1 and Z-Image test worlds, its latent
+    variance near zero."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
+        c = vae.config.latent_channels
+        vae.encoder.conv_out.weight[c:] = 0
+        vae.encoder.conv_out.bias[c:] = -30.0
+    return vae
+
 
 SUPPORTED = "supported: FLUX.1-dev, FLUX.1-schnell and FLUX.1 Kontext [dev] layouts (and fine-tunes of them)"
 # BFL's preferred Kontext input sizes (width, height): the pipelines resize a control image to the one nearest its
@@ -98,18 +115,6 @@ class FluxOptions:
                    lora_embedders=bool(in_dims and any(in_dims)), in_dims=in_dims, train_t5xxl=job.train_t5xxl,
                    flow=FlowMatchOptions(job.timestep_sampling, job.sigmoid_scale, job.discrete_flow_shift,
                                          job.model_prediction_type, **weighting_of(job)))
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2·w/2, 4C): 2x2 patches, channel-major inside a patch (BFL and diffusers)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = x.shape
-    c = d // 4
-    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def image_ids(b: int, h: int, w: int, device=None) -> torch.Tensor:
@@ -479,9 +484,15 @@ class FluxModel(ModelFamily):
         only: T5 keys are skipped without a word (tests/test_client_loaders.py). Its DoRA is peft's
         `lora_magnitude_vector`, the output-axis magnitude: DoRA saved for diffusers trains that axis
         (adapter.dora_on_output), which A1111 and ComfyUI do not apply as trained (they use the input axis)."""
+        if save_format == "diffusers":  # FLUX's own reasons first; the sample export adds peft_lora_parts' checks
+            self._check_diffusers_format(adapter)
         super().check_save_format(save_format, adapter)
-        if save_format != "diffusers":
-            return
+        if save_format == "diffusers":
+            from ...network.files import warn_dora_for_diffusers
+
+            warn_dora_for_diffusers(adapter)
+
+    def _check_diffusers_format(self, adapter) -> None:
         if self.options.train_t5xxl:
             raise UserError('save_format = "diffusers" with train_t5xxl: diffusers\' FluxPipeline loads no T5 LoRA '
                             '(it skips text_encoder_2 keys); save the kohya format (ComfyUI applies lora_te3_)')
@@ -492,10 +503,6 @@ class FluxModel(ModelFamily):
             raise UserError(f'save_format = "diffusers" with {what}: diffusers loads FLUX.1 LoRAs as peft '
                             'lora_A/lora_B (+ DoRA\'s lora_magnitude_vector), which holds no LoHa or LoKr; save the '
                             'kohya format (A1111, Forge and ComfyUI apply it)')
-        if adapter.dora_wd:
-            log.warning('DoRA with save_format = "diffusers": the magnitude is trained per output row, as peft\'s '
-                        'lora_magnitude_vector that diffusers loads; A1111, Forge and ComfyUI apply DoRA per input '
-                        'channel, so save the kohya format for them')
 
     def export_lora(self, tensors: dict[str, torch.Tensor], save_format: str = "kohya") -> dict[str, torch.Tensor]:
         """kohya names by default; "diffusers": `transformer.`-prefixed peft keys (models/flux_lora.py)."""
@@ -550,12 +557,6 @@ class FluxModel(ModelFamily):
             elif device is not None:
                 m.to(device=device)
         return self
-
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
 
     @property
     def device(self) -> torch.device:

@@ -20,7 +20,8 @@ import torch
 
 from ...errors import UserError
 from ...fileio import load_safetensors, save_safetensors, write_json_atomic
-from ..folders import publish_layout
+from ..comfy_files import dequantize_scaled_fp8
+from ..folders import publish_layout, read_transformer_folder
 from . import names
 from .model import SCHEDULER_CONFIG, Flux2Model, Flux2Options
 from .variants import HEAD_DIM, MODEL_VERSIONS, Size, size_from_counts
@@ -119,36 +120,6 @@ def check_flux2_keys(keys, path) -> None:
             raise UserError(f"not a complete FLUX.2 transformer ({k} is missing); {SUPPORTED}", path=path)
 
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's older `scaled_fp8` files / its QUANTIZATION.md layout
-_INPUT_SCALES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, layer format markers
-
-
-def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8 transformers as ComfyUI loads them: each fp8 weight times its `scale_weight` / `weight_scale`
-    (per tensor, or per output row), markers and activation scales dropped; other files pass unchanged.
-    Formats ComfyUI computes in another way (block-wise int8, nvfp4, double scales) are refused."""
-    scales = {k[: -len(s)] + ".weight": v for k, v in sd.items() for s in _SCALES if k.endswith(s)}
-    if not scales and "scaled_fp8" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k == "scaled_fp8" or k.endswith(_SCALES + _INPUT_SCALES):
-            continue
-        if k.endswith(".weight_scale_2") or (k in scales and v.dtype not in _FP8):
-            what = "a double-scaled weight" if k.endswith("_2") else f"a scaled {str(v.dtype).replace('torch.', '')}"
-            raise UserError(f"{k}: {what} (only ComfyUI's scaled float8 weights are read; give the bf16 original)",
-                            path=path)
-        if k in scales:
-            scale = scales[k].float()
-            if scale.numel() not in (1, v.shape[0]):
-                raise UserError(f"{k}: a block-wise fp8 scale of shape {tuple(scale.shape)} (only per-tensor or "
-                                "per-row scales are read; give the bf16 original)", path=path)
-            v = v.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
-        out[k] = v
-    return out
-
-
 def transformer_from_bfl(sd: dict[str, torch.Tensor], md: dict[str, str], dtype, path):
     sd = dequantize_scaled_fp8(names.strip_prefix(sd), path)
     check_flux2_keys(sd, path)
@@ -234,24 +205,6 @@ def check_component_files(options) -> None:
         component = getattr(options, key)
         if component is not None and Path(component).is_file():
             read_safetensors_header(component)
-
-
-def read_diffusers_transformer(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise UserError("model folder is missing transformer/config.json", path=folder.parent)
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("_class_name") != "Flux2Transformer2DModel":
-        raise UserError(f"transformer is {cfg.get('_class_name')}; {SUPPORTED}", path=folder.parent)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
-        else [folder / "diffusion_pytorch_model.safetensors"]
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not f.exists():
-            raise UserError(f"transformer weights missing: {f.name} (only .safetensors is read)", path=folder.parent)
-        sd.update(load_safetensors(f)[0])
-    return sd, cfg
 
 
 # ------------------------------------------------------------------ text encoder, tokenizer, VAE
@@ -372,7 +325,7 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, options: Flux2Opti
     if cls not in PIPELINES:
         raise UserError(f"this is a {cls} folder; {SUPPORTED} ({', '.join(PIPELINES)} folders)", path=path)
     check_folder(path)
-    dsd, cfg = read_diffusers_transformer(path / "transformer")
+    dsd, cfg = read_transformer_folder(path / "transformer", ("Flux2Transformer2DModel",), SUPPORTED)
     size = _size(cfg)
     options = options or Flux2Options()
     if cls == "Flux2KleinPipeline":

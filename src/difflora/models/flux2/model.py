@@ -493,12 +493,6 @@ class Flux2Model(ModelFamily):
                 m.to(device=device)
         return self
 
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
-
     @property
     def device(self) -> torch.device:
         return self.transformer.x_embedder.weight.device

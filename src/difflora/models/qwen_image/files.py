@@ -26,13 +26,13 @@ from accelerate import init_empty_weights
 
 from ...errors import UserError
 from ...fileio import load_safetensors, read_safetensors_header
+from ..comfy_files import dequantize_scaled_fp8, strip_comfy_prefix
 
 VARIANTS = ("qwen_image", "edit", "edit_2509", "edit_2511")
 EDIT_VARIANTS = VARIANTS[1:]
 PIPELINE_VARIANTS = {"QwenImagePipeline": "qwen_image", "QwenImageEditPipeline": "edit",
                      "QwenImageEditPlusPipeline": "edit_2509"}
 MARKER_2511 = "__index_timestep_zero__"  # ComfyUI's Edit-2511 sentinel (a buffer of its model)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # Published widths: Qwen-Image's transformer (head 128, RoPE axes 16/56/56), Qwen2.5-VL-7B, the Wan2.1-style VAE.
 # The tiny test model's widths (models/qwen_image/tiny.py) are listed too, so its single files load like real ones.
@@ -58,17 +58,6 @@ def text_encoder_configs() -> dict[int, dict]:
 
 
 # ------------------------------------------------------------------ key layouts
-def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for p in _PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
-    return out
-
-
 def is_qwen_image_transformer(keys) -> bool:
     """ComfyUI's test (model_detection.py): `txt_norm.weight` means a Qwen-Image transformer."""
     return any(k.split("diffusion_model.", 1)[-1] == "txt_norm.weight" for k in keys)
@@ -136,36 +125,6 @@ def _sub(rest: str, table: dict[str, str]) -> str:
         if rest == a or rest.startswith(a + "."):
             return b + rest[len(a):]
     return rest
-
-
-def dequantize_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype, path) -> dict[str, torch.Tensor]:
-    """fp8 files as ComfyUI ships them, back to `dtype`: plain float8_e4m3fn weights are cast; scaled fp8 (the
-    `scaled_fp8` marker with `<name>.scale_weight`, or the newer `<name>.weight_scale`) are multiplied by their
-    scales. A block-wise scale that does not broadcast over its weight is refused."""
-    out = {}
-    scales = {}
-    for k, v in sd.items():
-        if k == "scaled_fp8" or k.endswith((".scale_input", ".input_scale")):
-            continue
-        if k.endswith(".scale_weight"):
-            scales[k[: -len(".scale_weight")] + ".weight"] = v
-        elif k.endswith(".weight_scale"):
-            scales[k[: -len(".weight_scale")] + ".weight"] = v
-        else:
-            out[k] = v
-    for k, v in out.items():
-        if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            w = v.to(torch.float32)
-            if k in scales:
-                s = scales[k].to(torch.float32)
-                if s.numel() != 1 and s.dim() != w.dim():
-                    raise UserError(f"{k}: its fp8 scale has shape {tuple(s.shape)}, which difflora cannot apply "
-                                    f"to a weight of shape {tuple(w.shape)}", path=path)
-                w = w * s
-            out[k] = w.to(dtype)
-        elif v.is_floating_point():
-            out[k] = v.to(dtype)
-    return out
 
 
 # ------------------------------------------------------------------ detection
@@ -322,7 +281,7 @@ def transformer_from_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype,
     """diffusers' QwenImageTransformer2DModel sized from a single file's shapes (its native names are diffusers')."""
     from diffusers import QwenImageTransformer2DModel
 
-    sd = dequantize_fp8({k: v for k, v in strip_prefix(sd).items() if k != MARKER_2511}, dtype, path)
+    sd = dequantize_scaled_fp8({k: v for k, v in strip_comfy_prefix(sd).items() if k != MARKER_2511}, path, dtype)
     try:
         inner, in_channels = sd["img_in.weight"].shape
         joint = sd["txt_in.weight"].shape[1]
@@ -369,7 +328,7 @@ def load_text_encoder_file(path: Path, dtype: torch.dtype, joint_width: int):
     if width != joint_width or width not in configs:
         raise UserError(f"this Qwen2.5-VL is {width} wide, but the Qwen-Image transformer takes {joint_width}-wide "
                         "text (Qwen2.5-VL-7B: 3584); give qwen_2.5_vl_7b.safetensors", path=path)
-    sd = dequantize_fp8(transformers_text_encoder_keys(load_safetensors(path)[0]), dtype, path)
+    sd = dequantize_scaled_fp8(transformers_text_encoder_keys(load_safetensors(path)[0]), path, dtype)
     with init_empty_weights():  # parameters come from the file; buffers (RoPE tables) are computed
         te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**configs[width]))
     if "lm_head.weight" not in sd:  # ComfyUI's files leave the unused language-model head out

@@ -24,7 +24,8 @@ import torch.nn as nn
 from ...errors import UserError
 from ...network.lora import LoRATarget
 from ..base import Conditioning, ModelFamily
-from ..flow_matching import FlowMatchOptions, FluxFlowObjective, shift_sigma, squeeze_to_window
+from ..flow_matching import (FlowMatchOptions, FluxFlowObjective, pack_latents, shift_sigma, squeeze_to_window,
+                             unpack_latents)
 from ..objectives import FlowMatchingObjective
 from .files import EDIT_VARIANTS
 
@@ -48,18 +49,6 @@ MODELSPEC = {"qwen_image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit_2509":
              "edit_2511": "Qwen-Image-Edit-2511"}  # musubi-tuner's modelspec.architecture values
 BLOCK = "transformer_blocks"
 PLUS_VARIANTS = ("edit_2509", "edit_2511")  # several control images, each after "Picture i:"
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2·w/2, 4C), as diffusers' QwenImagePipeline._pack_latents."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = x.shape
-    c = d // 4
-    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def area_size(area: int, ratio: float) -> tuple[int, int]:
@@ -511,12 +500,6 @@ class QwenImageModel(ModelFamily):
                 continue
             m.to(device=device, dtype=dtype)
         return self
-
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
 
     @property
     def device(self) -> torch.device:

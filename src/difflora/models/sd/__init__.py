@@ -4,10 +4,10 @@ single files through the shared ldm.py."""
 from __future__ import annotations
 
 from .. import unet_names
-from ..plugin import FamilyPlugin
+from ..unet_plugin import UNetPlugin
 
 
-class StableDiffusionPlugin(FamilyPlugin):
+class StableDiffusionPlugin(UNetPlugin):
     names = ("sd1", "sd2")
     title = "Stable Diffusion 1.x / 2.x"
 
@@ -32,19 +32,6 @@ class StableDiffusionPlugin(FamilyPlugin):
     def family_of_version(self, version):
         v = version.lower()  # the toy world's "difflora_toy_v1" LoRAs are told apart by their module names
         return "sd1" if v.startswith("sd_v1") else "sd2" if v.startswith("sd_v2") else None
-
-    def lora_block(self, name):
-        return unet_names.block_of(name)
-
-    def is_kxk_conv(self, name):
-        return name.endswith(unet_names.KXK_SUFFIXES)
-
-    def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
-             zero_terminal_snr, mixed_precision="no"):
-        from .model import load
-
-        return load(path, family=family, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                    clip_skip=clip_skip, checkpoint=checkpoint, zero_terminal_snr=zero_terminal_snr)
 
 
 PLUGIN = StableDiffusionPlugin()

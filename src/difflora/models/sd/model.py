@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ import torch.nn as nn
 from ...errors import UserError, is_internal_failure
 from ...network.lora import LoRATarget
 from ..base import Conditioning
+from ..folders import read_json_config
 from ..objectives import objective_for
 from ..samplers import make_scheduler
 from ..unet_family import UNetFamily, unet_lora_modules
@@ -177,7 +177,7 @@ def mark_toy_folder(path: Path) -> None:
     from ...fileio import write_json_atomic
 
     index = Path(path) / "model_index.json"
-    write_json_atomic(index, {**_read_json(index), TOY_MARKER: "toy"})
+    write_json_atomic(index, {**read_json_config(index), TOY_MARKER: "toy"})
 
 
 def check_folder_components(path: Path, weighted: tuple[str, ...], others: tuple[str, ...], allow_pickle: bool) -> None:
@@ -215,7 +215,7 @@ def detect_folder(path: Path, index: dict) -> str | None:
         return None
     unet_cfg, te_cfg = path / "unet" / "config.json", path / "text_encoder" / "config.json"
     if unet_cfg.exists() and te_cfg.exists():
-        return detect_variant(_read_json(unet_cfg), _read_json(te_cfg))
+        return detect_variant(read_json_config(unet_cfg), read_json_config(te_cfg))
     return "sd1"  # the loader names the missing part
 
 
@@ -237,16 +237,6 @@ def load(path: Path, *, family: str, dtype=torch.float32, allow_pickle=False, pr
     return model
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"unreadable config ({e})", path=path) from None
-    if not isinstance(config, dict):
-        raise UserError(f"not a config: a JSON {type(config).__name__}, expected an object", path=path)
-    return config
-
-
 def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, variant=None,
                           prediction_type=None, clip_skip=None) -> StableDiffusion:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -255,12 +245,12 @@ def load_diffusers_folder(path: Path, *, dtype=torch.float32, allow_pickle=False
     index = path / "model_index.json"
     if not index.exists():
         raise UserError("not a diffusers model folder (model_index.json is missing)", path=path)
-    info = _read_json(index)
+    info = read_json_config(index)
     check_folder_components(path, ("unet", "vae", "text_encoder"), ("tokenizer", "scheduler"), allow_pickle)
     sched_cfg_path = path / "scheduler" / "scheduler_config.json"
     if not sched_cfg_path.exists():
         raise UserError("model folder is missing scheduler/scheduler_config.json", path=path)
-    sched_cfg = _read_json(sched_cfg_path)
+    sched_cfg = read_json_config(sched_cfg_path)
     st = not allow_pickle
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from .. import unet_names
-from ..plugin import FamilyPlugin
+from ..unet_plugin import UNetPlugin
 
 
-class StableDiffusionXLPlugin(FamilyPlugin):
+class StableDiffusionXLPlugin(UNetPlugin):
     names = ("sdxl",)
     title = "SDXL"
     # ADDifT: TrainTrain's ADDifT_Action_XL preset (rank 4, alpha 1, lr 2e-4, timesteps 500-1000, m 0.25) at
@@ -36,19 +36,6 @@ class StableDiffusionXLPlugin(FamilyPlugin):
 
     def family_of_version(self, version):
         return "sdxl" if version.lower().startswith("sdxl") else None
-
-    def lora_block(self, name):
-        return unet_names.block_of(name)
-
-    def is_kxk_conv(self, name):
-        return name.endswith(unet_names.KXK_SUFFIXES)
-
-    def load(self, path, *, family, dtype, allow_pickle, checkpoint, options, prediction_type, clip_skip,
-             zero_terminal_snr, mixed_precision="no"):
-        from .model import load
-
-        return load(path, family=family, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                    clip_skip=clip_skip, checkpoint=checkpoint, zero_terminal_snr=zero_terminal_snr)
 
 
 PLUGIN = StableDiffusionXLPlugin()

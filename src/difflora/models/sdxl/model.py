@@ -235,7 +235,8 @@ def load_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, predicti
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ..sd.model import _read_json, check_folder_components
+    from ..folders import read_json_config
+    from ..sd.model import check_folder_components
 
     for comp, what in (("text_encoder", "first text encoder (CLIP-L)"), ("text_encoder_2", "second text encoder "
                                                                          "(OpenCLIP bigG)")):
@@ -246,7 +247,7 @@ def load_folder(path: Path, *, dtype=torch.float32, allow_pickle=False, predicti
     sched_path = path / "scheduler" / "scheduler_config.json"
     if not sched_path.exists():
         raise UserError("model folder is missing scheduler/scheduler_config.json", path=path)
-    sched_cfg = _read_json(sched_path)
+    sched_cfg = read_json_config(sched_path)
     st = not allow_pickle or None
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, use_safetensors=st,

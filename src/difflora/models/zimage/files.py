@@ -14,6 +14,7 @@ import torch
 
 from ...errors import UserError
 from ...fileio import load_safetensors, read_safetensors_header, save_safetensors
+from ..comfy_files import dequantize_scaled_fp8, strip_comfy_prefix
 from ..flow_matching import FlowMatchOptions, weighting_of
 from .model import SAMPLING_SHIFT, ZImageModel
 from .transformer import (fuse_attention, fuse_split_keys, fused_model_to_native_keys, native_to_fused_model_keys,
@@ -29,19 +30,7 @@ QWEN3_4B_CONFIG = dict(vocab_size=151936, hidden_size=2560, intermediate_size=97
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu")
 REAL_AXES = [32, 48, 48]
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
-
-
-def strip_prefix(keys):
-    out = {}
-    for k, v in keys.items():
-        for p in _PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
-    return out
 
 
 def resolve_variant(variant: str | None, metadata: dict[str, str]) -> str | None:
@@ -156,28 +145,10 @@ def transformer_config(shapes: dict[str, tuple], metadata: dict[str, str], path)
                 n_kv_heads=dim // head, cap_feat_dim=cap, in_channels=in_ch, axes_dims=REAL_AXES)
 
 
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's scaled fp8 (older / QUANTIZATION.md layouts)
-_QUANT_EXTRAS = (".scale_input", ".input_scale", ".comfy_quant")
-
-
-def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8 files: each fp8 weight times its per-tensor scale, markers dropped; plain files pass."""
-    scales = {k[: -len(s)]: v for k, v in sd.items() for s in _SCALE_SUFFIXES if k.endswith(s)}
-    if not scales and "scaled_fp8" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k == "scaled_fp8" or k.endswith(_SCALE_SUFFIXES + _QUANT_EXTRAS):
-            continue
-        layer = k[: -len(".weight")] if k.endswith(".weight") else None
-        out[k] = v.float() * scales[layer].float() if layer in scales else v
-    return out
-
-
 def load_native_transformer(sd: dict[str, torch.Tensor], metadata: dict[str, str], dtype: torch.dtype, path):
     from diffusers import ZImageTransformer2DModel
 
-    sd = dequantize_scaled_fp8(strip_prefix(sd))
+    sd = dequantize_scaled_fp8(strip_comfy_prefix(sd), path)
     if any(".attention.to_q." in k for k in sd):  # a diffusers-layout single file
         native = fused_model_to_native_keys(fuse_split_keys(sd))
     else:

@@ -429,12 +429,6 @@ class ZImageModel(ModelFamily):
             self.transformer.to(device=device)
         return self
 
-    def freeze(self) -> None:
-        for m in [self.denoiser, self.vae, *self.text_encoders.values()]:
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
-
     @property
     def device(self) -> torch.device:
         return self.transformer.x_pad_token.device

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..flux.model import tiny_ae
 from .model import ZImageModel
 from .transformer import fuse_attention
 
@@ -39,7 +40,7 @@ def tiny_qwen_tokenizer():
 
 
 def build_tiny_zimage(variant: str = "turbo", seed: int = 0) -> ZImageModel:
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
@@ -49,14 +50,7 @@ def build_tiny_zimage(variant: str = "turbo", seed: int = 0) -> ZImageModel:
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     fuse_attention(tr)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # a near-zero latent variance: an untrained VAE's sampling noise would swamp the images
-        c = vae.config.latent_channels
-        vae.encoder.conv_out.weight[c:] = 0
-        vae.encoder.conv_out.bias[c:] = -30.0
+    vae = tiny_ae()
     te = Qwen3Model(Qwen3Config(**TINY_QWEN3))
     model = ZImageModel(tr, vae, te, tiny_qwen_tokenizer(), variant=variant, source=f"tiny-zimage-{variant}")
     model.freeze()
