@@ -177,7 +177,10 @@ def test_refusals_paths_uploads_presets_import_and_pair_instructions(shared, pag
         '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "../pairs/eyes"\n')
     fill(page, "import-path", "jobs/kohya.toml")
     page.locator("#import-go").click()
-    wait_text(page, "#train-status", lambda t: "Imported" in t or "Not imported" in t, 120, "the import")
+    # the import fills the form, whose live check may then replace "Imported ..." with "Ready to start."
+    status = wait_text(page, "#train-status", lambda t: "Imported" in t or "Not imported" in t
+                       or value_of(page, "f-learning_rate") == "0.0003", 120, "the import")
+    assert "Not imported" not in status, status
     assert (value_of(page, "f-learning_rate"), value_of(page, "f-max_train_steps")) == ("0.0003", "120")
     assert value_of(page, "f-image_dir") == "pairs/eyes" and value_of(page, "f-method") == "addift"
     page.locator("#preset-load").click()
