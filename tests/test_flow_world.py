@@ -166,3 +166,45 @@ def test_contrast_pairs_share_noise_and_sigma_and_their_captions_differ_in_the_c
         a, b = set(captions[k].split(", ")), set(captions[k + 1].split(", "))
         assert len(a - b) == len(b - a) == 1  # the changed attribute's phrase, named in both
         assert torch.equal(regions[k], regions[k + 1])
+
+
+def test_text_to_image_loss_is_the_weighted_error_plus_the_contrast_pairs_difference_error(trained, monkeypatch):
+    """t2i = mean(w·(out − target)²) over every row + λ·mean(w_a·((out_a − out_b) − (target_a − target_b))²) over the
+    contrast pairs (a, b); the transformer stubbed to 0.5·x_t so its outputs, and the pairs' differences, are known."""
+    from difflora.toy.train_flow import FlowTrainer
+
+    root, _ = trained
+    cfg = replace(MICRO, edit_batch=0, phases=[{"from_step": 0, "contrast_pairs": 2, "contrast_loss_weight": 3.0}])
+    trainer = FlowTrainer(root / "full_work", cfg)
+    data, attrs, edits = trainer.cache_latents(trainer.load_vae())
+    transformer, te = trainer.build()
+    seen = {"targets": [], "weights": []}
+    real_noised, real_pairs, real_weight = trainer._noised, trainer._contrast_pairs, FlowTrainer._loss_weight
+
+    def noised(x0, gen):
+        out = real_noised(x0, gen)
+        seen["targets"].insert(0, out[2])  # the batch's rows come first
+        return out
+
+    def pairs(*args):
+        out = real_pairs(*args)
+        seen["targets"].append(out[3])
+        return out
+
+    def stub(transformer, noisy, model_t, caps):
+        seen["out"] = 0.5 * noisy
+        return seen["out"]
+
+    monkeypatch.setattr(trainer, "_noised", noised)
+    monkeypatch.setattr(trainer, "_contrast_pairs", pairs)
+    monkeypatch.setattr(FlowTrainer, "_loss_weight", staticmethod(
+        lambda c, r: seen["weights"].append(real_weight(c, r)) or seen["weights"][-1]))
+    monkeypatch.setattr(flow_model, "t2i_forward", stub)
+    t2i, edit = trainer.losses(transformer, te, data, attrs, edits, step=1)
+    assert edit is None
+    out, target, w = seen["out"], torch.cat(seen["targets"]), seen["weights"][-1]
+    b = cfg.batch
+    told, want = out[b:][0::2] - out[b:][1::2], target[b:][0::2] - target[b:][1::2]
+    expected = (w * (out - target) ** 2).mean() + 3.0 * (w[b:][0::2] * (told - want) ** 2).mean()
+    torch.testing.assert_close(t2i, expected, rtol=1e-5, atol=1e-7)
+    assert 3.0 * (w[b:][0::2] * (told - want) ** 2).mean() > 1e-3 * t2i  # the contrast term is not negligible

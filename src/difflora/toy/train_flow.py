@@ -17,6 +17,7 @@ Every random draw is derived from (seed, step), so a resumed run repeats the dra
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -346,6 +347,7 @@ def write_flow_folder(transformer, te, tokenizer, out: Path) -> Path:
     return out
 
 
+@functools.cache  # read once, not on every training step
 def flow_vae_scaling() -> float:
     return float(json.loads((TOY_VAE / "config.json").read_text())["scaling_factor"])
 
